@@ -48,3 +48,43 @@ def run_cli(*args: str, input: str | None = None, env: dict | None = None, timeo
         timeout=timeout,
         cwd=ROOT,
     )
+
+
+def tiny_model_dir(arch: str, tokenizer_dir: Path, out: Path) -> Path:
+    """A tiny randomly initialised model of ``arch`` saved as a local folder with a real chat tokenizer.
+
+    Nothing can be downloaded here, so other architectures' code paths are exercised on small
+    random weights; the tokenizer (and chat template) is the bundled SmolLM2's.
+    """
+    import torch
+    from transformers import AutoTokenizer, GPT2Config, MistralConfig, Qwen2Config
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    common = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    if arch == "mistral":
+        config = MistralConfig(**common, sliding_window=None)
+    elif arch == "qwen2":
+        config = Qwen2Config(**common, rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0})
+    elif arch == "gpt2":
+        config = GPT2Config(vocab_size=len(tok), n_embd=64, n_layer=2, n_head=4, n_positions=1024)
+    else:
+        raise ValueError(arch)
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory, smollm_f32):
+    """Folders of tiny random Mistral, Qwen2 and GPT-2 models (GPT-2: learned positions, to be refused)."""
+    from sinkchat import models
+
+    tok_dir = models.gguf_folder(models.bundled_gguf())
+    root = tmp_path_factory.mktemp("tiny")
+    return {arch: tiny_model_dir(arch, tok_dir, root / arch) for arch in ("mistral", "qwen2", "gpt2")}
