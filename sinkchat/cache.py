@@ -29,6 +29,8 @@ conversation-token spans it evicted.
 
 from __future__ import annotations
 
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -209,6 +211,7 @@ class SinkCache(Cache):
         self.seen = 0  # tokens that entered the cache since the start of the stream
         self.base = 0  # RoPE position of conversation token t in the window is t - base
         self.evictions: list[Span] = []
+        self.upkeep_s = 0.0  # wall time spent evicting and re-rotating (read by `sinkchat bench speed`)
 
     @classmethod
     def for_model(cls, model, sinks: int, window: int, block: int | None = None) -> "SinkCache":
@@ -226,9 +229,11 @@ class SinkCache(Cache):
         span = None
         overflow = self.n_win + to_win - self.window
         if overflow > 0:
-            span = self._evict(min(self.n_win, max(overflow, self.block)))
+            with self._upkeep():
+                span = self._evict(min(self.n_win, max(overflow, self.block)))
         if self.max_positions is not None and self.seen + n - self.base > self.max_positions:
-            self._rebase()
+            with self._upkeep():
+                self._rebase()
         device = self._device()
         positions = torch.arange(self.seen, self.seen + n, device=device) - self.base
         self.n_sink += to_sink
@@ -283,6 +288,18 @@ class SinkCache(Cache):
             layer.shift_window(self.n_sink, self.base - new_base)
         self.base = new_base
         self._place_sinks()
+
+    @contextmanager
+    def _upkeep(self):
+        """Add the wall time of an eviction or rebase to ``upkeep_s`` (GPU work included)."""
+        cuda = self._device().type == "cuda"
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        yield
+        if cuda:
+            torch.cuda.synchronize()
+        self.upkeep_s += time.perf_counter() - t0
 
     def _device(self) -> torch.device:
         for layer in self.layers:
