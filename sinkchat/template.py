@@ -53,8 +53,10 @@ class Turns:
                 after = self.render(base + [{"role": "user", "content": user}], gen=True)
             except Exception:
                 continue
-            if after.startswith(before) and after[len(before) :].startswith(_A):
-                return after[len(before) + len(_A) :]
+            added = after[len(before) :]
+            if after.startswith(before) and _A in added and not added[: added.index(_A)].strip():
+                # whitespace before the reply (Mistral's " ") is something the model generates itself
+                return added[added.index(_A) + len(_A) :]
         raise SinkchatError("the model's chat template cannot be rendered one turn at a time")
 
 
