@@ -16,11 +16,12 @@ from .engine import Chat, Done, TokenText
 
 def run(
     chat: Chat,
-    stdin: TextIO = sys.stdin,
-    stdout: TextIO = sys.stdout,
+    stdin: TextIO | None = None,
+    stdout: TextIO | None = None,
     after_turn: Callable[[Chat], None] = lambda chat: None,
 ) -> None:
     """Chat until end of input; ``after_turn`` runs after every reply (the store saves there)."""
+    stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     interactive = stdin.isatty()
     while True:
         if interactive:

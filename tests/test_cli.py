@@ -1,0 +1,122 @@
+"""The command line as users meet it: the plain chat in a pipe, model loading, and every bad input."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from conftest import run_cli
+from sinkchat import cli, models
+
+
+def sinkchat(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    """Run the real console-script entry point in this process (no model is loaded for flag errors)."""
+    monkeypatch.setattr(sys, "argv", ["sinkchat", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run()
+        raise SystemExit(0)
+    out, err = capsys.readouterr()
+    return exit_info.value.code or 0, out, err
+
+
+def test_plain_chat_in_a_pipe_prints_replies_and_one_cache_line_each():
+    proc = run_cli(
+        "--plain", "--temperature", "0", "--window", "48", "--max-new-tokens", "16",
+        input="What is the capital of France?\nAnd of Italy?\n\nThanks!\n",
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    status = [line for line in lines if line.startswith("[cache] ")]
+    assert len(status) == 3  # three non-empty lines in, three replies out
+    assert "Paris" in lines[0]
+    assert lines[1].startswith("[cache] ")
+    assert "evicted" in status[-1] and "[4, " in status[-1]  # window 48 was overrun: spans are listed
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--sinks", "-1"], "--sinks must be 0 or more"),
+        (["--window", "0"], "--window must be 1 or more"),
+        (["--window", "9000"], "exceeds smollm2-135m's context of 8192"),
+        (["--top-p", "2"], "--top-p must be in (0, 1]"),
+        (["--temperature", "-1"], "--temperature must be 0 or more"),
+        (["--quant", "3bit"], "--quant must be one of"),
+        (["--device", "tpu"], "--device must be one of"),
+        (["--sinks", "abc"], "Invalid value for '--sinks'"),
+        (["--bogus"], "No such option: --bogus"),
+        (["--model", "no-such-model"], "unknown model 'no-such-model'"),
+        (["--model", "./missing.gguf"], "no such GGUF file"),
+        (["--model", "./no/such/folder"], "no such model folder or file"),
+        (["--model", "some-org/some-model"], "not in the local Hugging Face cache and HF_HUB_OFFLINE is set"),
+        (["--model", "mistral-7b"], "`hf download mistralai/Mistral-7B-Instruct-v0.3`"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(monkeypatch, capsys, args, message):
+    code, out, err = sinkchat(monkeypatch, capsys, "--plain", *args)
+    assert code == 2
+    assert err.startswith("sinkchat: error: ") and message in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert out == ""
+
+
+def test_learned_positions_are_refused(monkeypatch, capsys, tiny_models):
+    code, _, err = sinkchat(monkeypatch, capsys, "--plain", "--model", str(tiny_models["gpt2"]))
+    assert code == 2 and "learned absolute position embeddings, not RoPE" in err
+
+
+def test_folder_without_config_is_refused(monkeypatch, capsys, tmp_path):
+    code, _, err = sinkchat(monkeypatch, capsys, "--plain", "--model", str(tmp_path))
+    assert code == 2 and "has no config.json" in err
+
+
+def test_a_bad_flag_in_a_real_process_has_no_traceback():
+    proc = run_cli("--window", "-5")
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "sinkchat: error: --window must be 1 or more (got -5)"
+
+
+def test_sinks_zero_is_plain_window_attention(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "stdin", __import__("io").StringIO("Hello!\n"))
+    code, out, err = sinkchat(monkeypatch, capsys, "--plain", "--sinks", "0", "--window", "16", "-t", "0",
+                              "--max-new-tokens", "24")
+    assert code == 0, err
+    status = out.splitlines()[-1]
+    assert status.startswith("[cache] 0 + ") and "evicted" in status
+
+
+def test_tiny_mistral_and_qwen2_folders_chat_from_the_command_line(tiny_models):
+    for arch in ("mistral", "qwen2"):
+        proc = run_cli("--plain", "--model", str(tiny_models[arch]), "--quant", "none", "--window", "16",
+                       "-t", "0", "--max-new-tokens", "20", input="Hi\nMore\n")
+        assert proc.returncode == 0, proc.stderr
+        assert sum(line.startswith("[cache] ") for line in proc.stdout.splitlines()) == 2
+
+
+def test_models_lists_aliases_and_what_is_here(monkeypatch, capsys):
+    code, out, _ = sinkchat(monkeypatch, capsys, "models")
+    assert code == 0
+    rows = {line.split()[0]: line.split()[-1] for line in out.splitlines()[1:] if line.strip()}
+    assert rows["smollm2-135m"] == "yes"  # the bundled model needs no download
+    assert rows["mistral-7b"] == "download"
+    assert {"llama3.1-8b", "qwen2.5-7b"} <= set(rows)
+
+
+def test_four_bit_model_runs_bitsandbytes_nf4_layers(smollm):
+    import bitsandbytes as bnb
+
+    linear = [m for m in smollm.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(linear) == 30 * 7  # q k v o gate up down in each of the 30 layers
+    assert linear[0].weight.quant_type == "nf4"
+    assert smollm.fingerprint["quant"] == "4bit"
+
+
+def test_gguf_is_converted_once_and_reused(smollm):
+    folder = models.gguf_folder(models.bundled_gguf())
+    stamp = (folder / "config.json").stat().st_mtime_ns
+    notes: list[str] = []
+    models.load("smollm2-135m", quant="none", device="cpu", progress=notes.append)
+    assert not any("converting" in n for n in notes)
+    assert (folder / "config.json").stat().st_mtime_ns == stamp
