@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -16,6 +17,12 @@ chats_app = typer.Typer(
     help="Saved chats: list | show | export | rename | delete. Resume one with `sinkchat --resume ID`.",
     epilog="Examples:  sinkchat chats list -q paris   |   sinkchat chats export 3 -f json -o chat3.json",
 )
+
+@chats_app.callback()
+def _options(data_dir: str = typer.Option(None, "--data-dir", help="Where chats are saved [default: the XDG data dir].")) -> None:
+    if data_dir:
+        os.environ["SINKCHAT_DATA_DIR"] = data_dir
+
 
 ID_HELP = "Chat number from `sinkchat chats list` [default: the most recent chat]."
 

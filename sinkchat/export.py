@@ -63,5 +63,5 @@ def to_markdown(t: Transcript) -> str:
         elif evicted:
             where = ", ".join(f"[{a}, {b})" for a, b in cut)
             lines += [f"> [partly evicted] tokens {where} of this message's [{m.start}, {m.end}) are gone from the model's memory", ""]
-        lines.append(m.content)
+        lines.append(m.content or ("_(the chat template's default system prompt)_" if m.role == "system" else ""))
     return "\n".join(lines) + "\n"

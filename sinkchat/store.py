@@ -397,6 +397,12 @@ class Store:
         os.write(fd, str(os.getpid()).encode())
         self._locks[chat_id] = fd
 
+    def _sweep(self, chat_id: int) -> None:
+        """Remove temp files a killed save left behind (only the lock holder may: none is in flight)."""
+        for tmp in (self.root / "state").glob(f".{chat_id}.safetensors.*.tmp"):
+            with suppress(OSError):
+                tmp.unlink()
+
     def unlock(self, chat_id: int) -> None:
         fd = self._locks.pop(chat_id, None)
         if fd is not None:
@@ -503,6 +509,7 @@ class Store:
         """Remove a chat and its state file; refused while another process has it open."""
         self._row(chat_id)
         self.lock(chat_id)
+        self._sweep(chat_id)
         self.db.execute("BEGIN IMMEDIATE")
         for table, key in (("tokens", "chat_id"), ("messages", "chat_id"), ("chats", "id")):
             self.db.execute(f"DELETE FROM {table} WHERE {key}=?", (chat_id,))
@@ -602,6 +609,7 @@ class Store:
         self._row(chat_id)
         if not read_only:
             self.lock(chat_id)
+            self._sweep(chat_id)
         try:
             snap, tensors, notices = self._best(chat_id)
             chat = Chat(loaded, chat_settings)
