@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -18,19 +17,14 @@ chats_app = typer.Typer(
     epilog="Examples:  sinkchat chats list -q paris   |   sinkchat chats export 3 -f json -o chat3.json",
 )
 
-@chats_app.callback()
-def _options(data_dir: str = typer.Option(None, "--data-dir", help="Where chats are saved [default: the XDG data dir].")) -> None:
-    if data_dir:
-        os.environ["SINKCHAT_DATA_DIR"] = data_dir
-
-
 ID_HELP = "Chat number from `sinkchat chats list` [default: the most recent chat]."
+DATA_DIR = typer.Option(None, "--data-dir", help="Where chats are saved [default: the XDG data dir].")
 
 
-def _store():
+def _store(data_dir: str | None):
     from .store import Store
 
-    return Store()
+    return Store(data_dir)
 
 
 def _notices(notices) -> None:
@@ -39,12 +33,15 @@ def _notices(notices) -> None:
 
 
 @chats_app.command("list")
-def list_chats(query: str = typer.Option(None, "--search", "-q", help="Only chats whose title or messages contain this.")) -> None:
+def list_chats(
+    query: str = typer.Option(None, "--search", "-q", help="Only chats whose title or messages contain this."),
+    data_dir: str = DATA_DIR,
+) -> None:
     """List saved chats, most recent first."""
     from rich.console import Console
     from rich.table import Table
 
-    rows = _store().list(query)
+    rows = _store(data_dir).list(query)
     if not rows:
         print("no saved chats" + (f" matching {query!r}" if query else ""))
         return
@@ -56,11 +53,11 @@ def list_chats(query: str = typer.Option(None, "--search", "-q", help="Only chat
 
 
 @chats_app.command("show")
-def show(chat_id: int = typer.Argument(None, metavar="[ID]", help=ID_HELP)) -> None:
+def show(chat_id: int = typer.Argument(None, metavar="[ID]", help=ID_HELP), data_dir: str = DATA_DIR) -> None:
     """Print a chat's transcript (Markdown), with what the model has evicted marked."""
     from .export import to_markdown
 
-    store = _store()
+    store = _store(data_dir)
     t = store.transcript(store.resolve(chat_id))
     _notices(t.notices)
     sys.stdout.write(to_markdown(t))
@@ -71,13 +68,14 @@ def export(
     chat_id: int = typer.Argument(None, metavar="[ID]", help=ID_HELP),
     fmt: str = typer.Option("md", "--format", "-f", help="md | json"),
     output: Path = typer.Option(None, "--output", "-o", help="File to write [default: stdout]."),
+    data_dir: str = DATA_DIR,
 ) -> None:
     """Export a chat as Markdown or JSON; evicted spans are marked, nothing is left out."""
     from .export import to_json, to_markdown
 
     if fmt not in ("md", "json"):
         raise SinkchatError(f"--format must be md or json (got {fmt!r})")
-    store = _store()
+    store = _store(data_dir)
     t = store.transcript(store.resolve(chat_id))
     _notices(t.notices)
     text = to_json(t) + "\n" if fmt == "json" else to_markdown(t)
@@ -92,18 +90,23 @@ def export(
 
 
 @chats_app.command("rename")
-def rename(chat_id: int = typer.Argument(..., metavar="ID"), title: str = typer.Argument(..., help="New title.")) -> None:
+def rename(
+    chat_id: int = typer.Argument(..., metavar="ID"),
+    title: str = typer.Argument(..., help="New title."),
+    data_dir: str = DATA_DIR,
+) -> None:
     """Give a chat a new title."""
-    _store().rename(chat_id, title)
+    _store(data_dir).rename(chat_id, title)
 
 
 @chats_app.command("delete")
 def delete(
     chat_id: int = typer.Argument(..., metavar="ID"),
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask."),
+    data_dir: str = DATA_DIR,
 ) -> None:
     """Delete a chat and its saved cache for good (refused while it is open elsewhere)."""
-    store = _store()
+    store = _store(data_dir)
     store.resolve(chat_id)
     if not yes:
         if not sys.stdin.isatty():
