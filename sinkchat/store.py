@@ -40,6 +40,7 @@ import hashlib
 import json
 import os
 import sqlite3
+import stat
 import time
 from array import array
 from contextlib import suppress
@@ -354,8 +355,8 @@ class Store:
 
     def __init__(self, data_dir: str | Path | None = None):
         self.root = config.data_dir(data_dir)
-        with suppress(OSError):
-            os.chmod(self.root, 0o700)
+        with suppress(OSError):  # private, but a dir the user made read-only stays read-only
+            os.chmod(self.root, stat.S_IMODE(self.root.stat().st_mode) & 0o700)
         self.db_path = self.root / "chats.db"
         self._locks: dict[int, int] = {}
         try:
