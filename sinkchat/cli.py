@@ -5,6 +5,7 @@ Every user mistake becomes one line ``sinkchat: error: ...`` and exit code 2, ne
 
 from __future__ import annotations
 
+import os
 import sys
 
 import typer
@@ -40,9 +41,9 @@ DEFAULTS = {
 }
 
 
-def settings(**flags) -> dict:
-    """Flags given on the command line, over the config file, over the built-in defaults."""
-    merged = {**DEFAULTS, **config.load_config()}
+def settings(saved: dict | None = None, **flags) -> dict:
+    """Flags given on the command line, over a resumed chat's settings, over the config file, over the defaults."""
+    merged = {**DEFAULTS, **config.load_config(), **(saved or {})}
     merged.update({k: v for k, v in flags.items() if v is not None})
     validate(merged)
     return merged
@@ -110,32 +111,68 @@ def main(
     plain: bool = typer.Option(False, "--plain", help="Line-oriented chat on stdin/stdout instead of the TUI."),
     theme: str = typer.Option(None, help="TUI theme (see themes/)."),
     version: bool = typer.Option(False, "--version", help="Print the version and exit."),
+    data_dir: str = typer.Option(None, "--data-dir", help="Where chats are saved [default: the XDG data dir]."),
+    resume: str = typer.Option(
+        None, "--resume", metavar="[ID]",
+        help="Continue the last chat, or chat ID (see `sinkchat chats list`), with its saved settings.",
+    ),
 ) -> None:
     """Chat with a local model whose memory stays flat however long the chat runs."""
     if version:
         print(f"sinkchat {__version__}")
         return
+    if data_dir:
+        os.environ["SINKCHAT_DATA_DIR"] = data_dir  # one place for the chats/TUI code to find it
     if ctx.invoked_subcommand is not None:
         return
+    store, chat_id, saved = _resume(resume)
     s = settings(
+        saved,
         model=model, sinks=sinks, window=window, block=block, keep_system=keep_system, system=system,
         quant=quant, device=device, dtype=dtype, temperature=temperature, top_p=top_p, top_k=top_k,
         repetition_penalty=repetition_penalty, seed=seed, max_new_tokens=max_new_tokens, theme=theme,
     )
     if plain:
-        _run_plain(s)
+        _run_plain(s, store, chat_id)
     else:
-        _run_tui(s)
+        store.close()
+        _run_tui({**s, "resume_id": chat_id})
 
 
-def _run_plain(s: dict) -> None:
+def _resume(resume: str | None):
+    """The store, the chat to resume (locked before the model loads) and its saved settings."""
+    from .store import Store
+
+    store = Store()
+    if resume is None:
+        return store, None, None
+    if resume != "last" and not resume.isdigit():
+        raise SinkchatError(f"--resume takes a chat number (see `sinkchat chats list`), got {resume!r}")
+    chat_id = store.resolve(None if resume == "last" else int(resume))
+    store.lock(chat_id)
+    return store, chat_id, store.settings(chat_id)
+
+
+def _run_plain(s: dict, store, chat_id: int | None) -> None:
     from . import plain
     from .engine import Chat
+    from .store import Autosave
 
     interactive = sys.stdin.isatty()
     note = (lambda msg: print(msg, file=sys.stderr)) if interactive else (lambda msg: None)
     loaded = load_model(s, progress=note)
-    plain.run(Chat(loaded, chat_settings(s)))
+    if chat_id is None:
+        chat = Chat(loaded, chat_settings(s))
+    else:
+        chat, notices = store.open(chat_id, loaded, chat_settings(s))
+        for notice in notices:
+            print(f"sinkchat: {notice}", file=sys.stderr)
+    save = Autosave(store, chat, s, chat_id, lambda msg: print(f"sinkchat: {msg}", file=sys.stderr))
+    try:
+        plain.run(chat, after_turn=save)
+    finally:
+        save(chat)
+        store.close()
 
 
 def _run_tui(s: dict) -> None:
@@ -158,10 +195,27 @@ def list_models() -> None:
     Console().print(table)
 
 
+from .chats_cli import chats_app  # noqa: E402
+
+app.add_typer(chats_app, name="chats")
+
+
+def _optional_resume(args: list[str]) -> list[str]:
+    """``--resume`` alone means the last chat (Click options cannot take an optional value)."""
+    args = list(args)
+    for i, arg in enumerate(args):
+        if arg == "--":
+            break
+        if arg == "--resume" and (i + 1 == len(args) or args[i + 1].startswith("-")):
+            args.insert(i + 1, "last")
+            break
+    return args
+
+
 def run() -> None:
     """Console-script entry point: one-line errors, exit 2 for bad input, 130 for Ctrl+C."""
     try:
-        app(standalone_mode=False)
+        app(args=_optional_resume(sys.argv[1:]), standalone_mode=False)
     except SinkchatError as exc:
         print(f"sinkchat: error: {exc}", file=sys.stderr)
         sys.exit(2)

@@ -1,0 +1,133 @@
+"""``sinkchat chats``: list, show, export, rename and delete saved chats (no model is loaded)."""
+
+from __future__ import annotations
+
+import sys
+from datetime import datetime
+from pathlib import Path
+
+import typer
+
+from .errors import SinkchatError
+
+chats_app = typer.Typer(
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    help="Saved chats: list | show | export | rename | delete. Resume one with `sinkchat --resume ID`.",
+    epilog="Examples:  sinkchat chats list -q paris   |   sinkchat chats export 3 -f json -o chat3.json",
+)
+
+ID_HELP = "Chat number from `sinkchat chats list` [default: the most recent chat]."
+DATA_DIR = typer.Option(None, "--data-dir", help="Where chats are saved [default: the XDG data dir].")
+
+
+def _store(data_dir: str | None):
+    from .store import Store
+
+    return Store(data_dir)
+
+
+def _notices(notices) -> None:
+    for notice in notices:
+        print(f"sinkchat: {notice}", file=sys.stderr)
+
+
+@chats_app.command("list")
+def list_chats(
+    query: str = typer.Option(None, "--search", "-q", help="Only chats whose title or messages contain this."),
+    data_dir: str = DATA_DIR,
+) -> None:
+    """List saved chats, most recent first."""
+    from rich.console import Console
+    from rich.table import Table
+
+    rows = _store(data_dir).list(query)
+    if not rows:
+        print("no saved chats" + (f" matching {query!r}" if query else ""))
+        return
+    table = Table("id", "title", "updated", "model", "messages", "tokens", box=None)
+    for c in rows:
+        when = datetime.fromtimestamp(c.updated).strftime("%Y-%m-%d %H:%M")
+        table.add_row(str(c.id), c.title, when, c.model, str(c.n_messages), str(c.n_tokens))
+    Console().print(table)
+
+
+@chats_app.command("show")
+def show(chat_id: int = typer.Argument(None, metavar="[ID]", help=ID_HELP), data_dir: str = DATA_DIR) -> None:
+    """Print a chat's transcript (Markdown), with what the model has evicted marked."""
+    from .export import to_markdown
+
+    store = _store(data_dir)
+    t = store.transcript(store.resolve(chat_id))
+    _notices(t.notices)
+    sys.stdout.write(to_markdown(t))
+
+
+@chats_app.command("export")
+def export(
+    chat_id: int = typer.Argument(None, metavar="[ID]", help=ID_HELP),
+    fmt: str = typer.Option("md", "--format", "-f", help="md | json"),
+    output: Path = typer.Option(None, "--output", "-o", help="File to write [default: stdout]."),
+    data_dir: str = DATA_DIR,
+) -> None:
+    """Export a chat as Markdown or JSON; evicted spans are marked, nothing is left out."""
+    from .export import to_json, to_markdown
+
+    if fmt not in ("md", "json"):
+        raise SinkchatError(f"--format must be md or json (got {fmt!r})")
+    store = _store(data_dir)
+    t = store.transcript(store.resolve(chat_id))
+    _notices(t.notices)
+    text = to_json(t) + "\n" if fmt == "json" else to_markdown(t)
+    if output is None:
+        sys.stdout.write(text)
+        return
+    try:
+        output.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise SinkchatError(f"cannot write {output}: {exc.strerror or exc}") from None
+    print(f"wrote chat {t.id} to {output}", file=sys.stderr)
+
+
+@chats_app.command("rename")
+def rename(
+    chat_id: int = typer.Argument(..., metavar="ID"),
+    title: str = typer.Argument(..., help="New title."),
+    data_dir: str = DATA_DIR,
+) -> None:
+    """Give a chat a new title."""
+    _store(data_dir).rename(chat_id, title)
+
+
+@chats_app.command("delete")
+def delete(
+    chat_id: int = typer.Argument(..., metavar="ID"),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask."),
+    data_dir: str = DATA_DIR,
+) -> None:
+    """Delete a chat and its saved cache for good (refused while it is open elsewhere)."""
+    store = _store(data_dir)
+    store.resolve(chat_id)
+    if not yes:
+        if not sys.stdin.isatty():
+            raise SinkchatError(f"deleting chat {chat_id} needs --yes when not on a terminal")
+        if not typer.confirm(f"delete chat {chat_id} for good?"):
+            raise typer.Exit(1)
+    store.delete(chat_id)
+    print(f"deleted chat {chat_id}", file=sys.stderr)
+
+
+@chats_app.command("bench")
+def bench(
+    window: int = typer.Option(2000, "--window", "-w", help="Window to fill (tokens)."),
+    sinks: int = typer.Option(4, help="Sink tokens."),
+    repeats: int = typer.Option(3, help="Timed restores; the best is reported."),
+    rebuild_repeats: int = typer.Option(1, help="Timed rebuilds (each re-prefills the whole window)."),
+    model: str = typer.Option("smollm2-135m", "--model", "-m"),
+    quant: str = typer.Option("4bit"),
+) -> None:
+    """Resume speed: restoring a full window's KV from disk vs re-prefilling it; state size on disk."""
+    from .resume_bench import format_table, run_resume_bench
+
+    print(format_table(run_resume_bench(model=model, quant=quant, sinks=sinks, window=window, repeats=repeats,
+                                        rebuild_repeats=rebuild_repeats)))

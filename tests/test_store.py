@@ -1,0 +1,371 @@
+"""Chats on disk: exact resume, every fault reproduced for real (kill -9, damaged files, read-only
+and full disks, a second process), fingerprint mismatches, export round-trips, the resume bench."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import signal
+import sqlite3
+import stat
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from sinkchat.cache import merge_spans
+from sinkchat.engine import Chat, ChatSettings, Done
+from sinkchat.errors import SinkchatError
+from sinkchat.export import to_json, to_markdown
+from sinkchat.sampling import SamplingParams
+from sinkchat.store import ChatLocked, SaveError, Store
+
+from conftest import ROOT, run_cli
+
+GREEDY = SamplingParams(temperature=0, repetition_penalty=1.0)
+SMALL = ChatSettings(sinks=4, window=48, block=8, max_new_tokens=12, sampling=GREEDY)
+CLI_FLAGS = ["--plain", "--temperature", "0", "--window", "48", "--block", "8", "--max-new-tokens", "12"]
+QUESTIONS = ["Tell me about Paris.", "And London?", "What about Rome?"]
+
+
+def say(chat: Chat, text: str) -> str:
+    for event in chat.submit(text):
+        if isinstance(event, Done):
+            return event.reply
+    raise AssertionError("no Done event")
+
+
+def saved_chat(loaded, store: Store, turns=QUESTIONS[:2], settings=SMALL) -> tuple[int, Chat]:
+    """A chat whose window already evicted tokens when it was saved."""
+    chat = Chat(loaded, settings)
+    say(chat, turns[0])
+    chat_id = store.create(chat, {"model": "smollm2-135m"})
+    for text in turns[1:]:
+        say(chat, text)
+        store.save(chat_id, chat)
+    if len(turns) > 1:
+        assert chat.cache.evictions, "the test needs a window that has evicted before the save"
+    return chat_id, chat
+
+
+def reopen(store: Store, chat_id: int, loaded, settings=SMALL):
+    store.unlock(chat_id)  # as if the first process had quit
+    return Store(store.root).open(chat_id, loaded, settings)
+
+
+def test_resume_is_exact_after_evictions(smollm):
+    store = Store()
+    chat_id, chat = saved_chat(smollm, store)
+    chat2, notices = reopen(store, chat_id, smollm)
+    assert notices == []
+    assert chat2.tokens == chat.tokens and chat2.messages == chat.messages
+    assert chat2.occupancy() == chat.occupancy()
+    n = len(chat.tokens)
+    assert say(chat2, QUESTIONS[2]) == say(chat, QUESTIONS[2])
+    assert chat2.tokens[n:] == chat.tokens[n:]  # token for token, evictions included
+    assert chat2.cache.evictions == chat.cache.evictions
+
+
+def test_files_are_private(smollm):
+    store = Store()
+    chat_id, _ = saved_chat(smollm, store, turns=QUESTIONS[:1])
+    assert stat.S_IMODE(store.root.stat().st_mode) == 0o700
+    for path in (store.db_path, store.state_path(chat_id)):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+
+
+def test_cli_resume_continues_token_for_token(tmp_path):
+    """`sinkchat --resume` in a new process gives the reply the uninterrupted chat gave."""
+    whole = run_cli(*CLI_FLAGS, "--data-dir", str(tmp_path / "a"), input="\n".join(QUESTIONS[:2]) + "\n")
+    assert whole.returncode == 0, whole.stderr
+    first = run_cli(*CLI_FLAGS, "--data-dir", str(tmp_path / "b"), input=QUESTIONS[0] + "\n")
+    resumed = run_cli("--plain", "--resume", "--data-dir", str(tmp_path / "b"), input=QUESTIONS[1] + "\n")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "evicted 0 none" not in whole.stdout.splitlines()[-1]  # eviction happened in the second turn
+    assert first.stdout + resumed.stdout == whole.stdout  # replies and [cache] lines alike
+    listed = run_cli("chats", "list", "--data-dir", str(tmp_path / "b"))
+    assert QUESTIONS[0] in listed.stdout and listed.stdout.count("\n") == 2  # header + one chat
+
+
+def _plain(data_dir, *extra, env=None):
+    return subprocess.Popen(
+        [sys.executable, "-m", "sinkchat", *CLI_FLAGS, "--data-dir", str(data_dir), *extra],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+    )
+
+
+def _export(data_dir, *ids) -> tuple[dict, str]:
+    out = run_cli("chats", "export", *ids, "--format", "json", "--data-dir", str(data_dir))
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout), out.stderr
+
+
+def test_kill_9_during_generation_keeps_completed_turns(smollm, tmp_path):
+    proc = _plain(tmp_path, "--max-new-tokens", "60")
+    proc.stdin.write(b"Tell me about Paris.\n")
+    proc.stdin.flush()
+    lines = []
+    while not (line := proc.stdout.readline()).startswith(b"[cache]"):
+        assert line, "sinkchat ended before its first reply"
+        lines.append(line.decode())
+    reply = "".join(lines).strip()
+    proc.stdin.write(b"Write a long story about a dragon.\n")
+    proc.stdin.flush()
+    assert proc.stdout.read1(64)  # the second reply is streaming
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    saved, _ = _export(tmp_path)
+    assert [(m["role"], m["content"].strip()) for m in saved["messages"][-2:]] == [
+        ("user", "Tell me about Paris."), ("assistant", reply)]
+    assert len(saved["tokens"]) == saved["messages"][-1]["end"]
+    chat, notices = Store(tmp_path).open(1, smollm, SMALL)  # the killed process's lock died with it
+    assert notices == [] and say(chat, "And London?")
+
+
+@pytest.mark.parametrize(
+    "fault, turns_kept, notice",
+    [("state-temp@2", 1, None), ("db-mid@2", 2, "interrupted before the database was updated")],
+)
+def test_kill_9_during_save(smollm, tmp_path, fault, turns_kept, notice):
+    """Killed while writing the state file's temp copy (the old state stays) or inside the SQLite
+    transaction (it rolls back; the newer state file restores the turn)."""
+    proc = _plain(tmp_path, env={"SINKCHAT_FAULT": fault})
+    proc.communicate(b"Tell me about Paris.\nAnd London?\n", timeout=300)
+    assert proc.returncode == -signal.SIGKILL
+    saved, stderr = _export(tmp_path)
+    users = [m["content"] for m in saved["messages"] if m["role"] == "user"]
+    assert users == QUESTIONS[:turns_kept]
+    assert (notice in stderr) if notice else stderr == ""
+    half_written = list((tmp_path / "state").glob(".*.tmp"))
+    assert bool(half_written) == fault.startswith("state-temp")
+    store = Store(tmp_path)
+    chat, _ = store.open(1, smollm, SMALL)
+    assert not list((tmp_path / "state").glob(".*.tmp"))  # the killed save's temp file is swept
+    say(chat, QUESTIONS[2])
+    store.save(1, chat)
+    t = Store(tmp_path).transcript(1)
+    assert t.notices == [] and [m.content for m in t.messages if m.role == "user"][-1] == QUESTIONS[2]
+
+
+def _flip(path, at: float) -> None:
+    data = bytearray(path.read_bytes())
+    data[int(len(data) * at)] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated", "bit-flip"])
+def test_damaged_state_file_rebuilds_kv_from_ledger(smollm, damage):
+    store = Store()
+    chat_id, chat = saved_chat(smollm, store)
+    path = store.state_path(chat_id)
+    if damage == "missing":
+        path.unlink()
+    elif damage == "truncated":
+        os.truncate(path, path.stat().st_size // 2)
+    else:
+        _flip(path, 0.7)
+    chat2, notices = reopen(store, chat_id, smollm)
+    assert len(notices) == 1 and "rebuilt the KV cache from the ledger" in notices[0]
+    assert damage.split("-")[0] in notices[0] or "damaged" in notices[0]
+    assert chat2.tokens == chat.tokens and chat2.messages == chat.messages
+    assert chat2.occupancy() == chat.occupancy()
+    win_start = chat.cache.kept()[1][0]
+    say(chat2, QUESTIONS[2])  # the rebuilt cache goes on: the next eviction starts where the window did
+    new = chat2.cache.evictions[len(chat.cache.evictions):]
+    assert new and new[0][0] == win_start
+    assert chat2.occupancy().window <= 48
+
+
+def test_damaged_database_row_restored_from_state_file(smollm):
+    store = Store()
+    chat_id, chat = saved_chat(smollm, store)
+    store.close()
+    with sqlite3.connect(store.db_path) as db:
+        db.execute("UPDATE tokens SET token = token + 1 WHERE chat_id=? AND pos=30", (chat_id,))
+        db.execute("UPDATE messages SET content = 'tampered' WHERE chat_id=? AND idx=1", (chat_id,))
+    chat2, notices = Store(store.root).open(chat_id, smollm, SMALL)
+    assert len(notices) == 1 and "database rows are damaged" in notices[0]
+    assert chat2.tokens == chat.tokens and chat2.messages == chat.messages
+    assert Store(store.root).transcript(chat_id).notices == []  # the rows were repaired
+
+
+def test_both_copies_damaged_refuses_and_changes_nothing(smollm):
+    store = Store()
+    chat_id, _ = saved_chat(smollm, store)
+    store.close()
+    os.truncate(store.state_path(chat_id), 100)
+    with sqlite3.connect(store.db_path) as db:
+        db.execute("DELETE FROM tokens WHERE chat_id=? AND pos=3", (chat_id,))
+    before = store.db_path.read_bytes(), store.state_path(chat_id).read_bytes()
+    with pytest.raises(SinkchatError, match="cannot be opened.*nothing was changed"):
+        Store(store.root).open(chat_id, smollm, SMALL)
+    assert (store.db_path.read_bytes(), store.state_path(chat_id).read_bytes()) == before
+
+
+def test_disk_that_refuses_writes_keeps_old_save(smollm, tmp_path):
+    """A file-size limit makes the kernel refuse the state file's writes (EFBIG), like a full disk."""
+    store = Store()
+    chat_id, chat = saved_chat(smollm, store, turns=QUESTIONS[:1])
+    before = store.transcript(chat_id)
+    old = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, old[1]))
+    try:
+        say(chat, QUESTIONS[1])
+        with pytest.raises(SaveError, match="goes on in memory"):
+            store.save(chat_id, chat)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old)
+        signal.signal(signal.SIGXFSZ, handler)
+    say(chat, QUESTIONS[2])  # the chat goes on
+    after = Store(store.root).transcript(chat_id)
+    assert (after.tokens, after.messages, after.notices) == (before.tokens, before.messages, [])
+    assert not list(store.state_path(chat_id).parent.glob(".*.tmp"))
+    store.save(chat_id, chat)  # space again: the next save catches up
+    assert Store(store.root).transcript(chat_id).tokens == chat.tokens
+
+
+def _without_root_override() -> list[str]:
+    """Root ignores file modes; drop that capability so a read-only directory is read-only."""
+    if os.geteuid() != 0:
+        return []
+    if not shutil.which("setpriv"):
+        pytest.skip("running as root without setpriv: cannot make a directory read-only")
+    caps = "-dac_override,-dac_read_search,-fowner"
+    return ["setpriv", f"--inh-caps={caps}", f"--bounding-set={caps}"]
+
+
+def test_read_only_data_dir_chat_goes_on(smollm, tmp_path):
+    data = tmp_path / "data"
+    store = Store(data)
+    chat_id, _ = saved_chat(smollm, store, turns=QUESTIONS[:1])
+    store.close()
+    before = data.joinpath("chats.db").read_bytes(), store.state_path(chat_id).read_bytes()
+    for d in (data, data / "state"):
+        d.chmod(0o500)
+    try:
+        out = subprocess.run(
+            [*_without_root_override(), sys.executable, "-m", "sinkchat", "--plain", "--resume", "--data-dir", str(data)],
+            input="And London?\nWhat about Rome?\n", capture_output=True, text=True, cwd=ROOT, timeout=300,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+    finally:
+        for d in (data, data / "state"):
+            d.chmod(0o700)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("[cache]") == 2  # both replies came
+    assert "could not save chat 1" in out.stderr and "Traceback" not in out.stderr
+    assert (data.joinpath("chats.db").read_bytes(), store.state_path(chat_id).read_bytes()) == before
+
+
+def test_second_process_is_refused(smollm, tmp_path):
+    store = Store(tmp_path)
+    chat_id, _ = saved_chat(smollm, store, turns=QUESTIONS[:1])  # this process holds the chat
+    for args in (["--plain", "--resume", str(chat_id)], ["chats", "delete", str(chat_id), "--yes"]):
+        out = run_cli(*args, "--data-dir", str(tmp_path), input="hello\n")
+        assert out.returncode == 2 and "open in another sinkchat process" in out.stderr, out.stderr
+        assert "Traceback" not in out.stderr
+    shown = run_cli("chats", "show", "--data-dir", str(tmp_path))  # reading is still allowed
+    assert shown.returncode == 0 and QUESTIONS[0] in shown.stdout
+    with pytest.raises(ChatLocked):
+        Store(tmp_path).open(chat_id, smollm, SMALL)
+    reader, _ = Store(tmp_path).open(chat_id, smollm, SMALL, read_only=True)
+    with pytest.raises(SaveError, match="read-only"):
+        Store(tmp_path).save(chat_id, reader)
+
+
+def test_other_window_rebuilds_from_ledger(smollm):
+    store = Store()
+    chat_id, chat = saved_chat(smollm, store)
+    wider = ChatSettings(sinks=4, window=64, block=8, max_new_tokens=12, sampling=GREEDY)
+    chat2, notices = reopen(store, chat_id, smollm, wider)
+    assert len(notices) == 1 and "another window" in notices[0] and "rebuilt" in notices[0]
+    occ = chat2.occupancy()
+    assert (occ.sinks, occ.window_capacity, occ.seen) == (4, 64, len(chat.tokens))
+    assert chat2.cache.kept()[1] == (occ.seen - occ.window, occ.seen)
+    assert say(chat2, QUESTIONS[2])
+
+
+def test_other_quant_never_uses_foreign_kv(smollm, smollm_f32):
+    store = Store()
+    chat_id, chat = saved_chat(smollm, store)
+    saved_k = chat.cache.state()[0]["0.k"]
+    chat2, notices = reopen(store, chat_id, smollm_f32)
+    assert len(notices) == 1 and "quant" in notices[0] and "rebuilt" in notices[0]
+    assert chat2.occupancy() == chat.occupancy()
+    k2 = chat2.cache.state()[0]["0.k"]
+    assert k2.shape == saved_k.shape and not torch.equal(k2, saved_k)
+
+
+def test_other_model_rebuilds_on_mistral(smollm, tiny_models):
+    from sinkchat import models
+
+    store = Store()
+    chat_id, chat = saved_chat(smollm, store)
+    mistral = models.load(str(tiny_models["mistral"]), quant="none", device="cpu")
+    chat2, notices = reopen(store, chat_id, mistral)
+    assert len(notices) == 1 and "model" in notices[0] and "rebuilt" in notices[0]
+    assert chat2.tokens == chat.tokens and chat2.occupancy() == chat.occupancy()
+
+
+def test_export_round_trip(smollm, tmp_path):
+    store = Store(tmp_path)
+    chat_id, chat = saved_chat(smollm, store)
+    store.rename(chat_id, "Three cities")
+    t = store.transcript(chat_id)
+    data = json.loads(to_json(t))
+    assert data["title"] == "Three cities"
+    assert [(m["role"], m["content"], m["start"], m["end"]) for m in data["messages"]] == [
+        (m.role, m.content, m.start, m.end) for m in chat.messages]
+    assert data["tokens"] == chat.tokens
+    assert data["evicted"] == [list(s) for s in merge_spans(chat.cache.evictions)]
+    for m, out in zip(chat.messages, data["messages"]):
+        held = {p for a, b in out["evicted"] for p in range(a, b)}
+        assert held == {p for a, b in chat.cache.evictions for p in range(a, b) if m.start <= p < m.end}
+        if m.role == "user":
+            assert m.content in smollm.tokenizer.decode(data["tokens"][m.start:m.end])
+    md = to_markdown(t)
+    assert "evicted]" in md
+    for m, out in zip(chat.messages, data["messages"]):
+        assert m.content in md
+        assert (f"[{m.start}, {m.end})" in md) == bool(out["evicted"])  # each cut message is marked
+    out = run_cli("chats", "export", "-f", "md", "-o", str(tmp_path / "c.md"), "--data-dir", str(tmp_path))
+    assert out.returncode == 0 and (tmp_path / "c.md").read_text() == md  # CLI defaults to the latest chat
+
+
+def test_chats_cli_rename_delete_and_bad_input(smollm, tmp_path):
+    store = Store(tmp_path)
+    chat_id, _ = saved_chat(smollm, store, turns=QUESTIONS[:1])
+    store.close()
+    d = ["--data-dir", str(tmp_path)]
+    assert run_cli("chats", "rename", str(chat_id), "Paris notes", *d).returncode == 0
+    assert "Paris notes" in run_cli("chats", "list", "-q", "Paris", *d).stdout
+    assert Store(tmp_path).list("zanzibar") == []
+    for args, msg in [
+        (["chats", "show", "99"], "no chat 99"),
+        (["chats", "export", "-f", "pdf"], "--format must be md or json"),
+        (["--plain", "--resume", "abc"], "--resume takes a chat number"),
+        (["chats", "delete", str(chat_id)], "needs --yes"),
+    ]:
+        out = run_cli(*args, *d, input="")
+        assert out.returncode == 2 and msg in out.stderr and "Traceback" not in out.stderr, out.stderr
+    assert run_cli("chats", "delete", str(chat_id), "--yes", *d).returncode == 0
+    assert not store.state_path(chat_id).exists()
+    assert run_cli("chats", "show", *d).stderr.startswith("sinkchat: error: no saved chats")
+
+
+def test_resume_bench_figures(smollm):
+    from sinkchat.resume_bench import format_table, run_resume_bench
+
+    r = run_resume_bench(loaded=smollm, sinks=4, window=60, repeats=2)
+    assert r["held_tokens"] == 64 and r["window"] == 60
+    assert r["restore_s"] < r["rebuild_s"]
+    assert r["mistral_7b_mb_per_1000"] == pytest.approx(131.072)
+    # SmolLM2-135M: 30 layers x 3 KV heads x 64 dims x K+V x 4 bytes (float32 on the CPU)
+    assert r["kv_mb_per_1000"] == pytest.approx(46.08)
+    assert r["kv_mb_per_1000"] <= r["state_mb_per_1000"] < r["kv_mb_per_1000"] * 1.2
+    assert "restore speed-up" in format_table(r)
