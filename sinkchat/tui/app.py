@@ -115,14 +115,14 @@ class SinkchatApp(App):
         yield ChatInput(disabled=True)
         yield Footer()
 
-    def on_mount(self) -> None:
+    async def on_mount(self) -> None:
         for problem in self.theme_problems:
             self.notify(problem.text(), title="Theme file", severity="error", timeout=20)
         if self._unknown_theme:
             self.notify(f"no theme named {self._unknown_theme!r}; using {self.theme}", severity="warning")
         self.theme_changed_signal.subscribe(self, self._remember_theme)
         if self.loaded is not None:
-            self.model_ready(self.loaded)
+            await self.model_ready(self.loaded)
         else:
             self.load_model()
 
@@ -146,7 +146,7 @@ class SinkchatApp(App):
         box.query(LoadingIndicator).remove()
         self.loading_status(f"Could not load the model: {message}\n\nPress ctrl+q to quit.")
 
-    def model_ready(self, loaded: LoadedModel) -> None:
+    async def model_ready(self, loaded: LoadedModel) -> None:
         try:
             chat = Chat(loaded, cli.chat_settings(self.settings))
         except Exception as exc:
@@ -154,16 +154,18 @@ class SinkchatApp(App):
             return
         self.loaded = loaded
         self.query_one(ChatHeader).describe(loaded)
-        self.query_one("#loading").remove()
-        self.start_chat(chat)
+        await self.query_one("#loading").remove()
+        await self.start_chat(chat)
         box = self.query_one(ChatInput)
         box.disabled = False
         box.focus()
 
-    def start_chat(self, chat: Chat) -> None:
+    async def start_chat(self, chat: Chat) -> None:
+        """View ``i`` shows ``chat.messages[i]``, so the system turn gets a view before it exists."""
         self.chat, self.last_reply, self.reply_view = chat, "", None
-        if chat.settings.system:
-            self.call_next(self.query_one(Transcript).add, "system", chat.settings.system)
+        if chat.system_tokens:
+            text = chat.settings.system or "(the system prompt of the model's chat template)"
+            await self.query_one(Transcript).add("system", text)
         self.refresh_gauge(chat.occupancy())
 
     # -- chatting -------------------------------------------------------------------------------
@@ -279,7 +281,7 @@ class SinkchatApp(App):
         self.refresh_bindings()
         await self.query_one(Transcript).remove_children()
         self.query_one(ChatHeader).tokens_per_s = None
-        self.start_chat(Chat(self.loaded, cli.chat_settings(self.settings)))
+        await self.start_chat(Chat(self.loaded, cli.chat_settings(self.settings)))
         self.query_one(ChatInput).focus()
 
     def action_next_theme(self) -> None:

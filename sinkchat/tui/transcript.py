@@ -50,7 +50,10 @@ class MessageView(Vertical):
         if m is not None and m.forgotten:
             parts.append(f"⊘ forgotten: all {m.tokens} tokens evicted from the cache")
         elif m is not None and m.partly:
-            where = f", kept from “{snippet.strip()}…”" if snippet.strip() else ""
+            if snippet.strip():
+                where = f", kept from “{snippet.strip()}…”"
+            else:  # the evicted run ends the message: its start is what stays (the attention sinks)
+                where = f", its first {m.tokens - m.evicted} stay as attention sinks" if m.cut is None else ""
             parts.append(f"✂ {m.evicted}/{m.tokens} tokens evicted{where}")
         return "  ".join(parts)
 
