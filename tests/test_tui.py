@@ -101,7 +101,8 @@ async def test_escape_stops_and_keeps_partial_reply(smollm):
         assert reply.end - reply.start < 200
         assert "[stopped]" in str(view.query_one(".role").render())
         assert turns == [reply.content]
-        assert app.last_reply == reply.content
+        await pilot.press("ctrl+r")  # copy the last reply, with the message box focused
+        assert app.clipboard == reply.content
 
 
 async def test_theme_switch_restyles_gauge_and_is_remembered(smollm):
@@ -120,6 +121,11 @@ async def test_theme_switch_restyles_gauge_and_is_remembered(smollm):
 async def test_help_lists_every_binding(smollm):
     app = SinkchatApp(make_settings(), loaded=smollm)
     async with app.run_test(size=SIZE) as pilot:
+        assert app.focused is app.query_one(ChatInput)
+        active = app.screen.active_bindings  # what the footer shows and a key press reaches
+        for binding in app.BINDINGS:
+            if binding.action not in ("chats", "stop"):  # hidden: no chats screen yet, nothing to stop
+                assert active[binding.key].binding.action == binding.action, binding.key
         await pilot.press("f1")
         await pilot.pause()
         assert isinstance(app.screen, HelpScreen)
@@ -170,5 +176,6 @@ def test_main_screen_snapshot(smollm, snap_compare, theme):
         await send(pilot, "What is the capital of France?")
         await send(pilot, "And of Italy?")
         pilot.app.query_one(ChatHeader).tokens_per_s = None  # speed varies run to run; the text does not
+        await pilot.pause()
 
     assert snap_compare(SinkchatApp(make_settings(theme=theme), loaded=smollm), terminal_size=SIZE, run_before=chat)

@@ -70,7 +70,7 @@ class SinkchatApp(App):
         Binding("ctrl+n", "new_chat", "New chat"),
         Binding("ctrl+t", "next_theme", "Theme"),
         Binding("ctrl+g", "toggle_details", "Gauge details"),
-        Binding("ctrl+y", "copy_reply", "Copy reply"),
+        Binding("ctrl+r", "copy_reply", "Copy reply"),
         Binding("ctrl+o", "chats", "Chats"),
         Binding("f1", "help", "Help"),
         Binding("ctrl+q", "quit", "Quit", priority=True),
@@ -221,8 +221,6 @@ class SinkchatApp(App):
         if msg.chat is not self.chat:
             return
         view, self.reply_view = self.reply_view, None
-        self.generating = False
-        self.refresh_bindings()
         if view is not None:
             await view.finish()
             if msg.error:
@@ -236,6 +234,8 @@ class SinkchatApp(App):
                 msg.done.generated / msg.done.seconds if msg.done.seconds > 0 else None
             )
         self.refresh_gauge(self.chat.occupancy())
+        self.generating = False  # only now: the turn is fully on screen (tests and the hook rely on it)
+        self.refresh_bindings()
         self.on_turn_end(self.chat)
 
     def refresh_gauge(self, occupancy: Occupancy) -> None:
@@ -329,7 +329,7 @@ class SinkchatApp(App):
         yield SystemCommand("Stop", "Stop the reply being generated (esc)", self.action_stop)
         yield SystemCommand("Next theme", "Switch to the next sinkchat theme (ctrl+t)", self.action_next_theme)
         yield SystemCommand("Toggle gauge details", "Show or hide the evicted spans (ctrl+g)", self.action_toggle_details)
-        yield SystemCommand("Copy last reply", "Copy the last reply to the clipboard (ctrl+y)", self.action_copy_reply)
+        yield SystemCommand("Copy last reply", "Copy the last reply to the clipboard (ctrl+r)", self.action_copy_reply)
         yield SystemCommand("Help", "Show all key bindings (f1)", self.action_help)
         if self.chats_screen is not None:
             yield SystemCommand("Chats", "Open saved chats (ctrl+o)", self.action_chats)
