@@ -92,14 +92,25 @@ async def test_escape_stops_and_keeps_partial_reply(smollm):
         await pilot.click(ChatInput)
         app.query_one(ChatInput).insert("Write a long story about a dragon who learns to bake bread.")
         await pilot.press("enter")
-        await wait_for(pilot, lambda: app.reply_view is not None and len(app.reply_view.content) > 20)
+        chat = app.chat
+
+        def reply_partly_evicted() -> bool:  # the window (64) has moved past the reply's first tokens
+            return chat.messages[-1].role == "assistant" and any(
+                b > chat.messages[-1].start for _, b in chat.cache.evictions
+            )
+
+        await wait_for(pilot, reply_partly_evicted)
+        await pilot.pause(0.3)  # let a gauge update reach the screen mid-reply
         await pilot.press("escape")
         await wait_for(pilot, lambda: not app.generating, 10)
         reply = app.chat.messages[-1]
         view = app.query_one(Transcript).views[-1]
         assert reply.content and view.content == reply.content
         assert reply.end - reply.start < 200
-        assert "[stopped]" in str(view.query_one(".role").render())
+        label = str(view.query_one(".role").render())
+        assert "[stopped]" in label and view.has_class("-partly")
+        words = smollm.tokenizer.decode(chat.tokens[max(b for _, b in chat.cache.evictions) :][:3])
+        assert "kept from “" + words.strip() in label, label
         assert turns == [reply.content]
         await pilot.press("ctrl+r")  # copy the last reply, with the message box focused
         assert app.clipboard == reply.content

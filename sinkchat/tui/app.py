@@ -164,8 +164,7 @@ class SinkchatApp(App):
         """View ``i`` shows ``chat.messages[i]``, so the system turn gets a view before it exists."""
         self.chat, self.last_reply, self.reply_view = chat, "", None
         if chat.system_tokens:
-            text = chat.settings.system or "(the system prompt of the model's chat template)"
-            await self.query_one(Transcript).add("system", text)
+            await self.query_one(Transcript).add("system", self._system_text(chat))
         self.refresh_gauge(chat.occupancy())
 
     # -- chatting -------------------------------------------------------------------------------
@@ -248,6 +247,15 @@ class SinkchatApp(App):
             mem = memory(message, merged)
             if mem != view.memory:
                 view.set_memory(mem, self._snippet(chat, mem.cut) if mem.partly and mem.cut else "")
+
+    @staticmethod
+    def _system_text(chat: Chat) -> str:
+        """The system prompt as the model reads it: the user's, or the template's default one."""
+        if chat.settings.system:
+            return chat.settings.system
+        ids = chat.encode(chat.turns.first("")[0])
+        text = chat.tokenizer.decode(ids, skip_special_tokens=True).strip().removeprefix("system").strip()
+        return f"(the model's default) {text}" if text else "(the model's default system prompt)"
 
     @staticmethod
     def _snippet(chat: Chat, cut: int) -> str:

@@ -33,6 +33,7 @@ class MessageView(Vertical):
         self.role, self.content = role, content
         self.memory: Memory | None = None
         self.note = ""  # "stopped", "length"
+        self.snippet = ""  # words where the kept part of a partly evicted message begins
         self.stream = None
 
     def compose(self):
@@ -42,7 +43,7 @@ class MessageView(Vertical):
         else:
             yield Static(self.content, classes="body", markup=False)
 
-    def _label(self, snippet: str = "") -> str:
+    def _label(self) -> str:
         parts = [ROLE_LABEL.get(self.role, self.role)]
         if self.note:
             parts.append(f"[{self.note}]")
@@ -50,18 +51,18 @@ class MessageView(Vertical):
         if m is not None and m.forgotten:
             parts.append(f"⊘ forgotten: all {m.tokens} tokens evicted from the cache")
         elif m is not None and m.partly:
-            if snippet.strip():
-                where = f", kept from “{snippet.strip()}…”"
+            if self.snippet.strip():
+                where = f", kept from “{self.snippet.strip()}…”"
             else:  # the evicted run ends the message: its start is what stays (the attention sinks)
                 where = f", its first {m.tokens - m.evicted} stay as attention sinks" if m.cut is None else ""
             parts.append(f"✂ {m.evicted}/{m.tokens} tokens evicted{where}")
         return "  ".join(parts)
 
     def set_memory(self, memory: Memory, snippet: str = "") -> None:
-        self.memory = memory
+        self.memory, self.snippet = memory, snippet
         self.set_class(memory.forgotten, "-forgotten")
         self.set_class(memory.partly, "-partly")
-        self.query_one(".role", Label).update(self._label(snippet))
+        self.query_one(".role", Label).update(self._label())
 
     def set_note(self, note: str) -> None:
         self.note = note
