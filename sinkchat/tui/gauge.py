@@ -36,8 +36,17 @@ class CacheGauge(Widget):
         self.messages: list[Message] = []
 
     def show(self, occupancy: Occupancy, messages: list[Message]) -> None:
+        """New numbers; a relayout (the costly part of a redraw) only when the span list changes."""
+        before = self.line_count()
         self.occupancy, self.messages = occupancy, list(messages)
-        self.refresh(layout=self.details)
+        self.refresh(layout=self.line_count() != before)
+
+    def line_count(self) -> int:
+        """Lines the gauge draws (no line wraps), so its height is known without a layout pass."""
+        if not self.details:
+            return 2
+        n = len(spans(self.occupancy))
+        return 2 + (min(n, self.MAX_SPANS) + (n > self.MAX_SPANS) if n else 1)
 
     def summary(self) -> str:
         """``4 + 57 / 64 | seen 301 | evicted 240`` (the numbers a test or a user reads)."""
@@ -57,7 +66,7 @@ class CacheGauge(Widget):
         n_sink = max(n_sink, 1 if o.sinks else 0)
         n_win = max(n_win, 1 if o.window else 0)
         n_free = max(0, width - n_sink - n_win)
-        text = Text(overflow="fold")
+        text = Text(no_wrap=True, overflow="ellipsis")
         text.append("█" * n_sink, style("gauge--sink"))
         text.append("█" * n_win, style("gauge--window"))
         text.append("░" * n_free, style("gauge--free"))
