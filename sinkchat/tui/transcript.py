@@ -9,11 +9,24 @@ how many of its tokens left and quotes the words where the kept part begins.
 from __future__ import annotations
 
 from textual.containers import Vertical, VerticalScroll
-from textual.widgets import Label, Markdown, Static
+from rich.text import Text
+from textual.reactive import reactive
+from textual.widget import Widget
+from textual.widgets import Markdown, Static
 
 from .ledger import Memory
 
 ROLE_LABEL = {"user": "you", "assistant": "model", "system": "system"}
+
+
+class RoleLine(Widget):
+    """The one-line label over a message; a fixed height, so updating it costs a repaint, not a relayout."""
+
+    DEFAULT_CSS = "RoleLine { height: 1; }"
+    text: reactive[str] = reactive("")
+
+    def render(self) -> Text:
+        return Text(self.text, no_wrap=True, overflow="ellipsis")
 
 
 class MessageView(Vertical):
@@ -37,7 +50,9 @@ class MessageView(Vertical):
         self.stream = None
 
     def compose(self):
-        yield Label(self._label(), classes="role", markup=False)
+        line = RoleLine(classes="role")
+        line.text = self._label()
+        yield line
         if self.role == "assistant":
             yield Markdown(self.content, classes="body")
         else:
@@ -62,11 +77,11 @@ class MessageView(Vertical):
         self.memory, self.snippet = memory, snippet
         self.set_class(memory.forgotten, "-forgotten")
         self.set_class(memory.partly, "-partly")
-        self.query_one(".role", Label).update(self._label())
+        self.query_one(RoleLine).text = self._label()
 
     def set_note(self, note: str) -> None:
         self.note = note
-        self.query_one(".role", Label).update(self._label())
+        self.query_one(RoleLine).text = self._label()
 
     async def append(self, text: str) -> None:
         """Stream ``text`` onto the end of an assistant reply."""
