@@ -75,7 +75,7 @@ class SinkchatApp(App):
         Binding("f1", "help", "Help"),
         Binding("ctrl+q", "quit", "Quit", priority=True),
     ]
-    STREAM_INTERVAL = 0.25  # seconds between batches the worker posts: 4 screen updates a second
+    STREAM_INTERVAL = 0.3  # seconds between batches the worker posts: about 3 screen updates a second
     # The chats screen (saved conversations) plugs in here: a callable app -> Screen. Until the store
     # exists it is None and ctrl+o is hidden.
     chats_screen: Callable[["SinkchatApp"], Screen] | None = None
