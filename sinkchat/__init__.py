@@ -1,5 +1,12 @@
 """sinkchat: endless chats with a local language model on a StreamingLLM sink + window KV cache."""
 
+import os
+
+# OpenMP threads that busy-wait after each parallel region starve the thread that runs the model
+# when the TUI loads it in one thread and generates in another (measured on 2 CPU cores: 1-5 tok/s
+# instead of 18). Set before torch loads libgomp; a user's own setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 __version__ = "0.1.0"
 
 __all__ = ["__version__"]

@@ -1,0 +1,361 @@
+"""The sinkchat Textual app: chat transcript, live cache gauge, themes, keys.
+
+Threads: the model loads and replies are generated in thread workers; the generation worker batches
+the engine's events and posts at most ``STREAM_INTERVAL`` apart, so the UI never slows decoding
+(see the README for the measurement). The UI owns all widgets; the engine never sees them.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+from textual import work
+from textual.app import App, ComposeResult, SystemCommand
+from textual.binding import Binding
+from textual.containers import Vertical
+from textual.message import Message
+from textual.screen import Screen
+from textual.theme import BUILTIN_THEMES
+from textual.widgets import Footer, Label, LoadingIndicator
+
+from .. import cli, config
+from ..cache import Occupancy
+from ..engine import Chat, Done, Evicted, Stats, TokenText
+from ..errors import SinkchatError
+from ..models import LoadedModel
+from . import themes
+from .chat_input import ChatInput
+from .gauge import CacheGauge
+from .header import ChatHeader
+from .help import HelpScreen, bindings_markdown
+from .ledger import memory, spans
+from .transcript import MessageView, Transcript
+
+
+@dataclass
+class Streamed(Message):
+    """A batch of reply text and the latest cache numbers from the generation worker."""
+
+    chat: Chat
+    text: str
+    occupancy: Occupancy | None
+    tokens_per_s: float | None
+
+
+@dataclass
+class Finished(Message):
+    chat: Chat
+    done: Done | None
+    error: str | None = None
+
+
+def one_line(exc: BaseException) -> str:
+    """A readable one-line message for any exception (never a traceback)."""
+    if isinstance(exc, SinkchatError):
+        return str(exc)
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+class SinkchatApp(App):
+    """``SinkchatApp(settings)`` loads the model itself; tests pass ``loaded=`` to reuse one."""
+
+    CSS_PATH = "app.tcss"
+    TITLE = "sinkchat"
+    BINDINGS = [
+        Binding("escape", "stop", "Stop"),
+        Binding("ctrl+n", "new_chat", "New chat"),
+        Binding("ctrl+t", "next_theme", "Theme"),
+        Binding("ctrl+g", "toggle_details", "Gauge details"),
+        Binding("ctrl+r", "copy_reply", "Copy reply"),
+        Binding("ctrl+o", "chats", "Chats"),
+        Binding("f1", "help", "Help"),
+        Binding("ctrl+q", "quit", "Quit", priority=True),
+    ]
+    STREAM_INTERVAL = 0.3  # seconds between batches the worker posts: about 3 screen updates a second
+    # The chats screen (saved conversations) plugs in here: a callable app -> Screen. Until the store
+    # exists it is None and ctrl+o is hidden.
+    chats_screen: Callable[["SinkchatApp"], Screen] | None = None
+
+    def __init__(self, settings: dict, loaded: LoadedModel | None = None):
+        super().__init__()
+        self.settings = dict(settings)
+        self.loaded = loaded
+        self.chat: Chat | None = None
+        self.generating = False
+        self.reply_view: MessageView | None = None
+        self.last_reply = ""
+        self.shipped_themes, self.theme_problems = themes.discover()
+        for theme in self.shipped_themes.values():
+            self.register_theme(theme)
+        wanted = self.settings.get("theme") or themes.DEFAULT_THEME
+        self.theme = wanted if wanted in self.available_themes else themes.DEFAULT_THEME
+        self._unknown_theme = None if wanted in self.available_themes else wanted
+
+    # -- hooks ----------------------------------------------------------------------------------
+
+    def on_turn_end(self, chat: Chat) -> None:
+        """Runs on the UI thread after every reply (finished or stopped); the store saves here."""
+
+    # -- layout ---------------------------------------------------------------------------------
+
+    def get_theme_variable_defaults(self) -> dict[str, str]:
+        return dict(themes.GAUGE_DEFAULTS)  # Textual's built-in themes lack the gauge colours
+
+    def compose(self) -> ComposeResult:
+        yield ChatHeader()
+        with Transcript():
+            with Vertical(id="loading"):
+                yield LoadingIndicator()
+                yield Label("loading the model…", classes="status", markup=False)
+        yield CacheGauge(Occupancy(0, 0, self.settings["window"], self.settings["sinks"], 0, 0))
+        yield ChatInput(disabled=True)
+        yield Footer()
+
+    async def on_mount(self) -> None:
+        for problem in self.theme_problems:
+            self.notify(problem.text(), title="Theme file", severity="error", timeout=20)
+        if self._unknown_theme:
+            self.notify(f"no theme named {self._unknown_theme!r}; using {self.theme}", severity="warning")
+        self.theme_changed_signal.subscribe(self, self._remember_theme)
+        if self.loaded is not None:
+            await self.model_ready(self.loaded)
+        else:
+            self.load_model()
+
+    # -- start-up -------------------------------------------------------------------------------
+
+    @work(thread=True, exit_on_error=False, group="load")
+    def load_model(self) -> None:
+        try:
+            loaded = cli.load_model(self.settings, progress=lambda m: self.call_from_thread(self.loading_status, m))
+        except BaseException as exc:  # shown on screen, never a traceback
+            self.call_from_thread(self.load_failed, one_line(exc))
+            return
+        self.call_from_thread(self.model_ready, loaded)
+
+    def loading_status(self, message: str) -> None:
+        self.query_one("#loading .status", Label).update(message)
+
+    def load_failed(self, message: str) -> None:
+        box = self.query_one("#loading")
+        box.add_class("-failed")
+        box.query(LoadingIndicator).remove()
+        self.loading_status(f"Could not load the model: {message}\n\nPress ctrl+q to quit.")
+
+    async def model_ready(self, loaded: LoadedModel) -> None:
+        try:
+            chat = Chat(loaded, cli.chat_settings(self.settings))
+        except Exception as exc:
+            self.load_failed(one_line(exc))
+            return
+        self.loaded = loaded
+        self.query_one(ChatHeader).describe(loaded)
+        await self.query_one("#loading").remove()
+        await self.start_chat(chat)
+        box = self.query_one(ChatInput)
+        box.disabled = False
+        box.focus()
+
+    async def start_chat(self, chat: Chat) -> None:
+        """View ``i`` shows ``chat.messages[i]``, so the system turn gets a view before it exists."""
+        self.chat, self.last_reply, self.reply_view = chat, "", None
+        if chat.system_tokens:
+            await self.query_one(Transcript).add("system", self._system_text(chat))
+        self.refresh_gauge(chat.occupancy())
+
+    # -- chatting -------------------------------------------------------------------------------
+
+    async def on_chat_input_submitted(self, event: ChatInput.Submitted) -> None:
+        if self.chat is None or self.generating:
+            self.notify("wait for the reply, or press Esc to stop it", severity="warning")
+            return
+        transcript = self.query_one(Transcript)
+        await transcript.add("user", event.text)
+        self.reply_view = await transcript.add("assistant")
+        self.generating = True
+        self.refresh_bindings()
+        self.generate(self.chat, event.text)
+
+    @work(thread=True, exclusive=True, group="generate", exit_on_error=False)
+    def generate(self, chat: Chat, text: str) -> None:
+        """Consume the engine's events; post batched text and cache numbers to the UI."""
+        pending: list[str] = []
+        occupancy, speed, last = None, None, time.perf_counter()
+        try:
+            for event in chat.submit(text):
+                if isinstance(event, TokenText):
+                    pending.append(event.text)
+                elif isinstance(event, Stats):
+                    occupancy, speed = event.occupancy, event.tokens_per_s
+                elif isinstance(event, Evicted):
+                    occupancy = chat.occupancy()
+                elif isinstance(event, Done):
+                    self.post_message(Streamed(chat, "".join(pending), occupancy, speed))
+                    self.post_message(Finished(chat, event))
+                    return
+                now = time.perf_counter()
+                if now - last >= self.STREAM_INTERVAL:
+                    self.post_message(Streamed(chat, "".join(pending), occupancy, speed))
+                    pending, occupancy, last = [], None, now
+        except BaseException as exc:
+            self.post_message(Streamed(chat, "".join(pending), None, None))
+            self.post_message(Finished(chat, None, one_line(exc)))
+
+    async def on_streamed(self, msg: Streamed) -> None:
+        if msg.chat is not self.chat or self.reply_view is None:
+            return
+        if msg.text:
+            await self.reply_view.append(msg.text)
+            self.query_one(Transcript).follow()
+        if msg.tokens_per_s is not None:
+            self.query_one(ChatHeader).tokens_per_s = msg.tokens_per_s
+        if msg.occupancy is not None:
+            self.refresh_gauge(msg.occupancy)
+
+    async def on_finished(self, msg: Finished) -> None:
+        if msg.chat is not self.chat:
+            return
+        view, self.reply_view = self.reply_view, None
+        if view is not None:
+            await view.finish()
+            if msg.error:
+                view.set_note("error")
+                self.notify(f"generation failed: {msg.error}", severity="error", timeout=15)
+            elif msg.done.reason != "end":
+                view.set_note({"stopped": "stopped", "length": "max tokens"}[msg.done.reason])
+        if msg.done is not None:
+            self.last_reply = msg.done.reply
+            self.query_one(ChatHeader).tokens_per_s = (
+                msg.done.generated / msg.done.seconds if msg.done.seconds > 0 else None
+            )
+        self.refresh_gauge(self.chat.occupancy())
+        self.generating = False  # only now: the turn is fully on screen (tests and the hook rely on it)
+        self.refresh_bindings()
+        self.on_turn_end(self.chat)
+
+    def refresh_gauge(self, occupancy: Occupancy) -> None:
+        """Draw the gauge and mark each message by what the cache still holds of it."""
+        chat = self.chat
+        messages = list(chat.messages)
+        self.query_one(CacheGauge).show(occupancy, messages)
+        merged = spans(occupancy)
+        for view, message in zip(self.query_one(Transcript).views, messages):
+            mem = memory(message, merged)
+            if mem != view.memory:
+                view.set_memory(mem, self._snippet(chat, mem.cut) if mem.partly and mem.cut else "")
+
+    @staticmethod
+    def _system_text(chat: Chat) -> str:
+        """The system prompt as the model reads it: the user's, or the template's default one."""
+        if chat.settings.system:
+            return chat.settings.system
+        ids = chat.encode(chat.turns.first("")[0])
+        text = chat.tokenizer.decode(ids, skip_special_tokens=True).strip().removeprefix("system").strip()
+        return f"(the model's default) {text}" if text else "(the model's default system prompt)"
+
+    @staticmethod
+    def _snippet(chat: Chat, cut: int) -> str:
+        """The words where the kept part of a partly evicted message begins."""
+        try:
+            return chat.tokenizer.decode(chat.tokens[cut : cut + 6], skip_special_tokens=True).replace("\n", " ")
+        except Exception:
+            return ""
+
+    # -- actions --------------------------------------------------------------------------------
+
+    def check_action(self, action: str, parameters: tuple) -> bool | None:
+        if action == "stop":
+            return self.generating
+        if action == "chats":
+            return self.chats_screen is not None
+        if action in ("new_chat", "copy_reply"):
+            return self.chat is not None
+        return True
+
+    def action_stop(self) -> None:
+        if self.generating and self.chat is not None:
+            self.chat.stop()
+
+    async def action_new_chat(self) -> None:
+        if self.loaded is None:
+            return
+        if self.generating and self.chat is not None:
+            self.chat.stop()
+        self.generating = False
+        self.refresh_bindings()
+        await self.query_one(Transcript).remove_children()
+        self.query_one(ChatHeader).tokens_per_s = None
+        await self.start_chat(Chat(self.loaded, cli.chat_settings(self.settings)))
+        self.query_one(ChatInput).focus()
+
+    def action_next_theme(self) -> None:
+        names = sorted(self.shipped_themes)
+        if names:
+            nxt = names[(names.index(self.theme) + 1) % len(names)] if self.theme in names else names[0]
+            self.theme = nxt
+            self.notify(f"theme: {nxt}", timeout=2)
+
+    def _remember_theme(self, theme) -> None:
+        try:
+            if config.load_config().get("theme") != theme.name:
+                config.save_config_value("theme", theme.name)
+        except (SinkchatError, OSError) as exc:
+            self.notify(f"could not remember the theme: {one_line(exc)}", severity="warning")
+
+    def action_toggle_details(self) -> None:
+        gauge = self.query_one(CacheGauge)
+        gauge.details = not gauge.details
+
+    def action_copy_reply(self) -> None:
+        if not self.last_reply:
+            self.notify("no reply to copy yet", severity="warning")
+            return
+        self.copy_to_clipboard(self.last_reply)
+        self.notify(f"copied the last reply ({len(self.last_reply)} characters)", timeout=3)
+
+    def action_help(self) -> None:
+        if not isinstance(self.screen, HelpScreen):
+            self.push_screen(HelpScreen(self.bindings_table()))
+
+    def action_chats(self) -> None:
+        if self.chats_screen is not None:
+            self.push_screen(self.chats_screen(self))
+
+    def bindings_table(self) -> str:
+        extra = [Binding("ctrl+p", "command_palette", "Command palette")]
+        return bindings_markdown(
+            [("", [b for b in self.BINDINGS if b.action != "chats" or self.chats_screen]), ("", extra),
+             (" (message box)", ChatInput.BINDINGS)]
+        )
+
+    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
+        yield SystemCommand("New chat", "Start a fresh conversation (ctrl+n)", self.action_new_chat)
+        yield SystemCommand("Stop", "Stop the reply being generated (esc)", self.action_stop)
+        yield SystemCommand("Next theme", "Switch to the next sinkchat theme (ctrl+t)", self.action_next_theme)
+        yield SystemCommand("Toggle gauge details", "Show or hide the evicted spans (ctrl+g)", self.action_toggle_details)
+        yield SystemCommand("Copy last reply", "Copy the last reply to the clipboard (ctrl+r)", self.action_copy_reply)
+        yield SystemCommand("Help", "Show all key bindings (f1)", self.action_help)
+        if self.chats_screen is not None:
+            yield SystemCommand("Chats", "Open saved chats (ctrl+o)", self.action_chats)
+        yield SystemCommand("Quit", "Quit sinkchat (ctrl+q)", self.action_quit)
+        for command in super().get_system_commands(screen):
+            if command.title in ("Theme", "Screenshot"):
+                yield command
+
+
+def theme_names() -> list[str]:
+    return sorted(set(themes.discover()[0]) | set(BUILTIN_THEMES))
+
+
+def run(settings: dict) -> None:
+    """Open the TUI; an unknown ``--theme`` is refused before the model loads."""
+    name = settings.get("theme") or themes.DEFAULT_THEME
+    if name not in theme_names():
+        raise SinkchatError(
+            f"unknown theme {name!r} (from --theme or config.toml); available: {', '.join(theme_names())}"
+        )
+    SinkchatApp(settings).run()

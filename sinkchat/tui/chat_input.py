@@ -1,0 +1,34 @@
+"""The message box: multi-line; Enter sends, Ctrl+J (or Shift/Alt+Enter where the terminal reports them) adds a line."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from textual.binding import Binding
+from textual.message import Message
+from textual.widgets import TextArea
+
+
+class ChatInput(TextArea):
+    BINDINGS = [
+        Binding("enter", "send", "Send", priority=True),
+        Binding("ctrl+j,shift+enter,alt+enter", "newline", "New line", key_display="ctrl+j"),
+    ]
+    DEFAULT_CSS = "ChatInput { height: auto; min-height: 3; max-height: 10; }"
+
+    @dataclass
+    class Submitted(Message):
+        text: str
+
+    def __init__(self, **kwargs):
+        super().__init__(soft_wrap=True, show_line_numbers=False, tab_behavior="focus", **kwargs)
+        self.placeholder = "Message the model (Enter sends, Ctrl+J new line, F1 help)"
+
+    def action_send(self) -> None:
+        text = self.text.strip()
+        if text:
+            self.post_message(self.Submitted(text))
+            self.clear()
+
+    def action_newline(self) -> None:
+        self.insert("\n")

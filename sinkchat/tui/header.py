@@ -1,0 +1,21 @@
+"""One line at the top: what is running (model, device, quantization, dtype) and how fast."""
+
+from __future__ import annotations
+
+from textual.reactive import reactive
+from textual.widgets import Static
+
+
+class ChatHeader(Static):
+    DEFAULT_CSS = "ChatHeader { height: 1; background: $panel; color: $foreground; padding: 0 1; }"
+
+    model: reactive[str] = reactive("loading model…")
+    tokens_per_s: reactive[float | None] = reactive(None)
+
+    def render(self) -> str:
+        speed = f"{self.tokens_per_s:.1f} tok/s" if self.tokens_per_s is not None else "– tok/s"
+        return f"sinkchat │ {self.model} │ {speed}"
+
+    def describe(self, loaded) -> None:
+        dtype = str(loaded.dtype).removeprefix("torch.")
+        self.model = f"{loaded.name} │ {loaded.device} │ {loaded.quant} │ {dtype}"

@@ -1,0 +1,37 @@
+"""F1: every key binding of the app and of the message box, read from the bindings themselves."""
+
+from __future__ import annotations
+
+from textual.binding import Binding
+from textual.containers import VerticalScroll
+from textual.screen import ModalScreen
+from textual.widgets import Markdown
+
+
+def bindings_markdown(groups: list[tuple[str, list[Binding]]]) -> str:
+    rows = ["| Key | Action |", "|---|---|"]
+    for where, bindings in groups:
+        for b in bindings:
+            keys = b.key_display or b.key.replace(",", " / ")
+            rows.append(f"| `{keys}` | {b.description}{where} |")
+    return "\n".join(rows)
+
+
+class HelpScreen(ModalScreen):
+    BINDINGS = [Binding("escape,f1,q", "dismiss", "Close help")]
+    DEFAULT_CSS = """
+    HelpScreen { align: center middle; }
+    HelpScreen > VerticalScroll { width: 72; height: auto; max-height: 90%; border: thick $primary;
+                                  background: $surface; padding: 0 1; }
+    """
+
+    def __init__(self, table: str):
+        super().__init__()
+        self.table = table
+
+    def compose(self):
+        with VerticalScroll():
+            yield Markdown(
+                "# sinkchat keys\n\n" + self.table + "\n\nThe command palette (ctrl+p) offers the same "
+                "commands by name. Esc or F1 closes this help."
+            )

@@ -1,0 +1,192 @@
+"""The Textual app driven by Pilot on the real bundled model, with a 64-token window so eviction happens."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from sinkchat import cli, config
+from sinkchat.cache import merge_spans
+from sinkchat.tui.app import SinkchatApp
+from sinkchat.tui.chat_input import ChatInput
+from sinkchat.tui.gauge import CacheGauge
+from sinkchat.tui.header import ChatHeader
+from sinkchat.tui.help import HelpScreen
+from sinkchat.tui.transcript import Transcript
+
+from conftest import run_cli
+
+SIZE = (110, 40)
+pytestmark = pytest.mark.anyio  # async tests run on anyio's pytest plugin (asyncio backend)
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
+
+
+def make_settings(**over) -> dict:
+    return cli.settings(**{"window": 64, "temperature": 0, "seed": 0, "max_new_tokens": 40, **over})
+
+
+async def send(pilot, text: str, timeout: float = 60) -> None:
+    """Type ``text``, press Enter and wait until the reply is finished."""
+    app = pilot.app
+    await pilot.click(ChatInput)
+    app.query_one(ChatInput).insert(text)
+    await pilot.press("enter")
+    await wait_for(pilot, lambda: not app.generating, timeout)
+
+
+async def wait_for(pilot, condition, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        await pilot.pause(0.05)
+
+
+def kept(chat, message) -> bool:
+    """Whether any token of ``message`` is still in the cache, from the cache's own kept ranges."""
+    (s0, s1), (w0, w1) = chat.cache.kept()
+    return any(s0 <= t < s1 or w0 <= t < w1 for t in range(message.start, message.end))
+
+
+async def test_chat_streams_evicts_and_gauge_matches_ledger(smollm):
+    app = SinkchatApp(make_settings(), loaded=smollm)
+    async with app.run_test(size=SIZE) as pilot:
+        await send(pilot, "What is the capital of France?")
+        await send(pilot, "Name three famous museums in Paris.")
+        chat = app.chat
+        views = app.query_one(Transcript).views
+        assert [v.role for v in views] == [m.role for m in chat.messages]
+        assert [v.content for v in views if v.role != "system"] == [
+            m.content for m in chat.messages if m.role != "system"
+        ]
+        assert "Paris" in views[2].content
+        assert app.query_one(ChatHeader).tokens_per_s > 0
+
+        occ = chat.occupancy()
+        assert occ.evicted > 0, "a 64-token window must have evicted by now"
+        gauge = app.query_one(CacheGauge)
+        assert gauge.summary() == (
+            f"{occ.sinks} + {occ.window} / 64 | seen {len(chat.tokens)} | evicted {occ.evicted}"
+        )
+        merged = merge_spans(chat.cache.evictions)
+        assert [line.split(" tokens:")[0].rsplit(" ", 1)[0] for line in gauge.span_lines()] == [
+            f"[{a}, {b})" for a, b in merged
+        ]
+        assert "#2 user all" in gauge.span_lines()[0] or "#2-#" in gauge.span_lines()[0]
+
+        for view, message in zip(views, chat.messages):
+            assert view.has_class("-forgotten") == (not kept(chat, message)), message
+        forgotten = [v for v in views if v.has_class("-forgotten")]
+        assert forgotten and "forgotten" in str(forgotten[0].query_one(".role").render())
+
+
+async def test_escape_stops_and_keeps_partial_reply(smollm):
+    app = SinkchatApp(make_settings(max_new_tokens=200), loaded=smollm)
+    turns = []
+    app.on_turn_end = lambda chat: turns.append(chat.messages[-1].content)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.click(ChatInput)
+        app.query_one(ChatInput).insert("Write a long story about a dragon who learns to bake bread.")
+        await pilot.press("enter")
+        chat = app.chat
+
+        def reply_partly_evicted() -> bool:  # the window (64) has moved past the reply's first tokens
+            return chat.messages[-1].role == "assistant" and any(
+                b > chat.messages[-1].start for _, b in chat.cache.evictions
+            )
+
+        await wait_for(pilot, reply_partly_evicted)
+        await pilot.pause(0.3)  # let a gauge update reach the screen mid-reply
+        await pilot.press("escape")
+        await wait_for(pilot, lambda: not app.generating, 10)
+        reply = app.chat.messages[-1]
+        view = app.query_one(Transcript).views[-1]
+        assert reply.content and view.content == reply.content
+        assert reply.end - reply.start < 200
+        label = str(view.query_one(".role").render())
+        assert "[stopped]" in label and view.has_class("-partly")
+        words = smollm.tokenizer.decode(chat.tokens[max(b for _, b in chat.cache.evictions) :][:3])
+        assert "kept from “" + words.strip() in label, label
+        assert turns == [reply.content]
+        await pilot.press("ctrl+r")  # copy the last reply, with the message box focused
+        assert app.clipboard == reply.content
+
+
+async def test_theme_switch_restyles_gauge_and_is_remembered(smollm):
+    app = SinkchatApp(make_settings(theme="sinkchat-dark"), loaded=smollm)
+    async with app.run_test(size=SIZE) as pilot:
+        gauge = app.query_one(CacheGauge)
+        before = gauge.get_component_rich_style("gauge--window").color
+        await pilot.press("ctrl+t")
+        await pilot.pause()
+        assert app.theme == "sinkchat-light"
+        assert gauge.get_component_rich_style("gauge--window").color != before
+        assert config.load_config()["theme"] == "sinkchat-light"
+    assert cli.settings()["theme"] == "sinkchat-light"
+
+
+async def test_help_lists_every_binding(smollm):
+    app = SinkchatApp(make_settings(), loaded=smollm)
+    async with app.run_test(size=SIZE) as pilot:
+        assert app.focused is app.query_one(ChatInput)
+        active = app.screen.active_bindings  # what the footer shows and a key press reaches
+        for binding in app.BINDINGS:
+            if binding.action not in ("chats", "stop"):  # hidden: no chats screen yet, nothing to stop
+                assert active[binding.key].binding.action == binding.action, binding.key
+        await pilot.press("f1")
+        await pilot.pause()
+        assert isinstance(app.screen, HelpScreen)
+        for binding in [*app.BINDINGS, *ChatInput.BINDINGS]:
+            if binding.action != "chats":  # hidden until a chats screen is plugged in
+                assert binding.description in app.screen.table
+        assert "ctrl+p" in app.screen.table and "ctrl+j" in app.screen.table
+        await pilot.press("escape")
+        await pilot.pause()
+        assert not isinstance(app.screen, HelpScreen)
+
+
+async def test_broken_theme_file_is_named_and_app_starts(smollm):
+    folder = config.config_dir() / "themes"
+    folder.mkdir(parents=True)
+    (folder / "broken.toml").write_text('name = "broken"\nprimary = "not-a-colour"\n')
+    (folder / "mine.toml").write_text('name = "mine"\nprimary = "#ff8800"\n')
+    app = SinkchatApp(make_settings(theme="mine"), loaded=smollm)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        notes = [n.message for n in app._notifications]
+        assert any(str(folder / "broken.toml") in n and "primary" in n for n in notes), notes
+        assert app.theme == "mine"  # a user theme from the config dir
+        await send(pilot, "Hi")
+        assert app.chat.messages[-1].content
+
+
+async def test_model_load_failure_is_a_message_not_a_traceback():
+    app = SinkchatApp(make_settings(model="/nonexistent/model-folder"))
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.query_one("#loading").has_class("-failed"), 30)
+        text = str(app.query_one("#loading .status").render())
+        assert "Could not load the model: no such model folder or file: /nonexistent/model-folder" in text
+        assert app.query_one(ChatInput).disabled
+
+
+def test_unknown_theme_flag_is_one_line_error():
+    result = run_cli("--theme", "no-such-theme")
+    assert result.returncode == 2
+    assert result.stderr.startswith("sinkchat: error: unknown theme 'no-such-theme'")
+    assert "sinkchat-contrast" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("theme", ["sinkchat-dark", "sinkchat-light"])
+def test_main_screen_snapshot(smollm, snap_compare, theme):
+    async def chat(pilot):
+        pilot.app.query_one(ChatInput).cursor_blink = False
+        await send(pilot, "What is the capital of France?")
+        await send(pilot, "And of Italy?")
+        pilot.app.query_one(ChatHeader).tokens_per_s = None  # speed varies run to run; the text does not
+        await pilot.pause()
+
+    assert snap_compare(SinkchatApp(make_settings(theme=theme), loaded=smollm), terminal_size=SIZE, run_before=chat)
