@@ -105,19 +105,26 @@ class PplRun:
     mode: str
     scored: list[tuple[int, float]] = field(default_factory=list)
     note: str = ""
+    seconds: float = 0.0
 
     def ppl(self, positions: set[int] | None = None) -> float | None:
         values = [v for p, v in self.scored if positions is None or p in positions]
         return math.exp(statistics.fmean(values)) if values else None
 
 
-def ppl_cache(run: PplRun, model, cache, ids: list[int], tick: Tick) -> None:
-    """Teacher-forced, token by token through a SinkCache (the paper's streaming evaluation)."""
+def ppl_cache(run: PplRun, model, cache, ids: list[int], tick: Tick, feed: int = 1) -> None:
+    """Teacher-forced through a SinkCache, ``feed`` tokens per forward (1 = the paper's token by token).
+
+    With ``feed > 1`` each token still sees the sinks and the window the cache holds, plus the
+    earlier tokens of its own feed: the same cache code the chat's chunked prefill runs, many times
+    cheaper on a CPU, where one forward costs nearly as much for 16 tokens as for 1.
+    """
     stream = Stream(model, cache)
-    for i in range(len(ids) - 1):
-        logits = stream.forward([ids[i]])
-        run.scored.append((i + 1, nll(logits, [ids[i + 1]])[0]))
-        tick(1)
+    for a in range(0, len(ids) - 1, feed):
+        part = ids[a : min(a + feed, len(ids) - 1)]
+        targets = ids[a + 1 : a + 1 + len(part)]
+        run.scored.extend(zip(range(a + 1, a + 1 + len(part)), nll(stream.forward(part), targets)))
+        tick(len(part))
 
 
 def ppl_dense(run: PplRun, model, ids: list[int], tick: Tick, chunk: int = 256) -> None:
@@ -165,7 +172,7 @@ def ppl_recompute(
 
 def ppl_runs(
     loaded, ids: list[int], modes: list[str], sinks: int, window: int, block: int | None,
-    stride: int, batch: int, progress, runs: list[PplRun],
+    stride: int, batch: int, progress, runs: list[PplRun], feed: int = 1,
 ) -> None:
     """Run each mode in turn, appending to ``runs`` as it goes (so Ctrl+C keeps finished work)."""
     model = loaded.model
@@ -179,29 +186,38 @@ def ppl_runs(
         else:
             total = len(ids) - 1
         tick = progress(f"ppl {mode}", total)
-        if mode == "dense":
-            ppl_dense(run, model, ids, tick)
-        elif mode == "recompute":
-            ppl_recompute(run, model, ids, sinks, window, stride, batch, tick)
-        else:
-            # window: the same cache with no sinks and the same total budget (sinks + window)
-            s, w = (sinks, window) if mode == "sinks" else (0, sinks + window)
-            ppl_cache(run, model, SinkCache.for_model(model, s, w, block), ids, tick)
+        t0 = time.perf_counter()
+        try:
+            ppl_mode(run, model, ids, mode, sinks, window, block, stride, batch, tick, feed)
+        finally:
+            run.seconds = time.perf_counter() - t0
+
+
+def ppl_mode(run: PplRun, model, ids, mode, sinks, window, block, stride, batch, tick, feed) -> None:
+    if mode == "dense":
+        ppl_dense(run, model, ids, tick)
+    elif mode == "recompute":
+        ppl_recompute(run, model, ids, sinks, window, stride, batch, tick)
+    else:
+        # window: the same cache with no sinks and the same total budget (sinks + window)
+        s, w = (sinks, window) if mode == "sinks" else (0, sinks + window)
+        ppl_cache(run, model, SinkCache.for_model(model, s, w, block), ids, tick, feed)
 
 
 def ppl_report(runs: list[PplRun], chunk: int, stride: int, extra: dict) -> dict:
     """The JSON document: overall and per-chunk perplexity per mode, and a comparison on shared tokens."""
     results = []
+    end = max((run.scored[-1][0] + 1 for run in runs if run.scored), default=0)
     for run in runs:
         chunks = []
         if run.scored:
-            end = run.scored[-1][0] + 1
             for a in range(0, end, chunk):
                 values = [v for p, v in run.scored if a <= p < a + chunk]
                 if values:
                     chunks.append({"start": a, "end": min(a + chunk, end), "ppl": math.exp(statistics.fmean(values))})
         results.append(
-            {"mode": run.mode, "ppl": run.ppl(), "tokens": len(run.scored), "chunks": chunks, "note": run.note}
+            {"mode": run.mode, "ppl": run.ppl(), "tokens": len(run.scored), "chunks": chunks, "note": run.note,
+             "seconds": round(run.seconds, 2)}
         )
     shared = None
     if runs:
@@ -294,10 +310,14 @@ def speed_stream(run: SpeedRun, model, cache, ids: list[int], positions: list[in
 
 
 def speed_recompute(run: SpeedRun, model, ids, sinks, window, positions, steps, progress) -> None:
-    """Each new token recomputes its whole context (first ``sinks`` + last ``window`` tokens) from scratch."""
+    """Each new token recomputes its whole context (first ``sinks`` + last ``window`` tokens) from scratch.
+
+    Every step is the same ``sinks + window`` tokens wherever it is, so only the first and last
+    positions are timed (this is the slow mode).
+    """
     meter = Meter(next(model.parameters()).device)
     step = lambda t: recompute_logits(model, [ids[:sinks] + ids[t - window : t]])  # noqa: E731
-    for p in positions:
+    for p in sorted({positions[0], positions[-1]}):
         time_steps(run, meter, p, steps, step, progress(f"recompute: decode at {p}", steps))
 
 
@@ -356,3 +376,14 @@ def speed_positions(sinks: int, window: int, tokens: int, points: int) -> list[i
     if tokens <= first or points < 2:
         return [max(first, tokens)]
     return [round(first + k * (tokens - first) / (points - 1)) for k in range(points)]
+
+
+def text_ids(tokenizer, text: str, tokens: int) -> list[int]:
+    """The first ``tokens`` tokens of ``text`` (only a generous prefix is tokenized, so long files stay quick)."""
+    ids: list[int] = []
+    size = max(4096, tokens * 8)
+    while True:
+        ids = tokenizer(text[:size], add_special_tokens=False)["input_ids"]
+        if len(ids) > tokens or size >= len(text):
+            return ids[:tokens]
+        size *= 2

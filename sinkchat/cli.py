@@ -9,7 +9,7 @@ import sys
 
 import typer
 
-from . import __version__, config, models
+from . import __version__, bench_cli, config, models
 from .errors import SinkchatError
 
 app = typer.Typer(
@@ -156,6 +156,9 @@ def list_models() -> None:
     for alias, where, desc, ok in models.available():
         table.add_row(alias, where, desc, "yes" if ok else "download")
     Console().print(table)
+
+
+app.add_typer(bench_cli.app, name="bench")
 
 
 def run() -> None:
