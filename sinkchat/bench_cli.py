@@ -51,6 +51,7 @@ class Bars:
                 return Text(f"{task.speed:7.1f} tok/s" if task.speed else "      - tok/s")
 
         console = Console(stderr=True)
+        self.log = not quiet and not console.is_terminal  # redirected stderr: one line per phase instead
         self.progress = Progress(
             TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(), Rate(),
             TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
@@ -65,6 +66,8 @@ class Bars:
         self.progress.stop()
 
     def __call__(self, description: str, total: int):
+        if self.log:
+            note(f"sinkchat: {description} ({total} tokens)")
         task = self.progress.add_task(description, total=max(total, 0))
         return lambda n: self.progress.advance(task, n)
 
