@@ -115,19 +115,3 @@ def delete(
             raise typer.Exit(1)
     store.delete(chat_id)
     print(f"deleted chat {chat_id}", file=sys.stderr)
-
-
-@chats_app.command("bench")
-def bench(
-    window: int = typer.Option(2000, "--window", "-w", help="Window to fill (tokens)."),
-    sinks: int = typer.Option(4, help="Sink tokens."),
-    repeats: int = typer.Option(3, help="Timed restores; the best is reported."),
-    rebuild_repeats: int = typer.Option(1, help="Timed rebuilds (each re-prefills the whole window)."),
-    model: str = typer.Option("smollm2-135m", "--model", "-m"),
-    quant: str = typer.Option("4bit"),
-) -> None:
-    """Resume speed: restoring a full window's KV from disk vs re-prefilling it; state size on disk."""
-    from .resume_bench import format_table, run_resume_bench
-
-    print(format_table(run_resume_bench(model=model, quant=quant, sinks=sinks, window=window, repeats=repeats,
-                                        rebuild_repeats=rebuild_repeats)))

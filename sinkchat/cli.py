@@ -10,7 +10,7 @@ import sys
 
 import typer
 
-from . import __version__, config, models
+from . import __version__, bench_cli, config, models
 from .errors import SinkchatError
 
 app = typer.Typer(
@@ -210,6 +210,9 @@ def _optional_resume(args: list[str]) -> list[str]:
             args.insert(i + 1, "last")
             break
     return args
+
+
+app.add_typer(bench_cli.app, name="bench")
 
 
 def run() -> None:

@@ -1,0 +1,97 @@
+"""`sinkchat bench` on a few hundred tokens of the real bundled model: modes agree while nothing is
+evicted, the paper's effect shows once it is, and the CLI's JSON, plots and errors are what users get."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sinkchat import bench
+
+from conftest import run_cli
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def no_progress(description, total):
+    return lambda n: None
+
+
+@pytest.fixture(scope="module")
+def ids(smollm):
+    return bench.text_ids(smollm.tokenizer, bench.default_text(), 96)
+
+
+def test_modes_agree_before_any_eviction(smollm, ids):
+    """Text shorter than sinks + window: every mode sees the whole history, so perplexity is the same."""
+    runs: list[bench.PplRun] = []
+    bench.ppl_runs(smollm, ids, ["dense", "sinks", "recompute"], 4, 256, None, 1, 4, no_progress, runs)
+    bench.ppl_runs(smollm, ids, ["window"], 4, 256, None, 1, 4, no_progress, runs, feed=8)
+    ppl = {run.mode: run.ppl() for run in runs}
+    assert all(len(run.scored) == len(ids) - 1 for run in runs)
+    for mode in ("sinks", "recompute", "window"):
+        assert ppl[mode] == pytest.approx(ppl["dense"], rel=5e-3), ppl
+    assert 2 < ppl["dense"] < 200  # a real model on real text, not noise
+
+
+def test_after_eviction_window_explodes_and_recompute_batches_exactly(smollm, ids):
+    """Window 16 on 64 tokens: without sinks perplexity explodes; recompute's batched contexts equal one by one."""
+    text = ids[:64]
+    runs: list[bench.PplRun] = []
+    bench.ppl_runs(smollm, text, ["window", "sinks"], 4, 16, None, 1, 4, no_progress, runs, feed=4)
+    ppl = {run.mode: run.ppl() for run in runs}
+    assert ppl["window"] > 3 * ppl["sinks"], ppl
+    batched, single = bench.PplRun("recompute"), bench.PplRun("recompute")
+    bench.ppl_recompute(batched, smollm.model, text, 4, 16, stride=7, batch=4, tick=lambda n: None)
+    bench.ppl_recompute(single, smollm.model, text, 4, 16, stride=7, batch=1, tick=lambda n: None)
+    assert [p for p, _ in batched.scored] == list(range(1, 64, 7))
+    assert [v for _, v in batched.scored] == pytest.approx([v for _, v in single.scored], rel=1e-2, abs=1e-2)
+
+
+def test_ppl_cli_json_and_png(tmp_path):
+    plot = tmp_path / "ppl.png"
+    r = run_cli("bench", "ppl", "--tokens", "48", "--window", "16", "--feed", "4", "--stride", "4",
+                "--chunk", "24", "--json", "--plot", str(plot))
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)  # stdout is only the JSON
+    assert [res["mode"] for res in doc["results"]] == ["dense", "window", "sinks", "recompute"]
+    for res in doc["results"]:
+        assert {"mode", "ppl", "tokens", "chunks"} <= res.keys()
+        assert res["ppl"] > 1 and res["chunks"] and {"start", "end", "ppl"} <= res["chunks"][0].keys()
+    assert doc["results"][0]["tokens"] == 47 and doc["results"][3]["tokens"] == 12
+    assert doc["tokens"] == 48 and doc["sinks"] == 4 and doc["window"] == 16 and not doc["interrupted"]
+    assert plot.read_bytes()[:8] == PNG
+
+
+def test_speed_cli_json_and_png(tmp_path):
+    plot = tmp_path / "speed.png"
+    r = run_cli("bench", "speed", "--tokens", "40", "--window", "16", "--points", "2", "--steps", "3",
+                "--recompute-steps", "2", "--json", "--plot", str(plot))
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    by_mode = {res["mode"]: res for res in doc["results"]}
+    assert list(by_mode) == ["sinks", "dense", "recompute"]
+    for res in by_mode.values():
+        assert res["tokens_per_s"] > 0 and res["peak_mem_mb"] > 0
+        assert all(ms > 0 for _, ms in res["ms_per_token"])
+    assert [p for p, _ in by_mode["sinks"]["ms_per_token"]] == [20, 40]
+    ratio = by_mode["recompute"]["median_ms"] / by_mode["sinks"]["median_ms"]
+    assert doc["speedup_vs_recompute"] == pytest.approx(ratio)
+    assert 0 <= doc["upkeep_share"] < 1
+    assert plot.read_bytes()[:8] == PNG
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["bench", "ppl", "--text", "no-such-file.txt"], "--text no-such-file.txt: no such file"),
+        (["bench", "ppl", "--modes", "sinks,fast"], "--modes takes a comma list of"),
+        (["bench", "speed", "--modes", "window"], "--modes takes a comma list of"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(args, message):
+    r = run_cli(*args)
+    assert r.returncode == 2
+    assert r.stdout == ""
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("sinkchat: error: ") and message in r.stderr
