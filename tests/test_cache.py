@@ -216,7 +216,7 @@ def test_bf16_long_stream_does_not_drift(smollm_f32, tmp_path):
 
     folder = models.gguf_folder(models.bundled_gguf())
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
-    ids = text_ids(smollm_f32.tokenizer, 700)
+    ids = text_ids(smollm_f32.tokenizer, 360)
 
     def nll(cache):
         logits = stream(model, cache, ids, 8)
@@ -227,5 +227,5 @@ def test_bf16_long_stream_does_not_drift(smollm_f32, tmp_path):
     drifting = SinkCache(inv, 4, 60, block=1, max_positions=100)  # rebases every ~36 tokens
     steady = SinkCache(inv, 4, 60, block=1, max_positions=None)
     a, b = nll(drifting), nll(steady)
-    assert drifting.base > 500
+    assert drifting.base > 250  # many rebases happened
     assert abs(a - b) / b < 0.01
