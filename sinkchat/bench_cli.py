@@ -138,6 +138,16 @@ def fmt(value, spec: str = ".2f") -> str:
 # -- bench ppl -----------------------------------------------------------------------------------------
 
 
+def finish(report: dict, as_json: bool, show, plot: str | None, interrupted: bool) -> None:
+    """JSON alone on stdout, or tables; exit 130 after the results so far when interrupted."""
+    if as_json:
+        print(json.dumps(report, indent=1))
+    else:
+        show(report, plot)
+    if interrupted:
+        raise typer.Exit(130)
+
+
 @app.command("ppl")
 def ppl(
     text: str = TEXT,
@@ -182,12 +192,7 @@ def ppl(
 
         ppl_plot(report, {r.mode: r.scored for r in runs}, plot,
                  f"{loaded.name}: streaming perplexity, sinks={sinks} window={window}")
-    if as_json:
-        print(json.dumps(report, indent=1))
-    else:
-        print_ppl(report, plot)
-    if interrupted:
-        raise typer.Exit(130)
+    finish(report, as_json, print_ppl, plot, interrupted)
 
 
 def print_ppl(report: dict, plot: str | None) -> None:
@@ -267,12 +272,7 @@ def speed(
         from .bench_plot import speed_plot
 
         speed_plot(report, plot, f"{loaded.name}: decode speed, sinks={sinks} window={window}")
-    if as_json:
-        print(json.dumps(report, indent=1))
-    else:
-        print_speed(report, plot)
-    if interrupted:
-        raise typer.Exit(130)
+    finish(report, as_json, print_speed, plot, interrupted)
 
 
 def print_speed(report: dict, plot: str | None) -> None:
