@@ -22,15 +22,15 @@ def ppl_plot(report: dict, scored: dict[str, list[tuple[int, float]]], path: str
     end = max((s[-1][0] for s in scored.values() if s), default=1)
     width = max(1, end // 80)
     for mode, points in scored.items():
-        # a mode scored on every n-th token (recompute with --stride) gets bins n times wider, so
-        # each point is a mean over as many tokens as the others' and the lines compare like with like
+        # a mode scored on every n-th token (recompute with --stride) gets bins wide enough to hold
+        # 10 of its scored tokens, so its line shows a trend rather than single-token noise
         every = max(1, round(end / max(1, len(points))))
-        w = width * every
+        w = max(width, 10 * every)
         bins: dict[int, list[float]] = {}
         for p, v in points:
             bins.setdefault(p // w, []).append(v)
         xs = sorted(bins)
-        label = mode if every == 1 else f"{mode} (every {every}th token, wider bins)"
+        label = mode if every == 1 else f"{mode} (every {every}th token, {w}-token bins)"
         ax.plot([(b + 0.5) * w for b in xs], [statistics.fmean(bins[b]) for b in xs], label=label, lw=1.4,
                 marker="o" if every > 1 else None, ms=3)
     budget = report.get("sinks", 0) + report.get("window", 0)
@@ -38,7 +38,7 @@ def ppl_plot(report: dict, scored: dict[str, list[tuple[int, float]]], path: str
         ax.axvline(budget, color="grey", ls=":", lw=1)
         ax.text(budget, ax.get_ylim()[1], " cache full", va="top", fontsize=8, color="grey")
     ax.set_xlabel("input length (tokens)")
-    ax.set_ylabel(f"log perplexity (mean NLL per {width} tokens scored)")
+    ax.set_ylabel(f"log perplexity (mean NLL per {width}-token bin)")
     ax.set_title(title, fontsize=10)
     ax.legend()
     ax.grid(alpha=0.3)
