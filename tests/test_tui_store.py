@@ -54,6 +54,7 @@ async def test_saved_after_each_turn_and_resumed_exactly(smollm):
     async with app.run_test(size=SIZE) as pilot:
         await send(pilot, QUESTIONS[0])
         await send(pilot, QUESTIONS[1])
+        await wait_for(pilot, app.saver.done)  # saves run on the saver thread
         chat, chat_id = app.chat, app.chat_id
         assert chat.cache.evictions, "the 64-token window must have evicted before the save"
         store = Store()

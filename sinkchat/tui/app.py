@@ -4,10 +4,9 @@ Threads: the model loads and replies are generated in thread workers; the genera
 the engine's events and posts at most ``STREAM_INTERVAL`` apart, so the UI never slows decoding
 (see the README for the measurement). The UI owns all widgets; the engine never sees them.
 
-Saving: the app owns one :class:`Store`; the open chat is saved through an ``Autosave`` after
-every turn and on exit, on the UI thread (a save of a 64-token-window chat takes a few ms, see the
-README; the store's SQLite connection belongs to one thread). The open chat's lock is held while it
-is open, so a second sinkchat process is refused.
+Saving: the app owns one :class:`Store`; the open chat is saved after every turn and on exit by
+a :class:`Saver` thread (a save at a full default window takes most of a second). The open chat's
+lock is held while it is open, so a second sinkchat process is refused.
 """
 
 from __future__ import annotations
@@ -34,13 +33,14 @@ from ..cache import Occupancy
 from ..engine import Chat, Done, Evicted, Stats, TokenText
 from ..errors import SinkchatError
 from ..models import LoadedModel
-from ..store import Autosave, Store
+from ..store import Store
 from . import themes
 from .chat_input import ChatInput
 from .chats import ChatsScreen
 from .gauge import CacheGauge
 from .header import ChatHeader
 from .help import HelpScreen, bindings_markdown
+from .saver import Saver
 from .ledger import memory, spans
 from .transcript import MessageView, Transcript
 
@@ -99,15 +99,13 @@ class SinkchatApp(App):
         self.settings = dict(settings)
         self.loaded = loaded
         self.chat: Chat | None = None
-        self.autosave: Autosave | None = None
         self.exit_notes: list[str] = []  # save errors at exit, printed by run() after the screen is gone
-        self.store, self._store_error = store, None
-        if store is None:
-            try:
-                self.store = Store()
-            except SinkchatError as exc:
-                self._store_error = f"{exc}; chats are not saved"
-        if self.store is None:
+        self.saver: Saver | None = None
+        self._store_error = None
+        try:
+            self.saver = Saver(store or Store(), self._report_from_saver)
+        except SinkchatError as exc:
+            self._store_error = f"{exc}; chats are not saved"
             self.chats_screen = None
         self.generating = False
         self._idle = threading.Event()  # set while no generation thread is running
@@ -128,8 +126,19 @@ class SinkchatApp(App):
         self.save()
 
     def save(self) -> None:
-        if self.autosave is not None and self.chat is not None:
-            self.autosave(self.chat)
+        if self.saver is not None and self.chat is not None:
+            self.saver.save(self.chat)
+
+    @property
+    def store(self) -> Store | None:
+        return self.saver.store if self.saver is not None else None
+
+    @property
+    def chat_id(self) -> int | None:
+        return self.saver.chat_id if self.saver is not None else None
+
+    def _report_from_saver(self, message: str) -> None:
+        self._ui_loop.call_soon_threadsafe(self._save_failed, message)
 
     def _save_failed(self, message: str) -> None:
         if self.is_running:
@@ -137,23 +146,22 @@ class SinkchatApp(App):
         else:
             self.exit_notes.append(message)
 
-    @property
-    def chat_id(self) -> int | None:
-        return self.autosave.chat_id if self.autosave is not None else None
-
     async def settle(self) -> None:
-        """Stop a running reply and wait for its thread, so the chat can be saved or replaced."""
+        """Stop a running reply, wait for its thread and for queued saves: the chat can be replaced."""
         if not self._idle.is_set() and self.chat is not None:
             self.chat.stop()
         while not self._idle.is_set():
             await asyncio.sleep(0.02)
         self.generating = False
+        if self.saver is not None:
+            await self.saver.idle()
 
     async def on_unmount(self) -> None:
         await self.settle()
-        self.save()
-        if self.store is not None:
-            self.store.close()
+        if self.saver is not None:
+            self.save()
+            await self.saver.idle()
+            self.saver.close()
 
     # -- layout ---------------------------------------------------------------------------------
 
@@ -171,6 +179,7 @@ class SinkchatApp(App):
         yield Footer()
 
     async def on_mount(self) -> None:
+        self._ui_loop = asyncio.get_running_loop()
         for problem in self.theme_problems:
             self.notify(problem.text(), title="Theme file", severity="error", timeout=20)
         if self._unknown_theme:
@@ -226,8 +235,8 @@ class SinkchatApp(App):
         """
         self.chat, self.reply_view = chat, None
         self.last_reply = next((m.content for m in reversed(chat.messages) if m.role == "assistant"), "")
-        if self.store is not None:
-            self.autosave = Autosave(self.store, chat, self.settings, chat_id, self._save_failed)
+        if self.saver is not None:
+            self.saver.follow(chat, self.settings, chat_id)
         transcript = self.query_one(Transcript)
         await transcript.remove_children()
         self.query_one(ChatHeader).tokens_per_s = None
@@ -244,30 +253,48 @@ class SinkchatApp(App):
         """
         if chat_id == self.chat_id:
             return True
+        box = self.query_one(ChatInput)
+        was_disabled, box.disabled = box.disabled, True  # nothing is sent while the chat changes
         try:
-            saved = settings or cli.settings(self.store.settings(chat_id))
             await self.settle()
-            chat, notices = self.store.open(chat_id, self.loaded, cli.chat_settings(saved))
+            # In a thread: restoring reads the state file (0.5 s at a 2000 window) and a damaged
+            # or foreign one means re-prefilling the window; the screen stays live meanwhile.
+            chat, notices = await asyncio.to_thread(self._open, chat_id, settings)
         except Exception as exc:  # one line on screen, never a traceback
             self.notify(f"cannot open chat {chat_id}: {one_line(exc)}", severity="error", timeout=15)
             return False
-        self.save()
-        old = self.chat_id
-        if old is not None:
-            self.store.unlock(old)  # another process may open it now
+        finally:
+            box.disabled = was_disabled
+        await self._leave_chat()
         await self.start_chat(chat, chat_id)
         for notice in notices:
             self.notify(notice, title="Resumed", timeout=10)
         return True
+
+    def _open(self, chat_id: int, settings: dict | None) -> tuple[Chat, list[str]]:
+        with self.saver.lock:
+            chosen = settings or cli.settings(self.store.settings(chat_id))
+            return self.store.open(chat_id, self.loaded, cli.chat_settings(chosen))
+
+    async def _leave_chat(self) -> None:
+        """Save the open chat and release its lock, so another process may open it."""
+        if self.saver is None:
+            return
+        self.save()
+        await self.saver.idle()
+        if self.chat_id is not None:
+            with self.saver.lock:
+                self.store.unlock(self.chat_id)
 
     async def delete_chat(self, chat_id: int) -> bool:
         """Delete a saved chat; deleting the open one first starts a new chat."""
         try:
             if chat_id == self.chat_id:
                 await self.settle()
-                self.autosave = None  # nothing more is saved into the chat being deleted
+                self.saver.autosave = None  # nothing more is saved into the chat being deleted
                 await self.action_new_chat()
-            self.store.delete(chat_id)
+            with self.saver.lock:
+                self.store.delete(chat_id)
         except Exception as exc:
             self.notify(f"cannot delete chat {chat_id}: {one_line(exc)}", severity="error", timeout=15)
             return False
@@ -294,6 +321,8 @@ class SinkchatApp(App):
         pending: list[str] = []
         occupancy, speed, last = None, None, time.perf_counter()
         try:
+            if self.saver is not None:
+                self.saver.wait()  # the last turn's save reads the chat: let it finish first
             for event in chat.submit(text):
                 if isinstance(event, TokenText):
                     pending.append(event.text)
@@ -381,7 +410,7 @@ class SinkchatApp(App):
         if action == "stop":
             return self.generating
         if action == "chats":
-            return self.chats_screen is not None
+            return self.chats_screen is not None and not isinstance(self.screen, ChatsScreen)
         if action in ("new_chat", "copy_reply"):
             return self.chat is not None
         return True
@@ -396,9 +425,7 @@ class SinkchatApp(App):
             return
         await self.settle()
         self.refresh_bindings()
-        self.save()
-        if self.chat_id is not None:
-            self.store.unlock(self.chat_id)
+        await self._leave_chat()
         await self.start_chat(Chat(self.loaded, cli.chat_settings(self.settings)))
         self.query_one(ChatInput).focus()
 

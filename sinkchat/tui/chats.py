@@ -74,7 +74,8 @@ class ChatsScreen(Screen):
     def reload(self) -> None:
         """Fill the table from ``store.list(query)``; the open chat is marked with a ●."""
         query = self.query_one(Input).value.strip() or None
-        self.rows = self.chat_app.store.list(query)
+        with self.chat_app.saver.lock:  # a save in flight holds it (rarely: saves follow replies)
+            self.rows = self.chat_app.store.list(query)
         table = self.query_one(DataTable)
         table.clear()
         open_id = self.chat_app.chat_id
