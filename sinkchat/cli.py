@@ -176,11 +176,25 @@ def _run_plain(s: dict, store, chat_id: int | None) -> None:
 
 
 def _run_tui(s: dict) -> None:
+    """The TUI gets its own store and takes the resumed chat's lock again before the model loads.
+
+    (``main`` closed the store it resolved the chat with, which released the lock.) The app then
+    holds the lock while the chat is open; a second process is refused in one line.
+    """
     try:
         from .tui.app import run as run_tui
     except ImportError:
         raise SinkchatError("the TUI is not available in this build; use --plain") from None
-    run_tui(s)
+    from .store import Store
+
+    store = Store()
+    try:
+        if s.get("resume_id") is not None:
+            store.lock(s["resume_id"])
+    except BaseException:
+        store.close()
+        raise
+    run_tui(s, store)
 
 
 @app.command("models")

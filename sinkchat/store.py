@@ -351,7 +351,8 @@ def rebuild_kv(chat: Chat, meta: dict | None) -> None:
 
 
 class Store:
-    """The chats in one data dir. One instance per process; not shared between threads."""
+    """The chats in one data dir. One instance per process, used by one thread at a time
+    (the TUI's saver thread and UI thread take turns under a lock)."""
 
     def __init__(self, data_dir: str | Path | None = None):
         self.root = config.data_dir(data_dir)
@@ -362,7 +363,7 @@ class Store:
         try:
             if not self.db_path.exists():
                 os.close(os.open(self.db_path, os.O_WRONLY | os.O_CREAT, 0o600))
-            self.db = sqlite3.connect(self.db_path, timeout=10, isolation_level=None)
+            self.db = sqlite3.connect(self.db_path, timeout=10, isolation_level=None, check_same_thread=False)
             self.db.execute("PRAGMA synchronous=FULL")
             if not self.db.execute("SELECT 1 FROM sqlite_master WHERE name='chats'").fetchone():
                 self.db.executescript(SCHEMA)

@@ -3,10 +3,17 @@
 Threads: the model loads and replies are generated in thread workers; the generation worker batches
 the engine's events and posts at most ``STREAM_INTERVAL`` apart, so the UI never slows decoding
 (see the README for the measurement). The UI owns all widgets; the engine never sees them.
+
+Saving: the app owns one :class:`Store`; the open chat is saved after every turn and on exit by
+a :class:`Saver` thread (a save at a full default window takes most of a second). The open chat's
+lock is held while it is open, so a second sinkchat process is refused.
 """
 
 from __future__ import annotations
 
+import asyncio
+import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,11 +33,14 @@ from ..cache import Occupancy
 from ..engine import Chat, Done, Evicted, Stats, TokenText
 from ..errors import SinkchatError
 from ..models import LoadedModel
+from ..store import Store
 from . import themes
 from .chat_input import ChatInput
+from .chats import ChatsScreen
 from .gauge import CacheGauge
 from .header import ChatHeader
 from .help import HelpScreen, bindings_markdown
+from .saver import Saver
 from .ledger import memory, spans
 from .transcript import MessageView, Transcript
 
@@ -76,16 +86,30 @@ class SinkchatApp(App):
         Binding("ctrl+q", "quit", "Quit", priority=True),
     ]
     STREAM_INTERVAL = 0.3  # seconds between batches the worker posts: about 3 screen updates a second
-    # The chats screen (saved conversations) plugs in here: a callable app -> Screen. Until the store
-    # exists it is None and ctrl+o is hidden.
-    chats_screen: Callable[["SinkchatApp"], Screen] | None = None
+    # The chats screen (saved conversations): a callable app -> Screen; None (ctrl+o hidden) when
+    # the chat store could not be opened.
+    chats_screen: Callable[["SinkchatApp"], Screen] | None = ChatsScreen
 
-    def __init__(self, settings: dict, loaded: LoadedModel | None = None):
+    def __init__(self, settings: dict, loaded: LoadedModel | None = None, store: Store | None = None):
+        """``store``: the caller's (already holding the resumed chat's lock), else one is opened here.
+
+        Either way the app owns it and closes it on exit.
+        """
         super().__init__()
         self.settings = dict(settings)
         self.loaded = loaded
         self.chat: Chat | None = None
+        self.exit_notes: list[str] = []  # save errors at exit, printed by run() after the screen is gone
+        self.saver: Saver | None = None
+        self._store_error = None
+        try:
+            self.saver = Saver(store or Store(), self._report_from_saver)
+        except SinkchatError as exc:
+            self._store_error = f"{exc}; chats are not saved"
+            self.chats_screen = None
         self.generating = False
+        self._idle = threading.Event()  # set while no generation thread is running
+        self._idle.set()
         self.reply_view: MessageView | None = None
         self.last_reply = ""
         self.shipped_themes, self.theme_problems = themes.discover()
@@ -98,7 +122,46 @@ class SinkchatApp(App):
     # -- hooks ----------------------------------------------------------------------------------
 
     def on_turn_end(self, chat: Chat) -> None:
-        """Runs on the UI thread after every reply (finished or stopped); the store saves here."""
+        """Runs on the UI thread after every reply (finished or stopped): save the chat."""
+        self.save()
+
+    def save(self) -> None:
+        if self.saver is not None and self.chat is not None:
+            self.saver.save(self.chat)
+
+    @property
+    def store(self) -> Store | None:
+        return self.saver.store if self.saver is not None else None
+
+    @property
+    def chat_id(self) -> int | None:
+        return self.saver.chat_id if self.saver is not None else None
+
+    def _report_from_saver(self, message: str) -> None:
+        self._ui_loop.call_soon_threadsafe(self._save_failed, message)
+
+    def _save_failed(self, message: str) -> None:
+        if self.is_running:
+            self.notify(message, title="Not saved", severity="error", timeout=15)
+        else:
+            self.exit_notes.append(message)
+
+    async def settle(self) -> None:
+        """Stop a running reply, wait for its thread and for queued saves: the chat can be replaced."""
+        if not self._idle.is_set() and self.chat is not None:
+            self.chat.stop()
+        while not self._idle.is_set():
+            await asyncio.sleep(0.02)
+        self.generating = False
+        if self.saver is not None:
+            await self.saver.idle()
+
+    async def on_unmount(self) -> None:
+        await self.settle()
+        if self.saver is not None:
+            self.save()
+            await self.saver.idle()
+            self.saver.close()
 
     # -- layout ---------------------------------------------------------------------------------
 
@@ -116,10 +179,13 @@ class SinkchatApp(App):
         yield Footer()
 
     async def on_mount(self) -> None:
+        self._ui_loop = asyncio.get_running_loop()
         for problem in self.theme_problems:
             self.notify(problem.text(), title="Theme file", severity="error", timeout=20)
         if self._unknown_theme:
             self.notify(f"no theme named {self._unknown_theme!r}; using {self.theme}", severity="warning")
+        if self._store_error:
+            self.notify(self._store_error, title="Chat store", severity="error", timeout=20)
         self.theme_changed_signal.subscribe(self, self._remember_theme)
         if self.loaded is not None:
             await self.model_ready(self.loaded)
@@ -155,17 +221,85 @@ class SinkchatApp(App):
         self.loaded = loaded
         self.query_one(ChatHeader).describe(loaded)
         await self.query_one("#loading").remove()
-        await self.start_chat(chat)
+        resume_id = self.settings.get("resume_id")
+        if resume_id is None or not await self.open_chat(resume_id, self.settings):
+            await self.start_chat(chat)
         box = self.query_one(ChatInput)
         box.disabled = False
         box.focus()
 
-    async def start_chat(self, chat: Chat) -> None:
-        """View ``i`` shows ``chat.messages[i]``, so the system turn gets a view before it exists."""
-        self.chat, self.last_reply, self.reply_view = chat, "", None
-        if chat.system_tokens:
-            await self.query_one(Transcript).add("system", self._system_text(chat))
+    async def start_chat(self, chat: Chat, chat_id: int | None = None) -> None:
+        """Show ``chat`` (new or restored) and save it from now on as stored chat ``chat_id`` (None: a new one).
+
+        View ``i`` shows ``chat.messages[i]``, so a new chat's system turn gets a view before it exists.
+        """
+        self.chat, self.reply_view = chat, None
+        self.last_reply = next((m.content for m in reversed(chat.messages) if m.role == "assistant"), "")
+        if self.saver is not None:
+            self.saver.follow(chat, self.settings, chat_id)
+        transcript = self.query_one(Transcript)
+        await transcript.remove_children()
+        self.query_one(ChatHeader).tokens_per_s = None
+        shown = [(m.role, m.content) for m in chat.messages] or ([("system", "")] if chat.system_tokens else [])
+        await transcript.add_all([(r, self._system_text(chat) if r == "system" else c) for r, c in shown])
         self.refresh_gauge(chat.occupancy())
+
+    async def open_chat(self, chat_id: int, settings: dict | None = None) -> bool:
+        """Replace the open chat with saved chat ``chat_id`` (the current one is stopped and saved first).
+
+        ``settings``: the CLI's for ``--resume`` (saved ones under the flags); from the chat list,
+        the chat's own saved settings. The loaded model stays. False (and a notification) when it
+        cannot be opened: locked by another process, damaged beyond repair...
+        """
+        if chat_id == self.chat_id:
+            return True
+        box = self.query_one(ChatInput)
+        was_disabled, box.disabled = box.disabled, True  # nothing is sent while the chat changes
+        try:
+            await self.settle()
+            # In a thread: restoring reads the state file (0.5 s at a 2000 window) and a damaged
+            # or foreign one means re-prefilling the window; the screen stays live meanwhile.
+            chat, notices = await asyncio.to_thread(self._open, chat_id, settings)
+        except Exception as exc:  # one line on screen, never a traceback
+            self.notify(f"cannot open chat {chat_id}: {one_line(exc)}", severity="error", timeout=15)
+            return False
+        finally:
+            box.disabled = was_disabled
+        await self._leave_chat()
+        await self.start_chat(chat, chat_id)
+        for notice in notices:
+            self.notify(notice, title="Resumed", timeout=10)
+        return True
+
+    def _open(self, chat_id: int, settings: dict | None) -> tuple[Chat, list[str]]:
+        with self.saver.lock:
+            chosen = settings or cli.settings(self.store.settings(chat_id))
+            return self.store.open(chat_id, self.loaded, cli.chat_settings(chosen))
+
+    async def _leave_chat(self) -> None:
+        """Save the open chat and release its lock, so another process may open it."""
+        if self.saver is None:
+            return
+        self.save()
+        await self.saver.idle()
+        if self.chat_id is not None:
+            with self.saver.lock:
+                self.store.unlock(self.chat_id)
+
+    async def delete_chat(self, chat_id: int) -> bool:
+        """Delete a saved chat; deleting the open one first starts a new chat."""
+        try:
+            if chat_id == self.chat_id:
+                await self.settle()
+                self.saver.autosave = None  # nothing more is saved into the chat being deleted
+                await self.action_new_chat()
+            with self.saver.lock:
+                self.store.delete(chat_id)
+        except Exception as exc:
+            self.notify(f"cannot delete chat {chat_id}: {one_line(exc)}", severity="error", timeout=15)
+            return False
+        self.notify(f"deleted chat {chat_id}", timeout=3)
+        return True
 
     # -- chatting -------------------------------------------------------------------------------
 
@@ -177,6 +311,7 @@ class SinkchatApp(App):
         await transcript.add("user", event.text)
         self.reply_view = await transcript.add("assistant")
         self.generating = True
+        self._idle.clear()
         self.refresh_bindings()
         self.generate(self.chat, event.text)
 
@@ -186,6 +321,8 @@ class SinkchatApp(App):
         pending: list[str] = []
         occupancy, speed, last = None, None, time.perf_counter()
         try:
+            if self.saver is not None:
+                self.saver.wait()  # the last turn's save reads the chat: let it finish first
             for event in chat.submit(text):
                 if isinstance(event, TokenText):
                     pending.append(event.text)
@@ -204,6 +341,8 @@ class SinkchatApp(App):
         except BaseException as exc:
             self.post_message(Streamed(chat, "".join(pending), None, None))
             self.post_message(Finished(chat, None, one_line(exc)))
+        finally:
+            self._idle.set()
 
     async def on_streamed(self, msg: Streamed) -> None:
         if msg.chat is not self.chat or self.reply_view is None:
@@ -271,7 +410,7 @@ class SinkchatApp(App):
         if action == "stop":
             return self.generating
         if action == "chats":
-            return self.chats_screen is not None
+            return self.chats_screen is not None and not isinstance(self.screen, ChatsScreen)
         if action in ("new_chat", "copy_reply"):
             return self.chat is not None
         return True
@@ -281,14 +420,12 @@ class SinkchatApp(App):
             self.chat.stop()
 
     async def action_new_chat(self) -> None:
+        """Stop and save the open chat, then start a new stored chat (created on its first turn)."""
         if self.loaded is None:
             return
-        if self.generating and self.chat is not None:
-            self.chat.stop()
-        self.generating = False
+        await self.settle()
         self.refresh_bindings()
-        await self.query_one(Transcript).remove_children()
-        self.query_one(ChatHeader).tokens_per_s = None
+        await self._leave_chat()
         await self.start_chat(Chat(self.loaded, cli.chat_settings(self.settings)))
         self.query_one(ChatInput).focus()
 
@@ -351,11 +488,14 @@ def theme_names() -> list[str]:
     return sorted(set(themes.discover()[0]) | set(BUILTIN_THEMES))
 
 
-def run(settings: dict) -> None:
+def run(settings: dict, store: Store | None = None) -> None:
     """Open the TUI; an unknown ``--theme`` is refused before the model loads."""
     name = settings.get("theme") or themes.DEFAULT_THEME
     if name not in theme_names():
         raise SinkchatError(
             f"unknown theme {name!r} (from --theme or config.toml); available: {', '.join(theme_names())}"
         )
-    SinkchatApp(settings).run()
+    app = SinkchatApp(settings, store=store)
+    app.run()
+    for note in app.exit_notes:
+        print(f"sinkchat: {note}", file=sys.stderr)

@@ -111,6 +111,12 @@ class Transcript(VerticalScroll):
         self.scroll_end(animate=False)
         return view
 
+    async def add_all(self, messages: list[tuple[str, str]]) -> None:
+        """Show a restored chat's messages in one mount (one layout pass, not one per message)."""
+        if messages:
+            await self.mount_all([MessageView(role, content) for role, content in messages])
+            self.scroll_end(animate=False)
+
     def follow(self) -> None:
         if self.max_scroll_y - self.scroll_y <= 3:
             self.scroll_end(animate=False)
