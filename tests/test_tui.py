@@ -101,6 +101,11 @@ async def test_escape_stops_and_keeps_partial_reply(smollm):
 
         await wait_for(pilot, reply_partly_evicted)
         await pilot.pause(0.3)  # let a gauge update reach the screen mid-reply
+        box = app.query_one(ChatInput)
+        box.insert("And then?")
+        await pilot.press("enter")  # refused while the model answers: the words stay in the box
+        assert box.text == "And then?" and len(chat.messages) == 3
+        box.clear()
         await pilot.press("escape")
         await wait_for(pilot, lambda: not app.generating, 10)
         reply = app.chat.messages[-1]

@@ -305,8 +305,10 @@ class SinkchatApp(App):
 
     async def on_chat_input_submitted(self, event: ChatInput.Submitted) -> None:
         if self.chat is None or self.generating:
-            self.notify("wait for the reply, or press Esc to stop it", severity="warning")
+            busy = "wait for the reply, or press Esc to stop it" if self.generating else "the chat is still loading"
+            self.notify(f"{busy}; your message stays in the box", severity="warning")
             return
+        self.query_one(ChatInput).clear()
         transcript = self.query_one(Transcript)
         await transcript.add("user", event.text)
         self.reply_view = await transcript.add("assistant")

@@ -27,9 +27,8 @@ class ChatInput(TextArea):
 
     def action_send(self) -> None:
         text = self.text.strip()
-        if text:
+        if text:  # the app clears the box once it takes the message, so a refused one is not lost
             self.post_message(self.Submitted(text))
-            self.clear()
 
     def action_newline(self) -> None:
         self.insert("\n")
