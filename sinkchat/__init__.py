@@ -6,6 +6,9 @@ import os
 # when the TUI loads it in one thread and generates in another (measured on 2 CPU cores: 1-5 tok/s
 # instead of 18). Set before torch loads libgomp; a user's own setting wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# tqdm reads TQDM_DISABLE when it is imported, so this must come before transformers loads: library
+# progress bars (GGUF conversion) would otherwise spill onto the TUI or a script's stderr.
+os.environ.setdefault("TQDM_DISABLE", "1")
 
 __version__ = "0.1.0"
 

@@ -23,6 +23,7 @@ import torch
 
 from .cache import SinkCache
 from .errors import SinkchatError
+from .models import forward
 
 PPL_MODES = ("dense", "window", "sinks", "recompute")
 SPEED_MODES = ("sinks", "dense", "recompute")
@@ -63,15 +64,9 @@ class Stream:
             positions, _ = self.cache.reserve(len(ids))
         else:
             positions = torch.arange(self.seen, self.seen + len(ids), device=self.device).unsqueeze(0)
-        out = self.model(
-            input_ids=torch.tensor([ids], device=self.device),
-            position_ids=positions,
-            past_key_values=self.cache,
-            use_cache=True,
-            logits_to_keep=keep,
-        )
+        logits = forward(self.model, self.cache, ids, positions, keep)
         self.seen += len(ids)
-        return out.logits[0]
+        return logits
 
 
 def dense_cache(model):

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .cache import Occupancy, SinkCache, Span
-from .models import LoadedModel
+from .models import LoadedModel, forward
 from .sampling import Sampler, SamplingParams
 from .template import Turns
 
@@ -131,15 +131,9 @@ class Chat:
         positions, span = self.cache.reserve(len(ids))
         if span is not None:
             yield Evicted(span)
-        out = self.model(
-            input_ids=torch.tensor([ids], device=self._device),
-            position_ids=positions,
-            past_key_values=self.cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
+        logits = forward(self.model, self.cache, ids, positions)
         self.tokens.extend(ids)
-        self._logits = out.logits[0, -1]
+        self._logits = logits[-1]
 
     def _generate(self) -> Iterator[Event]:
         start = len(self.tokens)

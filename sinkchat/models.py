@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
+import inspect
 import json
 import logging
 import os
@@ -279,6 +281,25 @@ def load(
     loaded = LoadedModel(model, tokenizer, source, quant, device, compute)
     loaded.fingerprint = fingerprint(loaded, folder)
     return loaded
+
+
+@functools.cache
+def _cache_kwarg(forward_type: type) -> str:
+    """transformers 5.24 renamed ``past_key_values`` to ``cache``; older 5.x ignore an unknown ``cache``."""
+    return "cache" if "cache" in inspect.signature(forward_type.forward).parameters else "past_key_values"
+
+
+def forward(model, cache, ids: list[int], positions: torch.Tensor, keep: int = 1):
+    """One forward pass of ``ids`` at RoPE ``positions`` through ``cache``; logits of the last ``keep``
+    positions (0: all). The one place that calls the model, for the engine, the store and the bench."""
+    device = model.get_input_embeddings().weight.device  # the first GPU under a device map
+    return model(
+        input_ids=torch.tensor([ids], device=device),
+        position_ids=positions.to(device),
+        use_cache=True,
+        logits_to_keep=keep,
+        **{_cache_kwarg(type(model)): cache},
+    ).logits[0]
 
 
 def fingerprint(loaded: LoadedModel, folder: str) -> dict:

@@ -53,6 +53,7 @@ import torch
 from . import config
 from .cache import merge_spans
 from .engine import Chat, ChatSettings, Message
+from .models import forward
 from .errors import SinkchatError
 
 try:
@@ -338,10 +339,7 @@ def rebuild_kv(chat: Chat, meta: dict | None) -> None:
         for i in range(0, len(ids), chat.chunk):
             chunk = ids[i : i + chat.chunk]
             positions, _ = cache.reserve(len(chunk))
-            chat.model(
-                input_ids=torch.tensor([chunk], device=chat._device), position_ids=positions,
-                past_key_values=cache, use_cache=True, logits_to_keep=1,
-            )
+            forward(chat.model, cache, chunk, positions)
     tensors, new = cache.state()
     new.update(seen=seen, base=seen - n_win - n_sink, evictions=evictions, block=cache.block)
     cache.load_state(tensors, new)
