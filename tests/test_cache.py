@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM, DynamicCache
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from sinkchat.cache import SinkCache, rope_inv_freqs
+from sinkchat.models import forward
 
 
 def text_ids(tokenizer, n: int) -> list[int]:
@@ -24,8 +25,7 @@ def stream(model, cache: SinkCache, ids: list[int], first_chunk: int) -> list[to
     with torch.no_grad():
         for size in [first_chunk] + [1] * (len(ids) - first_chunk):
             pos, _ = cache.reserve(size)
-            logits = model(torch.tensor([ids[i : i + size]]), position_ids=pos, past_key_values=cache).logits
-            out.append(logits[0])
+            out.append(forward(model, cache, ids[i : i + size], pos, keep=0))
             i += size
     return out
 
@@ -102,7 +102,7 @@ def reference_logits(model, ids, contexts, sizes, offset: int = 0) -> list[torch
             for ctx, size in zip(contexts, sizes):
                 ref.context = ctx
                 pos = torch.arange(len(ctx), len(ctx) + size).unsqueeze(0) + offset
-                out.append(model(torch.tensor([ids[i : i + size]]), position_ids=pos, past_key_values=ref).logits[0])
+                out.append(forward(model, ref, ids[i : i + size], pos, keep=0))
                 i += size
     finally:
         ref.active = False
@@ -119,7 +119,7 @@ def sink_run(model, ids, sinks, window, block, first_chunk):
             (s0, s1), (w0, w1) = cache.kept()
             contexts.append([t for t in [*range(s0, s1), *range(w0, w1)] if t < i])
             sizes.append(size)
-            out.append(model(torch.tensor([ids[i : i + size]]), position_ids=pos, past_key_values=cache).logits[0])
+            out.append(forward(model, cache, ids[i : i + size], pos, keep=0))
             i += size
     return cache, contexts, sizes, out
 
@@ -128,7 +128,7 @@ def test_equals_dense_cache_before_eviction(smollm_f32):
     model, tok = smollm_f32.model, smollm_f32.tokenizer
     ids = text_ids(tok, 160)
     with torch.no_grad():
-        dense = model(torch.tensor([ids]), past_key_values=DynamicCache()).logits[0]
+        dense = forward(model, DynamicCache(), ids, torch.arange(len(ids)).unsqueeze(0), keep=0)
     cache = SinkCache.for_model(model, 4, 400)
     got = torch.cat(stream(model, cache, ids, 64))
     assert cache.occupancy().evicted == 0
@@ -180,7 +180,7 @@ def test_no_layer_holds_more_than_sinks_plus_window(smollm_f32):
         stream_ids = ids[step : step + 1]
         pos, _ = cache.reserve(1)
         with torch.no_grad():
-            model(torch.tensor([stream_ids]), position_ids=pos, past_key_values=cache)
+            forward(model, cache, stream_ids, pos)
         assert all(layer.get_seq_length() <= sinks + window for layer in cache.layers)
         size0 = size0 or cache.memory_bytes()
         assert cache.memory_bytes() == size0  # preallocated once, never grows
