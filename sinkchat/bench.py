@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .cache import SinkCache
+from .cache import SinkCache, max_positions
 from .errors import SinkchatError
 from .models import forward
 
@@ -44,10 +44,6 @@ def parse_modes(text: str, allowed: tuple[str, ...]) -> list[str]:
     if bad or not modes:
         raise SinkchatError(f"--modes takes a comma list of {', '.join(allowed)} (got {text!r})")
     return list(dict.fromkeys(modes))
-
-
-def model_max_positions(model) -> int | None:
-    return getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None)
 
 
 class Stream:
@@ -124,7 +120,7 @@ def ppl_cache(run: PplRun, model, cache, ids: list[int], tick: Tick, feed: int =
 
 def ppl_dense(run: PplRun, model, ids: list[int], tick: Tick, chunk: int = 256) -> None:
     """An ever-growing cache, fed in chunks (exact: nothing is evicted); stops at the model's context."""
-    limit = model_max_positions(model)
+    limit = max_positions(model.config)
     if limit is not None and len(ids) > limit:
         run.note = f"stopped at the model's maximum context of {limit} tokens"
         ids = ids[:limit]
@@ -177,7 +173,7 @@ def ppl_runs(
         if mode == "recompute":
             total = len([t for t in range(1, len(ids)) if (t - 1) % stride == 0])
         elif mode == "dense":
-            total = min(len(ids), model_max_positions(model) or len(ids)) - 1
+            total = min(len(ids), max_positions(model.config) or len(ids)) - 1
         else:
             total = len(ids) - 1
         tick = progress(f"ppl {mode}", total)
@@ -321,7 +317,7 @@ def speed_runs(
 ) -> None:
     model = loaded.model
     chunk = max(1, min(256, window // 4))  # the chat's prefill chunk
-    limit = model_max_positions(model)
+    limit = max_positions(model.config)
     for mode in modes:
         run = SpeedRun(mode)
         runs.append(run)

@@ -21,23 +21,13 @@ def kv_bytes_per_token(layers: int, kv_heads: int, head_dim: int, bytes: int) ->
     return 2 * layers * kv_heads * head_dim * bytes
 
 
-def _filler(tokenizer, n: int) -> list[int]:
-    import pydoc_data.topics
-
-    text = "\n\n".join(pydoc_data.topics.topics.values())
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if len(ids) < n:
-        raise ValueError(f"filler text has only {len(ids)} tokens")
-    return ids[:n]
-
-
 def run_resume_bench(
     model: str = "smollm2-135m", quant: str = "4bit", device: str = "cpu", dtype: str = "auto",
     sinks: int = 4, window: int = 2000, repeats: int = 3, rebuild_repeats: int = 1, loaded=None,
 ) -> dict:
     """Time restore (best of ``repeats``) vs rebuild (best of ``rebuild_repeats``: it is slow, so its
     noise is small) for a chat holding ``sinks + window`` tokens."""
-    from . import models
+    from . import bench, models
     from .engine import Chat, ChatSettings
     from .store import Store
 
@@ -47,7 +37,9 @@ def run_resume_bench(
     with tempfile.TemporaryDirectory() as tmp:
         store = Store(tmp)
         chat = Chat(loaded, settings)
-        ids = _filler(loaded.tokenizer, sinks + window)
+        ids = bench.text_ids(loaded.tokenizer, bench.default_text(), sinks + window)
+        if len(ids) < sinks + window:
+            raise ValueError(f"filler text has only {len(ids)} tokens")
         for _ in chat._feed(ids, "user", loaded.tokenizer.decode(ids)):  # the engine's own chunked prefill
             pass
         occ = chat.occupancy()
