@@ -451,7 +451,8 @@ class Store:
             settings, old_meta, n_old, gen = json.loads(row[0]), _loads(row[1]), row[2], row[3]
             tensors, meta = chat.cache.state()
             snap = snapshot(chat, meta, settings, gen + 1)
-            write_state(self._dir("state") / f"{chat_id}.safetensors", snap, tensors)
+            self._dir("state")
+            write_state(self.state_path(chat_id), snap, tensors)
             _fault("state-renamed")
             self._write_rows(chat_id, snap, old_meta, n_old)
         except SaveError:
@@ -573,8 +574,9 @@ class Store:
             return None, f"the database rows are damaged ({exc})"
         return None, "the database rows are damaged (checksum mismatch)"
 
-    def _best(self, chat_id: int) -> tuple[Snapshot, dict | None, list[str]]:
-        """The newest intact copy of a chat: (snapshot, KV tensors or None, notices)."""
+    def _best(self, chat_id: int) -> tuple[Snapshot, dict | None, list[str], bool]:
+        """The newest intact copy of a chat: (snapshot, KV tensors or None, notices, whether the
+        database rows are behind it and need repairing from the state file)."""
         db_snap, db_why = self._db_snapshot(chat_id)
         try:
             file_snap, tensors = read_state(self.state_path(chat_id))
@@ -587,14 +589,14 @@ class Store:
             )
         if file_snap is not None and (db_snap is None or file_snap.gen > db_snap.gen):
             why = db_why or "the last save was interrupted before the database was updated"
-            return file_snap, tensors, [f"chat {chat_id}: {why}; restored them from the state file"]
+            return file_snap, tensors, [f"chat {chat_id}: {why}; restored them from the state file"], True
         if file_snap is not None and file_snap.gen == db_snap.gen:
-            return db_snap, tensors, []
+            return db_snap, tensors, [], False
         why = file_why or "the state file is older than the database"
-        return db_snap, None, [f"chat {chat_id}: {why}; rebuilt the KV cache from the ledger's sink and window tokens"]
+        return db_snap, None, [f"chat {chat_id}: {why}; rebuilt the KV cache from the ledger's sink and window tokens"], False
 
     def transcript(self, chat_id: int) -> Transcript:
-        snap, _, notices = self._best(chat_id)
+        snap, _, notices, _ = self._best(chat_id)
         row = self._row(chat_id)
         return Transcript(chat_id, row[1], row[2], row[3], snap.settings, snap.meta, snap.messages, snap.tokens, notices)
 
@@ -611,11 +613,10 @@ class Store:
             self.lock(chat_id)
             self._sweep(chat_id)
         try:
-            snap, tensors, notices = self._best(chat_id)
+            snap, tensors, notices, rows_behind = self._best(chat_id)
             chat = Chat(loaded, chat_settings)
             notices += restore(chat, snap, tensors)
-            db_snap, _ = self._db_snapshot(chat_id)
-            if not read_only and (db_snap is None or db_snap.gen != snap.gen):
+            if rows_behind and not read_only:
                 try:  # repair the rows from the state file, so the next save starts from them
                     self._write_rows(chat_id, snap, {}, 0)
                 except (OSError, sqlite3.Error) as exc:
