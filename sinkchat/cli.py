@@ -135,8 +135,7 @@ def main(
     if plain:
         _run_plain(s, store, chat_id)
     else:
-        store.close()
-        _run_tui({**s, "resume_id": chat_id})
+        _run_tui({**s, "resume_id": chat_id}, store)
 
 
 def _resume(resume: str | None):
@@ -175,25 +174,14 @@ def _run_plain(s: dict, store, chat_id: int | None) -> None:
         store.close()
 
 
-def _run_tui(s: dict) -> None:
-    """The TUI gets its own store and takes the resumed chat's lock again before the model loads.
-
-    (``main`` closed the store it resolved the chat with, which released the lock.) The app then
-    holds the lock while the chat is open; a second process is refused in one line.
-    """
+def _run_tui(s: dict, store) -> None:
+    """The app takes over ``store``, which already holds the resumed chat's lock, so no other
+    process can open the chat between the check here and the TUI showing it."""
     try:
         from .tui.app import run as run_tui
     except ImportError:
-        raise SinkchatError("the TUI is not available in this build; use --plain") from None
-    from .store import Store
-
-    store = Store()
-    try:
-        if s.get("resume_id") is not None:
-            store.lock(s["resume_id"])
-    except BaseException:
         store.close()
-        raise
+        raise SinkchatError("the TUI is not available in this build; use --plain") from None
     run_tui(s, store)
 
 
@@ -212,6 +200,7 @@ def list_models() -> None:
 from .chats_cli import chats_app  # noqa: E402
 
 app.add_typer(chats_app, name="chats")
+app.add_typer(bench_cli.app, name="bench")
 
 
 def _optional_resume(args: list[str]) -> list[str]:
@@ -224,9 +213,6 @@ def _optional_resume(args: list[str]) -> list[str]:
             args.insert(i + 1, "last")
             break
     return args
-
-
-app.add_typer(bench_cli.app, name="bench")
 
 
 def run() -> None:
