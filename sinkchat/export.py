@@ -9,13 +9,10 @@ from __future__ import annotations
 import json
 from datetime import datetime
 
+from .ledger import clip
 from .store import Transcript
 
 FORMAT = "sinkchat-chat/1"
-
-
-def _overlap(spans, start: int, end: int) -> list[tuple[int, int]]:
-    return [(max(a, start), min(b, end)) for a, b in spans if a < end and b > start]
 
 
 def to_json(t: Transcript) -> str:
@@ -32,7 +29,7 @@ def to_json(t: Transcript) -> str:
             "evicted": [list(s) for s in spans],
             "messages": [
                 {"role": m.role, "content": m.content, "start": m.start, "end": m.end,
-                 "evicted": [list(s) for s in _overlap(spans, m.start, m.end)]}
+                 "evicted": [list(s) for s in clip(spans, m.start, m.end)]}
                 for m in t.messages
             ],
             "tokens": t.tokens,
@@ -56,7 +53,7 @@ def to_markdown(t: Transcript) -> str:
     ]
     for m in t.messages:
         lines += ["", f"## {m.role}", ""]
-        cut = _overlap(spans, m.start, m.end)
+        cut = clip(spans, m.start, m.end)
         evicted = sum(b - a for a, b in cut)
         if evicted == m.end - m.start and evicted:
             lines += [f"> [evicted] the model no longer holds this message (tokens [{m.start}, {m.end}))", ""]

@@ -32,6 +32,7 @@ from .. import cli, config
 from ..cache import Occupancy
 from ..engine import Chat, Done, Evicted, Stats, TokenText
 from ..errors import SinkchatError
+from ..ledger import memory, spans
 from ..models import LoadedModel
 from ..store import Store
 from . import themes
@@ -41,7 +42,6 @@ from .gauge import CacheGauge
 from .header import ChatHeader
 from .help import HelpScreen, bindings_markdown
 from .saver import Saver
-from .ledger import memory, spans
 from .transcript import MessageView, Transcript
 
 

@@ -12,7 +12,7 @@ from textual.widget import Widget
 
 from ..cache import Occupancy
 from ..engine import Message
-from .ledger import describe_span, spans
+from ..ledger import describe_span, spans
 
 
 class CacheGauge(Widget):

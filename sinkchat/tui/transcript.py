@@ -14,7 +14,7 @@ from textual.reactive import reactive
 from textual.widget import Widget
 from textual.widgets import Markdown, Static
 
-from .ledger import Memory
+from ..ledger import Memory
 
 ROLE_LABEL = {"user": "you", "assistant": "model", "system": "system"}
 

@@ -1,16 +1,16 @@
-"""What the cache remembers of each message, computed from the engine's ledger (no widgets here).
+"""What the cache remembers of each message, computed from the engine's ledger.
 
-The cache's eviction spans and the messages' token ranges are the source of truth; the gauge and
-the transcript only draw what these functions return, so the screen can never disagree with the
-engine.
+The cache's eviction spans and the messages' token ranges are the source of truth; the TUI's gauge
+and transcript and the chat exports only draw what these functions return, so they can never
+disagree with the engine.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..cache import Occupancy, Span, merge_spans
-from ..engine import Message
+from .cache import Occupancy, Span, merge_spans
+from .engine import Message
 
 
 @dataclass(frozen=True)
@@ -34,13 +34,18 @@ def overlap(a: Span, b: Span) -> int:
     return max(0, min(a[1], b[1]) - max(a[0], b[0]))
 
 
+def clip(spans: list[Span], start: int, end: int) -> list[Span]:
+    """The parts of eviction ``spans`` that fall inside ``[start, end)``."""
+    return [(max(a, start), min(b, end)) for a, b in spans if a < end and b > start]
+
+
 def memory(message: Message, spans: list[Span]) -> Memory:
     """Evicted tokens of ``message`` given merged eviction ``spans``."""
-    rng = (message.start, message.end)
-    evicted = sum(overlap(rng, s) for s in spans)
+    parts = clip(spans, message.start, message.end)
+    evicted = sum(b - a for a, b in parts)
     cut = None
     if 0 < evicted < message.end - message.start:
-        ends = [b for a, b in spans if overlap(rng, (a, b)) and b < message.end]
+        ends = [b for _, b in parts if b < message.end]
         cut = max(ends) if ends else None
     return Memory(message.end - message.start, evicted, cut)
 
