@@ -1,7 +1,8 @@
-"""Where sinkchat keeps things (XDG dirs) and the user's config file of defaults.
+"""Where sinkchat keeps things (XDG dirs) and the user's ``config.toml`` of default settings.
 
-The config file is ``<config dir>/config.toml`` with flat keys named like the CLI flags
-(``model``, ``sinks``, ``window``, ``theme``, ...). Flags given on the command line win.
+``config.toml`` holds flat keys named like the settings (``window = 4000``, ``model = "mistral-7b"``);
+:meth:`sinkchat.settings.Settings.resolve` checks them. Writing one value back (the TUI remembers
+the theme) goes through tomlkit, so the user's comments and layout survive.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 import platformdirs
 
 from .errors import SinkchatError
+from .files import write_atomic
 
 APP = "sinkchat"
 
@@ -22,10 +24,13 @@ def config_dir() -> Path:
 
 
 def data_dir(override: str | Path | None = None) -> Path:
-    """Chats live here; created 0700 because transcripts are private."""
-    path = Path(override or os.environ.get("SINKCHAT_DATA_DIR") or platformdirs.user_data_dir(APP))
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    return path
+    """Where chats live: ``--data-dir``, else ``SINKCHAT_DATA_DIR``, else the XDG data dir."""
+    return Path(override or os.environ.get("SINKCHAT_DATA_DIR") or platformdirs.user_data_dir(APP)).expanduser()
+
+
+def cache_dir() -> Path:
+    """Where converted models live: ``SINKCHAT_CACHE_DIR`` or the XDG cache dir."""
+    return Path(os.environ.get("SINKCHAT_CACHE_DIR") or platformdirs.user_cache_dir(APP))
 
 
 def config_file() -> Path:
@@ -33,30 +38,24 @@ def config_file() -> Path:
 
 
 def load_config() -> dict:
-    """The user's saved defaults; a broken file is an error that names it."""
+    """The user's saved defaults (unchecked: the settings layer checks them); a broken file names itself."""
     path = config_file()
-    if not path.is_file():
-        return {}
     try:
+        if not path.is_file():
+            return {}
         return tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError, OSError) as exc:
-        raise SinkchatError(f"cannot read config file {path}: {exc}") from None
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise SinkchatError(f"cannot read config file {path}: {reason}") from None
 
 
 def save_config_value(key: str, value: str | int | float | bool) -> None:
-    """Remember one setting (the TUI's theme choice) without disturbing the others."""
-    values = {**load_config(), key: value}
+    """Remember one setting without disturbing the others or the file's comments (atomic replace)."""
+    import tomlkit
+
     path = config_file()
+    text = path.read_text(encoding="utf-8") if path.is_file() else ""
+    doc = tomlkit.parse(text)
+    doc[key] = value
     path.parent.mkdir(parents=True, exist_ok=True)
-    lines = [f"{k} = {_toml(v)}" for k, v in values.items() if isinstance(v, (str, int, float, bool))]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _toml(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+    write_atomic(path, tomlkit.dumps(doc).encode("utf-8"))

@@ -2,41 +2,36 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-
-@dataclass(frozen=True)
-class SamplingParams:
-    temperature: float = 0.7
-    top_p: float = 0.9
-    top_k: int = 50
-    repetition_penalty: float = 1.1
-    seed: int | None = None
+from .settings import Settings
 
 
 class Sampler:
-    """Stateful only in its random generator, so a fixed seed replays the same reply."""
+    """Reads ``temperature``, ``top_p``, ``top_k``, ``repetition_penalty`` and ``seed`` from
+    :class:`Settings`; stateful only in its random generator, so a fixed seed replays a reply."""
 
-    def __init__(self, params: SamplingParams):
-        self.params = params
+    def __init__(self, settings: Settings):
+        self.params = settings
         self.generator = torch.Generator()
-        if params.seed is not None:
-            self.generator.manual_seed(params.seed)
+        if settings.seed is not None:
+            self.generator.manual_seed(settings.seed)
         else:
             self.generator.seed()
 
     def __call__(self, logits: torch.Tensor, recent: list[int]) -> int:
+        """One token id from ``logits`` ``[vocab]``; ``recent`` ids get the repetition penalty."""
         p = self.params
-        logits = logits.detach().float().cpu().clone()
+        logits = logits.detach().double().cpu().clone()
         if p.repetition_penalty != 1.0 and recent:
             idx = torch.tensor(sorted(set(recent)), dtype=torch.long)
             picked = logits[idx]
             logits[idx] = torch.where(picked > 0, picked / p.repetition_penalty, picked * p.repetition_penalty)
         if p.temperature <= 0:
             return int(logits.argmax())
-        logits = logits / p.temperature
+        # Shifting by the maximum first keeps a tiny temperature finite: the best token scores 0 and
+        # the others go to -inf, never inf - inf (NaN).
+        logits = (logits - logits.max()) / p.temperature
         if 0 < p.top_k < logits.numel():
             kth = torch.topk(logits, p.top_k).values[-1]
             logits[logits < kth] = float("-inf")

@@ -1,0 +1,84 @@
+"""Writing files so that a crash, a full disk or a planted symlink never costs what was there.
+
+Every file sinkchat owns is written the same way: a temp file created next to the target with
+``O_EXCL | O_NOFOLLOW`` (so a link planted there is refused, not followed), mode 0600, written,
+fsynced, renamed over the target, then the directory is fsynced. A reader sees the old file or the
+new one, never half of either. ``fault(point)`` lets the crash tests kill the process at a named
+place with a real SIGKILL.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import suppress
+from pathlib import Path
+
+_fault_counts: dict[str, int] = {}
+
+
+def fault(point: str) -> None:
+    """``SINKCHAT_FAULT=point@n`` SIGKILLs this process the n-th time it reaches ``point`` (tests only)."""
+    want = os.environ.get("SINKCHAT_FAULT")
+    if want and want.split("@")[0] == point:
+        _fault_counts[point] = _fault_counts.get(point, 0) + 1
+        if _fault_counts[point] == int(want.split("@")[1] if "@" in want else 1):
+            os.kill(os.getpid(), 9)
+
+
+def write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def fsync_dir(path: Path) -> None:
+    with suppress(OSError):
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes, *, overwrite: bool = True, fault_point: str | None = None) -> None:
+    """Replace (or, with ``overwrite=False``, create) ``path`` with ``data``, mode 0600.
+
+    Raises ``FileExistsError`` when ``overwrite`` is False and ``path`` exists, ``OSError`` for
+    what the disk says (read-only, full, a symlink planted at the temp name). ``fault_point`` is
+    reached half-way through writing the temp file.
+    """
+    path = Path(path)
+    if path.is_symlink():
+        raise OSError(f"{path} is a symbolic link; sinkchat does not write through links")
+    if not overwrite and path.exists():
+        raise FileExistsError(f"{path} exists")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        try:
+            half = len(data) // 2
+            write_all(fd, memoryview(data)[:half])
+            if fault_point:
+                fault(fault_point)
+            write_all(fd, memoryview(data)[half:])
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)  # fails if path appeared meanwhile: never clobbers
+            os.unlink(tmp)
+    except BaseException:
+        with suppress(OSError):
+            tmp.unlink()
+        raise
+    fsync_dir(path.parent)
+
+
+def private_dir(path: Path) -> Path:
+    """``path`` as a directory, created 0700 if missing; an existing one keeps its mode (it is the user's)."""
+    if path.is_symlink() and not path.is_dir():
+        raise OSError(f"{path} is a broken symbolic link")
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return path

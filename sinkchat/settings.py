@@ -1,0 +1,167 @@
+"""Every setting of a chat in one typed, frozen :class:`Settings`: its defaults, its checks, its help.
+
+Values come in layers, later ones winning: the defaults here < ``config.toml`` < a resumed chat's
+saved settings < command-line flags. :meth:`Settings.resolve` checks each value of each layer for
+type and range, so a bad one fails with one line naming where it came from
+(``~/.config/sinkchat/config.toml: window must be an integer (got "64")``,
+``--temperature must be a finite number (got nan)``), before any model loads.
+
+Why a frozen dataclass and not pydantic: the checks are a handful of ranges and choices, the error
+lines must name the source in sinkchat's own words, and a dataclass adds no dependency. Frozen,
+because the engine, the loader, the TUI and the store all read one object that nobody may change
+under them; ``dataclasses.replace`` makes a checked copy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from .errors import SinkchatError
+
+DEFAULT_MODEL = "smollm2-135m"
+QUANTS = ("4bit", "8bit", "none")
+DEVICES = ("auto", "cuda", "cpu")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+LIMIT = 10_000_000  # upper bound of any count setting: beyond it a value is a typo, not a wish
+
+
+class SettingError(SinkchatError, ValueError):
+    """A value of the wrong type or out of range; the message is one line naming where it came from."""
+
+
+def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False) -> Callable:
+    def check(v) -> str | None:
+        if lo_open and (v <= lo or v > hi):
+            return f"must be in ({lo}, {hi}]"
+        if lo is not None and v < lo:
+            return f"must be {lo} or more"
+        if hi is not None and v > hi:
+            return f"must be at most {hi}"
+        return None
+
+    return check
+
+
+def setting(default, help: str, *, check=None, choices: tuple[str, ...] | None = None, saved: bool = True,
+            flag: str | None = None):
+    """A :class:`Settings` field: its default, help text, range check or choices, and whether a chat saves it."""
+    meta = {"help": help, "check": check, "choices": choices, "saved": saved, "flag": flag}
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """One chat's settings, checked on construction (a bad value raises :class:`SettingError`)."""
+
+    model: str = setting(DEFAULT_MODEL, "Alias (see `sinkchat models`), Hugging Face id, folder or .gguf file.",
+                         check=lambda v: None if v.strip() else "must not be empty")
+    sinks: int = setting(4, "Attention-sink tokens kept forever (0 = plain window attention).",
+                         check=_range(0, LIMIT))
+    window: int = setting(2000, "Most recent tokens kept in the KV cache.", check=_range(1, LIMIT))
+    block: int | None = setting(None, "Tokens evicted at once when the window is full [default: window/16, max 256].",
+                                check=_range(1, LIMIT))
+    keep_system: bool = setting(False, "Keep the whole system prompt in the sink region, never evicted.")
+    system: str | None = setting(None, "System prompt [default: the chat template's].")
+    quant: str = setting("4bit", "Weights: 4bit (bitsandbytes NF4), 8bit or none.", choices=QUANTS)
+    device: str = setting("auto", "auto (a GPU if there is one), cuda or cpu.", choices=DEVICES)
+    dtype: str = setting("auto", "Compute dtype: auto, float32, bfloat16 or float16.", choices=DTYPES)
+    temperature: float = setting(0.7, "Sampling temperature; 0 = greedy.", check=_range(0, 100))
+    top_p: float = setting(0.9, "Nucleus sampling: smallest set of tokens with this much probability.",
+                           check=_range(0, 1, lo_open=True))
+    top_k: int = setting(50, "Sample from the k most likely tokens; 0 = off.", check=_range(0, LIMIT))
+    repetition_penalty: float = setting(1.1, "Penalty on tokens already in the last 256; 1 = off.",
+                                        check=_range(0, 100, lo_open=True))
+    seed: int | None = setting(None, "Random seed, for replies that can be replayed [default: random].",
+                               check=_range(0, 2**63 - 1))
+    max_new_tokens: int = setting(512, "Longest reply, in tokens.", check=_range(1, LIMIT))
+    theme: str = setting("sinkchat-dark", "TUI theme (see `themes/`).", saved=False,
+                         check=lambda v: None if v.strip() else "must not be empty")
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            problem = _problem(f, getattr(self, f.name))
+            if problem:
+                raise SettingError(f"{f.name} {problem}")
+
+    # -- layers --------------------------------------------------------------------------------
+
+    @classmethod
+    def resolve(
+        cls,
+        flags: Mapping[str, object] | None = None,
+        *,
+        config: Mapping[str, object] | None = None,
+        config_source: str = "config.toml",
+        saved: Mapping[str, object] | None = None,
+        saved_source: str = "the saved chat",
+    ) -> tuple["Settings", list[str]]:
+        """Defaults < ``config`` < ``saved`` < ``flags`` (a None value means "not given").
+
+        Returns the settings and warnings (unknown keys in the config file). Raises
+        :class:`SettingError` naming the first bad value's source: ``--window ...`` for a flag,
+        ``<config_source>: window ...``, ``<saved_source>: window ...``.
+        """
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        warnings = [f"{config_source}: unknown setting {k!r} (ignored)" for k in (config or {}) if k not in names]
+        merged: dict[str, object] = {}
+        layers = [(config, lambda n: f"{config_source}: {n}"), (saved, lambda n: f"{saved_source}: {n}"),
+                  (flags, lambda n: names[n].metadata["flag"] or "--" + n.replace("_", "-"))]
+        for values, name_of in layers:
+            for key, value in (values or {}).items():
+                if key not in names or value is None:  # None: not given (a flag left out, an old save's null)
+                    continue
+                problem = _problem(names[key], value)
+                if problem:
+                    raise SettingError(f"{name_of(key)} {problem}")
+                merged[key] = value
+        return cls(**merged), warnings
+
+    def saved(self) -> dict[str, object]:
+        """What a chat records of its settings (everything but presentation, such as the theme)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata["saved"]}
+
+    def replace(self, **changes) -> "Settings":
+        return dataclasses.replace(self, **changes)
+
+
+def help_for(name: str) -> str:
+    """A flag's help text with its default, from the one place both are written."""
+    f = next(f for f in dataclasses.fields(Settings) if f.name == name)
+    text = f.metadata["help"]
+    if "[default:" not in text and f.default is not None:
+        default = str(f.default).lower() if isinstance(f.default, bool) else f.default
+        text += f" [default: {default}]"
+    return text
+
+
+def _problem(f: dataclasses.Field, value) -> str | None:
+    """Why ``value`` cannot be field ``f``'s value, or None."""
+    kind = f.type if isinstance(f.type, str) else f.type.__name__
+    optional = kind.endswith("| None")
+    kind = kind.removesuffix(" | None")
+    if value is None:
+        return None if optional else "must be given"
+    shown = json.dumps(value, ensure_ascii=False) if isinstance(value, str) else repr(value)  # escapes controls
+    got = f"(got {shown if len(shown) <= 60 else shown[:57] + '...'})"
+    if kind == "int" and (isinstance(value, bool) or not isinstance(value, int)):
+        return f"must be an integer {got}"
+    if kind == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"must be a number {got}"
+        if not math.isfinite(value):
+            return f"must be a finite number {got}"
+    if kind == "bool" and not isinstance(value, bool):
+        return f"must be true or false {got}"
+    if kind == "str" and not isinstance(value, str):
+        return f"must be text {got}"
+    if f.metadata["choices"] and value not in f.metadata["choices"]:
+        return f"must be one of {', '.join(f.metadata['choices'])} {got}"
+    if kind == "str" and "\x00" in value:
+        return "must not contain NUL characters"
+    check = f.metadata["check"]
+    problem = check(value) if check else None
+    return f"{problem} {got}" if problem else None
