@@ -31,14 +31,12 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .errors import SinkchatError
-
-Span = tuple[int, int]
+from .ledger import Occupancy, Span
 
 
 def default_block(window: int) -> int:
@@ -66,42 +64,6 @@ def rotate(x: torch.Tensor, delta: torch.Tensor | float, inv_freq: torch.Tensor)
     if tail.shape[-1]:
         out = torch.cat([out, tail], dim=-1)
     return out.to(x.dtype)
-
-
-@dataclass(frozen=True)
-class Occupancy:
-    """What the cache holds right now, in conversation tokens."""
-
-    sinks: int
-    window: int
-    window_capacity: int
-    sink_capacity: int
-    seen: int
-    evicted: int
-    spans: tuple[Span, ...] = field(default_factory=tuple)
-
-    @property
-    def held(self) -> int:
-        return self.sinks + self.window
-
-    def text(self) -> str:
-        """One line, e.g. ``4 + 1873 / 2000 | seen 9120 | evicted 7243 [4, 7247)``."""
-        spans = " ".join(f"[{a}, {b})" for a, b in merge_spans(self.spans)) or "none"
-        return (
-            f"{self.sinks} + {self.window} / {self.window_capacity} | seen {self.seen} | "
-            f"evicted {self.evicted} {spans}"
-        )
-
-
-def merge_spans(spans: tuple[Span, ...] | list[Span]) -> list[Span]:
-    """Adjacent eviction blocks merged into the ranges a person reads."""
-    merged: list[Span] = []
-    for a, b in spans:
-        if merged and merged[-1][1] == a:
-            merged[-1] = (merged[-1][0], b)
-        else:
-            merged.append((a, b))
-    return merged
 
 
 class SinkLayer(CacheLayerMixin):
@@ -193,18 +155,11 @@ class SinkCache(Cache):
         block: int | None = None,
         max_positions: int | None = None,
     ):
-        if sinks < 0:
-            raise SinkchatError(f"--sinks must be 0 or more (got {sinks})")
-        if window < 1:
-            raise SinkchatError(f"--window must be 1 or more (got {window})")
+        if sinks < 0 or window < 1 or (max_positions is not None and sinks + window > max_positions):
+            raise ValueError(f"no cache of {sinks} sinks + {window} window fits {max_positions} positions")
         self.sinks, self.window = sinks, window
         self.block = min(window, block or default_block(window))
         self.max_positions = max_positions
-        if max_positions is not None and sinks + window > max_positions:
-            raise SinkchatError(
-                f"--sinks {sinks} + --window {window} = {sinks + window} exceeds the model's context of "
-                f"{max_positions} tokens; lower --window"
-            )
         super().__init__(layers=[SinkLayer(sinks + window, sinks, f) for f in inv_freqs])
         self.n_sink = 0  # tokens in the sink region
         self.n_win = 0  # tokens in the window

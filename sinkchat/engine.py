@@ -1,39 +1,41 @@
 """A chat session over the sink cache: turns in, streamed events out.
 
-``Chat.submit(text)`` tokenizes only the new turn, prefills it in chunks no larger than a quarter
-of the window (so a pasted book streams through without memory growing past sinks + window + one
+``Chat.submit(text)`` tokenizes only the new turn, prefills it in chunks of at most a quarter of
+the window (so a pasted book streams through without memory growing past sinks + window + one
 chunk), then decodes token by token until an end-of-turn token, ``max_new_tokens`` or ``stop()``.
 It yields events a UI can show; it never touches the screen or the disk.
 
 Every token the chat produced is in ``Chat.tokens`` and was fed to the cache, so the cache's kept
-ranges plus its eviction ledger account for the whole conversation.
+ranges plus its eviction ledger account for the whole conversation. :meth:`Chat.state` and
+:meth:`Chat.restore` hand that to a store and back; the engine alone owns the tensors.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 
-from .cache import Occupancy, SinkCache, Span
-from .models import LoadedModel, forward
-from .sampling import Sampler, SamplingParams
+from .cache import SinkCache
+from .errors import SinkchatError
+from .ledger import ChatState, Message, Occupancy, Span
+from .models import LoadedModel, check_context, forward
+from .sampling import Sampler
+from .settings import Settings
 from .template import Turns
 
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "</s>")
 
 
-@dataclass
-class Message:
-    """One message and the conversation-token range ``[start, end)`` its turn occupies."""
-
-    role: str
-    content: str
-    start: int
-    end: int
+def prefill_chunk(window: int) -> int:
+    """Tokens per prefill forward: a quarter window (at most 256), so a chunk always fits the window."""
+    return max(1, min(256, window // 4))
 
 
 @dataclass(frozen=True)
@@ -64,36 +66,34 @@ class Done:
 Event = TokenText | Evicted | Stats | Done
 
 
-@dataclass(frozen=True)
-class ChatSettings:
-    sinks: int = 4
-    window: int = 2000
-    block: int | None = None
-    max_new_tokens: int = 512
-    system: str | None = None
-    keep_system: bool = False
-    sampling: SamplingParams = field(default_factory=SamplingParams)
-
-
 class Chat:
-    """One conversation with a loaded model; ``submit`` is a generator of events."""
+    """One conversation with a loaded model; ``submit`` is a generator of events.
 
-    def __init__(self, loaded: LoadedModel, settings: ChatSettings = ChatSettings()):
+    Raises :class:`SinkchatError` when the final cache geometry (the sink region grows to the
+    system prompt with ``keep_system``) does not fit the model.
+    """
+
+    def __init__(self, loaded: LoadedModel, settings: Settings = Settings()):
         self.loaded, self.settings = loaded, settings
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
         self.turns = Turns(self.tokenizer, settings.system)
         self.system_tokens = len(self.encode(self.turns.first("")[0]))
-        sinks = max(settings.sinks, self.system_tokens) if settings.keep_system else settings.sinks
+        sinks = settings.sinks
+        if settings.keep_system and self.system_tokens > sinks:
+            sinks = self.system_tokens
+        what = "the system prompt kept whole" if sinks != settings.sinks else "sinks"
+        check_context(self.model.config, loaded.name, sinks, settings.window, what)
         self.cache = SinkCache.for_model(self.model, sinks, settings.window, settings.block)
-        self.chunk = max(1, min(256, settings.window // 4))
-        self.sampler = Sampler(settings.sampling)
+        self.chunk = prefill_chunk(settings.window)
+        self.sampler = Sampler(settings)
         self.stop_ids = stop_token_ids(self.tokenizer, self.model)
         self.tokens: list[int] = []
         self.messages: list[Message] = []
         self._stop = threading.Event()
-        self._device = next(self.model.parameters()).device
+        self._logits: torch.Tensor | None = None
+        self.device = next(self.model.parameters()).device
 
-    # -- public ---------------------------------------------------------------------------------
+    # -- chatting -------------------------------------------------------------------------------
 
     def stop(self) -> None:
         """Ask a running ``submit`` to end after the token in flight; the partial reply is kept."""
@@ -105,11 +105,18 @@ class Chat:
         if not self.messages:
             system_text, turn_text = self.turns.first(text)
             if system_text:
-                yield from self._feed(self.encode(system_text), "system", self.settings.system or "")
+                yield from self.prefill(self.encode(system_text), "system", self.settings.system or "")
         else:
             turn_text = self.turns.next(text)
-        yield from self._feed(self.encode(turn_text), "user", text)
+        yield from self.prefill(self.encode(turn_text), "user", text)
         yield from self._generate()
+
+    def prefill(self, ids: list[int], role: str, content: str) -> Iterator[Event]:
+        """Feed ``ids`` as one message, chunk by chunk (a generator of :class:`Evicted` events)."""
+        start = len(self.tokens)
+        for i in range(0, len(ids), self.chunk):
+            yield from self._forward(ids[i : i + self.chunk])
+        self.messages.append(Message(role, content, start, len(self.tokens)))
 
     def occupancy(self) -> Occupancy:
         return self.cache.occupancy()
@@ -117,14 +124,98 @@ class Chat:
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
 
-    # -- internals ------------------------------------------------------------------------------
+    # -- text for a UI --------------------------------------------------------------------------
 
-    def _feed(self, ids: list[int], role: str, content: str) -> Iterator[Event]:
-        """Prefill ``ids`` as one message, chunk by chunk; leaves the last logits in ``_logits``."""
-        start = len(self.tokens)
-        for i in range(0, len(ids), self.chunk):
-            yield from self._forward(ids[i : i + self.chunk])
-        self.messages.append(Message(role, content, start, len(self.tokens)))
+    def system_text(self) -> str:
+        """The system prompt as the model reads it: the user's, or the template's default one."""
+        if self.settings.system:
+            return self.settings.system
+        text = self.tokenizer.decode(self.encode(self.turns.first("")[0]), skip_special_tokens=True)
+        text = text.strip().removeprefix("system").strip()
+        return f"(the model's default) {text}" if text else "(the model's default system prompt)"
+
+    def text_at(self, token: int, n: int = 6) -> str:
+        """The words of conversation tokens ``[token, token + n)`` on one line (special tokens dropped)."""
+        return self.tokenizer.decode(self.tokens[token : token + n], skip_special_tokens=True).replace("\n", " ")
+
+    # -- saving and restoring -------------------------------------------------------------------
+
+    def fingerprint(self) -> dict:
+        """What the KV depends on: the loaded model (files, quant, dtype, RoPE), its vocabulary,
+        and the cache geometry."""
+        return {
+            **self.loaded.fingerprint,
+            "tokenizer": vocab_hash(self.tokenizer),
+            "sinks": self.cache.sinks,
+            "window": self.cache.window,
+            "block": self.cache.block,
+        }
+
+    def state(self) -> tuple[ChatState, dict[str, torch.Tensor]]:
+        """The chat as a :class:`ChatState` (copies) and the cache's held K/V tensors (views)."""
+        tensors, meta = self.cache.state()
+        messages = [Message(**vars(m)) for m in self.messages]
+        return ChatState(list(self.tokens), messages, meta, self.fingerprint()), tensors
+
+    def restore(self, state: ChatState, tensors: dict[str, torch.Tensor] | None) -> list[str]:
+        """Continue a saved chat in this fresh one: transcript, ledger, cache counters and KV.
+
+        With ``tensors`` from a save of the same model and geometry the KV is loaded as saved, so
+        greedy decoding continues token for token as the uninterrupted chat would; otherwise it
+        is rebuilt from the ledger (:meth:`rebuild`). Returns notices for the user. Raises
+        :class:`SinkchatError` for a chat made with another tokenizer (its ids mean other words).
+        """
+        now = self.fingerprint()
+        if state.fingerprint.get("tokenizer") != now["tokenizer"]:
+            raise SinkchatError(
+                f"this chat was made with {state.fingerprint.get('model')}, whose tokenizer differs from "
+                f"{now['model']}'s; resume it with --model {state.fingerprint.get('model')}"
+            )
+        self.tokens = list(state.tokens)
+        self.messages = [Message(**vars(m)) for m in state.messages]
+        if not self.tokens:
+            return []
+        differs = [k for k in now if k != "block" and now[k] != state.fingerprint.get(k)]
+        if tensors is not None and not differs:
+            self.cache.load_state(tensors, state.meta, device=self.device)
+            if now["block"] != state.meta["block"]:  # the KV does not depend on it: keep it, say so
+                self.cache.block = now["block"]
+                return [f"eviction block changed from {state.meta['block']} to {now['block']}; it applies from now on"]
+            return []
+        self.rebuild(state.meta)
+        if tensors is not None:
+            return [f"the saved KV cache was made with another {', '.join(differs)}; rebuilt it from the ledger"]
+        return []
+
+    @torch.inference_mode()
+    def rebuild(self, meta: dict | None = None) -> None:
+        """Re-prefill the ledger's sink and window tokens through the (fresh, empty) cache.
+
+        The sinks go in at positions ``0..S-1`` and the window right after them at ``S..S+W-1``;
+        RoPE scores depend only on query-key distance, so this is the saved layout with the sinks
+        moved forward, which is what the cache does anyway. The counters are then set so the
+        window's first token is conversation token ``seen - W``. With the saved geometry
+        (``meta``) the held ranges are the saved ones; otherwise the first ``sinks`` tokens and the
+        last ``window`` (less a block, if anything is evicted) are held.
+        """
+        cache, tokens = self.cache, self.tokens
+        seen = len(tokens)
+        if meta and (meta["sinks"], meta["window"]) == (cache.sinks, cache.window) and meta["seen"] == seen:
+            n_sink, n_win, evictions = meta["n_sink"], meta["n_win"], [list(s) for s in meta["evictions"]]
+        else:
+            n_sink = min(cache.sinks, seen)
+            n_win = min(cache.window - cache.block if seen - n_sink > cache.window else cache.window, seen - n_sink)
+            evictions = [[n_sink, seen - n_win]] if seen - n_win > n_sink else []
+        for ids in (tokens[:n_sink], tokens[seen - n_win :]):
+            for i in range(0, len(ids), self.chunk):
+                chunk = ids[i : i + self.chunk]
+                positions, _ = cache.reserve(len(chunk))
+                forward(self.model, cache, chunk, positions)
+        tensors, new = cache.state()
+        new.update(seen=seen, base=seen - n_win - n_sink, evictions=evictions, block=cache.block)
+        cache.load_state(tensors, new)
+
+    # -- internals ------------------------------------------------------------------------------
 
     @torch.inference_mode()
     def _forward(self, ids: list[int]) -> Iterator[Event]:
@@ -162,6 +253,7 @@ class Chat:
         if tail:
             yield TokenText(tail)
         message.content = stream.text
+        message.note = "" if reason == "end" else reason
         yield Done(message.content, reason, len(reply), time.perf_counter() - t0)
 
 
@@ -207,3 +299,9 @@ def stop_token_ids(tokenizer, model) -> set[int]:
     vocab = tokenizer.get_vocab()
     ids.update(vocab[t] for t in END_OF_TURN if t in vocab)
     return ids
+
+
+@lru_cache(maxsize=4)
+def vocab_hash(tokenizer) -> str:
+    """Token ids mean something only to their tokenizer: a saved ledger needs the same vocabulary."""
+    return hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()[:32]

@@ -1,16 +1,82 @@
-"""What the cache remembers of each message, computed from the engine's ledger.
+"""The conversation's bookkeeping, as plain data: messages and their token ranges, eviction spans,
+cache occupancy, and what the cache still holds of each message.
 
-The cache's eviction spans and the messages' token ranges are the source of truth; the TUI's gauge
-and transcript and the chat exports only draw what these functions return, so they can never
-disagree with the engine.
+The engine's eviction spans and the messages' token ranges are the source of truth; the TUI's gauge
+and transcript, plain mode and the chat exports only draw what these functions return, so they can
+never disagree with the engine. No torch here: the store and ``sinkchat chats`` read this without
+loading a model.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from .cache import Occupancy, Span, merge_spans
-from .engine import Message
+Span = tuple[int, int]  # conversation tokens [start, end)
+
+
+@dataclass
+class Message:
+    """One message and the conversation-token range ``[start, end)`` its turn occupies.
+
+    ``note`` says why a reply ended early: ``"stopped"``, ``"length"`` (max_new_tokens) or ``""``.
+    """
+
+    role: str
+    content: str
+    start: int
+    end: int
+    note: str = ""
+
+    def row(self) -> list:
+        """The message as a list (the note only when there is one, so older saves keep their checksums)."""
+        return [self.role, self.content, self.start, self.end] + ([self.note] if self.note else [])
+
+
+@dataclass
+class ChatState:
+    """A chat apart from its KV tensors: every token, the messages, the cache's counters
+    (``SinkCache.state`` meta) and what the KV depends on (``Chat.fingerprint``)."""
+
+    tokens: list[int]
+    messages: list[Message]
+    meta: dict
+    fingerprint: dict
+
+
+@dataclass(frozen=True)
+class Occupancy:
+    """What the cache holds right now, in conversation tokens; ``spans`` are the evicted ranges."""
+
+    sinks: int
+    window: int
+    window_capacity: int
+    sink_capacity: int
+    seen: int
+    evicted: int
+    spans: tuple[Span, ...] = field(default_factory=tuple)
+
+    @property
+    def held(self) -> int:
+        return self.sinks + self.window
+
+    def text(self) -> str:
+        """One line, e.g. ``4 + 1873 / 2000 | seen 9120 | evicted 7243 [4, 7247)``."""
+        spans = " ".join(f"[{a}, {b})" for a, b in merge_spans(self.spans)) or "none"
+        return (
+            f"{self.sinks} + {self.window} / {self.window_capacity} | seen {self.seen} | "
+            f"evicted {self.evicted} {spans}"
+        )
+
+
+def merge_spans(spans: tuple[Span, ...] | list[Span]) -> list[Span]:
+    """Adjacent eviction blocks merged into the ranges a person reads."""
+    merged: list[Span] = []
+    for a, b in spans:
+        if merged and merged[-1][1] == a:
+            merged[-1] = (merged[-1][0], b)
+        else:
+            merged.append((a, b))
+    return merged
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from . import config as _config
 from .errors import SinkchatError
 
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -34,12 +35,6 @@ ALIASES: dict[str, tuple[str, str]] = {
     "qwen2.5-1.5b": ("Qwen/Qwen2.5-1.5B-Instruct", "Qwen2.5 1.5B Instruct"),
     "qwen2.5-0.5b": ("Qwen/Qwen2.5-0.5B-Instruct", "Qwen2.5 0.5B Instruct"),
 }
-DEFAULT_MODEL = "smollm2-135m"
-QUANTS = ("4bit", "8bit", "none")
-DEVICES = ("auto", "cuda", "cpu")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-
-
 @dataclass(frozen=True)
 class Source:
     """Where weights come from: a local folder, a GGUF file, or a Hugging Face id."""
@@ -103,16 +98,6 @@ def resolve(name: str) -> Source:
     raise SinkchatError(f"unknown model {name!r}; use an alias ({known}), a Hugging Face id, a folder or a .gguf file")
 
 
-def cache_root() -> Path:
-    """Where converted GGUF models live (``SINKCHAT_CACHE_DIR`` or the XDG cache dir)."""
-    env = os.environ.get("SINKCHAT_CACHE_DIR")
-    if env:
-        return Path(env)
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir("sinkchat"))
-
-
 def _quiet() -> None:
     """Keep library chatter (progress bars, bitsandbytes notices) off the user's terminal."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -136,7 +121,7 @@ def gguf_folder(path: Path, progress=lambda msg: None) -> Path:
     """
     st = path.stat()
     key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    target = cache_root() / "models" / f"{path.stem}-{key}"
+    target = _config.cache_dir() / "models" / f"{path.stem}-{key}"
     if (target / "config.json").is_file():
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -178,12 +163,13 @@ def _hub_folder(repo: str) -> str:
     except (GatedRepoError, RepositoryNotFoundError):
         raise SinkchatError(f"{repo} was not found or is gated on Hugging Face; log in with `hf auth login`") from None
     except Exception as exc:
-        raise SinkchatError(f"{repo} is not in the local cache and could not be downloaded ({type(exc).__name__}); {hint}") from None
+        raise SinkchatError(
+            f"{repo} is not in the local cache and could not be downloaded ({type(exc).__name__}); {hint}"
+        ) from None
 
 
 def pick_device(device: str) -> str:
-    if device not in DEVICES:
-        raise SinkchatError(f"--device must be one of {', '.join(DEVICES)} (got {device!r})")
+    """``auto``: a CUDA GPU if torch sees one, else the CPU."""
     if device == "cuda" and not torch.cuda.is_available():
         raise SinkchatError("--device cuda asked for, but no CUDA GPU is visible to torch")
     if device == "auto":
@@ -193,8 +179,6 @@ def pick_device(device: str) -> str:
 
 def pick_dtype(dtype: str, device: str) -> torch.dtype:
     """Compute dtype: float32 on the CPU (bf16 matmuls are slow there), bf16 on GPUs that have it."""
-    if dtype not in DTYPES:
-        raise SinkchatError(f"--dtype must be one of {', '.join(DTYPES)} (got {dtype!r})")
     if dtype != "auto":
         return getattr(torch, dtype)
     if device == "cuda":
@@ -202,8 +186,8 @@ def pick_dtype(dtype: str, device: str) -> torch.dtype:
     return torch.float32
 
 
-def check_config(config, name: str, context: int | None = None) -> None:
-    """Refuse models the cache cannot serve, before any weights are read."""
+def check_model(config, name: str) -> None:
+    """Refuse models the cache cannot serve (no RoPE, encoder-decoder), before any weights are read."""
     config = config.get_text_config(decoder=True)
     if getattr(config, "rope_parameters", None) is None:
         raise SinkchatError(
@@ -212,17 +196,28 @@ def check_config(config, name: str, context: int | None = None) -> None:
         )
     if getattr(config, "is_encoder_decoder", False):
         raise SinkchatError(f"{name} is an encoder-decoder model; sinkchat needs a decoder-only chat model")
+
+
+def check_context(config, name: str, sinks: int, window: int, what: str = "sinks") -> None:
+    """``sinks + window`` must fit the model's positions and any native sliding window.
+
+    ``what`` names the sink region in the message (``the system prompt kept whole``, when
+    ``keep_system`` made it larger than ``sinks``). The engine calls this on its final geometry.
+    """
+    config = config.get_text_config(decoder=True)
+    context = sinks + window
     limit = getattr(config, "max_position_embeddings", None)
-    if context is not None and limit is not None and context > limit:
+    if limit is not None and context > limit:
         raise SinkchatError(
-            f"--sinks + --window = {context} exceeds {name}'s context of {limit} tokens; lower --window"
+            f"{what} ({sinks}) + window ({window}) = {context} tokens exceeds {name}'s context of {limit} tokens; "
+            "use a smaller window"
         )
     native = getattr(config, "sliding_window", None)
     layer_types = getattr(config, "layer_types", None) or []
-    if native and context is not None and context > native and (not layer_types or "sliding_attention" in layer_types):
+    if native and context > native and (not layer_types or "sliding_attention" in layer_types):
         raise SinkchatError(
-            f"{name} attends only to its last {native} tokens (native sliding window); "
-            f"--sinks + --window = {context} must be at most {native}"
+            f"{name} attends only to its last {native} tokens (native sliding window); {what} ({sinks}) + "
+            f"window ({window}) = {context} must be at most {native}"
         )
 
 
@@ -232,14 +227,14 @@ def load(
     device: str = "auto",
     dtype: str = "auto",
     progress=lambda msg: None,
-    context: int | None = None,
+    context: tuple[int, int] | None = None,
 ) -> LoadedModel:
-    """Load ``name`` (alias, folder, .gguf or HF id), quantized as asked, on the chosen device.
+    """Load ``name`` (alias, folder, .gguf or HF id), quantized as asked (``4bit``, ``8bit``, ``none``),
+    on ``device`` (``auto``, ``cuda``, ``cpu``) with compute ``dtype``.
 
-    ``context`` (sinks + window) is checked against the model's positions before weights load.
+    ``context`` ``(sinks, window)`` is checked against the model's positions before weights load; the
+    engine checks again once the final sink region is known. Raises :class:`SinkchatError`.
     """
-    if quant not in QUANTS:
-        raise SinkchatError(f"--quant must be one of {', '.join(QUANTS)} (got {quant!r})")
     source = resolve(name)
     device = pick_device(device)
     compute = pick_dtype(dtype, device)
@@ -257,7 +252,9 @@ def load(
         config = AutoConfig.from_pretrained(folder)
     except Exception as exc:
         raise SinkchatError(f"cannot read the model config in {folder}: {exc}".splitlines()[0]) from None
-    check_config(config, name, context)
+    check_model(config, name)
+    if context is not None:
+        check_context(config, name, *context)
 
     kwargs: dict = {"dtype": compute}
     if quant == "4bit":
@@ -338,3 +335,9 @@ def available() -> list[tuple[str, str, str, bool]]:
             ok, where = isinstance(try_to_load_from_cache(ref, "config.json"), str), ref
         rows.append((alias, where, desc, ok))
     return rows
+
+
+def load_for(settings, progress=lambda msg: None) -> LoadedModel:
+    """:func:`load` with a :class:`~sinkchat.settings.Settings`' model, quant, device, dtype and geometry."""
+    return load(settings.model, settings.quant, settings.device, settings.dtype, progress=progress,
+                context=(settings.sinks, settings.window))

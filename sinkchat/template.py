@@ -63,7 +63,8 @@ class Turns:
 def _system_prefix(turns: Turns, head: str) -> str:
     """The part of ``head`` (text before the first user content) that belongs to the system prompt.
 
-    With an explicit system message, that is the message rendered alone. Otherwise rendering a second dummy user turn shows what a user turn's own opening looks like; whatever
+    With an explicit system message, that is the message rendered alone. Otherwise rendering a
+    second dummy user turn shows what a user turn's own opening looks like; whatever
     precedes that opening in ``head`` is system text (an explicit or a template-default one).
     """
     if turns.system:

@@ -1,0 +1,47 @@
+"""The ledger's arithmetic (no model): spans merge, messages know what the cache still holds of them."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from sinkchat.ledger import Message, describe_span, memory, merge_spans
+
+
+def test_adjacent_blocks_merge_and_gaps_stay():
+    assert merge_spans([(4, 8), (8, 12), (20, 24), (24, 30)]) == [(4, 12), (20, 30)]
+    assert merge_spans([]) == []
+
+
+def test_memory_of_whole_partial_and_untouched_messages():
+    spans = [(4, 30)]
+    assert memory(Message("user", "x", 10, 20), spans) == memory(Message("user", "x", 10, 20), spans)
+    whole = memory(Message("user", "x", 10, 20), spans)
+    assert whole.forgotten and not whole.partly
+    head_cut = memory(Message("assistant", "x", 25, 40), spans)
+    assert head_cut.partly and (head_cut.evicted, head_cut.cut) == (5, 30)
+    tail_cut = memory(Message("system", "x", 0, 10), spans)  # sinks 0..3 stay, 4..9 left
+    assert tail_cut.partly and tail_cut.evicted == 6 and tail_cut.cut is None
+    assert memory(Message("user", "x", 30, 35), spans).evicted == 0
+
+
+def test_describe_span_condenses_runs_of_whole_messages():
+    msgs = [Message("system", "", 0, 19), Message("user", "", 19, 37), Message("assistant", "", 37, 71),
+            Message("user", "", 71, 80)]
+    assert describe_span((4, 58), msgs) == "[4, 58) 54 tokens: #1 system 15/19, #2 user all, #3 assistant 21/34"
+    assert describe_span((19, 80), msgs) == "[19, 80) 61 tokens: #2-#4 all"
+
+
+@given(st.lists(st.tuples(st.integers(0, 50), st.integers(1, 10)), max_size=12),
+       st.integers(0, 60), st.integers(1, 30))
+def test_evicted_count_is_the_overlap_for_any_spans(raw, start, length):
+    """Whatever the spans, a message's evicted count is the number of its tokens inside them."""
+    spans, pos = [], 0
+    for gap, size in raw:  # disjoint, ordered spans, as the cache records them
+        spans.append((pos + gap, pos + gap + size))
+        pos += gap + size
+    m = Message("user", "", start, start + length)
+    inside = {t for a, b in spans for t in range(a, b)}
+    mem = memory(m, merge_spans(spans))
+    assert mem.evicted == len(inside & set(range(m.start, m.end)))
+    assert mem.forgotten == (mem.evicted == length)
