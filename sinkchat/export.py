@@ -10,7 +10,7 @@ import json
 from datetime import datetime
 
 from .ledger import clip
-from .store import Transcript
+from .store.records import Transcript
 
 FORMAT = "sinkchat-chat/1"
 
@@ -59,6 +59,7 @@ def to_markdown(t: Transcript) -> str:
             lines += [f"> [evicted] the model no longer holds this message (tokens [{m.start}, {m.end}))", ""]
         elif evicted:
             where = ", ".join(f"[{a}, {b})" for a, b in cut)
-            lines += [f"> [partly evicted] tokens {where} of this message's [{m.start}, {m.end}) are gone from the model's memory", ""]
+            lines += [f"> [partly evicted] tokens {where} of this message's [{m.start}, {m.end}) are gone from "
+                      "the model's memory", ""]
         lines.append(m.content or ("_(the chat template's default system prompt)_" if m.role == "system" else ""))
     return "\n".join(lines) + "\n"

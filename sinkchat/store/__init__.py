@@ -1,0 +1,36 @@
+"""Chats on disk: a SQLite index + transcript + token ledger, and the KV state in safetensors.
+
+Layout of the data dir (``--data-dir``, ``SINKCHAT_DATA_DIR`` or the XDG data dir; made 0700,
+every file 0600)::
+
+    chats.db                  chats (index), messages (transcript), tokens (the ledger)   db.py
+    state/<id>.safetensors    sink + window K/V of the last save, plus a copy of the ledger  statefile.py
+    locks/<id>.lock           held (flock) by the one process that has the chat open       locks.py
+
+Why two copies: the ledger is the truth and the KV is derived from it. The state file also carries
+the transcript and ledger of its save, so either copy can repair the other. Both carry a sha256
+checksum and a save generation; on open the newest intact copy wins:
+
+* state file intact and of the same model/geometry -> KV restored as saved (no recomputation);
+* state file missing, damaged or foreign (other model files, quant, dtype, sinks or window) -> the
+  engine rebuilds the KV by re-prefilling the ledger's sink and window tokens, with a notice;
+* database rows damaged -> transcript and ledger restored from the state file, with a notice;
+* both damaged, or another tokenizer -> a one-line refusal; nothing is changed on disk.
+
+API (the CLI and the TUI use only this)::
+
+    store = Store(data_dir=None)                  # opens/creates and migrates chats.db
+    chat_id = store.create(chat, settings)        # first save; takes the chat's lock
+    store.save(chat_id, chat)                     # after every turn and on quit; SaveError on failure
+    store.list(query=None) -> [ChatInfo]          # newest first; query searches titles and messages
+    notices = store.open(chat_id, chat, read_only=False)   # a fresh Chat continues; ChatLocked if held
+    store.settings(chat_id) -> dict               # the settings the chat was saved with
+    store.transcript(chat_id) -> Transcript       # for show/export, no model needed
+    store.rename(chat_id, title); store.delete(chat_id); store.close()
+    Autosave(store, chat, settings, chat_id)      # call after each turn
+"""
+
+from .chats import Autosave, Store
+from .records import ChatInfo, ChatLocked, SaveError, Snapshot, Transcript
+
+__all__ = ["Autosave", "ChatInfo", "ChatLocked", "SaveError", "Snapshot", "Store", "Transcript"]

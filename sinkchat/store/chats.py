@@ -1,0 +1,271 @@
+"""The chat-level API: create, save, open, list, rename, delete; :class:`Autosave` for front ends.
+
+A save writes the state file first (atomic: temp, fsync, rename), then the database rows in one
+transaction, both stamped with the same save generation and checksum. On open the newest intact
+copy wins, and the engine (:meth:`Chat.restore`) decides whether the saved K/V fits or must be
+rebuilt from the ledger. The store reads and writes files and rows; it never runs the model.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from contextlib import suppress
+from pathlib import Path
+
+from .. import config
+from ..errors import SinkchatError
+from ..files import fault, private_dir
+from ..ledger import ChatState
+from ..settings import Settings
+from .db import Database, loads
+from .locks import Locks
+from .records import ChatInfo, SaveError, Snapshot, Transcript
+from .statefile import read_header, read_state, write_state
+
+
+def _reason(exc: BaseException) -> str:
+    return exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+
+
+class Store:
+    """The chats in one data dir. One instance per process, used by one thread at a time."""
+
+    def __init__(self, data_dir: str | Path | None = None):
+        self.root = config.data_dir(data_dir)
+        try:
+            private_dir(self.root)
+        except OSError as exc:
+            raise SinkchatError(f"cannot create the data directory {self.root}: {_reason(exc)}") from None
+        self.db_path = self.root / "chats.db"
+        self.db = Database(self.db_path)
+        self.locks = Locks(self.root)
+
+    def state_path(self, chat_id: int) -> Path:
+        return self.root / "state" / f"{chat_id}.safetensors"
+
+    # -- locks ---------------------------------------------------------------------------------
+
+    def lock(self, chat_id: int) -> None:
+        """Take the chat's write lock (released when this process exits, even by kill -9)."""
+        try:
+            self.locks.lock(chat_id)
+        except OSError as exc:
+            raise SinkchatError(f"cannot lock chat {chat_id}: {_reason(exc)}") from None
+
+    def unlock(self, chat_id: int) -> None:
+        self.locks.unlock(chat_id)
+
+    def close(self) -> None:
+        self.locks.close()
+        self.db.close()
+
+    def _sweep(self, chat_id: int) -> None:
+        """Remove temp files a killed save left behind (only the lock holder may: none is in flight)."""
+        for tmp in (self.root / "state").glob(f".{chat_id}.safetensors.*.tmp"):
+            with suppress(OSError):
+                tmp.unlink()
+
+    # -- writing -------------------------------------------------------------------------------
+
+    def create(self, chat, settings: Settings, title: str | None = None) -> int:
+        """Register ``chat`` (titled by its first user message) and save it; returns its id."""
+        return self.create_state(*chat.state(), settings, title)
+
+    def save(self, chat_id: int, chat) -> None:
+        """Write the chat's state file, then its rows in one transaction; ``SaveError`` on failure."""
+        self.save_state(chat_id, *chat.state())
+
+    def create_state(self, state: ChatState, tensors: dict, settings: Settings, title: str | None = None) -> int:
+        """:meth:`create` from what :meth:`Chat.state` returned (a copy taken while the chat was idle)."""
+        if title is None:
+            first = next((m.content for m in state.messages if m.role == "user"), "") or "new chat"
+            title = " ".join(first.split())[:60]
+        try:
+            chat_id = self.db.insert(title, settings.saved())
+            self.locks.lock(chat_id)
+        except (OSError, sqlite3.Error) as exc:
+            raise SaveError(f"could not save the chat ({_reason(exc)}); it goes on in memory only") from None
+        try:
+            self.save_state(chat_id, state, tensors)
+        except SaveError:  # leave no half-made chat behind; the caller retries on the next turn
+            with suppress(sqlite3.Error):
+                self.db.delete(chat_id)
+            self.locks.remove(chat_id)
+            raise
+        return chat_id
+
+    def save_state(self, chat_id: int, state: ChatState, tensors: dict) -> None:
+        """:meth:`save` from what :meth:`Chat.state` returned."""
+        if not self.locks.holds(chat_id):
+            raise SaveError(f"chat {chat_id} is open read-only here; not saved")
+        try:
+            row = self.db.row(chat_id)
+            if row is None:
+                raise SaveError(f"chat {chat_id} was deleted; not saved")
+            snap = Snapshot.of(state, loads(row["settings"]), row["gen"] + 1)
+            private_dir(self.root / "state")
+            write_state(self.state_path(chat_id), snap, tensors)
+            fault("state-renamed")
+            self.db.write(chat_id, snap, loads(row["cache_meta"]), row["n_tokens"])
+        except SaveError:
+            raise
+        except (OSError, sqlite3.Error) as exc:
+            raise SaveError(
+                f"could not save chat {chat_id} ({_reason(exc)}); it goes on in memory, earlier saves are intact"
+            ) from None
+
+    def rename(self, chat_id: int, title: str) -> None:
+        title = " ".join(title.split())
+        if not title:
+            raise SinkchatError("a chat title cannot be empty")
+        self._row(chat_id)
+        self._write(lambda: self.db.rename(chat_id, title[:200]), f"rename chat {chat_id}")
+
+    def delete(self, chat_id: int) -> None:
+        """Remove a chat and its state file; refused while another process has it open."""
+        self._row(chat_id)
+        self.lock(chat_id)
+        self._sweep(chat_id)
+        self._write(lambda: self.db.delete(chat_id), f"delete chat {chat_id}")
+        with suppress(FileNotFoundError):
+            self.state_path(chat_id).unlink()
+        self.locks.remove(chat_id)
+
+    def _write(self, change, what: str) -> None:
+        try:
+            change()
+        except sqlite3.Error as exc:
+            raise SinkchatError(f"cannot {what}: {exc}") from None
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def list(self, query: str | None = None) -> list[ChatInfo]:
+        return self.db.list(query)
+
+    def last_id(self) -> int | None:
+        return self.db.last_id()
+
+    def resolve(self, chat_id: int | None) -> int:
+        """``chat_id`` if it exists, or the most recent chat when it is None."""
+        if chat_id is None:
+            chat_id = self.last_id()
+            if chat_id is None:
+                raise SinkchatError(f"no saved chats in {self.root}")
+        self._row(chat_id)
+        return chat_id
+
+    def settings(self, chat_id: int) -> dict:
+        """The settings the chat was saved with (unchecked; :meth:`Settings.resolve` checks them)."""
+        return loads(self._row(chat_id)["settings"])
+
+    def _row(self, chat_id: int):
+        row = self.db.row(chat_id)
+        if row is None:
+            raise SinkchatError(f"no chat {chat_id} in {self.root} (see `sinkchat chats list`)")
+        return row
+
+    def _best(self, chat_id: int, tensors_too: bool) -> tuple[Snapshot, dict | None, str | None, bool]:
+        """The newest intact copy of a chat: (snapshot, KV tensors or None, what was wrong with
+        the other copy, whether the database rows are behind and need repairing from the state file)."""
+        self._row(chat_id)
+        db_snap, db_why = self.db.snapshot(chat_id)
+        tensors = None
+        try:
+            if tensors_too:
+                file_snap, tensors = read_state(self.state_path(chat_id))
+            else:
+                file_snap = read_header(self.state_path(chat_id))
+            file_why = None
+        except ValueError as exc:
+            file_snap, file_why = None, str(exc)
+        if db_snap is None and file_snap is None:
+            raise SinkchatError(
+                f"chat {chat_id} cannot be opened: {db_why}, and {file_why}; nothing was changed on disk"
+            )
+        if file_snap is not None and (db_snap is None or file_snap.gen > db_snap.gen):
+            return file_snap, tensors, db_why or "the last save was interrupted before the database was updated", True
+        if file_snap is not None and file_snap.gen == db_snap.gen:
+            return db_snap, tensors, None, False
+        return db_snap, None, file_why or "the state file is older than the database", False
+
+    def transcript(self, chat_id: int) -> Transcript:
+        """A saved chat's text and spans, for show and export (no model, no torch)."""
+        snap, _, why, rows_behind = self._best(chat_id, tensors_too=False)
+        notices = [f"chat {chat_id}: {why}; read it from the state file"] if rows_behind else []
+        row = self._row(chat_id)
+        return Transcript(chat_id, row["title"], row["created"], row["updated"], snap.settings, snap.meta,
+                          snap.messages, snap.tokens, notices)
+
+    def open(self, chat_id: int, chat, read_only: bool = False) -> list[str]:
+        """Make the fresh ``chat`` continue saved chat ``chat_id``; returns notices for the user.
+
+        Takes the chat's lock unless ``read_only`` (then :meth:`save` refuses); :class:`ChatLocked`
+        if another process holds it. Damaged rows are repaired from the state file here, so the
+        next save starts from an intact database.
+        """
+        self._row(chat_id)
+        if not read_only:
+            self.lock(chat_id)
+            self._sweep(chat_id)
+        try:
+            snap, tensors, why, rows_behind = self._best(chat_id, tensors_too=True)
+            if rows_behind:
+                notices = [f"chat {chat_id}: {why}; restored them from the state file"]
+            else:
+                rebuilt = "rebuilt the KV cache from the ledger's sink and window tokens"
+                notices = [f"chat {chat_id}: {why}; {rebuilt}"] if why else []
+            notices += chat.restore(snap, tensors)
+            if rows_behind and not read_only:
+                try:  # repair the rows from the state file, so the next save starts from them
+                    self.db.write(chat_id, snap, {}, 0)
+                except (OSError, sqlite3.Error) as exc:
+                    notices.append(f"chat {chat_id}: could not repair the database ({exc})")
+        except BaseException:
+            self.unlock(chat_id)
+            raise
+        return notices
+
+
+class Autosave:
+    """Saving for a front end: creates the chat on its first turn, then saves after each turn.
+
+    ``autosave(chat)`` saves now. A front end that writes on another thread calls
+    :meth:`capture` while the chat is idle (a copy of its state and K/V: a plain memory copy, so
+    the next reply can start at once) and :meth:`write` on its saving thread. A failed save is
+    reported through ``notify`` and the chat goes on in memory; the next save tries again.
+    Nothing new since the last save: nothing is written (so quitting is cheap).
+    """
+
+    def __init__(self, store: Store, chat, settings: Settings, chat_id: int | None, notify=lambda msg: None):
+        self.store, self.chat_id, self.notify, self.settings = store, chat_id, notify, settings
+        self.saved = self._mark(chat) if chat_id is not None else None
+
+    @staticmethod
+    def _mark(chat) -> tuple:
+        """What changes when a chat has something new to save (a stopped reply may add no token)."""
+        return len(chat.tokens), len(chat.messages), chat.messages[-1].row() if chat.messages else None
+
+    def capture(self, chat) -> tuple | None:
+        """A copy of what to save, or None if nothing is new since the last capture."""
+        mark = self._mark(chat)
+        if not chat.messages or mark == self.saved:
+            return None
+        state, tensors = chat.state()
+        self.saved = mark
+        return state, {k: v.clone() for k, v in tensors.items()}
+
+    def write(self, captured: tuple | None) -> None:
+        if captured is None:
+            return
+        state, tensors = captured
+        try:
+            if self.chat_id is None:
+                self.chat_id = self.store.create_state(state, tensors, self.settings)
+            else:
+                self.store.save_state(self.chat_id, state, tensors)
+        except SaveError as exc:
+            self.saved = None  # try again at the next turn
+            self.notify(str(exc))
+
+    def __call__(self, chat) -> None:
+        self.write(self.capture(chat))

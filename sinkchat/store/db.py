@@ -1,0 +1,200 @@
+"""``chats.db``: the chat index, the transcript and the token ledger in SQLite.
+
+Tables: ``chats`` (one row per chat: title, times, settings, fingerprint, cache counters, save
+generation and checksum), ``messages`` (the transcript) and ``tokens`` (the ledger: every token,
+its message, and whether it is a sink ``s``, in the window ``w`` or evicted ``e``).
+
+The schema is versioned with ``PRAGMA user_version`` and upgraded on every open by numbered
+migrations, each in one transaction (the pattern of simonw/llm's ``migrations.py``): a database
+made before versions existed, or one half-created by a killed first start, comes up to date; one
+from a newer sinkchat is refused rather than misread. Rows are read by column name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from array import array
+from contextlib import contextmanager
+from pathlib import Path
+
+from ..errors import SinkchatError
+from ..files import fault
+from ..ledger import Message
+from .records import ChatInfo, Snapshot
+
+MIGRATIONS: list[tuple[str, ...]] = [
+    (  # 1: the first schema (databases from before versioning have it at user_version 0)
+        """CREATE TABLE IF NOT EXISTS chats (
+            id INTEGER PRIMARY KEY AUTOINCREMENT, title TEXT NOT NULL, created REAL NOT NULL,
+            updated REAL NOT NULL, settings TEXT NOT NULL, fingerprint TEXT NOT NULL,
+            cache_meta TEXT NOT NULL, n_tokens INTEGER NOT NULL, gen INTEGER NOT NULL, checksum TEXT NOT NULL)""",
+        """CREATE TABLE IF NOT EXISTS messages (
+            chat_id INTEGER NOT NULL, idx INTEGER NOT NULL, role TEXT NOT NULL, content TEXT NOT NULL,
+            first_tok INTEGER NOT NULL, end_tok INTEGER NOT NULL, PRIMARY KEY (chat_id, idx)) WITHOUT ROWID""",
+        """CREATE TABLE IF NOT EXISTS tokens (
+            chat_id INTEGER NOT NULL, pos INTEGER NOT NULL, token INTEGER NOT NULL, msg INTEGER NOT NULL,
+            kind TEXT NOT NULL, PRIMARY KEY (chat_id, pos)) WITHOUT ROWID""",
+    ),
+    (  # 2: why a reply ended early ("stopped", "length"), so a resumed chat shows it again
+        "ALTER TABLE messages ADD COLUMN note TEXT NOT NULL DEFAULT ''",
+    ),
+]
+VERSION = len(MIGRATIONS)
+
+
+def loads(text) -> dict:
+    """A JSON object from a row, or ``{}`` if the row holds anything else."""
+    try:
+        value = json.loads(text)
+    except (TypeError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+class Database:
+    """One connection to ``chats.db``, created 0600 (never through a symlink) and migrated on open."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            if not path.exists() and not path.is_symlink():
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
+            elif path.is_symlink():
+                raise SinkchatError(f"{path} is a symbolic link; sinkchat does not follow links for its files")
+            self.db = sqlite3.connect(path, timeout=10, isolation_level=None, check_same_thread=False)
+            self.db.row_factory = sqlite3.Row
+            self.db.execute("PRAGMA synchronous=FULL")
+            self.migrate()
+        except sqlite3.DatabaseError as exc:
+            raise SinkchatError(f"{path} cannot be used as sinkchat's chat store ({exc})") from None
+        except OSError as exc:
+            raise SinkchatError(f"cannot open the chat store {path}: {exc.strerror or exc}") from None
+
+    def migrate(self) -> None:
+        version = self.db.execute("PRAGMA user_version").fetchone()[0]
+        if version > VERSION:
+            raise SinkchatError(f"{self.path} was written by a newer sinkchat (schema {version}); upgrade sinkchat")
+        for number in range(version + 1, VERSION + 1):
+            with self.transaction() as db:
+                for statement in MIGRATIONS[number - 1]:
+                    db.execute(statement)
+                db.execute(f"PRAGMA user_version = {number}")
+
+    @contextmanager
+    def transaction(self):
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+            self.db.execute("COMMIT")
+        except BaseException:
+            try:
+                self.db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            raise
+
+    def close(self) -> None:
+        self.db.close()
+
+    # -- chats ---------------------------------------------------------------------------------
+
+    def row(self, chat_id: int) -> sqlite3.Row | None:
+        return self.db.execute("SELECT * FROM chats WHERE id=?", (chat_id,)).fetchone()
+
+    def insert(self, title: str, settings: dict) -> int:
+        now = time.time()
+        cur = self.db.execute(
+            "INSERT INTO chats (title, created, updated, settings, fingerprint, cache_meta, n_tokens, gen, checksum)"
+            " VALUES (?, ?, ?, ?, '{}', '{}', 0, 0, '')",
+            (title, now, now, json.dumps(settings)),
+        )
+        return cur.lastrowid
+
+    def last_id(self) -> int | None:
+        row = self.db.execute("SELECT id FROM chats ORDER BY updated DESC, id DESC LIMIT 1").fetchone()
+        return row["id"] if row else None
+
+    def list(self, query: str | None = None) -> list[ChatInfo]:
+        """Chats newest first; ``query`` matches titles and message text (case-insensitive, literal)."""
+        sql = (
+            "SELECT c.id, c.title, c.created, c.updated, c.settings, c.n_tokens,"
+            " (SELECT COUNT(*) FROM messages m WHERE m.chat_id=c.id AND m.role!='system') AS n_messages FROM chats c"
+        )
+        args: tuple = ()
+        if query:
+            like = "%" + query.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+            sql += (" WHERE c.title LIKE ? ESCAPE '\\' OR EXISTS (SELECT 1 FROM messages m"
+                    " WHERE m.chat_id=c.id AND m.content LIKE ? ESCAPE '\\')")
+            args = (like, like)
+        rows = self.db.execute(sql + " ORDER BY c.updated DESC, c.id DESC", args).fetchall()
+        return [ChatInfo(r["id"], r["title"], r["created"], r["updated"], str(loads(r["settings"]).get("model", "?")),
+                         r["n_tokens"], r["n_messages"]) for r in rows]
+
+    def rename(self, chat_id: int, title: str) -> None:
+        self.db.execute("UPDATE chats SET title=? WHERE id=?", (title, chat_id))
+
+    def delete(self, chat_id: int) -> None:
+        with self.transaction() as db:
+            for table, key in (("tokens", "chat_id"), ("messages", "chat_id"), ("chats", "id")):
+                db.execute(f"DELETE FROM {table} WHERE {key}=?", (chat_id,))
+
+    # -- snapshots -----------------------------------------------------------------------------
+
+    def snapshot(self, chat_id: int) -> tuple[Snapshot | None, str | None]:
+        """The rows' snapshot if their checksum holds, else ``(None, why)``."""
+        row = self.row(chat_id)
+        try:
+            msgs = self.db.execute(
+                "SELECT role, content, first_tok, end_tok, note FROM messages WHERE chat_id=? ORDER BY idx", (chat_id,)
+            ).fetchall()
+            rows = self.db.execute("SELECT token FROM tokens WHERE chat_id=? ORDER BY pos", (chat_id,))
+            toks = [r["token"] for r in rows]
+            snap = Snapshot(toks, [Message(*m) for m in msgs], json.loads(row["cache_meta"]),
+                            json.loads(row["fingerprint"]), json.loads(row["settings"]), row["gen"])
+            if snap.checksum() == row["checksum"] and len(toks) == row["n_tokens"]:
+                return snap, None
+        except (sqlite3.Error, ValueError, TypeError) as exc:
+            return None, f"the database rows are damaged ({exc})"
+        return None, "the database rows are damaged (checksum mismatch)"
+
+    def write(self, chat_id: int, snap: Snapshot, old_meta: dict, n_old: int) -> None:
+        """Store ``snap`` in one transaction: new ledger rows appended, changed kinds updated,
+        the transcript and the chat row replaced. ``old_meta``/``n_old``: what the rows held before."""
+        meta, toks = snap.meta, snap.tokens
+        n_sink, win_start = meta["n_sink"], meta["seen"] - meta["n_win"]
+        owner = array("l", [0]) * len(toks)
+        for i, m in enumerate(snap.messages):
+            owner[m.start : m.end] = array("l", [i]) * (m.end - m.start)
+        kind = lambda p: "s" if p < n_sink else "w" if p >= win_start else "e"  # noqa: E731
+        n_old = min(n_old, len(toks))
+        same = old_meta.get("seen") is not None and all(
+            old_meta.get(k) == meta[k] for k in ("sinks", "window", "n_sink")
+        )
+        # rows before the old window's start keep their kind unless the geometry changed
+        lo = old_meta["seen"] - old_meta["n_win"] if same else 0
+        with self.transaction() as db:
+            db.execute("DELETE FROM tokens WHERE chat_id=? AND pos>=?", (chat_id, n_old))
+            db.executemany(
+                "INSERT INTO tokens VALUES (?, ?, ?, ?, ?)",
+                ((chat_id, p, toks[p], owner[p], kind(p)) for p in range(n_old, len(toks))),
+            )
+            fault("db-mid")
+            db.execute(
+                "UPDATE tokens SET kind = CASE WHEN pos < ? THEN 's' WHEN pos < ? THEN 'e' ELSE 'w' END"
+                " WHERE chat_id=? AND pos>=? AND pos<?", (n_sink, win_start, chat_id, lo, n_old),
+            )
+            db.execute("DELETE FROM messages WHERE chat_id=?", (chat_id,))
+            db.executemany(
+                "INSERT INTO messages (chat_id, idx, role, content, first_tok, end_tok, note)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                ((chat_id, i, m.role, m.content, m.start, m.end, m.note) for i, m in enumerate(snap.messages)),
+            )
+            db.execute(
+                "UPDATE chats SET updated=?, settings=?, fingerprint=?, cache_meta=?, n_tokens=?, gen=?, checksum=?"
+                " WHERE id=?",
+                (time.time(), json.dumps(snap.settings), json.dumps(snap.fingerprint), json.dumps(meta), len(toks),
+                 snap.gen, snap.checksum(), chat_id),
+            )

@@ -1,0 +1,125 @@
+"""The chat database without a model: schema migrations, foreign files, search, and the ledger's kinds."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+import pytest
+
+from sinkchat.errors import SinkchatError
+from sinkchat.ledger import ChatState, Message
+from sinkchat.settings import Settings
+from sinkchat.store import Snapshot, Store
+from sinkchat.store.db import VERSION
+
+# The schema as the first sinkchat release wrote it (no user_version), kept verbatim.
+FIRST_SCHEMA = """
+CREATE TABLE IF NOT EXISTS chats (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, title TEXT NOT NULL, created REAL NOT NULL, updated REAL NOT NULL,
+    settings TEXT NOT NULL, fingerprint TEXT NOT NULL, cache_meta TEXT NOT NULL, n_tokens INTEGER NOT NULL,
+    gen INTEGER NOT NULL, checksum TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS messages (
+    chat_id INTEGER NOT NULL, idx INTEGER NOT NULL, role TEXT NOT NULL, content TEXT NOT NULL,
+    first_tok INTEGER NOT NULL, end_tok INTEGER NOT NULL, PRIMARY KEY (chat_id, idx)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS tokens (
+    chat_id INTEGER NOT NULL, pos INTEGER NOT NULL, token INTEGER NOT NULL, msg INTEGER NOT NULL,
+    kind TEXT NOT NULL, PRIMARY KEY (chat_id, pos)
+) WITHOUT ROWID;
+"""
+
+
+def meta(sinks=4, window=8, n_sink=4, n_win=6, seen=20, evictions=((4, 14),)) -> dict:
+    return {"sinks": sinks, "window": window, "block": 1, "n_sink": n_sink, "n_win": n_win, "seen": seen,
+            "base": 0, "evictions": [list(e) for e in evictions]}
+
+
+def state(n=20, **kw) -> ChatState:
+    msgs = [Message("user", "Tell me about 100% of Paris_", 0, 10), Message("assistant", "It is big.", 10, n)]
+    return ChatState(list(range(100, 100 + n)), msgs, meta(seen=n, **kw), {"model": "m", "tokenizer": "t"})
+
+
+def kinds(store: Store, chat_id: int) -> str:
+    return "".join(r["kind"] for r in store.db.db.execute("SELECT kind FROM tokens WHERE chat_id=? ORDER BY pos",
+                                                          (chat_id,)))
+
+
+def first_release_db(path) -> None:
+    """A chats.db as the first release left it: its schema, one chat, rows with a valid checksum."""
+    snap = Snapshot.of(state(), {"model": "smollm2-135m"}, 1)
+    db = sqlite3.connect(path)
+    db.executescript(FIRST_SCHEMA)
+    db.execute("INSERT INTO chats VALUES (1, 'old chat', 1.0, 2.0, ?, ?, ?, 20, 1, ?)",
+               (json.dumps(snap.settings), json.dumps(snap.fingerprint), json.dumps(snap.meta), snap.checksum()))
+    db.executemany("INSERT INTO messages VALUES (1, ?, ?, ?, ?, ?)",
+                   [(i, m.role, m.content, m.start, m.end) for i, m in enumerate(snap.messages)])
+    db.executemany("INSERT INTO tokens VALUES (1, ?, ?, 0, 'w')", list(enumerate(snap.tokens)))
+    db.commit()
+    db.close()
+
+
+def test_a_database_of_the_first_schema_upgrades_and_reads(tmp_path):
+    first_release_db(tmp_path / "chats.db")
+    store = Store(tmp_path)
+    assert store.db.db.execute("PRAGMA user_version").fetchone()[0] == VERSION
+    [info] = store.list()
+    assert (info.id, info.title, info.model, info.n_tokens, info.n_messages) == (1, "old chat", "smollm2-135m", 20, 2)
+    t = store.transcript(1)
+    assert [m.content for m in t.messages] == ["Tell me about 100% of Paris_", "It is big."]
+    assert t.notices == [] or "state file" in t.notices[0]  # its rows are intact (no state file here)
+    assert all(m.note == "" for m in t.messages)
+
+
+def test_a_half_created_database_is_completed(tmp_path):
+    db = sqlite3.connect(tmp_path / "chats.db")
+    db.executescript(FIRST_SCHEMA.split(";")[0])  # killed after the first table
+    db.close()
+    store = Store(tmp_path)
+    chat_id = store.create_state(state(), {}, Settings())
+    assert store.transcript(chat_id).messages[1].content == "It is big."
+
+
+def test_newer_and_foreign_files_are_refused_in_one_line(tmp_path):
+    (tmp_path / "a").mkdir()
+    db = sqlite3.connect(tmp_path / "a" / "chats.db")
+    db.execute(f"PRAGMA user_version = {VERSION + 1}")
+    db.close()
+    with pytest.raises(SinkchatError, match="written by a newer sinkchat"):
+        Store(tmp_path / "a")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "chats.db").write_bytes(b"this is not sqlite, just text " * 40)
+    with pytest.raises(SinkchatError, match="cannot be used as sinkchat's chat store") as err:
+        Store(tmp_path / "b")
+    assert "\n" not in str(err.value)
+
+
+def test_search_is_literal_text(tmp_path):
+    store = Store(tmp_path)
+    chat_id = store.create_state(state(), {}, Settings())
+    assert [c.id for c in store.list("100%")] == [chat_id]
+    assert store.list("100% of London") == [] and store.list("x%y") == []
+    assert [c.id for c in store.list("Paris_")] == [chat_id] and store.list("Pari__") == []
+
+
+def test_ledger_kinds_follow_the_cache_when_sinks_change(tmp_path):
+    """Saved with 2 sinks, then with 4: tokens 2 and 3 are sinks again, not left marked evicted."""
+    store = Store(tmp_path)
+    chat_id = store.create_state(state(sinks=2, n_sink=2, evictions=((2, 14),)), {}, Settings())
+    assert kinds(store, chat_id) == "ss" + "e" * 12 + "w" * 6
+    store.save_state(chat_id, state(n=22, sinks=4, n_sink=4, evictions=((4, 16),)), {})
+    assert kinds(store, chat_id) == "ssss" + "e" * 12 + "w" * 6
+
+
+def test_rename_and_delete(tmp_path):
+    store = Store(tmp_path)
+    chat_id = store.create_state(state(), {}, Settings())
+    store.rename(chat_id, "  Trip \n to   Paris ")
+    assert store.list()[0].title == "Trip to Paris"
+    with pytest.raises(SinkchatError, match="cannot be empty"):
+        store.rename(chat_id, " \n ")
+    store.delete(chat_id)
+    assert store.list() == [] and not store.state_path(chat_id).exists()
+    with pytest.raises(SinkchatError, match=f"no chat {chat_id}"):
+        store.transcript(chat_id)
