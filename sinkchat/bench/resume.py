@@ -13,6 +13,11 @@ import os
 import tempfile
 import time
 
+from ..engine import Chat
+from ..settings import Settings
+from ..store import Store
+from . import default_text, text_ids
+
 MISTRAL_7B = {"layers": 32, "kv_heads": 8, "head_dim": 128, "bytes": 2}
 
 
@@ -21,55 +26,47 @@ def kv_bytes_per_token(layers: int, kv_heads: int, head_dim: int, bytes: int) ->
     return 2 * layers * kv_heads * head_dim * bytes
 
 
-def run_resume_bench(
-    model: str = "smollm2-135m", quant: str = "4bit", device: str = "cpu", dtype: str = "auto",
-    sinks: int = 4, window: int = 2000, repeats: int = 3, rebuild_repeats: int = 1, loaded=None,
-) -> dict:
+def run_resume_bench(loaded, settings: Settings, repeats: int = 3, rebuild_repeats: int = 1) -> dict:
     """Time restore (best of ``repeats``) vs rebuild (best of ``rebuild_repeats``: it is slow, so its
-    noise is small) for a chat holding ``sinks + window`` tokens."""
-    from . import bench, models
-    from .engine import Chat, ChatSettings
-    from .store import Store
-
-    if loaded is None:
-        loaded = models.load(model, quant, device, dtype, context=sinks + window)
-    settings = ChatSettings(sinks=sinks, window=window)
+    noise is small) for a chat holding ``settings.sinks + settings.window`` tokens of ``loaded``."""
+    sinks, window = settings.sinks, settings.window
     with tempfile.TemporaryDirectory() as tmp:
         store = Store(tmp)
         chat = Chat(loaded, settings)
-        ids = bench.text_ids(loaded.tokenizer, bench.default_text(), sinks + window)
+        ids = text_ids(loaded.tokenizer, default_text(), sinks + window)
         if len(ids) < sinks + window:
             raise ValueError(f"filler text has only {len(ids)} tokens")
-        for _ in chat._feed(ids, "user", loaded.tokenizer.decode(ids)):  # the engine's own chunked prefill
+        for _ in chat.prefill(ids, "user", loaded.tokenizer.decode(ids)):  # the engine's own chunked prefill
             pass
         occ = chat.occupancy()
-        chat_id = store.create(chat, {"model": model, "quant": quant}, title="resume bench")
+        chat_id = store.create(chat, settings, title="resume bench")
         store.unlock(chat_id)
         path = store.state_path(chat_id)
         state_bytes = path.stat().st_size
 
-        def timed(read_only_open, n: int) -> float:
+        def timed(n: int) -> float:
             best = float("inf")
             for _ in range(n):
                 t0 = time.perf_counter()
-                opened, notices = read_only_open()
+                opened = Chat(loaded, settings)
+                store.open(chat_id, opened, read_only=True)
                 best = min(best, time.perf_counter() - t0)
                 assert opened.occupancy() == occ, "the reopened chat holds other tokens"
             return best
 
-        restore_s = timed(lambda: store.open(chat_id, loaded, settings, read_only=True), repeats)
+        restore_s = timed(repeats)
         aside = path.with_suffix(".aside")
         os.replace(path, aside)
         try:
-            rebuild_s = timed(lambda: store.open(chat_id, loaded, settings, read_only=True), rebuild_repeats)
+            rebuild_s = timed(rebuild_repeats)
         finally:
             os.replace(aside, path)
         store.close()
-    tensors, _ = chat.cache.state()
+    _, tensors = chat.state()
     k = tensors["0.k"]
     held = occ.held
     return {
-        "model": loaded.fingerprint.get("model", model),
+        "model": loaded.fingerprint.get("model", settings.model),
         "quant": loaded.quant,
         "dtype": str(k.dtype).removeprefix("torch."),
         "sinks": occ.sinks,
@@ -96,7 +93,8 @@ def format_table(r: dict) -> str:
         ("restore speed-up", f"{r['speedup']:.1f}x"),
         ("state file", f"{r['state_bytes'] / 1e6:.1f} MB = {r['state_mb_per_1000']:.1f} MB per 1000 tokens "
                        f"(K/V alone {r['kv_mb_per_1000']:.1f} MB)"),
-        ("Mistral-7B (computed)", f"{r['mistral_7b_mb_per_1000']:.1f} MB per 1000 tokens (32 layers x 8 KV heads x 128 x K+V x 2 bytes)"),
+        ("Mistral-7B (computed)", f"{r['mistral_7b_mb_per_1000']:.1f} MB per 1000 tokens "
+                                  "(32 layers x 8 KV heads x 128 x K+V x 2 bytes)"),
     ]
     width = max(len(a) for a, _ in rows)
     return "\n".join(f"{a:<{width}}  {b}" for a, b in rows)

@@ -1,7 +1,9 @@
-"""``sinkchat bench ppl`` and ``sinkchat bench speed``: flags, progress, tables, JSON and plots.
+"""``sinkchat bench ppl | speed | resume``: flags, progress, tables, JSON and plots.
 
-The measuring lives in :mod:`sinkchat.bench`; this module only turns flags into calls and results
-into something a person (a table, a PNG) or a script (``--json``, alone on stdout) reads.
+The measuring lives in :mod:`sinkchat.bench` (imported only when a command runs, so ``--help``
+stays quick); this module only turns flags into calls and results into something a person (a
+table, a PNG) or a script (``--json``, alone on stdout) reads. Model, quantization, device, dtype
+and sinks default to the chat's :class:`~sinkchat.settings.Settings` (config file included).
 Progress goes to stderr; Ctrl+C stops the run and prints what was measured so far.
 """
 
@@ -14,8 +16,9 @@ from pathlib import Path
 
 import typer
 
-from . import bench
-from .errors import SinkchatError
+from .. import config
+from ..errors import SinkchatError
+from ..settings import Settings, help_for
 
 app = typer.Typer(
     add_completion=False,
@@ -24,10 +27,11 @@ app = typer.Typer(
     help="Reproduce StreamingLLM's perplexity and speed results on this code (same cache as the chat).",
 )
 
-MODEL = typer.Option(None, "--model", "-m", help="Model alias, HF id, folder or .gguf [default: config or smollm2-135m].")
-QUANT = typer.Option(None, help="4bit (NF4) | 8bit | none [default: 4bit].")
-DEVICE = typer.Option(None, help="auto | cuda | cpu [default: auto].")
-DTYPE = typer.Option(None, help="Compute dtype: auto | float32 | bfloat16 | float16.")
+MODEL = typer.Option(None, "--model", "-m", help=help_for("model"), show_default=False)
+QUANT = typer.Option(None, help=help_for("quant"), show_default=False)
+DEVICE = typer.Option(None, help=help_for("device"), show_default=False)
+DTYPE = typer.Option(None, help=help_for("dtype"), show_default=False)
+SINKS = typer.Option(None, help=help_for("sinks"), show_default=False)
 TEXT = typer.Option(None, "--text", help="UTF-8 text file [default: Python's documentation, pydoc_data.topics].")
 JSON = typer.Option(False, "--json", help="Print only the results as JSON on stdout.")
 PLOT = typer.Option(None, "--plot", help="Write a PNG plot to this path.")
@@ -42,8 +46,15 @@ class Bars:
 
     def __init__(self, quiet: bool):
         from rich.console import Console
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
-                                   TimeElapsedColumn, TimeRemainingColumn)
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            ProgressColumn,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
         from rich.text import Text
 
         class Rate(ProgressColumn):
@@ -78,6 +89,8 @@ def note(message: str) -> None:
 
 def read_text(path: str | None) -> tuple[str, str]:
     """The text to stream and where it came from; a missing or unreadable file is one clear error."""
+    from .. import bench
+
     if path is None:
         return bench.default_text(), "pydoc_data.topics (Python's documentation)"
     p = Path(path)
@@ -95,11 +108,18 @@ def check_positive(**values: int | None) -> None:
             raise SinkchatError(f"--{name.replace('_', '-')} must be 1 or more (got {value})")
 
 
-def load(model, sinks, window, quant, device, dtype, quiet):
-    from .cli import load_model, settings
+def settings(**flags) -> Settings:
+    """The chat's settings (defaults < config.toml < these flags), for what a bench shares with a chat."""
+    s, warnings = Settings.resolve(flags, config=config.load_config(), config_source=str(config.config_file()))
+    for warning in warnings:
+        note(f"sinkchat: warning: {warning}")
+    return s
 
-    s = settings(model=model, sinks=sinks, window=window, quant=quant, device=device, dtype=dtype)
-    return load_model(s, progress=(lambda m: None) if quiet else note)
+
+def load(s: Settings, quiet: bool):
+    from ..models import load_for
+
+    return load_for(s, progress=(lambda m: None) if quiet else note)
 
 
 def machine(loaded) -> dict:
@@ -152,7 +172,7 @@ def finish(report: dict, as_json: bool, show, plot: str | None, interrupted: boo
 def ppl(
     text: str = TEXT,
     tokens: int = typer.Option(8000, "--tokens", "-n", help="Tokens of the text to stream."),
-    sinks: int = typer.Option(4, help="Attention sinks for the sinks and recompute modes."),
+    sinks: int = SINKS,
     window: int = typer.Option(508, "--window", "-w", help="Window (window mode gets sinks + window, no sinks)."),
     modes: str = typer.Option("dense,window,sinks,recompute", help="Comma list of dense, window, sinks, recompute."),
     block: int = BLOCK,
@@ -167,28 +187,33 @@ def ppl(
 
     Example: sinkchat bench ppl --tokens 8000 --sinks 4 --window 508 --plot docs/bench-ppl.png
     """
+    from .. import bench
+
     wanted = bench.parse_modes(modes, bench.PPL_MODES)
-    check_positive(tokens=tokens, window=window, block=block, feed=feed, stride=stride, batch=batch, chunk=chunk)
+    check_positive(tokens=tokens, feed=feed, stride=stride, batch=batch, chunk=chunk)
+    s = settings(model=model, sinks=sinks, window=window, block=block, quant=quant, device=device, dtype=dtype)
+    sinks, window, block = s.sinks, s.window, s.block
     if feed > window:
         raise SinkchatError(f"--feed {feed} must be at most --window {window}")
-    if sinks < 0:
-        raise SinkchatError(f"--sinks must be 0 or more (got {sinks})")
     body, source = read_text(text)
-    loaded = load(model, sinks, window, quant, device, dtype, as_json)
+    from ..bench import ppl as measure_ppl
+
+    loaded = load(s, as_json)
     ids = bench.text_ids(loaded.tokenizer, body, tokens)
     if len(ids) < 2:
         raise SinkchatError(f"--text {source}: fewer than 2 tokens to score")
     if len(ids) < tokens:
         note(f"sinkchat: the text has only {len(ids)} tokens; using them all")
-    runs: list[bench.PplRun] = []
+    runs: list[measure_ppl.PplRun] = []
     interrupted = measure(
-        lambda bars: bench.ppl_runs(loaded, ids, wanted, sinks, window, block, stride, batch, bars, runs, feed), as_json
+        lambda bars: measure_ppl.ppl_runs(loaded, ids, wanted, sinks, window, block, stride, batch, bars, runs, feed),
+        as_json,
     )
     extra = {"text": source, "tokens": len(ids), "sinks": sinks, "window": window, "feed": feed, "batch": batch,
              "interrupted": interrupted, "machine": machine(loaded)}
-    report = bench.ppl_report(runs, chunk, stride, extra)
+    report = measure_ppl.ppl_report(runs, chunk, stride, extra)
     if plot and runs:
-        from .bench_plot import ppl_plot
+        from ..bench.plot import ppl_plot
 
         ppl_plot(report, {r.mode: r.scored for r in runs}, plot,
                  f"{loaded.name}: streaming perplexity, sinks={sinks} window={window}")
@@ -226,8 +251,9 @@ def print_ppl(report: dict, plot: str | None) -> None:
 @app.command("speed")
 def speed(
     tokens: int = typer.Option(22004, "--tokens", "-n", help="Last stream position measured."),
-    sinks: int = typer.Option(4, help="Attention sinks."),
-    window: int = typer.Option(2000, "--window", "-w", help="Window (also the recompute context, plus sinks)."),
+    sinks: int = SINKS,
+    window: int = typer.Option(None, "--window", "-w", help="Window (also the recompute context, plus sinks) "
+                               "[default: the chat's, 2000].", show_default=False),
     modes: str = typer.Option("sinks,dense,recompute", help="Comma list of sinks, dense, recompute."),
     points: int = typer.Option(6, help="Positions measured, from the first full window to --tokens."),
     steps: int = typer.Option(200, help="Decode steps timed at each position (sinks, dense)."),
@@ -244,32 +270,35 @@ def speed(
 
     Example: sinkchat bench speed --window 2000 --tokens 22004 --plot docs/bench-speed.png
     """
+    from .. import bench
+
     wanted = bench.parse_modes(modes, bench.SPEED_MODES)
-    check_positive(tokens=tokens, window=window, block=block, points=points, steps=steps,
-                   recompute_steps=recompute_steps)
-    if sinks < 0:
-        raise SinkchatError(f"--sinks must be 0 or more (got {sinks})")
+    check_positive(tokens=tokens, points=points, steps=steps, recompute_steps=recompute_steps)
+    s = settings(model=model, sinks=sinks, window=window, block=block, quant=quant, device=device, dtype=dtype)
+    sinks, window, block = s.sinks, s.window, s.block
     body, source = read_text(text)
-    loaded = load(model, sinks, window, quant, device, dtype, as_json)
-    positions = bench.speed_positions(sinks, window, tokens, points)
+    from ..bench import speed as measure_speed
+
+    loaded = load(s, as_json)
+    positions = measure_speed.speed_positions(sinks, window, tokens, points)
     need = positions[-1] + max(steps, recompute_steps) + 1
     ids = bench.text_ids(loaded.tokenizer, body, need)
     if len(ids) < 2:
         raise SinkchatError(f"--text {source}: fewer than 2 tokens")
     if len(ids) < need:  # timing does not depend on the words: repeat the text to reach the positions
         ids = (ids * (need // len(ids) + 1))[:need]
-    runs: list[bench.SpeedRun] = []
+    runs: list[measure_speed.SpeedRun] = []
     interrupted = measure(
-        lambda bars: bench.speed_runs(loaded, ids, wanted, sinks, window, block, positions, steps,
-                                      recompute_steps, bars, runs), as_json
+        lambda bars: measure_speed.speed_runs(loaded, ids, wanted, sinks, window, block, positions, steps,
+                                              recompute_steps, bars, runs), as_json
     )
     extra = {"text": source, "sinks": sinks, "window": window, "positions": positions, "steps": steps,
              "recompute_steps": recompute_steps,
              "memory": "CUDA max allocated" if str(loaded.device).startswith("cuda") else "process RSS",
              "interrupted": interrupted, "machine": machine(loaded)}
-    report = bench.speed_report(runs, extra)
+    report = measure_speed.speed_report(runs, extra)
     if plot and runs:
-        from .bench_plot import speed_plot
+        from ..bench.plot import speed_plot
 
         speed_plot(report, plot, f"{loaded.name}: decode speed, sinks={sinks} window={window}")
     finish(report, as_json, print_speed, plot, interrupted)
@@ -300,15 +329,23 @@ def print_speed(report: dict, plot: str | None) -> None:
 
 @app.command("resume")
 def resume(
-    window: int = typer.Option(2000, "--window", "-w", help="Window to fill (tokens)."),
-    sinks: int = typer.Option(4, help="Sink tokens."),
+    window: int = typer.Option(None, "--window", "-w", help="Window to fill [default: the chat's, 2000].",
+                               show_default=False),
+    sinks: int = SINKS,
     repeats: int = typer.Option(3, help="Timed restores; the best is reported."),
     rebuild_repeats: int = typer.Option(1, help="Timed rebuilds (each re-prefills the whole window)."),
-    model: str = typer.Option("smollm2-135m", "--model", "-m"),
-    quant: str = typer.Option("4bit"),
+    model: str = MODEL, quant: str = QUANT, device: str = DEVICE, dtype: str = DTYPE,
+    as_json: bool = JSON,
 ) -> None:
-    """Resume speed: restoring a full window's KV from disk vs re-prefilling it; state size on disk."""
-    from .resume_bench import format_table, run_resume_bench
+    """Resume speed: restoring a full window's KV from disk vs re-prefilling it; state size on disk.
 
-    print(format_table(run_resume_bench(model=model, quant=quant, sinks=sinks, window=window, repeats=repeats,
-                                        rebuild_repeats=rebuild_repeats)))
+    Example: sinkchat bench resume --window 2000 --json
+    """
+    from ..bench.resume import format_table, run_resume_bench
+
+    check_positive(repeats=repeats, rebuild_repeats=rebuild_repeats)
+    s = settings(model=model, sinks=sinks, window=window, quant=quant, device=device, dtype=dtype)
+    loaded = load(s, as_json)
+    report = run_resume_bench(loaded, s, repeats=repeats, rebuild_repeats=rebuild_repeats)
+    report["machine"] = machine(loaded)
+    print(json.dumps(report, indent=1) if as_json else format_table(report))

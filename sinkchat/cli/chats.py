@@ -8,9 +8,9 @@ from pathlib import Path
 
 import typer
 
-from .errors import SinkchatError
+from ..errors import SinkchatError
 
-chats_app = typer.Typer(
+app = typer.Typer(
     no_args_is_help=True,
     rich_markup_mode=None,
     help="Saved chats: list | show | export | rename | delete. Resume one with `sinkchat --resume ID`.",
@@ -18,13 +18,15 @@ chats_app = typer.Typer(
 )
 
 ID_HELP = "Chat number from `sinkchat chats list` [default: the most recent chat]."
-DATA_DIR = typer.Option(None, "--data-dir", help="Where chats are saved [default: the XDG data dir].")
+DATA_DIR = typer.Option(None, "--data-dir", help="Where chats are saved [default: $SINKCHAT_DATA_DIR or the XDG "
+                        "data dir].")
 
 
-def _store(data_dir: str | None):
-    from .store import Store
+def _store(ctx: typer.Context, data_dir: str | None):
+    """The store in ``--data-dir`` (given here or before the subcommand: ``sinkchat --data-dir D chats list``)."""
+    from ..store import Store
 
-    return Store(data_dir)
+    return Store(data_dir or (ctx.find_root().obj or {}).get("data_dir"))
 
 
 def _notices(notices) -> None:
@@ -32,8 +34,9 @@ def _notices(notices) -> None:
         print(f"sinkchat: {notice}", file=sys.stderr)
 
 
-@chats_app.command("list")
+@app.command("list")
 def list_chats(
+    ctx: typer.Context,
     query: str = typer.Option(None, "--search", "-q", help="Only chats whose title or messages contain this."),
     data_dir: str = DATA_DIR,
 ) -> None:
@@ -41,7 +44,7 @@ def list_chats(
     from rich.console import Console
     from rich.table import Table
 
-    rows = _store(data_dir).list(query)
+    rows = _store(ctx, data_dir).list(query)
     if not rows:
         print("no saved chats" + (f" matching {query!r}" if query else ""))
         return
@@ -52,30 +55,35 @@ def list_chats(
     Console().print(table)
 
 
-@chats_app.command("show")
-def show(chat_id: int = typer.Argument(None, metavar="[ID]", help=ID_HELP), data_dir: str = DATA_DIR) -> None:
+@app.command("show")
+def show(
+    ctx: typer.Context, chat_id: int = typer.Argument(None, metavar="[ID]", help=ID_HELP), data_dir: str = DATA_DIR
+) -> None:
     """Print a chat's transcript (Markdown), with what the model has evicted marked."""
-    from .export import to_markdown
+    from ..export import to_markdown
 
-    store = _store(data_dir)
+    store = _store(ctx, data_dir)
     t = store.transcript(store.resolve(chat_id))
     _notices(t.notices)
     sys.stdout.write(to_markdown(t))
 
 
-@chats_app.command("export")
+@app.command("export")
 def export(
+    ctx: typer.Context,
     chat_id: int = typer.Argument(None, metavar="[ID]", help=ID_HELP),
     fmt: str = typer.Option("md", "--format", "-f", help="md | json"),
     output: Path = typer.Option(None, "--output", "-o", help="File to write [default: stdout]."),
+    force: bool = typer.Option(False, "--force", help="Overwrite --output if it exists."),
     data_dir: str = DATA_DIR,
 ) -> None:
     """Export a chat as Markdown or JSON; evicted spans are marked, nothing is left out."""
-    from .export import to_json, to_markdown
+    from ..export import to_json, to_markdown
+    from ..files import write_atomic
 
     if fmt not in ("md", "json"):
         raise SinkchatError(f"--format must be md or json (got {fmt!r})")
-    store = _store(data_dir)
+    store = _store(ctx, data_dir)
     t = store.transcript(store.resolve(chat_id))
     _notices(t.notices)
     text = to_json(t) + "\n" if fmt == "json" else to_markdown(t)
@@ -83,30 +91,34 @@ def export(
         sys.stdout.write(text)
         return
     try:
-        output.write_text(text, encoding="utf-8")
+        write_atomic(output, text.encode("utf-8"), overwrite=force)
+    except FileExistsError:
+        raise SinkchatError(f"{output} exists; pass --force to overwrite it") from None
     except OSError as exc:
         raise SinkchatError(f"cannot write {output}: {exc.strerror or exc}") from None
     print(f"wrote chat {t.id} to {output}", file=sys.stderr)
 
 
-@chats_app.command("rename")
+@app.command("rename")
 def rename(
+    ctx: typer.Context,
     chat_id: int = typer.Argument(..., metavar="ID"),
     title: str = typer.Argument(..., help="New title."),
     data_dir: str = DATA_DIR,
 ) -> None:
     """Give a chat a new title."""
-    _store(data_dir).rename(chat_id, title)
+    _store(ctx, data_dir).rename(chat_id, title)
 
 
-@chats_app.command("delete")
+@app.command("delete")
 def delete(
+    ctx: typer.Context,
     chat_id: int = typer.Argument(..., metavar="ID"),
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask."),
     data_dir: str = DATA_DIR,
 ) -> None:
     """Delete a chat and its saved cache for good (refused while it is open elsewhere)."""
-    store = _store(data_dir)
+    store = _store(ctx, data_dir)
     store.resolve(chat_id)
     if not yes:
         if not sys.stdin.isatty():

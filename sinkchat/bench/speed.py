@@ -1,0 +1,167 @@
+"""Decode speed and memory against position in the stream, for ``sinks``, ``dense`` and ``recompute``."""
+
+from __future__ import annotations
+
+import os
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from ..cache import SinkCache, max_positions
+from ..engine import prefill_chunk
+from .stream import Stream, Tick, dense_cache, recompute_logits
+
+
+def rss_mb() -> float:
+    """Resident memory of this process now (Linux /proc), else its peak so far (getrusage)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
+
+@dataclass
+class SpeedRun:
+    """Per-position decode timings of one mode."""
+
+    mode: str
+    points: list[dict] = field(default_factory=list)  # position, ms (median), mem_mb
+    step_ms: list[float] = field(default_factory=list)
+    peak_mem_mb: float = 0.0
+    decode_s: float = 0.0
+    upkeep_s: float = 0.0
+    note: str = ""
+
+    def ms(self) -> float | None:
+        return statistics.median(self.step_ms) if self.step_ms else None
+
+
+class Meter:
+    """Times one decode step (GPU work included) and tracks memory: RSS on the CPU, max allocated on CUDA."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def mem_mb(self) -> float:
+        return torch.cuda.max_memory_allocated() / 2**20 if self.cuda else rss_mb()
+
+
+def time_steps(run: SpeedRun, meter: Meter, position: int, steps: int, step: Callable[[int], None], tick: Tick) -> None:
+    """Time ``steps`` decode steps starting at ``position``; record their median as one point."""
+    times = []
+    for k in range(steps):
+        meter.sync()
+        t0 = time.perf_counter()
+        step(position + k)
+        meter.sync()
+        times.append(time.perf_counter() - t0)
+        tick(1)
+    mem = meter.mem_mb()
+    run.peak_mem_mb = max(run.peak_mem_mb, mem)
+    run.step_ms.extend(t * 1000 for t in times)
+    run.decode_s += sum(times)
+    run.points.append({"position": position, "ms": statistics.median(times) * 1000, "mem_mb": mem})
+
+
+def speed_stream(
+    run: SpeedRun, model, cache, ids: list[int], positions: list[int], steps: int, chunk: int, progress
+) -> None:
+    """Stream the text to each position in chunks (fast prefill, as the chat does), then time decode there."""
+    stream, meter = Stream(model, cache), Meter(next(model.parameters()).device)
+    upkeep = getattr(cache, "upkeep_s", None)
+    for p in positions:
+        p = max(p, stream.seen)
+        tick = progress(f"{run.mode}: prefill to {p}", p - stream.seen)
+        while stream.seen < p:
+            n = min(chunk, p - stream.seen)
+            stream.forward(ids[stream.seen : stream.seen + n], keep=1)
+            tick(n)
+        before = getattr(cache, "upkeep_s", 0.0)
+        step = lambda t: stream.forward([ids[t]], keep=1)  # noqa: E731
+        time_steps(run, meter, p, steps, step, progress(f"{run.mode}: decode at {p}", steps))
+        if upkeep is not None:
+            run.upkeep_s += cache.upkeep_s - before
+
+
+def speed_recompute(run: SpeedRun, model, ids, sinks, window, positions, steps, progress) -> None:
+    """Each new token recomputes its whole context (first ``sinks`` + last ``window`` tokens) from scratch.
+
+    Every step is the same ``sinks + window`` tokens wherever it is, so only the first and last
+    positions are timed (this is the slow mode).
+    """
+    meter = Meter(next(model.parameters()).device)
+    step = lambda t: recompute_logits(model, [ids[:sinks] + ids[t - window : t]])  # noqa: E731
+    for p in sorted({positions[0], positions[-1]}):
+        time_steps(run, meter, p, steps, step, progress(f"recompute: decode at {p}", steps))
+
+
+def speed_runs(
+    loaded, ids, modes, sinks, window, block, positions, steps, recompute_steps, progress, runs: list[SpeedRun]
+) -> None:
+    model = loaded.model
+    chunk = prefill_chunk(window)  # the chat's own
+    limit = max_positions(model.config)
+    for mode in modes:
+        run = SpeedRun(mode)
+        runs.append(run)
+        if mode == "sinks":
+            cache = SinkCache.for_model(model, sinks, window, block)
+            speed_stream(run, model, cache, ids, positions, steps, chunk, progress)
+        elif mode == "dense":
+            fits = [p for p in positions if limit is None or p + steps <= limit]
+            if len(fits) < len(positions):
+                run.note = f"stopped at the model's maximum context of {limit} tokens"
+                if limit - steps > (fits[-1] if fits else 0):
+                    fits.append(limit - steps)
+            speed_stream(run, model, dense_cache(model), ids, fits, steps, chunk, progress)
+        else:
+            speed_recompute(run, model, ids, sinks, window, positions, recompute_steps, progress)
+
+
+def speed_report(runs: list[SpeedRun], extra: dict) -> dict:
+    by_mode = {run.mode: run for run in runs}
+    results = []
+    for run in runs:
+        ms = run.ms()
+        results.append({
+            "mode": run.mode,
+            "tokens_per_s": 1000 / ms if ms else None,
+            "median_ms": ms,
+            "ms_per_token": [[pt["position"], pt["ms"]] for pt in run.points],
+            "mem_mb": [[pt["position"], pt["mem_mb"]] for pt in run.points],
+            "peak_mem_mb": run.peak_mem_mb or None,
+            "note": run.note,
+        })
+    sinks, recompute = by_mode.get("sinks"), by_mode.get("recompute")
+    speedup = recompute.ms() / sinks.ms() if sinks and recompute and sinks.ms() and recompute.ms() else None
+    upkeep = sinks.upkeep_s / sinks.decode_s if sinks and sinks.decode_s else None
+    flat = sinks.points[-1]["ms"] / sinks.points[0]["ms"] if sinks and len(sinks.points) > 1 else None
+    return {
+        "results": results,
+        "speedup_vs_recompute": speedup,
+        "upkeep_share": upkeep,
+        "sinks_last_vs_first": flat,
+        **extra,
+    }
+
+
+def speed_positions(sinks: int, window: int, tokens: int, points: int) -> list[int]:
+    """``points`` positions from just after the window first fills to ``tokens``, evenly spaced."""
+    first = sinks + window
+    if tokens <= first or points < 2:
+        return [max(first, tokens)]
+    return [round(first + k * (tokens - first) / (points - 1)) for k in range(points)]

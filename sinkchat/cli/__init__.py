@@ -1,0 +1,52 @@
+"""The ``sinkchat`` command line: the chat (:mod:`.main`), ``sinkchat chats`` (:mod:`.chats`) and
+``sinkchat bench`` (:mod:`.bench`).
+
+Every user mistake becomes one line ``sinkchat: error: ...`` and exit code 2, never a traceback;
+Ctrl+C exits 130. Lower layers raise :class:`~sinkchat.errors.SinkchatError` with plain wording;
+only this package prints it.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from ..errors import SinkchatError
+from .bench import app as bench_app
+from .chats import app as chats_app
+from .main import app
+
+app.add_typer(chats_app, name="chats")
+app.add_typer(bench_app, name="bench")
+
+__all__ = ["app", "run"]
+
+
+def _optional_resume(args: list[str]) -> list[str]:
+    """``--resume`` alone means the last chat (Click options cannot take an optional value)."""
+    args = list(args)
+    for i, arg in enumerate(args):
+        if arg == "--":
+            break
+        if arg == "--resume" and (i + 1 == len(args) or args[i + 1].startswith("-")):
+            args.insert(i + 1, "last")
+            break
+    return args
+
+
+def run(argv: list[str] | None = None) -> None:
+    """Console-script entry point: one-line errors, exit 2 for bad input, 130 for Ctrl+C."""
+    try:
+        app(args=_optional_resume(sys.argv[1:] if argv is None else argv), standalone_mode=False)
+    except SinkchatError as exc:
+        print(f"sinkchat: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.TyperException as exc:  # usage errors: unknown option, a value of the wrong type
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        print(f"sinkchat: error: {message}", file=sys.stderr)
+        sys.exit(getattr(exc, "exit_code", 2))
+    except (typer.Abort, KeyboardInterrupt):
+        sys.exit(130)
