@@ -16,8 +16,9 @@ import statistics
 import threading
 import time
 
-from sinkchat import cli, models
+from sinkchat import models
 from sinkchat.engine import Chat, Done
+from sinkchat.settings import Settings
 from sinkchat.tui.app import SinkchatApp
 from sinkchat.tui.chat_input import ChatInput
 from sinkchat.tui.header import ChatHeader
@@ -31,7 +32,7 @@ def bare(loaded, s) -> tuple[float, int]:
     out: list[Done] = []
 
     def consume() -> None:
-        chat = Chat(loaded, cli.chat_settings(s))
+        chat = Chat(loaded, s)
         out.extend(e for e in chat.submit(PROMPT) if isinstance(e, Done))
 
     worker = threading.Thread(target=consume)
@@ -42,8 +43,6 @@ def bare(loaded, s) -> tuple[float, int]:
 
 async def tui(loaded, s) -> tuple[float, int, int]:
     app = SinkchatApp(s, loaded=loaded)
-    finished = asyncio.Event()
-    app.on_turn_end = lambda chat: finished.set()
     redraws = 0
     async with app.run_test(size=(120, 40)) as pilot:
         gauge = app.query_one("CacheGauge")
@@ -58,7 +57,9 @@ async def tui(loaded, s) -> tuple[float, int, int]:
         app.query_one(ChatInput).insert(PROMPT)
         cpu0, wall0 = time.thread_time(), time.perf_counter()  # the UI thread's own CPU time
         await pilot.press("enter")
-        await finished.wait()
+        await pilot.pause(0.1)
+        while app.chat_screen.generating:
+            await asyncio.sleep(0.02)
         ui_share = (time.thread_time() - cpu0) / (time.perf_counter() - wall0)
         reply = app.chat.messages[-1]
         return app.query_one(ChatHeader).tokens_per_s, reply.end - reply.start, redraws, ui_share
@@ -70,8 +71,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=200)
     ap.add_argument("--window", type=int, default=64)
     args = ap.parse_args()
-    s = cli.settings(window=args.window, max_new_tokens=args.tokens, temperature=0, seed=0)
-    loaded = models.load(s["model"], s["quant"], "cpu", s["dtype"])
+    s = Settings(window=args.window, max_new_tokens=args.tokens, temperature=0, seed=0, device="cpu")
+    loaded = models.load_for(s)
     bare(loaded, s)  # warm-up
     rows = []
     for r in range(args.rounds):

@@ -9,7 +9,7 @@ import asyncio
 import sys
 from pathlib import Path
 
-from sinkchat import cli
+from sinkchat.settings import Settings
 from sinkchat.tui.app import SinkchatApp
 from sinkchat.tui.chat_input import ChatInput
 from sinkchat.tui.header import ChatHeader
@@ -18,19 +18,18 @@ PROMPTS = ["What is the capital of France?", "Write a Python function that rever
 
 
 async def main(path: str) -> None:
-    s = cli.settings(window=64, temperature=0, seed=0, max_new_tokens=80, theme="sinkchat-dark")
+    s = Settings(window=64, temperature=0, seed=0, max_new_tokens=80, theme="sinkchat-dark")
     app = SinkchatApp(s)
-    finished = asyncio.Event()
-    app.on_turn_end = lambda chat: finished.set()
     async with app.run_test(size=(110, 42)) as pilot:
         while app.chat is None:
             await pilot.pause(0.2)
         app.query_one(ChatInput).cursor_blink = False
         for prompt in PROMPTS:
-            finished.clear()
             app.query_one(ChatInput).insert(prompt)
             await pilot.press("enter")
-            await finished.wait()
+            await pilot.pause(0.1)
+            while app.chat_screen.generating:
+                await pilot.pause(0.05)
         speed = app.query_one(ChatHeader).tokens_per_s
         await pilot.pause(0.5)
         app.save_screenshot(Path(path).name, str(Path(path).parent))

@@ -15,8 +15,6 @@ class ChatInput(TextArea):
         # Not in the footer (the placeholder says it; F1 lists it), so every app key fits in 110 columns.
         Binding("ctrl+j,shift+enter,alt+enter", "newline", "New line", key_display="ctrl+j", show=False),
     ]
-    DEFAULT_CSS = "ChatInput { height: auto; min-height: 3; max-height: 10; }"
-
     @dataclass
     class Submitted(Message):
         text: str

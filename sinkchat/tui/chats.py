@@ -1,15 +1,19 @@
 """Ctrl+O: the saved chats, newest first, with a search box; Enter opens one, Ctrl+D deletes one.
 
-The screen only reads the store (``store.list``); opening and deleting go through the app, which
-owns the open chat, its lock and its autosave.
+The screen lists chats through the ``lister`` it is given (the app runs it on its store thread)
+and posts :class:`ChatsScreen.Open` and :class:`ChatsScreen.Delete`; the app, which owns the open
+chat, its lock and its saving, acts on them (and pops this screen or calls :meth:`reload`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import datetime
 
 from textual.binding import Binding
 from textual.containers import Vertical
+from textual.message import Message
 from textual.screen import ModalScreen, Screen
 from textual.widgets import DataTable, Footer, Input, Label
 
@@ -20,10 +24,6 @@ class ConfirmDelete(ModalScreen[bool]):
     """Y deletes, N or Esc keeps: a deletion cannot be undone."""
 
     BINDINGS = [Binding("y", "answer(True)", "Delete"), Binding("n,escape", "answer(False)", "Keep")]
-    DEFAULT_CSS = """
-    ConfirmDelete { align: center middle; }
-    ConfirmDelete > Label { width: 64; border: thick $error; background: $surface; padding: 1 2; }
-    """
 
     def __init__(self, info: ChatInfo):
         super().__init__()
@@ -45,17 +45,19 @@ class ChatsScreen(Screen):
         Binding("down", "move(1)", "Next", show=False),
         Binding("up", "move(-1)", "Previous", show=False),
     ]
-    DEFAULT_CSS = """
-    ChatsScreen > Vertical { padding: 1 2; }
-    ChatsScreen Input { margin-bottom: 1; }
-    ChatsScreen DataTable { height: 1fr; }
-    ChatsScreen .empty { color: $text-muted; padding: 0 1; }
-    """
     COLUMNS = ("id", "title", "updated", "messages", "tokens")
 
-    def __init__(self, app):
+    @dataclass
+    class Open(Message):
+        chat_id: int
+
+    @dataclass
+    class Delete(Message):
+        chat_id: int
+
+    def __init__(self, lister: Callable[[str | None], Awaitable[list[ChatInfo]]], open_id: int | None):
         super().__init__()
-        self.chat_app = app
+        self.lister, self.open_id = lister, open_id
         self.rows: list[ChatInfo] = []
 
     def compose(self):
@@ -66,19 +68,18 @@ class ChatsScreen(Screen):
             yield Label("", classes="empty")
         yield Footer()
 
-    def on_mount(self) -> None:
+    async def on_mount(self) -> None:
         self.query_one(DataTable).add_columns(*self.COLUMNS)
-        self.reload()
         self.query_one(Input).focus()
+        await self.reload()
 
-    def reload(self) -> None:
-        """Fill the table from ``store.list(query)``; the open chat is marked with a ●."""
+    async def reload(self) -> None:
+        """Fill the table from the lister; the open chat is marked with a ●."""
         query = self.query_one(Input).value.strip() or None
-        with self.chat_app.saver.lock:  # a save in flight holds it (rarely: saves follow replies)
-            self.rows = self.chat_app.store.list(query)
+        self.rows = await self.lister(query)
         table = self.query_one(DataTable)
         table.clear()
-        open_id = self.chat_app.chat_id
+        open_id = self.open_id
         for c in self.rows:
             when = datetime.fromtimestamp(c.updated).strftime("%Y-%m-%d %H:%M")
             mark = "● " if c.id == open_id else ""
@@ -86,8 +87,8 @@ class ChatsScreen(Screen):
         empty = "" if self.rows else ("no saved chats" + (f" matching {query!r}" if query else ""))
         self.query_one(".empty", Label).update(empty)
 
-    def on_input_changed(self, event: Input.Changed) -> None:
-        self.reload()
+    async def on_input_changed(self, event: Input.Changed) -> None:
+        await self.reload()
 
     def selected(self) -> ChatInfo | None:
         table = self.query_one(DataTable)
@@ -104,13 +105,12 @@ class ChatsScreen(Screen):
     def action_back(self) -> None:
         self.app.pop_screen()
 
-    async def action_open(self) -> None:
+    def action_open(self) -> None:
         info = self.selected()
         if info is None:
             self.notify("no chat selected", severity="warning")
             return
-        if await self.chat_app.open_chat(info.id):
-            self.app.pop_screen()
+        self.post_message(self.Open(info.id))
 
     def action_delete(self) -> None:
         info = self.selected()
@@ -118,9 +118,11 @@ class ChatsScreen(Screen):
             self.notify("no chat selected", severity="warning")
             return
 
-        async def answered(yes: bool | None) -> None:
-            if yes and await self.chat_app.delete_chat(info.id):
-                self.reload()
+        def answered(yes: bool | None) -> None:
+            if yes:
+                if info.id == self.open_id:
+                    self.open_id = None
+                self.post_message(self.Delete(info.id))
 
         self.app.push_screen(ConfirmDelete(info), answered)
 

@@ -10,23 +10,13 @@ from rich.text import Text
 from textual.reactive import reactive
 from textual.widget import Widget
 
-from ..cache import Occupancy
-from ..engine import Message
-from ..ledger import describe_span, spans
+from ..ledger import Message, Occupancy, describe_span, spans
 
 
 class CacheGauge(Widget):
     """Always visible at the bottom of the chat; redrawn only when the app feeds it new numbers."""
 
     COMPONENT_CLASSES = {"gauge--sink", "gauge--window", "gauge--free", "gauge--evicted", "gauge--label"}
-    DEFAULT_CSS = """
-    CacheGauge { height: auto; padding: 0 1; }
-    CacheGauge > .gauge--sink { color: $gauge-sink; }
-    CacheGauge > .gauge--window { color: $gauge-window; }
-    CacheGauge > .gauge--free { color: $gauge-free; }
-    CacheGauge > .gauge--evicted { color: $gauge-evicted; }
-    CacheGauge > .gauge--label { color: $text-muted; }
-    """
     details: reactive[bool] = reactive(True, layout=True)
     MAX_SPANS = 6  # most recent spans listed; older ones are summarised in one line
 

@@ -7,8 +7,6 @@ from textual.widgets import Static
 
 
 class ChatHeader(Static):
-    DEFAULT_CSS = "ChatHeader { height: 1; background: $panel; color: $foreground; padding: 0 1; }"
-
     model: reactive[str] = reactive("loading model…")
     tokens_per_s: reactive[float | None] = reactive(None)
 

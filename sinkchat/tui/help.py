@@ -19,11 +19,6 @@ def bindings_markdown(groups: list[tuple[str, list[Binding]]]) -> str:
 
 class HelpScreen(ModalScreen):
     BINDINGS = [Binding("escape,f1,q", "dismiss", "Close help")]
-    DEFAULT_CSS = """
-    HelpScreen { align: center middle; }
-    HelpScreen > VerticalScroll { width: 72; height: auto; max-height: 90%; border: thick $primary;
-                                  background: $surface; padding: 0 1; }
-    """
 
     def __init__(self, table: str):
         super().__init__()

@@ -1,71 +1,50 @@
-"""Saving off the UI thread: one saver thread, saves in order, every use of the store under one lock.
+"""Every use of the chat store, in order, on one thread, so the screen never waits on the disk.
 
 Why a thread: a save at the default 2000-token window writes and fsyncs a ~93 MB state file
-(0.65-0.86 s measured on the 2-core CI machine for SmolLM2; a 7B model's is larger), too long to
-freeze the screen after every reply. A 64-token window's save takes 8-50 ms.
+(0.65-0.86 s measured on a 2-core machine for SmolLM2; a 7B model's is larger), too long to
+freeze the screen after every reply; opening a chat reads one back. Why one: the store's SQLite
+connection is then used by one thread at a time with no lock, and saves land in order.
 
-Why it is safe: a save reads the live chat (its cache tensors, tokens and messages), so the next
-reply waits for :meth:`Saver.wait` before it touches the chat; the UI thread awaits :meth:`idle`
-before it opens, replaces or deletes a chat. The store's SQLite connection is shared with this one
-thread, and ``lock`` keeps their uses apart.
+What a save writes is copied on the UI thread first (:meth:`Autosave.capture`), so the next
+reply can start while the copy is written.
 """
 
 from __future__ import annotations
 
 import asyncio
-import threading
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TypeVar
 
-from ..engine import Chat
-from ..store import Autosave, Store
+from ..store import Store
+
+T = TypeVar("T")
 
 
-class Saver:
-    def __init__(self, store: Store, report):
-        """``report(message)`` is called on the saver thread when a save fails."""
-        self.store, self.report = store, report
-        self.lock = threading.RLock()
-        self.autosave: Autosave | None = None
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="sinkchat-save")
+class StoreThread:
+    def __init__(self, store: Store):
+        self.store = store
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="sinkchat-store")
         self._last: Future | None = None
 
-    @property
-    def chat_id(self) -> int | None:
-        return self.autosave.chat_id if self.autosave is not None else None
+    def submit(self, job: Callable[[Store], T]) -> Future:
+        """Run ``job(store)`` after every job submitted before it."""
+        self._last = self._pool.submit(job, self.store)
+        return self._last
 
-    def follow(self, chat: Chat, settings: dict, chat_id: int | None) -> None:
-        """Save ``chat`` from now on, as stored chat ``chat_id`` (None: created on its first save)."""
-        self.autosave = Autosave(self.store, chat, settings, chat_id, self.report)
-
-    def save(self, chat: Chat) -> None:
-        """Queue a save of ``chat`` (nothing happens if nothing is new since the last one)."""
-        autosave = self.autosave
-        if autosave is None:
-            return
-
-        def job() -> None:
-            try:
-                with self.lock:
-                    autosave(chat)
-            except Exception as exc:  # Autosave reports SaveError itself; anything else, one line too
-                self.report(f"could not save the chat ({type(exc).__name__}: {exc}); it goes on in memory")
-
-        self._last = self._pool.submit(job)
-
-    def wait(self) -> None:
-        """Block until the queued saves are done (for worker threads)."""
-        if self._last is not None:
-            self._last.result()
+    async def call(self, job: Callable[[Store], T]) -> T:
+        """``job(store)`` on the store thread, awaited without blocking the UI; its exception is raised here."""
+        return await asyncio.wrap_future(self.submit(job))
 
     def done(self) -> bool:
         return self._last is None or self._last.done()
 
     async def idle(self) -> None:
-        """Wait, without blocking the UI, until the queued saves are done."""
+        """Wait until every job submitted so far has run."""
         if self._last is not None:
-            await asyncio.wrap_future(self._last)
+            await asyncio.wait([asyncio.wrap_future(self._last)])
 
     def close(self) -> None:
+        """Run what is queued, then close the store."""
+        self._pool.submit(lambda: self.store.close())
         self._pool.shutdown(wait=True)
-        with self.lock:
-            self.store.close()

@@ -63,6 +63,10 @@ def parse(path: Path) -> Theme:
         raise ValueError(f"unknown key(s) {', '.join(unknown)}")
     if "primary" not in data:
         raise ValueError("missing the required key 'primary'")
+    if not isinstance(data.get("dark", True), bool):
+        raise ValueError(f"dark = {data['dark']!r} must be true or false")
+    if not isinstance(data["name"], str) or not data["name"].strip():
+        raise ValueError("name must be non-empty text")
     variables = data.get("variables", {})
     if not isinstance(variables, dict):
         raise ValueError("[variables] must be a table")

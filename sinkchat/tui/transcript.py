@@ -8,8 +8,8 @@ how many of its tokens left and quotes the words where the kept part begins.
 
 from __future__ import annotations
 
-from textual.containers import Vertical, VerticalScroll
 from rich.text import Text
+from textual.containers import Vertical, VerticalScroll
 from textual.reactive import reactive
 from textual.widget import Widget
 from textual.widgets import Markdown, Static
@@ -17,12 +17,12 @@ from textual.widgets import Markdown, Static
 from ..ledger import Memory
 
 ROLE_LABEL = {"user": "you", "assistant": "model", "system": "system"}
+NOTE_LABEL = {"stopped": "stopped", "length": "max tokens", "error": "error"}
 
 
 class RoleLine(Widget):
     """The one-line label over a message; a fixed height, so updating it costs a repaint, not a relayout."""
 
-    DEFAULT_CSS = "RoleLine { height: 1; }"
     text: reactive[str] = reactive("")
 
     def render(self) -> Text:
@@ -30,22 +30,12 @@ class RoleLine(Widget):
 
 
 class MessageView(Vertical):
-    DEFAULT_CSS = """
-    MessageView { height: auto; margin: 0 0 1 0; }
-    MessageView > .role { color: $text-muted; text-style: bold; padding: 0 1; }
-    MessageView.-user > .role { color: $accent; }
-    MessageView.-assistant > .role { color: $primary; }
-    MessageView > .body { padding: 0 1; }
-    MessageView > Markdown.body { padding: 0 1; margin: 0; }
-    MessageView.-forgotten { opacity: 55%; }
-    MessageView.-forgotten > .body { text-style: dim; }
-    """
 
-    def __init__(self, role: str, content: str = ""):
+    def __init__(self, role: str, content: str = "", note: str = ""):
         super().__init__(classes=f"-{role}")
         self.role, self.content = role, content
         self.memory: Memory | None = None
-        self.note = ""  # "stopped", "length"
+        self.note = note  # why a reply ended early: "stopped", "length", "error" or ""
         self.snippet = ""  # words where the kept part of a partly evicted message begins
         self.stream = None
 
@@ -61,7 +51,7 @@ class MessageView(Vertical):
     def _label(self) -> str:
         parts = [ROLE_LABEL.get(self.role, self.role)]
         if self.note:
-            parts.append(f"[{self.note}]")
+            parts.append(f"[{NOTE_LABEL.get(self.note, self.note)}]")
         m = self.memory
         if m is not None and m.forgotten:
             parts.append(f"⊘ forgotten: all {m.tokens} tokens evicted from the cache")
@@ -99,8 +89,6 @@ class MessageView(Vertical):
 class Transcript(VerticalScroll):
     """Scrolls to the newest text unless the user scrolled up to read."""
 
-    DEFAULT_CSS = "Transcript { height: 1fr; padding: 1 1 0 1; }"
-
     @property
     def views(self) -> list[MessageView]:
         return list(self.query(MessageView))
@@ -111,10 +99,10 @@ class Transcript(VerticalScroll):
         self.scroll_end(animate=False)
         return view
 
-    async def add_all(self, messages: list[tuple[str, str]]) -> None:
-        """Show a restored chat's messages in one mount (one layout pass, not one per message)."""
+    async def add_all(self, messages: list[tuple[str, str, str]]) -> None:
+        """Show a restored chat's ``(role, content, note)`` messages in one mount (one layout pass)."""
         if messages:
-            await self.mount_all([MessageView(role, content) for role, content in messages])
+            await self.mount_all([MessageView(role, content, note) for role, content, note in messages])
             self.scroll_end(animate=False)
 
     def follow(self) -> None:
