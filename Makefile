@@ -1,4 +1,4 @@
-# Two commands do all the set-up on a fresh machine:  make chat  and  make test
+# Two commands do all the set-up on a fresh machine:  make chat  and  make test  (make test-fast: no model)
 PYTHON ?= python3
 VENV   ?= .venv
 # torch==2.13.0 resolves to a local CPU build on machines that carry one, and to PyPI's
@@ -7,7 +7,7 @@ TORCH  ?= torch==2.13.0
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: chat test bench clean
+.PHONY: chat test test-fast lint clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -20,8 +20,14 @@ $(STAMP): pyproject.toml Makefile
 chat: $(STAMP)
 	$(BIN)/sinkchat $(ARGS)
 
-test: $(STAMP)
+test: lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: lint      # the inner loop: every test that loads no model
+	$(BIN)/python -m pytest -m "not model" $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check sinkchat tests scripts
 
 clean:
 	rm -rf $(VENV)

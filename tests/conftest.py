@@ -1,15 +1,22 @@
-"""Shared fixtures: the real bundled model (loaded once per session) and private XDG dirs."""
+"""Fixtures: the real bundled model (loaded once per session), tiny random models, private XDG dirs.
+
+Every test that loads a model is marked ``model`` (here, by the fixtures it uses, or by the test
+module); ``pytest -m "not model"`` is the fast tier.
+"""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+MODEL_FIXTURES = {"smollm", "smollm_f32", "tiny_models", "tiny_loaded"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.model)
 
 
 @pytest.fixture(autouse=True)
@@ -36,43 +43,27 @@ def smollm_f32():
     return models.load("smollm2-135m", quant="none", device="cpu", dtype="float32")
 
 
-def run_cli(*args: str, input: str | None = None, env: dict | None = None, timeout: float = 300):
-    """Run ``python -m sinkchat`` from this checkout in a subprocess, as a user's shell would."""
-    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
-    return subprocess.run(
-        [sys.executable, "-m", "sinkchat", *args],
-        input=input,
-        capture_output=True,
-        text=True,
-        env=full_env,
-        timeout=timeout,
-        cwd=ROOT,
-    )
-
-
-def tiny_model_dir(arch: str, tokenizer_dir: Path, out: Path) -> Path:
+def tiny_model_dir(arch: str, tokenizer_dir: Path, out: Path, **extra) -> Path:
     """A tiny randomly initialised model of ``arch`` saved as a local folder with a real chat tokenizer.
 
     Nothing can be downloaded here, so other architectures' code paths are exercised on small
     random weights; the tokenizer (and chat template) is the bundled SmolLM2's.
     """
     import torch
-    from transformers import AutoTokenizer, GPT2Config, MistralConfig, Qwen2Config
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, MistralConfig, Qwen2Config
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     common = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
                   bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     if arch == "mistral":
-        config = MistralConfig(**common, sliding_window=None)
+        config = MistralConfig(**{**common, "sliding_window": None, **extra})
     elif arch == "qwen2":
         config = Qwen2Config(**common, rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0})
     elif arch == "gpt2":
         config = GPT2Config(vocab_size=len(tok), n_embd=64, n_layer=2, n_head=4, n_positions=1024)
     else:
         raise ValueError(arch)
-    from transformers import AutoModelForCausalLM
-
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)
     model.save_pretrained(out)

@@ -7,9 +7,9 @@ import json
 
 import pytest
 
+from _helpers import run_cli
 from sinkchat import bench
-
-from conftest import run_cli
+from sinkchat.bench import ppl
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -25,30 +25,31 @@ def ids(smollm):
 
 def test_modes_agree_before_any_eviction(smollm, ids):
     """Text shorter than sinks + window: every mode sees the whole history, so perplexity is the same."""
-    runs: list[bench.PplRun] = []
-    bench.ppl_runs(smollm, ids, ["dense", "sinks", "recompute"], 4, 256, None, 1, 4, no_progress, runs)
-    bench.ppl_runs(smollm, ids, ["window"], 4, 256, None, 1, 4, no_progress, runs, feed=8)
-    ppl = {run.mode: run.ppl() for run in runs}
+    runs: list[ppl.PplRun] = []
+    ppl.ppl_runs(smollm, ids, ["dense", "sinks", "recompute"], 4, 256, None, 1, 4, no_progress, runs)
+    ppl.ppl_runs(smollm, ids, ["window"], 4, 256, None, 1, 4, no_progress, runs, feed=8)
+    by_mode = {run.mode: run.ppl() for run in runs}
     assert all(len(run.scored) == len(ids) - 1 for run in runs)
     for mode in ("sinks", "recompute", "window"):
-        assert ppl[mode] == pytest.approx(ppl["dense"], rel=5e-3), ppl
-    assert 2 < ppl["dense"] < 200  # a real model on real text, not noise
+        assert by_mode[mode] == pytest.approx(by_mode["dense"], rel=5e-3), by_mode
+    assert 2 < by_mode["dense"] < 200  # a real model on real text, not noise
 
 
 def test_after_eviction_window_explodes_and_recompute_batches_exactly(smollm, ids):
     """Window 16 on 64 tokens: without sinks perplexity explodes; recompute's batched contexts equal one by one."""
     text = ids[:64]
-    runs: list[bench.PplRun] = []
-    bench.ppl_runs(smollm, text, ["window", "sinks"], 4, 16, None, 1, 4, no_progress, runs, feed=4)
-    ppl = {run.mode: run.ppl() for run in runs}
-    assert ppl["window"] > 3 * ppl["sinks"], ppl
-    batched, single = bench.PplRun("recompute"), bench.PplRun("recompute")
-    bench.ppl_recompute(batched, smollm.model, text, 4, 16, stride=7, batch=4, tick=lambda n: None)
-    bench.ppl_recompute(single, smollm.model, text, 4, 16, stride=7, batch=1, tick=lambda n: None)
+    runs: list[ppl.PplRun] = []
+    ppl.ppl_runs(smollm, text, ["window", "sinks"], 4, 16, None, 1, 4, no_progress, runs, feed=4)
+    by_mode = {run.mode: run.ppl() for run in runs}
+    assert by_mode["window"] > 3 * by_mode["sinks"], by_mode
+    batched, single = ppl.PplRun("recompute"), ppl.PplRun("recompute")
+    ppl.ppl_recompute(batched, smollm.model, text, 4, 16, stride=7, batch=4, tick=lambda n: None)
+    ppl.ppl_recompute(single, smollm.model, text, 4, 16, stride=7, batch=1, tick=lambda n: None)
     assert [p for p, _ in batched.scored] == list(range(1, 64, 7))
     assert [v for _, v in batched.scored] == pytest.approx([v for _, v in single.scored], rel=1e-2, abs=1e-2)
 
 
+@pytest.mark.model  # a subprocess loads the bundled model
 def test_ppl_cli_json_and_png(tmp_path):
     plot = tmp_path / "ppl.png"
     r = run_cli("bench", "ppl", "--tokens", "48", "--window", "16", "--feed", "4", "--stride", "4",
@@ -64,6 +65,7 @@ def test_ppl_cli_json_and_png(tmp_path):
     assert plot.read_bytes()[:8] == PNG
 
 
+@pytest.mark.model  # a subprocess loads the bundled model
 def test_speed_cli_json_and_png(tmp_path):
     plot = tmp_path / "speed.png"
     r = run_cli("bench", "speed", "--tokens", "40", "--window", "16", "--points", "2", "--steps", "3",

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import run_cli
+from _helpers import run_cli
 from sinkchat import cli, models
 
 
@@ -20,6 +20,7 @@ def sinkchat(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
     return exit_info.value.code or 0, out, err
 
 
+@pytest.mark.model  # a subprocess loads the bundled model
 def test_plain_chat_in_a_pipe_prints_replies_and_one_cache_line_each():
     proc = run_cli(
         "--plain", "--temperature", "0", "--window", "48", "--max-new-tokens", "16",
@@ -78,6 +79,7 @@ def test_a_bad_flag_in_a_real_process_has_no_traceback():
     assert proc.stderr.strip() == "sinkchat: error: --window must be 1 or more (got -5)"
 
 
+@pytest.mark.model  # a subprocess loads the bundled model
 def test_sinks_zero_is_plain_window_attention(monkeypatch, capsys):
     monkeypatch.setattr(sys, "stdin", __import__("io").StringIO("Hello!\n"))
     code, out, err = sinkchat(monkeypatch, capsys, "--plain", "--sinks", "0", "--window", "16", "-t", "0",

@@ -6,11 +6,10 @@ import threading
 
 import pytest
 
-from sinkchat.engine import Chat, ChatSettings, Done, Evicted, Stats, TokenText, _Detokenizer
-from sinkchat.sampling import SamplingParams
+from _helpers import GREEDY
+from sinkchat.engine import Chat, Done, Evicted, Stats, TokenText, _Detokenizer
+from sinkchat.settings import Settings
 from sinkchat.template import Turns
-
-GREEDY = SamplingParams(temperature=0, repetition_penalty=1.1)
 
 
 def ask(chat: Chat, text: str) -> tuple[str, list]:
@@ -29,7 +28,7 @@ def covered(chat: Chat) -> list[int]:
 
 
 def test_six_turn_chat_with_a_small_window_evicts_and_stays_readable(smollm):
-    chat = Chat(smollm, ChatSettings(sinks=4, window=64, max_new_tokens=30, sampling=GREEDY))
+    chat = Chat(smollm, GREEDY.replace(sinks=4, window=64, max_new_tokens=30))
     questions = [  # a 135M model is not an encyclopedia: check that it answers on topic, in words
         ("What is the capital of France?", "paris"),
         ("How many legs does a spider have?", "leg"),
@@ -62,7 +61,7 @@ def test_six_turn_chat_with_a_small_window_evicts_and_stays_readable(smollm):
 
 
 def test_pasted_text_longer_than_the_window_streams_through_bounded_memory(smollm):
-    chat = Chat(smollm, ChatSettings(sinks=4, window=64, max_new_tokens=5, sampling=GREEDY))
+    chat = Chat(smollm, GREEDY.replace(sinks=4, window=64, max_new_tokens=5))
     size = None
     for event in chat.submit("Summarise this. " + "The quick brown fox jumps over the lazy dog. " * 60):
         size = size or chat.cache.memory_bytes()
@@ -75,7 +74,7 @@ def test_pasted_text_longer_than_the_window_streams_through_bounded_memory(smoll
 
 def test_each_turn_is_tokenized_alone_and_matches_the_full_template(smollm):
     """Incremental turns give exactly the tokens of the template rendered over the whole history."""
-    chat = Chat(smollm, ChatSettings(sinks=4, window=512, max_new_tokens=12, system="Be brief.", sampling=GREEDY))
+    chat = Chat(smollm, GREEDY.replace(sinks=4, window=512, max_new_tokens=12, system="Be brief."))
     history = [{"role": "system", "content": "Be brief."}]
     for q in ("Hi!", "Name a fruit.", "And a colour?"):
         reply, _ = ask(chat, q)
@@ -87,7 +86,7 @@ def test_each_turn_is_tokenized_alone_and_matches_the_full_template(smollm):
 
 
 def test_stop_ends_within_one_token_and_keeps_the_partial_reply(smollm):
-    chat = Chat(smollm, ChatSettings(sinks=4, window=128, max_new_tokens=200, sampling=GREEDY))
+    chat = Chat(smollm, GREEDY.replace(sinks=4, window=128, max_new_tokens=200))
     seen, after_stop = [], 0
     for event in chat.submit("Write a long story about a dragon and a knight."):
         if isinstance(event, TokenText):
@@ -109,30 +108,29 @@ def test_stop_ends_within_one_token_and_keeps_the_partial_reply(smollm):
 
 
 def test_max_new_tokens_and_end_of_turn(smollm):
-    chat = Chat(smollm, ChatSettings(sinks=4, window=256, max_new_tokens=3, sampling=GREEDY))
+    chat = Chat(smollm, GREEDY.replace(sinks=4, window=256, max_new_tokens=3))
     *_, done = chat.submit("Tell me about the sea.")
     assert (done.reason, done.generated) == ("length", 3)
-    chat = Chat(smollm, ChatSettings(sinks=4, window=256, max_new_tokens=200, sampling=GREEDY))
+    chat = Chat(smollm, GREEDY.replace(sinks=4, window=256, max_new_tokens=200))
     *_, done = chat.submit("Say just the word yes.")
     assert done.reason == "end" and done.generated < 200
 
 
 def test_a_seed_replays_a_sampled_reply(smollm):
-    params = SamplingParams(temperature=1.0, top_p=0.95, top_k=40, repetition_penalty=1.1, seed=7)
+    params = Settings(temperature=1.0, top_p=0.95, top_k=40, repetition_penalty=1.1, seed=7, sinks=4, window=128,
+                      max_new_tokens=20)
 
     def sample(p):
-        chat = Chat(smollm, ChatSettings(sinks=4, window=128, max_new_tokens=20, sampling=p))
-        return ask(chat, "Invent a name for a cat.")[0]
+        return ask(Chat(smollm, p), "Invent a name for a cat.")[0]
 
     assert sample(params) == sample(params)
-    others = {sample(SamplingParams(1.0, 0.95, 40, 1.1, seed)) for seed in (1, 2, 3)}
+    others = {sample(params.replace(seed=seed)) for seed in (1, 2, 3)}
     assert len(others) > 1  # sampling really samples
 
 
 def test_keep_system_keeps_the_whole_system_prompt_as_sinks(smollm):
     system = "You are a pirate. Always answer like a pirate would, with arr and matey."
-    chat = Chat(smollm, ChatSettings(sinks=4, window=48, max_new_tokens=20, system=system, keep_system=True,
-                                     sampling=GREEDY))
+    chat = Chat(smollm, GREEDY.replace(sinks=4, window=48, max_new_tokens=20, system=system, keep_system=True))
     for q in ("Hello!", "What is the sea?", "Where is the treasure?"):
         ask(chat, q)
     sys_msg = chat.messages[0]
@@ -159,7 +157,7 @@ def test_other_architectures_chat_through_the_sink_cache(arch, tiny_models):
     from sinkchat import models
 
     loaded = models.load(str(tiny_models[arch]), quant="none", device="cpu")
-    chat = Chat(loaded, ChatSettings(sinks=4, window=32, max_new_tokens=30, sampling=GREEDY))
+    chat = Chat(loaded, GREEDY.replace(sinks=4, window=32, max_new_tokens=30))
     for q in ("Hello there, how are you today?", "Tell me more please."):
         list(chat.submit(q))
     assert chat.occupancy().evicted > 0

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import resource
-import shutil
 import signal
 import sqlite3
 import stat
@@ -16,33 +15,24 @@ import sys
 import pytest
 import torch
 
-from sinkchat.cache import merge_spans
-from sinkchat.engine import Chat, ChatSettings, Done
+from _helpers import ROOT, run_cli, say, without_root_override
+from sinkchat.engine import Chat
 from sinkchat.errors import SinkchatError
 from sinkchat.export import to_json, to_markdown
-from sinkchat.sampling import SamplingParams
+from sinkchat.ledger import merge_spans
+from sinkchat.settings import Settings
 from sinkchat.store import ChatLocked, SaveError, Store
 
-from conftest import ROOT, run_cli
-
-GREEDY = SamplingParams(temperature=0, repetition_penalty=1.0)
-SMALL = ChatSettings(sinks=4, window=48, block=8, max_new_tokens=12, sampling=GREEDY)
+SMALL = Settings(sinks=4, window=48, block=8, max_new_tokens=12, temperature=0, repetition_penalty=1.0)
 CLI_FLAGS = ["--plain", "--temperature", "0", "--window", "48", "--block", "8", "--max-new-tokens", "12"]
 QUESTIONS = ["Tell me about Paris.", "And London?", "What about Rome?"]
-
-
-def say(chat: Chat, text: str) -> str:
-    for event in chat.submit(text):
-        if isinstance(event, Done):
-            return event.reply
-    raise AssertionError("no Done event")
 
 
 def saved_chat(loaded, store: Store, turns=QUESTIONS[:2], settings=SMALL) -> tuple[int, Chat]:
     """A chat whose window already evicted tokens when it was saved."""
     chat = Chat(loaded, settings)
     say(chat, turns[0])
-    chat_id = store.create(chat, {"model": "smollm2-135m"})
+    chat_id = store.create(chat, settings)
     for text in turns[1:]:
         say(chat, text)
         store.save(chat_id, chat)
@@ -51,9 +41,14 @@ def saved_chat(loaded, store: Store, turns=QUESTIONS[:2], settings=SMALL) -> tup
     return chat_id, chat
 
 
+def open_chat(store: Store, chat_id: int, loaded, settings=SMALL, read_only: bool = False):
+    chat = Chat(loaded, settings)
+    return chat, store.open(chat_id, chat, read_only=read_only)
+
+
 def reopen(store: Store, chat_id: int, loaded, settings=SMALL):
     store.unlock(chat_id)  # as if the first process had quit
-    return Store(store.root).open(chat_id, loaded, settings)
+    return open_chat(Store(store.root), chat_id, loaded, settings)
 
 
 def test_resume_is_exact_after_evictions(smollm):
@@ -77,6 +72,7 @@ def test_files_are_private(smollm):
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
 
 
+@pytest.mark.model  # a subprocess loads the bundled model
 def test_cli_resume_continues_token_for_token(tmp_path):
     """`sinkchat --resume` in a new process gives the reply the uninterrupted chat gave."""
     whole = run_cli(*CLI_FLAGS, "--data-dir", str(tmp_path / "a"), input="\n".join(QUESTIONS[:2]) + "\n")
@@ -122,7 +118,7 @@ def test_kill_9_during_generation_keeps_completed_turns(smollm, tmp_path):
     assert [(m["role"], m["content"].strip()) for m in saved["messages"][-2:]] == [
         ("user", "Tell me about Paris."), ("assistant", reply)]
     assert len(saved["tokens"]) == saved["messages"][-1]["end"]
-    chat, notices = Store(tmp_path).open(1, smollm, SMALL)  # the killed process's lock died with it
+    chat, notices = open_chat(Store(tmp_path), 1, smollm, SMALL)  # the killed process's lock died with it
     assert notices == [] and say(chat, "And London?")
 
 
@@ -143,7 +139,7 @@ def test_kill_9_during_save(smollm, tmp_path, fault, turns_kept, notice):
     half_written = list((tmp_path / "state").glob(".*.tmp"))
     assert bool(half_written) == fault.startswith("state-temp")
     store = Store(tmp_path)
-    chat, _ = store.open(1, smollm, SMALL)
+    chat, _ = open_chat(store, 1, smollm, SMALL)
     assert not list((tmp_path / "state").glob(".*.tmp"))  # the killed save's temp file is swept
     say(chat, QUESTIONS[2])
     store.save(1, chat)
@@ -187,7 +183,7 @@ def test_damaged_database_row_restored_from_state_file(smollm):
     with sqlite3.connect(store.db_path) as db:
         db.execute("UPDATE tokens SET token = token + 1 WHERE chat_id=? AND pos=30", (chat_id,))
         db.execute("UPDATE messages SET content = 'tampered' WHERE chat_id=? AND idx=1", (chat_id,))
-    chat2, notices = Store(store.root).open(chat_id, smollm, SMALL)
+    chat2, notices = open_chat(Store(store.root), chat_id, smollm, SMALL)
     assert len(notices) == 1 and "database rows are damaged" in notices[0]
     assert chat2.tokens == chat.tokens and chat2.messages == chat.messages
     assert Store(store.root).transcript(chat_id).notices == []  # the rows were repaired
@@ -202,7 +198,7 @@ def test_both_copies_damaged_refuses_and_changes_nothing(smollm):
         db.execute("DELETE FROM tokens WHERE chat_id=? AND pos=3", (chat_id,))
     before = store.db_path.read_bytes(), store.state_path(chat_id).read_bytes()
     with pytest.raises(SinkchatError, match="cannot be opened.*nothing was changed"):
-        Store(store.root).open(chat_id, smollm, SMALL)
+        open_chat(Store(store.root), chat_id, smollm, SMALL)
     assert (store.db_path.read_bytes(), store.state_path(chat_id).read_bytes()) == before
 
 
@@ -229,16 +225,6 @@ def test_disk_that_refuses_writes_keeps_old_save(smollm, tmp_path):
     assert Store(store.root).transcript(chat_id).tokens == chat.tokens
 
 
-def _without_root_override() -> list[str]:
-    """Root ignores file modes; drop that capability so a read-only directory is read-only."""
-    if os.geteuid() != 0:
-        return []
-    if not shutil.which("setpriv"):
-        pytest.skip("running as root without setpriv: cannot make a directory read-only")
-    caps = "-dac_override,-dac_read_search,-fowner"
-    return ["setpriv", f"--inh-caps={caps}", f"--bounding-set={caps}"]
-
-
 def test_read_only_data_dir_chat_goes_on(smollm, tmp_path):
     data = tmp_path / "data"
     store = Store(data)
@@ -249,7 +235,7 @@ def test_read_only_data_dir_chat_goes_on(smollm, tmp_path):
         d.chmod(0o500)
     try:
         out = subprocess.run(
-            [*_without_root_override(), sys.executable, "-m", "sinkchat", "--plain", "--resume", "--data-dir", str(data)],
+            [*without_root_override(), sys.executable, "-m", "sinkchat", "--plain", "--resume", "--data-dir", str(data)],
             input="And London?\nWhat about Rome?\n", capture_output=True, text=True, cwd=ROOT, timeout=300,
             env={**os.environ, "PYTHONPATH": str(ROOT)},
         )
@@ -272,8 +258,8 @@ def test_second_process_is_refused(smollm, tmp_path):
     shown = run_cli("chats", "show", "--data-dir", str(tmp_path))  # reading is still allowed
     assert shown.returncode == 0 and QUESTIONS[0] in shown.stdout
     with pytest.raises(ChatLocked):
-        Store(tmp_path).open(chat_id, smollm, SMALL)
-    reader, _ = Store(tmp_path).open(chat_id, smollm, SMALL, read_only=True)
+        open_chat(Store(tmp_path), chat_id, smollm, SMALL)
+    reader, _ = open_chat(Store(tmp_path), chat_id, smollm, SMALL, read_only=True)
     with pytest.raises(SaveError, match="read-only"):
         Store(tmp_path).save(chat_id, reader)
 
@@ -281,7 +267,7 @@ def test_second_process_is_refused(smollm, tmp_path):
 def test_other_window_rebuilds_from_ledger(smollm):
     store = Store()
     chat_id, chat = saved_chat(smollm, store)
-    wider = ChatSettings(sinks=4, window=64, block=8, max_new_tokens=12, sampling=GREEDY)
+    wider = SMALL.replace(window=64)
     chat2, notices = reopen(store, chat_id, smollm, wider)
     assert len(notices) == 1 and "another window" in notices[0] and "rebuilt" in notices[0]
     occ = chat2.occupancy()
@@ -359,9 +345,9 @@ def test_chats_cli_rename_delete_and_bad_input(smollm, tmp_path):
 
 
 def test_resume_bench_figures(smollm):
-    from sinkchat.resume_bench import format_table, run_resume_bench
+    from sinkchat.bench.resume import format_table, run_resume_bench
 
-    r = run_resume_bench(loaded=smollm, sinks=4, window=60, repeats=2)
+    r = run_resume_bench(smollm, Settings(sinks=4, window=60), repeats=2)
     assert r["held_tokens"] == 64 and r["window"] == 60
     assert r["restore_s"] < r["rebuild_s"]
     assert r["mistral_7b_mb_per_1000"] == pytest.approx(131.072)

@@ -2,48 +2,28 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
-from sinkchat import cli, config
-from sinkchat.cache import merge_spans
+from _helpers import SIZE, run_cli, send, wait_for
+from _helpers import tui_settings as make_settings
+from sinkchat import config
+from sinkchat.ledger import merge_spans
+from sinkchat.settings import Settings
+from sinkchat.store import Store
 from sinkchat.tui.app import SinkchatApp
 from sinkchat.tui.chat_input import ChatInput
+from sinkchat.tui.chat_screen import ChatScreen
 from sinkchat.tui.gauge import CacheGauge
 from sinkchat.tui.header import ChatHeader
 from sinkchat.tui.help import HelpScreen
 from sinkchat.tui.transcript import Transcript
 
-from conftest import run_cli
-
-SIZE = (110, 40)
 pytestmark = pytest.mark.anyio  # async tests run on anyio's pytest plugin (asyncio backend)
 
 
 @pytest.fixture
 def anyio_backend():
     return "asyncio"
-
-
-def make_settings(**over) -> dict:
-    return cli.settings(**{"window": 64, "temperature": 0, "seed": 0, "max_new_tokens": 40, **over})
-
-
-async def send(pilot, text: str, timeout: float = 60) -> None:
-    """Type ``text``, press Enter and wait until the reply is finished."""
-    app = pilot.app
-    await pilot.click(ChatInput)
-    app.query_one(ChatInput).insert(text)
-    await pilot.press("enter")
-    await wait_for(pilot, lambda: not app.generating, timeout)
-
-
-async def wait_for(pilot, condition, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        await pilot.pause(0.05)
 
 
 def kept(chat, message) -> bool:
@@ -86,8 +66,6 @@ async def test_chat_streams_evicts_and_gauge_matches_ledger(smollm):
 
 async def test_escape_stops_and_keeps_partial_reply(smollm):
     app = SinkchatApp(make_settings(max_new_tokens=200), loaded=smollm)
-    turns = []
-    app.on_turn_end = lambda chat: turns.append(chat.messages[-1].content)
     async with app.run_test(size=SIZE) as pilot:
         await pilot.click(ChatInput)
         app.query_one(ChatInput).insert("Write a long story about a dragon who learns to bake bread.")
@@ -107,7 +85,7 @@ async def test_escape_stops_and_keeps_partial_reply(smollm):
         assert box.text == "And then?" and len(chat.messages) == 3
         box.clear()
         await pilot.press("escape")
-        await wait_for(pilot, lambda: not app.generating, 10)
+        await wait_for(pilot, lambda: not app.chat_screen.generating, 10)
         reply = app.chat.messages[-1]
         view = app.query_one(Transcript).views[-1]
         assert reply.content and view.content == reply.content
@@ -116,7 +94,9 @@ async def test_escape_stops_and_keeps_partial_reply(smollm):
         assert "[stopped]" in label and view.has_class("-partly")
         words = smollm.tokenizer.decode(chat.tokens[max(b for _, b in chat.cache.evictions) :][:3])
         assert "kept from “" + words.strip() in label, label
-        assert turns == [reply.content]
+        await app.store.idle()  # the stopped reply was saved, with its note
+        saved = Store().transcript(app.chat_id).messages[-1]
+        assert (saved.content, saved.note) == (reply.content, "stopped")
         await pilot.press("ctrl+r")  # copy the last reply, with the message box focused
         assert app.clipboard == reply.content
 
@@ -131,23 +111,23 @@ async def test_theme_switch_restyles_gauge_and_is_remembered(smollm):
         assert app.theme == "sinkchat-light"
         assert gauge.get_component_rich_style("gauge--window").color != before
         assert config.load_config()["theme"] == "sinkchat-light"
-    assert cli.settings()["theme"] == "sinkchat-light"
+    assert Settings.resolve(config=config.load_config())[0].theme == "sinkchat-light"
 
 
 async def test_help_lists_every_binding(smollm):
     app = SinkchatApp(make_settings(), loaded=smollm)
     async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.chat is not None)
         assert app.focused is app.query_one(ChatInput)
         active = app.screen.active_bindings  # what the footer shows and a key press reaches
-        for binding in app.BINDINGS:
-            if binding.action not in ("chats", "stop"):  # hidden: no chats screen yet, nothing to stop
+        for binding in [*app.BINDINGS, *ChatScreen.BINDINGS]:
+            if binding.action != "stop":  # hidden: nothing to stop
                 assert active[binding.key].binding.action == binding.action, binding.key
         await pilot.press("f1")
         await pilot.pause()
         assert isinstance(app.screen, HelpScreen)
-        for binding in [*app.BINDINGS, *ChatInput.BINDINGS]:
-            if binding.action != "chats":  # hidden until a chats screen is plugged in
-                assert binding.description in app.screen.table
+        for binding in [*app.BINDINGS, *ChatScreen.BINDINGS, *ChatInput.BINDINGS]:
+            assert binding.description in app.screen.table
         assert "ctrl+p" in app.screen.table and "ctrl+j" in app.screen.table
         await pilot.press("escape")
         await pilot.pause()

@@ -10,7 +10,8 @@ import textwrap
 
 import pytest
 
-from sinkchat import cli
+from _helpers import ROOT, SIZE, run_cli, send, wait_for, without_root_override
+from _helpers import tui_settings as make_settings
 from sinkchat.engine import Chat, Done
 from sinkchat.store import ChatLocked, Store
 from sinkchat.tui.app import SinkchatApp
@@ -18,10 +19,6 @@ from sinkchat.tui.chats import ChatsScreen, ConfirmDelete
 from sinkchat.tui.gauge import CacheGauge
 from sinkchat.tui.help import HelpScreen
 from sinkchat.tui.transcript import Transcript
-
-from conftest import ROOT, run_cli
-from test_store import _without_root_override
-from test_tui import SIZE, make_settings, send, wait_for
 
 pytestmark = pytest.mark.anyio
 QUESTIONS = ["What is the capital of France?", "Name three famous museums in Paris.", "Which one is the oldest?"]
@@ -44,7 +41,7 @@ def screen_state(app) -> tuple:
 
 
 def engine_replies(loaded, settings: dict, questions: list[str]) -> list[str]:
-    chat = Chat(loaded, cli.chat_settings(settings))
+    chat = Chat(loaded, settings)
     return [next(e.reply for e in chat.submit(q) if isinstance(e, Done)) for q in questions]
 
 
@@ -54,7 +51,7 @@ async def test_saved_after_each_turn_and_resumed_exactly(smollm):
     async with app.run_test(size=SIZE) as pilot:
         await send(pilot, QUESTIONS[0])
         await send(pilot, QUESTIONS[1])
-        await wait_for(pilot, app.saver.done)  # saves run on the saver thread
+        await app.store.idle()  # saves run on the store thread
         chat, chat_id = app.chat, app.chat_id
         assert chat.cache.evictions, "the 64-token window must have evicted before the save"
         store = Store()
@@ -65,7 +62,7 @@ async def test_saved_after_each_turn_and_resumed_exactly(smollm):
         assert [(m.role, m.content) for m in saved.messages] == [(m.role, m.content) for m in chat.messages]
         assert saved.tokens == chat.tokens
         with pytest.raises(ChatLocked):  # the app holds the chat's lock while it is open
-            store.open(chat_id, smollm, cli.chat_settings(settings))
+            store.open(chat_id, Chat(smollm, settings))
         refused = run_cli("--resume", str(chat_id), timeout=120)  # a second process, through the CLI
         assert refused.returncode == 2 and "open in another sinkchat process" in refused.stderr, refused.stderr
         assert "Traceback" not in refused.stderr
@@ -73,7 +70,7 @@ async def test_saved_after_each_turn_and_resumed_exactly(smollm):
     store.lock(chat_id)  # the app released the lock on exit
     store.close()
 
-    app = SinkchatApp({**settings, "resume_id": chat_id}, loaded=smollm)
+    app = SinkchatApp(settings, loaded=smollm, resume_id=chat_id)
     async with app.run_test(size=SIZE) as pilot:
         await wait_for(pilot, lambda: app.chat is not None)
         await pilot.pause()
@@ -139,11 +136,11 @@ async def test_chat_list_lists_filters_opens_and_deletes(smollm):
 DRIVER = textwrap.dedent(
     """
     import asyncio, time
-    from sinkchat import cli
+    from sinkchat.settings import Settings
     from sinkchat.tui.app import SinkchatApp
 
     async def main():
-        app = SinkchatApp(cli.settings(window=64, temperature=0, max_new_tokens=6, model="smollm2-135m"))
+        app = SinkchatApp(Settings(window=64, temperature=0, max_new_tokens=6))
         async with app.run_test(size=(110, 40)) as pilot:
             deadline = time.monotonic() + 120
             while app.chat is None and time.monotonic() < deadline:
@@ -152,8 +149,9 @@ DRIVER = textwrap.dedent(
                 app.query_one("ChatInput").insert(text)
                 await pilot.press("enter")
                 await pilot.pause(0.2)
-                while app.generating:
+                while app.chat_screen.generating:
                     await pilot.pause(0.05)
+            await app.store.idle()
             print("REPLIES", sum(1 for m in app.chat.messages if m.role == "assistant" and m.content))
             for n in app._notifications:
                 print("NOTE", n.message)
@@ -163,6 +161,7 @@ DRIVER = textwrap.dedent(
 )
 
 
+@pytest.mark.model  # a subprocess loads the bundled model
 def test_read_only_data_dir_is_reported_and_chat_goes_on(tmp_path):
     data = tmp_path / "data"
     Store(data).close()
@@ -170,7 +169,7 @@ def test_read_only_data_dir_is_reported_and_chat_goes_on(tmp_path):
     data.chmod(0o500)
     try:
         out = subprocess.run(
-            [*_without_root_override(), sys.executable, "-c", DRIVER], capture_output=True, text=True, cwd=ROOT,
+            [*without_root_override(), sys.executable, "-c", DRIVER], capture_output=True, text=True, cwd=ROOT,
             timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT), "SINKCHAT_DATA_DIR": str(data)},
         )
     finally:

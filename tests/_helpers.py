@@ -1,0 +1,74 @@
+"""Helpers shared by the test modules (fixtures live in conftest.py)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from sinkchat.engine import Chat, Done
+from sinkchat.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+GREEDY = Settings(temperature=0, repetition_penalty=1.1)
+SIZE = (110, 40)  # the TUI tests' terminal
+
+
+def run_cli(*args: str, input: str | None = None, env: dict | None = None, timeout: float = 300):
+    """Run ``python -m sinkchat`` from this checkout in a subprocess, as a user's shell would."""
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "sinkchat", *args],
+        input=input, capture_output=True, text=True, env=full_env, timeout=timeout, cwd=ROOT,
+    )
+
+
+def say(chat: Chat, text: str) -> str:
+    """Send ``text`` and return the whole reply."""
+    for event in chat.submit(text):
+        if isinstance(event, Done):
+            return event.reply
+    raise AssertionError("no Done event")
+
+
+def without_root_override() -> list[str]:
+    """Root ignores file modes; drop that capability so a read-only directory is read-only."""
+    if os.geteuid() != 0:
+        return []
+    if not shutil.which("setpriv"):
+        pytest.skip("running as root without setpriv: cannot make a directory read-only")
+    caps = "-dac_override,-dac_read_search,-fowner"
+    return ["setpriv", f"--inh-caps={caps}", f"--bounding-set={caps}"]
+
+
+def tui_settings(**over) -> Settings:
+    """The TUI tests' chat: greedy, a 64-token window so eviction happens within two questions."""
+    return Settings(**{"window": 64, "temperature": 0, "seed": 0, "max_new_tokens": 40, **over})
+
+
+async def wait_for(pilot, condition, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        await pilot.pause(0.05)
+
+
+async def send(pilot, text: str, timeout: float = 60) -> None:
+    """Type ``text``, press Enter and wait until the reply is finished and saved."""
+    from sinkchat.tui.chat_input import ChatInput
+
+    app = pilot.app
+    screen = app.chat_screen
+    await wait_for(pilot, lambda: screen.chat is not None, timeout)
+    await pilot.click(ChatInput)
+    screen.query_one(ChatInput).insert(text)
+    turns = len(screen.chat.messages)
+    await pilot.press("enter")
+    await wait_for(pilot, lambda: not screen.generating and len(screen.chat.messages) > turns, timeout)
+    if app.store is not None:
+        await app.store.idle()
