@@ -134,9 +134,22 @@ class Chat:
         text = text.strip().removeprefix("system").strip()
         return f"(the model's default) {text}" if text else "(the model's default system prompt)"
 
-    def text_at(self, token: int, n: int = 6) -> str:
-        """The words of conversation tokens ``[token, token + n)`` on one line (special tokens dropped)."""
-        return self.tokenizer.decode(self.tokens[token : token + n], skip_special_tokens=True).replace("\n", " ")
+    def kept_from(self, message: Message, token: int, words: int = 6) -> tuple[str, int] | None:
+        """Where conversation token ``token`` falls in ``message``'s own text: the first ``words``
+        words from there and the paragraph (1-based, blank-line separated) they are in.
+
+        A message's tokens also hold its chat-template scaffolding; None when ``token`` lies past
+        the message's text (only closing scaffolding) or the text cannot be located.
+        """
+        content = message.content
+        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+        at = decode(self.tokens[message.start : message.end]).find(content) if content else -1
+        if at < 0:
+            return None
+        offset = max(0, len(decode(self.tokens[message.start : token])) - at)
+        if offset >= len(content.rstrip()):
+            return None
+        return " ".join(content[offset:].split()[:words]), content[:offset].count("\n\n") + 1
 
     # -- saving and restoring -------------------------------------------------------------------
 

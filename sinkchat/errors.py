@@ -2,4 +2,13 @@
 
 
 class SinkchatError(Exception):
-    """Bad input or an unusable model/file; the CLI prints ``sinkchat: error: <message>`` and exits 2."""
+    """Bad input or an unusable model/file; the CLI prints ``sinkchat: error: <message>`` and exits
+    with ``exit_code`` (2: the command line or a file was refused; 1: something failed later)."""
+
+    exit_code = 2
+
+
+class LoadFailed(SinkchatError):
+    """The model could not be loaded after the chat screen opened (shown there, then printed)."""
+
+    exit_code = 1

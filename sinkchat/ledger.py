@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 Span = tuple[int, int]  # conversation tokens [start, end)
+ROLE_NAME = {"user": "you", "assistant": "model", "system": "system"}  # as the transcript labels them
 
 
 @dataclass
@@ -122,14 +123,16 @@ def covered(span: Span, messages: list[Message]) -> list[int]:
 
 
 def describe_span(span: Span, messages: list[Message]) -> str:
-    """``[4, 120) 116 tokens: #1-#3 all, #4 assistant 37/52`` (runs of whole messages condensed)."""
+    """``tokens 4–119 (116): #1 system 15 of 19, #2–#3 whole, #4 model 37 of 52`` (inclusive token
+    numbers; messages numbered and named as the transcript shows them; runs of whole messages condensed)."""
     parts: list[str] = []
     run: list[int] = []  # consecutive messages the span covers completely
 
     def close_run() -> None:
         if run:
-            parts.append(f"#{run[0] + 1} {messages[run[0]].role} all" if len(run) == 1
-                         else f"#{run[0] + 1}-#{run[-1] + 1} all")
+            first = messages[run[0]]
+            parts.append(f"#{run[0] + 1} {ROLE_NAME.get(first.role, first.role)} whole" if len(run) == 1
+                         else f"#{run[0] + 1}–#{run[-1] + 1} whole")
             run.clear()
 
     for i in covered(span, messages):
@@ -139,10 +142,10 @@ def describe_span(span: Span, messages: list[Message]) -> str:
             run.append(i)
         else:
             close_run()
-            parts.append(f"#{i + 1} {m.role} {n}/{m.end - m.start}")
+            parts.append(f"#{i + 1} {ROLE_NAME.get(m.role, m.role)} {n} of {m.end - m.start}")
     close_run()
     a, b = span
-    return f"[{a}, {b}) {b - a} tokens: " + (", ".join(parts) or "no message")
+    return f"tokens {a}–{b - 1} ({b - a}): " + (", ".join(parts) or "no message")
 
 
 def spans(occupancy: Occupancy) -> list[Span]:

@@ -1,5 +1,7 @@
-"""Which model to run and how: aliases, sources (bundled, GGUF, folder, Hugging Face id), loading,
-4-bit/8-bit quantization, device choice, and a fingerprint of what was loaded."""
+"""Which model to run and how: aliases, sources (bundled, GGUF, folder, Hugging Face id), checks
+before loading, loading with 4-bit/8-bit quantization, device choice, and a fingerprint of what was
+loaded. torch and transformers are imported only when a model loads, so ``sinkchat models`` and the
+checks before the TUI opens stay quick."""
 
 from __future__ import annotations
 
@@ -14,11 +16,13 @@ import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from . import config as _config
 from .errors import SinkchatError
+
+if TYPE_CHECKING:
+    import torch
 
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -113,17 +117,23 @@ def _quiet() -> None:
     warnings.filterwarnings("ignore", category=UserWarning, module="bitsandbytes")
 
 
+def gguf_target(path: Path) -> Path:
+    """Where ``path`` is (or will be) converted: keyed by its location, size and modification time."""
+    st = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    return _config.cache_dir() / "models" / f"{path.stem}-{key}"
+
+
 def gguf_folder(path: Path, progress=lambda msg: None) -> Path:
     """Convert a GGUF file once into a cached Hugging Face folder; later starts load that folder.
 
     transformers cannot combine ``gguf_file`` with a bitsandbytes config, and dequantising GGUF on
     every start costs most of the load time, so the float weights are saved as safetensors.
     """
-    st = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    target = _config.cache_dir() / "models" / f"{path.stem}-{key}"
+    target = gguf_target(path)
     if (target / "config.json").is_file():
         return target
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     progress(f"converting {path.name} once into {target} ...")
@@ -144,12 +154,14 @@ def gguf_folder(path: Path, progress=lambda msg: None) -> Path:
     return target
 
 
-def _hub_folder(repo: str) -> str:
+WEIGHT_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+
+
+def _hub_folder(repo: str, patterns: list[str] = WEIGHT_FILES) -> str:
     """A Hugging Face id from the local cache, downloading it only when the hub is reachable."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
 
-    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
     try:
         return snapshot_download(repo, local_files_only=True, allow_patterns=patterns)
     except LocalEntryNotFoundError:
@@ -170,6 +182,10 @@ def _hub_folder(repo: str) -> str:
 
 def pick_device(device: str) -> str:
     """``auto``: a CUDA GPU if torch sees one, else the CPU."""
+    if device == "cpu":
+        return device
+    import torch
+
     if device == "cuda" and not torch.cuda.is_available():
         raise SinkchatError("--device cuda asked for, but no CUDA GPU is visible to torch")
     if device == "auto":
@@ -179,11 +195,45 @@ def pick_device(device: str) -> str:
 
 def pick_dtype(dtype: str, device: str) -> torch.dtype:
     """Compute dtype: float32 on the CPU (bf16 matmuls are slow there), bf16 on GPUs that have it."""
+    import torch
+
     if dtype != "auto":
         return getattr(torch, dtype)
     if device == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
+
+
+def read_config(folder: str, name: str):
+    """The model's config from ``folder``, checked for what the cache needs (:func:`check_model`)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except Exception as exc:
+        raise SinkchatError(f"cannot read the model config in {folder}: {exc}".splitlines()[0]) from None
+    check_model(config, name)
+    return config
+
+
+def preflight(settings) -> None:
+    """What can be checked before the chat screen opens, without loading weights: ``--model``
+    resolves, a CUDA device exists if asked for, and the model's config (in a folder, a converted
+    GGUF, or the Hugging Face cache; fetched alone where the hub is reachable) fits the cache:
+    RoPE, context, native sliding window. Raises :class:`SinkchatError`."""
+    source = resolve(settings.model)
+    if settings.device == "cuda":
+        pick_device("cuda")
+    if source.kind == "dir":
+        folder = source.ref
+    elif source.kind == "hub":
+        folder = _hub_folder(source.ref, ["config.json"])
+    else:  # a GGUF file not yet converted is read (and checked) while the screen shows progress
+        folder = str(gguf_target(Path(source.ref)))
+        if not (Path(folder) / "config.json").is_file():
+            return
+    config = read_config(folder, settings.model)
+    check_context(config, settings.model, settings.sinks, settings.window)
 
 
 def check_model(config, name: str) -> None:
@@ -239,7 +289,7 @@ def load(
     device = pick_device(device)
     compute = pick_dtype(dtype, device)
     _quiet()
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     if source.kind == "gguf":
         folder = str(gguf_folder(Path(source.ref), progress))
@@ -248,11 +298,7 @@ def load(
     else:
         progress(f"looking up {source.ref} ...")
         folder = _hub_folder(source.ref)
-    try:
-        config = AutoConfig.from_pretrained(folder)
-    except Exception as exc:
-        raise SinkchatError(f"cannot read the model config in {folder}: {exc}".splitlines()[0]) from None
-    check_model(config, name)
+    config = read_config(folder, name)
     if context is not None:
         check_context(config, name, *context)
 
@@ -289,6 +335,8 @@ def _cache_kwarg(forward_type: type) -> str:
 def forward(model, cache, ids: list[int], positions: torch.Tensor, keep: int = 1):
     """One forward pass of ``ids`` at RoPE ``positions`` through ``cache``; logits of the last ``keep``
     positions (0: all). The one place that calls the model, for the engine, the store and the bench."""
+    import torch
+
     device = model.get_input_embeddings().weight.device  # the first GPU under a device map
     return model(
         input_ids=torch.tensor([ids], device=device),

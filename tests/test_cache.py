@@ -12,6 +12,15 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from sinkchat.cache import SinkCache, rope_inv_freqs
 from sinkchat.models import forward
 
+# Bounds on logits that hold on any x86-64 CPU and still fail on a real position bug. Measured on
+# SmolLM2-135M in float32: correct caches differ from the dense cache or the reference by at most
+# ~1e-4 (summation order varies with the BLAS kernels a CPU picks); a sink key one position off
+# moves the logits by ~1.3, a window one position off by ~13.
+SAME = 1e-2
+# Without sinks the model is ill-conditioned (the point of StreamingLLM): shifting every position of
+# the reference by 100, a no-op in exact arithmetic, moves its own logits by up to ~6e-3.
+SAME_WITHOUT_SINKS = 5e-2
+
 
 def text_ids(tokenizer, n: int) -> list[int]:
     """Real English text: Python's own documentation, shipped with Python."""
@@ -132,7 +141,7 @@ def test_equals_dense_cache_before_eviction(smollm_f32):
     cache = SinkCache.for_model(model, 4, 400)
     got = torch.cat(stream(model, cache, ids, 64))
     assert cache.occupancy().evicted == 0
-    assert (got - dense).abs().max().item() <= 1e-4
+    assert (got - dense).abs().max().item() <= SAME
 
 
 @pytest.fixture(scope="module")
@@ -154,20 +163,15 @@ def test_attention_after_eviction_equals_reference(arch, block, smollm_f32, tiny
     ids = text_ids(smollm_f32.tokenizer, 140)
     cache, contexts, sizes, got = sink_run(model, ids, 4, 40, block, first_chunk=16)
     assert cache.occupancy().evicted > 60  # the comparison covers many evictions
-    assert worst(got, reference_logits(model, ids, contexts, sizes)) <= 1e-4
+    assert worst(got, reference_logits(model, ids, contexts, sizes)) <= SAME
 
 
-def test_window_without_sinks_is_within_the_references_own_float_noise(smollm_f32):
-    """Without sinks the model is ill-conditioned (the point of StreamingLLM): shifting every position
-    of the reference by 100, which changes nothing in exact arithmetic, moves its logits by ~5e-3 in
-    float32. The cache must agree with the reference at least that well."""
+def test_window_without_sinks_equals_the_reference(smollm_f32):
     model = smollm_f32.model
     ids = text_ids(smollm_f32.tokenizer, 140)
     cache, contexts, sizes, got = sink_run(model, ids, 0, 40, 4, first_chunk=16)
     assert cache.occupancy().sinks == 0 and cache.occupancy().evicted > 60
-    want = reference_logits(model, ids, contexts, sizes)
-    noise = worst(want, reference_logits(model, ids, contexts, sizes, offset=100))
-    assert worst(got, want) <= noise
+    assert worst(got, reference_logits(model, ids, contexts, sizes)) <= SAME_WITHOUT_SINKS
 
 
 def test_no_layer_holds_more_than_sinks_plus_window(smollm_f32):
@@ -206,7 +210,7 @@ def test_rebase_keeps_attention_exact(smollm_f32):
     a = stream(model, plain, ids, 8)
     b = stream(model, rebasing, ids, 8)
     assert rebasing.base > 0 and plain.base == 0
-    assert max((x - y).abs().max().item() for x, y in zip(a, b)) <= 1e-4
+    assert max((x - y).abs().max().item() for x, y in zip(a, b)) <= SAME
 
 
 def test_bf16_long_stream_does_not_drift(smollm_f32, tmp_path):

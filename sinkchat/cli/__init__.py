@@ -41,7 +41,7 @@ def run(argv: list[str] | None = None) -> None:
         app(args=_optional_resume(sys.argv[1:] if argv is None else argv), standalone_mode=False)
     except SinkchatError as exc:
         print(f"sinkchat: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(exc.exit_code)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except typer.TyperException as exc:  # usage errors: unknown option, a value of the wrong type

@@ -41,8 +41,9 @@ def list_chats(
     data_dir: str = DATA_DIR,
 ) -> None:
     """List saved chats, most recent first."""
-    from rich.console import Console
     from rich.table import Table
+
+    from .output import console
 
     rows = _store(ctx, data_dir).list(query)
     if not rows:
@@ -52,7 +53,7 @@ def list_chats(
     for c in rows:
         when = datetime.fromtimestamp(c.updated).strftime("%Y-%m-%d %H:%M")
         table.add_row(str(c.id), c.title, when, c.model, str(c.n_messages), str(c.n_tokens))
-    Console().print(table)
+    console().print(table)
 
 
 @app.command("show")

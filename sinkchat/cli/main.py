@@ -53,6 +53,7 @@ def main(
     max_new_tokens: int = _opt("max_new_tokens", "--max-new-tokens"),
     theme: str = _opt("theme", "--theme"),
     plain: bool = typer.Option(False, "--plain", help="Line-oriented chat on stdin/stdout instead of the TUI."),
+    no_save: bool = typer.Option(False, "--no-save", help="Do not save this chat (chats are saved by default)."),
     version: bool = typer.Option(False, "--version", help="Print the version and exit."),
     data_dir: str = typer.Option(None, "--data-dir", help=DATA_DIR_HELP),
     resume: str = typer.Option(
@@ -85,9 +86,9 @@ def main(
     if plain:
         for warning in warnings:
             print(f"sinkchat: warning: {warning}", file=sys.stderr)
-        _run_plain(settings, store, chat_id)
+        _run_plain(settings, store, chat_id, save=not no_save)
     else:
-        _run_tui(settings, store, chat_id, warnings)
+        _run_tui(settings, store, chat_id, warnings, save=not no_save)
 
 
 def _resume(store, resume: str | None) -> tuple[int | None, dict | None]:
@@ -101,7 +102,7 @@ def _resume(store, resume: str | None) -> tuple[int | None, dict | None]:
     return chat_id, store.settings(chat_id)
 
 
-def _run_plain(settings: Settings, store, chat_id: int | None) -> None:
+def _run_plain(settings: Settings, store, chat_id: int | None, save: bool = True) -> None:
     from .. import models, plain
     from ..engine import Chat
     from ..store import Autosave
@@ -117,34 +118,47 @@ def _run_plain(settings: Settings, store, chat_id: int | None) -> None:
     except BaseException:
         store.close()
         raise
-    save = Autosave(store, chat, settings, chat_id, lambda msg: print(f"sinkchat: {msg}", file=sys.stderr))
+    autosave = Autosave(store, chat, settings, chat_id, lambda msg: print(f"sinkchat: {msg}", file=sys.stderr))
+    after_turn = autosave if save else (lambda chat: None)
     try:
-        plain.run(chat, after_turn=save)
+        plain.run(chat, after_turn=after_turn)
     finally:
-        save(chat)
+        after_turn(chat)
         store.close()
+    if interactive and autosave.chat_id is not None:
+        print(f"resume with: sinkchat --plain --resume {autosave.chat_id}", file=sys.stderr)
 
 
-def _run_tui(settings: Settings, store, chat_id: int | None, warnings: list[str]) -> None:
-    """The app takes over ``store``, which already holds the resumed chat's lock, so no other
+def _run_tui(settings: Settings, store, chat_id: int | None, warnings: list[str], save: bool = True) -> None:
+    """Everything that can fail early fails here, in one line and before the screen opens: no
+    terminal, an unknown theme, a model that does not resolve or whose config does not fit.
+    The app then takes over ``store``, which already holds the resumed chat's lock, so no other
     process can open the chat between the check here and the TUI showing it."""
     try:
-        from ..tui.app import run as run_tui
-    except ImportError:
+        from .. import models
+        from ..tui.app import check_theme, run
+
+        check_theme(settings.theme)
+        models.preflight(settings)
+        if not (sys.stdin.isatty() and sys.stdout.isatty()):
+            raise SinkchatError("the chat screen needs a terminal; use --plain to chat through a pipe or a script")
+    except BaseException:
         store.close()
-        raise SinkchatError("the TUI is not available in this build; use --plain") from None
-    run_tui(settings, store, chat_id, warnings)
+        raise
+    chat_id = run(settings, store, chat_id, warnings, save=save)
+    if chat_id is not None:
+        print(f"resume with: sinkchat --resume {chat_id}")
 
 
 @app.command("models")
 def list_models() -> None:
     """List model aliases and whether each can load on this machine without a download."""
-    from rich.console import Console
     from rich.table import Table
 
     from .. import models
+    from .output import console
 
     table = Table("alias", "source", "model", "here", box=None)
     for alias, where, desc, ok in models.available():
         table.add_row(alias, where, desc, "yes" if ok else "download")
-    Console().print(table)
+    console().print(table)

@@ -21,7 +21,7 @@ from textual.theme import BUILTIN_THEMES
 
 from .. import config
 from ..engine import Chat
-from ..errors import SinkchatError
+from ..errors import LoadFailed, SinkchatError
 from ..models import LoadedModel
 from ..settings import Settings
 from ..store import Autosave, Store
@@ -44,20 +44,22 @@ class SinkchatApp(App):
     CSS_PATH = "app.tcss"
     TITLE = "sinkchat"
     BINDINGS = [
-        Binding("ctrl+t", "next_theme", "Theme"),
+        Binding("ctrl+t", "next_theme", "Theme", show=False),
         Binding("ctrl+o", "chats", "Chats"),
         Binding("f1", "help", "Help"),
         Binding("ctrl+q", "quit", "Quit", priority=True),
     ]
 
     def __init__(self, settings: Settings, loaded: LoadedModel | None = None, store: Store | None = None,
-                 resume_id: int | None = None, notices: Iterable[str] = ()):
+                 resume_id: int | None = None, notices: Iterable[str] = (), save: bool = True):
         super().__init__()
-        self.settings, self.loaded, self.resume_id = settings, loaded, resume_id
-        self.notices = list(notices)
+        self.settings, self.loaded, self.resume_id, self.saving = settings, loaded, resume_id, save
+        self.notices = list(notices) + ([] if save else ["--no-save: nothing of this session is saved"])
         self.exit_notes: list[str] = []  # save errors at exit, printed by run() after the screen is gone
+        self.load_error: str | None = None  # why the model could not be loaded, for run() to print
         self.store: StoreThread | None = None
         self.autosave: Autosave | None = None
+        self._shown_id: int | None = None  # the stored chat on screen, when it is not being saved
         try:
             self.store = StoreThread(store or Store())
         except SinkchatError as exc:
@@ -75,10 +77,6 @@ class SinkchatApp(App):
     def chat(self) -> Chat | None:
         return self.chat_screen.chat
 
-    @property
-    def chat_id(self) -> int | None:
-        return self.autosave.chat_id if self.autosave is not None else None
-
     def get_theme_variable_defaults(self) -> dict[str, str]:
         return dict(themes.GAUGE_DEFAULTS)  # Textual's built-in themes lack the gauge colours
 
@@ -92,10 +90,15 @@ class SinkchatApp(App):
     def get_default_screen(self) -> Screen:
         return self.chat_screen
 
+    async def action_quit(self) -> None:
+        """Stop a running reply (kept, marked stopped) and save before the app closes."""
+        await self._leave_chat()
+        self.exit()
+
     async def on_unmount(self) -> None:
-        await self.chat_screen.stop_reply()
         if self.store is not None:
-            self.save()
+            if not self.chat_screen.replying():  # a reply cut mid-step is not saved; the last turn's save stands
+                self.save()
             self.store.close()
 
     # -- chats ----------------------------------------------------------------------------------
@@ -122,9 +125,15 @@ class SinkchatApp(App):
         else:
             self.exit_notes.append(msg.text)
 
+    @property
+    def chat_id(self) -> int | None:
+        """The stored chat on screen (None: a new chat not saved yet)."""
+        return self.autosave.chat_id if self.autosave is not None else self._shown_id
+
     def _follow(self, chat: Chat, chat_id: int | None) -> None:
         """Save ``chat`` from now on as stored chat ``chat_id`` (None: created on its first save)."""
-        if self.store is not None:
+        self._shown_id, self.autosave = chat_id, None
+        if self.store is not None and self.saving:
             self.autosave = Autosave(self.store.store, chat, chat.settings, chat_id,
                                      lambda text: self.post_message(SaveFailed(text)))
 
@@ -134,10 +143,11 @@ class SinkchatApp(App):
         if self.store is None:
             return
         self.save()
+        await self.store.idle()  # a new chat gets its id on its first save
         chat_id = self.chat_id
         if chat_id is not None:
             await self.store.call(lambda store: store.unlock(chat_id))
-        self.autosave = None
+        self._shown_id, self.autosave = chat_id, None
 
     @on(ChatScreen.NewChat)
     async def new_chat(self) -> None:
@@ -166,7 +176,7 @@ class SinkchatApp(App):
             chosen = settings or Settings.resolve(saved=store.settings(chat_id),
                                                   saved_source=f"chat {chat_id}'s saved settings")[0]
             chat = Chat(loaded, chosen.replace(theme=base.theme))
-            return chat, store.open(chat_id, chat)
+            return chat, store.open(chat_id, chat, read_only=not self.saving)
 
         try:  # on the store thread: a damaged or foreign state file means re-prefilling the window
             chat, notices = await self.store.call(restore)
@@ -258,16 +268,23 @@ def theme_names() -> list[str]:
     return sorted(set(themes.discover()[0]) | set(BUILTIN_THEMES))
 
 
-def run(settings: Settings, store: Store | None = None, resume_id: int | None = None,
-        notices: Iterable[str] = ()) -> None:
-    """Open the TUI; an unknown theme is refused before the model loads."""
-    if settings.theme not in theme_names():
-        if store is not None:
-            store.close()
+def check_theme(name: str) -> None:
+    if name not in theme_names():
         raise SinkchatError(
-            f"unknown theme {settings.theme!r} (from --theme or config.toml); available: {', '.join(theme_names())}"
+            f"unknown theme {name!r} (from --theme or config.toml); available: {', '.join(theme_names())}"
         )
-    app = SinkchatApp(settings, store=store, resume_id=resume_id, notices=notices)
+
+
+def run(settings: Settings, store: Store | None, resume_id: int | None = None, notices: Iterable[str] = (),
+        save: bool = True) -> int | None:
+    """Run the TUI until the user quits; returns the id the chat was saved as (None: not saved).
+
+    Raises :class:`LoadFailed` (exit code 1) when the model could not be loaded on screen.
+    """
+    app = SinkchatApp(settings, store=store, resume_id=resume_id, notices=notices, save=save)
     app.run()
     for note in app.exit_notes:
         print(f"sinkchat: {note}", file=sys.stderr)
+    if app.load_error:
+        raise LoadFailed(app.load_error)
+    return app.chat_id if save else None

@@ -21,7 +21,7 @@ from textual.message import Message
 from textual.reactive import reactive
 from textual.screen import Screen
 from textual.widgets import Footer, Label, LoadingIndicator
-from textual.worker import Worker
+from textual.worker import Worker, WorkerCancelled, WorkerFailed
 
 from ..engine import Chat, Done, Evicted, Stats, TokenText
 from ..errors import SinkchatError
@@ -65,8 +65,15 @@ class ChatScreen(Screen):
     BINDINGS = [
         Binding("escape", "stop", "Stop"),
         Binding("ctrl+n", "new_chat", "New chat"),
-        Binding("ctrl+g", "toggle_details", "Gauge details"),
-        Binding("ctrl+r", "copy_reply", "Copy reply"),
+        # Out of the footer, so the essential keys fit in 80 columns; F1 and the palette list them.
+        Binding("ctrl+g", "toggle_details", "Gauge details", show=False),
+        Binding("ctrl+r", "copy_reply", "Copy reply", show=False),
+        # Priority: they work while the message box has the focus (which owns these keys otherwise).
+        Binding("pageup", "scroll('page_up')", "Scroll the transcript up", show=False, priority=True),
+        Binding("pagedown", "scroll('page_down')", "Scroll the transcript down", show=False, priority=True),
+        Binding("ctrl+home", "scroll('home')", "Transcript: first message", show=False, priority=True),
+        Binding("ctrl+end", "scroll('end')", "Transcript: newest text (and follow it)", show=False,
+                priority=True),
     ]
     STREAM_INTERVAL = 0.3  # seconds between batches the worker posts: about 3 screen updates a second
 
@@ -91,6 +98,8 @@ class ChatScreen(Screen):
         self.settings, self.loaded = settings, loaded
         self.reply_view: MessageView | None = None
         self.last_reply = ""
+        self.queued: str | None = None  # a message sent before the chat was ready; sent once it is
+        self._confirmed = ""  # a message over the window the user was warned about (Enter again sends)
         self._worker: Worker | None = None
 
     def compose(self) -> ComposeResult:
@@ -100,14 +109,18 @@ class ChatScreen(Screen):
                 yield LoadingIndicator()
                 yield Label("loading the model…", classes="status", markup=False)
         yield CacheGauge(Occupancy(0, 0, self.settings.window, self.settings.sinks, 0, 0))
-        yield ChatInput(disabled=True)
+        yield ChatInput()
         yield Footer()
 
     def on_mount(self) -> None:
+        self.query_one(ChatInput).focus()  # typing starts at once; a message sent early is queued
         if self.loaded is not None:
             self.post_message(self.ModelLoaded(self.loaded))
         else:
             self.load_model()
+
+    def on_screen_resume(self) -> None:
+        self.query_one(ChatInput).focus()  # back from help, the chat list or a dialog: type on
 
     # -- the model ------------------------------------------------------------------------------
 
@@ -123,11 +136,15 @@ class ChatScreen(Screen):
     def loading_status(self, message: str) -> None:
         self.query_one("#loading .status", Label).update(message)
 
-    def load_failed(self, message: str) -> None:
-        box = self.query_one("#loading")
-        box.add_class("-failed")
-        box.query(LoadingIndicator).remove()
+    async def load_failed(self, message: str) -> None:
+        self.app.load_error = message
         self.loading_status(f"Could not load the model: {message}\n\nPress ctrl+q to quit.")
+        box = self.query_one("#loading")
+        await box.query(LoadingIndicator).remove()
+        box.add_class("-failed")
+        if self.queued is not None:  # give the queued message back, so it is not lost
+            await self.query_one(Transcript).query(MessageView).remove()
+            self.query_one(ChatInput).text, self.queued = self.queued, None
 
     @on(ModelLoaded)
     def _model_loaded(self, msg: ModelLoaded) -> None:
@@ -156,29 +173,77 @@ class ChatScreen(Screen):
             box = self.query_one(ChatInput)
         except NoMatches:  # the app closed while the chat was being shown
             return
-        box.disabled = False
         box.focus()
+        self._count_tokens()
+        if self.queued is not None:
+            text, self.queued = self.queued, None
+            await self._send(text)
+
+    def replying(self) -> bool:
+        """Whether a generation worker is running (the chat is then mid-step, not to be saved)."""
+        return self._worker is not None and self._worker.is_running
 
     async def stop_reply(self) -> None:
         """Stop a running reply and wait until its worker has ended (the chat can then be replaced)."""
         worker = self._worker
         if worker is not None and worker.is_running and self.chat is not None:
             self.chat.stop()
-            await worker.wait()
+            try:
+                await worker.wait()
+            except (WorkerCancelled, WorkerFailed):  # it still ended; a failure was shown as it happened
+                pass
+            if self.reply_view is not None:  # the reply's last batch never reached the screen: mark it here
+                self.reply_view.set_note("stopped")
 
     # -- chatting -------------------------------------------------------------------------------
 
     async def on_chat_input_submitted(self, event: ChatInput.Submitted) -> None:
-        if self.chat is None or self.generating:
-            busy = "wait for the reply, or press Esc to stop it" if self.generating else "the chat is still loading"
-            self.notify(f"{busy}; your message stays in the box", severity="warning")
+        box = self.query_one(ChatInput)
+        if self.generating:
+            self.notify("wait for the reply, or press Esc to stop it; your message stays in the box",
+                        severity="warning")
             return
-        self.query_one(ChatInput).clear()
+        if self.chat is None:
+            if self.queued is not None or self.app.load_error:
+                self.notify("a message is already waiting for the model; this one stays in the box",
+                            severity="warning")
+                return
+            self.queued = event.text  # shown as queued; sent when the chat is ready
+            box.clear()
+            await self.query_one(Transcript).add("user", event.text, note="queued")
+            return
+        tokens = len(self.chat.encode(event.text))
+        if tokens > self.chat.cache.window and self._confirmed != event.text:
+            self._confirmed = event.text
+            self.notify(f"This message is {tokens} tokens, more than the {self.chat.cache.window}-token window: "
+                        "the model will keep only its end. Press Enter again to send it.",
+                        title="Longer than the window", severity="warning", timeout=15)
+            return
+        box.clear()
+        await self._send(event.text)
+
+    async def _send(self, text: str) -> None:
         transcript = self.query_one(Transcript)
-        await transcript.add("user", event.text)
+        await transcript.add("user", text)
         self.reply_view = await transcript.add("assistant")
         self.generating = True
-        self._worker = self.generate(self.chat, event.text)
+        self._worker = self.generate(self.chat, text)
+
+    def on_text_area_changed(self, event: ChatInput.Changed) -> None:
+        self._count_tokens()
+
+    def _count_tokens(self) -> None:
+        """The message's size against the window, live in the box's border (once the model is loaded)."""
+        box = self.query_one(ChatInput)
+        if self.chat is None or not box.text.strip():
+            box.border_subtitle = ""
+            box.remove_class("-over")
+            return
+        tokens, window = len(self.chat.encode(box.text.strip())), self.chat.cache.window
+        over = tokens > window
+        box.set_class(over, "-over")
+        box.border_subtitle = (f"{tokens} tokens: more than the {window}-token window, only its end will stay"
+                               if over else f"{tokens} of {window} tokens")
 
     @work(thread=True, exclusive=True, group="generate", exit_on_error=False)
     def generate(self, chat: Chat, text: str) -> None:
@@ -210,7 +275,6 @@ class ChatScreen(Screen):
             return
         if msg.text:
             await self.reply_view.append(msg.text)
-            self.query_one(Transcript).follow()
         if msg.tokens_per_s is not None:
             self.query_one(ChatHeader).tokens_per_s = msg.tokens_per_s
         if msg.occupancy is not None:
@@ -245,7 +309,7 @@ class ChatScreen(Screen):
         for view, message in zip(self.query_one(Transcript).views, messages):
             mem = memory(message, merged)
             if mem != view.memory:
-                view.set_memory(mem, chat.text_at(mem.cut) if mem.partly and mem.cut else "")
+                view.set_memory(mem, chat.kept_from(message, mem.cut) if mem.partly and mem.cut else None)
 
     # -- actions --------------------------------------------------------------------------------
 
@@ -262,6 +326,15 @@ class ChatScreen(Screen):
 
     def action_new_chat(self) -> None:
         self.post_message(self.NewChat())
+
+    def action_scroll(self, where: str) -> None:
+        transcript = self.query_one(Transcript)
+        if where == "end":
+            transcript.anchor()  # and follow the newest text again
+            return
+        if where != "page_down":
+            transcript.release_anchor()  # the user is reading back: stop following
+        getattr(transcript, f"scroll_{where}")(animate=False)
 
     def action_toggle_details(self) -> None:
         gauge = self.query_one(CacheGauge)

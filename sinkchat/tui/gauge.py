@@ -1,7 +1,9 @@
-"""The cache gauge: a bar of sinks | window used | free, the counters, and the evicted spans.
+"""The cache gauge: a bar of sinks | window used | free, the counters in words, and the forgotten spans.
 
-Colours come from the theme's ``gauge-*`` variables through component classes, so every theme
-restyles the bar. ``details`` toggles the list of evicted spans with the messages they cover.
+Each part of the bar has its own glyph as well as its own colour (``▓`` sinks, ``█`` window, ``░``
+free), so it reads without colour too. Colours come from the theme's ``gauge-*`` variables through
+component classes, so every theme restyles the bar. Messages are named as the transcript numbers
+them (``#3 model``). ``details`` toggles the list of forgotten spans.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from textual.reactive import reactive
 from textual.widget import Widget
 
 from ..ledger import Message, Occupancy, describe_span, spans
+
+SINK, WINDOW, FREE = "▓", "█", "░"
 
 
 class CacheGauge(Widget):
@@ -39,9 +43,9 @@ class CacheGauge(Widget):
         return 2 + (min(n, self.MAX_SPANS) + (n > self.MAX_SPANS) if n else 1)
 
     def summary(self) -> str:
-        """``4 + 57 / 64 | seen 301 | evicted 240`` (the numbers a test or a user reads)."""
+        """``sinks 4 · window 57 of 64 · seen 301 · forgotten 240`` (the numbers a user reads)."""
         o = self.occupancy
-        return f"{o.sinks} + {o.window} / {o.window_capacity} | seen {o.seen} | evicted {o.evicted}"
+        return f"sinks {o.sinks} · window {o.window} of {o.window_capacity} · seen {o.seen} · forgotten {o.evicted}"
 
     def span_lines(self) -> list[str]:
         return [describe_span(s, self.messages) for s in spans(self.occupancy)]
@@ -49,32 +53,29 @@ class CacheGauge(Widget):
     def render(self) -> Text:
         o = self.occupancy
         style = self.get_component_rich_style
-        width = max(10, self.size.width - 2 - 28)
+        label = style("gauge--label")
+        width = max(10, self.size.width - 2)
         total = max(1, o.sink_capacity + o.window_capacity)
-        n_sink = round(width * o.sinks / total) if o.sinks else 0
-        n_win = round(width * o.window / total) if o.window else 0
-        n_sink = max(n_sink, 1 if o.sinks else 0)
-        n_win = max(n_win, 1 if o.window else 0)
+        n_sink = max(round(width * o.sinks / total), 1 if o.sinks else 0)
+        n_win = max(round(width * o.window / total), 1 if o.window else 0)
         n_free = max(0, width - n_sink - n_win)
         text = Text(no_wrap=True, overflow="ellipsis")
-        text.append("█" * n_sink, style("gauge--sink"))
-        text.append("█" * n_win, style("gauge--window"))
-        text.append("░" * n_free, style("gauge--free"))
-        text.append(f" {o.sinks} + {o.window} / {o.window_capacity}")
+        text.append(SINK * n_sink, style("gauge--sink"))
+        text.append(WINDOW * n_win, style("gauge--window"))
+        text.append(FREE * n_free, style("gauge--free"))
         text.append("\n")
-        label = style("gauge--label")
-        text.append("sinks ", label).append("■", style("gauge--sink"))
-        text.append("  window ", label).append("■", style("gauge--window"))
-        text.append("  free ", label).append("■", style("gauge--free"))
-        text.append(f"   seen {o.seen}   ", label)
-        text.append(f"evicted {o.evicted}", style("gauge--evicted") if o.evicted else label)
+        text.append(f"{SINK} ", style("gauge--sink")).append(f"sinks {o.sinks}", label).append(" · ", label)
+        text.append(f"{WINDOW} ", style("gauge--window")).append(f"window {o.window} of {o.window_capacity}", label)
+        text.append(" · ", label).append(f"{FREE} ", style("gauge--free")).append("free", label)
+        text.append(f" · seen {o.seen} · ", label)
+        text.append(f"forgotten {o.evicted}", style("gauge--evicted") if o.evicted else label)
         if self.details:
             lines = self.span_lines()
             if not lines:
-                text.append("\nno evicted spans yet: the model still sees the whole chat", label)
+                text.append("\nnothing forgotten yet: the model still sees the whole chat", label)
             older = len(lines) - self.MAX_SPANS
             if older > 0:
-                text.append(f"\n… {older} older span(s)", label)
+                text.append(f"\n… {older} older forgotten span(s)", label)
             for line in lines[-self.MAX_SPANS:]:
-                text.append("\n✂ ", style("gauge--evicted")).append(line)
+                text.append("\n✂ forgot ", style("gauge--evicted")).append(line)
         return text

@@ -1,4 +1,4 @@
-"""F1: every key binding of the app and of the message box, read from the bindings themselves."""
+"""F1: every key binding (read from the bindings themselves), how to scroll, and how to read the gauge."""
 
 from __future__ import annotations
 
@@ -6,6 +6,19 @@ from textual.binding import Binding
 from textual.containers import VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Markdown
+
+GAUGE = """\
+## The cache gauge
+
+The model keeps only part of the chat in its memory (its KV cache): the first few tokens,
+the **attention sinks** (`▓`, kept forever, because the model leans on them whatever they say),
+and a rolling **window** of the most recent tokens (`█`; `░` is room left in it). When the window
+is full its oldest tokens are **forgotten**: `seen` counts every token of the chat, `forgotten`
+those no longer in memory, and each `✂ forgot tokens a–b` line names the messages they came from,
+numbered as in the transcript (`#3 model 21 of 34`: 21 of message 3's 34 tokens). In the
+transcript a forgotten message is dimmed, and a partly forgotten one quotes where what is kept
+begins. Ctrl+G shows or hides those lines.
+"""
 
 
 def bindings_markdown(groups: list[tuple[str, list[Binding]]]) -> str:
@@ -25,8 +38,12 @@ class HelpScreen(ModalScreen):
         self.table = table
 
     def compose(self):
-        with VerticalScroll():
+        with VerticalScroll(can_focus=True):
             yield Markdown(
                 "# sinkchat keys\n\n" + self.table + "\n\nThe command palette (ctrl+p) offers the same "
-                "commands by name. Esc or F1 closes this help."
+                "commands by name. Scroll this help with the arrows or PageUp/PageDown; Esc or F1 "
+                "closes it.\n\n" + GAUGE
             )
+
+    def on_mount(self) -> None:
+        self.query_one(VerticalScroll).focus()

@@ -1,9 +1,13 @@
-"""The transcript: one view per engine message, with what the cache still remembers of it.
+"""The transcript: one numbered view per engine message, with what the cache still remembers of it.
 
-View ``i`` shows ``chat.messages[i]``. Assistant replies are Markdown (code blocks highlighted),
-streamed in batches through Textual's ``MarkdownStream`` so long replies do not flicker. A message
-whose tokens have all been evicted is dimmed with a ``forgotten`` marker; a partly evicted one says
-how many of its tokens left and quotes the words where the kept part begins.
+View ``i`` shows ``chat.messages[i]`` and is labelled ``#i+1`` (the gauge names messages the same
+way). Assistant replies are Markdown (code blocks highlighted), streamed in batches through
+Textual's ``MarkdownStream`` so long replies do not flicker. A message whose tokens have all been
+evicted is dimmed with a ``forgotten`` marker; a partly evicted one says how many of its tokens
+left and quotes its own words (never the chat template's) where the kept part begins.
+
+The transcript is anchored to its end: it follows a streaming reply to its last line unless the
+user scrolls up, and follows again once they scroll back down.
 """
 
 from __future__ import annotations
@@ -14,10 +18,9 @@ from textual.reactive import reactive
 from textual.widget import Widget
 from textual.widgets import Markdown, Static
 
-from ..ledger import Memory
+from ..ledger import ROLE_NAME, Memory
 
-ROLE_LABEL = {"user": "you", "assistant": "model", "system": "system"}
-NOTE_LABEL = {"stopped": "stopped", "length": "max tokens", "error": "error"}
+NOTE_LABEL = {"stopped": "stopped", "length": "max tokens", "error": "error", "queued": "queued"}
 
 
 class RoleLine(Widget):
@@ -30,13 +33,12 @@ class RoleLine(Widget):
 
 
 class MessageView(Vertical):
-
-    def __init__(self, role: str, content: str = "", note: str = ""):
+    def __init__(self, number: int, role: str, content: str = "", note: str = ""):
         super().__init__(classes=f"-{role}")
-        self.role, self.content = role, content
+        self.number, self.role, self.content = number, role, content
         self.memory: Memory | None = None
-        self.note = note  # why a reply ended early: "stopped", "length", "error" or ""
-        self.snippet = ""  # words where the kept part of a partly evicted message begins
+        self.note = note  # why a reply ended early: "stopped", "length", "error"; or "queued"
+        self.kept_from: tuple[str, int] | None = None  # (words, paragraph) where the kept part begins
         self.stream = None
 
     def compose(self):
@@ -49,22 +51,24 @@ class MessageView(Vertical):
             yield Static(self.content, classes="body", markup=False)
 
     def _label(self) -> str:
-        parts = [ROLE_LABEL.get(self.role, self.role)]
+        parts = [f"#{self.number} {ROLE_NAME.get(self.role, self.role)}"]
         if self.note:
             parts.append(f"[{NOTE_LABEL.get(self.note, self.note)}]")
         m = self.memory
         if m is not None and m.forgotten:
-            parts.append(f"⊘ forgotten: all {m.tokens} tokens evicted from the cache")
+            parts.append(f"⊘ forgotten: the model no longer holds any of its {m.tokens} tokens")
         elif m is not None and m.partly:
-            if self.snippet.strip():
-                where = f", kept from “{self.snippet.strip()}…”"
-            else:  # the evicted run ends the message: its start is what stays (the attention sinks)
-                where = f", its first {m.tokens - m.evicted} stay as attention sinks" if m.cut is None else ""
-            parts.append(f"✂ {m.evicted}/{m.tokens} tokens evicted{where}")
+            where = ""
+            if self.kept_from is not None:
+                words, paragraph = self.kept_from
+                where = f", kept from “{words}…”" + (f" (paragraph {paragraph})" if paragraph > 1 else "")
+            elif m.cut is None:  # the evicted run ends the message: its start is what stays (the sinks)
+                where = f", its first {m.tokens - m.evicted} stay as attention sinks"
+            parts.append(f"✂ {m.evicted} of {m.tokens} tokens forgotten{where}")
         return "  ".join(parts)
 
-    def set_memory(self, memory: Memory, snippet: str = "") -> None:
-        self.memory, self.snippet = memory, snippet
+    def set_memory(self, memory: Memory, kept_from: tuple[str, int] | None = None) -> None:
+        self.memory, self.kept_from = memory, kept_from
         self.set_class(memory.forgotten, "-forgotten")
         self.set_class(memory.partly, "-partly")
         self.query_one(RoleLine).text = self._label()
@@ -87,24 +91,24 @@ class MessageView(Vertical):
 
 
 class Transcript(VerticalScroll):
-    """Scrolls to the newest text unless the user scrolled up to read."""
+    """Follows the newest text unless the user scrolled up to read (Textual's anchor)."""
+
+    def on_mount(self) -> None:
+        self.anchor()
 
     @property
     def views(self) -> list[MessageView]:
         return list(self.query(MessageView))
 
-    async def add(self, role: str, content: str = "") -> MessageView:
-        view = MessageView(role, content)
+    async def add(self, role: str, content: str = "", note: str = "") -> MessageView:
+        """Append a message view (numbered after the last one) and follow the end again."""
+        view = MessageView(len(self.views) + 1, role, content, note)
         await self.mount(view)
-        self.scroll_end(animate=False)
+        self.anchor()
         return view
 
     async def add_all(self, messages: list[tuple[str, str, str]]) -> None:
         """Show a restored chat's ``(role, content, note)`` messages in one mount (one layout pass)."""
         if messages:
-            await self.mount_all([MessageView(role, content, note) for role, content, note in messages])
-            self.scroll_end(animate=False)
-
-    def follow(self) -> None:
-        if self.max_scroll_y - self.scroll_y <= 3:
-            self.scroll_end(animate=False)
+            await self.mount_all([MessageView(i + 1, *m) for i, m in enumerate(messages)])
+        self.anchor()

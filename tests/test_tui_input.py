@@ -1,0 +1,175 @@
+"""What a newcomer does in the first minutes, driven by Pilot: typing while the model loads, text
+and Enter in one burst, a message longer than the window, focus after the chat list, scrolling,
+and the footer at 80x24."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from textual import events
+from textual.app import App
+from textual.widgets import Footer
+
+from _helpers import SIZE, send, tui_settings, wait_for
+from sinkchat.tui import themes
+from sinkchat.tui.app import SinkchatApp
+from sinkchat.tui.chat_input import ChatInput
+from sinkchat.tui.chats import ChatsScreen
+from sinkchat.tui.transcript import Transcript
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
+
+
+def burst(app, text: str, then: str = "enter") -> None:
+    """Keys arriving faster than the app handles them, as from tmux send-keys or a paste without
+    bracketed paste: every event is queued before the first is processed."""
+    for ch in text:
+        app.post_message(events.Key(ch if ch != " " else "space", ch))
+    app.post_message(events.Key(then, "\r"))
+
+
+@pytest.mark.model
+async def test_a_message_typed_while_the_model_loads_is_queued_then_sent():
+    app = SinkchatApp(tui_settings(max_new_tokens=8), save=False)  # loads the bundled model itself
+    async with app.run_test(size=SIZE) as pilot:
+        box = app.query_one(ChatInput)
+        assert app.focused is box and not box.disabled  # typing starts at once
+        burst(app, "Hello there")
+        await wait_for(pilot, lambda: app.chat_screen.queued == "Hello there", 10)
+        queued = app.query_one(Transcript).views[-1]
+        assert (queued.content, queued.note) == ("Hello there", "queued") and box.text == ""
+        await wait_for(pilot, lambda: app.chat is not None, 120)
+        await wait_for(pilot, lambda: len(app.chat.messages) >= 3 and not app.chat_screen.generating, 60)
+        assert [m.content for m in app.chat.messages if m.role == "user"] == ["Hello there"]
+        assert app.chat.messages[-1].role == "assistant" and app.chat.messages[-1].content
+
+
+async def test_text_and_enter_in_one_burst_send_the_whole_message(smollm):
+    app = SinkchatApp(tui_settings(max_new_tokens=4), loaded=smollm, save=False)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.chat is not None)
+        for text in ("Tell me about the Eiffel Tower please", "And the Louvre?"):
+            burst(app, text)
+            await wait_for(pilot, lambda: app.chat_screen.generating or app.query_one(ChatInput).text == text, 10)
+            await wait_for(pilot, lambda: not app.chat_screen.generating, 60)
+        assert [m.content for m in app.chat.messages if m.role == "user"] == [
+            "Tell me about the Eiffel Tower please", "And the Louvre?"]
+        assert app.query_one(ChatInput).text == ""
+
+
+async def test_a_message_longer_than_the_window_is_counted_and_asked_about_once(smollm):
+    app = SinkchatApp(tui_settings(max_new_tokens=4), loaded=smollm, save=False)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.chat is not None)
+        box = app.query_one(ChatInput)
+        box.insert("Hi")
+        await pilot.pause()
+        assert box.border_subtitle.endswith("of 64 tokens") and not box.has_class("-over")
+        long = "Summarise this. " + "The quick brown fox jumps over the lazy dog. " * 20
+        box.clear()
+        box.insert(long)
+        await pilot.pause()
+        assert "more than the 64-token window" in box.border_subtitle and box.has_class("-over")
+        await pilot.press("enter")  # warned, not sent
+        await pilot.pause()
+        assert not app.chat.messages and box.text == long
+        assert any("Press Enter again" in n.message for n in app._notifications)
+        await pilot.press("enter")  # sent
+        await wait_for(pilot, lambda: len(app.chat.messages) >= 2 and not app.chat_screen.generating, 60)
+        assert any(m.content == long.strip() for m in app.chat.messages)
+
+
+async def test_the_message_box_has_the_focus_after_opening_a_chat(smollm):
+    app = SinkchatApp(tui_settings(max_new_tokens=4), loaded=smollm)
+    async with app.run_test(size=SIZE) as pilot:
+        await send(pilot, "First chat")
+        await pilot.press("ctrl+n")
+        await send(pilot, "Second chat")
+        await pilot.press("ctrl+o")
+        await wait_for(pilot, lambda: isinstance(app.screen, ChatsScreen) and app.screen.rows, 10)
+        await pilot.press("down", "enter")  # the older chat
+        await wait_for(pilot, lambda: not isinstance(app.screen, ChatsScreen), 10)
+        assert app.focused is app.query_one(ChatInput)
+        await pilot.press(*"typed", "ctrl+j")
+        assert app.query_one(ChatInput).text == "typed\n"
+        await pilot.press("f1")
+        await pilot.press("escape")
+        await pilot.pause()
+        assert app.focused is app.query_one(ChatInput)
+
+
+class TranscriptApp(App):
+    """The transcript alone, with sinkchat's stylesheet, to scroll it without a model."""
+
+    CSS_PATH = Path(themes.__file__).parent / "app.tcss"
+
+    def get_theme_variable_defaults(self) -> dict[str, str]:
+        return dict(themes.GAUGE_DEFAULTS)
+
+    def compose(self):
+        yield Transcript()
+        yield ChatInput()
+
+
+async def test_the_transcript_follows_the_end_until_the_user_scrolls_up():
+    app = TranscriptApp()
+    async with app.run_test(size=(80, 24)) as pilot:
+        t = app.query_one(Transcript)
+        for i in range(6):
+            await t.add("user", f"question {i}")
+            await t.add("assistant", f"answer {i}")
+        reply = await t.add("assistant")
+        code = "Here is the code:\n\n```python\n" + "".join(f"x{i} = {i}\n" for i in range(25)) + "```\n"
+        for part in (code[:40], code[40:200], code[200:]):
+            await reply.append(part)
+        await reply.finish()
+        await pilot.pause(0.3)
+        assert t.scroll_y == t.max_scroll_y > 0  # the code block's last line is on screen
+        t.release_anchor()  # the user scrolls up to read
+        t.scroll_home(animate=False)
+        await pilot.pause()
+        await t.views[-1].append("\n\nmore text")
+        await pilot.pause(0.3)
+        assert t.scroll_y == 0  # reading is not interrupted
+        t.scroll_end(animate=False)  # back at the bottom: following again
+        await pilot.pause(0.3)
+        await t.views[-1].append("\n\neven more text\n\nand more")
+        await reply.finish()
+        await pilot.pause(0.3)
+        assert t.scroll_y == t.max_scroll_y
+
+
+async def test_page_keys_scroll_the_transcript_from_the_message_box(smollm):
+    app = SinkchatApp(tui_settings(max_new_tokens=30), loaded=smollm, save=False)
+    async with app.run_test(size=(80, 24)) as pilot:
+        for q in ("What is the capital of France?", "And of Italy?", "And of Spain?"):
+            await send(pilot, q)
+        t = app.query_one(Transcript)
+        assert app.focused is app.query_one(ChatInput) and t.max_scroll_y > 0
+        assert t.scroll_y == t.max_scroll_y
+        await pilot.press("ctrl+home")
+        await pilot.pause()
+        assert t.scroll_y == 0
+        await pilot.press("pagedown")
+        await pilot.pause()
+        assert 0 < t.scroll_y
+        await pilot.press("ctrl+end")
+        await pilot.pause()
+        assert t.scroll_y == t.max_scroll_y
+
+
+async def test_the_essential_keys_fit_the_footer_at_80_columns(smollm):
+    app = SinkchatApp(tui_settings(), loaded=smollm, save=False)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_for(pilot, lambda: app.chat is not None)
+        await pilot.pause()
+        footer = app.screen.query_one(Footer)
+        shown = {key.key: key.region for key in footer.query("FooterKey")}
+        for key in ("enter", "ctrl+n", "ctrl+o", "f1", "ctrl+q"):
+            assert key in shown and shown[key].right <= 80, (key, shown.get(key))
