@@ -219,8 +219,8 @@ def read_config(folder: str, name: str):
 def preflight(settings) -> None:
     """What can be checked before the chat screen opens, without loading weights: ``--model``
     resolves, a CUDA device exists if asked for, and the model's config (in a folder, a converted
-    GGUF, or the Hugging Face cache; fetched alone where the hub is reachable) fits the cache:
-    RoPE, context, native sliding window. Raises :class:`SinkchatError`."""
+    GGUF, or the Hugging Face cache; fetched alone where the hub is reachable) fits the cache's
+    context. Raises :class:`SinkchatError`."""
     source = resolve(settings.model)
     if settings.device == "cuda":
         pick_device("cuda")
@@ -232,8 +232,12 @@ def preflight(settings) -> None:
         folder = str(gguf_target(Path(source.ref)))
         if not (Path(folder) / "config.json").is_file():
             return
-    config = read_config(folder, settings.model)
-    check_context(config, settings.model, settings.sinks, settings.window)
+    try:  # plain JSON: importing transformers here would cost seconds before the screen opens
+        config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # read (and reported) while the screen shows progress
+    if isinstance(config, dict):
+        check_context(config, settings.model, settings.sinks, settings.window)
 
 
 def check_model(config, name: str) -> None:
@@ -248,23 +252,33 @@ def check_model(config, name: str) -> None:
         raise SinkchatError(f"{name} is an encoder-decoder model; sinkchat needs a decoder-only chat model")
 
 
+def _limits(config) -> tuple[int | None, int | None, list]:
+    """``(max_position_embeddings, sliding_window, layer_types)`` of a transformers config or of
+    its ``config.json`` as a dict (a multimodal model's text part where it has one)."""
+    if isinstance(config, dict):
+        text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+        get = text.get
+    else:
+        text = config.get_text_config(decoder=True)
+        get = lambda key: getattr(text, key, None)  # noqa: E731
+    return get("max_position_embeddings"), get("sliding_window"), get("layer_types") or []
+
+
 def check_context(config, name: str, sinks: int, window: int, what: str = "sinks") -> None:
     """``sinks + window`` must fit the model's positions and any native sliding window.
 
-    ``what`` names the sink region in the message (``the system prompt kept whole``, when
-    ``keep_system`` made it larger than ``sinks``). The engine calls this on its final geometry.
+    ``config``: a transformers config or its ``config.json`` as a dict. ``what`` names the sink
+    region in the message (``the system prompt kept whole``, when ``keep_system`` made it larger
+    than ``sinks``). The engine calls this on its final geometry.
     """
-    config = config.get_text_config(decoder=True)
+    limit, native, layer_types = _limits(config)
     context = sinks + window
-    limit = getattr(config, "max_position_embeddings", None)
-    if limit is not None and context > limit:
+    if isinstance(limit, int) and context > limit:
         raise SinkchatError(
             f"{what} ({sinks}) + window ({window}) = {context} tokens exceeds {name}'s context of {limit} tokens; "
             "use a smaller window"
         )
-    native = getattr(config, "sliding_window", None)
-    layer_types = getattr(config, "layer_types", None) or []
-    if native and context > native and (not layer_types or "sliding_attention" in layer_types):
+    if isinstance(native, int) and context > native and (not layer_types or "sliding_attention" in layer_types):
         raise SinkchatError(
             f"{name} attends only to its last {native} tokens (native sliding window); {what} ({sinks}) + "
             f"window ({window}) = {context} must be at most {native}"

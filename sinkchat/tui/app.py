@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from textual import on
 from textual.app import App, SystemCommand
@@ -20,7 +21,6 @@ from textual.screen import Screen
 from textual.theme import BUILTIN_THEMES
 
 from .. import config
-from ..engine import Chat
 from ..errors import LoadFailed, SinkchatError
 from ..models import LoadedModel
 from ..settings import Settings
@@ -32,6 +32,9 @@ from .chats import ChatsScreen
 from .help import HelpScreen, bindings_markdown
 from .messages import SaveFailed
 from .store_thread import StoreThread
+
+if TYPE_CHECKING:
+    from ..engine import Chat
 
 
 class SinkchatApp(App):
@@ -154,6 +157,8 @@ class SinkchatApp(App):
         """Save the open chat, then start a new stored chat (created on its first turn)."""
         if self.loaded is None:
             return
+        from ..engine import Chat
+
         await self._leave_chat()
         chat = Chat(self.loaded, self.settings)
         self._follow(chat, None)
@@ -173,6 +178,8 @@ class SinkchatApp(App):
         loaded, base = self.loaded, self.settings
 
         def restore(store: Store) -> tuple[Chat, list[str]]:
+            from ..engine import Chat
+
             chosen = settings or Settings.resolve(saved=store.settings(chat_id),
                                                   saved_source=f"chat {chat_id}'s saved settings")[0]
             chat = Chat(loaded, chosen.replace(theme=base.theme))
@@ -243,8 +250,8 @@ class SinkchatApp(App):
     def bindings_table(self) -> str:
         extra = [Binding("ctrl+p", "command_palette", "Command palette")]
         return bindings_markdown(
-            [("", [b for b in self.BINDINGS if b.action != "chats" or self.store]), ("", ChatScreen.BINDINGS),
-             ("", extra), (" (message box)", ChatInput.BINDINGS)]
+            [(" (message box)", ChatInput.BINDINGS), ("", ChatScreen.BINDINGS),
+             ("", [b for b in self.BINDINGS if b.action != "chats" or self.store]), ("", extra)]
         )
 
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:

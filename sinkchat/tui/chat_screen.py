@@ -1,6 +1,7 @@
 """The chat screen: header, transcript, cache gauge, message box; loading the model and generating.
 
-Both long jobs run in Textual thread workers (the one concurrency mechanism here): the model load
+Both long jobs run in Textual thread workers (the one concurrency mechanism here; torch itself is
+imported there, so the screen is up before it has loaded): the model load
 posts :class:`ChatScreen.ModelLoaded`, and the generation worker batches the engine's events and
 posts them at most ``STREAM_INTERVAL`` apart, so the UI never slows decoding (see the README for
 the measurement). The screen never touches the disk: it posts :class:`ChatScreen.TurnEnded` after
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from textual import on, work
 from textual.app import ComposeResult
@@ -23,7 +25,6 @@ from textual.screen import Screen
 from textual.widgets import Footer, Label, LoadingIndicator
 from textual.worker import Worker, WorkerCancelled, WorkerFailed
 
-from ..engine import Chat, Done, Evicted, Stats, TokenText
 from ..errors import SinkchatError
 from ..ledger import Occupancy, memory, spans
 from ..models import LoadedModel, load_for
@@ -32,6 +33,9 @@ from .chat_input import ChatInput
 from .gauge import CacheGauge
 from .header import ChatHeader
 from .transcript import MessageView, Transcript
+
+if TYPE_CHECKING:  # the engine (and torch) load in the worker, after the screen is up
+    from ..engine import Chat, Done
 
 
 def one_line(exc: BaseException) -> str:
@@ -248,6 +252,8 @@ class ChatScreen(Screen):
     @work(thread=True, exclusive=True, group="generate", exit_on_error=False)
     def generate(self, chat: Chat, text: str) -> None:
         """Consume the engine's events; post batched text and cache numbers to the UI."""
+        from ..engine import Done, Evicted, Stats, TokenText
+
         pending: list[str] = []
         occupancy, speed, last = None, None, time.perf_counter()
         try:
