@@ -36,7 +36,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .errors import SinkchatError
-from .ledger import Occupancy, Span
+from .ledger import Occupancy, Span, merge_spans
 
 
 def default_block(window: int) -> int:
@@ -165,7 +165,7 @@ class SinkCache(Cache):
         self.n_win = 0  # tokens in the window
         self.seen = 0  # tokens that entered the cache since the start of the stream
         self.base = 0  # RoPE position of conversation token t in the window is t - base
-        self.evictions: list[Span] = []
+        self.evictions: list[Span] = []  # evicted conversation-token spans, adjacent blocks merged
         self.upkeep_s = 0.0  # wall time spent evicting and re-rotating (read by `sinkchat bench speed`)
 
     @classmethod
@@ -225,7 +225,10 @@ class SinkCache(Cache):
             layer.drop(self.n_sink, count)
         self.n_win -= count
         span = (first, first + count)
-        self.evictions.append(span)
+        if self.evictions and self.evictions[-1][1] == first:  # merged as it goes: O(1) per step, however long
+            self.evictions[-1] = (self.evictions[-1][0], first + count)
+        else:
+            self.evictions.append(span)
         self._place_sinks()
         return span
 
@@ -302,7 +305,7 @@ class SinkCache(Cache):
         self.block = meta["block"]
         self.n_sink, self.n_win = meta["n_sink"], meta["n_win"]
         self.seen, self.base = meta["seen"], meta["base"]
-        self.evictions = [tuple(s) for s in meta["evictions"]]
+        self.evictions = merge_spans([tuple(s) for s in meta["evictions"]])
 
 
 def rope_inv_freqs(model) -> list[torch.Tensor]:

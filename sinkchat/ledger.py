@@ -9,6 +9,7 @@ loading a model.
 
 from __future__ import annotations
 
+from bisect import bisect_left, bisect_right
 from dataclasses import dataclass, field
 
 Span = tuple[int, int]  # conversation tokens [start, end)
@@ -118,8 +119,22 @@ def memory(message: Message, spans: list[Span]) -> Memory:
 
 
 def covered(span: Span, messages: list[Message]) -> list[int]:
-    """Indices of the messages that ``span`` touches."""
-    return [i for i, m in enumerate(messages) if overlap(span, (m.start, m.end))]
+    """Indices of the messages that ``span`` touches (messages tile the conversation in order, so a
+    binary search finds them: O(log n + k) however long the chat)."""
+    first = bisect_right(messages, span[0], key=lambda m: m.end)
+    last = bisect_left(messages, span[1], key=lambda m: m.start)
+    return [i for i in range(first, last) if overlap(span, (messages[i].start, messages[i].end))]
+
+
+def forgotten_count(messages: list[Message], spans: list[Span], upto: int | None = None) -> int:
+    """How many of ``messages[:upto]`` lie wholly inside the merged eviction ``spans`` (O(log n) a span)."""
+    upto = len(messages) if upto is None else upto
+    count = 0
+    for a, b in spans:
+        first = bisect_left(messages, a, hi=upto, key=lambda m: m.start)
+        last = bisect_right(messages, b, hi=upto, key=lambda m: m.end)
+        count += max(0, last - first)
+    return count
 
 
 def describe_span(span: Span, messages: list[Message]) -> str:

@@ -10,9 +10,11 @@ import time
 from pathlib import Path
 
 import pytest
+from textual.app import App
 
 from sinkchat.engine import Chat, Done
 from sinkchat.settings import Settings
+from sinkchat.tui import themes
 
 ROOT = Path(__file__).resolve().parents[1]
 GREEDY = Settings(temperature=0, repetition_penalty=1.1)
@@ -72,3 +74,19 @@ async def send(pilot, text: str, timeout: float = 60) -> None:
     await wait_for(pilot, lambda: not screen.generating and len(screen.chat.messages) > turns, timeout)
     if app.store is not None:
         await app.store.idle()
+
+
+class TranscriptApp(App):
+    """The transcript and the message box alone, with sinkchat's stylesheet: no model needed."""
+
+    CSS_PATH = Path(themes.__file__).parent / "app.tcss"
+
+    def get_theme_variable_defaults(self) -> dict[str, str]:
+        return dict(themes.GAUGE_DEFAULTS)
+
+    def compose(self):
+        from sinkchat.tui.chat_input import ChatInput
+        from sinkchat.tui.transcript import Transcript
+
+        yield Transcript()
+        yield ChatInput()

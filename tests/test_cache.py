@@ -233,3 +233,16 @@ def test_bf16_long_stream_does_not_drift(smollm_f32, tmp_path):
     a, b = nll(drifting), nll(steady)
     assert drifting.base > 250  # many rebases happened
     assert abs(a - b) / b < 0.01
+
+
+def test_bookkeeping_per_step_does_not_grow_with_evictions(tiny_loaded):
+    """Hundreds of one-token evictions: the occupancy a step reports stays one merged span."""
+    model = tiny_loaded["mistral"]
+    cache = SinkCache.for_model(model, 4, 16, block=1)
+    with torch.no_grad():
+        for t in range(400):
+            pos, span = cache.reserve(1)
+            forward(model, cache, [100 + t % 50], pos)
+            occ = cache.occupancy()
+            assert len(occ.spans) <= 1 and len(cache.evictions) <= 1
+    assert occ.spans == ((4, 400 - 16),) and occ.evicted == 400 - 4 - 16

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from _helpers import ROOT, run_cli, say, without_root_override
-from sinkchat.engine import Chat
+from sinkchat.engine import Chat, Evicted
 from sinkchat.errors import SinkchatError
 from sinkchat.export import to_json, to_markdown
 from sinkchat.ledger import merge_spans
@@ -170,8 +170,8 @@ def test_damaged_state_file_rebuilds_kv_from_ledger(smollm, damage):
     assert chat2.tokens == chat.tokens and chat2.messages == chat.messages
     assert chat2.occupancy() == chat.occupancy()
     win_start = chat.cache.kept()[1][0]
-    say(chat2, QUESTIONS[2])  # the rebuilt cache goes on: the next eviction starts where the window did
-    new = chat2.cache.evictions[len(chat.cache.evictions):]
+    events = list(chat2.submit(QUESTIONS[2]))  # the rebuilt cache goes on: the next eviction starts where the window did
+    new = [e.span for e in events if isinstance(e, Evicted)]
     assert new and new[0][0] == win_start
     assert chat2.occupancy().window <= 48
 

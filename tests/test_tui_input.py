@@ -4,15 +4,11 @@ and the footer at 80x24."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from textual import events
-from textual.app import App
 from textual.widgets import Footer
 
 from _helpers import SIZE, send, tui_settings, wait_for
-from sinkchat.tui import themes
 from sinkchat.tui.app import SinkchatApp
 from sinkchat.tui.chat_input import ChatInput
 from sinkchat.tui.chats import ChatsScreen
@@ -104,45 +100,6 @@ async def test_the_message_box_has_the_focus_after_opening_a_chat(smollm):
         assert app.focused is app.query_one(ChatInput)
 
 
-class TranscriptApp(App):
-    """The transcript alone, with sinkchat's stylesheet, to scroll it without a model."""
-
-    CSS_PATH = Path(themes.__file__).parent / "app.tcss"
-
-    def get_theme_variable_defaults(self) -> dict[str, str]:
-        return dict(themes.GAUGE_DEFAULTS)
-
-    def compose(self):
-        yield Transcript()
-        yield ChatInput()
-
-
-async def test_the_transcript_follows_the_end_until_the_user_scrolls_up():
-    app = TranscriptApp()
-    async with app.run_test(size=(80, 24)) as pilot:
-        t = app.query_one(Transcript)
-        for i in range(6):
-            await t.add("user", f"question {i}")
-            await t.add("assistant", f"answer {i}")
-        reply = await t.add("assistant")
-        code = "Here is the code:\n\n```python\n" + "".join(f"x{i} = {i}\n" for i in range(25)) + "```\n"
-        for part in (code[:40], code[40:200], code[200:]):
-            await reply.append(part)
-        await reply.finish()
-        await pilot.pause(0.3)
-        assert t.scroll_y == t.max_scroll_y > 0  # the code block's last line is on screen
-        t.release_anchor()  # the user scrolls up to read
-        t.scroll_home(animate=False)
-        await pilot.pause()
-        await t.views[-1].append("\n\nmore text")
-        await pilot.pause(0.3)
-        assert t.scroll_y == 0  # reading is not interrupted
-        t.scroll_end(animate=False)  # back at the bottom: following again
-        await pilot.pause(0.3)
-        await t.views[-1].append("\n\neven more text\n\nand more")
-        await reply.finish()
-        await pilot.pause(0.3)
-        assert t.scroll_y == t.max_scroll_y
 
 
 async def test_page_keys_scroll_the_transcript_from_the_message_box(smollm):

@@ -26,13 +26,13 @@ from textual.widgets import Footer, Label, LoadingIndicator
 from textual.worker import Worker, WorkerCancelled, WorkerFailed
 
 from ..errors import SinkchatError
-from ..ledger import Occupancy, memory, spans
+from ..ledger import Occupancy, spans
 from ..models import LoadedModel, load_for
 from ..settings import Settings
 from .chat_input import ChatInput
 from .gauge import CacheGauge
 from .header import ChatHeader
-from .transcript import MessageView, Transcript
+from .transcript import Entry, MessageView, Transcript
 
 if TYPE_CHECKING:  # the engine (and torch) load in the worker, after the screen is up
     from ..engine import Chat, Done
@@ -147,7 +147,7 @@ class ChatScreen(Screen):
         await box.query(LoadingIndicator).remove()
         box.add_class("-failed")
         if self.queued is not None:  # give the queued message back, so it is not lost
-            await self.query_one(Transcript).query(MessageView).remove()
+            await self.query_one(Transcript).reset([])
             self.query_one(ChatInput).text, self.queued = self.queued, None
 
     @on(ModelLoaded)
@@ -160,18 +160,19 @@ class ChatScreen(Screen):
     async def show(self, chat: Chat) -> None:
         """Show ``chat`` (new or restored): its messages with their eviction marks, and the gauge.
 
-        View ``i`` shows ``chat.messages[i]``, so a new chat's system turn gets a view before it exists.
+        Entry ``i`` shows ``chat.messages[i]``, so a new chat's system turn gets one before it exists.
         """
         self.reply_view = None
         self.last_reply = next((m.content for m in reversed(chat.messages) if m.role == "assistant"), "")
-        shown = [(m.role, m.content, m.note) for m in chat.messages]
-        if not shown and chat.system_tokens:
-            shown = [("system", "", "")]
+        entries = [Entry(m.role, chat.system_text() if m.role == "system" else m.content, m.note)
+                   for m in chat.messages]
+        if not entries and chat.system_tokens:
+            entries = [Entry("system", chat.system_text())]
         try:
             transcript = self.query_one(Transcript)
-            await transcript.remove_children()
+            await transcript.query("#loading").remove()
+            await transcript.reset(entries)
             self.query_one(ChatHeader).tokens_per_s = None
-            await transcript.add_all([(r, chat.system_text() if r == "system" else c, n) for r, c, n in shown])
             self.chat = chat
             self.refresh_gauge(chat.occupancy())
             box = self.query_one(ChatInput)
@@ -228,9 +229,10 @@ class ChatScreen(Screen):
 
     async def _send(self, text: str) -> None:
         transcript = self.query_one(Transcript)
+        await transcript.jump_end()  # sending is coming back to the newest text
         await transcript.add("user", text)
         self.reply_view = await transcript.add("assistant")
-        self.generating = True
+        transcript.streaming = self.generating = True
         self._worker = self.generate(self.chat, text)
 
     def on_text_area_changed(self, event: ChatInput.Changed) -> None:
@@ -303,19 +305,15 @@ class ChatScreen(Screen):
                 msg.done.generated / msg.done.seconds if msg.done.seconds > 0 else None
             )
         self.refresh_gauge(msg.chat.occupancy())
-        self.generating = False  # only now: the turn is fully on screen
+        self.query_one(Transcript).streaming = self.generating = False  # only now: the turn is fully on screen
         self.post_message(self.TurnEnded(msg.chat))
 
     def refresh_gauge(self, occupancy: Occupancy) -> None:
-        """Draw the gauge and mark each message by what the cache still holds of it."""
+        """Draw the gauge and mark the messages on screen by what the cache still holds of them
+        (work bounded by the mounted views and the few merged spans, not by the chat's length)."""
         chat = self.chat
-        messages = list(chat.messages)
-        self.query_one(CacheGauge).show(occupancy, messages)
-        merged = spans(occupancy)
-        for view, message in zip(self.query_one(Transcript).views, messages):
-            mem = memory(message, merged)
-            if mem != view.memory:
-                view.set_memory(mem, chat.kept_from(message, mem.cut) if mem.partly and mem.cut else None)
+        self.query_one(CacheGauge).show(occupancy, chat.messages)
+        self.query_one(Transcript).mark(chat.messages, spans(occupancy), chat.kept_from)
 
     # -- actions --------------------------------------------------------------------------------
 
@@ -333,14 +331,16 @@ class ChatScreen(Screen):
     def action_new_chat(self) -> None:
         self.post_message(self.NewChat())
 
-    def action_scroll(self, where: str) -> None:
+    async def action_scroll(self, where: str) -> None:
         transcript = self.query_one(Transcript)
         if where == "end":
-            transcript.anchor()  # and follow the newest text again
-            return
-        if where != "page_down":
-            transcript.release_anchor()  # the user is reading back: stop following
-        getattr(transcript, f"scroll_{where}")(animate=False)
+            await transcript.jump_end()  # and follow the newest text again
+        elif where == "home":
+            await transcript.jump_home()
+        else:
+            if where == "page_up":
+                transcript.release_anchor()  # the user is reading back: stop following
+            getattr(transcript, f"scroll_{where}")(animate=False)
 
     def action_toggle_details(self) -> None:
         gauge = self.query_one(CacheGauge)

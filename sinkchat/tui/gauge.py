@@ -32,7 +32,7 @@ class CacheGauge(Widget):
     def show(self, occupancy: Occupancy, messages: list[Message]) -> None:
         """New numbers; a relayout (the costly part of a redraw) only when the span list changes."""
         before = self.line_count()
-        self.occupancy, self.messages = occupancy, list(messages)
+        self.occupancy, self.messages = occupancy, messages
         self.refresh(layout=self.line_count() != before)
 
     def line_count(self) -> int:
