@@ -1,4 +1,5 @@
-"""F1: every key binding of the app and of the message box, read from the bindings themselves."""
+"""F1: every key binding of the app and of the message box, read from the bindings themselves, and
+what the gauge's sinks are (:mod:`.sinks_help`)."""
 
 from __future__ import annotations
 
@@ -20,13 +21,14 @@ def bindings_markdown(groups: list[tuple[str, list[Binding]]]) -> str:
 class HelpScreen(ModalScreen):
     BINDINGS = [Binding("escape,f1,q", "dismiss", "Close help")]
 
-    def __init__(self, table: str):
+    def __init__(self, table: str, about: str = ""):
+        """``table``: the key bindings (Markdown); ``about``: more Markdown shown after them."""
         super().__init__()
-        self.table = table
+        self.table, self.about = table, about
 
     def compose(self):
         with VerticalScroll():
             yield Markdown(
                 "# sinkchat keys\n\n" + self.table + "\n\nThe command palette (ctrl+p) offers the same "
-                "commands by name. Esc or F1 closes this help."
+                "commands by name. Esc or F1 closes this help." + (f"\n\n{self.about}" if self.about else "")
             )
