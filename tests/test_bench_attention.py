@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from _helpers import run_cli
+from _helpers import SIZE, run_cli, tui_settings, wait_for
 from sinkchat import bench, models
 from sinkchat.bench import attention
 from sinkchat.bench.saved import load_attention, result_path, save_attention
@@ -119,6 +119,29 @@ def test_help_explains_sinks_without_a_measurement_and_quotes_one_when_kept(tmp_
     assert "10 of 30 layers" in text and text.count("\n\n") == 2
     path.write_text("{not json")
     assert "measures that share" in sinks_markdown("smollm2-135m", tmp_path)
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
+
+
+@pytest.mark.anyio
+async def test_f1_help_quotes_the_loaded_models_kept_result(smollm):
+    from sinkchat.tui.app import SinkchatApp
+    from sinkchat.tui.help import HelpScreen
+
+    report = {"firsts": [1, 4, 16], "share": [0.27, 0.278, 0.285], "uniform": [0.003, 0.012, 0.046], "from": 64,
+              "tokens": 1024, "layers": [{}] * 30, "sink_layers": [14, 18, 25, 26], "machine": {"quant": "4bit"}}
+    save_attention(report, "smollm2-135m")  # the data dir the app's store uses
+    app = SinkchatApp(tui_settings(), loaded=smollm)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.chat is not None)
+        await pilot.press("f1")
+        await pilot.pause()
+        assert isinstance(app.screen, HelpScreen)
+        assert "The gauge's sinks" in app.screen.about and "**28%**" in app.screen.about
+        assert "4 of 30 layers" in app.screen.about
 
 
 def test_result_files_are_named_safely_per_model(tmp_path):

@@ -165,15 +165,12 @@ def ppl(
     sinks, window, block = s.sinks, s.window, s.block
     if feed > window:
         raise SinkchatError(f"--feed {feed} must be at most --window {window}")
-    body, source = read_text(text)
     from ..bench import ppl as measure_ppl
 
-    loaded = load(s, as_json)
-    ids = stream_ids(loaded, body, source, tokens)
-    runs: list[measure_ppl.PplRun] = []
-    interrupted = measure(
-        lambda bars: measure_ppl.ppl_runs(loaded, ids, wanted, sinks, window, block, stride, batch, bars, runs, feed),
-        as_json,
+    loaded, ids, source, runs, interrupted = scored_runs(
+        s, text, tokens, as_json,
+        lambda loaded, ids, bars, runs: measure_ppl.ppl_runs(loaded, ids, wanted, sinks, window, block, stride, batch,
+                                                             bars, runs, feed),
     )
     extra = {"text": source, "tokens": len(ids), "sinks": sinks, "window": window, "feed": feed, "batch": batch,
              "interrupted": interrupted, "machine": machine(loaded)}
@@ -205,15 +202,12 @@ def ppl_sweep(counts: list[int], text, tokens: int, window: int, modes: str | No
     smallest = budget - max(counts)
     if feed > smallest:
         raise SinkchatError(f"--feed {feed} must be at most the smallest window of the sweep, {smallest}")
-    body, source = read_text(text)
     from ..bench import ppl as measure_ppl
 
-    loaded = load(first, as_json)
-    ids = stream_ids(loaded, body, source, tokens)
-    runs: list[measure_ppl.PplRun] = []
-    interrupted = measure(
-        lambda bars: measure_ppl.sweep_runs(loaded, ids, counts, budget, first.block, feed, bars, runs,
-                                            dense="dense" in wanted), as_json,
+    loaded, ids, source, runs, interrupted = scored_runs(
+        first, text, tokens, as_json,
+        lambda loaded, ids, bars, runs: measure_ppl.sweep_runs(loaded, ids, counts, budget, first.block, feed, bars,
+                                                               runs, dense="dense" in wanted),
     )
     extra = {"text": source, "tokens": len(ids), "sinks": counts, "window": first.window, "feed": feed,
              "interrupted": interrupted, "machine": machine(loaded)}
@@ -223,6 +217,17 @@ def ppl_sweep(counts: list[int], text, tokens: int, window: int, modes: str | No
 
         sweep_plot(report, runs, plot, f"{loaded.name}: how many sinks? every run holds {budget} tokens")
     finish(report, as_json, tables.print_sweep, plot, interrupted)
+
+
+def scored_runs(s: Settings, text: str | None, tokens: int, as_json: bool, work):
+    """Read the text, load the model, take the text's first ``tokens`` tokens and run
+    ``work(loaded, ids, bars, runs)``; returns ``(loaded, ids, source, runs, interrupted)``."""
+    body, source = read_text(text)
+    loaded = load(s, as_json)
+    ids = stream_ids(loaded, body, source, tokens)
+    runs: list = []
+    interrupted = measure(lambda bars: work(loaded, ids, bars, runs), as_json)
+    return loaded, ids, source, runs, interrupted
 
 
 def stream_ids(loaded, body: str, source: str, tokens: int) -> list[int]:
