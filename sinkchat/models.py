@@ -349,6 +349,11 @@ def _cache_kwarg(forward_type: type) -> str:
 def forward(model, cache, ids: list[int], positions: torch.Tensor, keep: int = 1):
     """One forward pass of ``ids`` at RoPE ``positions`` through ``cache``; logits of the last ``keep``
     positions (0: all). The one place that calls the model, for the engine, the store and the bench."""
+    return forward_outputs(model, cache, ids, positions, keep).logits[0]
+
+
+def forward_outputs(model, cache, ids: list[int], positions: torch.Tensor, keep: int = 1, **extra):
+    """:func:`forward`'s whole model output (``extra``: e.g. ``output_attentions=True``), for measurements."""
     import torch
 
     device = model.get_input_embeddings().weight.device  # the first GPU under a device map
@@ -358,7 +363,8 @@ def forward(model, cache, ids: list[int], positions: torch.Tensor, keep: int = 1
         use_cache=True,
         logits_to_keep=keep,
         **{_cache_kwarg(type(model)): cache},
-    ).logits[0]
+        **extra,
+    )
 
 
 def fingerprint(loaded: LoadedModel, folder: str) -> dict:

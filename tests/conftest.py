@@ -50,7 +50,7 @@ def tiny_model_dir(arch: str, tokenizer_dir: Path, out: Path, **extra) -> Path:
     random weights; the tokenizer (and chat template) is the bundled SmolLM2's.
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, MistralConfig, Qwen2Config
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, Lfm2Config, MistralConfig, Qwen2Config
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     common = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -62,6 +62,8 @@ def tiny_model_dir(arch: str, tokenizer_dir: Path, out: Path, **extra) -> Path:
         config = Qwen2Config(**common, rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0})
     elif arch == "gpt2":
         config = GPT2Config(vocab_size=len(tok), n_embd=64, n_layer=2, n_head=4, n_positions=1024)
+    elif arch == "lfm2":  # RoPE, but a convolution in place of attention in its first layer
+        config = Lfm2Config(**common, layer_types=["conv", "full_attention"])
     else:
         raise ValueError(arch)
     torch.manual_seed(0)
@@ -73,9 +75,10 @@ def tiny_model_dir(arch: str, tokenizer_dir: Path, out: Path, **extra) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory, smollm_f32):
-    """Folders of tiny random Mistral, Qwen2 and GPT-2 models (GPT-2: learned positions, to be refused)."""
+    """Folders of tiny random Mistral, Qwen2, GPT-2 and LFM2 models (GPT-2: learned positions, to be refused;
+    LFM2: a layer without attention)."""
     from sinkchat import models
 
     tok_dir = models.gguf_folder(models.bundled_gguf())
     root = tmp_path_factory.mktemp("tiny")
-    return {arch: tiny_model_dir(arch, tok_dir, root / arch) for arch in ("mistral", "qwen2", "gpt2")}
+    return {arch: tiny_model_dir(arch, tok_dir, root / arch) for arch in ("mistral", "qwen2", "gpt2", "lfm2")}

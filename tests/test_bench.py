@@ -1,5 +1,6 @@
 """`sinkchat bench` on a few hundred tokens of the real bundled model: modes agree while nothing is
-evicted, the paper's effect shows once it is, and the CLI's JSON, plots and errors are what users get."""
+evicted, the paper's effect shows once it is, a sink-count sweep's runs are plain runs, and the CLI's
+JSON, plots and errors are what users get."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 from _helpers import run_cli
 from sinkchat import bench
 from sinkchat.bench import ppl
+from sinkchat.bench.plot import rolling
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -84,12 +86,46 @@ def test_speed_cli_json_and_png(tmp_path):
     assert plot.read_bytes()[:8] == PNG
 
 
+def test_sink_sweep_row_equals_a_plain_run(tiny_models, tmp_path):
+    """StreamingLLM's Table 2 on one budget: --sinks 0,1,4 --window 16 runs 0 + 16, 1 + 15 and 4 + 12, and its
+    4 + 12 row is exactly what a plain `bench ppl --sinks 4 --window 12` measures."""
+    common = ("--model", str(tiny_models["mistral"]), "--quant", "none", "--tokens", "60", "--feed", "4", "--json")
+    plot = tmp_path / "sweep.png"
+    sweep = run_cli("bench", "ppl", "--sinks", "0,1,4", "--window", "16", "--modes", "dense,sinks", "--plot",
+                    str(plot), *common)
+    plain = run_cli("bench", "ppl", "--sinks", "4", "--window", "12", "--modes", "sinks", *common)
+    assert sweep.returncode == 0, sweep.stderr
+    assert plain.returncode == 0, plain.stderr
+    doc = json.loads(sweep.stdout)
+    assert doc["budget"] == 16 and doc["sinks"] == [0, 1, 4] and not doc["interrupted"]
+    assert [(r["mode"], r["sinks"], r["window"]) for r in doc["results"]] == [
+        ("dense", None, None), ("sinks", 0, 16), ("sinks", 1, 15), ("sinks", 4, 12)]
+    row = doc["results"][3]
+    assert row["tokens"] == 59 and row["tokens_full"] == 43  # tokens 17..59 were predicted from a full cache
+    assert row["ppl"] == pytest.approx(json.loads(plain.stdout)["results"][0]["ppl"], rel=1e-6)
+    assert plot.read_bytes()[:8] == PNG
+
+
+def test_rolling_mean_is_the_trailing_mean_over_a_span_of_tokens():
+    points = [(p, float(p % 7)) for p in range(1, 200, 3)]  # every 3rd token scored, as with --stride 3
+    xs, ys = rolling(list(reversed(points)), 30)
+    assert xs == [p for p, _ in points]
+    for x, y in zip(xs, ys):
+        window = [v for p, v in points if x - 30 < p <= x]
+        assert y == pytest.approx(sum(window) / len(window))
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
         (["bench", "ppl", "--text", "no-such-file.txt"], "--text no-such-file.txt: no such file"),
         (["bench", "ppl", "--modes", "sinks,fast"], "--modes takes a comma list of"),
         (["bench", "speed", "--modes", "window"], "--modes takes a comma list of"),
+        (["bench", "attention", "--tokens", "0"], "--tokens must be more than 64"),
+        (["bench", "ppl", "--sinks", "0,x"], "--sinks takes a number or a comma list of numbers"),
+        (["bench", "ppl", "--sinks", "0,4", "--modes", "window,sinks"], "--modes window,sinks needs a single --sinks"),
+        (["bench", "ppl", "--sinks", "0,300", "--window", "256"], "--sinks 300 leaves no window in the budget of 256"),
+        (["bench", "ppl", "--sinks", "0,16", "--window", "20", "--feed", "8"], "--feed 8 must be at most the smallest"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(args, message):

@@ -44,7 +44,8 @@ def test_only_main_imports_the_cli():
 
 
 @pytest.mark.parametrize("args", [["--help"], ["--version"], ["chats", "list"], ["chats", "--help"],
-                                  ["bench", "--help"], ["bench", "ppl", "--help"]])
+                                  ["bench", "--help"], ["bench", "ppl", "--help"],
+                                  ["bench", "attention", "--help"]])
 def test_quick_commands_do_not_import_torch(args):
     code = ("import sys, runpy; sys.argv = ['sinkchat', *sys.argv[1:]]\n"
             "try:\n    runpy.run_module('sinkchat', run_name='__main__')\nexcept SystemExit:\n    pass\n"

@@ -1,7 +1,9 @@
 """Measurements behind ``sinkchat bench``, through the chat's own cache: :mod:`.ppl` (streaming
-perplexity), :mod:`.speed` (decode speed and memory), :mod:`.resume` (restore vs re-prefill),
-:mod:`.plot` (PNG figures). This module holds the text they read (no torch, so flag errors are quick);
-:mod:`.stream` the forwards they share.
+perplexity, and the sink-count sweep), :mod:`.speed` (decode speed and memory), :mod:`.resume`
+(restore vs re-prefill), :mod:`.attention` (where attention goes), :mod:`.plot` (PNG figures),
+:mod:`.saved` (the last attention result per model, for the chat's help). This module holds the text
+they read and the parsing of list flags (no torch, so flag errors are quick); :mod:`.stream` the
+forwards they share.
 
 Every mode that streams (``sinks``, ``window``) feeds tokens through :class:`~sinkchat.cache.SinkCache`
 exactly as :class:`~sinkchat.engine.Chat` does: ``reserve`` before each forward, its position ids to
@@ -17,6 +19,8 @@ from ..errors import SinkchatError
 
 PPL_MODES = ("dense", "window", "sinks", "recompute")
 SPEED_MODES = ("sinks", "dense", "recompute")
+SWEEP_MODES = ("dense", "sinks")  # what a sink-count sweep runs: sinks once per count, dense as a reference
+ATTENTION_FROM = 64  # bench attention counts queries at 0-based positions 64 and after
 
 
 def default_text() -> str:
@@ -32,6 +36,22 @@ def parse_modes(text: str, allowed: tuple[str, ...]) -> list[str]:
     if bad or not modes:
         raise SinkchatError(f"--modes takes a comma list of {', '.join(allowed)} (got {text!r})")
     return list(dict.fromkeys(modes))
+
+
+def parse_sinks(text: str | None) -> list[int] | None:
+    """``--sinks`` of ``bench ppl``: one count or a comma list (``0,1,2,4,8,16``), duplicates dropped.
+
+    None when not given. Raises :class:`SinkchatError` for anything but integers; ranges are the
+    settings' to check.
+    """
+    if text is None:
+        return None
+    try:
+        counts = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise SinkchatError(f"--sinks takes a number or a comma list of numbers such as 0,1,2,4,8,16 (got {text!r})") \
+            from None
+    return list(dict.fromkeys(counts))
 
 
 def text_ids(tokenizer, text: str, tokens: int) -> list[int]:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import bisect
 import math
-import statistics
 
 
 def _pyplot():
@@ -15,36 +15,128 @@ def _pyplot():
     return plt
 
 
-def ppl_plot(report: dict, scored: dict[str, list[tuple[int, float]]], path: str, title: str) -> None:
-    """Log perplexity against tokens per mode, in bins, in the manner of StreamingLLM's Figure 3."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    end = max((s[-1][0] for s in scored.values() if s), default=1)
-    width = max(1, end // 80)
-    for mode, points in scored.items():
-        # a mode scored on every n-th token (recompute with --stride) gets bins wide enough to hold
-        # 10 of its scored tokens, so its line shows a trend rather than single-token noise
-        every = max(1, round(end / max(1, len(points))))
-        w = max(width, 10 * every)
-        bins: dict[int, list[float]] = {}
-        for p, v in points:
-            bins.setdefault(p // w, []).append(v)
-        xs = sorted(bins)
-        label = mode if every == 1 else f"{mode} (every {every}th token, {w}-token bins)"
-        ax.plot([(b + 0.5) * w for b in xs], [statistics.fmean(bins[b]) for b in xs], label=label, lw=1.4,
-                marker="o" if every > 1 else None, ms=3)
-    budget = report.get("sinks", 0) + report.get("window", 0)
+STYLE = {"dense": dict(color="0.3", ls="--"), "window": dict(color="tab:red"), "sinks": dict(color="tab:blue"),
+         "recompute": dict(color="tab:green", ls="-.")}
+
+
+def rolling(points: list[tuple[int, float]], span: int) -> tuple[list[int], list[float]]:
+    """Trailing mean of the values whose position lies in ``(p - span, p]``, at every scored position ``p``."""
+    points = sorted(points)
+    xs = [p for p, _ in points]
+    sums = [0.0]
+    for _, v in points:
+        sums.append(sums[-1] + v)
+    ys = []
+    for i, p in enumerate(xs):
+        lo = bisect.bisect_right(xs, p - span)
+        ys.append((sums[i + 1] - sums[lo]) / (i + 1 - lo))
+    return xs, ys
+
+
+def rolling_lines(ax, curves: dict[str, list[tuple[int, float]]], budget: int, styles: dict | None = None) -> int:
+    """Each curve's rolling mean NLL (log perplexity) against tokens, and the cache-full marker; returns the span."""
+    end = max((max(p for p, _ in points) for points in curves.values() if points), default=1)
+    span = max(10, int(round(end / 20, -1)))  # about a twentieth of the text, a round number
+    for label, points in curves.items():
+        if not points:
+            continue
+        every = max(1, round(end / len(points)))
+        xs, ys = rolling(points, max(span, 10 * every))  # at least 10 scored tokens per mean
+        shown = label if every == 1 else f"{label} (every {every}th token)"
+        ax.plot(xs, ys, label=shown, lw=1.3, **(styles or STYLE).get(label, {}))
     if budget and budget < end:
         ax.axvline(budget, color="grey", ls=":", lw=1)
-        ax.text(budget, ax.get_ylim()[1], " cache full", va="top", fontsize=8, color="grey")
+        ax.text(budget, 0.98, " cache full", va="top", fontsize=8, color="grey", transform=ax.get_xaxis_transform())
     ax.set_xlabel("input length (tokens)")
-    ax.set_ylabel(f"log perplexity (mean NLL per {width}-token bin)")
-    ax.set_title(title, fontsize=10)
-    ax.legend()
+    ax.set_ylabel(f"log perplexity (mean NLL over the last {span} tokens)")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
+    ax.legend(fontsize=8)
+    return span
+
+
+def ppl_plot(report: dict, scored: dict[str, list[tuple[int, float]]], path: str, title: str) -> None:
+    """Log perplexity against input length, a rolling mean per mode with the cache-full marker, in the
+    manner of StreamingLLM's Figure 3 (Xiao et al., ICLR 2024)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    rolling_lines(ax, scored, report.get("sinks", 0) + report.get("window", 0))
+    ax.set_title(title, fontsize=10)
+    save(fig, path)
+
+
+def sweep_plot(report: dict, runs, path: str, title: str) -> None:
+    """The sink-count sweep (StreamingLLM's Table 2 as a figure): rolling log perplexity per run, and
+    perplexity once the cache is full against the number of sinks (``runs``: the sweep's ``PplRun``)."""
+    plt = _pyplot()
+    fig, (ax_l, ax_r) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [3, 2]})
+    cmap = plt.get_cmap("viridis")
+    sweep = [r for r in runs if r.sinks is not None]
+    curves, styles = {}, {}
+    for i, run in enumerate(runs):
+        label = "dense" if run.sinks is None else f"{run.sinks} + {run.window}"
+        curves[label] = run.scored
+        styles[label] = STYLE["dense"] if run.sinks is None else dict(color=cmap(i / max(1, len(runs) - 1) * 0.9))
+    rolling_lines(ax_l, curves, report["budget"], styles)
+    ax_l.set_title("rolling log perplexity, per sinks + window", fontsize=9)
+    rows = [r for r in report["results"] if r["sinks"] is not None and r["ppl_full"] is not None]
+    ax_r.bar([str(r["sinks"]) for r in rows], [r["ppl_full"] for r in rows],
+             color=[styles[f"{r['sinks']} + {r['window']}"]["color"] for r in rows])
+    for r in report["results"]:
+        if r["sinks"] is None and r["ppl_full"] is not None:
+            ax_r.axhline(r["ppl_full"], color="0.3", ls="--", lw=1, label="dense (full history)")
+            ax_r.legend(fontsize=8)
+    ax_r.set_xlabel(f"sink tokens (window = {report['budget']} - sinks)")
+    ax_r.set_ylabel(f"perplexity on tokens after {report['budget']}")
+    ax_r.set_title("perplexity once the cache is full", fontsize=9)
+    ax_r.grid(alpha=0.3, axis="y")
+    fig.suptitle(title + ("" if sweep else " (no sinks run finished)"), fontsize=10)
+    save(fig, path)
+
+
+def attention_plot(report: dict, path: str, title: str) -> None:
+    """(a) The share of attention on the first 1, 4 and 16 tokens per layer against what uniform attention
+    would give; (b) mean attention over heads of a few layers, queries and keys 0..15 (StreamingLLM's Figure 2)."""
+    from matplotlib.colors import PowerNorm
+
+    plt = _pyplot()
+    maps = report["maps"]
+    fig = plt.figure(figsize=(2.3 * max(4, len(maps)), 6.6))
+    grid = fig.add_gridspec(2, len(maps), height_ratios=[1.15, 1])
+    ax = fig.add_subplot(grid[0, :])
+    layers = [r["layer"] for r in report["layers"]]
+    for j, k in enumerate(report["firsts"]):
+        lw, alpha = (2.2, 1) if k == 4 else (1.2, 0.7)
+        line, = ax.plot(layers, [100 * r["share"][j] for r in report["layers"]], marker="o", ms=3, lw=lw, alpha=alpha,
+                        label=f"first {k} token{'s' if k > 1 else ''}")
+        ax.axhline(100 * report["uniform"][j], color=line.get_color(), ls=":", lw=1, alpha=0.8)
+    ax.axhline(50, color="grey", ls="--", lw=0.8)
+    ax.text(layers[0], 51, "sink-dominated above 50%", ha="left", va="bottom", fontsize=8, color="grey")
+    ax.set_xlabel("layer")
+    ax.set_ylabel(f"% of attention (queries after token {report['from']})")
+    ax.set_ylim(0, 100)
+    ax.set_title("attention on the first tokens per layer (dotted: uniform attention)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+    image = None
+    for i, (layer, values) in enumerate(maps.items()):
+        sub = fig.add_subplot(grid[1, i])
+        image = sub.imshow(values, cmap="magma", norm=PowerNorm(0.5, vmin=0, vmax=1))
+        sub.set_title(f"layer {layer}", fontsize=9)
+        sub.set_xlabel("key", fontsize=8)
+        if i == 0:
+            sub.set_ylabel("query", fontsize=8)
+        sub.tick_params(labelsize=7)
+    if image is not None:
+        fig.colorbar(image, ax=fig.axes[1:], shrink=0.8, label="mean attention over heads")
+    fig.suptitle(title, fontsize=10)
+    save(fig, path, tight=False)
+
+
+def save(fig, path: str, tight: bool = True) -> None:
+    if tight:
+        fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _pyplot().close(fig)
 
 
 def speed_plot(report: dict, path: str, title: str) -> None:
@@ -70,6 +162,4 @@ def speed_plot(report: dict, path: str, title: str) -> None:
     for ax in (ax_t, ax_m):
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path)

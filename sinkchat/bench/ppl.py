@@ -1,5 +1,6 @@
 """Streaming perplexity, teacher-forced, in four modes: ``dense``, ``window``, ``sinks``, ``recompute``
-(StreamingLLM's Figure 3 and Table 1, on this code)."""
+(StreamingLLM's Figure 3 and Table 1, on this code), and the sink-count sweep at one cache budget
+(its Table 2)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ class PplRun:
     scored: list[tuple[int, float]] = field(default_factory=list)
     note: str = ""
     seconds: float = 0.0
+    sinks: int | None = None  # the cache's geometry, for the runs of a sweep
+    window: int | None = None
 
     def ppl(self, positions: set[int] | None = None) -> float | None:
         values = [v for p, v in self.scored if positions is None or p in positions]
@@ -93,20 +96,55 @@ def ppl_runs(
     """Run each mode in turn, appending to ``runs`` as it goes (so Ctrl+C keeps finished work)."""
     model = loaded.model
     for mode in modes:
-        run = PplRun(mode)
-        runs.append(run)
         if mode == "recompute":
             total = len([t for t in range(1, len(ids)) if (t - 1) % stride == 0])
         elif mode == "dense":
             total = min(len(ids), max_positions(model.config) or len(ids)) - 1
         else:
             total = len(ids) - 1
-        tick = progress(f"ppl {mode}", total)
-        t0 = time.perf_counter()
-        try:
-            ppl_mode(run, model, ids, mode, sinks, window, block, stride, batch, tick, feed)
-        finally:
-            run.seconds = time.perf_counter() - t0
+        timed(PplRun(mode), runs, progress(f"ppl {mode}", total),
+              lambda run, tick: ppl_mode(run, model, ids, mode, sinks, window, block, stride, batch, tick, feed))
+
+
+def timed(run: PplRun, runs: list[PplRun], tick: Tick, work) -> None:
+    """Append ``run`` to ``runs`` and fill it with ``work(run, tick)``, timing it even when interrupted."""
+    runs.append(run)
+    t0 = time.perf_counter()
+    try:
+        work(run, tick)
+    finally:
+        run.seconds = time.perf_counter() - t0
+
+
+def sweep_runs(
+    loaded, ids: list[int], counts: list[int], budget: int, block: int | None, feed: int, progress,
+    runs: list[PplRun], dense: bool = False,
+) -> None:
+    """How many sinks are needed (StreamingLLM, Xiao et al., ICLR 2024, Table 2): one ``sinks`` run per
+    count in ``counts``, each with ``window = budget - count``, so every run holds the same number of
+    tokens; ``dense`` first as a reference when asked. A run is exactly ``ppl_runs`` in ``sinks``
+    mode with that sink count and window (``block`` None: the default of each window)."""
+    if dense:
+        ppl_runs(loaded, ids, ["dense"], 0, budget, block, 1, 1, progress, runs, feed)
+    for count in counts:
+        window = budget - count
+        run = PplRun("sinks", sinks=count, window=window)
+        timed(run, runs, progress(f"ppl sinks {count} + {window}", len(ids) - 1),
+              lambda run, tick: ppl_cache(run, loaded.model, SinkCache.for_model(loaded.model, count, window, block),
+                                          ids, tick, feed))
+
+
+def sweep_report(runs: list[PplRun], budget: int, extra: dict) -> dict:
+    """The sweep's JSON document: per run its sinks and window, perplexity over every scored token and
+    over the tokens predicted once the cache was full (position > budget, where evictions matter)."""
+    full = {p for run in runs for p, _ in run.scored if p > budget}
+    results = [
+        {"mode": run.mode, "sinks": run.sinks, "window": run.window, "ppl": run.ppl(), "ppl_full": run.ppl(full),
+         "tokens": len(run.scored), "tokens_full": len([p for p, _ in run.scored if p > budget]), "note": run.note,
+         "seconds": round(run.seconds, 2)}
+        for run in runs
+    ]
+    return {"results": results, "budget": budget, **extra}
 
 
 def ppl_mode(run: PplRun, model, ids, mode, sinks, window, block, stride, batch, tick, feed) -> None:

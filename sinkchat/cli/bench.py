@@ -1,17 +1,16 @@
-"""``sinkchat bench ppl | speed | resume``: flags, progress, tables, JSON and plots.
+"""``sinkchat bench ppl | speed | resume | attention``: flags, progress, JSON and plots.
 
 The measuring lives in :mod:`sinkchat.bench` (imported only when a command runs, so ``--help``
 stays quick); this module only turns flags into calls and results into something a person (a
-table, a PNG) or a script (``--json``, alone on stdout) reads. Model, quantization, device, dtype
-and sinks default to the chat's :class:`~sinkchat.settings.Settings` (config file included).
-Progress goes to stderr; Ctrl+C stops the run and prints what was measured so far.
+table, from :mod:`.bench_output`; a PNG) or a script (``--json``, alone on stdout) reads. Model,
+quantization, device, dtype and sinks default to the chat's :class:`~sinkchat.settings.Settings`
+(config file included). Progress goes to stderr; Ctrl+C stops the run and prints what was measured so far.
 """
 
 from __future__ import annotations
 
 import json
 import platform
-import sys
 from pathlib import Path
 
 import typer
@@ -19,12 +18,14 @@ import typer
 from .. import config
 from ..errors import SinkchatError
 from ..settings import Settings, help_for
+from . import bench_output as tables
+from .bench_output import Bars, note
 
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     rich_markup_mode=None,
-    help="Reproduce StreamingLLM's perplexity and speed results on this code (same cache as the chat).",
+    help="Reproduce StreamingLLM's perplexity, speed and attention results on this code (same cache as the chat).",
 )
 
 MODEL = typer.Option(None, "--model", "-m", help=help_for("model"), show_default=False)
@@ -39,52 +40,6 @@ BLOCK = typer.Option(None, help="Eviction block of the sink cache [default: the 
 
 
 # -- shared plumbing ---------------------------------------------------------------------------------
-
-
-class Bars:
-    """A rich progress bar per phase on stderr, with tokens/s and an ETA; ``bars(desc, total)`` gives a tick."""
-
-    def __init__(self, quiet: bool):
-        from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            ProgressColumn,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-        from rich.text import Text
-
-        class Rate(ProgressColumn):
-            def render(self, task):
-                return Text(f"{task.speed:7.1f} tok/s" if task.speed else "      - tok/s")
-
-        console = Console(stderr=True)
-        self.log = not quiet and not console.is_terminal  # redirected stderr: one line per phase instead
-        self.progress = Progress(
-            TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(), Rate(),
-            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-            console=console, disable=quiet or not console.is_terminal,
-        )
-
-    def __enter__(self):
-        self.progress.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.progress.stop()
-
-    def __call__(self, description: str, total: int):
-        if self.log:
-            note(f"sinkchat: {description} ({total} tokens)")
-        task = self.progress.add_task(description, total=max(total, 0))
-        return lambda n: self.progress.advance(task, n)
-
-
-def note(message: str) -> None:
-    print(message, file=sys.stderr)
 
 
 def read_text(path: str | None) -> tuple[str, str]:
@@ -116,10 +71,14 @@ def settings(**flags) -> Settings:
     return s
 
 
-def load(s: Settings, quiet: bool):
-    from ..models import load_for
+def load(s: Settings, quiet: bool, context: bool = True):
+    """Load the settings' model; ``context=False`` skips the check of sinks + window against its context."""
+    from .. import models
 
-    return load_for(s, progress=(lambda m: None) if quiet else note)
+    progress = (lambda m: None) if quiet else note
+    if context:
+        return models.load_for(s, progress=progress)
+    return models.load(s.model, s.quant, s.device, s.dtype, progress=progress)
 
 
 def machine(loaded) -> dict:
@@ -151,10 +110,6 @@ def measure(run_all, quiet: bool) -> bool:
     return True
 
 
-def fmt(value, spec: str = ".2f") -> str:
-    return "-" if value is None else format(value, spec)
-
-
 # -- bench ppl -----------------------------------------------------------------------------------------
 
 
@@ -168,13 +123,21 @@ def finish(report: dict, as_json: bool, show, plot: str | None, interrupted: boo
         raise typer.Exit(130)
 
 
+SINKS_LIST = typer.Option(
+    None, "--sinks", show_default=False,
+    help=help_for("sinks") + " A comma list (0,1,2,4,8,16) runs the sinks mode once per count at one total budget, "
+    "the first count + --window (StreamingLLM's Table 2): --sinks 0,4 --window 256 runs 0 + 256 and 4 + 252.",
+)
+
+
 @app.command("ppl")
 def ppl(
     text: str = TEXT,
     tokens: int = typer.Option(8000, "--tokens", "-n", help="Tokens of the text to stream."),
-    sinks: int = SINKS,
+    sinks: str = SINKS_LIST,
     window: int = typer.Option(508, "--window", "-w", help="Window (window mode gets sinks + window, no sinks)."),
-    modes: str = typer.Option("dense,window,sinks,recompute", help="Comma list of dense, window, sinks, recompute."),
+    modes: str = typer.Option(None, show_default=False, help="Comma list of dense, window, sinks, recompute "
+                              "[default: all four; with a list of --sinks: sinks, and dense may be added]."),
     block: int = BLOCK,
     feed: int = typer.Option(1, help="Tokens per forward through the cache in window/sinks modes (1 = the paper's)."),
     stride: int = typer.Option(1, help="Recompute scores every stride-th token only (it is the slow mode)."),
@@ -183,31 +146,31 @@ def ppl(
     model: str = MODEL, quant: str = QUANT, device: str = DEVICE, dtype: str = DTYPE,
     as_json: bool = JSON, plot: str = PLOT,
 ) -> None:
-    """Streaming perplexity, token by token, teacher-forced (StreamingLLM's Figure 3).
+    """Streaming perplexity, token by token, teacher-forced (StreamingLLM's Figure 3), or with a list of
+    --sinks, how many sinks are needed at one cache budget (its Table 2).
 
     Example: sinkchat bench ppl --tokens 8000 --sinks 4 --window 508 --plot docs/bench-ppl.png
+
+    Example: sinkchat bench ppl --tokens 2000 --sinks 0,1,2,4,8,16 --window 256 --feed 16 --modes dense,sinks
     """
     from .. import bench
 
-    wanted = bench.parse_modes(modes, bench.PPL_MODES)
+    counts = bench.parse_sinks(sinks)
     check_positive(tokens=tokens, feed=feed, stride=stride, batch=batch, chunk=chunk)
-    s = settings(model=model, sinks=sinks, window=window, block=block, quant=quant, device=device, dtype=dtype)
+    flags = dict(model=model, block=block, quant=quant, device=device, dtype=dtype)
+    if counts is not None and len(counts) > 1:
+        return ppl_sweep(counts, text, tokens, window, modes, feed, flags, as_json, plot)
+    wanted = bench.parse_modes(modes or ",".join(bench.PPL_MODES), bench.PPL_MODES)
+    s = settings(sinks=counts[0] if counts else None, window=window, **flags)
     sinks, window, block = s.sinks, s.window, s.block
     if feed > window:
         raise SinkchatError(f"--feed {feed} must be at most --window {window}")
-    body, source = read_text(text)
     from ..bench import ppl as measure_ppl
 
-    loaded = load(s, as_json)
-    ids = bench.text_ids(loaded.tokenizer, body, tokens)
-    if len(ids) < 2:
-        raise SinkchatError(f"--text {source}: fewer than 2 tokens to score")
-    if len(ids) < tokens:
-        note(f"sinkchat: the text has only {len(ids)} tokens; using them all")
-    runs: list[measure_ppl.PplRun] = []
-    interrupted = measure(
-        lambda bars: measure_ppl.ppl_runs(loaded, ids, wanted, sinks, window, block, stride, batch, bars, runs, feed),
-        as_json,
+    loaded, ids, source, runs, interrupted = scored_runs(
+        s, text, tokens, as_json,
+        lambda loaded, ids, bars, runs: measure_ppl.ppl_runs(loaded, ids, wanted, sinks, window, block, stride, batch,
+                                                             bars, runs, feed),
     )
     extra = {"text": source, "tokens": len(ids), "sinks": sinks, "window": window, "feed": feed, "batch": batch,
              "interrupted": interrupted, "machine": machine(loaded)}
@@ -217,32 +180,66 @@ def ppl(
 
         ppl_plot(report, {r.mode: r.scored for r in runs}, plot,
                  f"{loaded.name}: streaming perplexity, sinks={sinks} window={window}")
-    finish(report, as_json, print_ppl, plot, interrupted)
+    finish(report, as_json, tables.print_ppl, plot, interrupted)
 
 
-def print_ppl(report: dict, plot: str | None) -> None:
-    from rich.console import Console
-    from rich.table import Table
+def ppl_sweep(counts: list[int], text, tokens: int, window: int, modes: str | None, feed: int, flags: dict,
+              as_json: bool, plot: str | None) -> None:
+    """``bench ppl --sinks 0,1,2,4,8,16``: every count at the budget of the first count + ``--window``."""
+    from .. import bench
 
-    console = Console()
-    shared = report["shared"] or {"tokens": 0, "ppl": {}}
-    table = Table("mode", "tokens scored", "perplexity", f"ppl on the {shared['tokens']} shared tokens",
-                  "seconds", "note", title=f"streaming perplexity: {report['text']}, sinks {report['sinks']}, "
-                  f"window {report['window']}")
-    for r in report["results"]:
-        table.add_row(r["mode"], str(r["tokens"]), fmt(r["ppl"]), fmt(shared["ppl"].get(r["mode"])),
-                      fmt(r["seconds"], ".0f"), r["note"])
-    console.print(table)
-    chunks = Table("tokens", *(r["mode"] for r in report["results"]), title="perplexity per chunk")
-    rows: dict[tuple[int, int], dict[str, float]] = {}
-    for r in report["results"]:
-        for c in r["chunks"]:
-            rows.setdefault((c["start"], c["end"]), {})[r["mode"]] = c["ppl"]
-    for (a, b), by_mode in sorted(rows.items()):
-        chunks.add_row(f"{a}-{b}", *(fmt(by_mode.get(r["mode"])) for r in report["results"]))
-    console.print(chunks)
-    if plot:
-        console.print(f"plot: {plot}")
+    wanted = bench.parse_modes(modes or "sinks", bench.PPL_MODES)
+    if not set(wanted) <= set(bench.SWEEP_MODES):
+        raise SinkchatError(f"--sinks with several counts runs the sinks mode once per count (and dense, if asked); "
+                            f"--modes {modes} needs a single --sinks count")
+    first = settings(sinks=counts[0], window=window, **flags)
+    budget = first.sinks + first.window
+    for count in counts:
+        if count >= budget:
+            raise SinkchatError(f"--sinks {count} leaves no window in the budget of {budget} tokens "
+                                f"({counts[0]} + --window {first.window}); use a larger --window")
+        settings(sinks=count, window=budget - count, **flags)  # each run's geometry is checked as the chat's
+    smallest = budget - max(counts)
+    if feed > smallest:
+        raise SinkchatError(f"--feed {feed} must be at most the smallest window of the sweep, {smallest}")
+    from ..bench import ppl as measure_ppl
+
+    loaded, ids, source, runs, interrupted = scored_runs(
+        first, text, tokens, as_json,
+        lambda loaded, ids, bars, runs: measure_ppl.sweep_runs(loaded, ids, counts, budget, first.block, feed, bars,
+                                                               runs, dense="dense" in wanted),
+    )
+    extra = {"text": source, "tokens": len(ids), "sinks": counts, "window": first.window, "feed": feed,
+             "interrupted": interrupted, "machine": machine(loaded)}
+    report = measure_ppl.sweep_report(runs, budget, extra)
+    if plot and runs:
+        from ..bench.plot import sweep_plot
+
+        sweep_plot(report, runs, plot, f"{loaded.name}: how many sinks? every run holds {budget} tokens")
+    finish(report, as_json, tables.print_sweep, plot, interrupted)
+
+
+def scored_runs(s: Settings, text: str | None, tokens: int, as_json: bool, work):
+    """Read the text, load the model, take the text's first ``tokens`` tokens and run
+    ``work(loaded, ids, bars, runs)``; returns ``(loaded, ids, source, runs, interrupted)``."""
+    body, source = read_text(text)
+    loaded = load(s, as_json)
+    ids = stream_ids(loaded, body, source, tokens)
+    runs: list = []
+    interrupted = measure(lambda bars: work(loaded, ids, bars, runs), as_json)
+    return loaded, ids, source, runs, interrupted
+
+
+def stream_ids(loaded, body: str, source: str, tokens: int) -> list[int]:
+    """The first ``tokens`` tokens of the text; at least 2 (one to score), or one clear error."""
+    from .. import bench
+
+    ids = bench.text_ids(loaded.tokenizer, body, tokens)
+    if len(ids) < 2:
+        raise SinkchatError(f"--text {source}: fewer than 2 tokens to score")
+    if len(ids) < tokens:
+        note(f"sinkchat: the text has only {len(ids)} tokens; using them all")
+    return ids
 
 
 # -- bench speed ---------------------------------------------------------------------------------------
@@ -301,30 +298,7 @@ def speed(
         from ..bench.plot import speed_plot
 
         speed_plot(report, plot, f"{loaded.name}: decode speed, sinks={sinks} window={window}")
-    finish(report, as_json, print_speed, plot, interrupted)
-
-
-def print_speed(report: dict, plot: str | None) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console()
-    table = Table("mode", "tokens/s", "median ms/token", "ms at first position", "ms at last position",
-                  f"peak {report['memory']} MiB", "note",
-                  title=f"decode speed: sinks {report['sinks']}, window {report['window']}")
-    for r in report["results"]:
-        ms = r["ms_per_token"]
-        table.add_row(r["mode"], fmt(r["tokens_per_s"], ".1f"), fmt(r["median_ms"], ".1f"),
-                      f"{fmt(ms[0][1], '.1f')} @ {ms[0][0]}" if ms else "-",
-                      f"{fmt(ms[-1][1], '.1f')} @ {ms[-1][0]}" if ms else "-",
-                      fmt(r["peak_mem_mb"], ".0f"), r["note"])
-    console.print(table)
-    console.print(f"sinks vs recompute: {fmt(report['speedup_vs_recompute'], '.1f')}x faster per token")
-    console.print(f"sinks last/first position time: {fmt(report['sinks_last_vs_first'], '.3f')}")
-    share = report["upkeep_share"]
-    console.print(f"cache upkeep (eviction, re-rotation): {fmt(share and share * 100, '.2f')}% of decode time")
-    if plot:
-        console.print(f"plot: {plot}")
+    finish(report, as_json, tables.print_speed, plot, interrupted)
 
 
 @app.command("resume")
@@ -349,3 +323,62 @@ def resume(
     report = run_resume_bench(loaded, s, repeats=repeats, rebuild_repeats=rebuild_repeats)
     report["machine"] = machine(loaded)
     print(json.dumps(report, indent=1) if as_json else format_table(report))
+
+
+@app.command("attention")
+def attention(
+    text: str = TEXT,
+    tokens: int = typer.Option(1024, "--tokens", "-n", help="Tokens of the text to read (more than 64: only "
+                               "queries at position 64 and after are counted)."),
+    model: str = MODEL, quant: str = QUANT, device: str = DEVICE, dtype: str = DTYPE,
+    data_dir: str = typer.Option(None, "--data-dir", help="Where the result is kept for the chat's help (F1) "
+                                 "[default: $SINKCHAT_DATA_DIR or the XDG data dir, as for chats]."),
+    as_json: bool = JSON, plot: str = PLOT,
+) -> None:
+    """Where attention goes: the share that queries after token 64 put on the first 1, 4 and 16 tokens, per
+    layer and head, against uniform attention; layers and heads above 50% on the first 4 are sink-dominated
+    (StreamingLLM's Figure 2). Eager attention, on a growing cache: nothing is evicted.
+
+    The result is also kept in the data dir, so the chat's help (F1) quotes it for this model.
+
+    Example: sinkchat bench attention --tokens 1024 --plot docs/bench-attention.png
+    """
+    from .. import bench
+
+    if tokens <= bench.ATTENTION_FROM:
+        raise SinkchatError(f"--tokens must be more than {bench.ATTENTION_FROM}: only queries at position "
+                            f"{bench.ATTENTION_FROM} and after are counted (got {tokens})")
+    s = settings(model=model, quant=quant, device=device, dtype=dtype)
+    body, source = read_text(text)
+    from ..bench import attention as measure_attention
+    from ..cache import max_positions
+
+    loaded = load(s, as_json, context=False)
+    limit = max_positions(loaded.model.config)
+    if limit is not None and tokens > limit:
+        raise SinkchatError(f"--tokens {tokens} exceeds {loaded.name}'s context of {limit} tokens")
+    ids = stream_ids(loaded, body, source, tokens)
+    if len(ids) <= bench.ATTENTION_FROM:
+        raise SinkchatError(f"--text {source}: only {len(ids)} tokens; bench attention needs more than "
+                            f"{bench.ATTENTION_FROM}")
+    shares = measure_attention.Shares(measure_attention.layers_of(loaded.model))
+    interrupted = measure(
+        lambda bars: measure_attention.measure(loaded.model, ids, bars("attention", len(ids)), shares), as_json
+    )
+    if not shares.queries:
+        raise typer.Exit(130)
+    report = {"model": loaded.name, "text": source, **shares.report(), "interrupted": interrupted,
+              "machine": machine(loaded)}
+    if not interrupted:
+        from ..bench.saved import save_attention
+
+        try:
+            save_attention(report, s.model, data_dir)
+        except OSError as exc:
+            note(f"sinkchat: warning: could not keep the result for the chat's help: {exc}")
+    if plot:
+        from ..bench.plot import attention_plot
+
+        attention_plot(report, plot, f"{loaded.name} ({loaded.quant}): where attention goes, {len(ids)} tokens "
+                       f"of {source}")
+    finish(report, as_json, tables.print_attention, plot, interrupted)

@@ -31,6 +31,7 @@ from .chat_screen import ChatScreen, one_line
 from .chats import ChatsScreen
 from .help import HelpScreen, bindings_markdown
 from .messages import SaveFailed
+from .sinks_help import sinks_markdown
 from .store_thread import StoreThread
 
 if TYPE_CHECKING:
@@ -240,7 +241,8 @@ class SinkchatApp(App):
 
     def action_help(self) -> None:
         if not isinstance(self.screen, HelpScreen):
-            self.push_screen(HelpScreen(self.bindings_table()))
+            data_dir = self.store.store.root if self.store is not None else None
+            self.push_screen(HelpScreen(self.bindings_table(), sinks_markdown(self.settings.model, data_dir)))
 
     def action_chats(self) -> None:
         if self.store is not None:

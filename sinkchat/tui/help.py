@@ -1,4 +1,5 @@
-"""F1: every key binding (read from the bindings themselves), how to scroll, and how to read the gauge."""
+"""F1: every key binding (read from the bindings themselves), how to read the gauge, and what the
+attention sinks are on the loaded model (:mod:`.sinks_help`)."""
 
 from __future__ import annotations
 
@@ -33,16 +34,17 @@ def bindings_markdown(groups: list[tuple[str, list[Binding]]]) -> str:
 class HelpScreen(ModalScreen):
     BINDINGS = [Binding("escape,f1,q", "dismiss", "Close help")]
 
-    def __init__(self, table: str):
+    def __init__(self, table: str, about: str = ""):
+        """``table``: the key bindings (Markdown); ``about``: more Markdown shown after them."""
         super().__init__()
-        self.table = table
+        self.table, self.about = table, about
 
     def compose(self):
         with VerticalScroll(can_focus=True):
             yield Markdown(
                 "# sinkchat keys\n\n" + self.table + "\n\nThe command palette (ctrl+p) offers the same "
                 "commands by name. Scroll this help with the arrows or PageUp/PageDown; Esc or F1 "
-                "closes it.\n\n" + GAUGE
+                "closes it.\n\n" + GAUGE + (f"\n\n{self.about}" if self.about else "")
             )
 
     def on_mount(self) -> None:

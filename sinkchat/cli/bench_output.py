@@ -1,0 +1,150 @@
+"""What ``sinkchat bench`` shows a person: progress bars on stderr while it measures, then rich tables
+of each command's JSON document."""
+
+from __future__ import annotations
+
+import sys
+
+from rich.console import Console
+from rich.table import Table
+
+
+class Bars:
+    """A rich progress bar per phase on stderr, with tokens/s and an ETA; ``bars(desc, total)`` gives a tick."""
+
+    def __init__(self, quiet: bool):
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            ProgressColumn,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+        from rich.text import Text
+
+        class Rate(ProgressColumn):
+            def render(self, task):
+                return Text(f"{task.speed:7.1f} tok/s" if task.speed else "      - tok/s")
+
+        console = Console(stderr=True)
+        self.log = not quiet and not console.is_terminal  # redirected stderr: one line per phase instead
+        self.progress = Progress(
+            TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(), Rate(),
+            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+            console=console, disable=quiet or not console.is_terminal,
+        )
+
+    def __enter__(self):
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.progress.stop()
+
+    def __call__(self, description: str, total: int):
+        if self.log:
+            note(f"sinkchat: {description} ({total} tokens)")
+        task = self.progress.add_task(description, total=max(total, 0))
+        return lambda n: self.progress.advance(task, n)
+
+
+def note(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def fmt(value, spec: str = ".2f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def pct(value: float | None, spec: str = ".1f") -> str:
+    return "-" if value is None else format(100 * value, spec) + "%"
+
+
+def spans(numbers: list[int]) -> str:
+    """``[2, 3, 4, 7]`` -> ``2-4, 7``."""
+    out: list[list[int]] = []
+    for n in numbers:
+        if out and n == out[-1][1] + 1:
+            out[-1][1] = n
+        else:
+            out.append([n, n])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in out) or "none"
+
+
+def print_ppl(report: dict, plot: str | None) -> None:
+    console = Console()
+    shared = report["shared"] or {"tokens": 0, "ppl": {}}
+    table = Table("mode", "tokens scored", "perplexity", f"ppl on the {shared['tokens']} shared tokens",
+                  "seconds", "note", title=f"streaming perplexity: {report['text']}, sinks {report['sinks']}, "
+                  f"window {report['window']}")
+    for r in report["results"]:
+        table.add_row(r["mode"], str(r["tokens"]), fmt(r["ppl"]), fmt(shared["ppl"].get(r["mode"])),
+                      fmt(r["seconds"], ".0f"), r["note"])
+    console.print(table)
+    chunks = Table("tokens", *(r["mode"] for r in report["results"]), title="perplexity per chunk")
+    rows: dict[tuple[int, int], dict[str, float]] = {}
+    for r in report["results"]:
+        for c in r["chunks"]:
+            rows.setdefault((c["start"], c["end"]), {})[r["mode"]] = c["ppl"]
+    for (a, b), by_mode in sorted(rows.items()):
+        chunks.add_row(f"{a}-{b}", *(fmt(by_mode.get(r["mode"])) for r in report["results"]))
+    console.print(chunks)
+    if plot:
+        console.print(f"plot: {plot}")
+
+
+def print_speed(report: dict, plot: str | None) -> None:
+    console = Console()
+    table = Table("mode", "tokens/s", "median ms/token", "ms at first position", "ms at last position",
+                  f"peak {report['memory']} MiB", "note",
+                  title=f"decode speed: sinks {report['sinks']}, window {report['window']}")
+    for r in report["results"]:
+        ms = r["ms_per_token"]
+        table.add_row(r["mode"], fmt(r["tokens_per_s"], ".1f"), fmt(r["median_ms"], ".1f"),
+                      f"{fmt(ms[0][1], '.1f')} @ {ms[0][0]}" if ms else "-",
+                      f"{fmt(ms[-1][1], '.1f')} @ {ms[-1][0]}" if ms else "-",
+                      fmt(r["peak_mem_mb"], ".0f"), r["note"])
+    console.print(table)
+    console.print(f"sinks vs recompute: {fmt(report['speedup_vs_recompute'], '.1f')}x faster per token")
+    console.print(f"sinks last/first position time: {fmt(report['sinks_last_vs_first'], '.3f')}")
+    share = report["upkeep_share"]
+    console.print(f"cache upkeep (eviction, re-rotation): {fmt(share and share * 100, '.2f')}% of decode time")
+    if plot:
+        console.print(f"plot: {plot}")
+
+
+def print_sweep(report: dict, plot: str | None) -> None:
+    budget = report["budget"]
+    table = Table("sinks + window", "tokens scored", "perplexity", f"ppl after token {budget}", "seconds", "note",
+                  title=f"how many sinks? {report['text']}, every run holds {budget} tokens")
+    for r in report["results"]:
+        cache = "dense (full history)" if r["sinks"] is None else f"{r['sinks']} + {r['window']}"
+        table.add_row(cache, str(r["tokens"]), fmt(r["ppl"]), fmt(r["ppl_full"]), fmt(r["seconds"], ".0f"), r["note"])
+    console = Console()
+    console.print(table)
+    if plot:
+        console.print(f"plot: {plot}")
+
+
+def print_attention(report: dict, plot: str | None) -> None:
+    firsts, uniform = report["firsts"], report["uniform"]
+    table = Table("layer", *(f"first {k}" for k in firsts), "max head (first 4)", "heads > 50%",
+                  title=f"share of attention on the first tokens: {report['model']}, {report['tokens']} tokens of "
+                  f"{report['text']}, queries after token {report['from']}")
+    for r in report["layers"]:
+        head, share = r["max_head"]
+        table.add_row(f"{r['layer']}{' *' if r['sink_dominated'] else ''}", *(pct(v) for v in r["share"]),
+                      f"{pct(share)} h{head}", f"{len(r['sink_heads'])}/{report['heads']}")
+    table.add_section()
+    table.add_row("all layers", *(pct(v) for v in report["share"]), "", "")
+    table.add_row("uniform attention", *(pct(v) for v in uniform), "", "")
+    console = Console()
+    console.print(table)
+    layers = len(report["layers"])
+    console.print(f"sink-dominated layers (* , over 50% on the first 4 tokens): {spans(report['sink_layers'])} "
+                  f"({len(report['sink_layers'])} of {layers}); sink-dominated heads: {report['sink_heads']} of "
+                  f"{layers * report['heads']}")
+    if plot:
+        console.print(f"plot: {plot}")
