@@ -1,7 +1,7 @@
 """Fixtures: the real bundled model (loaded once per session), tiny random models, private XDG dirs.
 
 Every test that loads a model is marked ``model`` (here, by the fixtures it uses, or by the test
-module); ``pytest -m "not model"`` is the fast tier.
+module); ``pytest -m "not model and not slow"`` is the fast tier.
 """
 
 from __future__ import annotations

@@ -28,8 +28,9 @@ def test_memory_of_whole_partial_and_untouched_messages():
 def test_describe_span_condenses_runs_of_whole_messages():
     msgs = [Message("system", "", 0, 19), Message("user", "", 19, 37), Message("assistant", "", 37, 71),
             Message("user", "", 71, 80)]
-    assert describe_span((4, 58), msgs) == "[4, 58) 54 tokens: #1 system 15/19, #2 user all, #3 assistant 21/34"
-    assert describe_span((19, 80), msgs) == "[19, 80) 61 tokens: #2-#4 all"
+    assert describe_span((4, 58), msgs) == "tokens 4–57 (54): #1 system 15 of 19, #2 you whole, #3 model 21 of 34"
+    assert describe_span((19, 80), msgs) == "tokens 19–79 (61): #2–#4 whole"
+    assert describe_span((80, 90), msgs) == "tokens 80–89 (10): no message"
 
 
 @given(st.lists(st.tuples(st.integers(0, 50), st.integers(1, 10)), max_size=12),

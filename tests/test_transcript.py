@@ -21,6 +21,7 @@ def mounted(t: Transcript) -> list[int]:
     return [v.index for v in t.query(MessageView)]
 
 
+@pytest.mark.slow  # two thousand real mounts: a couple of minutes on 2 cores
 async def test_two_thousand_messages_keep_the_widgets_bounded_and_all_readable():
     app = TranscriptApp()
     async with app.run_test(size=(100, 30)) as pilot:
