@@ -144,14 +144,6 @@ def test_equals_dense_cache_before_eviction(smollm_f32):
     assert (got - dense).abs().max().item() <= SAME
 
 
-@pytest.fixture(scope="module")
-def tiny_loaded(tiny_models):
-    return {
-        arch: AutoModelForCausalLM.from_pretrained(tiny_models[arch], dtype=torch.float32).eval()
-        for arch in ("mistral", "qwen2")
-    }
-
-
 def worst(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return max((x - y).abs().max().item() for x, y in zip(a, b))
 
