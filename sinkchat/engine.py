@@ -28,6 +28,7 @@ from .ledger import ChatState, Message, Occupancy, Span
 from .models import LoadedModel, check_context, forward
 from .sampling import Sampler
 from .settings import Settings
+from .steering import Steering
 from .template import Turns
 
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "</s>")
@@ -66,11 +67,12 @@ class Done:
 Event = TokenText | Evicted | Stats | Done
 
 
-class Chat:
-    """One conversation with a loaded model; ``submit`` is a generator of events.
+class Chat(Steering):
+    """One conversation with a loaded model; ``submit`` is a generator of events. Pins, taking
+    back the last turn and rebuilding the cache come from :class:`~sinkchat.steering.Steering`.
 
-    Raises :class:`SinkchatError` when the final cache geometry (the sink region grows to the
-    system prompt with ``keep_system``) does not fit the model.
+    Raises :class:`SinkchatError` when the cache geometry does not fit the model, or when
+    ``keep_system`` would pin more of the system prompt than ``--pin-max`` allows.
     """
 
     def __init__(self, loaded: LoadedModel, settings: Settings = Settings()):
@@ -78,17 +80,23 @@ class Chat:
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
         self.turns = Turns(self.tokenizer, settings.system)
         self.system_tokens = len(self.encode(self.turns.first("")[0]))
-        sinks = settings.sinks
-        if settings.keep_system and self.system_tokens > sinks:
-            sinks = self.system_tokens
-        what = "the system prompt kept whole" if sinks != settings.sinks else "sinks"
-        check_context(self.model.config, loaded.name, sinks, settings.window, what)
-        self.cache = SinkCache.for_model(self.model, sinks, settings.window, settings.block)
+        over = self.system_tokens - settings.sinks - settings.pin_budget
+        if settings.keep_system and over > 0:
+            raise SinkchatError(
+                f"--keep-system: the system prompt is {self.system_tokens} tokens; past the {settings.sinks} sinks "
+                f"that is {over} more than --pin-max {settings.pin_budget} lets pinned messages keep"
+            )
+        check_context(self.model.config, loaded.name, settings.sinks, settings.window)
+        self.cache = SinkCache.for_model(self.model, settings.sinks, settings.window, settings.block,
+                                         pin_max=settings.pin_budget)
         self.chunk = prefill_chunk(settings.window)
         self.sampler = Sampler(settings)
         self.stop_ids = stop_token_ids(self.tokenizer, self.model)
         self.tokens: list[int] = []
         self.messages: list[Message] = []
+        self.revision = 0  # bumped by pins and rollbacks, so a save knows there is something new
+        self.cuts: list[tuple[int, int]] = []  # (revision, token) of each rollback (see ChatState.cuts)
+        self._opening: int | None = None  # where the user message being prefilled starts
         self._stop = threading.Event()
         self._logits: torch.Tensor | None = None
         self.device = next(self.model.parameters()).device
@@ -102,20 +110,27 @@ class Chat:
     def submit(self, text: str) -> Iterator[Event]:
         """Send a user message and stream the reply as events, ending with :class:`Done`."""
         self._stop.clear()
-        if not self.messages:
+        if len(self.messages) <= 1 and all(m.role == "system" for m in self.messages):  # the first turn
             system_text, turn_text = self.turns.first(text)
-            if system_text:
+            if system_text and not self.messages:
                 yield from self.prefill(self.encode(system_text), "system", self.settings.system or "")
+                if self.settings.keep_system:
+                    self.cache.pin(0, len(self.tokens))
         else:
             turn_text = self.turns.next(text)
+        self.cache.mark()  # the state to come back to if this turn is taken back (rollback)
         yield from self.prefill(self.encode(turn_text), "user", text)
         yield from self._generate()
 
     def prefill(self, ids: list[int], role: str, content: str) -> Iterator[Event]:
         """Feed ``ids`` as one message, chunk by chunk (a generator of :class:`Evicted` events)."""
         start = len(self.tokens)
-        for i in range(0, len(ids), self.chunk):
-            yield from self._forward(ids[i : i + self.chunk])
+        self._opening = start if role == "user" else None
+        try:
+            for i in range(0, len(ids), self.chunk):
+                yield from self._forward(ids[i : i + self.chunk])
+        finally:
+            self._opening = None
         self.messages.append(Message(role, content, start, len(self.tokens)))
 
     def occupancy(self) -> Occupancy:
@@ -167,8 +182,9 @@ class Chat:
     def state(self) -> tuple[ChatState, dict[str, torch.Tensor]]:
         """The chat as a :class:`ChatState` (copies) and the cache's held K/V tensors (views)."""
         tensors, meta = self.cache.state()
+        meta["revision"] = self.revision
         messages = [Message(**vars(m)) for m in self.messages]
-        return ChatState(list(self.tokens), messages, meta, self.fingerprint()), tensors
+        return ChatState(list(self.tokens), messages, meta, self.fingerprint(), cuts=list(self.cuts)), tensors
 
     def restore(self, state: ChatState, tensors: dict[str, torch.Tensor] | None) -> list[str]:
         """Continue a saved chat in this fresh one: transcript, ledger, cache counters and KV.
@@ -186,6 +202,7 @@ class Chat:
             )
         self.tokens = list(state.tokens)
         self.messages = [Message(**vars(m)) for m in state.messages]
+        self.revision = state.meta.get("revision", 0)
         if not self.tokens:
             return []
         differs = [k for k in now if k != "block" and now[k] != state.fingerprint.get(k)]
@@ -200,40 +217,12 @@ class Chat:
             return [f"the saved KV cache was made with another {', '.join(differs)}; rebuilt it from the ledger"]
         return []
 
-    @torch.inference_mode()
-    def rebuild(self, meta: dict | None = None) -> None:
-        """Re-prefill the ledger's sink and window tokens through the (fresh, empty) cache.
-
-        The sinks go in at positions ``0..S-1`` and the window right after them at ``S..S+W-1``;
-        RoPE scores depend only on query-key distance, so this is the saved layout with the sinks
-        moved forward, which is what the cache does anyway. The counters are then set so the
-        window's first token is conversation token ``seen - W``. With the saved geometry
-        (``meta``) the held ranges are the saved ones; otherwise the first ``sinks`` tokens and the
-        last ``window`` (less a block, if anything is evicted) are held.
-        """
-        cache, tokens = self.cache, self.tokens
-        seen = len(tokens)
-        if meta and (meta["sinks"], meta["window"]) == (cache.sinks, cache.window) and meta["seen"] == seen:
-            n_sink, n_win, evictions = meta["n_sink"], meta["n_win"], [list(s) for s in meta["evictions"]]
-        else:
-            n_sink = min(cache.sinks, seen)
-            n_win = min(cache.window - cache.block if seen - n_sink > cache.window else cache.window, seen - n_sink)
-            evictions = [[n_sink, seen - n_win]] if seen - n_win > n_sink else []
-        for ids in (tokens[:n_sink], tokens[seen - n_win :]):
-            for i in range(0, len(ids), self.chunk):
-                chunk = ids[i : i + self.chunk]
-                positions, _ = cache.reserve(len(chunk))
-                forward(self.model, cache, chunk, positions)
-        tensors, new = cache.state()
-        new.update(seen=seen, base=seen - n_win - n_sink, evictions=evictions, block=cache.block)
-        cache.load_state(tensors, new)
-
     # -- internals ------------------------------------------------------------------------------
 
     @torch.inference_mode()
     def _forward(self, ids: list[int]) -> Iterator[Event]:
-        positions, span = self.cache.reserve(len(ids))
-        if span is not None:
+        positions, spans = self.cache.reserve(len(ids), self._cut if self.settings.evict == "turns" else None)
+        for span in spans:
             yield Evicted(span)
         logits = forward(self.model, self.cache, ids, positions)
         self.tokens.extend(ids)

@@ -3,6 +3,8 @@
 One line in is one user message. In a pipe it prints only each reply and one ``[cache] ...``
 status line after it, so scripts can tell them apart; on a terminal it adds a prompt, and
 Ctrl+C stops a reply in progress (the partial reply is kept) or, at the prompt, quits.
+Slash commands (:mod:`.commands`: ``/pin N``, ``/retry``, ``/edit TEXT``, ...) print one line
+``[sinkchat] ...`` on stdout; a refused one prints ``sinkchat: ...`` on stderr.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import sys
 from collections.abc import Callable
 from typing import TextIO
 
+from . import commands
 from .engine import Chat, Done, TokenText
 
 
@@ -36,6 +39,9 @@ def run(
                 return
         text = line.rstrip("\r\n")
         if not text.strip():
+            continue
+        text = commands.run_line(chat, text, stdout, after_turn)
+        if text is None:  # a command that sends nothing
             continue
         _reply(chat, text, stdout, interactive)
         after_turn(chat)

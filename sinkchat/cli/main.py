@@ -40,6 +40,8 @@ def main(
     sinks: int = _opt("sinks", "--sinks"),
     window: int = _opt("window", "--window", "-w"),
     block: int = _opt("block", "--block"),
+    evict: str = _opt("evict", "--evict"),
+    pin_max: int = _opt("pin_max", "--pin-max"),
     keep_system: bool = _opt("keep_system", "--keep-system/--no-keep-system"),
     system: str = _opt("system", "--system", "-s"),
     quant: str = _opt("quant", "--quant"),
@@ -68,7 +70,8 @@ def main(
     ctx.obj = {"data_dir": data_dir}
     if ctx.invoked_subcommand is not None:
         return
-    flags = dict(model=model, sinks=sinks, window=window, block=block, keep_system=keep_system, system=system,
+    flags = dict(model=model, sinks=sinks, window=window, block=block, evict=evict, pin_max=pin_max,
+                 keep_system=keep_system, system=system,
                  quant=quant, device=device, dtype=dtype, temperature=temperature, top_p=top_p, top_k=top_k,
                  repetition_penalty=repetition_penalty, seed=seed, max_new_tokens=max_new_tokens, theme=theme)
     from ..store import Store

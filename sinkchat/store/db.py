@@ -2,7 +2,7 @@
 
 Tables: ``chats`` (one row per chat: title, times, settings, fingerprint, cache counters, save
 generation and checksum), ``messages`` (the transcript) and ``tokens`` (the ledger: every token,
-its message, and whether it is a sink ``s``, in the window ``w`` or evicted ``e``).
+its message, and whether it is a sink ``s``, pinned ``p``, otherwise held ``w`` or evicted ``e``).
 
 The schema is versioned with ``PRAGMA user_version`` and upgraded on every open by numbered
 migrations, each in one transaction (the pattern of simonw/llm's ``migrations.py``): a database
@@ -161,20 +161,27 @@ class Database:
         return None, "the database rows are damaged (checksum mismatch)"
 
     def write(self, chat_id: int, snap: Snapshot, old_meta: dict, n_old: int) -> None:
-        """Store ``snap`` in one transaction: new ledger rows appended, changed kinds updated,
-        the transcript and the chat row replaced. ``old_meta``/``n_old``: what the rows held before."""
+        """Store ``snap`` in one transaction: new ledger rows appended (and those a rollback
+        rewrote since the rows' revision replaced), changed kinds updated, the transcript and the
+        chat row replaced. ``old_meta``/``n_old``: what the rows held before."""
         meta, toks = snap.meta, snap.tokens
         n_sink, win_start = meta["n_sink"], meta["seen"] - meta["n_win"]
         owner = array("l", [0]) * len(toks)
         for i, m in enumerate(snap.messages):
             owner[m.start : m.end] = array("l", [i]) * (m.end - m.start)
-        kind = lambda p: "s" if p < n_sink else "w" if p >= win_start else "e"  # noqa: E731
-        n_old = min(n_old, len(toks))
+        pinned, parked = _tokens(meta.get("pins", [])), _tokens(meta.get("parked", []))
+        kind = lambda p: ("s" if p < n_sink else "p" if p in pinned else "w" if p >= win_start or p in parked  # noqa: E731
+                          else "e")
+        rewritten = snap.rewritten_from(old_meta.get("revision", 0))
+        n_old = min(n_old, len(toks), len(toks) if rewritten is None else rewritten)
         same = old_meta.get("seen") is not None and all(
             old_meta.get(k) == meta[k] for k in ("sinks", "window", "n_sink")
         )
-        # rows before the old window's start keep their kind unless the geometry changed
-        lo = old_meta["seen"] - old_meta["n_win"] if same else 0
+        # rows before the window's start (old or new: a rollback may move it back) keep their kind
+        # unless the geometry changed, or they are (or were) pinned or parked
+        lo = min(old_meta["seen"] - old_meta["n_win"], win_start) if same else 0
+        was = _tokens(old_meta.get("pins", [])) | _tokens(old_meta.get("parked", []))
+        odd = sorted(p for p in pinned | parked | was if p < n_old)
         with self.transaction() as db:
             db.execute("DELETE FROM tokens WHERE chat_id=? AND pos>=?", (chat_id, n_old))
             db.executemany(
@@ -186,6 +193,8 @@ class Database:
                 "UPDATE tokens SET kind = CASE WHEN pos < ? THEN 's' WHEN pos < ? THEN 'e' ELSE 'w' END"
                 " WHERE chat_id=? AND pos>=? AND pos<?", (n_sink, win_start, chat_id, lo, n_old),
             )
+            db.executemany("UPDATE tokens SET kind=? WHERE chat_id=? AND pos=?",
+                           ((kind(p), chat_id, p) for p in odd))
             db.execute("DELETE FROM messages WHERE chat_id=?", (chat_id,))
             db.executemany(
                 "INSERT INTO messages (chat_id, idx, role, content, first_tok, end_tok, note)"
@@ -198,3 +207,8 @@ class Database:
                 (time.time(), json.dumps(snap.settings), json.dumps(snap.fingerprint), json.dumps(meta), len(toks),
                  snap.gen, snap.checksum(), chat_id),
             )
+
+
+def _tokens(spans) -> set[int]:
+    """The tokens of pinned spans ``[a, b]`` or parked runs ``[a, b, position]`` (bounded by ``--pin-max``)."""
+    return {t for span in spans for t in range(span[0], span[1])}
