@@ -148,3 +148,13 @@ def print_attention(report: dict, plot: str | None) -> None:
                   f"{layers * report['heads']}")
     if plot:
         console.print(f"plot: {plot}")
+
+
+def print_turns(report: dict, plot: str | None) -> None:
+    table = Table("--evict", "turns", "empty replies", "repeated replies", "evictions", "window cut mid-message",
+                  "transcript ppl", "seconds",
+                  title=f"a {report['turns']}-turn chat, greedy, sinks {report['sinks']}, window {report['window']}")
+    for r in report["results"]:
+        table.add_row(r["mode"], str(r["turns"]), str(r["empty"]), str(r["repeated"]), str(r["evictions"]),
+                      str(r["mid_message"]), fmt(r["ppl"]), fmt(r["seconds"], ".0f"))
+    Console().print(table)
