@@ -13,6 +13,7 @@ import sys
 import typer
 
 from ..errors import SinkchatError
+from . import bench_chat  # noqa: F401  (adds `bench endless` to the bench commands)
 from .bench import app as bench_app
 from .chats import app as chats_app
 from .main import app

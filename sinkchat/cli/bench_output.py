@@ -148,3 +148,20 @@ def print_attention(report: dict, plot: str | None) -> None:
                   f"{layers * report['heads']}")
     if plot:
         console.print(f"plot: {plot}")
+
+
+def print_endless(report: dict, plot: str | None) -> None:
+    console = Console()
+    table = Table("turn", "tokens", "widgets", "UI ms / message", "decode ms / token", "save ms", "save KiB",
+                  "RSS MiB", "chats.db MiB",
+                  title=f"an endless chat: sinks {report['sinks']}, window {report['window']}")
+    for p in report["points"]:
+        table.add_row(str(p["turn"]), str(p["tokens"]), str(p["mounted"]), fmt(p["ui_ms"], ".1f"),
+                      fmt(p["ms_per_token"], ".1f"), fmt(p["save_ms"], ".0f"), fmt(p["save_kb"], ".0f"),
+                      fmt(p["rss_mb"], ".0f"), fmt(p["db_mb"], ".2f"))
+    console.print(table)
+    ratios = report["last_vs_100"]
+    if ratios:
+        console.print("last turn / turn 100: " + ", ".join(f"{k} {fmt(v, '.2f')}" for k, v in ratios.items()))
+    if plot:
+        console.print(f"plot: {plot}")

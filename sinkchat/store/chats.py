@@ -9,12 +9,13 @@ rebuilt from the ledger. The store reads and writes files and rows; it never run
 from __future__ import annotations
 
 import sqlite3
+import time
 from contextlib import suppress
 from pathlib import Path
 
 from .. import config
 from ..errors import SinkchatError
-from ..files import fault, private_dir
+from ..files import fault, private_dir, written_bytes
 from ..ledger import ChatState
 from ..settings import Settings
 from .db import Database, loads
@@ -39,6 +40,7 @@ class Store:
         self.db_path = self.root / "chats.db"
         self.db = Database(self.db_path)
         self.locks = Locks(self.root)
+        self.last_save: dict | None = None  # the last save's wall time (s) and bytes written, for `bench endless`
 
     def state_path(self, chat_id: int) -> Path:
         return self.root / "state" / f"{chat_id}.safetensors"
@@ -98,6 +100,7 @@ class Store:
         """:meth:`save` from what :meth:`Chat.state` returned."""
         if not self.locks.holds(chat_id):
             raise SaveError(f"chat {chat_id} is open read-only here; not saved")
+        t0, written = time.perf_counter(), written_bytes()
         try:
             row = self.db.row(chat_id)
             if row is None:
@@ -107,6 +110,9 @@ class Store:
             write_state(self.state_path(chat_id), snap, tensors)
             fault("state-renamed")
             self.db.write(chat_id, snap, loads(row["cache_meta"]), row["n_tokens"])
+            after = written_bytes()
+            self.last_save = {"seconds": time.perf_counter() - t0,
+                              "bytes": after - written if after is not None and written is not None else None}
         except SaveError:
             raise
         except (OSError, sqlite3.Error) as exc:
