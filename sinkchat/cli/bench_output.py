@@ -165,3 +165,15 @@ def print_endless(report: dict, plot: str | None) -> None:
         console.print("last turn / turn 100: " + ", ".join(f"{k} {fmt(v, '.2f')}" for k, v in ratios.items()))
     if plot:
         console.print(f"plot: {plot}")
+
+
+def print_peer(report: dict, plot: str | None) -> None:
+    console = Console()
+    ours, theirs, ratio = report["sinkchat"], report["llama.cpp"], report["ratio"]
+    table = Table("tokens/s", "sinkchat", "llama.cpp", "sinkchat / llama.cpp",
+                  title=f"against llama-bench: {report['threads']} threads, depth {report['depth']}")
+    table.add_row("prompt, 512 tokens (pp512)", fmt(ours["pp"], ".1f"), fmt(theirs.get("pp"), ".1f"),
+                  fmt(ratio.get("pp"), ".2f") + "x")
+    table.add_row(f"decode at depth {report['depth']} (tg)", fmt(ours["tg"], ".1f"), fmt(theirs.get("tg"), ".1f"),
+                  fmt(ratio.get("tg"), ".2f") + "x")
+    console.print(table)
