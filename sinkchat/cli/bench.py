@@ -90,6 +90,7 @@ def note(message: str) -> None:
 def read_text(path: str | None) -> tuple[str, str]:
     """The text to stream and where it came from; a missing or unreadable file is one clear error."""
     from .. import bench
+    from ..files import reason
 
     if path is None:
         return bench.default_text(), "pydoc_data.topics (Python's documentation)"
@@ -97,9 +98,14 @@ def read_text(path: str | None) -> tuple[str, str]:
     if not p.is_file():
         raise SinkchatError(f"--text {path}: no such file")
     try:
-        return p.read_text(encoding="utf-8"), str(p)
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SinkchatError(f"--text {path}: cannot read it as UTF-8 text ({exc.__class__.__name__})") from None
+        data = p.read_bytes()
+    except OSError as exc:
+        raise SinkchatError(f"--text {path}: cannot read it ({reason(exc)})") from None
+    try:
+        return data.decode("utf-8"), str(p)
+    except UnicodeDecodeError:
+        note(f"sinkchat: --text {path}: bytes that are not UTF-8 were replaced with \ufffd")
+        return data.decode("utf-8", errors="replace"), str(p)
 
 
 def check_positive(**values: int | None) -> None:
@@ -224,7 +230,7 @@ def print_ppl(report: dict, plot: str | None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = Console(markup=False)  # paths and notes are never read as markup
     shared = report["shared"] or {"tokens": 0, "ppl": {}}
     table = Table("mode", "tokens scored", "perplexity", f"ppl on the {shared['tokens']} shared tokens",
                   "seconds", "note", title=f"streaming perplexity: {report['text']}, sinks {report['sinks']}, "
@@ -308,7 +314,7 @@ def print_speed(report: dict, plot: str | None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = Console(markup=False)  # paths and notes are never read as markup
     table = Table("mode", "tokens/s", "median ms/token", "ms at first position", "ms at last position",
                   f"peak {report['memory']} MiB", "note",
                   title=f"decode speed: sinks {report['sinks']}, window {report['window']}")

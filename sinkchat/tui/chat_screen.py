@@ -28,6 +28,7 @@ from ..errors import SinkchatError
 from ..ledger import Occupancy, memory, spans
 from ..models import LoadedModel, load_for
 from ..settings import Settings
+from ..text import clean
 from .chat_input import ChatInput
 from .gauge import CacheGauge
 from .header import ChatHeader
@@ -37,8 +38,8 @@ from .transcript import MessageView, Transcript
 def one_line(exc: BaseException) -> str:
     """A readable one-line message for any exception (never a traceback)."""
     if isinstance(exc, SinkchatError):
-        return str(exc)
-    first = (str(exc).strip().splitlines() or [""])[0]
+        return clean(str(exc), one_line=True)
+    first = clean((str(exc).strip().splitlines() or [""])[0])
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
@@ -121,7 +122,7 @@ class ChatScreen(Screen):
         self.post_message(self.ModelLoaded(loaded))
 
     def loading_status(self, message: str) -> None:
-        self.query_one("#loading .status", Label).update(message)
+        self.query_one("#loading .status", Label).update(clean(message))
 
     def load_failed(self, message: str) -> None:
         box = self.query_one("#loading")

@@ -15,6 +15,7 @@ from textual.widget import Widget
 from textual.widgets import Markdown, Static
 
 from ..ledger import Memory
+from ..text import clean
 
 ROLE_LABEL = {"user": "you", "assistant": "model", "system": "system"}
 NOTE_LABEL = {"stopped": "stopped", "length": "max tokens", "error": "error"}
@@ -43,10 +44,10 @@ class MessageView(Vertical):
         line = RoleLine(classes="role")
         line.text = self._label()
         yield line
-        if self.role == "assistant":
-            yield Markdown(self.content, classes="body")
+        if self.role == "assistant":  # chat text is shown clean: no control character reaches the terminal
+            yield Markdown(clean(self.content), classes="body")
         else:
-            yield Static(self.content, classes="body", markup=False)
+            yield Static(clean(self.content), classes="body", markup=False)
 
     def _label(self) -> str:
         parts = [ROLE_LABEL.get(self.role, self.role)]
@@ -57,7 +58,7 @@ class MessageView(Vertical):
             parts.append(f"⊘ forgotten: all {m.tokens} tokens evicted from the cache")
         elif m is not None and m.partly:
             if self.snippet.strip():
-                where = f", kept from “{self.snippet.strip()}…”"
+                where = f", kept from “{clean(self.snippet.strip(), one_line=True)}…”"
             else:  # the evicted run ends the message: its start is what stays (the attention sinks)
                 where = f", its first {m.tokens - m.evicted} stay as attention sinks" if m.cut is None else ""
             parts.append(f"✂ {m.evicted}/{m.tokens} tokens evicted{where}")
@@ -78,7 +79,7 @@ class MessageView(Vertical):
         self.content += text
         if self.stream is None:
             self.stream = Markdown.get_stream(self.query_one(Markdown))
-        await self.stream.write(text)
+        await self.stream.write(clean(text))
 
     async def finish(self) -> None:
         if self.stream is not None:
