@@ -13,10 +13,12 @@ replies are shown as symbols.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
 from collections.abc import Callable
+from contextlib import suppress
 from typing import TextIO
 
 from .engine import Chat, Done, TokenText
@@ -121,6 +123,8 @@ class _Output:
         except (OSError, ValueError):  # EIO after a hang-up, EPIPE, a closed file
             self.closed = True
             self.chat.stop()
+            with suppress(OSError, ValueError, AttributeError):  # what is still buffered goes nowhere, quietly
+                os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
 
 
 def _reply(chat: Chat, text: str, out: _Output, interactive: bool) -> None:

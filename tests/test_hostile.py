@@ -161,6 +161,19 @@ def test_keep_system_is_checked_against_the_native_sliding_window(tmp_path, monk
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.count("\n") == 1 and "native sliding window" in err, err
 
+    import asyncio
+
+    from _helpers import SIZE, wait_for
+    from sinkchat.tui.app import SinkchatApp
+
+    async def tui() -> str:  # the TUI says it where the model's loading status goes, and stays up
+        app = SinkchatApp(GREEDY.replace(window=32, keep_system=True, system=system), loaded=loaded)
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_for(pilot, lambda: app.chat_screen.query_one("#loading").has_class("-failed"))
+            return str(app.chat_screen.query_one("#loading .status").render())
+
+    assert "native sliding window" in asyncio.run(tui())
+
 
 def test_the_ledger_on_disk_equals_what_the_cache_holds_after_the_sinks_change(smollm):
     store = Store()

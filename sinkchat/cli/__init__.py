@@ -40,7 +40,7 @@ def _optional_resume(args: list[str]) -> list[str]:
 def run(argv: list[str] | None = None) -> None:
     """Console-script entry point: one-line errors, exit 2 for bad input, 130 for Ctrl+C."""
     try:
-        app(args=_optional_resume(sys.argv[1:] if argv is None else argv), standalone_mode=False)
+        code = app(args=_optional_resume(sys.argv[1:] if argv is None else argv), standalone_mode=False)
     except SinkchatError as exc:
         _error(str(exc))
         sys.exit(2)
@@ -54,6 +54,8 @@ def run(argv: list[str] | None = None) -> None:
     except BrokenPipeError:  # `sinkchat chats show | head`: the reader has all it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         sys.exit(0)
+    if isinstance(code, int) and code:  # a command's typer.Exit(code) comes back as a value here
+        sys.exit(code)
 
 
 def _error(message: str) -> None:

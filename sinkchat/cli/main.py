@@ -101,7 +101,10 @@ def note(message: str) -> None:
     """One line on stderr, ``sinkchat: ...`` (control characters shown as symbols)."""
     from ..text import clean
 
-    print(f"sinkchat: {clean(message, one_line=True)}", file=sys.stderr)
+    try:
+        print(f"sinkchat: {clean(message, one_line=True)}", file=sys.stderr)
+    except OSError:  # the terminal is gone (a hang-up): nobody can read it
+        pass
 
 
 def _resume(store, resume: str | None) -> tuple[int | None, dict | None]:
