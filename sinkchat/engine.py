@@ -91,6 +91,7 @@ class Chat:
         self.tokens: list[int] = []
         self.messages: list[Message] = []
         self._stop = threading.Event()
+        self.busy = False  # a submit is between its start and its Done (the chat may not be copied then)
         self._logits: torch.Tensor | None = None
         self.device = next(self.model.parameters()).device
 
@@ -118,10 +119,14 @@ class Chat:
         else:
             turn = self.turns.next(text)
         user_ids = self.turns.encode(turn)
-        if system_ids:
-            yield from self.prefill(system_ids, "system", self.settings.system or "")
-        yield from self.prefill(user_ids, "user", text)
-        yield from self._generate()
+        self.busy = True
+        try:
+            if system_ids:
+                yield from self.prefill(system_ids, "system", self.settings.system or "")
+            yield from self.prefill(user_ids, "user", text)
+            yield from self._generate()
+        finally:
+            self.busy = False
 
     def prefill(self, ids: list[int], role: str, content: str) -> Iterator[Event]:
         """Feed ``ids`` as one message, chunk by chunk (a generator of :class:`Evicted` events)."""
@@ -281,6 +286,7 @@ class Chat:
         finally:  # also when the consumer stopped early or failed: the reply so far stays, marked stopped
             message.content = stream.text
         message.note = "" if reason == "end" else reason
+        self.busy = False  # the turn is whole from here on
         yield Done(message.content, reason, generated, time.perf_counter() - t0)
 
 

@@ -137,3 +137,28 @@ def test_a_read_only_disk_opens_the_chat_read_only_and_goes_on(smollm, tmp_path)
     assert {p: p.read_bytes() for p in before} == before
     assert new.returncode == 0 and new.stdout.count("[cache]") == 1, new.stderr
     assert new.stderr.count("\n") == 1 and "this chat is not saved" in new.stderr
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
+
+
+@pytest.mark.anyio
+async def test_sigterm_in_the_tui_stops_the_reply_saves_and_quits(smollm):
+    from _helpers import SIZE, send, tui_settings, wait_for
+    from sinkchat.tui.app import SinkchatApp
+    from sinkchat.tui.chat_input import ChatInput
+
+    app = SinkchatApp(tui_settings(max_new_tokens=200), loaded=smollm)
+    async with app.run_test(size=SIZE) as pilot:
+        await send(pilot, "Hello!")  # a first turn, saved as usual
+        screen = app.chat_screen
+        screen.query_one(ChatInput).insert(STORY)
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: screen.generating and screen.reply_view and screen.reply_view.content)
+        os.kill(os.getpid(), signal.SIGTERM)  # the loop's handler quits the app, as Ctrl+Q does
+        await wait_for(pilot, lambda: app._exit)
+    [info] = Store().list()
+    reply = Store().transcript(info.id).messages[-1]
+    assert reply.role == "assistant" and reply.note == "stopped" and reply.content

@@ -300,8 +300,8 @@ class Autosave:
     def capture(self, chat) -> tuple | None:
         """A copy of what to save, or None if nothing is new since the last capture."""
         mark = self._mark(chat)
-        if not chat.messages or mark == self.saved or not self.writable:
-            return None
+        if not chat.messages or mark == self.saved or not self.writable or getattr(chat, "busy", False):
+            return None  # (a reply still being written is never copied: it is saved once it stops)
         state, tensors = chat.state()
         self.saved = mark
         return state, {k: v.clone() for k, v in tensors.items()}

@@ -9,6 +9,7 @@ every reply and :class:`ChatScreen.NewChat` on Ctrl+N, and the app saves or swit
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
 
@@ -162,10 +163,13 @@ class ChatScreen(Screen):
 
     async def stop_reply(self) -> None:
         """Stop a running reply and wait until its worker has ended (the chat can then be replaced)."""
-        worker = self._worker
-        if worker is not None and worker.is_running and self.chat is not None:
-            self.chat.stop()
+        worker, chat = self._worker, self.chat
+        if worker is not None and worker.is_running and chat is not None:
+            chat.stop()
             await worker.wait()
+        while chat is not None and chat.busy:  # at exit the worker is cancelled while its thread still runs
+            chat.stop()
+            await asyncio.sleep(0.02)
 
     # -- chatting -------------------------------------------------------------------------------
 
