@@ -133,8 +133,7 @@ class Chat:
         message = Message(role, content, len(self.tokens), len(self.tokens), note="stopped")
         self.messages.append(message)
         for i in range(0, len(ids), self.chunk):
-            yield from self._forward(ids[i : i + self.chunk])
-            message.end = len(self.tokens)
+            yield from self._forward(ids[i : i + self.chunk], message)
         message.note = ""  # until here the model had read only part of it
 
     def occupancy(self) -> Occupancy:
@@ -241,9 +240,9 @@ class Chat:
     # -- internals ------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def _forward(self, ids: list[int]) -> Iterator[Event]:
-        """One step: reserve cache room, run the model, record the tokens. A failing model call
-        gives the room back, so the cache never holds more than the recorded tokens; the
+    def _forward(self, ids: list[int], message: Message) -> Iterator[Event]:
+        """One step of ``message``: reserve cache room, run the model, record the tokens. A failing
+        model call gives the room back, so the cache never holds more than the recorded tokens; the
         eviction is announced only once the step is recorded."""
         positions, span = self.cache.reserve(len(ids))
         try:
@@ -252,6 +251,7 @@ class Chat:
             self.cache.cancel(len(ids))
             raise
         self.tokens.extend(ids)
+        message.end = len(self.tokens)
         self._logits = logits[-1]
         if span is not None:
             yield Evicted(span)
@@ -271,9 +271,8 @@ class Chat:
                 if tok in self.stop_ids:
                     reason = "end"
                     break
-                yield from self._forward([tok])
+                yield from self._forward([tok], message)
                 generated += 1
-                message.end = len(self.tokens)
                 delta = stream.push(tok)
                 message.content = stream.emitted
                 if delta:
@@ -284,7 +283,7 @@ class Chat:
             if tail:
                 yield TokenText(tail)
         finally:  # also when the consumer stopped early or failed: the reply so far stays, marked stopped
-            message.content = stream.text
+            message.content = stream._decode(self.tokens[message.start : message.end])  # what was recorded
         message.note = "" if reason == "end" else reason
         self.busy = False  # the turn is whole from here on
         yield Done(message.content, reason, generated, time.perf_counter() - t0)
