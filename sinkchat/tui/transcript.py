@@ -76,6 +76,8 @@ class MessageView(Vertical):
 
     async def append(self, text: str) -> None:
         """Stream ``text`` onto the end of an assistant reply."""
+        if not text:  # (a stream started and stopped with nothing written fails in Textual)
+            return
         self.content += text
         if self.stream is None:
             self.stream = Markdown.get_stream(self.query_one(Markdown))
