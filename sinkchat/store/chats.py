@@ -22,7 +22,7 @@ from ..settings import Settings
 from ..text import valid
 from .db import Database, loads
 from .locks import Locks
-from .records import ChatInfo, ReadOnly, SaveError, Snapshot, Transcript
+from .records import ChatInfo, ChatLocked, ReadOnly, SaveError, Snapshot, Transcript
 from .statefile import read_header, read_state, write_state
 
 
@@ -124,7 +124,7 @@ class Store:
 
         try:
             return self.db.create(valid(title)[0], settings.saved(), first_save)
-        except (OSError, sqlite3.Error) as exc:
+        except (OSError, sqlite3.Error, ChatLocked) as exc:
             for chat_id in made:  # no row was committed: leave nothing of it behind
                 with suppress(OSError):
                     self.state_path(chat_id).unlink()
