@@ -98,6 +98,7 @@ class SinkCache(Cache):
         self.pins: list[Span] = []  # pinned conversation tokens (parked or still in the window)
         self.evictions: list[Span] = []  # evicted conversation-token spans, sorted, adjacent ones merged
         self.checkpoint: Checkpoint | None = None
+        self._reserved = (0, 0)  # (to sinks, to window) of the last reserve, for cancel
 
     @classmethod
     def for_model(cls, model, sinks: int, window: int, block: int | None = None, pin_max: int = 0) -> "SinkCache":
@@ -131,7 +132,18 @@ class SinkCache(Cache):
         self.n_sink += to_sink
         self.n_win += to_win
         self.seen += n
+        self._reserved = (to_sink, to_win)
         return positions.unsqueeze(0), spans
+
+    def cancel(self, n: int) -> None:
+        """Give back the room of the last ``reserve(n)`` when its forward pass failed, so the cache
+        holds exactly the tokens the caller recorded (an eviction it made stays in the ledger)."""
+        to_sink, to_win = self._reserved
+        self.n_sink -= to_sink
+        self.n_win -= to_win
+        self.seen -= n
+        for layer in self.layers:
+            layer.length = min(layer.length, self.n_sink + self.n_pin + self.n_win)
 
     def occupancy(self) -> Occupancy:
         pinned = self.pinned_count()

@@ -11,13 +11,12 @@ unknown ``/word`` is refused in one line, so a typo is never sent to the model.
 from __future__ import annotations
 
 import re
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TextIO
 
 from .errors import SinkchatError
 from .steering import name
+from .text import clean
 
 HELP = ("commands: /pin N, /unpin N, /pins, /retry, /edit TEXT, /help "
         "(start a message with // to send a line that begins with /)")
@@ -51,19 +50,19 @@ def parse(line: str) -> Command | str:
     return Command(match.group(1).lower(), (match.group(2) or "").strip())
 
 
-def run_line(chat, line: str, stdout: TextIO, saved: Callable = lambda chat: None) -> str | None:
-    """A line of ``--plain`` input: a command is run, its line printed (``[sinkchat] ...`` on
-    ``stdout``, a refusal ``sinkchat: ...`` on stderr) and ``saved(chat)`` called if the chat
-    changed. Returns the text to send as a turn, or None."""
+def run_line(chat, line: str, write: Callable[[str], None], notify: Callable[[str], None],
+             saved: Callable = lambda chat: None) -> str | None:
+    """A line of ``--plain`` input: a command is run, its line written (``[sinkchat] ...``, or a
+    refusal through ``notify``) and ``saved(chat)`` called if the chat changed. Returns the text to
+    send as a turn, or None."""
     parsed = parse(line)
     if not isinstance(parsed, Command):
         return parsed
     outcome = execute(chat, parsed)
     if outcome.refused:
-        print(f"sinkchat: {outcome.message}", file=sys.stderr, flush=True)
+        notify(clean(outcome.message, one_line=True))
     elif outcome.message:
-        stdout.write(f"[sinkchat] {outcome.message}\n")
-        stdout.flush()
+        write(f"[sinkchat] {clean(outcome.message, one_line=True)}\n")
     if outcome.changed and outcome.send is None:
         saved(chat)
     return outcome.send

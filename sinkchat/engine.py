@@ -30,6 +30,7 @@ from .sampling import Sampler
 from .settings import Settings
 from .steering import Steering
 from .template import Turns
+from .text import valid
 
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "</s>")
 
@@ -79,7 +80,7 @@ class Chat(Steering):
         self.loaded, self.settings = loaded, settings
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
         self.turns = Turns(self.tokenizer, settings.system)
-        self.system_tokens = len(self.encode(self.turns.first("")[0]))
+        self.system_tokens = len(self.turns.encode(self.turns.first("")[0]))
         over = self.system_tokens - settings.sinks - settings.pin_budget
         if settings.keep_system and over > 0:
             raise SinkchatError(
@@ -96,8 +97,8 @@ class Chat(Steering):
         self.messages: list[Message] = []
         self.revision = 0  # bumped by pins and rollbacks, so a save knows there is something new
         self.cuts: list[tuple[int, int]] = []  # (revision, token) of each rollback (see ChatState.cuts)
-        self._opening: int | None = None  # where the user message being prefilled starts
         self._stop = threading.Event()
+        self.busy = False  # a submit is between its start and its Done (the chat may not be copied then)
         self._logits: torch.Tensor | None = None
         self.device = next(self.model.parameters()).device
 
@@ -108,36 +109,49 @@ class Chat(Steering):
         self._stop.set()
 
     def submit(self, text: str) -> Iterator[Event]:
-        """Send a user message and stream the reply as events, ending with :class:`Done`."""
+        """Send a user message and stream the reply as events, ending with :class:`Done`.
+
+        The turn is tokenized before anything reaches the cache, so a failure there changes
+        nothing. At every event the chat is whole (each token fed is recorded and belongs to a
+        message), so a consumer that stops iterating, or fails, leaves a chat that can be saved:
+        the reply so far is kept and marked ``stopped``. Text that is not valid Unicode (lone
+        surrogates from undecodable input) is replaced with U+FFFD.
+        """
         self._stop.clear()
-        if len(self.messages) <= 1 and all(m.role == "system" for m in self.messages):  # the first turn
-            system_text, turn_text = self.turns.first(text)
-            if system_text and not self.messages:
-                yield from self.prefill(self.encode(system_text), "system", self.settings.system or "")
+        text, _ = valid(text)
+        system_ids: list[int] = []
+        if all(m.role == "system" for m in self.messages):  # the first turn (or the first taken back)
+            system, turn = self.turns.first(text)
+            system_ids = [] if self.messages else self.turns.encode(system)
+        else:
+            turn = self.turns.next(text)
+        user_ids = self.turns.encode(turn)
+        self.busy = True
+        try:
+            if system_ids:
+                yield from self.prefill(system_ids, "system", self.settings.system or "")
                 if self.settings.keep_system:
                     self.cache.pin(0, len(self.tokens))
-        else:
-            turn_text = self.turns.next(text)
-        self.cache.mark()  # the state to come back to if this turn is taken back (rollback)
-        yield from self.prefill(self.encode(turn_text), "user", text)
-        yield from self._generate()
+            self.cache.mark()  # the state to come back to if this turn is taken back (rollback)
+            yield from self.prefill(user_ids, "user", text)
+            yield from self._generate()
+        finally:
+            self.busy = False
 
     def prefill(self, ids: list[int], role: str, content: str) -> Iterator[Event]:
         """Feed ``ids`` as one message, chunk by chunk (a generator of :class:`Evicted` events)."""
-        start = len(self.tokens)
-        self._opening = start if role == "user" else None
-        try:
-            for i in range(0, len(ids), self.chunk):
-                yield from self._forward(ids[i : i + self.chunk])
-        finally:
-            self._opening = None
-        self.messages.append(Message(role, content, start, len(self.tokens)))
+        message = Message(role, content, len(self.tokens), len(self.tokens), note="stopped")
+        self.messages.append(message)
+        for i in range(0, len(ids), self.chunk):
+            yield from self._forward(ids[i : i + self.chunk], message)
+        message.note = ""  # until here the model had read only part of it
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` read literally, as a message's content is (a UI counts them)."""
+        return self.turns.encode([(text, True)])
 
     def occupancy(self) -> Occupancy:
         return self.cache.occupancy()
-
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
 
     # -- text for a UI --------------------------------------------------------------------------
 
@@ -145,7 +159,7 @@ class Chat(Steering):
         """The system prompt as the model reads it: the user's, or the template's default one."""
         if self.settings.system:
             return self.settings.system
-        text = self.tokenizer.decode(self.encode(self.turns.first("")[0]), skip_special_tokens=True)
+        text = self.tokenizer.decode(self.turns.encode(self.turns.first("")[0]), skip_special_tokens=True)
         text = text.strip().removeprefix("system").strip()
         return f"(the model's default) {text}" if text else "(the model's default system prompt)"
 
@@ -200,6 +214,8 @@ class Chat(Steering):
                 f"this chat was made with {state.fingerprint.get('model')}, whose tokenizer differs from "
                 f"{now['model']}'s; resume it with --model {state.fingerprint.get('model')}"
             )
+        if any(t >= len(self.tokenizer) for t in state.tokens):
+            raise SinkchatError("this chat's ledger holds token ids the model's vocabulary lacks; it cannot be resumed")
         self.tokens = list(state.tokens)
         self.messages = [Message(**vars(m)) for m in state.messages]
         self.revision = state.meta.get("revision", 0)
@@ -207,7 +223,12 @@ class Chat(Steering):
             return []
         differs = [k for k in now if k != "block" and now[k] != state.fingerprint.get(k)]
         if tensors is not None and not differs:
-            self.cache.load_state(tensors, state.meta, device=self.device)
+            try:
+                self.cache.load_state(tensors, state.meta, device=self.device)
+            except (KeyError, ValueError, RuntimeError) as exc:  # tensors that do not fit the counters
+                self.cache = SinkCache.for_model(self.model, self.cache.sinks, self.cache.window, self.cache.block)
+                self.rebuild(state.meta)
+                return [f"the saved KV cache does not fit its ledger ({exc}); rebuilt it from the ledger"]
             if now["block"] != state.meta["block"]:  # the KV does not depend on it: keep it, say so
                 self.cache.block = now["block"]
                 return [f"eviction block changed from {state.meta['block']} to {now['block']}; it applies from now on"]
@@ -220,43 +241,54 @@ class Chat(Steering):
     # -- internals ------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def _forward(self, ids: list[int]) -> Iterator[Event]:
+    def _forward(self, ids: list[int], message: Message) -> Iterator[Event]:
+        """One step of ``message``: reserve cache room, run the model, record the tokens. A failing
+        model call gives the room back, so the cache never holds more than the recorded tokens; the
+        evictions are announced only once the step is recorded."""
         positions, spans = self.cache.reserve(len(ids), self._cut if self.settings.evict == "turns" else None)
+        try:
+            logits = forward(self.model, self.cache, ids, positions)
+        except BaseException:
+            self.cache.cancel(len(ids))
+            raise
+        self.tokens.extend(ids)
+        message.end = len(self.tokens)
+        self._logits = logits[-1]
         for span in spans:
             yield Evicted(span)
-        logits = forward(self.model, self.cache, ids, positions)
-        self.tokens.extend(ids)
-        self._logits = logits[-1]
+            yield Evicted(span)
 
     def _generate(self) -> Iterator[Event]:
         start = len(self.tokens)
-        message = Message("assistant", "", start, start)
+        message = Message("assistant", "", start, start, note="stopped")
         self.messages.append(message)
-        reply: list[int] = []
         stream = _Detokenizer(self.tokenizer)
-        t0, reason = time.perf_counter(), "length"
-        while len(reply) < self.settings.max_new_tokens:
-            if self._stop.is_set():
-                reason = "stopped"
-                break
-            tok = self.sampler(self._logits, self.tokens[-256:])
-            if tok in self.stop_ids:
-                reason = "end"
-                break
-            reply.append(tok)
-            delta = stream.push(tok)
-            if delta:
-                yield TokenText(delta)
-            yield from self._forward([tok])
-            message.end = len(self.tokens)
-            elapsed = time.perf_counter() - t0
-            yield Stats(self.cache.occupancy(), len(reply) / elapsed if elapsed > 0 else 0.0, len(reply))
-        tail = stream.flush()
-        if tail:
-            yield TokenText(tail)
-        message.content = stream.text
+        t0, reason, generated = time.perf_counter(), "length", 0
+        try:
+            while generated < self.settings.max_new_tokens:
+                if self._stop.is_set():
+                    reason = "stopped"
+                    break
+                tok = self.sampler(self._logits, self.tokens[-256:])
+                if tok in self.stop_ids:
+                    reason = "end"
+                    break
+                yield from self._forward([tok], message)
+                generated += 1
+                delta = stream.push(tok)
+                message.content = stream.emitted
+                if delta:
+                    yield TokenText(delta)
+                elapsed = time.perf_counter() - t0
+                yield Stats(self.cache.occupancy(), generated / elapsed if elapsed > 0 else 0.0, generated)
+            tail = stream.flush()
+            if tail:
+                yield TokenText(tail)
+        finally:  # also when the consumer stopped early or failed: the reply so far stays, marked stopped
+            message.content = stream._decode(self.tokens[message.start : message.end])  # what was recorded
         message.note = "" if reason == "end" else reason
-        yield Done(message.content, reason, len(reply), time.perf_counter() - t0)
+        self.busy = False  # the turn is whole from here on
+        yield Done(message.content, reason, generated, time.perf_counter() - t0)
 
 
 class _Detokenizer:

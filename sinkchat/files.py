@@ -17,12 +17,18 @@ _fault_counts: dict[str, int] = {}
 
 
 def fault(point: str) -> None:
-    """``SINKCHAT_FAULT=point@n`` SIGKILLs this process the n-th time it reaches ``point`` (tests only)."""
-    want = os.environ.get("SINKCHAT_FAULT")
-    if want and want.split("@")[0] == point:
+    """``SINKCHAT_FAULT=point@n`` SIGKILLs this process the n-th time it reaches ``point`` (tests only;
+    a value of another shape never matches)."""
+    name, _, nth = os.environ.get("SINKCHAT_FAULT", "").partition("@")
+    if name == point:
         _fault_counts[point] = _fault_counts.get(point, 0) + 1
-        if _fault_counts[point] == int(want.split("@")[1] if "@" in want else 1):
+        if str(_fault_counts[point]) == (nth or "1"):
             os.kill(os.getpid(), 9)
+
+
+def reason(exc: BaseException) -> str:
+    """What the OS said (``Read-only file system``), without errno and path; else the exception's message."""
+    return exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
 
 
 def write_all(fd: int, data: bytes | memoryview) -> None:
@@ -82,3 +88,15 @@ def private_dir(path: Path) -> Path:
         raise OSError(f"{path} is a broken symbolic link")
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     return path
+
+
+def written_bytes() -> int | None:
+    """Bytes this thread has passed to write calls so far (Linux ``/proc/thread-self/io``), else None.
+
+    Taken before and after a save, it is what the save wrote, fsyncs and SQLite journal included.
+    """
+    try:
+        with open("/proc/thread-self/io", encoding="ascii") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("wchar:"))
+    except (OSError, StopIteration, ValueError):
+        return None

@@ -194,12 +194,10 @@ class Steering:
 
     def _cut(self, t: int) -> int | None:
         """The first token at or after ``t`` where a user turn opens (its tokens carry the chat
-        template's opening of the turn), or None when no turn opens there yet."""
+        template's opening of the turn; the message being prefilled counts), or None when no turn
+        opens there yet."""
         messages = self.messages
         i = bisect_left(messages, t, key=lambda m: m.start)
         while i < len(messages) and messages[i].role != "user":
             i += 1
-        if i < len(messages):
-            return messages[i].start
-        opening = self._opening
-        return opening if opening is not None and opening >= t else None
+        return messages[i].start if i < len(messages) else None

@@ -163,3 +163,26 @@ def speed_plot(report: dict, path: str, title: str) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     save(fig, path)
+
+
+def endless_plot(report: dict, path: str, title: str) -> None:
+    """Each figure of ``bench endless`` against the turn number: what must stay flat, and the ledger."""
+    plt = _pyplot()
+    rows = report["turns"]
+    panels = [("ui_ms", "UI CPU ms per message"), ("ms_per_token", "decode ms per token"),
+              ("save_ms", "save ms"), ("save_kb", "save KiB written"), ("rss_mb", "process RSS MiB"),
+              ("db_mb", "chats.db MiB (the ledger)")]
+    fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
+    for ax, (key, label) in zip(axes.flat, panels):
+        points = [(r["turn"], r[key]) for r in rows if r[key] is not None]
+        if points:
+            xs, ys = zip(*points)
+            ax.plot(xs, ys, lw=0.6, alpha=0.45)
+            rx, ry = rolling(list(points), max(5, len(points) // 40))
+            ax.plot(rx, ry, lw=1.6)
+        ax.set_xlabel("turn")
+        ax.set_ylabel(label)
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=10)
+    save(fig, path)

@@ -139,7 +139,7 @@ def generated(loaded, run: TurnsRun, settings: Settings, turns: int, tick) -> No
             if isinstance(event, Evicted):
                 start = chat.cache.kept()[1][0]
                 run.evictions += 1
-                run.mid_message += start != chat._opening and all(m.start != start for m in chat.messages)
+                run.mid_message += all(m.start != start for m in chat.messages)
             elif isinstance(event, Done):
                 reply = event.reply.strip()
                 run.empty += not reply

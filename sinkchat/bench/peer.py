@@ -1,0 +1,100 @@
+"""``sinkchat bench peer``: sinkchat and llama.cpp's ``llama-bench`` on the same GGUF file, thread count
+and depth, in one run, so the ratio between them is measured on one machine in one state.
+
+llama.cpp is what a user of a local chat would otherwise run; its ``llama-bench`` reports prompt
+processing (``pp``: tokens/s for a prompt of ``-p`` tokens) and text generation (``tg``: tokens/s for
+``-n`` tokens generated after ``-d`` tokens already in the KV cache). sinkchat is measured the same
+way through its own cache and engine: a 512-token message prefilled in the chat's chunks, and single
+tokens decoded at the position where the sink cache is full (``sinks + window``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+from ..errors import SinkchatError
+
+HOW_TO_GET = (
+    "build it from llama.cpp's source (cmake -DGGML_NATIVE=ON -DLLAMA_BUILD_SERVER=OFF, then "
+    "`cmake --build build --target llama-bench`) and pass --llama-bench PATH, or put it on PATH"
+)
+
+
+def find_llama_bench(path: str | None) -> Path:
+    """The ``llama-bench`` binary: ``path`` if given, else the one on PATH; one-line error if none."""
+    if path is not None:
+        p = Path(path).expanduser()
+        if not p.is_file() or not os.access(p, os.X_OK):
+            raise SinkchatError(f"--llama-bench {path}: not an executable file; {HOW_TO_GET}")
+        return p
+    found = shutil.which("llama-bench")
+    if found is None:
+        raise SinkchatError(f"no llama-bench binary found; {HOW_TO_GET}")
+    return Path(found)
+
+
+def run_llama_bench(binary: Path, gguf: str, threads: int, depth: int, prompt: int = 512, gen: int = 128,
+                    repetitions: int = 3, timeout: float = 3600) -> dict:
+    """llama.cpp's figures: ``{"pp": tokens/s for a prompt at depth 0, "tg": tokens/s at ``depth``, "raw": [...]}``.
+
+    Raises :class:`SinkchatError` when the binary fails or prints something other than its JSON.
+    """
+    args = [str(binary), "-m", gguf, "-p", str(prompt), "-n", str(gen), "-d", f"0,{depth}", "-t", str(threads),
+            "-r", str(repetitions), "-o", "json"]
+    try:
+        out = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise SinkchatError(f"llama-bench did not run: {exc}".splitlines()[0]) from None
+    if out.returncode != 0:
+        last = (out.stderr.strip().splitlines() or ["no message"])[-1]
+        raise SinkchatError(f"llama-bench failed (exit {out.returncode}): {last}")
+    try:
+        rows = json.loads(out.stdout)
+        pp = next(r for r in rows if r["n_prompt"] == prompt and r["n_gen"] == 0 and r.get("n_depth", 0) == 0)
+        tg = next(r for r in rows if r["n_gen"] == gen and r["n_prompt"] == 0 and r.get("n_depth", 0) == depth)
+        return {"pp": float(pp["avg_ts"]), "tg": float(tg["avg_ts"]), "raw": rows}
+    except (ValueError, KeyError, TypeError, StopIteration):
+        raise SinkchatError("llama-bench printed no JSON with the expected pp and tg rows") from None
+
+
+def sinkchat_figures(loaded, sinks: int, window: int, ids: list[int], prompt: int = 512, steps: int = 64,
+                     repetitions: int = 3) -> dict:
+    """sinkchat's figures on the same terms: ``{"pp": tokens/s, "tg": tokens/s at sinks + window}``."""
+    from ..cache import SinkCache
+    from ..engine import prefill_chunk
+    from .stream import Stream
+
+    model, chunk = loaded.model, prefill_chunk(window)
+    times = []
+    for _ in range(repetitions):  # a message of `prompt` tokens, prefilled as the chat does
+        stream = Stream(model, SinkCache.for_model(model, sinks, window))
+        t0 = time.perf_counter()
+        for a in range(0, prompt, chunk):
+            stream.forward(ids[a : min(a + chunk, prompt)], keep=1)
+        times.append(time.perf_counter() - t0)
+    stream = Stream(model, SinkCache.for_model(model, sinks, window))
+    depth = sinks + window
+    while stream.seen < depth:  # fill the cache, then time decode steps where it is full
+        stream.forward(ids[stream.seen : min(stream.seen + chunk, depth)], keep=1)
+    steps_ms = []
+    for k in range(steps):
+        t0 = time.perf_counter()
+        stream.forward([ids[depth + k]], keep=1)
+        steps_ms.append(1000 * (time.perf_counter() - t0))
+    return {"pp": prompt / statistics.median(times), "tg": 1000 / statistics.median(steps_ms)}
+
+
+def report(ours: dict, theirs: dict, extra: dict) -> dict:
+    return {
+        "sinkchat": ours,
+        "llama.cpp": {k: v for k, v in theirs.items() if k != "raw"},
+        "ratio": {k: ours[k] / theirs[k] for k in ("pp", "tg") if theirs.get(k)},
+        "llama_bench_raw": theirs.get("raw"),
+        **extra,
+    }

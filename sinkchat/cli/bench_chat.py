@@ -1,0 +1,96 @@
+"""``sinkchat bench endless`` (engine, store and TUI together) and ``sinkchat bench peer`` (against
+llama.cpp), on the ``sinkchat bench`` command group of :mod:`.bench`."""
+
+from __future__ import annotations
+
+import typer
+
+from ..errors import SinkchatError
+from ..settings import help_for
+from .bench import (
+    DEVICE,
+    DTYPE,
+    JSON,
+    MODEL,
+    PLOT,
+    QUANT,
+    SINKS,
+    app,
+    check_positive,
+    finish,
+    load,
+    machine,
+    measure,
+    settings,
+)
+from .bench_output import print_endless, print_peer
+
+
+@app.command("endless")
+def endless(
+    turns: int = typer.Option(2000, "--turns", "-n", help="Turns of the scripted chat."),
+    window: int = typer.Option(None, "--window", "-w", help=help_for("window"), show_default=False),
+    max_new_tokens: int = typer.Option(8, help="Longest reply (short turns keep a long run affordable)."),
+    data_dir: str = typer.Option(None, "--data-dir", help="Keep the chat here [default: a temporary dir]."),
+    sinks: int = SINKS, model: str = MODEL, quant: str = QUANT, device: str = DEVICE, dtype: str = DTYPE,
+    as_json: bool = JSON, plot: str = PLOT,
+) -> None:
+    """A greedy chat of many short turns through the engine, the store and a headless TUI: UI time per
+    message, decode time per token, save time and bytes, memory and database size at turns 10, 100,
+    1000 and the last. In an endless chat all but the database (the ledger) should stay flat.
+
+    Example: sinkchat bench endless --turns 2000 --plot docs/bench-endless.png
+    """
+    from ..bench import endless as bench_endless
+
+    check_positive(turns=turns, max_new_tokens=max_new_tokens)
+    s = settings(model=model, sinks=sinks, window=window, quant=quant, device=device, dtype=dtype,
+                 temperature=0.0, max_new_tokens=max_new_tokens)
+    loaded = load(s, as_json)
+    rows: list[bench_endless.Turn] = []
+    interrupted = measure(
+        lambda bars: bench_endless.run(loaded, s, turns, bars("turns", turns), rows, data_dir), as_json
+    )
+    report = bench_endless.report(rows, {"window": s.window, "sinks": s.sinks, "max_new_tokens": max_new_tokens,
+                                         "interrupted": interrupted, "machine": machine(loaded)})
+    if plot and rows:
+        from ..bench.plot import endless_plot
+
+        endless_plot(report, plot, f"{loaded.name}: an endless chat, sinks={s.sinks} window={s.window}")
+    finish(report, as_json, print_endless, plot, interrupted)
+
+
+@app.command("peer")
+def peer(
+    llama_bench: str = typer.Option(None, "--llama-bench", help="The llama-bench binary [default: on PATH]."),
+    window: int = typer.Option(None, "--window", "-w", help=help_for("window"), show_default=False),
+    steps: int = typer.Option(64, help="Decode steps timed where the cache is full."),
+    repetitions: int = typer.Option(3, help="Repetitions of each llama-bench test and of sinkchat's prefill."),
+    sinks: int = SINKS, model: str = MODEL, quant: str = QUANT, device: str = DEVICE, dtype: str = DTYPE,
+    as_json: bool = JSON,
+) -> None:
+    """sinkchat against llama.cpp's llama-bench on the same GGUF file, threads and depth: prompt
+    tokens/s for a 512-token message, and decode tokens/s where the sink cache is full.
+
+    Example: sinkchat bench peer --llama-bench ~/llama.cpp/build/bin/llama-bench --window 2000
+    """
+    from .. import bench, models
+    from ..bench import peer as measure_peer
+
+    check_positive(steps=steps, repetitions=repetitions)
+    binary = measure_peer.find_llama_bench(llama_bench)
+    s = settings(model=model, sinks=sinks, window=window, quant=quant, device=device, dtype=dtype)
+    source = models.resolve(s.model)
+    if source.kind != "gguf":
+        raise SinkchatError(f"bench peer compares on one GGUF file; {s.model} is a {source.describe()}")
+    import torch
+
+    depth, threads = s.sinks + s.window, torch.get_num_threads()
+    theirs = measure_peer.run_llama_bench(binary, source.ref, threads, depth, repetitions=repetitions)
+    loaded = load(s, as_json)
+    info = machine(loaded)
+    ids = bench.text_ids(loaded.tokenizer, bench.default_text(), max(512, depth + steps + 1))
+    ours = measure_peer.sinkchat_figures(loaded, s.sinks, s.window, ids, steps=steps, repetitions=repetitions)
+    report = measure_peer.report(ours, theirs, {"gguf": source.ref, "depth": depth, "threads": threads,
+                                                "llama_bench": str(binary), "machine": info})
+    finish(report, as_json, print_peer, None, False)
