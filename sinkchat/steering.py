@@ -132,7 +132,6 @@ class Steering:
 
     # -- rebuilding the cache from the ledger ---------------------------------------------------
 
-    @torch.inference_mode()
     def rebuild(self, meta: dict | None = None) -> None:
         """Re-prefill the ledger's sink, parked and window tokens through a cleared cache.
 
@@ -176,6 +175,7 @@ class Steering:
             start = cut if cut is not None and cut < end else start
         return n_sink, clip(kept, n_sink, start), start
 
+    @torch.inference_mode()
     def _refill(self, n_sink: int, parked: list[Span], start: int, end: int,
                 evictions: list[Span] | None = None, pins: list[Span] = ()) -> None:
         """Clear the cache and feed tokens ``[0, n_sink)``, the ``parked`` spans and ``[start, end)``."""

@@ -25,7 +25,7 @@ def reopened(store: Store, chat_id: int, loaded, settings) -> Chat:
 
 
 def test_a_pinned_message_survives_20_turns_in_a_64_token_window_and_a_resume(smollm):
-    settings = GREEDY.replace(window=64, max_new_tokens=8)
+    settings = GREEDY.replace(window=64, max_new_tokens=8, pin_max=32)
     chat = Chat(smollm, settings)
     say(chat, "My name is Ada and my cat is called Pixel.")
     name = chat.messages[1]
@@ -61,7 +61,7 @@ def test_regenerate_gives_the_same_greedy_reply(smollm, window):
     tokens, messages = list(chat.tokens), list(chat.messages)
     assert (chat.cache.evictions != before[0]) == (window == 48)
     assert chat.rollback() is None  # restored exactly: no notice
-    assert chat.occupancy() == before[1] and len(chat.messages) == 2
+    assert chat.occupancy() == before[1] and len(chat.messages) == 3  # system, question, reply
     assert say(chat, "Tell me about the Eiffel Tower.") == first
     assert chat.tokens == tokens and chat.messages == messages
 
