@@ -69,6 +69,8 @@ def read_text(path: str | None) -> tuple[str, str]:
     if path is None:
         return bench.default_text(), "pydoc_data.topics (Python's documentation)"
     p = Path(path)
+    if p.exists() and not p.is_file():
+        raise SinkchatError(f"--text {path}: not a regular file")
     if not p.is_file():
         raise SinkchatError(f"--text {path}: no such file")
     try:
