@@ -21,7 +21,7 @@ from ..files import fault, private_dir, reason, written_bytes
 from ..ledger import ChatState, state_problem
 from ..settings import Settings
 from ..text import valid
-from .db import Database, loads
+from .db import Database, loads, text_of, time_of
 from .locks import Locks
 from .records import ChatInfo, ChatLocked, ReadOnly, SaveError, Snapshot, Transcript
 from .statefile import read_header, read_state, write_state
@@ -242,7 +242,8 @@ class Store:
         snap, _, why, rows_behind = self._best(chat_id, tensors_too=False)
         notices = [f"chat {chat_id}: {why}; read it from the state file"] if rows_behind else []
         row = self._row(chat_id)
-        return Transcript(chat_id, row["title"], row["created"], row["updated"], snap.settings, snap.meta,
+        return Transcript(chat_id, text_of(row["title"]), time_of(row["created"]), time_of(row["updated"]),
+                          snap.settings, snap.meta,
                           snap.messages, snap.tokens, notices)
 
     @_disk("open chat {0}")

@@ -55,6 +55,23 @@ def loads(text) -> dict:
     return value if isinstance(value, dict) else {}
 
 
+def text_of(value) -> str:
+    """A row's text column as text, whatever a damaged row holds (bytes are decoded, replaced)."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    return value if isinstance(value, str) else "" if value is None else str(value)
+
+
+def time_of(value) -> float:
+    """A row's time (seconds since the epoch), or 0 where a damaged row holds no usable time."""
+    return float(value) if isinstance(value, (int, float)) and 0 <= value < 2**35 else 0.0
+
+
+def count_of(value) -> int:
+    """A row's count, or 0 where a damaged row holds none."""
+    return value if isinstance(value, int) and value >= 0 else 0
+
+
 class Database:
     """One connection to ``chats.db``, created 0600 (never through a symlink) and migrated on open."""
 
@@ -136,8 +153,9 @@ class Database:
                     " WHERE m.chat_id=c.id AND m.content LIKE ? ESCAPE '\\')")
             args = (like, like)
         rows = self.db.execute(sql + " ORDER BY c.updated DESC, c.id DESC", args).fetchall()
-        return [ChatInfo(r["id"], r["title"], r["created"], r["updated"], str(loads(r["settings"]).get("model", "?")),
-                         r["n_tokens"], r["n_messages"]) for r in rows]
+        return [ChatInfo(r["id"], text_of(r["title"]), time_of(r["created"]), time_of(r["updated"]),
+                         text_of(loads(r["settings"]).get("model", "?")), count_of(r["n_tokens"]),
+                         count_of(r["n_messages"])) for r in rows]
 
     def rename(self, chat_id: int, title: str) -> None:
         self.db.execute("UPDATE chats SET title=? WHERE id=?", (title, chat_id))

@@ -50,6 +50,8 @@ def _read(path: Path, framework: str, only: str | None = None) -> tuple[dict, di
 
     if path.is_symlink():
         raise ValueError("the state file is a symbolic link; sinkchat does not follow links")
+    if path.exists() and not path.is_file():
+        raise ValueError("the state file is not a regular file")
     if not path.is_file():
         raise ValueError("the state file is missing")
     try:

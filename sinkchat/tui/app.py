@@ -185,7 +185,7 @@ class SinkchatApp(App):
         try:
             chat = Chat(self.loaded, self.settings)
         except SinkchatError as exc:  # the final cache geometry (a system prompt kept whole) does not fit
-            self.chat_screen.load_failed(str(exc))
+            await self.chat_screen.load_failed(str(exc))
             return
         self._follow(chat, None)
         await self.chat_screen.show(chat)
@@ -327,4 +327,7 @@ def run(settings: Settings, store: Store | None, resume_id: int | None = None, n
         print(f"sinkchat: {note}", file=sys.stderr)
     if app.load_error:
         raise LoadFailed(app.load_error)
+    if app.return_code:  # an unexpected error ended the app (Textual printed its traceback)
+        saved = f"; resume the saved chat with: sinkchat --resume {app.chat_id}" if save and app.chat_id else ""
+        raise LoadFailed(f"the chat screen stopped on an unexpected error{saved}")
     return app.chat_id if save else None
