@@ -139,6 +139,10 @@ class Chat:
     def occupancy(self) -> Occupancy:
         return self.cache.occupancy()
 
+    def encode(self, text: str) -> list[int]:
+        """``text``'s tokens as the model would read them in a message (the TUI counts a typed message)."""
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
     # -- text for a UI --------------------------------------------------------------------------
 
     def system_text(self) -> str:
