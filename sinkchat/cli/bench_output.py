@@ -163,6 +163,10 @@ def print_endless(report: dict, plot: str | None) -> None:
     ratios = report["last_vs_100"]
     if ratios:
         console.print("last turn / turn 100: " + ", ".join(f"{k} {fmt(v, '.2f')}" for k, v in ratios.items()))
+    if s := report.get("saves"):
+        console.print(f"saves from turn {s['from_turn']}: {s['turns']} turns, {s['bases']} new bases, mean "
+                      f"{fmt(s['mean_kb'], '.0f')} KiB per turn = {fmt(s['kb_per_new_token'], '.1f')} KiB per new "
+                      f"token, largest {fmt(s['max_kb'], '.0f')} KiB")
     if plot:
         console.print(f"plot: {plot}")
 

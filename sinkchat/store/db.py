@@ -184,14 +184,16 @@ class Database:
             return None, f"the database rows are damaged ({exc})"
         return None, "the database rows are damaged (checksum mismatch)"
 
-    def write(self, chat_id: int, snap: Snapshot, old_meta: dict, n_old: int) -> None:
-        """Store ``snap`` in one transaction: new ledger rows appended, changed kinds updated,
-        the transcript and the chat row replaced. ``old_meta``/``n_old``: what the rows held before."""
+    def write(self, chat_id: int, snap: Snapshot, old_meta: dict, n_old: int, keep: int = 0) -> None:
+        """Store ``snap`` in one transaction: new ledger rows appended, the kinds of newly evicted
+        tokens updated, messages from ``keep`` on replaced (the ones before are unchanged), the chat
+        row replaced. ``old_meta``/``n_old``/``keep``: what the rows held before. So a save writes
+        rows in proportion to what changed, not to the length of the chat."""
         with self.transaction() as db:
-            self._rows(db, chat_id, snap, old_meta, n_old)
+            self._rows(db, chat_id, snap, old_meta, n_old, keep)
 
     @staticmethod
-    def _rows(db, chat_id: int, snap: Snapshot, old_meta: dict, n_old: int) -> None:
+    def _rows(db, chat_id: int, snap: Snapshot, old_meta: dict, n_old: int, keep: int = 0) -> None:
         meta, toks = snap.meta, snap.tokens
         n_sink, win_start = meta["n_sink"], meta["seen"] - meta["n_win"]
         owner = array("l", [0]) * len(toks)
@@ -202,8 +204,10 @@ class Database:
         same = old_meta.get("seen") is not None and all(
             old_meta.get(k) == meta[k] for k in ("sinks", "window", "n_sink")
         )
-        # rows before the old window's start keep their kind unless the geometry changed
+        # rows before the old window's start keep their kind unless the geometry changed, and so
+        # do rows still in the window: only what was evicted since is updated
         lo = old_meta["seen"] - old_meta["n_win"] if same else 0
+        hi = min(n_old, win_start) if same else n_old
         db.execute("DELETE FROM tokens WHERE chat_id=? AND pos>=?", (chat_id, n_old))
         db.executemany(
             "INSERT INTO tokens VALUES (?, ?, ?, ?, ?)",
@@ -212,13 +216,14 @@ class Database:
         fault("db-mid")
         db.execute(
             "UPDATE tokens SET kind = CASE WHEN pos < ? THEN 's' WHEN pos < ? THEN 'e' ELSE 'w' END"
-            " WHERE chat_id=? AND pos>=? AND pos<?", (n_sink, win_start, chat_id, lo, n_old),
+            " WHERE chat_id=? AND pos>=? AND pos<?", (n_sink, win_start, chat_id, lo, hi),
         )
-        db.execute("DELETE FROM messages WHERE chat_id=?", (chat_id,))
+        db.execute("DELETE FROM messages WHERE chat_id=? AND idx>=?", (chat_id, keep))
         db.executemany(
             "INSERT INTO messages (chat_id, idx, role, content, first_tok, end_tok, note)"
             " VALUES (?, ?, ?, ?, ?, ?, ?)",
-            ((chat_id, i, m.role, m.content, m.start, m.end, m.note) for i, m in enumerate(snap.messages)),
+            ((chat_id, i, m.role, m.content, m.start, m.end, m.note)
+             for i, m in enumerate(snap.messages[keep:], start=keep)),
         )
         db.execute(
             "UPDATE chats SET updated=?, settings=?, fingerprint=?, cache_meta=?, n_tokens=?, gen=?, checksum=?"
