@@ -115,8 +115,7 @@ def test_compaction_gives_the_same_cache(fifty, smollm, tmp_path, monkeypatch):
 def test_database_rows_grow_with_the_turn_not_the_chat(fifty):
     """The database part of a save: the new ledger rows and messages, not every message again."""
     root, chat_id, chat, saves, token_bytes = fifty
-    store = Store(root)
-    store.lock(chat_id)
+    store = Store(root)  # (the fixture's store holds the chat's lock; rows are written directly here)
     try:
         row = store.db.row(chat_id)
         snap = Snapshot.of(chat.state()[0], json.loads(row["settings"]), row["gen"] + 1)
@@ -274,8 +273,8 @@ def test_a_state_file_from_before_segments_resumes_and_gains_segments(smollm, sa
     store = Store(tmp_path)
     chat_id = store.create_state(*states[0])
     store.save_state(chat_id, *states[1][:2])
-    store.close()
     snap = store.transcript(chat_id)
+    store.close()
     snap = Snapshot(snap.tokens, snap.messages, snap.meta, states[1][0].fingerprint, snap.settings, 2)
     tensors = {k: v.contiguous() for k, v in states[1][1].items()}  # the earlier writer, verbatim:
     tensors["ledger"] = torch.tensor(snap.tokens, dtype=torch.int64)
