@@ -200,7 +200,7 @@ class Chat(Steering):
         }
 
     def state(self) -> tuple[ChatState, dict[str, torch.Tensor]]:
-        """The chat as a :class:`ChatState` (copies) and the cache's held K/V tensors (views)."""
+        """The chat as a :class:`ChatState` and the cache's held K/V tensors, all copies."""
         tensors, meta = self.cache.state()
         meta["revision"] = self.revision
         messages = [Message(**vars(m)) for m in self.messages]

@@ -145,7 +145,9 @@ def finish(report: dict, as_json: bool, show, plot: str | None, interrupted: boo
     if as_json:
         print(json.dumps(report, indent=1))
     else:
-        show(report, plot)
+        show(report)
+        if plot:
+            tables.tables_console().print(f"plot: {plot}")
     if interrupted:
         raise typer.Exit(130)
 

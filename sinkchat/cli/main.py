@@ -91,11 +91,6 @@ def main(
             flags, config=config.load_config(), config_source=str(config.config_file()),
             saved=saved, saved_source=f"chat {chat_id}'s saved settings",
         )
-    except BaseException:
-        if store is not None:
-            store.close()
-        raise
-    try:
         from ..tui.app import check_theme
 
         check_theme(settings.theme)  # refused in plain mode too: a typo in config.toml is said at once

@@ -184,15 +184,17 @@ class Database:
             return None, f"the database rows are damaged ({exc})"
         return None, "the database rows are damaged (checksum mismatch)"
 
-    def write(self, chat_id: int, snap: Snapshot, old_meta: dict, n_old: int) -> None:
+    def write(self, chat_id: int, snap: Snapshot, old_meta: dict, n_old: int, keep: int = 0) -> None:
         """Store ``snap`` in one transaction: new ledger rows appended (and those a rollback
-        rewrote since the rows' revision replaced), changed kinds updated, the transcript and the
-        chat row replaced. ``old_meta``/``n_old``: what the rows held before."""
+        rewrote since the rows' revision replaced), changed kinds updated, messages from ``keep`` on
+        replaced (the ones before are unchanged), the chat row replaced. ``old_meta``/``n_old``/
+        ``keep``: what the rows held before. So a save writes rows in proportion to what changed,
+        not to the length of the chat."""
         with self.transaction() as db:
-            self._rows(db, chat_id, snap, old_meta, n_old)
+            self._rows(db, chat_id, snap, old_meta, n_old, keep)
 
     @staticmethod
-    def _rows(db, chat_id: int, snap: Snapshot, old_meta: dict, n_old: int) -> None:
+    def _rows(db, chat_id: int, snap: Snapshot, old_meta: dict, n_old: int, keep: int = 0) -> None:
         meta, toks = snap.meta, snap.tokens
         n_sink, win_start = meta["n_sink"], meta["seen"] - meta["n_win"]
         owner = array("l", [0]) * len(toks)
@@ -206,9 +208,12 @@ class Database:
         same = old_meta.get("seen") is not None and all(
             old_meta.get(k) == meta[k] for k in ("sinks", "window", "n_sink")
         )
-        # rows before the window's start (old or new: a rollback may move it back) keep their kind
-        # unless the geometry changed, or they are (or were) pinned or parked
-        lo = min(old_meta["seen"] - old_meta["n_win"], win_start) if same else 0
+        # rows between the old and the new window start (a rollback may move it back) change kind;
+        # the others keep theirs unless the geometry changed, or they are (or were) pinned or parked
+        lo, hi = 0, n_old
+        if same:
+            old_start = old_meta["seen"] - old_meta["n_win"]
+            lo, hi = min(old_start, win_start), min(n_old, max(old_start, win_start))
         was = _tokens(old_meta.get("pins", [])) | _tokens(old_meta.get("parked", []))
         odd = sorted(p for p in pinned | parked | was if p < n_old)
         db.execute("DELETE FROM tokens WHERE chat_id=? AND pos>=?", (chat_id, n_old))
@@ -219,14 +224,15 @@ class Database:
         fault("db-mid")
         db.execute(
             "UPDATE tokens SET kind = CASE WHEN pos < ? THEN 's' WHEN pos < ? THEN 'e' ELSE 'w' END"
-            " WHERE chat_id=? AND pos>=? AND pos<?", (n_sink, win_start, chat_id, lo, n_old),
+            " WHERE chat_id=? AND pos>=? AND pos<?", (n_sink, win_start, chat_id, lo, hi),
         )
         db.executemany("UPDATE tokens SET kind=? WHERE chat_id=? AND pos=?", ((kind(p), chat_id, p) for p in odd))
-        db.execute("DELETE FROM messages WHERE chat_id=?", (chat_id,))
+        db.execute("DELETE FROM messages WHERE chat_id=? AND idx>=?", (chat_id, keep))
         db.executemany(
             "INSERT INTO messages (chat_id, idx, role, content, first_tok, end_tok, note)"
             " VALUES (?, ?, ?, ?, ?, ?, ?)",
-            ((chat_id, i, m.role, m.content, m.start, m.end, m.note) for i, m in enumerate(snap.messages)),
+            ((chat_id, i, m.role, m.content, m.start, m.end, m.note)
+             for i, m in enumerate(snap.messages[keep:], start=keep)),
         )
         db.execute(
             "UPDATE chats SET updated=?, settings=?, fingerprint=?, cache_meta=?, n_tokens=?, gen=?, checksum=?"
