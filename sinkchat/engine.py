@@ -262,7 +262,6 @@ class Chat(Steering):
         self._logits = logits[-1]
         for span in spans:
             yield Evicted(span)
-            yield Evicted(span)
 
     def _generate(self) -> Iterator[Event]:
         start = len(self.tokens)

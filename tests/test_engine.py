@@ -51,7 +51,8 @@ def test_six_turn_chat_with_a_small_window_evicts_and_stays_readable(smollm):
         assert max(layer.get_seq_length() for layer in chat.cache.layers) <= 4 + 64
     occ = chat.occupancy()
     assert occ.evicted > 3 * 64  # far more was said than the cache holds
-    assert merge_spans(evictions) == chat.cache.evictions  # every eviction was announced, in order
+    assert merge_spans(evictions) == chat.cache.evictions  # every eviction was announced, in order,
+    assert len(set(evictions)) == len(evictions)  # once
     # the ledger's evicted spans and the kept tokens account for every token, once each
     assert sorted(covered(chat)) == list(range(len(chat.tokens))) == list(range(occ.seen))
     # messages tile the conversation in order: system?, user, assistant, user, assistant...
