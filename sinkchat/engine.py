@@ -232,7 +232,8 @@ class Chat(Steering):
             try:
                 self.cache.load_state(tensors, state.meta, device=self.device)
             except (KeyError, ValueError, RuntimeError) as exc:  # tensors that do not fit the counters
-                self.cache = SinkCache.for_model(self.model, self.cache.sinks, self.cache.window, self.cache.block)
+                cache = self.cache
+                self.cache = SinkCache.for_model(self.model, cache.sinks, cache.window, cache.block, cache.pin_max)
                 self.rebuild(state.meta)
                 return [f"the saved KV cache does not fit its ledger ({exc}); rebuilt it from the ledger"]
             if now["block"] != state.meta["block"]:  # the KV does not depend on it: keep it, say so

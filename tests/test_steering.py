@@ -91,6 +91,20 @@ def test_edit_replaces_the_stored_turn_and_resumes_exactly(smollm):
     assert say(again, QUESTIONS[1]) == say(chat, QUESTIONS[1]) and again.tokens == chat.tokens
 
 
+def test_a_saved_cache_that_does_not_fit_is_rebuilt_with_its_pins_and_budget(smollm):
+    settings = GREEDY.replace(window=128, max_new_tokens=8, pin_max=64)
+    chat = Chat(smollm, settings)
+    say(chat, "My name is Ada and my cat is called Pixel.")
+    chat.pin(1)
+    state, tensors = chat.state()
+    tensors["0.k"] = tensors["0.k"][:, :, 1:]  # one slot short of what the counters say
+    again = Chat(smollm, settings)
+    notices = again.restore(state, tensors)
+    assert len(notices) == 1 and "does not fit its ledger" in notices[0]
+    assert again.cache.pins == chat.cache.pins and again.occupancy() == chat.occupancy()
+    assert "pinned #3 model" in again.pin(2)  # within the chat's --pin-max, not a budget of zero
+
+
 def test_rollback_without_a_checkpoint_rebuilds_from_the_ledger(smollm):
     """A chat whose checkpoint is gone (saved by an older sinkchat): the cache is re-prefilled from
     the ledger as it was before the turn, with a notice; the ledger stays whole."""
