@@ -23,8 +23,8 @@ chat: $(STAMP)
 test: lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-test-fast: lint      # the inner loop: every test that loads no model and takes seconds
-	$(BIN)/python -m pytest -m "not model and not slow" $(PYTEST_ARGS)
+test-fast: lint      # the inner loop: every test that loads no model, spread over the cores (pytest-xdist)
+	$(BIN)/python -m pytest -m "not model and not slow" -n auto $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check sinkchat tests scripts

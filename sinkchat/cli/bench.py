@@ -33,7 +33,6 @@ QUANT = typer.Option(None, help=help_for("quant"), show_default=False)
 DEVICE = typer.Option(None, help=help_for("device"), show_default=False)
 DTYPE = typer.Option(None, help=help_for("dtype"), show_default=False)
 SINKS = typer.Option(None, help=help_for("sinks"), show_default=False)
-TEXT = typer.Option(None, "--text", help="UTF-8 text file [default: Python's documentation, pydoc_data.topics].")
 JSON = typer.Option(False, "--json", help="Print only the results as JSON on stdout.")
 
 
@@ -55,6 +54,21 @@ def _plot_path(plot: str | None) -> str | None:
 
 
 PLOT = typer.Option(None, "--plot", help="Write a PNG plot to this path.", callback=_plot_path)
+
+
+def _text_path(path: str | None) -> str | None:
+    """A ``--text`` file that is not there is refused before the model loads (and before torch is imported)."""
+    if path is not None:
+        p = Path(path)
+        if p.exists() and not p.is_file():
+            raise SinkchatError(f"--text {path}: not a regular file")
+        if not p.is_file():
+            raise SinkchatError(f"--text {path}: no such file")
+    return path
+
+
+TEXT = typer.Option(None, "--text", help="UTF-8 text file [default: Python's documentation, pydoc_data.topics].",
+                    callback=_text_path)
 BLOCK = typer.Option(None, help="Eviction block of the sink cache [default: the chat's, window/16, max 256].")
 
 
@@ -68,11 +82,7 @@ def read_text(path: str | None) -> tuple[str, str]:
 
     if path is None:
         return bench.default_text(), "pydoc_data.topics (Python's documentation)"
-    p = Path(path)
-    if p.exists() and not p.is_file():
-        raise SinkchatError(f"--text {path}: not a regular file")
-    if not p.is_file():
-        raise SinkchatError(f"--text {path}: no such file")
+    p = Path(_text_path(path))
     try:
         data = p.read_bytes()
     except OSError as exc:
