@@ -6,9 +6,15 @@ module); ``pytest -m "not model and not slow"`` is the fast tier.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest-xdist workers share the cores: one OpenMP thread each (and in the sinkchat processes they
+    # start), so two workers on two cores never make each other's parallel regions wait for a time slice.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 MODEL_FIXTURES = {"smollm", "smollm_f32", "tiny_models", "tiny_loaded"}
 
