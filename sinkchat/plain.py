@@ -62,3 +62,5 @@ def _reply(chat: Chat, text: str, stdout: TextIO, interactive: bool) -> None:
                 stdout.write("[stopped]\n")
     stdout.write(f"[cache] {chat.occupancy().text()}\n")
     stdout.flush()
+    for notice in chat.loaded.take_notices():
+        print(f"sinkchat: {notice}", file=sys.stderr)

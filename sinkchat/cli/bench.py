@@ -78,7 +78,7 @@ def load(s: Settings, quiet: bool, context: bool = True):
     progress = (lambda m: None) if quiet else note
     if context:
         return models.load_for(s, progress=progress)
-    return models.load(s.model, s.quant, s.device, s.dtype, progress=progress)
+    return models.load(s.model, s.quant, s.device, s.dtype, progress=progress, kv_dtype=s.kv_dtype, compile=s.compile)
 
 
 def machine(loaded) -> dict:

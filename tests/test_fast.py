@@ -1,0 +1,114 @@
+"""The fast path (sinkchat.llama) against transformers on the same weights, through the sink cache:
+chunks and single tokens, before and after evictions and a rebase; resume for every KV dtype."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_cache import text_ids
+
+from _helpers import GREEDY, say
+from sinkchat import models
+from sinkchat.cache import SinkCache, rope_inv_freqs
+from sinkchat.engine import Chat
+from sinkchat.llama import FastLlama
+from sinkchat.quant import HalfLinear, Int4Linear
+from sinkchat.store import Store
+
+# Relative to the largest logit. float32 activations: the two paths differ only in summation order
+# (measured ~1e-6 on SmolLM2-135M); bf16 activations into the int4 kernel round differently per path.
+SAME_F32 = 1e-4
+SAME_BF16 = 2e-2
+
+
+def compare(loaded, n: int = 150, window: int = 40, max_positions: int = 120, dtype=None) -> float:
+    """Stream ``n`` tokens (a 32-token chunk, then one at a time) through two identical sink caches,
+    one per path; small ``window`` and ``max_positions`` force evictions and rebases. Returns the
+    largest relative difference of the logits."""
+    model, fast = loaded.model, loaded.fast
+    ids = text_ids(loaded.tokenizer, n)
+    caches = [SinkCache(rope_inv_freqs(model), 4, window, 10, max_positions, dtype) for _ in range(2)]
+    worst, i = 0.0, 0
+    with torch.inference_mode():
+        for size in [32] + [1] * (n - 32):
+            (p1, _), (p2, _) = (c.reserve(size) for c in caches)
+            a = fast(ids[i : i + size], p1, caches[0], 0)
+            b = models.forward_outputs(model, caches[1], ids[i : i + size], p2, 0).logits[0].float()
+            worst = max(worst, ((a - b).abs().max() / b.abs().max()).item())
+            i += size
+    assert caches[0].evictions and caches[0].base > 0  # evicted and rebased on the way
+    assert caches[0].evictions == caches[1].evictions
+    return worst
+
+
+def test_fast_path_matches_transformers_in_float32(smollm_f32):
+    assert isinstance(smollm_f32.fast, FastLlama)
+    assert compare(smollm_f32) < SAME_F32
+
+
+def test_fast_path_matches_transformers_on_the_same_int4_weights(smollm):
+    assert isinstance(smollm.fast, FastLlama) and smollm.weights == "int4pack-g32"
+    assert isinstance(smollm.model.get_output_embeddings(), HalfLinear)
+    assert compare(smollm) < SAME_BF16
+    assert compare(smollm, dtype=torch.bfloat16) < SAME_BF16
+
+
+@pytest.mark.parametrize("arch", ["mistral", "qwen2"])
+def test_fast_path_matches_transformers_on_mistral_and_qwen2(arch, tiny_models):
+    """Qwen2 has q/k/v biases (fused with the weights); both are float32 and 4-bit here."""
+    f32 = models.load(str(tiny_models[arch]), quant="none", device="cpu")
+    assert f32.fast is not None and compare(f32) < SAME_F32
+    int4 = models.load(str(tiny_models[arch]), quant="4bit", device="cpu")
+    assert int4.fast is not None and compare(int4) < SAME_BF16
+
+
+def test_four_bit_on_the_cpu_is_packed_int4_shared_by_both_paths(smollm):
+    linear = [m for m in smollm.model.modules() if isinstance(m, Int4Linear)]
+    assert len(linear) == 30 * 7  # q k v o gate up down of the 30 layers
+    qkv = smollm.fast.layers[0].qkv
+    q = smollm.model.model.layers[0].self_attn.q_proj
+    assert q.packed.untyped_storage().data_ptr() == qkv.packed.untyped_storage().data_ptr()  # one copy
+    assert smollm.fingerprint["quant"] == "4bit" and smollm.fingerprint["weights"] == "int4pack-g32"
+
+
+def test_other_architectures_fall_back_to_transformers(tiny_models):
+    lfm2 = models.load(str(tiny_models["lfm2"]), quant="4bit", device="cpu")
+    assert lfm2.fast is None and lfm2.weights == "int4pack-g32"
+    assert any(isinstance(m, Int4Linear) for m in lfm2.model.modules())
+    chat = Chat(lfm2, GREEDY.replace(sinks=4, window=32, max_new_tokens=20))
+    say(chat, "Hello there, how are you today?")
+    say(chat, "Tell me more please.")
+    assert chat.occupancy().evicted > 0
+
+
+@pytest.mark.parametrize("kv", ["float32", "bfloat16", "float16"])
+def test_resume_is_exact_for_every_kv_dtype(smollm, kv):
+    settings = GREEDY.replace(sinks=4, window=48, block=8, max_new_tokens=16, kv_dtype=kv)
+    store = Store()
+    chat = Chat(smollm, settings)
+    say(chat, "What is the capital of France?")
+    chat_id = store.create(chat, settings)
+    say(chat, "And of Italy?")
+    store.save(chat_id, chat)
+    assert chat.cache.evictions and chat.cache.layers[0].keys.dtype == getattr(torch, kv)
+    assert chat.fingerprint()["kv_dtype"] == kv
+    store.unlock(chat_id)
+    chat2 = Chat(smollm, settings)
+    assert Store(store.root).open(chat_id, chat2) == []
+    assert chat2.cache.layers[0].sink_orig.dtype == torch.float32  # the sinks' pristine copy
+    n = len(chat.tokens)
+    assert say(chat2, "And of Spain?") == say(chat, "And of Spain?")
+    assert chat2.tokens[n:] == chat.tokens[n:]
+
+
+def test_a_chat_saved_with_another_kv_dtype_is_rebuilt(smollm):
+    settings = GREEDY.replace(sinks=4, window=48, block=8, max_new_tokens=8)
+    store = Store()
+    chat = Chat(smollm, settings.replace(kv_dtype="bfloat16"))
+    say(chat, "What is the capital of France?")
+    chat_id = store.create(chat, settings)
+    store.unlock(chat_id)
+    chat2 = Chat(smollm, settings.replace(kv_dtype="float32"))
+    notices = Store(store.root).open(chat_id, chat2)
+    assert len(notices) == 1 and "kv_dtype" in notices[0] and "rebuilt" in notices[0]
+    assert chat2.cache.layers[0].keys.dtype == torch.float32
