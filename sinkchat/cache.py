@@ -178,6 +178,7 @@ class SinkCache(Cache):
         self.seen = 0  # tokens that entered the cache since the start of the stream
         self.base = 0  # RoPE position of conversation token t in the window is t - base
         self.evictions: list[Span] = []  # evicted conversation-token spans, adjacent blocks merged
+        self._reserved = (0, 0)  # (to sinks, to window) of the last reserve, for cancel
         self.upkeep_s = 0.0  # wall time spent evicting and re-rotating (read by `sinkchat bench speed`)
 
     @classmethod
@@ -209,7 +210,18 @@ class SinkCache(Cache):
         self.n_sink += to_sink
         self.n_win += to_win
         self.seen += n
+        self._reserved = (to_sink, to_win)
         return positions.unsqueeze(0), span
+
+    def cancel(self, n: int) -> None:
+        """Give back the room of the last ``reserve(n)`` when its forward pass failed, so the cache
+        holds exactly the tokens the caller recorded (an eviction it made stays in the ledger)."""
+        to_sink, to_win = self._reserved
+        self.n_sink -= to_sink
+        self.n_win -= to_win
+        self.seen -= n
+        for layer in self.layers:
+            layer.length = min(layer.length, self.n_sink + self.n_win)
 
     def occupancy(self) -> Occupancy:
         return Occupancy(

@@ -14,7 +14,7 @@ from pathlib import Path
 import platformdirs
 
 from .errors import SinkchatError
-from .files import write_atomic
+from .files import private_dir, reason, write_atomic
 
 APP = "sinkchat"
 
@@ -45,17 +45,20 @@ def load_config() -> dict:
             return {}
         return tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError, OSError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise SinkchatError(f"cannot read config file {path}: {reason}") from None
+        raise SinkchatError(f"cannot read config file {path}: {reason(exc)}") from None
 
 
 def save_config_value(key: str, value: str | int | float | bool) -> None:
-    """Remember one setting without disturbing the others or the file's comments (atomic replace)."""
+    """Remember one setting without disturbing the others or the file's comments (atomic replace);
+    ``SinkchatError`` naming the file if it cannot be read or written."""
     import tomlkit
 
     path = config_file()
-    text = path.read_text(encoding="utf-8") if path.is_file() else ""
-    doc = tomlkit.parse(text)
-    doc[key] = value
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, tomlkit.dumps(doc).encode("utf-8"))
+    try:
+        text = path.read_text(encoding="utf-8") if path.is_file() else ""
+        doc = tomlkit.parse(text)
+        doc[key] = value
+        private_dir(path.parent)
+        write_atomic(path, tomlkit.dumps(doc).encode("utf-8"))
+    except (OSError, UnicodeDecodeError, tomlkit.exceptions.TOMLKitError) as exc:
+        raise SinkchatError(f"cannot write config file {path}: {reason(exc)}") from None

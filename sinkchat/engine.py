@@ -29,6 +29,7 @@ from .models import LoadedModel, check_context, forward, kv_dtype
 from .sampling import Sampler
 from .settings import Settings
 from .template import Turns
+from .text import valid
 
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "</s>")
 
@@ -77,7 +78,7 @@ class Chat:
         self.loaded, self.settings = loaded, settings
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
         self.turns = Turns(self.tokenizer, settings.system)
-        self.system_tokens = len(self.encode(self.turns.first("")[0]))
+        self.system_tokens = len(self.turns.encode(self.turns.first("")[0]))
         sinks = settings.sinks
         if settings.keep_system and self.system_tokens > sinks:
             sinks = self.system_tokens
@@ -91,6 +92,7 @@ class Chat:
         self.tokens: list[int] = []
         self.messages: list[Message] = []
         self._stop = threading.Event()
+        self.busy = False  # a submit is between its start and its Done (the chat may not be copied then)
         self._logits: torch.Tensor | None = None
         self.device = next(self.model.parameters()).device
 
@@ -101,29 +103,42 @@ class Chat:
         self._stop.set()
 
     def submit(self, text: str) -> Iterator[Event]:
-        """Send a user message and stream the reply as events, ending with :class:`Done`."""
+        """Send a user message and stream the reply as events, ending with :class:`Done`.
+
+        The turn is tokenized before anything reaches the cache, so a failure there changes
+        nothing. At every event the chat is whole (each token fed is recorded and belongs to a
+        message), so a consumer that stops iterating, or fails, leaves a chat that can be saved:
+        the reply so far is kept and marked ``stopped``. Text that is not valid Unicode (lone
+        surrogates from undecodable input) is replaced with U+FFFD.
+        """
         self._stop.clear()
+        text, _ = valid(text)
+        system_ids: list[int] = []
         if not self.messages:
-            system_text, turn_text = self.turns.first(text)
-            if system_text:
-                yield from self.prefill(self.encode(system_text), "system", self.settings.system or "")
+            system, turn = self.turns.first(text)
+            system_ids = self.turns.encode(system)
         else:
-            turn_text = self.turns.next(text)
-        yield from self.prefill(self.encode(turn_text), "user", text)
-        yield from self._generate()
+            turn = self.turns.next(text)
+        user_ids = self.turns.encode(turn)
+        self.busy = True
+        try:
+            if system_ids:
+                yield from self.prefill(system_ids, "system", self.settings.system or "")
+            yield from self.prefill(user_ids, "user", text)
+            yield from self._generate()
+        finally:
+            self.busy = False
 
     def prefill(self, ids: list[int], role: str, content: str) -> Iterator[Event]:
         """Feed ``ids`` as one message, chunk by chunk (a generator of :class:`Evicted` events)."""
-        start = len(self.tokens)
+        message = Message(role, content, len(self.tokens), len(self.tokens), note="stopped")
+        self.messages.append(message)
         for i in range(0, len(ids), self.chunk):
-            yield from self._forward(ids[i : i + self.chunk])
-        self.messages.append(Message(role, content, start, len(self.tokens)))
+            yield from self._forward(ids[i : i + self.chunk], message)
+        message.note = ""  # until here the model had read only part of it
 
     def occupancy(self) -> Occupancy:
         return self.cache.occupancy()
-
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
 
     # -- text for a UI --------------------------------------------------------------------------
 
@@ -131,7 +146,7 @@ class Chat:
         """The system prompt as the model reads it: the user's, or the template's default one."""
         if self.settings.system:
             return self.settings.system
-        text = self.tokenizer.decode(self.encode(self.turns.first("")[0]), skip_special_tokens=True)
+        text = self.tokenizer.decode(self.turns.encode(self.turns.first("")[0]), skip_special_tokens=True)
         text = text.strip().removeprefix("system").strip()
         return f"(the model's default) {text}" if text else "(the model's default system prompt)"
 
@@ -186,13 +201,20 @@ class Chat:
                 f"this chat was made with {state.fingerprint.get('model')}, whose tokenizer differs from "
                 f"{now['model']}'s; resume it with --model {state.fingerprint.get('model')}"
             )
+        if any(t >= len(self.tokenizer) for t in state.tokens):
+            raise SinkchatError("this chat's ledger holds token ids the model's vocabulary lacks; it cannot be resumed")
         self.tokens = list(state.tokens)
         self.messages = [Message(**vars(m)) for m in state.messages]
         if not self.tokens:
             return []
         differs = [k for k in now if k != "block" and now[k] != state.fingerprint.get(k)]
         if tensors is not None and not differs:
-            self.cache.load_state(tensors, state.meta, device=self.device)
+            try:
+                self.cache.load_state(tensors, state.meta, device=self.device)
+            except (KeyError, ValueError, RuntimeError) as exc:  # tensors that do not fit the counters
+                self.cache = SinkCache.for_model(self.model, self.cache.sinks, self.cache.window, self.cache.block)
+                self.rebuild(state.meta)
+                return [f"the saved KV cache does not fit its ledger ({exc}); rebuilt it from the ledger"]
             if now["block"] != state.meta["block"]:  # the KV does not depend on it: keep it, say so
                 self.cache.block = now["block"]
                 return [f"eviction block changed from {state.meta['block']} to {now['block']}; it applies from now on"]
@@ -233,43 +255,53 @@ class Chat:
     # -- internals ------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def _forward(self, ids: list[int]) -> Iterator[Event]:
+    def _forward(self, ids: list[int], message: Message) -> Iterator[Event]:
+        """One step of ``message``: reserve cache room, run the model, record the tokens. A failing
+        model call gives the room back, so the cache never holds more than the recorded tokens; the
+        eviction is announced only once the step is recorded."""
         positions, span = self.cache.reserve(len(ids))
+        try:
+            logits = forward(self.model, self.cache, ids, positions)
+        except BaseException:
+            self.cache.cancel(len(ids))
+            raise
+        self.tokens.extend(ids)
+        message.end = len(self.tokens)
+        self._logits = logits[-1]
         if span is not None:
             yield Evicted(span)
-        logits = forward(self.model, self.cache, ids, positions)
-        self.tokens.extend(ids)
-        self._logits = logits[-1]
 
     def _generate(self) -> Iterator[Event]:
         start = len(self.tokens)
-        message = Message("assistant", "", start, start)
+        message = Message("assistant", "", start, start, note="stopped")
         self.messages.append(message)
-        reply: list[int] = []
         stream = _Detokenizer(self.tokenizer)
-        t0, reason = time.perf_counter(), "length"
-        while len(reply) < self.settings.max_new_tokens:
-            if self._stop.is_set():
-                reason = "stopped"
-                break
-            tok = self.sampler(self._logits, self.tokens[-256:])
-            if tok in self.stop_ids:
-                reason = "end"
-                break
-            reply.append(tok)
-            delta = stream.push(tok)
-            if delta:
-                yield TokenText(delta)
-            yield from self._forward([tok])
-            message.end = len(self.tokens)
-            elapsed = time.perf_counter() - t0
-            yield Stats(self.cache.occupancy(), len(reply) / elapsed if elapsed > 0 else 0.0, len(reply))
-        tail = stream.flush()
-        if tail:
-            yield TokenText(tail)
-        message.content = stream.text
+        t0, reason, generated = time.perf_counter(), "length", 0
+        try:
+            while generated < self.settings.max_new_tokens:
+                if self._stop.is_set():
+                    reason = "stopped"
+                    break
+                tok = self.sampler(self._logits, self.tokens[-256:])
+                if tok in self.stop_ids:
+                    reason = "end"
+                    break
+                yield from self._forward([tok], message)
+                generated += 1
+                delta = stream.push(tok)
+                message.content = stream.emitted
+                if delta:
+                    yield TokenText(delta)
+                elapsed = time.perf_counter() - t0
+                yield Stats(self.cache.occupancy(), generated / elapsed if elapsed > 0 else 0.0, generated)
+            tail = stream.flush()
+            if tail:
+                yield TokenText(tail)
+        finally:  # also when the consumer stopped early or failed: the reply so far stays, marked stopped
+            message.content = stream._decode(self.tokens[message.start : message.end])  # what was recorded
         message.note = "" if reason == "end" else reason
-        yield Done(message.content, reason, len(reply), time.perf_counter() - t0)
+        self.busy = False  # the turn is whole from here on
+        yield Done(message.content, reason, generated, time.perf_counter() - t0)
 
 
 class _Detokenizer:

@@ -1,7 +1,9 @@
 """Saved chats as Markdown (to read) and JSON (to process or import), evicted spans marked.
 
 Eviction is about the model's memory, not the record: every message is exported in full, and
-each one says which of its tokens the model no longer holds.
+each one says which of its tokens the model no longer holds. Neither holds a raw control
+character: Markdown shows them as symbols (it is printed to terminals), JSON escapes them (it
+loads back as the very same text).
 """
 
 from __future__ import annotations
@@ -11,13 +13,14 @@ from datetime import datetime
 
 from .ledger import clip
 from .store.records import Transcript
+from .text import clean, escape_json
 
 FORMAT = "sinkchat-chat/1"
 
 
 def to_json(t: Transcript) -> str:
     spans = t.evicted
-    return json.dumps(
+    return escape_json(json.dumps(
         {
             "format": FORMAT,
             "id": t.id,
@@ -36,7 +39,7 @@ def to_json(t: Transcript) -> str:
         },
         ensure_ascii=False,
         indent=1,
-    )
+    ))
 
 
 def to_markdown(t: Transcript) -> str:
@@ -62,4 +65,4 @@ def to_markdown(t: Transcript) -> str:
             lines += [f"> [partly evicted] tokens {where} of this message's [{m.start}, {m.end}) are gone from "
                       "the model's memory", ""]
         lines.append(m.content or ("_(the chat template's default system prompt)_" if m.role == "system" else ""))
-    return "\n".join(lines) + "\n"
+    return clean("\n".join(lines) + "\n")

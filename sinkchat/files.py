@@ -17,12 +17,18 @@ _fault_counts: dict[str, int] = {}
 
 
 def fault(point: str) -> None:
-    """``SINKCHAT_FAULT=point@n`` SIGKILLs this process the n-th time it reaches ``point`` (tests only)."""
-    want = os.environ.get("SINKCHAT_FAULT")
-    if want and want.split("@")[0] == point:
+    """``SINKCHAT_FAULT=point@n`` SIGKILLs this process the n-th time it reaches ``point`` (tests only;
+    a value of another shape never matches)."""
+    name, _, nth = os.environ.get("SINKCHAT_FAULT", "").partition("@")
+    if name == point:
         _fault_counts[point] = _fault_counts.get(point, 0) + 1
-        if _fault_counts[point] == int(want.split("@")[1] if "@" in want else 1):
+        if str(_fault_counts[point]) == (nth or "1"):
             os.kill(os.getpid(), 9)
+
+
+def reason(exc: BaseException) -> str:
+    """What the OS said (``Read-only file system``), without errno and path; else the exception's message."""
+    return exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
 
 
 def write_all(fd: int, data: bytes | memoryview) -> None:

@@ -45,6 +45,38 @@ class ChatState:
     fingerprint: dict
 
 
+def state_problem(state: ChatState) -> str | None:
+    """Why ``state`` cannot be a chat that sinkchat saved, or None: every number in a saved copy is
+    checked (type and range) before anything uses it, so a crafted or damaged copy is refused."""
+    tokens, meta, n = state.tokens, state.meta, len(state.tokens)
+    if not all(type(t) is int and t >= 0 for t in tokens):
+        return "a token id is not a non-negative integer"
+    end = 0
+    for m in state.messages:
+        if not (isinstance(m.role, str) and isinstance(m.content, str) and isinstance(m.note, str)
+                and type(m.start) is int and type(m.end) is int and m.start == end <= m.end <= n):
+            return "the messages do not cover the tokens in order"
+        end = m.end
+    if end != n:
+        return "the messages do not cover the tokens in order"
+    if not n:
+        return None
+    keys = ("sinks", "window", "block", "n_sink", "n_win", "seen", "base")
+    if not isinstance(meta, dict) or not all(type(meta.get(k)) is int for k in keys):
+        return "the cache counters are missing"
+    sinks, window, n_sink, n_win, seen = (meta[k] for k in ("sinks", "window", "n_sink", "n_win", "seen"))
+    if not (0 <= n_sink <= sinks and 0 <= n_win <= window and 1 <= meta["block"] <= window
+            and seen == n and n_sink + n_win <= seen and 0 <= meta["base"] <= seen):
+        return "the cache counters are out of range"
+    spans = meta.get("evictions")
+    if not isinstance(spans, list) or not all(
+        isinstance(s, (list, tuple)) and len(s) == 2 and all(type(x) is int for x in s)
+        and n_sink <= s[0] < s[1] <= seen - n_win for s in spans
+    ):
+        return "the eviction spans are out of range"
+    return None
+
+
 @dataclass(frozen=True)
 class Occupancy:
     """What the cache holds right now, in conversation tokens; ``spans`` are the evicted ranges."""

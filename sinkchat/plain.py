@@ -1,17 +1,62 @@
 """``sinkchat --plain``: a line-oriented chat on stdin/stdout over the same engine.
 
 One line in is one user message. In a pipe it prints only each reply and one ``[cache] ...``
-status line after it, so scripts can tell them apart; on a terminal it adds a prompt, and
-Ctrl+C stops a reply in progress (the partial reply is kept) or, at the prompt, quits.
+status line after it, so scripts can tell them apart; on a terminal it adds a prompt.
+
+Signals never cut a model step: while a reply streams, Ctrl+C (SIGINT) only asks the engine to
+stop after the token in flight (the partial reply is kept, marked stopped, and saved), and
+SIGTERM or a closed terminal (SIGHUP) do the same and then end the session, which saves (in a
+pipe, Ctrl+C ends it too). While waiting for input, Ctrl+C, SIGTERM and SIGHUP end the session at
+once. Input that is not valid UTF-8 is replaced with U+FFFD (said once); control characters in
+replies are shown as symbols.
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
+from contextlib import suppress
 from typing import TextIO
 
 from .engine import Chat, Done, TokenText
+from .text import clean, valid
+
+ENDING = (signal.SIGTERM, getattr(signal, "SIGHUP", signal.SIGTERM))
+
+
+class _End(Exception):
+    """A signal ended the session while it waited for input."""
+
+
+class Session:
+    """Signal handling for one plain-mode session (installed only on the main thread)."""
+
+    def __init__(self, chat: Chat, interactive: bool):
+        self.chat, self.interactive = chat, interactive
+        self.ended_by: int | None = None  # the signal that ends the session after this turn
+        self.waiting = False  # blocked on input: a signal may interrupt the read
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> "Session":
+        if threading.current_thread() is threading.main_thread():
+            for sig in {signal.SIGINT, *ENDING}:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame) -> None:
+        if signum != signal.SIGINT or not self.interactive:  # in a pipe, Ctrl+C ends the session too
+            self.ended_by = signum
+        if not self.waiting:  # a turn or a save is running: let it finish, keep what it made
+            self.chat.stop()
+            return
+        raise KeyboardInterrupt if signum == signal.SIGINT else _End()
 
 
 def run(
@@ -19,48 +64,86 @@ def run(
     stdin: TextIO | None = None,
     stdout: TextIO | None = None,
     after_turn: Callable[[Chat], None] = lambda chat: None,
-) -> None:
-    """Chat until end of input; ``after_turn`` runs after every reply (the store saves there)."""
+    notify: Callable[[str], None] = lambda message: print(f"sinkchat: {message}", file=sys.stderr),
+) -> int | None:
+    """Chat until end of input; ``after_turn`` runs after every reply (the store saves there).
+
+    Returns the signal that ended the session (SIGTERM, SIGHUP), or None.
+    """
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     interactive = stdin.isatty()
-    while True:
+    out = _Output(stdout, chat)
+    replaced = False
+    with Session(chat, interactive) as session:
+        while session.ended_by is None and not out.closed:
+            line = _read(stdin, interactive, session, out)
+            if line is None:
+                break
+            line, bad = valid(line)
+            if bad and not replaced:
+                replaced = True
+                notify("input that is not valid UTF-8 was replaced with \ufffd")
+            text = line.rstrip("\r\n")
+            if text.strip():
+                _reply(chat, text, out, interactive)
+                after_turn(chat)
+    return session.ended_by
+
+
+def _read(stdin: TextIO, interactive: bool, session: Session, out: "_Output") -> str | None:
+    """The next line, or None at end of input, Ctrl+C at the prompt, a closed terminal or a signal."""
+    session.waiting = True
+    try:
         if interactive:
-            try:
-                line = input("you> ")
-            except (EOFError, KeyboardInterrupt):
-                stdout.write("\n")
-                return
-        else:
-            line = stdin.readline()
-            if not line:
-                return
-        text = line.rstrip("\r\n")
-        if not text.strip():
-            continue
-        _reply(chat, text, stdout, interactive)
-        after_turn(chat)
+            return input("you> ")
+        return stdin.readline() or None
+    except (EOFError, KeyboardInterrupt):
+        if interactive:
+            out.write("\n")
+        return None
+    except (_End, OSError):
+        return None
+    finally:
+        session.waiting = False
 
 
-def _reply(chat: Chat, text: str, stdout: TextIO, interactive: bool) -> None:
+class _Output:
+    """stdout that never fails the chat: chat text goes out clean; a closed terminal or pipe stops
+    the reply and ends the session (the chat is still saved)."""
+
+    def __init__(self, stream: TextIO, chat: Chat):
+        self.stream, self.chat, self.closed = stream, chat, False
+
+    def write(self, text: str) -> None:
+        if self.closed:
+            return
+        try:
+            self.stream.write(text)
+            self.stream.flush()
+        except (OSError, ValueError):  # EIO after a hang-up, EPIPE, a closed file
+            self.closed = True
+            self.chat.stop()
+            with suppress(OSError, ValueError, AttributeError):  # what is still buffered goes nowhere, quietly
+                os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
+
+
+def _reply(chat: Chat, text: str, out: _Output, interactive: bool) -> None:
     if interactive:
-        stdout.write("bot> ")
+        out.write("bot> ")
     events = chat.submit(text)
     while True:
         try:
             event = next(events)
         except StopIteration:
             break
-        except KeyboardInterrupt:  # first Ctrl+C: stop after the token in flight, keep the reply
-            chat.stop()
-            continue
+        except KeyboardInterrupt:  # only off the main thread (no handler): the engine kept the reply
+            break
         if isinstance(event, TokenText):
-            stdout.write(event.text)
-            stdout.flush()
+            out.write(clean(event.text))
         elif isinstance(event, Done):
-            stdout.write("\n")
+            out.write("\n")
             if interactive and event.reason == "stopped":
-                stdout.write("[stopped]\n")
-    stdout.write(f"[cache] {chat.occupancy().text()}\n")
-    stdout.flush()
-    for notice in chat.loaded.take_notices():
+                out.write("[stopped]\n")
+    out.write(f"[cache] {chat.occupancy().text()}\n")
+    for notice in chat.loaded.take_notices():  # e.g. a compile that fell back to eager
         print(f"sinkchat: {notice}", file=sys.stderr)

@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from .errors import SinkchatError
+from .text import valid
 
 DEFAULT_MODEL = "smollm2-135m"
 QUANTS = ("4bit", "8bit", "none")
@@ -169,6 +170,8 @@ def _problem(f: dataclasses.Field, value) -> str | None:
         return f"must be one of {', '.join(f.metadata['choices'])} {got}"
     if kind == "str" and "\x00" in value:
         return "must not contain NUL characters"
+    if kind == "str" and valid(value)[1]:
+        return "must be valid UTF-8 text"
     check = f.metadata["check"]
     problem = check(value) if check else None
     return f"{problem} {got}" if problem else None

@@ -21,13 +21,38 @@ GREEDY = Settings(temperature=0, repetition_penalty=1.1)
 SIZE = (110, 40)  # the TUI tests' terminal
 
 
-def run_cli(*args: str, input: str | None = None, env: dict | None = None, timeout: float = 300):
-    """Run ``python -m sinkchat`` from this checkout in a subprocess, as a user's shell would."""
+def run_cli(*args: str, input: str | bytes | None = None, env: dict | None = None, timeout: float = 300,
+            prefix: list[str] = (), text: bool = True):
+    """Run ``python -m sinkchat`` from this checkout in a subprocess, as a user's shell would
+    (``prefix``: a command to run it under, such as :func:`without_root_override`)."""
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     return subprocess.run(
-        [sys.executable, "-m", "sinkchat", *args],
-        input=input, capture_output=True, text=True, env=full_env, timeout=timeout, cwd=ROOT,
+        [*prefix, sys.executable, "-m", "sinkchat", *args],
+        input=input, capture_output=True, text=text, env=full_env, timeout=timeout, cwd=ROOT,
     )
+
+
+def stored_chat(root, user: str = "Tell me about Paris.", reply: str = "It is big.", title: str | None = None) -> int:
+    """A chat saved without a model (the store never runs one): 20 tokens, tokens [4, 14) evicted."""
+    from sinkchat.ledger import ChatState, Message
+    from sinkchat.store import Store
+
+    meta = {"sinks": 4, "window": 8, "block": 1, "n_sink": 4, "n_win": 6, "seen": 20, "base": 0,
+            "evictions": [[4, 14]]}
+    state = ChatState(list(range(100, 120)), [Message("user", user, 0, 10), Message("assistant", reply, 10, 20)],
+                      meta, {"model": "m", "tokenizer": "t"})
+    store = Store(root)
+    try:
+        return store.create_state(state, {}, Settings(), title)
+    finally:
+        store.close()
+
+
+def one_line_error(proc, *expected: str) -> None:
+    """What every refusal looks like: exit 2, one ``sinkchat: error:`` line saying ``expected``, no traceback."""
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    assert proc.stderr.startswith("sinkchat: error: ") and proc.stderr.count("\n") == 1, proc.stderr
+    assert all(e in proc.stderr for e in expected), proc.stderr
 
 
 def say(chat: Chat, text: str) -> str:

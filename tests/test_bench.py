@@ -133,3 +133,14 @@ def test_bad_input_is_one_line_and_exit_2(args, message):
     assert r.returncode == 2
     assert r.stdout == ""
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("sinkchat: error: ") and message in r.stderr
+
+
+def test_a_text_file_that_is_not_utf8_is_read_with_replacements(tmp_path, capsys):
+    from sinkchat.cli.bench import read_text
+
+    path = tmp_path / "latin1.txt"
+    path.write_bytes(b"caf\xe9 au lait\n" * 3)
+    text, source = read_text(str(path))
+    assert text == "caf\ufffd au lait\n" * 3 and source == str(path)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not UTF-8 were replaced" in err

@@ -40,6 +40,6 @@ def test_a_symlink_at_the_temp_name_is_not_followed(tmp_path):
     victim = tmp_path / "victim"
     victim.write_text("keep me")
     os.symlink(victim, path.with_name(f".{path.name}.{os.getpid()}.tmp"))
-    with pytest.raises(OSError):
+    with pytest.raises(SinkchatError, match="cannot write config file .*File exists"):
         config.save_config_value("theme", "x")
     assert victim.read_text() == "keep me"

@@ -10,7 +10,7 @@ from _helpers import GREEDY
 from sinkchat.engine import Chat, Done, Evicted, Stats, TokenText, _Detokenizer
 from sinkchat.ledger import merge_spans
 from sinkchat.settings import Settings
-from sinkchat.template import Turns
+from sinkchat.template import Turns, text_of
 
 
 def ask(chat: Chat, text: str) -> tuple[str, list]:
@@ -83,6 +83,8 @@ def test_each_turn_is_tokenized_alone_and_matches_the_full_template(smollm):
         full = smollm.tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
         prompt_tokens = chat.tokens[: chat.messages[-1].start]
         assert smollm.tokenizer.decode(prompt_tokens) == full
+        if len(history) == 2:  # the first turn: the very tokens of the whole template, too
+            assert prompt_tokens == smollm.tokenizer(full, add_special_tokens=False)["input_ids"]
         history += [{"role": "assistant", "content": reply}]
 
 
@@ -183,9 +185,9 @@ def test_turns_render_incrementally_for_a_template_that_moves_the_system_prompt(
     tok = deepcopy(smollm.tokenizer)
     tok.chat_template = MISTRAL_TEMPLATE
     turns = Turns(tok, "Be kind.")
-    head, first = turns.first("one")
+    head, first = (text_of(pieces) for pieces in turns.first("one"))
     render = lambda msgs: tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     assert head + first == render([{"role": "system", "content": "Be kind."}, {"role": "user", "content": "one"}])
     assert "Be kind." in head + first
     convo = [{"role": "user", "content": "one"}, {"role": "assistant", "content": "R"}, {"role": "user", "content": "two"}]
-    assert render(convo) == render(convo[:1]) + " R" + turns.next("two")
+    assert render(convo) == render(convo[:1]) + " R" + text_of(turns.next("two"))

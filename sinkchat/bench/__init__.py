@@ -55,11 +55,12 @@ def parse_sinks(text: str | None) -> list[int] | None:
 
 
 def text_ids(tokenizer, text: str, tokens: int) -> list[int]:
-    """The first ``tokens`` tokens of ``text`` (only a generous prefix is tokenized, so long files stay quick)."""
+    """The first ``tokens`` tokens of ``text`` (only a generous prefix is tokenized, so long files stay quick);
+    special-token strings in it are text, as in a chat message."""
     ids: list[int] = []
     size = max(4096, tokens * 8)
     while True:
-        ids = tokenizer(text[:size], add_special_tokens=False)["input_ids"]
+        ids = tokenizer(text[:size], add_special_tokens=False, split_special_tokens=True)["input_ids"]
         if len(ids) > tokens or size >= len(text):
             return ids[:tokens]
         size *= 2

@@ -8,11 +8,13 @@ only this package prints it.
 
 from __future__ import annotations
 
+import os
 import sys
 
 import typer
 
 from ..errors import SinkchatError
+from ..text import clean
 from . import bench_chat  # noqa: F401  (adds `bench endless` to the bench commands)
 from .bench import app as bench_app
 from .chats import app as chats_app
@@ -39,15 +41,23 @@ def _optional_resume(args: list[str]) -> list[str]:
 def run(argv: list[str] | None = None) -> None:
     """Console-script entry point: one-line errors, exit 2 for bad input, 130 for Ctrl+C."""
     try:
-        app(args=_optional_resume(sys.argv[1:] if argv is None else argv), standalone_mode=False)
+        code = app(args=_optional_resume(sys.argv[1:] if argv is None else argv), standalone_mode=False)
     except SinkchatError as exc:
-        print(f"sinkchat: error: {exc}", file=sys.stderr)
+        _error(str(exc))
         sys.exit(exc.exit_code)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except typer.TyperException as exc:  # usage errors: unknown option, a value of the wrong type
-        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
-        print(f"sinkchat: error: {message}", file=sys.stderr)
+        _error(exc.format_message() if hasattr(exc, "format_message") else str(exc))
         sys.exit(getattr(exc, "exit_code", 2))
     except (typer.Abort, KeyboardInterrupt):
         sys.exit(130)
+    except BrokenPipeError:  # `sinkchat chats show | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        sys.exit(0)
+    if isinstance(code, int) and code:  # a command's typer.Exit(code) comes back as a value here
+        sys.exit(code)
+
+
+def _error(message: str) -> None:
+    print(f"sinkchat: error: {clean(message, one_line=True)}", file=sys.stderr)

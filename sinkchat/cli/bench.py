@@ -45,6 +45,7 @@ BLOCK = typer.Option(None, help="Eviction block of the sink cache [default: the 
 def read_text(path: str | None) -> tuple[str, str]:
     """The text to stream and where it came from; a missing or unreadable file is one clear error."""
     from .. import bench
+    from ..files import reason
 
     if path is None:
         return bench.default_text(), "pydoc_data.topics (Python's documentation)"
@@ -52,9 +53,14 @@ def read_text(path: str | None) -> tuple[str, str]:
     if not p.is_file():
         raise SinkchatError(f"--text {path}: no such file")
     try:
-        return p.read_text(encoding="utf-8"), str(p)
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SinkchatError(f"--text {path}: cannot read it as UTF-8 text ({exc.__class__.__name__})") from None
+        data = p.read_bytes()
+    except OSError as exc:
+        raise SinkchatError(f"--text {path}: cannot read it ({reason(exc)})") from None
+    try:
+        return data.decode("utf-8"), str(p)
+    except UnicodeDecodeError:
+        note(f"sinkchat: --text {path}: bytes that are not UTF-8 were replaced with \ufffd")
+        return data.decode("utf-8", errors="replace"), str(p)
 
 
 def check_positive(**values: int | None) -> None:

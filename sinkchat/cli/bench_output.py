@@ -74,7 +74,7 @@ def spans(numbers: list[int]) -> str:
 
 
 def print_ppl(report: dict, plot: str | None) -> None:
-    console = Console()
+    console = Console(markup=False)  # paths and notes are never read as markup
     shared = report["shared"] or {"tokens": 0, "ppl": {}}
     table = Table("mode", "tokens scored", "perplexity", f"ppl on the {shared['tokens']} shared tokens",
                   "seconds", "note", title=f"streaming perplexity: {report['text']}, sinks {report['sinks']}, "
@@ -96,7 +96,7 @@ def print_ppl(report: dict, plot: str | None) -> None:
 
 
 def print_speed(report: dict, plot: str | None) -> None:
-    console = Console()
+    console = Console(markup=False)  # paths and notes are never read as markup
     table = Table("mode", "tokens/s", "median ms/token", "ms at first position", "ms at last position",
                   f"peak {report['memory']} MiB", "note",
                   title=f"decode speed: sinks {report['sinks']}, window {report['window']}")
@@ -122,7 +122,7 @@ def print_sweep(report: dict, plot: str | None) -> None:
     for r in report["results"]:
         cache = "dense (full history)" if r["sinks"] is None else f"{r['sinks']} + {r['window']}"
         table.add_row(cache, str(r["tokens"]), fmt(r["ppl"]), fmt(r["ppl_full"]), fmt(r["seconds"], ".0f"), r["note"])
-    console = Console()
+    console = Console(markup=False)  # paths and notes are never read as markup
     console.print(table)
     if plot:
         console.print(f"plot: {plot}")
@@ -140,7 +140,7 @@ def print_attention(report: dict, plot: str | None) -> None:
     table.add_section()
     table.add_row("all layers", *(pct(v) for v in report["share"]), "", "")
     table.add_row("uniform attention", *(pct(v) for v in uniform), "", "")
-    console = Console()
+    console = Console(markup=False)  # paths and notes are never read as markup
     console.print(table)
     layers = len(report["layers"])
     console.print(f"sink-dominated layers (* , over 50% on the first 4 tokens): {spans(report['sink_layers'])} "
@@ -151,7 +151,7 @@ def print_attention(report: dict, plot: str | None) -> None:
 
 
 def print_endless(report: dict, plot: str | None) -> None:
-    console = Console()
+    console = Console(markup=False)  # paths and notes are never read as markup
     table = Table("turn", "tokens", "widgets", "UI ms / message", "decode ms / token", "save ms", "save KiB",
                   "RSS MiB", "chats.db MiB",
                   title=f"an endless chat: sinks {report['sinks']}, window {report['window']}")
@@ -168,7 +168,7 @@ def print_endless(report: dict, plot: str | None) -> None:
 
 
 def print_peer(report: dict, plot: str | None) -> None:
-    console = Console()
+    console = Console(markup=False)  # paths and notes are never read as markup
     ours, theirs, ratio = report["sinkchat"], report["llama.cpp"], report["ratio"]
     table = Table("tokens/s", "sinkchat", "llama.cpp", "sinkchat / llama.cpp",
                   title=f"against llama-bench: {report['threads']} threads, depth {report['depth']}")

@@ -30,8 +30,10 @@ def _store(ctx: typer.Context, data_dir: str | None):
 
 
 def _notices(notices) -> None:
+    from .main import note
+
     for notice in notices:
-        print(f"sinkchat: {notice}", file=sys.stderr)
+        note(notice)
 
 
 @app.command("list")
@@ -43,16 +45,18 @@ def list_chats(
     """List saved chats, most recent first."""
     from rich.table import Table
 
+    from ..text import clean
     from .output import console
 
     rows = _store(ctx, data_dir).list(query)
     if not rows:
-        print("no saved chats" + (f" matching {query!r}" if query else ""))
+        print("no saved chats" + (f" matching {clean(query, one_line=True)!r}" if query else ""))
         return
     table = Table("id", "title", "updated", "model", "messages", "tokens", box=None)
     for c in rows:
         when = datetime.fromtimestamp(c.updated).strftime("%Y-%m-%d %H:%M")
-        table.add_row(str(c.id), c.title, when, c.model, str(c.n_messages), str(c.n_tokens))
+        cells = (str(c.id), c.title, when, c.model, str(c.n_messages), str(c.n_tokens))
+        table.add_row(*(clean(cell, one_line=True) for cell in cells))
     console().print(table)
 
 
@@ -80,7 +84,7 @@ def export(
 ) -> None:
     """Export a chat as Markdown or JSON; evicted spans are marked, nothing is left out."""
     from ..export import to_json, to_markdown
-    from ..files import write_atomic
+    from ..files import reason, write_atomic
 
     if fmt not in ("md", "json"):
         raise SinkchatError(f"--format must be md or json (got {fmt!r})")
@@ -96,7 +100,7 @@ def export(
     except FileExistsError:
         raise SinkchatError(f"{output} exists; pass --force to overwrite it") from None
     except OSError as exc:
-        raise SinkchatError(f"cannot write {output}: {exc.strerror or exc}") from None
+        raise SinkchatError(f"cannot write {output}: {reason(exc)}") from None
     print(f"wrote chat {t.id} to {output}", file=sys.stderr)
 
 

@@ -76,7 +76,13 @@ def main(
                  repetition_penalty=repetition_penalty, seed=seed, max_new_tokens=max_new_tokens, theme=theme)
     from ..store import Store
 
-    store = Store(data_dir)
+    try:
+        store = Store(data_dir)
+    except SinkchatError as exc:  # no chat store (read-only or broken data dir): a new chat goes on in memory
+        if not plain or resume is not None:
+            raise
+        note(f"{exc}; this chat is not saved")
+        store = None
     try:
         chat_id, saved = _resume(store, resume)
         settings, warnings = Settings.resolve(
@@ -84,24 +90,40 @@ def main(
             saved=saved, saved_source=f"chat {chat_id}'s saved settings",
         )
     except BaseException:
-        store.close()
+        if store is not None:
+            store.close()
         raise
     if plain:
         for warning in warnings:
-            print(f"sinkchat: warning: {warning}", file=sys.stderr)
+            note(f"warning: {warning}")
         _run_plain(settings, store, chat_id, save=not no_save)
     else:
         _run_tui(settings, store, chat_id, warnings, save=not no_save)
 
 
+def note(message: str) -> None:
+    """One line on stderr, ``sinkchat: ...`` (control characters shown as symbols)."""
+    from ..text import clean
+
+    try:
+        print(f"sinkchat: {clean(message, one_line=True)}", file=sys.stderr)
+    except OSError:  # the terminal is gone (a hang-up): nobody can read it
+        pass
+
+
 def _resume(store, resume: str | None) -> tuple[int | None, dict | None]:
     """The chat to resume (locked before the model loads, so no other process takes it) and its settings."""
+    from ..store import ReadOnly
+
     if resume is None:
         return None, None
     if resume != "last" and not (resume.isascii() and resume.isdigit() and int(resume) > 0):
         raise SinkchatError(f"--resume takes a chat number (see `sinkchat chats list`), got {resume!r}")
     chat_id = store.resolve(None if resume == "last" else int(resume))
-    store.lock(chat_id)
+    try:
+        store.lock(chat_id)
+    except ReadOnly:  # a read-only disk: the chat opens read-only (Store.open says so)
+        pass
     return chat_id, store.settings(chat_id)
 
 
@@ -110,26 +132,32 @@ def _run_plain(settings: Settings, store, chat_id: int | None, save: bool = True
     from ..engine import Chat
     from ..store import Autosave
 
-    interactive = sys.stdin.isatty()
-    note = (lambda msg: print(msg, file=sys.stderr)) if interactive else (lambda msg: None)
+    for stream, errors in ((sys.stdin, "surrogateescape"), (sys.stdout, "replace")):
+        if hasattr(stream, "reconfigure"):  # undecodable input is replaced (and said so) by plain mode
+            stream.reconfigure(errors=errors)
+    progress = (lambda msg: print(msg, file=sys.stderr)) if sys.stdin.isatty() else (lambda msg: None)
     try:
-        loaded = models.load_for(settings, progress=note)
+        loaded = models.load_for(settings, progress=progress)
         chat = Chat(loaded, settings)
         if chat_id is not None:
             for notice in store.open(chat_id, chat):
-                print(f"sinkchat: {notice}", file=sys.stderr)
+                note(notice)
     except BaseException:
-        store.close()
+        if store is not None:
+            store.close()
         raise
-    autosave = Autosave(store, chat, settings, chat_id, lambda msg: print(f"sinkchat: {msg}", file=sys.stderr))
-    after_turn = autosave if save else (lambda chat: None)
+    autosave = Autosave(store, chat, settings, chat_id, note) if store is not None and save else None
+    after_turn = autosave or (lambda chat: None)
     try:
-        plain.run(chat, after_turn=after_turn)
+        ended_by = plain.run(chat, after_turn=after_turn, notify=note)
     finally:
         after_turn(chat)
-        store.close()
-    if interactive and autosave.chat_id is not None:
-        print(f"resume with: sinkchat --plain --resume {autosave.chat_id}", file=sys.stderr)
+        if store is not None:
+            store.close()
+    if sys.stdin.isatty() and autosave is not None and autosave.chat_id is not None:
+        note(f"resume with: sinkchat --plain --resume {autosave.chat_id}")
+    if ended_by is not None:  # SIGTERM, SIGHUP (or Ctrl+C in a pipe): saved, then the usual 128 + signal
+        raise typer.Exit(128 + ended_by)
 
 
 def _run_tui(settings: Settings, store, chat_id: int | None, warnings: list[str], save: bool = True) -> None:

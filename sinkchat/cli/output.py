@@ -9,4 +9,6 @@ import sys
 def console():
     from rich.console import Console
 
-    return Console(highlight=False) if sys.stdout.isatty() else Console(width=100_000, highlight=False)
+    if sys.stdout.isatty():
+        return Console(highlight=False, markup=False)  # titles and paths are never read as markup
+    return Console(width=100_000, highlight=False, markup=False)

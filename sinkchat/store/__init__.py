@@ -17,6 +17,9 @@ checksum and a save generation; on open the newest intact copy wins:
 * database rows damaged -> transcript and ledger restored from the state file, with a notice;
 * both damaged, or another tokenizer -> a one-line refusal; nothing is changed on disk.
 
+Every number in a copy is checked before use (:func:`~sinkchat.ledger.state_problem`), and every
+error the disk or SQLite reports becomes one line (:class:`SinkchatError`, :class:`SaveError`).
+
 API (the CLI and the TUI use only this)::
 
     store = Store(data_dir=None)                  # opens/creates and migrates chats.db
@@ -24,6 +27,7 @@ API (the CLI and the TUI use only this)::
     store.save(chat_id, chat)                     # after every turn and on quit; SaveError on failure
     store.list(query=None) -> [ChatInfo]          # newest first; query searches titles and messages
     notices = store.open(chat_id, chat, read_only=False)   # a fresh Chat continues; ChatLocked if held
+                                                  # (on a read-only disk: opened read-only, with a notice)
     store.settings(chat_id) -> dict               # the settings the chat was saved with
     store.transcript(chat_id) -> Transcript       # for show/export, no model needed
     store.rename(chat_id, title); store.delete(chat_id); store.close()
@@ -31,6 +35,6 @@ API (the CLI and the TUI use only this)::
 """
 
 from .chats import Autosave, Store
-from .records import ChatInfo, ChatLocked, SaveError, Snapshot, Transcript
+from .records import ChatInfo, ChatLocked, ReadOnly, SaveError, Snapshot, Transcript
 
-__all__ = ["Autosave", "ChatInfo", "ChatLocked", "SaveError", "Snapshot", "Store", "Transcript"]
+__all__ = ["Autosave", "ChatInfo", "ChatLocked", "ReadOnly", "SaveError", "Snapshot", "Store", "Transcript"]

@@ -8,6 +8,8 @@ rebuilt from the ledger. The store reads and writes files and rows; it never run
 
 from __future__ import annotations
 
+import errno
+import functools
 import sqlite3
 import time
 from contextlib import suppress
@@ -15,17 +17,33 @@ from pathlib import Path
 
 from .. import config
 from ..errors import SinkchatError
-from ..files import fault, private_dir, written_bytes
-from ..ledger import ChatState
+from ..files import fault, private_dir, reason, written_bytes
+from ..ledger import ChatState, state_problem
 from ..settings import Settings
+from ..text import valid
 from .db import Database, loads
 from .locks import Locks
-from .records import ChatInfo, SaveError, Snapshot, Transcript
+from .records import ChatInfo, ChatLocked, ReadOnly, SaveError, Snapshot, Transcript
 from .statefile import read_header, read_state, write_state
 
 
-def _reason(exc: BaseException) -> str:
-    return exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+def _disk(what: str):
+    """Whatever the disk or SQLite says during the method becomes one line, ``cannot <what>: <reason>``."""
+
+    def wrap(method):
+        @functools.wraps(method)
+        def checked(self, *args, **kwargs):
+            try:
+                return method(self, *args, **kwargs)
+            except (OSError, sqlite3.Error) as exc:
+                raise SinkchatError(f"cannot {what.format(*args)}: {reason(exc)}") from None
+
+        return checked
+
+    return wrap
+
+
+READ_ONLY = (errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 class Store:
@@ -36,7 +54,7 @@ class Store:
         try:
             private_dir(self.root)
         except OSError as exc:
-            raise SinkchatError(f"cannot create the data directory {self.root}: {_reason(exc)}") from None
+            raise SinkchatError(f"cannot create the data directory {self.root}: {reason(exc)}") from None
         self.db_path = self.root / "chats.db"
         self.db = Database(self.db_path)
         self.locks = Locks(self.root)
@@ -48,18 +66,27 @@ class Store:
     # -- locks ---------------------------------------------------------------------------------
 
     def lock(self, chat_id: int) -> None:
-        """Take the chat's write lock (released when this process exits, even by kill -9)."""
+        """Take the chat's write lock (released when this process exits, even by kill -9).
+
+        :class:`ChatLocked` if another process holds it; :class:`ReadOnly` if the lock file cannot
+        be made because the disk or directory is read-only (the chat can still be read)."""
         try:
             self.locks.lock(chat_id)
         except OSError as exc:
-            raise SinkchatError(f"cannot lock chat {chat_id}: {_reason(exc)}") from None
+            kind = ReadOnly if exc.errno in READ_ONLY else SinkchatError
+            raise kind(f"cannot lock chat {chat_id}: {reason(exc)}") from None
 
     def unlock(self, chat_id: int) -> None:
         self.locks.unlock(chat_id)
 
+    def holds(self, chat_id: int) -> bool:
+        """Whether this process may save chat ``chat_id`` (it holds the chat's lock)."""
+        return self.locks.holds(chat_id)
+
     def close(self) -> None:
         self.locks.close()
-        self.db.close()
+        with suppress(sqlite3.Error):
+            self.db.close()
 
     def _sweep(self, chat_id: int) -> None:
         """Remove temp files a killed save left behind (only the lock holder may: none is in flight)."""
@@ -78,23 +105,34 @@ class Store:
         self.save_state(chat_id, *chat.state())
 
     def create_state(self, state: ChatState, tensors: dict, settings: Settings, title: str | None = None) -> int:
-        """:meth:`create` from what :meth:`Chat.state` returned (a copy taken while the chat was idle)."""
+        """:meth:`create` from what :meth:`Chat.state` returned (a copy taken while the chat was idle).
+
+        The chat's row is inserted in the same transaction as its first save's rows, after the
+        state file is written: a kill at any moment leaves the whole chat or no chat at all."""
         if title is None:
             first = next((m.content for m in state.messages if m.role == "user"), "") or "new chat"
             title = " ".join(first.split())[:60]
-        try:
-            chat_id = self.db.insert(title, settings.saved())
+        made: list[int] = []
+
+        def first_save(chat_id: int) -> Snapshot:
+            made.append(chat_id)
             self.locks.lock(chat_id)
-        except (OSError, sqlite3.Error) as exc:
-            raise SaveError(f"could not save the chat ({_reason(exc)}); it goes on in memory only") from None
+            self._sweep(chat_id)  # a killed earlier attempt may have left a temp file with this id
+            snap = Snapshot.of(state, settings.saved(), 1)
+            private_dir(self.root / "state")
+            write_state(self.state_path(chat_id), snap, tensors)
+            fault("state-renamed")
+            return snap
+
         try:
-            self.save_state(chat_id, state, tensors)
-        except SaveError:  # leave no half-made chat behind; the caller retries on the next turn
-            with suppress(sqlite3.Error):
-                self.db.delete(chat_id)
-            self.locks.remove(chat_id)
-            raise
-        return chat_id
+            return self.db.create(valid(title)[0], settings.saved(), first_save)
+        except (OSError, sqlite3.Error, ChatLocked) as exc:
+            for chat_id in made:  # no row was committed: leave nothing of it behind
+                with suppress(OSError):
+                    self.state_path(chat_id).unlink()
+                with suppress(OSError):
+                    self.locks.remove(chat_id)
+            raise SaveError(f"could not save the chat ({reason(exc)}); it goes on in memory only") from None
 
     def save_state(self, chat_id: int, state: ChatState, tensors: dict) -> None:
         """:meth:`save` from what :meth:`Chat.state` returned."""
@@ -117,40 +155,39 @@ class Store:
             raise
         except (OSError, sqlite3.Error) as exc:
             raise SaveError(
-                f"could not save chat {chat_id} ({_reason(exc)}); it goes on in memory, earlier saves are intact"
+                f"could not save chat {chat_id} ({reason(exc)}); it goes on in memory, earlier saves are intact"
             ) from None
 
+    @_disk("rename chat {0}")
     def rename(self, chat_id: int, title: str) -> None:
-        title = " ".join(title.split())
+        title = " ".join(valid(title)[0].split())
         if not title:
             raise SinkchatError("a chat title cannot be empty")
         self._row(chat_id)
-        self._write(lambda: self.db.rename(chat_id, title[:200]), f"rename chat {chat_id}")
+        self.db.rename(chat_id, title[:200])
 
+    @_disk("delete chat {0}")
     def delete(self, chat_id: int) -> None:
         """Remove a chat and its state file; refused while another process has it open."""
         self._row(chat_id)
         self.lock(chat_id)
         self._sweep(chat_id)
-        self._write(lambda: self.db.delete(chat_id), f"delete chat {chat_id}")
+        self.db.delete(chat_id)
         with suppress(FileNotFoundError):
             self.state_path(chat_id).unlink()
         self.locks.remove(chat_id)
 
-    def _write(self, change, what: str) -> None:
-        try:
-            change()
-        except sqlite3.Error as exc:
-            raise SinkchatError(f"cannot {what}: {exc}") from None
-
     # -- reading -------------------------------------------------------------------------------
 
+    @_disk("list the saved chats")
     def list(self, query: str | None = None) -> list[ChatInfo]:
-        return self.db.list(query)
+        return self.db.list(valid(query)[0] if query else query)
 
+    @_disk("read the saved chats")
     def last_id(self) -> int | None:
         return self.db.last_id()
 
+    @_disk("read chat {0}")
     def resolve(self, chat_id: int | None) -> int:
         """``chat_id`` if it exists, or the most recent chat when it is None."""
         if chat_id is None:
@@ -160,6 +197,7 @@ class Store:
         self._row(chat_id)
         return chat_id
 
+    @_disk("read chat {0}")
     def settings(self, chat_id: int) -> dict:
         """The settings the chat was saved with (unchecked; :meth:`Settings.resolve` checks them)."""
         return loads(self._row(chat_id)["settings"])
@@ -175,15 +213,19 @@ class Store:
         the other copy, whether the database rows are behind and need repairing from the state file)."""
         self._row(chat_id)
         db_snap, db_why = self.db.snapshot(chat_id)
+        if db_snap is not None and (problem := state_problem(db_snap)):
+            db_snap, db_why = None, f"the database rows are damaged ({problem})"
         tensors = None
         try:
             if tensors_too:
                 file_snap, tensors = read_state(self.state_path(chat_id))
             else:
                 file_snap = read_header(self.state_path(chat_id))
+            if problem := state_problem(file_snap):
+                raise ValueError(f"the state file is damaged ({problem})")
             file_why = None
-        except ValueError as exc:
-            file_snap, file_why = None, str(exc)
+        except (ValueError, OSError) as exc:
+            file_snap, tensors, file_why = None, None, reason(exc)
         if db_snap is None and file_snap is None:
             raise SinkchatError(
                 f"chat {chat_id} cannot be opened: {db_why}, and {file_why}; nothing was changed on disk"
@@ -194,6 +236,7 @@ class Store:
             return db_snap, tensors, None, False
         return db_snap, None, file_why or "the state file is older than the database", False
 
+    @_disk("read chat {0}")
     def transcript(self, chat_id: int) -> Transcript:
         """A saved chat's text and spans, for show and export (no model, no torch)."""
         snap, _, why, rows_behind = self._best(chat_id, tensors_too=False)
@@ -202,24 +245,31 @@ class Store:
         return Transcript(chat_id, row["title"], row["created"], row["updated"], snap.settings, snap.meta,
                           snap.messages, snap.tokens, notices)
 
+    @_disk("open chat {0}")
     def open(self, chat_id: int, chat, read_only: bool = False) -> list[str]:
         """Make the fresh ``chat`` continue saved chat ``chat_id``; returns notices for the user.
 
         Takes the chat's lock unless ``read_only`` (then :meth:`save` refuses); :class:`ChatLocked`
-        if another process holds it. Damaged rows are repaired from the state file here, so the
-        next save starts from an intact database.
+        if another process holds it. On a read-only disk the chat opens read-only, with a notice
+        (:meth:`holds` then says False). Damaged rows are repaired from the state file here, so
+        the next save starts from an intact database.
         """
         self._row(chat_id)
+        notices = []
+        if not read_only and not self.holds(chat_id):
+            try:
+                self.lock(chat_id)
+            except ReadOnly as exc:
+                read_only = True
+                notices.append(f"{exc}; the chat opens read-only and goes on in memory (not saved)")
         if not read_only:
-            self.lock(chat_id)
             self._sweep(chat_id)
         try:
             snap, tensors, why, rows_behind = self._best(chat_id, tensors_too=True)
             if rows_behind:
-                notices = [f"chat {chat_id}: {why}; restored them from the state file"]
-            else:
-                rebuilt = "rebuilt the KV cache from the ledger's sink and window tokens"
-                notices = [f"chat {chat_id}: {why}; {rebuilt}"] if why else []
+                notices.append(f"chat {chat_id}: {why}; restored them from the state file")
+            elif why:
+                notices.append(f"chat {chat_id}: {why}; rebuilt the KV cache from the ledger's sink and window tokens")
             notices += chat.restore(snap, tensors)
             if rows_behind and not read_only:
                 try:  # repair the rows from the state file, so the next save starts from them
@@ -238,13 +288,15 @@ class Autosave:
     ``autosave(chat)`` saves now. A front end that writes on another thread calls
     :meth:`capture` while the chat is idle (a copy of its state and K/V: a plain memory copy, so
     the next reply can start at once) and :meth:`write` on its saving thread. A failed save is
-    reported through ``notify`` and the chat goes on in memory; the next save tries again.
-    Nothing new since the last save: nothing is written (so quitting is cheap).
+    reported through ``notify`` (once, until a save succeeds) and the chat goes on in memory; the
+    next save tries again. Nothing new since the last save, or a chat opened read-only: nothing is
+    written (so quitting is cheap).
     """
 
     def __init__(self, store: Store, chat, settings: Settings, chat_id: int | None, notify=lambda msg: None):
         self.store, self.chat_id, self.notify, self.settings = store, chat_id, notify, settings
         self.saved = self._mark(chat) if chat_id is not None else None
+        self.failure: str | None = None  # the last failure reported (the same one is not repeated)
 
     @staticmethod
     def _mark(chat) -> tuple:
@@ -254,8 +306,8 @@ class Autosave:
     def capture(self, chat) -> tuple | None:
         """A copy of what to save, or None if nothing is new since the last capture."""
         mark = self._mark(chat)
-        if not chat.messages or mark == self.saved:
-            return None
+        if not chat.messages or mark == self.saved or not self.writable or getattr(chat, "busy", False):
+            return None  # (a reply still being written is never copied: it is saved once it stops)
         state, tensors = chat.state()
         self.saved = mark
         return state, {k: v.clone() for k, v in tensors.items()}
@@ -271,7 +323,16 @@ class Autosave:
                 self.store.save_state(self.chat_id, state, tensors)
         except SaveError as exc:
             self.saved = None  # try again at the next turn
-            self.notify(str(exc))
+            if str(exc) != self.failure:
+                self.failure = str(exc)
+                self.notify(self.failure)
+        else:
+            self.failure = None
+
+    @property
+    def writable(self) -> bool:
+        """False for a chat opened read-only (a read-only disk; the user was told when it opened)."""
+        return self.chat_id is None or self.store.holds(self.chat_id)
 
     def __call__(self, chat) -> None:
         self.write(self.capture(chat))

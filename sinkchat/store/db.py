@@ -17,11 +17,12 @@ import os
 import sqlite3
 import time
 from array import array
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import SinkchatError
-from ..files import fault
+from ..files import fault, reason
 from ..ledger import Message
 from .records import ChatInfo, Snapshot
 
@@ -66,12 +67,13 @@ class Database:
                 raise SinkchatError(f"{path} is a symbolic link; sinkchat does not follow links for its files")
             self.db = sqlite3.connect(path, timeout=10, isolation_level=None, check_same_thread=False)
             self.db.row_factory = sqlite3.Row
+            self.db.text_factory = lambda data: data.decode("utf-8", "replace")  # a damaged row still reads
             self.db.execute("PRAGMA synchronous=FULL")
             self.migrate()
         except sqlite3.DatabaseError as exc:
             raise SinkchatError(f"{path} cannot be used as sinkchat's chat store ({exc})") from None
         except OSError as exc:
-            raise SinkchatError(f"cannot open the chat store {path}: {exc.strerror or exc}") from None
+            raise SinkchatError(f"cannot open the chat store {path}: {reason(exc)}") from None
 
     def migrate(self) -> None:
         version = self.db.execute("PRAGMA user_version").fetchone()[0]
@@ -104,14 +106,18 @@ class Database:
     def row(self, chat_id: int) -> sqlite3.Row | None:
         return self.db.execute("SELECT * FROM chats WHERE id=?", (chat_id,)).fetchone()
 
-    def insert(self, title: str, settings: dict) -> int:
+    def create(self, title: str, settings: dict, first_save: Callable[[int], Snapshot]) -> int:
+        """A new chat's row and its first save's rows in one transaction, with ``first_save(id)``
+        (which writes the state file) in between: a kill at any moment leaves the whole chat or none."""
         now = time.time()
-        cur = self.db.execute(
-            "INSERT INTO chats (title, created, updated, settings, fingerprint, cache_meta, n_tokens, gen, checksum)"
-            " VALUES (?, ?, ?, ?, '{}', '{}', 0, 0, '')",
-            (title, now, now, json.dumps(settings)),
-        )
-        return cur.lastrowid
+        with self.transaction() as db:
+            chat_id = db.execute(
+                "INSERT INTO chats (title, created, updated, settings, fingerprint, cache_meta, n_tokens, gen,"
+                " checksum) VALUES (?, ?, ?, ?, '{}', '{}', 0, 0, '')",
+                (title, now, now, json.dumps(settings)),
+            ).lastrowid
+            self._rows(db, chat_id, first_save(chat_id), {}, 0)
+        return chat_id
 
     def last_id(self) -> int | None:
         row = self.db.execute("SELECT id FROM chats ORDER BY updated DESC, id DESC LIMIT 1").fetchone()
@@ -163,6 +169,11 @@ class Database:
     def write(self, chat_id: int, snap: Snapshot, old_meta: dict, n_old: int) -> None:
         """Store ``snap`` in one transaction: new ledger rows appended, changed kinds updated,
         the transcript and the chat row replaced. ``old_meta``/``n_old``: what the rows held before."""
+        with self.transaction() as db:
+            self._rows(db, chat_id, snap, old_meta, n_old)
+
+    @staticmethod
+    def _rows(db, chat_id: int, snap: Snapshot, old_meta: dict, n_old: int) -> None:
         meta, toks = snap.meta, snap.tokens
         n_sink, win_start = meta["n_sink"], meta["seen"] - meta["n_win"]
         owner = array("l", [0]) * len(toks)
@@ -175,26 +186,25 @@ class Database:
         )
         # rows before the old window's start keep their kind unless the geometry changed
         lo = old_meta["seen"] - old_meta["n_win"] if same else 0
-        with self.transaction() as db:
-            db.execute("DELETE FROM tokens WHERE chat_id=? AND pos>=?", (chat_id, n_old))
-            db.executemany(
-                "INSERT INTO tokens VALUES (?, ?, ?, ?, ?)",
-                ((chat_id, p, toks[p], owner[p], kind(p)) for p in range(n_old, len(toks))),
-            )
-            fault("db-mid")
-            db.execute(
-                "UPDATE tokens SET kind = CASE WHEN pos < ? THEN 's' WHEN pos < ? THEN 'e' ELSE 'w' END"
-                " WHERE chat_id=? AND pos>=? AND pos<?", (n_sink, win_start, chat_id, lo, n_old),
-            )
-            db.execute("DELETE FROM messages WHERE chat_id=?", (chat_id,))
-            db.executemany(
-                "INSERT INTO messages (chat_id, idx, role, content, first_tok, end_tok, note)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                ((chat_id, i, m.role, m.content, m.start, m.end, m.note) for i, m in enumerate(snap.messages)),
-            )
-            db.execute(
-                "UPDATE chats SET updated=?, settings=?, fingerprint=?, cache_meta=?, n_tokens=?, gen=?, checksum=?"
-                " WHERE id=?",
-                (time.time(), json.dumps(snap.settings), json.dumps(snap.fingerprint), json.dumps(meta), len(toks),
-                 snap.gen, snap.checksum(), chat_id),
-            )
+        db.execute("DELETE FROM tokens WHERE chat_id=? AND pos>=?", (chat_id, n_old))
+        db.executemany(
+            "INSERT INTO tokens VALUES (?, ?, ?, ?, ?)",
+            ((chat_id, p, toks[p], owner[p], kind(p)) for p in range(n_old, len(toks))),
+        )
+        fault("db-mid")
+        db.execute(
+            "UPDATE tokens SET kind = CASE WHEN pos < ? THEN 's' WHEN pos < ? THEN 'e' ELSE 'w' END"
+            " WHERE chat_id=? AND pos>=? AND pos<?", (n_sink, win_start, chat_id, lo, n_old),
+        )
+        db.execute("DELETE FROM messages WHERE chat_id=?", (chat_id,))
+        db.executemany(
+            "INSERT INTO messages (chat_id, idx, role, content, first_tok, end_tok, note)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            ((chat_id, i, m.role, m.content, m.start, m.end, m.note) for i, m in enumerate(snap.messages)),
+        )
+        db.execute(
+            "UPDATE chats SET updated=?, settings=?, fingerprint=?, cache_meta=?, n_tokens=?, gen=?, checksum=?"
+            " WHERE id=?",
+            (time.time(), json.dumps(snap.settings), json.dumps(snap.fingerprint), json.dumps(meta), len(toks),
+             snap.gen, snap.checksum(), chat_id),
+        )

@@ -21,6 +21,10 @@ class ChatLocked(SinkchatError):
     """Another process has this chat open for writing."""
 
 
+class ReadOnly(SinkchatError):
+    """The chat's lock cannot be taken because the disk or directory is read-only: it can be read, not saved."""
+
+
 @dataclass
 class Snapshot(ChatState):
     """Everything one save records about a chat apart from the KV tensors: the engine's

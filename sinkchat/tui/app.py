@@ -10,8 +10,11 @@ second sinkchat process is refused.
 
 from __future__ import annotations
 
+import asyncio
+import signal
 import sys
 from collections.abc import Iterable
+from contextlib import suppress
 from typing import TYPE_CHECKING
 
 from textual import on
@@ -25,6 +28,7 @@ from ..errors import LoadFailed, SinkchatError
 from ..models import LoadedModel
 from ..settings import Settings
 from ..store import Autosave, Store
+from ..text import clean
 from . import themes
 from .chat_input import ChatInput
 from .chat_screen import ChatScreen, one_line
@@ -36,6 +40,8 @@ from .store_thread import StoreThread
 
 if TYPE_CHECKING:
     from ..engine import Chat
+
+ENDING = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
 class SinkchatApp(App):
@@ -81,6 +87,13 @@ class SinkchatApp(App):
     def chat(self) -> Chat | None:
         return self.chat_screen.chat
 
+    def notify(self, message: str, *, title: str = "", severity="information", timeout: float | None = None,
+               markup: bool = True) -> None:
+        """Every notification (from any screen) shows its text clean and never reads it as markup:
+        notices carry titles, paths and chat text."""
+        super().notify(clean(message), title=clean(title, one_line=True), severity=severity, timeout=timeout,
+                       markup=False)
+
     def get_theme_variable_defaults(self) -> dict[str, str]:
         return dict(themes.GAUGE_DEFAULTS)  # Textual's built-in themes lack the gauge colours
 
@@ -90,6 +103,10 @@ class SinkchatApp(App):
         for notice in self.notices:
             self.notify(notice, severity="warning", timeout=20)
         self.theme_changed_signal.subscribe(self, self._remember_theme)
+        loop = asyncio.get_running_loop()
+        for sig in ENDING:  # SIGTERM or a closed terminal: quit as Ctrl+Q does (the chat is saved)
+            with suppress(NotImplementedError, RuntimeError, ValueError):  # not the main thread, or no such signal
+                loop.add_signal_handler(sig, self.exit)
 
     def get_default_screen(self) -> Screen:
         return self.chat_screen
@@ -100,6 +117,10 @@ class SinkchatApp(App):
         self.exit()
 
     async def on_unmount(self) -> None:
+        for sig in ENDING:
+            with suppress(NotImplementedError, RuntimeError, ValueError):
+                asyncio.get_running_loop().remove_signal_handler(sig)
+        await self.chat_screen.stop_reply()  # a cancelled worker's thread may still be recording the reply
         if self.store is not None:
             if not self.chat_screen.replying():  # a reply cut mid-step is not saved; the last turn's save stands
                 self.save()
@@ -161,7 +182,11 @@ class SinkchatApp(App):
         from ..engine import Chat
 
         await self._leave_chat()
-        chat = Chat(self.loaded, self.settings)
+        try:
+            chat = Chat(self.loaded, self.settings)
+        except SinkchatError as exc:  # the final cache geometry (a system prompt kept whole) does not fit
+            self.chat_screen.load_failed(str(exc))
+            return
         self._follow(chat, None)
         await self.chat_screen.show(chat)
 

@@ -10,6 +10,7 @@ every reply and :class:`ChatScreen.NewChat` on Ctrl+N, and the app saves or swit
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -29,6 +30,7 @@ from ..errors import SinkchatError
 from ..ledger import Occupancy, spans
 from ..models import LoadedModel, load_for
 from ..settings import Settings
+from ..text import clean
 from .chat_input import ChatInput
 from .gauge import CacheGauge
 from .header import ChatHeader
@@ -41,8 +43,8 @@ if TYPE_CHECKING:  # the engine (and torch) load in the worker, after the screen
 def one_line(exc: BaseException) -> str:
     """A readable one-line message for any exception (never a traceback)."""
     if isinstance(exc, SinkchatError):
-        return str(exc)
-    first = (str(exc).strip().splitlines() or [""])[0]
+        return clean(str(exc), one_line=True)
+    first = clean((str(exc).strip().splitlines() or [""])[0])
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
@@ -138,7 +140,7 @@ class ChatScreen(Screen):
         self.post_message(self.ModelLoaded(loaded))
 
     def loading_status(self, message: str) -> None:
-        self.query_one("#loading .status", Label).update(message)
+        self.query_one("#loading .status", Label).update(clean(message))
 
     async def load_failed(self, message: str) -> None:
         self.app.load_error = message
@@ -190,15 +192,18 @@ class ChatScreen(Screen):
 
     async def stop_reply(self) -> None:
         """Stop a running reply and wait until its worker has ended (the chat can then be replaced)."""
-        worker = self._worker
-        if worker is not None and worker.is_running and self.chat is not None:
-            self.chat.stop()
+        worker, chat = self._worker, self.chat
+        if worker is not None and worker.is_running and chat is not None:
+            chat.stop()
             try:
                 await worker.wait()
             except (WorkerCancelled, WorkerFailed):  # it still ended; a failure was shown as it happened
                 pass
             if self.reply_view is not None:  # the reply's last batch never reached the screen: mark it here
                 self.reply_view.set_note("stopped")
+        while chat is not None and chat.busy:  # at exit the worker is cancelled while its thread still runs
+            chat.stop()
+            await asyncio.sleep(0.02)
 
     # -- chatting -------------------------------------------------------------------------------
 

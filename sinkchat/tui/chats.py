@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 
+from rich.text import Text
 from textual.binding import Binding
 from textual.containers import Vertical
 from textual.message import Message
@@ -18,6 +19,7 @@ from textual.screen import ModalScreen, Screen
 from textual.widgets import DataTable, Footer, Input, Label
 
 from ..store import ChatInfo
+from ..text import clean
 
 
 class ConfirmDelete(ModalScreen[bool]):
@@ -30,7 +32,8 @@ class ConfirmDelete(ModalScreen[bool]):
         self.info = info
 
     def compose(self):
-        yield Label(f"Delete chat {self.info.id} “{self.info.title}” for good?\n\ny: delete   n / esc: keep",
+        title = clean(self.info.title, one_line=True)
+        yield Label(f"Delete chat {self.info.id} “{title}” for good?\n\ny: delete   n / esc: keep",
                     markup=False)
 
     def action_answer(self, yes: bool) -> None:
@@ -65,7 +68,7 @@ class ChatsScreen(Screen):
             yield Label("Saved chats, newest first", classes="title")
             yield Input(placeholder="Search titles and messages", id="search")
             yield DataTable(cursor_type="row", zebra_stripes=True)
-            yield Label("", classes="empty")
+            yield Label("", classes="empty", markup=False)
         yield Footer()
 
     async def on_mount(self) -> None:
@@ -83,8 +86,10 @@ class ChatsScreen(Screen):
         for c in self.rows:
             when = datetime.fromtimestamp(c.updated).strftime("%Y-%m-%d %H:%M")
             mark = "● " if c.id == open_id else ""
-            table.add_row(str(c.id), mark + c.title, when, str(c.n_messages), str(c.n_tokens), key=str(c.id))
-        empty = "" if self.rows else ("no saved chats" + (f" matching {query!r}" if query else ""))
+            cells = (str(c.id), mark + c.title, when, str(c.n_messages), str(c.n_tokens))
+            table.add_row(*(Text(clean(cell, one_line=True)) for cell in cells), key=str(c.id))  # never markup
+        matching = f" matching “{clean(query, one_line=True)}”" if query else ""
+        empty = "" if self.rows else "no saved chats" + matching
         self.query_one(".empty", Label).update(empty)
 
     async def on_input_changed(self, event: Input.Changed) -> None:

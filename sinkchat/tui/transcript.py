@@ -25,6 +25,7 @@ from textual.widget import Widget
 from textual.widgets import Markdown, Static
 
 from ..ledger import ROLE_NAME, Memory, Message, Span, forgotten_count, memory
+from ..text import clean
 
 NOTE_LABEL = {"stopped": "stopped", "length": "max tokens", "error": "error", "queued": "queued"}
 KeptFrom = Callable[[Message, int], "tuple[str, int] | None"]
@@ -70,10 +71,10 @@ class MessageView(Vertical):
         line = RoleLine(classes="role")
         line.text = self._label()
         yield line
-        if self.role == "assistant":
-            yield Markdown(self.content, classes="body")
+        if self.role == "assistant":  # chat text is shown clean: no control character reaches the terminal
+            yield Markdown(clean(self.content), classes="body")
         else:
-            yield Static(self.content, classes="body", markup=False)
+            yield Static(clean(self.content), classes="body", markup=False)
 
     def _label(self) -> str:
         parts = [f"#{self.index + 1} {ROLE_NAME.get(self.role, self.role)}"]
@@ -86,7 +87,8 @@ class MessageView(Vertical):
             where = ""
             if self.kept_from is not None:
                 words, paragraph = self.kept_from
-                where = f", kept from “{words}…”" + (f" (paragraph {paragraph})" if paragraph > 1 else "")
+                where = f", kept from “{clean(words, one_line=True)}…”"
+                where += f" (paragraph {paragraph})" if paragraph > 1 else ""
             elif m.cut is None:  # the evicted run ends the message: its start is what stays (the sinks)
                 where = f", its first {m.tokens - m.evicted} stay as attention sinks"
             parts.append(f"✂ {m.evicted} of {m.tokens} tokens forgotten{where}")
@@ -105,10 +107,12 @@ class MessageView(Vertical):
 
     async def append(self, text: str) -> None:
         """Stream ``text`` onto the end of an assistant reply."""
+        if not text:  # (a stream started and stopped with nothing written fails in Textual)
+            return
         self.entry.content += text
         if self.stream is None:
             self.stream = Markdown.get_stream(self.query_one(Markdown))
-        await self.stream.write(text)
+        await self.stream.write(clean(text))
 
     async def finish(self) -> None:
         if self.stream is not None:

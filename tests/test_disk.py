@@ -1,0 +1,203 @@
+"""Disks that say no and files that must not be destroyed, without a model: read-only data dirs,
+a full disk, planted symbolic links, modes, overwrites, damaged rows and saved numbers."""
+
+from __future__ import annotations
+
+import json
+import resource
+import signal
+import sqlite3
+import stat
+import sys
+
+import pytest
+
+from _helpers import one_line_error, run_cli, stored_chat, without_root_override
+from sinkchat import cli
+from sinkchat.errors import SinkchatError
+from sinkchat.ledger import ChatState, Message
+from sinkchat.settings import Settings
+from sinkchat.store import SaveError, Snapshot, Store
+
+
+def files(root) -> dict:
+    """Every file under ``root`` and its bytes (what must not change)."""
+    return {p: p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def read_only(tmp_path):
+    """A data dir with one chat, then made read-only all through (as on a read-only file system)."""
+    root = tmp_path / "data"
+    stored_chat(root)
+    paths = [root, *root.rglob("*")]
+    for p in paths:
+        p.chmod(0o500 if p.is_dir() else 0o400)
+    yield root
+    for p in paths:
+        p.chmod(0o700 if p.is_dir() else 0o600)
+
+
+def test_every_chats_command_on_a_read_only_disk_reads_or_says_one_line(read_only, tmp_path):
+    before = files(read_only)
+    d, ro = ["--data-dir", str(read_only)], without_root_override()
+    listed = run_cli("chats", "list", *d, prefix=ro)
+    assert listed.returncode == 0 and "Tell me about Paris." in listed.stdout, listed.stderr
+    shown = run_cli("chats", "show", *d, prefix=ro)
+    assert shown.returncode == 0 and "It is big." in shown.stdout, shown.stderr
+    exported = run_cli("chats", "export", "1", "-f", "json", *d, prefix=ro)
+    assert exported.returncode == 0 and json.loads(exported.stdout)["messages"][1]["content"] == "It is big."
+    one_line_error(run_cli("chats", "rename", "1", "Paris", *d, prefix=ro), "cannot rename chat 1")
+    one_line_error(run_cli("chats", "delete", "1", "--yes", *d, prefix=ro), "cannot lock chat 1")
+    one_line_error(run_cli("chats", "export", "1", "-o", str(read_only / "x.md"), *d, prefix=ro),
+                   f"cannot write {read_only / 'x.md'}")
+    assert files(read_only) == before
+
+
+def test_a_new_data_dir_that_cannot_be_made_is_one_line(tmp_path):
+    parent = tmp_path / "ro"
+    parent.mkdir(mode=0o500)
+    one_line_error(run_cli("chats", "list", "--data-dir", str(parent / "data"), prefix=without_root_override()),
+                   "cannot create the data directory")
+
+
+def test_a_full_disk_at_the_first_save_leaves_no_chat(tmp_path):
+    """The kernel refuses the state file's bytes (a file-size limit, like a full disk)."""
+    store = Store(tmp_path)
+    state = ChatState(list(range(100, 120)), [Message("user", "hi", 0, 10), Message("assistant", "yo", 10, 20)],
+                      {"sinks": 4, "window": 16, "block": 1, "n_sink": 4, "n_win": 16, "seen": 20, "base": 0,
+                       "evictions": []}, {"model": "m"})
+    old = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (256, old[1]))
+    try:
+        with pytest.raises(SaveError, match="could not save the chat .*goes on in memory"):
+            store.create_state(state, {}, Settings())
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old)
+        signal.signal(signal.SIGXFSZ, handler)
+    assert store.list() == [] and not store.holds(1)
+    assert not [p for p in tmp_path.rglob("*") if p.is_file() and p.name != "chats.db"]  # no state, temp or lock
+    assert store.create_state(state, {}, Settings()) == 1  # space again: the chat is made whole
+
+
+def test_planted_links_are_never_followed(tmp_path, monkeypatch, capsys):
+    root = tmp_path / "data"
+    chat_id = stored_chat(root)
+    victim = tmp_path / "victim"
+    victim.write_text("keep me")
+    lock = root / "locks" / f"{chat_id}.lock"
+    lock.unlink()
+    lock.symlink_to(victim)
+    one_line_error(run_cli("chats", "delete", "1", "--yes", "--data-dir", str(root)), "symbolic link")
+    monkeypatch.setattr(sys, "argv", ["sinkchat", "--plain", "--resume", "--data-dir", str(root)])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run()
+    assert exit_info.value.code == 2 and "symbolic link" in capsys.readouterr().err
+    lock.unlink()
+
+    state = root / "state" / f"{chat_id}.safetensors"
+    state.unlink()
+    state.symlink_to(victim)
+    store = Store(root)
+    store.lock(chat_id)
+    t = store.transcript(chat_id)  # the rows are read; the link is not
+    with pytest.raises(SaveError, match="symbolic link"):
+        store.save_state(chat_id, ChatState(t.tokens, t.messages, t.meta, {"model": "m"}), {})
+    store.close()
+
+    out = tmp_path / "out.md"
+    out.symlink_to(victim)
+    for force in ([], ["--force"]):
+        proc = run_cli("chats", "export", "1", "-o", str(out), *force, "--data-dir", str(root))
+        one_line_error(proc, str(out))
+    db = tmp_path / "other"
+    db.mkdir()
+    (db / "chats.db").symlink_to(victim)
+    one_line_error(run_cli("chats", "list", "--data-dir", str(db)), "symbolic link")
+    assert victim.read_text() == "keep me"
+
+
+def test_modes_files_0600_and_a_users_directory_keeps_its_mode(tmp_path):
+    root = tmp_path / "data"
+    root.mkdir(mode=0o755)
+    root.chmod(0o755)
+    chat_id = stored_chat(root)
+    export = tmp_path / "chat.md"
+    assert run_cli("chats", "export", "-o", str(export), "--data-dir", str(root)).returncode == 0
+    assert stat.S_IMODE(root.stat().st_mode) == 0o755  # sinkchat did not make it; it keeps its mode
+    for d in (root / "state", root / "locks"):
+        assert stat.S_IMODE(d.stat().st_mode) == 0o700, d
+    for f in (root / "chats.db", root / "state" / f"{chat_id}.safetensors", root / "locks" / f"{chat_id}.lock",
+              export):
+        assert stat.S_IMODE(f.stat().st_mode) == 0o600, f
+
+
+def test_export_never_overwrites_without_force(tmp_path):
+    root = tmp_path / "data"
+    stored_chat(root)
+    notes = tmp_path / "notes.md"
+    notes.write_text("my notes")
+    one_line_error(run_cli("chats", "export", "1", "-o", str(notes), "--data-dir", str(root)),
+                   "exists; pass --force")
+    assert notes.read_text() == "my notes"
+    assert run_cli("chats", "export", "1", "-o", str(notes), "--force", "--data-dir", str(root)).returncode == 0
+    assert "It is big." in notes.read_text()
+
+
+def test_rows_that_are_not_utf8_still_list_and_show(tmp_path):
+    root = tmp_path / "data"
+    stored_chat(root)
+    with sqlite3.connect(root / "chats.db") as db:
+        db.execute("UPDATE chats SET title = CAST(x'636166e92021' AS TEXT)")
+    listed = run_cli("chats", "list", "--data-dir", str(root))
+    assert listed.returncode == 0 and "caf\ufffd" in listed.stdout, listed.stderr
+    assert run_cli("chats", "show", "--data-dir", str(root)).returncode == 0
+
+
+def test_saved_numbers_out_of_range_are_refused_not_used(tmp_path):
+    """A copy with a valid checksum but counters no cache can hold is damaged: the other copy is used,
+    and with neither the chat is refused in one line, nothing changed."""
+    root = tmp_path / "data"
+    chat_id = stored_chat(root)
+    store = Store(root)
+    snap = store.transcript(chat_id)
+    bad = Snapshot(snap.tokens, snap.messages, {**snap.meta, "n_win": 99}, {"model": "m", "tokenizer": "t"},
+                   snap.settings, 5)
+    store.db.write(chat_id, bad, snap.meta, len(snap.tokens))
+    t = store.transcript(chat_id)  # the state file is intact: it wins
+    assert t.meta["n_win"] == 6 and "cache counters are out of range" in t.notices[0]
+    (root / "state" / f"{chat_id}.safetensors").unlink()
+    with pytest.raises(SinkchatError, match="out of range.*state file is missing; nothing was changed"):
+        store.transcript(chat_id)
+
+
+def test_tampered_saved_settings_name_the_chat(tmp_path, monkeypatch, capsys):
+    root = tmp_path / "data"
+    stored_chat(root)
+    with sqlite3.connect(root / "chats.db") as db:
+        db.execute("""UPDATE chats SET settings = '{"window": "64", "model": "smollm2-135m"}'""")
+    monkeypatch.setattr(sys, "argv", ["sinkchat", "--plain", "--resume", "--data-dir", str(root)])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run()
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1
+    assert "chat 1's saved settings: window must be an integer (got \"64\")" in err
+
+
+@pytest.mark.parametrize("env, args, message", [
+    ({"SINKCHAT_DATA_DIR": "{file}"}, ["chats", "list"], "cannot create the data directory"),
+    ({}, ["chats", "list", "--data-dir", "{file}"], "cannot create the data directory"),
+    ({"SINKCHAT_CONFIG_DIR": "{file}"}, ["--plain", "--window", "0"], "--window must be 1 or more"),
+])
+def test_environment_and_paths_that_are_not_what_they_should_be(tmp_path, env, args, message):
+    file = tmp_path / "a-file"
+    file.write_text("x")
+    fill = lambda s: s.replace("{file}", str(file))
+    one_line_error(run_cli(*map(fill, args), env={k: fill(v) for k, v in env.items()}), message)
+
+
+def test_a_malformed_fault_variable_is_ignored(tmp_path, monkeypatch):
+    for value in ("state-temp@x", "state-temp@", "@@", "db-mid@1@2"):
+        monkeypatch.setenv("SINKCHAT_FAULT", value)
+        assert stored_chat(tmp_path / value.replace("@", "_")) == 1
