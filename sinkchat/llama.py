@@ -27,6 +27,7 @@ from torch import nn
 from .quant import Int4Linear, int4_fits
 
 FAMILY = ("llama", "mistral", "qwen2")
+STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # inv_freq and attention_scaling fixed at load
 
 
 def supported(model) -> bool:
@@ -37,6 +38,9 @@ def supported(model) -> bool:
     if config.model_type not in FAMILY or layers is None or getattr(config, "hidden_act", "silu") != "silu":
         return False
     if set(getattr(config, "layer_types", None) or ["full_attention"]) != {"full_attention"}:
+        return False
+    rope = getattr(config, "rope_parameters", None) or {}
+    if rope.get("rope_type", "default") not in STATIC_ROPE:  # dynamic RoPE changes inv_freq as it runs
         return False
     rotary = getattr(model.model, "rotary_emb", None)
     attn, mlp = layers[0].self_attn, layers[0].mlp

@@ -8,7 +8,7 @@ import torch
 from test_cache import text_ids
 
 from _helpers import GREEDY, say
-from sinkchat import models
+from sinkchat import llama, models
 from sinkchat.cache import SinkCache, rope_inv_freqs
 from sinkchat.engine import Chat
 from sinkchat.llama import FastLlama
@@ -71,11 +71,14 @@ def test_four_bit_on_the_cpu_is_packed_int4_shared_by_both_paths(smollm):
     assert smollm.fingerprint["quant"] == "4bit" and smollm.fingerprint["weights"] == "int4pack-g32"
 
 
-def test_other_architectures_fall_back_to_transformers(tiny_models):
-    lfm2 = models.load(str(tiny_models["lfm2"]), quant="4bit", device="cpu")
+def test_other_architectures_fall_back_to_transformers(tiny_models, monkeypatch):
+    lfm2 = models.load(str(tiny_models["lfm2"]), quant="4bit", device="cpu")  # not Llama-family
     assert lfm2.fast is None and lfm2.weights == "int4pack-g32"
     assert any(isinstance(m, Int4Linear) for m in lfm2.model.modules())
-    chat = Chat(lfm2, GREEDY.replace(sinks=4, window=32, max_new_tokens=20))
+    monkeypatch.setattr(llama, "supported", lambda model: False)  # as for any architecture it does not know
+    other = models.load(str(tiny_models["mistral"]), quant="4bit", device="cpu")
+    assert other.fast is None and isinstance(other.model.model.layers[0].self_attn.q_proj, Int4Linear)
+    chat = Chat(other, GREEDY.replace(sinks=4, window=32, max_new_tokens=20))
     say(chat, "Hello there, how are you today?")
     say(chat, "Tell me more please.")
     assert chat.occupancy().evicted > 0
@@ -112,3 +115,51 @@ def test_a_chat_saved_with_another_kv_dtype_is_rebuilt(smollm):
     notices = Store(store.root).open(chat_id, chat2)
     assert len(notices) == 1 and "kv_dtype" in notices[0] and "rebuilt" in notices[0]
     assert chat2.cache.layers[0].keys.dtype == torch.float32
+
+
+def stream_decode(loaded, n: int = 120, window: int = 40, max_positions: int = 100) -> list[torch.Tensor]:
+    """A 32-token chunk, then single tokens, through a sink cache that evicts and rebases; logits per step."""
+    ids = text_ids(loaded.tokenizer, n)
+    cache = SinkCache(rope_inv_freqs(loaded.model), 4, window, 10, max_positions, torch.float32)
+    out, i = [], 0
+    with torch.inference_mode():
+        for size in [32] + [1] * (n - 32):
+            positions, _ = cache.reserve(size)
+            out.append(models.forward(loaded.model, cache, ids[i : i + size], positions, keep=1))
+            i += size
+    assert cache.evictions and cache.base > 0
+    return out
+
+
+def test_static_step_matches_the_eager_step(tiny_models):
+    """The static-shape step (whole buffers, masked) that torch.compile captures, run eagerly."""
+    loaded = models.load(str(tiny_models["qwen2"]), quant="none", device="cpu")
+    eager = stream_decode(loaded)
+    loaded.fast.compiled = loaded.fast.static_step  # same dispatch as a compiled step, without compiling
+    static = stream_decode(loaded)
+    assert max(((a - b).abs().max() / a.abs().max()).item() for a, b in zip(eager, static)) < SAME_F32
+
+
+@pytest.mark.slow  # inductor compiles the step: a minute or more on 2 cores
+def test_compiled_step_matches_the_eager_step(tiny_models):
+    loaded = models.load(str(tiny_models["mistral"]), quant="none", device="cpu")
+    eager = stream_decode(loaded)
+    compiled = models.load(str(tiny_models["mistral"]), quant="none", device="cpu", compile="on")
+    steps = stream_decode(compiled)
+    assert compiled.fast.compiled is not None, compiled.take_notices()  # it compiled, no fallback
+    assert max(((a - b).abs().max() / a.abs().max()).item() for a, b in zip(eager, steps)) < SAME_F32
+
+
+def test_a_failed_compile_falls_back_to_eager_with_one_notice(tiny_models):
+    loaded = models.load(str(tiny_models["mistral"]), quant="none", device="cpu")
+    eager = stream_decode(loaded)
+
+    def broken(*args):
+        raise RuntimeError("no C compiler\nsecond line")
+
+    loaded.fast.compiled = broken
+    steps = stream_decode(loaded)
+    assert loaded.fast.compiled is None
+    assert loaded.take_notices() == ["torch.compile failed (RuntimeError); decoding eagerly"]
+    assert loaded.take_notices() == []
+    assert max(((a - b).abs().max() / a.abs().max()).item() for a, b in zip(eager, steps)) < SAME_F32
