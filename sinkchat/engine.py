@@ -130,15 +130,25 @@ class Chat:
             self.busy = False
 
     def prefill(self, ids: list[int], role: str, content: str) -> Iterator[Event]:
-        """Feed ``ids`` as one message, chunk by chunk (a generator of :class:`Evicted` events)."""
+        """Feed ``ids`` as one message, chunk by chunk (a generator of :class:`Evicted` events).
+
+        A stop request (:meth:`stop`) is honoured between chunks: the message keeps what was read,
+        marked ``stopped``, so Esc or Ctrl+C does not wait for a long paste to be read whole."""
         message = Message(role, content, len(self.tokens), len(self.tokens), note="stopped")
         self.messages.append(message)
         for i in range(0, len(ids), self.chunk):
+            if self._stop.is_set():
+                return
             yield from self._forward(ids[i : i + self.chunk], message)
         message.note = ""  # until here the model had read only part of it
 
     def occupancy(self) -> Occupancy:
         return self.cache.occupancy()
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` as a message's content: literal text, never a control token (for
+        counting what the user types against the window)."""
+        return self.turns.encode([(text, True)]) if text else []
 
     # -- text for a UI --------------------------------------------------------------------------
 

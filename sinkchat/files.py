@@ -58,6 +58,8 @@ def write_atomic(path: Path, data: bytes, *, overwrite: bool = True, fault_point
         raise OSError(f"{path} is a symbolic link; sinkchat does not write through links")
     if not overwrite and path.exists():
         raise FileExistsError(f"{path} exists")
+    if path.exists() and not path.is_file():  # a device, a FIFO, a socket, a directory: never replaced
+        raise OSError(f"{path} is not a regular file; sinkchat replaces only regular files")
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:

@@ -152,7 +152,7 @@ async def test_sigterm_in_the_tui_stops_the_reply_saves_and_quits(smollm):
 
     app = SinkchatApp(tui_settings(max_new_tokens=200), loaded=smollm)
     async with app.run_test(size=SIZE) as pilot:
-        await send(pilot, "Hello!")  # a first turn, saved as usual
+        await send(pilot, "Hello!", timeout=600)  # a first turn, saved as usual (up to 200 tokens)
         screen = app.chat_screen
         screen.query_one(ChatInput).insert(STORY)
         await pilot.press("enter")

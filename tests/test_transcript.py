@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from _helpers import TranscriptApp
+from _helpers import TranscriptApp, wait_for
 from sinkchat.ledger import Message
 from sinkchat.tui.transcript import Entry, MessageView, Transcript
 
@@ -63,9 +63,9 @@ async def test_scrolling_up_mounts_the_older_messages_above_in_place():
         assert mounted(t)[0] == 300 - Transcript.MOUNTED
         t.release_anchor()
         t.scroll_home(animate=False)
-        await pilot.pause(0.3)
-        assert mounted(t)[0] == 300 - Transcript.MOUNTED - Transcript.BATCH
-        assert t.scroll_y > 0  # the view stayed on what was read, the new views are above it
+        await wait_for(pilot, lambda: mounted(t)[0] == 300 - Transcript.MOUNTED - Transcript.BATCH, 30)
+        await wait_for(pilot, lambda: t.scroll_y > 0, 30)  # the view stays on what was read, new views above it
+        assert mounted(t)[0] == 300 - Transcript.MOUNTED - Transcript.BATCH  # one batch, not more
 
 
 async def test_marks_count_the_forgotten_messages_above_the_window():

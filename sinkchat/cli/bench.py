@@ -36,7 +36,26 @@ KV_DTYPE = typer.Option(None, "--kv-dtype", help=help_for("kv_dtype"), show_defa
 SINKS = typer.Option(None, help=help_for("sinks"), show_default=False)
 TEXT = typer.Option(None, "--text", help="UTF-8 text file [default: Python's documentation, pydoc_data.topics].")
 JSON = typer.Option(False, "--json", help="Print only the results as JSON on stdout.")
-PLOT = typer.Option(None, "--plot", help="Write a PNG plot to this path.")
+
+
+def _plot_path(plot: str | None) -> str | None:
+    """A ``--plot`` path that cannot be written is refused before the run, not after it."""
+    import os
+
+    if plot is None:
+        return None
+    path = Path(plot)
+    folder = path.parent
+    if path.is_dir() or path.is_symlink() or (path.exists() and not path.is_file()):
+        raise typer.BadParameter(f"{plot} is not a regular file", param_hint="--plot")
+    if not folder.is_dir():
+        raise typer.BadParameter(f"{plot}: the folder {folder} does not exist", param_hint="--plot")
+    if not os.access(folder, os.W_OK):
+        raise typer.BadParameter(f"{plot}: the folder {folder} is not writable", param_hint="--plot")
+    return plot
+
+
+PLOT = typer.Option(None, "--plot", help="Write a PNG plot to this path.", callback=_plot_path)
 BLOCK = typer.Option(None, help="Eviction block of the sink cache [default: the chat's, window/16, max 256].")
 
 

@@ -18,6 +18,7 @@ app = typer.Typer(
 )
 
 ID_HELP = "Chat number from `sinkchat chats list` [default: the most recent chat]."
+MAX_ID = 2**63 - 1  # SQLite's largest integer: a larger number is a usage error, not an overflow
 DATA_DIR = typer.Option(None, "--data-dir", help="Where chats are saved [default: $SINKCHAT_DATA_DIR or the XDG "
                         "data dir].")
 
@@ -62,7 +63,9 @@ def list_chats(
 
 @app.command("show")
 def show(
-    ctx: typer.Context, chat_id: int = typer.Argument(None, metavar="[ID]", help=ID_HELP), data_dir: str = DATA_DIR
+    ctx: typer.Context,
+    chat_id: int = typer.Argument(None, metavar="[ID]", help=ID_HELP, min=1, max=MAX_ID),
+    data_dir: str = DATA_DIR,
 ) -> None:
     """Print a chat's transcript (Markdown), with what the model has evicted marked."""
     from ..export import to_markdown
@@ -76,9 +79,9 @@ def show(
 @app.command("export")
 def export(
     ctx: typer.Context,
-    chat_id: int = typer.Argument(None, metavar="[ID]", help=ID_HELP),
+    chat_id: int = typer.Argument(None, metavar="[ID]", help=ID_HELP, min=1, max=MAX_ID),
     fmt: str = typer.Option("md", "--format", "-f", help="md | json"),
-    output: Path = typer.Option(None, "--output", "-o", help="File to write [default: stdout]."),
+    output: Path = typer.Option(None, "--output", "-o", help="File to write, - for stdout [default: stdout]."),
     force: bool = typer.Option(False, "--force", help="Overwrite --output if it exists."),
     data_dir: str = DATA_DIR,
 ) -> None:
@@ -92,7 +95,7 @@ def export(
     t = store.transcript(store.resolve(chat_id))
     _notices(t.notices)
     text = to_json(t) + "\n" if fmt == "json" else to_markdown(t)
-    if output is None:
+    if output is None or str(output) == "-":
         sys.stdout.write(text)
         return
     try:
@@ -107,7 +110,7 @@ def export(
 @app.command("rename")
 def rename(
     ctx: typer.Context,
-    chat_id: int = typer.Argument(..., metavar="ID"),
+    chat_id: int = typer.Argument(..., metavar="ID", min=1, max=MAX_ID),
     title: str = typer.Argument(..., help="New title."),
     data_dir: str = DATA_DIR,
 ) -> None:
@@ -118,7 +121,7 @@ def rename(
 @app.command("delete")
 def delete(
     ctx: typer.Context,
-    chat_id: int = typer.Argument(..., metavar="ID"),
+    chat_id: int = typer.Argument(..., metavar="ID", min=1, max=MAX_ID),
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask."),
     data_dir: str = DATA_DIR,
 ) -> None:

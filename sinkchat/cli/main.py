@@ -117,7 +117,7 @@ def _resume(store, resume: str | None) -> tuple[int | None, dict | None]:
 
     if resume is None:
         return None, None
-    if resume != "last" and not (resume.isascii() and resume.isdigit() and int(resume) > 0):
+    if resume != "last" and not (resume.isascii() and resume.isdigit() and 0 < int(resume) < 2**63):
         raise SinkchatError(f"--resume takes a chat number (see `sinkchat chats list`), got {resume!r}")
     chat_id = store.resolve(None if resume == "last" else int(resume))
     try:

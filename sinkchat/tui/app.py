@@ -185,7 +185,7 @@ class SinkchatApp(App):
         try:
             chat = Chat(self.loaded, self.settings)
         except SinkchatError as exc:  # the final cache geometry (a system prompt kept whole) does not fit
-            self.chat_screen.load_failed(str(exc))
+            await self.chat_screen.load_failed(str(exc))
             return
         self._follow(chat, None)
         await self.chat_screen.show(chat)
