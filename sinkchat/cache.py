@@ -295,13 +295,13 @@ class SinkCache(Cache):
     # -- persistence (tensors and a small dict; the store decides where they go) ---------------
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict]:
-        """The held K/V (and pristine sink keys) as named tensors, plus the counters."""
+        """Copies of the held K/V (and pristine sink keys) as named tensors, plus the counters."""
         tensors: dict[str, torch.Tensor] = {}
         for i, layer in enumerate(self.layers):
             if layer.is_initialized:
-                tensors[f"{i}.k"] = layer.keys[:, :, : layer.length].contiguous()
-                tensors[f"{i}.v"] = layer.values[:, :, : layer.length].contiguous()
-                tensors[f"{i}.sink"] = layer.sink_orig[:, :, : self.n_sink].contiguous()
+                tensors[f"{i}.k"] = layer.keys[:, :, : layer.length].clone(memory_format=torch.contiguous_format)
+                tensors[f"{i}.v"] = layer.values[:, :, : layer.length].clone(memory_format=torch.contiguous_format)
+                tensors[f"{i}.sink"] = layer.sink_orig[:, :, : self.n_sink].clone(memory_format=torch.contiguous_format)
         meta = {
             "sinks": self.sinks,
             "window": self.window,

@@ -24,8 +24,15 @@ def config_dir() -> Path:
 
 
 def data_dir(override: str | Path | None = None) -> Path:
-    """Where chats live: ``--data-dir``, else ``SINKCHAT_DATA_DIR``, else the XDG data dir."""
-    return Path(override or os.environ.get("SINKCHAT_DATA_DIR") or platformdirs.user_data_dir(APP)).expanduser()
+    """Where chats live: ``--data-dir``, else ``SINKCHAT_DATA_DIR``, else the XDG data dir.
+
+    Raises :class:`SinkchatError` when it names something that is not a directory (a setting of
+    the wrong kind, refused like one); a missing one is created by the store."""
+    source = "--data-dir" if override else "SINKCHAT_DATA_DIR" if os.environ.get("SINKCHAT_DATA_DIR") else None
+    path = Path(override or os.environ.get("SINKCHAT_DATA_DIR") or platformdirs.user_data_dir(APP)).expanduser()
+    if path.exists() and not path.is_dir():
+        raise SinkchatError(f"the data directory {path}{f' (from {source})' if source else ''} is not a directory")
+    return path
 
 
 def cache_dir() -> Path:
@@ -41,8 +48,10 @@ def load_config() -> dict:
     """The user's saved defaults (unchecked: the settings layer checks them); a broken file names itself."""
     path = config_file()
     try:
-        if not path.is_file():
+        if not path.exists():
             return {}
+        if not path.is_file():
+            raise SinkchatError(f"config file {path} is not a regular file")
         return tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError, OSError) as exc:
         raise SinkchatError(f"cannot read config file {path}: {reason(exc)}") from None

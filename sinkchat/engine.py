@@ -192,7 +192,7 @@ class Chat:
         }
 
     def state(self) -> tuple[ChatState, dict[str, torch.Tensor]]:
-        """The chat as a :class:`ChatState` (copies) and the cache's held K/V tensors (views)."""
+        """The chat as a :class:`ChatState` and the cache's held K/V tensors, all copies."""
         tensors, meta = self.cache.state()
         messages = [Message(**vars(m)) for m in self.messages]
         return ChatState(list(self.tokens), messages, meta, self.fingerprint()), tensors

@@ -9,6 +9,13 @@ class SinkchatError(Exception):
 
 
 class LoadFailed(SinkchatError):
-    """The model could not be loaded after the chat screen opened (shown there, then printed)."""
+    """The model could not be loaded after the chat screen opened (shown there, then printed), or
+    the chat screen stopped on an unexpected error."""
+
+    exit_code = 1
+
+
+class WriteFailed(SinkchatError):
+    """Output could not be written (a full disk, an I/O error); what was saved stays saved."""
 
     exit_code = 1

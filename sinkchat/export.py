@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from datetime import datetime
 
-from .ledger import clip
+from .ledger import NOTE_LABEL, clip
 from .store.records import Transcript
 from .text import clean, escape_json
 
@@ -31,7 +31,7 @@ def to_json(t: Transcript) -> str:
             "cache": {k: t.meta.get(k) for k in ("sinks", "window", "block", "n_sink", "n_win", "seen")},
             "evicted": [list(s) for s in spans],
             "messages": [
-                {"role": m.role, "content": m.content, "start": m.start, "end": m.end,
+                {"role": m.role, "content": m.content, "note": m.note, "start": m.start, "end": m.end,
                  "evicted": [list(s) for s in clip(spans, m.start, m.end)]}
                 for m in t.messages
             ],
@@ -55,7 +55,8 @@ def to_markdown(t: Transcript) -> str:
         + (", ".join(f"tokens [{a}, {b})" for a, b in spans) or "none"),
     ]
     for m in t.messages:
-        lines += ["", f"## {m.role}", ""]
+        note = f" [{NOTE_LABEL.get(m.note, m.note)}]" if m.note else ""
+        lines += ["", f"## {m.role}{note}", ""]
         cut = clip(spans, m.start, m.end)
         evicted = sum(b - a for a, b in cut)
         if evicted == m.end - m.start and evicted:

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 Span = tuple[int, int]  # conversation tokens [start, end)
 ROLE_NAME = {"user": "you", "assistant": "model", "system": "system"}  # as the transcript labels them
+# why a message is not whole (Message.note), as the transcript, `chats show` and exports label it
+NOTE_LABEL = {"stopped": "stopped", "length": "max tokens", "error": "error", "queued": "queued"}
 
 
 @dataclass

@@ -13,6 +13,7 @@ replies are shown as symbols.
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import sys
@@ -22,6 +23,8 @@ from contextlib import suppress
 from typing import TextIO
 
 from .engine import Chat, Done, TokenText
+from .errors import WriteFailed
+from .files import reason
 from .text import clean, valid
 
 ENDING = (signal.SIGTERM, getattr(signal, "SIGHUP", signal.SIGTERM))
@@ -87,6 +90,8 @@ def run(
             if text.strip():
                 _reply(chat, text, out, interactive)
                 after_turn(chat)
+    if out.failed:
+        raise WriteFailed(f"cannot write the reply to standard output: {out.failed}")
     return session.ended_by
 
 
@@ -113,6 +118,7 @@ class _Output:
 
     def __init__(self, stream: TextIO, chat: Chat):
         self.stream, self.chat, self.closed = stream, chat, False
+        self.failed: str | None = None  # why writing failed, if not because the reader left
 
     def write(self, text: str) -> None:
         if self.closed:
@@ -120,8 +126,10 @@ class _Output:
         try:
             self.stream.write(text)
             self.stream.flush()
-        except (OSError, ValueError):  # EIO after a hang-up, EPIPE, a closed file
+        except (OSError, ValueError) as exc:  # EIO after a hang-up, EPIPE, a closed file, a full disk
             self.closed = True
+            if isinstance(exc, OSError) and exc.errno not in (errno.EPIPE, errno.EIO):
+                self.failed = reason(exc)
             self.chat.stop()
             with suppress(OSError, ValueError, AttributeError):  # what is still buffered goes nowhere, quietly
                 os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())

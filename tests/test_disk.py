@@ -186,8 +186,8 @@ def test_tampered_saved_settings_name_the_chat(tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("env, args, message", [
-    ({"SINKCHAT_DATA_DIR": "{file}"}, ["chats", "list"], "cannot create the data directory"),
-    ({}, ["chats", "list", "--data-dir", "{file}"], "cannot create the data directory"),
+    ({"SINKCHAT_DATA_DIR": "{file}"}, ["chats", "list"], "(from SINKCHAT_DATA_DIR) is not a directory"),
+    ({}, ["chats", "list", "--data-dir", "{file}"], "(from --data-dir) is not a directory"),
     ({"SINKCHAT_CONFIG_DIR": "{file}"}, ["--plain", "--window", "0"], "--window must be 1 or more"),
 ])
 def test_environment_and_paths_that_are_not_what_they_should_be(tmp_path, env, args, message):

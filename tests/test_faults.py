@@ -17,7 +17,9 @@ from sinkchat.engine import Chat
 from sinkchat.store import Store
 
 SETTINGS = GREEDY.replace(sinks=4, window=48, block=8, max_new_tokens=16)
-POINTS = ["state-temp", "state-renamed", "db-mid"]  # inside the temp file, after its rename, inside the transaction
+# inside the temp file, after its rename, inside the transaction; a first save writes a base state
+# file, the later one a segment after it (tests/test_saves.py kills compactions too)
+POINTS = {"first": ["state-temp", "state-renamed", "db-mid"], "later": ["segment-temp", "segment-renamed", "db-mid"]}
 SAVE = """
 import pickle, sys
 from sinkchat.store import Store
@@ -45,11 +47,10 @@ def two_saves(smollm, tmp_path_factory):
     return path, states
 
 
-@pytest.mark.parametrize("save", ["first", "later"])
-@pytest.mark.parametrize("point", POINTS)
+@pytest.mark.parametrize("save, point", [(save, point) for save, points in POINTS.items() for point in points])
 def test_kill_9_at_every_write_point(smollm, two_saves, tmp_path, point, save):
     path, states = two_saves
-    nth = 1 if save == "first" else 2  # a later save reaches each point the second time
+    nth = 2 if point == "db-mid" and save == "later" else 1  # a later save reaches db-mid the second time
     proc = subprocess.run([sys.executable, "-c", SAVE, str(tmp_path), str(path), save], cwd=ROOT,
                           env={**os.environ, "PYTHONPATH": str(ROOT), "SINKCHAT_FAULT": f"{point}@{nth}"},
                           capture_output=True, text=True, timeout=300)
@@ -63,10 +64,11 @@ def test_kill_9_at_every_write_point(smollm, two_saves, tmp_path, point, save):
         assert store.create(chat, SETTINGS) == 1
         expected, notices = chat.messages, []
     else:
-        saved = states[1][0] if point != "state-temp" else states[0][0]  # the renamed state file is complete
+        renamed = not point.endswith("-temp")
+        saved = states[1][0] if renamed else states[0][0]  # the renamed state file is complete
         expected = saved.messages
         notices = ["chat 1: the last save was interrupted before the database was updated; restored them from "
-                   "the state file"] if point != "state-temp" else []
+                   "the state file"] if renamed else []
         assert store.open(1, chat) == notices
         assert chat.tokens == saved.tokens
     assert chat.messages == expected and chat.cache.seen == len(chat.tokens)

@@ -14,7 +14,7 @@ import pexpect
 import pytest
 
 from _helpers import GREEDY, ROOT, run_cli, say, without_root_override
-from sinkchat.engine import Chat
+from sinkchat.engine import Chat, Done, Evicted
 from sinkchat.store import Store
 
 pytestmark = pytest.mark.model  # every test starts sinkchat, which loads the bundled model
@@ -75,6 +75,32 @@ def test_ctrl_c_then_a_closed_terminal_keep_both_partial_replies(smollm, tmp_pat
     assert replies[0].content.strip() == shown.strip()  # what the user saw, kept
     assert replies[1].content.strip() and len(replies[1].content) < 2000
     assert say(chat, "Thanks!")
+
+    child = pexpect.spawn(sys.executable, ["-m", "sinkchat", *FLAGS, "--data-dir", str(tmp_path), "--resume", "1"],
+                          cwd=str(ROOT), env={**os.environ, "PYTHONPATH": str(ROOT)}, encoding="utf-8", timeout=180,
+                          dimensions=(40, 200))
+    child.expect(r"resumed chat 1: \d+ messages")  # on a terminal, a resumed chat shows where it stopped
+    child.expect_exact("[stopped]")
+    child.expect_exact("you> ")
+    child.sendeof()
+    assert child.wait() == 0
+
+
+def test_a_stop_while_a_long_message_is_read_ends_it_between_chunks(smollm):
+    """Esc or Ctrl+C during a long paste does not wait for all of it to be read: the message keeps
+    what was read, marked stopped, the reply is empty, and the chat goes on whole."""
+    chat = Chat(smollm, SETTINGS)
+    events = chat.submit(STORY * 60)  # about 600 tokens: many chunks of a 48-token window
+    for event in events:
+        if isinstance(event, Evicted):  # the first chunk went through: stop now
+            chat.stop()
+        if isinstance(event, Done):
+            break
+    user, reply = chat.messages[-2:]
+    assert (user.note, reply.note, reply.content) == ("stopped", "stopped", "")
+    assert user.end - user.start < len(chat.turns.encode(chat.turns.first(STORY * 60)[1])) / 2
+    assert chat.cache.seen == len(chat.tokens) == reply.end
+    assert say(chat, "Hello!")
 
 
 def test_sigterm_saves_then_exits(smollm, tmp_path):

@@ -124,11 +124,11 @@ def test_kill_9_during_generation_keeps_completed_turns(smollm, tmp_path):
 
 @pytest.mark.parametrize(
     "fault, turns_kept, notice",
-    [("state-temp@2", 1, None), ("db-mid@2", 2, "interrupted before the database was updated")],
+    [("segment-temp@1", 1, None), ("db-mid@2", 2, "interrupted before the database was updated")],
 )
 def test_kill_9_during_save(smollm, tmp_path, fault, turns_kept, notice):
-    """Killed while writing the state file's temp copy (the old state stays) or inside the SQLite
-    transaction (it rolls back; the newer state file restores the turn)."""
+    """Killed while writing the second save's state segment (the first save's files stay) or inside the
+    SQLite transaction (it rolls back; the newer state segment restores the turn)."""
     proc = _plain(tmp_path, env={"SINKCHAT_FAULT": fault})
     proc.communicate(b"Tell me about Paris.\nAnd London?\n", timeout=300)
     assert proc.returncode == -signal.SIGKILL
@@ -137,7 +137,7 @@ def test_kill_9_during_save(smollm, tmp_path, fault, turns_kept, notice):
     assert users == QUESTIONS[:turns_kept]
     assert (notice in stderr) if notice else stderr == ""
     half_written = list((tmp_path / "state").glob(".*.tmp"))
-    assert bool(half_written) == fault.startswith("state-temp")
+    assert bool(half_written) == fault.startswith("segment-temp")
     store = Store(tmp_path)
     chat, _ = open_chat(store, 1, smollm, SMALL)
     assert not list((tmp_path / "state").glob(".*.tmp"))  # the killed save's temp file is swept

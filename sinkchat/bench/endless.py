@@ -9,8 +9,9 @@ greedy chat through the real engine, the real store (a data dir of its own) and 
   and the reply, streamed, marked and laid out) — the cost that grew with every message before the
   transcript was virtualised;
 * ``ms_per_token``: the reply's decode time per token (the engine's own clock);
-* ``save_ms`` and ``save_kb``: the turn's save, wall time and bytes written (state file, fsyncs and
-  SQLite journal; Linux ``/proc/thread-self/io``);
+* ``save_ms`` and ``save_kb``: the turn's save, wall time and bytes written (state files, fsyncs and
+  SQLite journal; Linux ``/proc/thread-self/io``), ``save_kind`` (``segment``: the turn's new tokens;
+  ``base``: the held window, now and then) and ``new_tokens``, the tokens the turn added;
 * ``rss_mb``: the process's resident memory; ``db_mb``: the size of ``chats.db`` (the ledger grows
   with the tokens by design; nothing else should).
 """
@@ -43,6 +44,8 @@ class Turn:
     save_kb: float | None
     rss_mb: float
     db_mb: float
+    save_kind: str | None = None
+    new_tokens: int = 0
 
 
 async def chat_turns(loaded, settings, turns: int, data_dir: Path, tick, rows: list[Turn]) -> None:
@@ -77,7 +80,8 @@ async def chat_turns(loaded, settings, turns: int, data_dir: Path, tick, rows: l
                 ui_ms=1000 * ui / 2, ms_per_token=1000 / speed if speed else None,
                 save_ms=1000 * saved["seconds"] if "seconds" in saved else None,
                 save_kb=saved["bytes"] / 1024 if saved.get("bytes") is not None else None,
-                rss_mb=rss_mb(), db_mb=db.stat().st_size / 2**20,
+                rss_mb=rss_mb(), db_mb=db.stat().st_size / 2**20, save_kind=saved.get("kind"),
+                new_tokens=len(app.chat.tokens) - (rows[-1].tokens if rows else 0),
             ))
             tick(1)
 
@@ -115,4 +119,17 @@ def report(rows: list[Turn], extra: dict) -> dict:
         for name in METRICS:
             a, b = base[name], points[-1][name]
             ratios[name] = b / a if a and b is not None else None
-    return {"points": points, "last_vs_100": ratios, "turns": [asdict(r) for r in rows], **extra}
+    return {"points": points, "last_vs_100": ratios, "saves": saves(rows), "turns": [asdict(r) for r in rows],
+            **extra}
+
+
+def saves(rows: list[Turn], after: int = 100) -> dict:
+    """Save bytes from turn ``after`` on (or every turn of a shorter run), new bases included: the
+    mean per turn, and per token the turns added (what a save should be proportional to)."""
+    rows = [r for r in rows if r.turn >= after and r.save_kb is not None] or [r for r in rows if r.save_kb]
+    if not rows:
+        return {}
+    kb, tokens = sum(r.save_kb for r in rows), sum(r.new_tokens for r in rows)
+    return {"from_turn": rows[0].turn, "turns": len(rows), "bases": sum(r.save_kind == "base" for r in rows),
+            "mean_kb": kb / len(rows), "kb_per_new_token": kb / tokens if tokens else None,
+            "max_kb": max(r.save_kb for r in rows)}

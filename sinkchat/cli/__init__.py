@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import os
 import sys
+from contextlib import suppress
 
 import typer
 
 from ..errors import SinkchatError
+from ..files import reason
 from ..text import clean
 from . import bench_chat  # noqa: F401  (adds `bench endless` to the bench commands)
 from .bench import app as bench_app
@@ -42,6 +44,7 @@ def run(argv: list[str] | None = None) -> None:
     """Console-script entry point: one-line errors, exit 2 for bad input, 130 for Ctrl+C."""
     try:
         code = app(args=_optional_resume(sys.argv[1:] if argv is None else argv), standalone_mode=False)
+        sys.stdout.flush()  # a full disk shows here, not as an error at interpreter exit
     except SinkchatError as exc:
         _error(str(exc))
         sys.exit(exc.exit_code)
@@ -53,10 +56,20 @@ def run(argv: list[str] | None = None) -> None:
     except (typer.Abort, KeyboardInterrupt):
         sys.exit(130)
     except BrokenPipeError:  # `sinkchat chats show | head`: the reader has all it wanted
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        _quiet_stdout()
         sys.exit(0)
+    except OSError as exc:  # stdout on a full disk, an I/O error: one line, never a traceback
+        _quiet_stdout()
+        _error(f"cannot write the output: {reason(exc)}")
+        sys.exit(1)
     if isinstance(code, int) and code:  # a command's typer.Exit(code) comes back as a value here
         sys.exit(code)
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null, so what is still buffered raises no second error at exit."""
+    with suppress(OSError, ValueError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def _error(message: str) -> None:

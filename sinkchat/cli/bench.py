@@ -70,6 +70,8 @@ def read_text(path: str | None) -> tuple[str, str]:
     if path is None:
         return bench.default_text(), "pydoc_data.topics (Python's documentation)"
     p = Path(path)
+    if p.exists() and not p.is_file():
+        raise SinkchatError(f"--text {path}: not a regular file")
     if not p.is_file():
         raise SinkchatError(f"--text {path}: no such file")
     try:
@@ -147,7 +149,9 @@ def finish(report: dict, as_json: bool, show, plot: str | None, interrupted: boo
     if as_json:
         print(json.dumps(report, indent=1))
     else:
-        show(report, plot)
+        show(report)
+        if plot:
+            tables.tables_console().print(f"plot: {plot}")
     if interrupted:
         raise typer.Exit(130)
 

@@ -73,8 +73,13 @@ def spans(numbers: list[int]) -> str:
     return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in out) or "none"
 
 
-def print_ppl(report: dict, plot: str | None) -> None:
-    console = Console(markup=False)  # paths and notes are never read as markup
+def tables_console() -> Console:
+    """Where the result tables go: stdout, and paths and notes are never read as markup."""
+    return Console(markup=False)
+
+
+def print_ppl(report: dict) -> None:
+    console = tables_console()
     shared = report["shared"] or {"tokens": 0, "ppl": {}}
     table = Table("mode", "tokens scored", "perplexity", f"ppl on the {shared['tokens']} shared tokens",
                   "seconds", "note", title=f"streaming perplexity: {report['text']}, sinks {report['sinks']}, "
@@ -91,12 +96,10 @@ def print_ppl(report: dict, plot: str | None) -> None:
     for (a, b), by_mode in sorted(rows.items()):
         chunks.add_row(f"{a}-{b}", *(fmt(by_mode.get(r["mode"])) for r in report["results"]))
     console.print(chunks)
-    if plot:
-        console.print(f"plot: {plot}")
 
 
-def print_speed(report: dict, plot: str | None) -> None:
-    console = Console(markup=False)  # paths and notes are never read as markup
+def print_speed(report: dict) -> None:
+    console = tables_console()
     table = Table("mode", "tokens/s", "median ms/token", "ms at first position", "ms at last position",
                   f"peak {report['memory']} MiB", "note",
                   title=f"decode speed: sinks {report['sinks']}, window {report['window']}")
@@ -111,24 +114,20 @@ def print_speed(report: dict, plot: str | None) -> None:
     console.print(f"sinks last/first position time: {fmt(report['sinks_last_vs_first'], '.3f')}")
     share = report["upkeep_share"]
     console.print(f"cache upkeep (eviction, re-rotation): {fmt(share and share * 100, '.2f')}% of decode time")
-    if plot:
-        console.print(f"plot: {plot}")
 
 
-def print_sweep(report: dict, plot: str | None) -> None:
+def print_sweep(report: dict) -> None:
     budget = report["budget"]
     table = Table("sinks + window", "tokens scored", "perplexity", f"ppl after token {budget}", "seconds", "note",
                   title=f"how many sinks? {report['text']}, every run holds {budget} tokens")
     for r in report["results"]:
         cache = "dense (full history)" if r["sinks"] is None else f"{r['sinks']} + {r['window']}"
         table.add_row(cache, str(r["tokens"]), fmt(r["ppl"]), fmt(r["ppl_full"]), fmt(r["seconds"], ".0f"), r["note"])
-    console = Console(markup=False)  # paths and notes are never read as markup
+    console = tables_console()
     console.print(table)
-    if plot:
-        console.print(f"plot: {plot}")
 
 
-def print_attention(report: dict, plot: str | None) -> None:
+def print_attention(report: dict) -> None:
     firsts, uniform = report["firsts"], report["uniform"]
     table = Table("layer", *(f"first {k}" for k in firsts), "max head (first 4)", "heads > 50%",
                   title=f"share of attention on the first tokens: {report['model']}, {report['tokens']} tokens of "
@@ -140,18 +139,16 @@ def print_attention(report: dict, plot: str | None) -> None:
     table.add_section()
     table.add_row("all layers", *(pct(v) for v in report["share"]), "", "")
     table.add_row("uniform attention", *(pct(v) for v in uniform), "", "")
-    console = Console(markup=False)  # paths and notes are never read as markup
+    console = tables_console()
     console.print(table)
     layers = len(report["layers"])
     console.print(f"sink-dominated layers (* , over 50% on the first 4 tokens): {spans(report['sink_layers'])} "
                   f"({len(report['sink_layers'])} of {layers}); sink-dominated heads: {report['sink_heads']} of "
                   f"{layers * report['heads']}")
-    if plot:
-        console.print(f"plot: {plot}")
 
 
-def print_endless(report: dict, plot: str | None) -> None:
-    console = Console(markup=False)  # paths and notes are never read as markup
+def print_endless(report: dict) -> None:
+    console = tables_console()
     table = Table("turn", "tokens", "widgets", "UI ms / message", "decode ms / token", "save ms", "save KiB",
                   "RSS MiB", "chats.db MiB",
                   title=f"an endless chat: sinks {report['sinks']}, window {report['window']}")
@@ -163,12 +160,14 @@ def print_endless(report: dict, plot: str | None) -> None:
     ratios = report["last_vs_100"]
     if ratios:
         console.print("last turn / turn 100: " + ", ".join(f"{k} {fmt(v, '.2f')}" for k, v in ratios.items()))
-    if plot:
-        console.print(f"plot: {plot}")
+    if s := report.get("saves"):
+        console.print(f"saves from turn {s['from_turn']}: {s['turns']} turns, {s['bases']} new bases, mean "
+                      f"{fmt(s['mean_kb'], '.0f')} KiB per turn = {fmt(s['kb_per_new_token'], '.1f')} KiB per new "
+                      f"token, largest {fmt(s['max_kb'], '.0f')} KiB")
 
 
-def print_peer(report: dict, plot: str | None) -> None:
-    console = Console(markup=False)  # paths and notes are never read as markup
+def print_peer(report: dict) -> None:
+    console = tables_console()
     ours, theirs, ratio = report["sinkchat"], report["llama.cpp"], report["ratio"]
     table = Table("tokens/s", "sinkchat", "llama.cpp", "sinkchat / llama.cpp",
                   title=f"against llama-bench: {report['threads']} threads, depth {report['depth']}")

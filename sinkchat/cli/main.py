@@ -76,19 +76,24 @@ def main(
                  repetition_penalty=repetition_penalty, seed=seed, max_new_tokens=max_new_tokens, theme=theme)
     from ..store import Store
 
-    try:
-        store = Store(data_dir)
-    except SinkchatError as exc:  # no chat store (read-only or broken data dir): a new chat goes on in memory
-        if not plain or resume is not None:
-            raise
-        note(f"{exc}; this chat is not saved")
-        store = None
+    config.data_dir(data_dir)  # a data dir that is not a directory is refused like any bad setting
+    store = None
+    if resume is not None or not (no_save and plain):
+        try:
+            store = Store(data_dir)
+        except SinkchatError as exc:  # no chat store (a read-only data dir): a new chat goes on in memory
+            if not plain or resume is not None:
+                raise
+            note(f"{exc}; this chat is not saved")
     try:
         chat_id, saved = _resume(store, resume)
         settings, warnings = Settings.resolve(
             flags, config=config.load_config(), config_source=str(config.config_file()),
             saved=saved, saved_source=f"chat {chat_id}'s saved settings",
         )
+        from ..tui.app import check_theme
+
+        check_theme(settings.theme)  # refused in plain mode too: a typo in config.toml is said at once
     except BaseException:
         if store is not None:
             store.close()
@@ -142,6 +147,8 @@ def _run_plain(settings: Settings, store, chat_id: int | None, save: bool = True
         if chat_id is not None:
             for notice in store.open(chat_id, chat):
                 note(notice)
+            if sys.stdin.isatty():
+                _recap(chat, chat_id)
     except BaseException:
         if store is not None:
             store.close()
@@ -160,6 +167,18 @@ def _run_plain(settings: Settings, store, chat_id: int | None, save: bool = True
         raise typer.Exit(128 + ended_by)
 
 
+def _recap(chat, chat_id: int, shown: int = 2, chars: int = 300) -> None:
+    """On a terminal, a resumed chat shows where it stopped: its size and the last exchange."""
+    from ..ledger import NOTE_LABEL
+    from ..text import clean
+
+    note(f"resumed chat {chat_id}: {len(chat.messages)} messages, {len(chat.tokens)} tokens")
+    prompt = {"user": "you> ", "assistant": "bot> "}
+    for m in [m for m in chat.messages if m.role in prompt][-shown:]:
+        text = clean(m.content if len(m.content) <= chars else "…" + m.content[-chars:])
+        print(prompt[m.role] + text + (f"\n[{NOTE_LABEL.get(m.note, m.note)}]" if m.note else ""))
+
+
 def _run_tui(settings: Settings, store, chat_id: int | None, warnings: list[str], save: bool = True) -> None:
     """Everything that can fail early fails here, in one line and before the screen opens: no
     terminal, an unknown theme, a model that does not resolve or whose config does not fit.
@@ -167,9 +186,8 @@ def _run_tui(settings: Settings, store, chat_id: int | None, warnings: list[str]
     process can open the chat between the check here and the TUI showing it."""
     try:
         from .. import models
-        from ..tui.app import check_theme, run
+        from ..tui.app import run
 
-        check_theme(settings.theme)
         models.preflight(settings)
         if not (sys.stdin.isatty() and sys.stdout.isatty()):
             raise SinkchatError("the chat screen needs a terminal; use --plain to chat through a pipe or a script")

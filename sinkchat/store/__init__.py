@@ -4,11 +4,13 @@ Layout of the data dir (``--data-dir``, ``SINKCHAT_DATA_DIR`` or the XDG data di
 every file 0600)::
 
     chats.db                  chats (index), messages (transcript), tokens (the ledger)   db.py
-    state/<id>.safetensors    sink + window K/V of the last save, plus a copy of the ledger  statefile.py
+    state/<id>.safetensors    base: sink + window K/V at one save, plus a copy of the ledger  statefile.py
+    state/<id>.<g>.safetensors  segment: what save g added (new tokens' K/V, ledger, messages)
     locks/<id>.lock           held (flock) by the one process that has the chat open       locks.py
 
-Why two copies: the ledger is the truth and the KV is derived from it. The state file also carries
-the transcript and ledger of its save, so either copy can repair the other. Both carry a sha256
+Why two copies: the ledger is the truth and the KV is derived from it. The state files also carry
+the transcript and ledger of their saves, so either copy can repair the other. A save writes only
+what changed: a segment, and the database rows of the new tokens and messages. Both carry a sha256
 checksum and a save generation; on open the newest intact copy wins:
 
 * state file intact and of the same model/geometry -> KV restored as saved (no recomputation);

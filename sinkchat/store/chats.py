@@ -1,9 +1,10 @@
 """The chat-level API: create, save, open, list, rename, delete; :class:`Autosave` for front ends.
 
-A save writes the state file first (atomic: temp, fsync, rename), then the database rows in one
-transaction, both stamped with the same save generation and checksum. On open the newest intact
-copy wins, and the engine (:meth:`Chat.restore`) decides whether the saved K/V fits or must be
-rebuilt from the ledger. The store reads and writes files and rows; it never runs the model.
+A save writes the state first (a segment after the files of the last save, or a new base; each
+atomic: temp, fsync, rename), then the database rows in one transaction, both stamped with the same
+save generation and checksum. On open the newest intact copy wins, and the engine
+(:meth:`Chat.restore`) decides whether the saved K/V fits or must be rebuilt from the ledger. The
+store reads and writes files and rows; it never runs the model.
 """
 
 from __future__ import annotations
@@ -21,10 +22,10 @@ from ..files import fault, private_dir, reason, written_bytes
 from ..ledger import ChatState, state_problem
 from ..settings import Settings
 from ..text import valid
-from .db import Database, loads
+from .db import Database, loads, text_of, time_of
 from .locks import Locks
 from .records import ChatInfo, ChatLocked, ReadOnly, SaveError, Snapshot, Transcript
-from .statefile import read_header, read_state, write_state
+from .statefile import Chain, base_path, read_chain, segment_path, segment_paths, unchanged, write_segment, write_state
 
 
 def _disk(what: str):
@@ -58,10 +59,12 @@ class Store:
         self.db_path = self.root / "chats.db"
         self.db = Database(self.db_path)
         self.locks = Locks(self.root)
-        self.last_save: dict | None = None  # the last save's wall time (s) and bytes written, for `bench endless`
+        self.last_save: dict | None = None  # the last save's time, bytes, kind and new tokens, for `bench endless`
+        self._chains: dict[int, Chain] = {}  # what each chat's state files hold, as this process wrote or read them
 
     def state_path(self, chat_id: int) -> Path:
-        return self.root / "state" / f"{chat_id}.safetensors"
+        """The chat's base state file (its segments sit next to it, see :mod:`.statefile`)."""
+        return base_path(self.root / "state", chat_id)
 
     # -- locks ---------------------------------------------------------------------------------
 
@@ -90,9 +93,31 @@ class Store:
 
     def _sweep(self, chat_id: int) -> None:
         """Remove temp files a killed save left behind (only the lock holder may: none is in flight)."""
-        for tmp in (self.root / "state").glob(f".{chat_id}.safetensors.*.tmp"):
+        for tmp in (self.root / "state").glob(f".{chat_id}.*.tmp"):
             with suppress(OSError):
                 tmp.unlink()
+
+    def _prune(self, chat_id: int) -> None:
+        """Remove the chat's segment files (after a new base made them garbage, or with the chat)."""
+        for path in segment_paths(self.root / "state", chat_id):
+            path.unlink()
+            fault("segments-pruning")  # killed with some removed: the rest are stale, never read
+
+    def _write(self, chat_id: int, chain: Chain | None, snap: Snapshot, tensors: dict) -> Chain:
+        """Write ``snap``'s K/V: a segment after ``chain`` (what the files hold at the generation
+        before) if it can describe the change, else a new base, then the old segments go."""
+        state_dir = private_dir(self.root / "state")
+        if chain is not None and chain.extends(snap, tensors) is None:
+            path = segment_path(state_dir, chat_id, snap.gen)
+            if path.is_symlink() or path.exists():  # left by a save whose database write failed: never read
+                path.unlink()
+            chain = write_segment(path, chain, snap, tensors)
+            fault("segment-renamed")
+            return chain
+        chain = write_state(self.state_path(chat_id), snap, tensors)
+        fault("state-renamed")
+        self._prune(chat_id)
+        return chain
 
     # -- writing -------------------------------------------------------------------------------
 
@@ -119,13 +144,14 @@ class Store:
             self.locks.lock(chat_id)
             self._sweep(chat_id)  # a killed earlier attempt may have left a temp file with this id
             snap = Snapshot.of(state, settings.saved(), 1)
-            private_dir(self.root / "state")
-            write_state(self.state_path(chat_id), snap, tensors)
-            fault("state-renamed")
+            chains.append(self._write(chat_id, None, snap, tensors))
             return snap
 
+        chains: list[Chain] = []
         try:
-            return self.db.create(valid(title)[0], settings.saved(), first_save)
+            chat_id = self.db.create(valid(title)[0], settings.saved(), first_save)
+            self._chains[chat_id] = chains[-1]
+            return chat_id
         except (OSError, sqlite3.Error, ChatLocked) as exc:
             for chat_id in made:  # no row was committed: leave nothing of it behind
                 with suppress(OSError):
@@ -139,18 +165,23 @@ class Store:
         if not self.locks.holds(chat_id):
             raise SaveError(f"chat {chat_id} is open read-only here; not saved")
         t0, written = time.perf_counter(), written_bytes()
+        chain = self._chains.pop(chat_id, None)  # until this save succeeds, the next one writes a new base
         try:
             row = self.db.row(chat_id)
             if row is None:
                 raise SaveError(f"chat {chat_id} was deleted; not saved")
             snap = Snapshot.of(state, loads(row["settings"]), row["gen"] + 1)
-            private_dir(self.root / "state")
-            write_state(self.state_path(chat_id), snap, tensors)
-            fault("state-renamed")
-            self.db.write(chat_id, snap, loads(row["cache_meta"]), row["n_tokens"])
+            if chain is not None and chain.snap.gen != row["gen"]:
+                chain = None
+            new = self._write(chat_id, chain, snap, tensors)
+            keep = unchanged(chain.snap.messages, snap.messages) if chain is not None else 0
+            self.db.write(chat_id, snap, loads(row["cache_meta"]), row["n_tokens"], keep)
+            self._chains[chat_id] = new
             after = written_bytes()
             self.last_save = {"seconds": time.perf_counter() - t0,
-                              "bytes": after - written if after is not None and written is not None else None}
+                              "bytes": after - written if after is not None and written is not None else None,
+                              "kind": "segment" if new.segments else "base",
+                              "tokens": len(snap.tokens) - (len(chain.snap.tokens) if chain else 0)}
         except SaveError:
             raise
         except (OSError, sqlite3.Error) as exc:
@@ -175,6 +206,8 @@ class Store:
         self.db.delete(chat_id)
         with suppress(FileNotFoundError):
             self.state_path(chat_id).unlink()
+        self._prune(chat_id)
+        self._chains.pop(chat_id, None)
         self.locks.remove(chat_id)
 
     # -- reading -------------------------------------------------------------------------------
@@ -208,22 +241,23 @@ class Store:
             raise SinkchatError(f"no chat {chat_id} in {self.root} (see `sinkchat chats list`)")
         return row
 
-    def _best(self, chat_id: int, tensors_too: bool) -> tuple[Snapshot, dict | None, str | None, bool]:
+    def _best(self, chat_id: int, tensors_too: bool) -> tuple[Snapshot, dict | None, str | None, bool, Chain | None]:
         """The newest intact copy of a chat: (snapshot, KV tensors or None, what was wrong with
-        the other copy, whether the database rows are behind and need repairing from the state file)."""
-        self._row(chat_id)
+        the other copy, whether the database rows are behind and need repairing from the state
+        files, the state files' chain when the snapshot is theirs)."""
+        row = self._row(chat_id)
         db_snap, db_why = self.db.snapshot(chat_id)
         if db_snap is not None and (problem := state_problem(db_snap)):
             db_snap, db_why = None, f"the database rows are damaged ({problem})"
-        tensors = None
+        tensors = chain = None
         try:
-            if tensors_too:
-                file_snap, tensors = read_state(self.state_path(chat_id))
-            else:
-                file_snap = read_header(self.state_path(chat_id))
+            chain, tensors = read_chain(self.root / "state", chat_id, tensors_too)
+            file_snap = chain.snap
             if problem := state_problem(file_snap):
                 raise ValueError(f"the state file is damaged ({problem})")
-            file_why = None
+            file_why = chain.problem
+            if db_snap is None and chain.problem and type(row["gen"]) is int and file_snap.gen < row["gen"]:
+                file_snap = None  # the files stop before the rows' save: using them would lose turns
         except (ValueError, OSError) as exc:
             file_snap, tensors, file_why = None, None, reason(exc)
         if db_snap is None and file_snap is None:
@@ -231,18 +265,20 @@ class Store:
                 f"chat {chat_id} cannot be opened: {db_why}, and {file_why}; nothing was changed on disk"
             )
         if file_snap is not None and (db_snap is None or file_snap.gen > db_snap.gen):
-            return file_snap, tensors, db_why or "the last save was interrupted before the database was updated", True
+            why = db_why or "the last save was interrupted before the database was updated"
+            return file_snap, tensors, why, True, chain
         if file_snap is not None and file_snap.gen == db_snap.gen:
-            return db_snap, tensors, None, False
-        return db_snap, None, file_why or "the state file is older than the database", False
+            return db_snap, tensors, None, False, chain if chain.tip == db_snap.checksum() else None
+        return db_snap, None, file_why or "the state file is older than the database", False, None
 
     @_disk("read chat {0}")
     def transcript(self, chat_id: int) -> Transcript:
         """A saved chat's text and spans, for show and export (no model, no torch)."""
-        snap, _, why, rows_behind = self._best(chat_id, tensors_too=False)
+        snap, _, why, rows_behind, _ = self._best(chat_id, tensors_too=False)
         notices = [f"chat {chat_id}: {why}; read it from the state file"] if rows_behind else []
         row = self._row(chat_id)
-        return Transcript(chat_id, row["title"], row["created"], row["updated"], snap.settings, snap.meta,
+        return Transcript(chat_id, text_of(row["title"]), time_of(row["created"]), time_of(row["updated"]),
+                          snap.settings, snap.meta,
                           snap.messages, snap.tokens, notices)
 
     @_disk("open chat {0}")
@@ -265,17 +301,21 @@ class Store:
         if not read_only:
             self._sweep(chat_id)
         try:
-            snap, tensors, why, rows_behind = self._best(chat_id, tensors_too=True)
+            snap, tensors, why, rows_behind, chain = self._best(chat_id, tensors_too=True)
             if rows_behind:
                 notices.append(f"chat {chat_id}: {why}; restored them from the state file")
             elif why:
                 notices.append(f"chat {chat_id}: {why}; rebuilt the KV cache from the ledger's sink and window tokens")
-            notices += chat.restore(snap, tensors)
+            restored = chat.restore(snap, tensors)
+            notices += restored
             if rows_behind and not read_only:
                 try:  # repair the rows from the state file, so the next save starts from them
                     self.db.write(chat_id, snap, {}, 0)
                 except (OSError, sqlite3.Error) as exc:
                     notices.append(f"chat {chat_id}: could not repair the database ({exc})")
+                    chain = None
+            if chain is not None and tensors is not None and not restored and not read_only:
+                self._chains[chat_id] = chain  # the cache holds the files' K/V: the next save appends to them
         except BaseException:
             self.unlock(chat_id)
             raise
@@ -308,9 +348,8 @@ class Autosave:
         mark = self._mark(chat)
         if not chat.messages or mark == self.saved or not self.writable or getattr(chat, "busy", False):
             return None  # (a reply still being written is never copied: it is saved once it stops)
-        state, tensors = chat.state()
         self.saved = mark
-        return state, {k: v.clone() for k, v in tensors.items()}
+        return chat.state()  # copies (one memory copy of the held K/V)
 
     def write(self, captured: tuple | None) -> None:
         if captured is None:

@@ -55,6 +55,23 @@ def loads(text) -> dict:
     return value if isinstance(value, dict) else {}
 
 
+def text_of(value) -> str:
+    """A row's text column as text, whatever a damaged row holds (bytes are decoded, replaced)."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    return value if isinstance(value, str) else "" if value is None else str(value)
+
+
+def time_of(value) -> float:
+    """A row's time (seconds since the epoch), or 0 where a damaged row holds no usable time."""
+    return float(value) if isinstance(value, (int, float)) and 0 <= value < 2**35 else 0.0
+
+
+def count_of(value) -> int:
+    """A row's count, or 0 where a damaged row holds none."""
+    return value if isinstance(value, int) and value >= 0 else 0
+
+
 class Database:
     """One connection to ``chats.db``, created 0600 (never through a symlink) and migrated on open."""
 
@@ -136,8 +153,9 @@ class Database:
                     " WHERE m.chat_id=c.id AND m.content LIKE ? ESCAPE '\\')")
             args = (like, like)
         rows = self.db.execute(sql + " ORDER BY c.updated DESC, c.id DESC", args).fetchall()
-        return [ChatInfo(r["id"], r["title"], r["created"], r["updated"], str(loads(r["settings"]).get("model", "?")),
-                         r["n_tokens"], r["n_messages"]) for r in rows]
+        return [ChatInfo(r["id"], text_of(r["title"]), time_of(r["created"]), time_of(r["updated"]),
+                         text_of(loads(r["settings"]).get("model", "?")), count_of(r["n_tokens"]),
+                         count_of(r["n_messages"])) for r in rows]
 
     def rename(self, chat_id: int, title: str) -> None:
         self.db.execute("UPDATE chats SET title=? WHERE id=?", (title, chat_id))
@@ -166,14 +184,16 @@ class Database:
             return None, f"the database rows are damaged ({exc})"
         return None, "the database rows are damaged (checksum mismatch)"
 
-    def write(self, chat_id: int, snap: Snapshot, old_meta: dict, n_old: int) -> None:
-        """Store ``snap`` in one transaction: new ledger rows appended, changed kinds updated,
-        the transcript and the chat row replaced. ``old_meta``/``n_old``: what the rows held before."""
+    def write(self, chat_id: int, snap: Snapshot, old_meta: dict, n_old: int, keep: int = 0) -> None:
+        """Store ``snap`` in one transaction: new ledger rows appended, the kinds of newly evicted
+        tokens updated, messages from ``keep`` on replaced (the ones before are unchanged), the chat
+        row replaced. ``old_meta``/``n_old``/``keep``: what the rows held before. So a save writes
+        rows in proportion to what changed, not to the length of the chat."""
         with self.transaction() as db:
-            self._rows(db, chat_id, snap, old_meta, n_old)
+            self._rows(db, chat_id, snap, old_meta, n_old, keep)
 
     @staticmethod
-    def _rows(db, chat_id: int, snap: Snapshot, old_meta: dict, n_old: int) -> None:
+    def _rows(db, chat_id: int, snap: Snapshot, old_meta: dict, n_old: int, keep: int = 0) -> None:
         meta, toks = snap.meta, snap.tokens
         n_sink, win_start = meta["n_sink"], meta["seen"] - meta["n_win"]
         owner = array("l", [0]) * len(toks)
@@ -184,8 +204,10 @@ class Database:
         same = old_meta.get("seen") is not None and all(
             old_meta.get(k) == meta[k] for k in ("sinks", "window", "n_sink")
         )
-        # rows before the old window's start keep their kind unless the geometry changed
+        # rows before the old window's start keep their kind unless the geometry changed, and so
+        # do rows still in the window: only what was evicted since is updated
         lo = old_meta["seen"] - old_meta["n_win"] if same else 0
+        hi = min(n_old, win_start) if same else n_old
         db.execute("DELETE FROM tokens WHERE chat_id=? AND pos>=?", (chat_id, n_old))
         db.executemany(
             "INSERT INTO tokens VALUES (?, ?, ?, ?, ?)",
@@ -194,13 +216,14 @@ class Database:
         fault("db-mid")
         db.execute(
             "UPDATE tokens SET kind = CASE WHEN pos < ? THEN 's' WHEN pos < ? THEN 'e' ELSE 'w' END"
-            " WHERE chat_id=? AND pos>=? AND pos<?", (n_sink, win_start, chat_id, lo, n_old),
+            " WHERE chat_id=? AND pos>=? AND pos<?", (n_sink, win_start, chat_id, lo, hi),
         )
-        db.execute("DELETE FROM messages WHERE chat_id=?", (chat_id,))
+        db.execute("DELETE FROM messages WHERE chat_id=? AND idx>=?", (chat_id, keep))
         db.executemany(
             "INSERT INTO messages (chat_id, idx, role, content, first_tok, end_tok, note)"
             " VALUES (?, ?, ?, ?, ?, ?, ?)",
-            ((chat_id, i, m.role, m.content, m.start, m.end, m.note) for i, m in enumerate(snap.messages)),
+            ((chat_id, i, m.role, m.content, m.start, m.end, m.note)
+             for i, m in enumerate(snap.messages[keep:], start=keep)),
         )
         db.execute(
             "UPDATE chats SET updated=?, settings=?, fingerprint=?, cache_meta=?, n_tokens=?, gen=?, checksum=?"

@@ -1,22 +1,47 @@
-"""The state file ``state/<id>.safetensors``: a chat's held K/V, its ledger and a JSON header.
+"""A chat's K/V state on disk: a base file and append-only segments, so a save writes what changed.
 
-safetensors, never pickle: loading a file cannot run code. The header carries the snapshot
-(settings, fingerprint, cache counters, messages, save generation) and two sha256 checksums, one
-over the snapshot and ledger (:meth:`Snapshot.checksum`, the same one the database rows carry) and
-one over every tensor's bytes, so truncation or a flipped bit is detected, never used.
+Layout, in ``state/``::
 
-:func:`read_header` reads only the header and the ledger (numpy, no torch), for ``chats show``.
+    <id>.safetensors          the base: every held K/V slot (sinks + window), the sinks' pristine
+                              float32 keys, the whole ledger and the snapshot, at save generation b
+    <id>.<g>.safetensors      segment g (b < g): the K/V of the tokens added since save g-1 that the
+                              window still holds, the ledger tokens and messages added since then,
+                              the cache counters, and the sinks' current keys if an eviction moved them
+
+Why: a window token's K/V never changes while it is held (evictions move it between slots, the
+sinks are what get re-rotated, see :mod:`sinkchat.cache`), so the tokens a turn added are all a save
+has to write. Restoring is the base plus each segment in order, then the window's last ``n_win``
+tokens are kept (what an eviction dropped is simply not taken). Evicted tokens stay in the files as
+garbage, so the store writes a new base (compaction) when the files hold more than two windows of
+tokens, after :data:`MAX_SEGMENTS` segments, and when the segments cannot describe the change (a
+rebase re-rotated every key, the geometry or the model changed, the ledger is not an extension):
+then the older files are removed. Writes stay proportional to the new tokens on average, and the
+files stay bounded by about two full states.
+
+Every file is written atomically (temp, fsync, rename) and carries sha256 checksums over its
+tensors and over the whole snapshot it completes (:meth:`Snapshot.checksum`, the one the database
+rows carry), plus the checksum of the file it extends. A segment that is damaged, a link, or does
+not extend the files before it ends the chain there: the files before it still restore an older
+save, and the store says which file was wrong. Files from before segments existed are bases.
+
+safetensors, never pickle: loading a file cannot run code. :func:`read_chain` with
+``tensors=False`` reads only headers and ledgers (numpy, no torch), for ``chats show``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..files import write_atomic
 from ..ledger import Message
 from .records import FORMAT, Snapshot
+
+MAX_SEGMENTS = 256  # a new base after this many segments, however short the turns
+_LAYER = re.compile(r"(\d+)\.(k|v|sink|sk)")
 
 
 def tensor_sum(tensors: dict) -> str:
@@ -32,61 +57,216 @@ def tensor_sum(tensors: dict) -> str:
     return digest.hexdigest()
 
 
-def write_state(path: Path, snap: Snapshot, tensors: dict) -> None:
-    """Atomically replace ``path`` (temp file, fsync, rename, fsync of the directory); ``OSError`` on failure."""
-    import torch
+def base_path(state_dir: Path, chat_id: int) -> Path:
+    return state_dir / f"{chat_id}.safetensors"
+
+
+def segment_path(state_dir: Path, chat_id: int, gen: int) -> Path:
+    return state_dir / f"{chat_id}.{gen}.safetensors"
+
+
+def segment_paths(state_dir: Path, chat_id: int) -> list[Path]:
+    """Every segment file of the chat on disk (links and stale ones too: for removal)."""
+    name = re.compile(rf"{chat_id}\.\d+\.safetensors")
+    return [p for p in state_dir.glob(f"{chat_id}.*.safetensors") if name.fullmatch(p.name)]
+
+
+@dataclass
+class Chain:
+    """What the files of one chat hold: the snapshot they complete, the checksum of the last file,
+    the K/V layout, how many window tokens are stored, how many segments; ``problem`` says why a
+    later segment was not used (None if none was found wrong)."""
+
+    snap: Snapshot
+    tip: str
+    layout: dict
+    stored: int
+    segments: int = 0
+    problem: str | None = None
+
+    def extends(self, snap: Snapshot, tensors: dict) -> str | None:
+        """Why ``snap`` (with ``tensors``) cannot be written as a segment after this chain, or None."""
+        old, new = self.snap.meta, snap.meta
+        if any(old.get(k) != new.get(k) for k in ("sinks", "window", "n_sink", "base")):
+            return "the cache geometry changed or a rebase re-rotated the keys"
+        if self.snap.fingerprint != snap.fingerprint or layout(tensors) != self.layout:
+            return "the model or the K/V layout changed"
+        n = len(self.snap.tokens)
+        if len(snap.tokens) < n or snap.tokens[:n] != self.snap.tokens:
+            return "the ledger is not an extension of the saved one"
+        if self.stored + new["seen"] - n > 2 * new["window"] or self.segments >= MAX_SEGMENTS:
+            return "the files hold enough evicted tokens to be worth compacting"
+        return None
+
+
+def unchanged(old: list[Message], new: list[Message]) -> int:
+    """How many leading messages ``new`` shares with ``old`` (the ones a save need not write again)."""
+    same = (i for i, (a, b) in enumerate(zip(old, new)) if a.row() != b.row())
+    return next(same, min(len(old), len(new)))
+
+
+def layout(tensors: dict) -> dict:
+    """Each K/V tensor's dtype and shape apart from the token axis (what a segment must match)."""
+    return {k: (str(t.dtype), tuple(t.shape[:-2]), t.shape[-1]) for k, t in tensors.items() if k[-2:] in (".k", ".v")}
+
+
+def _save(path: Path, tensors: dict, header: dict, fault_point: str) -> None:
     from safetensors.torch import save
 
+    header = {**header, "tensor_sum": tensor_sum(tensors)}
+    write_atomic(path, save(tensors, metadata={"sinkchat": json.dumps(header)}), fault_point=fault_point)
+
+
+def write_state(path: Path, snap: Snapshot, tensors: dict) -> Chain:
+    """Atomically replace the base ``path``; ``OSError`` on failure. Returns the chain it starts."""
+    import torch
+
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    kv = layout(tensors)
     tensors["ledger"] = torch.tensor(snap.tokens, dtype=torch.int64)
-    header = {**snap.header(), "ledger_sum": snap.checksum(), "tensor_sum": tensor_sum(tensors)}
-    data = save(tensors, metadata={"sinkchat": json.dumps(header)})
-    write_atomic(path, data, fault_point="state-temp")
+    _save(path, tensors, {**snap.header(), "ledger_sum": snap.checksum()}, "state-temp")
+    return Chain(snap, snap.checksum(), kv, snap.meta.get("n_win", 0))
 
 
-def _read(path: Path, framework: str, only: str | None = None) -> tuple[dict, dict]:
+def write_segment(path: Path, chain: Chain, snap: Snapshot, tensors: dict) -> Chain:
+    """Atomically write segment ``path`` holding what ``snap`` adds to ``chain`` (whose
+    :meth:`Chain.extends` said yes); ``OSError`` on failure. Returns the longer chain."""
+    import torch
+
+    meta, old = snap.meta, chain.snap
+    n_old, n_sink, win_start = len(old.tokens), meta["n_sink"], meta["seen"] - meta["n_win"]
+    first = max(n_old, win_start)  # new tokens an eviction already dropped are not written
+    slot = n_sink + first - win_start
+    moved = win_start != old.meta["seen"] - old.meta["n_win"]  # an eviction re-rotated the sinks
+    out = {}
+    for name, t in tensors.items():
+        if name.endswith((".k", ".v")):
+            out[name] = t[:, :, slot:].detach().cpu().contiguous()
+            if moved and name.endswith(".k"):
+                out[name[:-1] + "sk"] = t[:, :, :n_sink].detach().cpu().contiguous()
+    out["ledger"] = torch.tensor(snap.tokens[n_old:], dtype=torch.int64)
+    rows, keep = [m.row() for m in snap.messages], unchanged(old.messages, snap.messages)
+    header = {**snap.header(), "messages": rows[keep:], "segment": {"prev": chain.tip, "n_prev": n_old,
+              "keep": keep, "first": first}, "ledger_sum": snap.checksum()}
+    _save(path, out, header, "segment-temp")
+    return Chain(snap, snap.checksum(), chain.layout, chain.stored + meta["seen"] - first, chain.segments + 1)
+
+
+def _read(path: Path, framework: str, what: str, only: str | None = None) -> tuple[dict, dict]:
     """The header and the tensors (all, or just ``only``) of a state file; ``ValueError`` if unreadable."""
     from safetensors import safe_open
 
     if path.is_symlink():
-        raise ValueError("the state file is a symbolic link; sinkchat does not follow links")
+        raise ValueError(f"{what} is a symbolic link; sinkchat does not follow links")
+    if path.exists() and not path.is_file():
+        raise ValueError(f"{what} is not a regular file")
     if not path.is_file():
-        raise ValueError("the state file is missing")
+        raise ValueError(f"{what} is missing")
     try:
         with safe_open(str(path), framework=framework) as f:
             header = json.loads((f.metadata() or {})["sinkchat"])
             tensors = {k: f.get_tensor(k) for k in f.keys() if only is None or k == only}
     except Exception as exc:  # safetensors reports truncation and bad headers in many ways
         why = (str(exc).splitlines() or [type(exc).__name__])[0][:80]
-        raise ValueError(f"the state file is damaged ({why})") from None
+        raise ValueError(f"{what} is damaged ({why})") from None
     if not isinstance(header, dict) or "ledger" not in tensors:
-        raise ValueError("the state file is damaged (no sinkchat header or ledger)")
+        raise ValueError(f"{what} is damaged (no sinkchat header or ledger)")
+    if only is None and tensor_sum(tensors) != header.get("tensor_sum"):
+        raise ValueError(f"{what} is damaged (checksum mismatch)")
     return header, tensors
 
 
-def _snapshot(header: dict, ledger: list[int]) -> Snapshot:
+def _snapshot(header: dict, ledger: list[int], what: str, messages: list | None = None) -> Snapshot:
     if header.get("format") != FORMAT:
-        raise ValueError("the state file has an unknown format")
+        raise ValueError(f"{what} has an unknown format")
     try:
-        snap = Snapshot(ledger, [Message(*m) for m in header["messages"]], header["meta"],
-                        header["fingerprint"], header["settings"], header["gen"])
+        rows = [Message(*m) for m in header["messages"]]
+        snap = Snapshot(ledger, (messages or []) + rows, header["meta"], header["fingerprint"],
+                        header["settings"], header["gen"])
     except (KeyError, TypeError) as exc:
-        raise ValueError(f"the state file's header is damaged ({exc})") from None
+        raise ValueError(f"{what}'s header is damaged ({exc})") from None
     if snap.checksum() != header.get("ledger_sum"):
-        raise ValueError("the state file is damaged (ledger checksum mismatch)")
+        raise ValueError(f"{what} is damaged (ledger checksum mismatch)")
     return snap
 
 
-def read_state(path: Path) -> tuple[Snapshot, dict]:
-    """The snapshot and K/V tensors of a state file; ``ValueError`` saying why if it is unusable."""
-    header, tensors = _read(path, "pt")
-    if tensor_sum(tensors) != header.get("tensor_sum"):
-        raise ValueError("the state file is damaged (checksum mismatch)")
-    ledger = tensors.pop("ledger")
-    return _snapshot(header, ledger.tolist()), tensors
+def _layers(tensors: dict) -> dict:
+    """``{layer: {"k": ..., "v": ..., ...}}`` from names like ``3.k``."""
+    out: dict = {}
+    for name, t in tensors.items():
+        if m := _LAYER.fullmatch(name):
+            out.setdefault(int(m[1]), {})[m[2]] = t
+    return out
 
 
-def read_header(path: Path) -> Snapshot:
-    """The snapshot alone (header and ledger, checked), without torch; ``ValueError`` if unusable."""
-    header, tensors = _read(path, "numpy", only="ledger")
-    return _snapshot(header, tensors["ledger"].tolist())
+def read_chain(state_dir: Path, chat_id: int, tensors: bool = True) -> tuple[Chain, dict | None]:
+    """The chat's base and every segment that extends it, as a chain and (with ``tensors``) the K/V
+    for :meth:`SinkCache.load_state`; ``ValueError`` saying why if the base is unusable."""
+    framework, only = ("pt", None) if tensors else ("numpy", "ledger")
+    header, data = _read(base_path(state_dir, chat_id), framework, "the state file", only)
+    snap = _snapshot(header, data.pop("ledger").tolist(), "the state file")
+    n_sink = snap.meta.get("n_sink", 0) if snap.tokens else 0
+    layers = _layers(data)
+    chain = Chain(snap, header["ledger_sum"], layout(data), snap.meta.get("n_win", 0))
+    start = snap.meta["seen"] - snap.meta["n_win"] if snap.tokens else 0
+    for parts in layers.values():  # sinks, and the window as (first conversation token, K, V) pieces
+        parts["pieces"] = [(start, parts["k"][:, :, n_sink:], parts["v"][:, :, n_sink:])]
+    while True:
+        gen = chain.snap.gen + 1
+        path, what = segment_path(state_dir, chat_id, gen), f"the state segment {chat_id}.{gen}.safetensors"
+        if not path.exists() and not path.is_symlink():
+            break
+        try:
+            header, data = _read(path, framework, what, only)
+            seg, old = header.get("segment"), chain.snap
+            if not isinstance(seg, dict) or seg.get("prev") != chain.tip:
+                raise ValueError(f"{what} does not extend the files before it")
+            if seg.get("n_prev") != len(old.tokens) or not 0 <= seg.get("keep", -1) <= len(old.messages):
+                raise ValueError(f"{what} is damaged (counters out of range)")
+            ledger = old.tokens + data.pop("ledger").tolist()
+            snap = _snapshot(header, ledger, what, old.messages[: seg["keep"]])
+            if (snap.gen != gen or any(old.meta.get(k) != snap.meta.get(k) for k in ("sinks", "window", "n_sink"))
+                    or seg.get("first") != max(len(old.tokens), snap.meta["seen"] - snap.meta["n_win"])):
+                raise ValueError(f"{what} is damaged (it does not fit the base)")
+            new = _layers(data)
+            if tensors and (set(new) != set(layers) or not all({"k", "v"} <= set(p) for p in new.values())):
+                raise ValueError(f"{what} is damaged (layers missing)")
+        except (ValueError, TypeError, KeyError) as exc:
+            chain.problem = str(exc) if isinstance(exc, ValueError) else f"{what} is damaged ({exc!r})"
+            break
+        for i, parts in new.items():
+            parts_old = layers[i]
+            parts_old["pieces"].append((seg["first"], parts["k"], parts["v"]))
+            if "sk" in parts:
+                parts_old["sk"] = parts["sk"]
+        chain = Chain(snap, header["ledger_sum"], chain.layout, chain.stored + snap.meta["seen"] - seg["first"],
+                      chain.segments + 1)
+    return chain, (_assemble(chain.snap.meta, n_sink, layers) if tensors and chain.snap.tokens else None)
+
+
+def _assemble(meta: dict, n_sink: int, layers: dict) -> dict:
+    """The held K/V: the sinks, then the last ``n_win`` tokens of the window pieces laid end to end
+    (a piece that starts after a gap follows an eviction of everything before it)."""
+    import torch
+
+    seen, n_win = meta["seen"], meta["n_win"]
+    out = {}
+    for i, parts in sorted(layers.items()):
+        begin, ks, vs = None, [], []
+        for first, k, v in parts["pieces"]:
+            end = begin + sum(x.shape[-2] for x in ks) if begin is not None else None
+            if end is None or first > end:
+                begin, ks, vs = first, [], []
+            elif first < end:
+                raise ValueError("the state segments overlap")
+            ks.append(k)
+            vs.append(v)
+        k, v = torch.cat(ks, dim=-2), torch.cat(vs, dim=-2)
+        if begin + k.shape[-2] != seen or begin > seen - n_win:
+            raise ValueError("the state files do not hold the window")
+        cut = k.shape[-2] - n_win
+        sinks_k = parts.get("sk", parts["k"][:, :, :n_sink])
+        out[f"{i}.k"] = torch.cat([sinks_k, k[:, :, cut:]], dim=-2)
+        out[f"{i}.v"] = torch.cat([parts["v"][:, :, :n_sink], v[:, :, cut:]], dim=-2)
+        out[f"{i}.sink"] = parts["sink"]
+    return out

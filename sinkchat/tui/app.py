@@ -321,4 +321,7 @@ def run(settings: Settings, store: Store | None, resume_id: int | None = None, n
         print(f"sinkchat: {note}", file=sys.stderr)
     if app.load_error:
         raise LoadFailed(app.load_error)
+    if app.return_code:  # an unexpected error ended the app (Textual printed its traceback)
+        saved = f"; resume the saved chat with: sinkchat --resume {app.chat_id}" if save and app.chat_id else ""
+        raise LoadFailed(f"the chat screen stopped on an unexpected error{saved}")
     return app.chat_id if save else None

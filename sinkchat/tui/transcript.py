@@ -24,10 +24,9 @@ from textual.reactive import reactive
 from textual.widget import Widget
 from textual.widgets import Markdown, Static
 
-from ..ledger import ROLE_NAME, Memory, Message, Span, forgotten_count, memory
+from ..ledger import NOTE_LABEL, ROLE_NAME, Memory, Message, Span, forgotten_count, memory
 from ..text import clean
 
-NOTE_LABEL = {"stopped": "stopped", "length": "max tokens", "error": "error", "queued": "queued"}
 KeptFrom = Callable[[Message, int], "tuple[str, int] | None"]
 
 
