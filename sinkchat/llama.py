@@ -89,7 +89,7 @@ class FastLlama:
         self.notice: str | None = None  # why compiling failed, for the user
 
     @classmethod
-    def build(cls, model, int4: bool) -> "FastLlama":
+    def build(cls, model, int4: bool, packs=None) -> "FastLlama":
         """Fuse each layer's q/k/v and gate/up (quantizing to 4 bits with ``int4``), point the model's
         own modules at row slices of the fused ones, and return the fast forward over them. With
         ``int4`` the output head becomes a float16 copy and every projection an
@@ -97,13 +97,13 @@ class FastLlama:
         from .quant import HalfLinear
 
         layers = []
-        for block in model.model.layers:
+        for i, block in enumerate(model.model.layers):
             attn, mlp = block.self_attn, block.mlp
-            qkv = _fuse(attn, ("q_proj", "k_proj", "v_proj"), int4)
-            gate_up = _fuse(mlp, ("gate_proj", "up_proj"), int4)
+            qkv = _fuse(attn, ("q_proj", "k_proj", "v_proj"), int4, packs, f"{i}.qkv")
+            gate_up = _fuse(mlp, ("gate_proj", "up_proj"), int4, packs, f"{i}.gate_up")
             o, down = attn.o_proj, mlp.down_proj
             if int4:
-                o, down = (_int4(m) for m in (o, down))
+                o, down = _int4(o, packs, f"{i}.o"), _int4(down, packs, f"{i}.down")
                 attn.o_proj, mlp.down_proj = o, down
             layers.append(Layer(block.input_layernorm.weight, qkv, o, block.post_attention_layernorm.weight,
                                 gate_up, down))
@@ -227,13 +227,13 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
 
 
-def _int4(module: nn.Module) -> nn.Module:
+def _int4(module: nn.Module, packs, key: str) -> nn.Module:
     if isinstance(module, Int4Linear) or not int4_fits(module.out_features, module.in_features):
         return module
-    return Int4Linear.from_weight(module.weight, module.bias)
+    return Int4Linear.from_weight(module.weight, module.bias, packs, key)
 
 
-def _fuse(parent: nn.Module, names: tuple[str, ...], int4: bool) -> nn.Module:
+def _fuse(parent: nn.Module, names: tuple[str, ...], int4: bool, packs=None, key: str = "") -> nn.Module:
     """One linear for ``parent``'s ``names`` (same input), whose row slices replace them in ``parent``."""
     parts = [getattr(parent, name) for name in names]
     weight = torch.cat([p.weight.detach() for p in parts])
@@ -242,7 +242,7 @@ def _fuse(parent: nn.Module, names: tuple[str, ...], int4: bool) -> nn.Module:
         [b.detach() if b is not None else weight.new_zeros(p.out_features) for b, p in zip(biases, parts)])
     sizes = [p.out_features for p in parts]
     if int4 and all(int4_fits(s, weight.shape[1]) for s in sizes):
-        fused = Int4Linear.from_weight(weight, bias)
+        fused = Int4Linear.from_weight(weight, bias, packs, key)
         slices = [fused.rows(a, a + s) for a, s in zip(_starts(sizes), sizes)]
     else:
         fused = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")

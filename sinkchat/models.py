@@ -354,12 +354,12 @@ def load(
     if getattr(tokenizer, "chat_template", None) is None:
         raise SinkchatError(f"{name} has no chat template; sinkchat needs an instruction-tuned chat model")
     loaded = LoadedModel(model, tokenizer, source, quant, device, compute)
-    prepare(loaded, kv_dtype, compile)
+    prepare(loaded, kv_dtype, compile, folder)
     loaded.fingerprint = fingerprint(loaded, folder)
     return loaded
 
 
-def prepare(loaded: LoadedModel, kv_dtype: str = "auto", compile: str = "auto") -> None:
+def prepare(loaded: LoadedModel, kv_dtype: str = "auto", compile: str = "auto", folder: str | None = None) -> None:
     """Pick the kernels, the fast path and the KV dtype for a freshly loaded model.
 
     On the CPU, ``4bit`` means PyTorch's packed int4 kernel (bitsandbytes' CPU path is 12x slower
@@ -373,10 +373,12 @@ def prepare(loaded: LoadedModel, kv_dtype: str = "auto", compile: str = "auto") 
     model = loaded.model
     if loaded.quant == "4bit" and loaded.device == "cpu":
         loaded.weights = "int4pack-g32"
+        packs = quant.Packs(_packs_path(folder))
         if llama.supported(model):
-            loaded.fast = llama.FastLlama.build(model, int4=True)
+            loaded.fast = llama.FastLlama.build(model, int4=True, packs=packs)
         else:
-            quant.int4_modules(model)
+            quant.int4_modules(model, packs)
+        packs.save()
     else:
         loaded.weights = {"4bit": "bnb-nf4", "8bit": "bnb-int8"}.get(loaded.quant, "dense")
         if loaded.device == "cpu" and loaded.dtype == torch.float32 and llama.supported(model):
@@ -390,6 +392,16 @@ def prepare(loaded: LoadedModel, kv_dtype: str = "auto", compile: str = "auto") 
     loaded.kv_dtype = pick_kv_dtype(loaded) if kv_dtype == "auto" else getattr(torch, kv_dtype)
     model.sinkchat_kv_dtype = loaded.kv_dtype
     model.sinkchat_fast = loaded.fast
+
+
+def _packs_path(folder: str | None) -> Path | None:
+    """Where the packed 4-bit weights of the model in ``folder`` are kept (:class:`~sinkchat.quant.Packs`)."""
+    if folder is None:
+        return None
+    from .quant import Packs
+
+    files = [p for p in Path(folder).iterdir() if p.suffix in (".safetensors", ".bin")]
+    return _config.cache_dir() / "packed" / f"{Packs.key(files)}.safetensors"
 
 
 def pick_kv_dtype(loaded: LoadedModel) -> torch.dtype:

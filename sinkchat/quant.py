@@ -25,6 +25,8 @@ relative); a 4-bit head moves logits by 13%.
 from __future__ import annotations
 
 import functools
+import hashlib
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -94,8 +96,10 @@ class Int4Linear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().float(), persistent=False)
 
     @classmethod
-    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> "Int4Linear":
-        packed, scales = quantize_int4(weight)
+    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                    packs: "Packs | None" = None, name: str = "") -> "Int4Linear":
+        """Quantize ``weight`` ``[N, K]``, or take its packed form from ``packs`` (saved by an earlier start)."""
+        packed, scales = packs.get(name, weight) if packs is not None else quantize_int4(weight)
         return cls(packed, scales, bias, weight.shape[1])
 
     def rows(self, start: int, end: int) -> "Int4Linear":
@@ -124,6 +128,60 @@ class Int4Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int4 g{GROUP}"
 
 
+class Packs:
+    """One model's packed 4-bit weights, kept in a safetensors file so that later starts skip
+    quantizing (most of the CPU load time after the weights are read).
+
+    The file is named by the weights it came from and by what decides the packed layout (PyTorch's
+    version, the CPU's kernel flavour, :func:`packed_block`), so any change makes a new file. A file
+    that cannot be read is ignored, and one that cannot be written only costs the next start its time.
+    """
+
+    VERSION = 1
+
+    def __init__(self, path: Path | None):
+        self.path, self.found, self.new = path, {}, {}
+        if path is not None and path.is_file() and not path.is_symlink():
+            try:
+                from safetensors.torch import load_file
+
+                self.found = load_file(path)
+            except Exception:  # damaged or foreign: quantize again and overwrite it
+                self.found = {}
+
+    @staticmethod
+    def key(files: list[Path]) -> str:
+        """What names the file: the weight files (path, size, time), torch and the packed layout."""
+        digest = hashlib.sha256(f"v{Packs.VERSION}|{torch.__version__}|{packed_block()}|"
+                                f"{torch.backends.cpu.get_cpu_capability()}".encode())
+        for f in sorted(files):
+            st = f.stat()
+            digest.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
+        return digest.hexdigest()[:24]
+
+    def get(self, name: str, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n, k = weight.shape
+        packed, scales = self.found.get(f"{name}.packed"), self.found.get(f"{name}.scales")
+        if packed is None or scales is None or packed.shape != (n, k // 2) or scales.shape != (k // GROUP, n, 2):
+            packed, scales = quantize_int4(weight)
+            self.new[f"{name}.packed"], self.new[f"{name}.scales"] = packed, scales
+        return packed, scales
+
+    def save(self) -> None:
+        """Write the file if anything was quantized in this start (atomically; failures are silent)."""
+        if not self.new or self.path is None:
+            return
+        from safetensors.torch import save
+
+        from .files import write_atomic
+
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(self.path, save({**self.found, **self.new}))
+        except OSError:
+            pass
+
+
 class HalfLinear(nn.Module):
     """A float16 copy of a (bias-free) linear layer, float32 in and out: the output head."""
 
@@ -136,17 +194,18 @@ class HalfLinear(nn.Module):
         return F.linear(x.to(torch.float16), self.weight).to(x.dtype)
 
 
-def int4_modules(model) -> int:
+def int4_modules(model, packs: Packs | None = None) -> int:
     """Replace every ``nn.Linear`` of ``model``'s decoder layers that fits the kernel by an
     :class:`Int4Linear` (any architecture: the transformers path on the CPU), and a bias-free output
     head by a :class:`HalfLinear` (the input embeddings keep their own table). Returns how many
     linears were replaced."""
     count = 0
-    for layer in decoder_layers(model):
-        for parent in list(layer.modules()):
+    for i, layer in enumerate(decoder_layers(model)):
+        for path, parent in list(layer.named_modules()):
             for name, child in list(parent.named_children()):
                 if type(child) is nn.Linear and int4_fits(child.out_features, child.in_features):
-                    setattr(parent, name, Int4Linear.from_weight(child.weight, child.bias))
+                    key = ".".join(filter(None, (str(i), path, name)))
+                    setattr(parent, name, Int4Linear.from_weight(child.weight, child.bias, packs, key))
                     count += 1
     head = model.get_output_embeddings()
     if type(head) is nn.Linear and head.bias is None:

@@ -190,3 +190,26 @@ def test_a_failed_compile_falls_back_to_eager_with_one_notice(tiny_models):
     assert loaded.take_notices() == ["torch.compile failed (RuntimeError); decoding eagerly"]
     assert loaded.take_notices() == []
     assert max(((a - b).abs().max() / a.abs().max()).item() for a, b in zip(eager, steps)) < SAME_F32
+
+
+def test_packed_weights_are_kept_for_the_next_start(tiny_models, tmp_path, monkeypatch):
+    """The first 4-bit load quantizes and keeps the packed weights; the next one reads them (same
+    logits); a damaged file is quantized again and replaced, never trusted."""
+    monkeypatch.setenv("SINKCHAT_CACHE_DIR", str(tmp_path / "cache"))
+    folder = str(tiny_models["mistral"])
+    ids = [1, 2, 3, 4, 5, 6]
+
+    def logits():
+        loaded = models.load(folder, quant="4bit", device="cpu")
+        cache = SinkCache.for_model(loaded.model, 4, 32)
+        with torch.inference_mode():
+            positions, _ = cache.reserve(len(ids))
+            return models.forward(loaded.model, cache, ids, positions, keep=0)
+
+    first = logits()
+    (kept,) = (tmp_path / "cache" / "packed").iterdir()
+    stamp = kept.stat().st_mtime_ns
+    assert torch.equal(logits(), first) and kept.stat().st_mtime_ns == stamp  # read, not rewritten
+    kept.write_bytes(b"not a safetensors file")
+    assert torch.equal(logits(), first)
+    assert kept.read_bytes() != b"not a safetensors file"
