@@ -72,23 +72,33 @@ class SinkLayer(CacheLayerMixin):
     is_sliding = False
     is_compileable = False
 
-    def __init__(self, capacity: int, sink_capacity: int, inv_freq: torch.Tensor):
+    def __init__(self, capacity: int, sink_capacity: int, inv_freq: torch.Tensor, dtype: torch.dtype | None = None):
         super().__init__()
         self.capacity = capacity
         self.sink_capacity = sink_capacity
         self.inv_freq = inv_freq
+        self.kv_dtype = dtype  # the buffers' dtype; None: the first keys' own (the model's compute dtype)
         self.length = 0
         self.sink_orig: torch.Tensor | None = None  # float32 keys of the sinks as first computed
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         b, h, _, d = key_states.shape
-        self.dtype, self.device = key_states.dtype, key_states.device
-        self.keys = key_states.new_zeros((b, h, self.capacity, d))
-        self.values = value_states.new_zeros((b, h, self.capacity, value_states.shape[-1]))
+        self.dtype, self.device = self.kv_dtype or key_states.dtype, key_states.device
+        self.keys = key_states.new_zeros((b, h, self.capacity, d), dtype=self.dtype)
+        self.values = value_states.new_zeros((b, h, self.capacity, value_states.shape[-1]), dtype=self.dtype)
         self.sink_orig = key_states.new_zeros((b, h, self.sink_capacity, d), dtype=torch.float32)
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """transformers' side: :meth:`write`, then the held K/V in the model's compute dtype (no copy when
+        the cache holds that dtype, the default)."""
+        keys, values = self.write(key_states, value_states)
+        return keys.to(key_states.dtype), values.to(value_states.dtype)
+
+    def write(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append ``[b, h, n, d]`` keys and values (RoPE already applied) after the held tokens; return
+        views of everything held, ``[b, h, length, d]`` in the cache's dtype. The first ``sink_capacity``
+        keys are also kept in float32 as computed (before any rounding to the cache's dtype)."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         n = key_states.shape[-2]
@@ -154,13 +164,15 @@ class SinkCache(Cache):
         window: int,
         block: int | None = None,
         max_positions: int | None = None,
+        dtype: torch.dtype | None = None,
     ):
         if sinks < 0 or window < 1 or (max_positions is not None and sinks + window > max_positions):
             raise ValueError(f"no cache of {sinks} sinks + {window} window fits {max_positions} positions")
         self.sinks, self.window = sinks, window
+        self.dtype = dtype  # of the K/V buffers; None: the model's compute dtype
         self.block = min(window, block or default_block(window))
         self.max_positions = max_positions
-        super().__init__(layers=[SinkLayer(sinks + window, sinks, f) for f in inv_freqs])
+        super().__init__(layers=[SinkLayer(sinks + window, sinks, f, dtype) for f in inv_freqs])
         self.n_sink = 0  # tokens in the sink region
         self.n_win = 0  # tokens in the window
         self.seen = 0  # tokens that entered the cache since the start of the stream
@@ -170,9 +182,12 @@ class SinkCache(Cache):
         self.upkeep_s = 0.0  # wall time spent evicting and re-rotating (read by `sinkchat bench speed`)
 
     @classmethod
-    def for_model(cls, model, sinks: int, window: int, block: int | None = None) -> "SinkCache":
-        """A cache wired to ``model``'s own rotary embedding, per layer where layer types differ."""
-        return cls(rope_inv_freqs(model), sinks, window, block, max_positions(model.config))
+    def for_model(cls, model, sinks: int, window: int, block: int | None = None,
+                  dtype: torch.dtype | None = None) -> "SinkCache":
+        """A cache wired to ``model``'s own rotary embedding, per layer where layer types differ, holding
+        K/V in ``dtype`` (default: what the loader chose, ``model.sinkchat_kv_dtype``, else the compute dtype)."""
+        dtype = dtype or getattr(model, "sinkchat_kv_dtype", None)
+        return cls(rope_inv_freqs(model), sinks, window, block, max_positions(model.config), dtype)
 
     # -- the engine's side ---------------------------------------------------------------------
 
@@ -309,7 +324,8 @@ class SinkCache(Cache):
             if k.shape[-2] != held or v.shape[-2] != held:
                 raise ValueError(f"layer {i} holds {k.shape[-2]} tokens, expected {held}")
             k, v, s = (t.to(device) if device is not None else t for t in (k, v, s))
-            layer.lazy_initialization(k, v)
+            if not layer.is_initialized:  # buffers stay where they are (a compiled step holds their addresses)
+                layer.lazy_initialization(k, v)
             layer.keys[:, :, :held] = k
             layer.values[:, :, :held] = v
             layer.sink_orig[:, :, : s.shape[-2]] = s.float()

@@ -25,7 +25,7 @@ import torch
 from .cache import SinkCache
 from .errors import SinkchatError
 from .ledger import ChatState, Message, Occupancy, Span
-from .models import LoadedModel, check_context, forward
+from .models import LoadedModel, check_context, forward, kv_dtype
 from .sampling import Sampler
 from .settings import Settings
 from .template import Turns
@@ -84,7 +84,8 @@ class Chat:
             sinks = self.system_tokens
         what = "the system prompt kept whole" if sinks != settings.sinks else "sinks"
         check_context(self.model.config, loaded.name, sinks, settings.window, what)
-        self.cache = SinkCache.for_model(self.model, sinks, settings.window, settings.block)
+        self.cache = SinkCache.for_model(self.model, sinks, settings.window, settings.block,
+                                         dtype=kv_dtype(settings.kv_dtype, loaded))
         self.chunk = prefill_chunk(settings.window)
         self.sampler = Sampler(settings)
         self.stop_ids = stop_token_ids(self.tokenizer, self.model)
@@ -184,6 +185,7 @@ class Chat:
         return {
             **self.loaded.fingerprint,
             "tokenizer": vocab_hash(self.tokenizer),
+            "kv_dtype": str(self.cache.dtype).removeprefix("torch."),
             "sinks": self.cache.sinks,
             "window": self.cache.window,
             "block": self.cache.block,

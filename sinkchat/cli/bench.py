@@ -32,6 +32,7 @@ MODEL = typer.Option(None, "--model", "-m", help=help_for("model"), show_default
 QUANT = typer.Option(None, help=help_for("quant"), show_default=False)
 DEVICE = typer.Option(None, help=help_for("device"), show_default=False)
 DTYPE = typer.Option(None, help=help_for("dtype"), show_default=False)
+KV_DTYPE = typer.Option(None, "--kv-dtype", help=help_for("kv_dtype"), show_default=False)
 SINKS = typer.Option(None, help=help_for("sinks"), show_default=False)
 JSON = typer.Option(False, "--json", help="Print only the results as JSON on stdout.")
 
@@ -115,7 +116,7 @@ def load(s: Settings, quiet: bool, context: bool = True):
     progress = (lambda m: None) if quiet else note
     if context:
         return models.load_for(s, progress=progress)
-    return models.load(s.model, s.quant, s.device, s.dtype, progress=progress)
+    return models.load(s.model, s.quant, s.device, s.dtype, progress=progress, kv_dtype=s.kv_dtype, compile=s.compile)
 
 
 def machine(loaded) -> dict:
@@ -124,6 +125,9 @@ def machine(loaded) -> dict:
     info = {
         "model": loaded.name,
         "quant": loaded.quant,
+        "weights": loaded.weights,
+        "fast_path": loaded.fast is not None,
+        "kv_dtype": str(loaded.kv_dtype).replace("torch.", ""),
         "device": str(loaded.device),
         "dtype": str(loaded.dtype).replace("torch.", ""),
         "cpu": platform.processor() or platform.machine(),
@@ -182,7 +186,7 @@ def ppl(
     stride: int = typer.Option(1, help="Recompute scores every stride-th token only (it is the slow mode)."),
     batch: int = typer.Option(8, help="Recompute contexts per forward pass."),
     chunk: int = typer.Option(1000, help="Tokens per row of the per-chunk table."),
-    model: str = MODEL, quant: str = QUANT, device: str = DEVICE, dtype: str = DTYPE,
+    model: str = MODEL, quant: str = QUANT, device: str = DEVICE, dtype: str = DTYPE, kv_dtype: str = KV_DTYPE,
     as_json: bool = JSON, plot: str = PLOT,
 ) -> None:
     """Streaming perplexity, token by token, teacher-forced (StreamingLLM's Figure 3), or with a list of
@@ -196,7 +200,7 @@ def ppl(
 
     counts = bench.parse_sinks(sinks)
     check_positive(tokens=tokens, feed=feed, stride=stride, batch=batch, chunk=chunk)
-    flags = dict(model=model, block=block, quant=quant, device=device, dtype=dtype)
+    flags = dict(model=model, block=block, quant=quant, device=device, dtype=dtype, kv_dtype=kv_dtype)
     if counts is not None and len(counts) > 1:
         return ppl_sweep(counts, text, tokens, window, modes, feed, flags, as_json, plot)
     wanted = bench.parse_modes(modes or ",".join(bench.PPL_MODES), bench.PPL_MODES)
@@ -296,7 +300,7 @@ def speed(
     recompute_steps: int = typer.Option(3, help="Decode steps timed at each position for recompute (slow)."),
     block: int = BLOCK,
     text: str = TEXT,
-    model: str = MODEL, quant: str = QUANT, device: str = DEVICE, dtype: str = DTYPE,
+    model: str = MODEL, quant: str = QUANT, device: str = DEVICE, dtype: str = DTYPE, kv_dtype: str = KV_DTYPE,
     as_json: bool = JSON, plot: str = PLOT,
 ) -> None:
     """Per-token decode latency against stream position, tokens/s, peak memory, upkeep share.
@@ -310,7 +314,8 @@ def speed(
 
     wanted = bench.parse_modes(modes, bench.SPEED_MODES)
     check_positive(tokens=tokens, points=points, steps=steps, recompute_steps=recompute_steps)
-    s = settings(model=model, sinks=sinks, window=window, block=block, quant=quant, device=device, dtype=dtype)
+    s = settings(model=model, sinks=sinks, window=window, block=block, quant=quant, device=device, dtype=dtype,
+                 kv_dtype=kv_dtype)
     sinks, window, block = s.sinks, s.window, s.block
     body, source = read_text(text)
     from ..bench import speed as measure_speed
