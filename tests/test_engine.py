@@ -1,4 +1,4 @@
-"""The chat engine on the real bundled model (4-bit NF4 on the CPU, as users run it)."""
+"""The chat engine on the real bundled model (4-bit packed int4 on the CPU, as users run it)."""
 
 from __future__ import annotations
 
