@@ -162,7 +162,12 @@ def gguf_folder(path: Path, progress=lambda msg: None) -> Path:
         del model.config.quantization_config
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    os.replace(tmp, target)
+    try:
+        os.replace(tmp, target)
+    except OSError:  # another sinkchat converted the same file meanwhile: theirs is as good as ours
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "config.json").is_file():
+            raise
     return target
 
 
