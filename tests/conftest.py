@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    # pytest-xdist workers share the cores: one OpenMP thread each (and in the sinkchat processes they
-    # start), so two workers on two cores never make each other's parallel regions wait for a time slice.
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+# One OpenMP thread in the tests and in the sinkchat processes they start: the CPU kernels' results
+# depend on how work is split over threads (greedy replies in snapshots would change with the core
+# count), and pytest-xdist workers that share the cores never make each other's parallel regions wait.
+os.environ["OMP_NUM_THREADS"] = "1"
 
 MODEL_FIXTURES = {"smollm", "smollm_f32", "tiny_models", "tiny_loaded"}
 
