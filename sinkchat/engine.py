@@ -24,8 +24,9 @@ import torch
 
 from .cache import SinkCache
 from .errors import SinkchatError
+from .kernels import kv_dtype
 from .ledger import ChatState, Message, Occupancy, Span
-from .models import LoadedModel, check_context, forward, kv_dtype
+from .models import LoadedModel, check_context, forward
 from .sampling import Sampler
 from .settings import Settings
 from .template import Turns
