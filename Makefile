@@ -20,11 +20,11 @@ $(STAMP): pyproject.toml Makefile
 chat: $(STAMP)
 	$(BIN)/sinkchat $(ARGS)
 
-test: lint
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+test: lint          # every test, spread over up to 4 cores (pytest-xdist; each worker loads the model once)
+	$(BIN)/python -m pytest -n auto --maxprocesses 4 $(PYTEST_ARGS)
 
-test-fast: lint      # the inner loop: every test that loads no model and takes seconds
-	$(BIN)/python -m pytest -m "not model and not slow" $(PYTEST_ARGS)
+test-fast: lint      # the inner loop: every test that loads no model, spread over the cores (pytest-xdist)
+	$(BIN)/python -m pytest -m "not model and not slow" -n auto --maxprocesses 4 $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check sinkchat tests scripts

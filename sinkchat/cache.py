@@ -76,13 +76,15 @@ class SinkCache(Cache):
         block: int | None = None,
         max_positions: int | None = None,
         pin_max: int = 0,
+        dtype: torch.dtype | None = None,
     ):
         if sinks < 0 or window < 1 or (max_positions is not None and sinks + window > max_positions):
             raise ValueError(f"no cache of {sinks} sinks + {window} window fits {max_positions} positions")
         self.sinks, self.window, self.pin_max = sinks, window, pin_max
+        self.dtype = dtype  # of the K/V buffers; None: the model's compute dtype
         self.block = min(window, block or default_block(window))
         self.max_positions = max_positions
-        super().__init__(layers=[SinkLayer(sinks + window, sinks, f) for f in inv_freqs])
+        super().__init__(layers=[SinkLayer(sinks + window, sinks, f, dtype) for f in inv_freqs])
         self.upkeep_s = 0.0  # wall time spent evicting and re-rotating (read by `sinkchat bench speed`)
         self.clear()
 
@@ -101,9 +103,12 @@ class SinkCache(Cache):
         self._reserved = (0, 0)  # (to sinks, to window) of the last reserve, for cancel
 
     @classmethod
-    def for_model(cls, model, sinks: int, window: int, block: int | None = None, pin_max: int = 0) -> "SinkCache":
-        """A cache wired to ``model``'s own rotary embedding, per layer where layer types differ."""
-        return cls(rope_inv_freqs(model), sinks, window, block, max_positions(model.config), pin_max)
+    def for_model(cls, model, sinks: int, window: int, block: int | None = None, pin_max: int = 0,
+                  dtype: torch.dtype | None = None) -> "SinkCache":
+        """A cache wired to ``model``'s own rotary embedding, per layer where layer types differ, holding
+        K/V in ``dtype`` (default: what the loader chose, ``model.sinkchat_kv_dtype``, else the compute dtype)."""
+        dtype = dtype or getattr(model, "sinkchat_kv_dtype", None)
+        return cls(rope_inv_freqs(model), sinks, window, block, max_positions(model.config), pin_max, dtype)
 
     # -- the engine's side ---------------------------------------------------------------------
 
@@ -364,7 +369,8 @@ class SinkCache(Cache):
             k, v, s = (moved(tensors[f"{i}.{name}"]) for name in ("k", "v", "sink"))
             if k.shape[-2] != held or v.shape[-2] != held:
                 raise ValueError(f"layer {i} holds {k.shape[-2]} tokens, expected {held}")
-            layer.lazy_initialization(k, v)
+            if not layer.is_initialized:  # buffers stay where they are (a compiled step holds their addresses)
+                layer.lazy_initialization(k, v)
             layer.keys[:, :, :held] = k
             layer.values[:, :, :held] = v
             layer.sink_orig[:, :, : s.shape[-2]] = s.float()

@@ -42,24 +42,34 @@ class SinkLayer(CacheLayerMixin):
     is_sliding = False
     is_compileable = False
 
-    def __init__(self, capacity: int, sink_capacity: int, inv_freq: torch.Tensor):
+    def __init__(self, capacity: int, sink_capacity: int, inv_freq: torch.Tensor, dtype: torch.dtype | None = None):
         super().__init__()
         self.capacity = capacity
         self.sink_capacity = sink_capacity
         self.inv_freq = inv_freq
+        self.kv_dtype = dtype  # the buffers' dtype; None: the first keys' own (the model's compute dtype)
         self.length = 0
         self.sink_orig: torch.Tensor | None = None  # float32 keys of the sinks as first computed
         self.pin_orig: torch.Tensor | None = None  # float32 keys of the parked tokens as first computed
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         b, h, _, d = key_states.shape
-        self.dtype, self.device = key_states.dtype, key_states.device
-        self.keys = key_states.new_zeros((b, h, self.capacity, d))
-        self.values = value_states.new_zeros((b, h, self.capacity, value_states.shape[-1]))
+        self.dtype, self.device = self.kv_dtype or key_states.dtype, key_states.device
+        self.keys = key_states.new_zeros((b, h, self.capacity, d), dtype=self.dtype)
+        self.values = value_states.new_zeros((b, h, self.capacity, value_states.shape[-1]), dtype=self.dtype)
         self.sink_orig = key_states.new_zeros((b, h, self.sink_capacity, d), dtype=torch.float32)
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """transformers' side: :meth:`write`, then the held K/V in the model's compute dtype (no copy when
+        the cache holds that dtype, the default)."""
+        keys, values = self.write(key_states, value_states)
+        return keys.to(key_states.dtype), values.to(value_states.dtype)
+
+    def write(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append ``[b, h, n, d]`` keys and values (RoPE already applied) after the held tokens; return
+        views of everything held, ``[b, h, length, d]`` in the cache's dtype. The first ``sink_capacity``
+        keys are also kept in float32 as computed (before any rounding to the cache's dtype)."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         n = key_states.shape[-2]

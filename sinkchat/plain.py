@@ -158,3 +158,5 @@ def _reply(chat: Chat, text: str, out: _Output, interactive: bool) -> None:
             if interactive and event.reason == "stopped":
                 out.write("[stopped]\n")
     out.write(f"[cache] {chat.occupancy().text()}\n")
+    for notice in chat.loaded.take_notices():  # e.g. a compile that fell back to eager
+        print(f"sinkchat: {notice}", file=sys.stderr)

@@ -70,10 +70,10 @@ class Checkpoint:
                 if not layer.is_initialized:
                     continue
                 if parked:  # the pristine key (an exact copy of the model's) and its value
-                    k = layer.pin_orig[:, :, slot : slot + n].to(layer.dtype, copy=True)
+                    k = layer.pin_orig[:, :, slot : slot + n].clone()
                     v = layer.values[:, :, cache.n_sink + slot : cache.n_sink + slot + n].clone()
-                else:
-                    k = layer.keys[:, :, slot : slot + n].clone()
+                else:  # keys kept in float32 whatever the KV dtype, so a parked one comes back exact
+                    k = layer.keys[:, :, slot : slot + n].to(torch.float32, copy=True)
                     v = layer.values[:, :, slot : slot + n].clone()
                 self.stash_k[i].append(k)
                 self.stash_v[i].append(v)
@@ -117,17 +117,17 @@ class Checkpoint:
         for i, layer in enumerate(cache.layers):
             if not layer.is_initialized:
                 continue
-            keys = [layer.keys[:, :, :held]] + ([layer.pin_orig[:, :, :n_pin].to(layer.dtype)] if n_pin else [])
+            keys = [layer.keys[:, :, :held].float()] + ([layer.pin_orig[:, :, :n_pin]] if n_pin else [])
             values = [layer.values[:, :, :held]] + ([layer.values[:, :, n_sink : n_sink + n_pin]] if n_pin else [])
             index = torch.tensor(rows, dtype=torch.long, device=layer.device)
             k = torch.cat(keys + self.stash_k[i], dim=-2)[:, :, index]
             v = torch.cat(values + self.stash_v[i], dim=-2)[:, :, index]
             if m:
                 layer.pin_room(m)
-                layer.pin_orig[:, :, :m] = k[:, :, :m].float()
+                layer.pin_orig[:, :, :m] = k[:, :, :m]
             if any(delta):  # only after a rebase since the checkpoint
                 k[:, :, m:] = rotate(k[:, :, m:], torch.tensor(delta, dtype=torch.float64), layer.inv_freq)
-            layer.keys[:, :, self.n_sink : self.n_sink + len(rows)] = k
+            layer.keys[:, :, self.n_sink : self.n_sink + len(rows)] = k.to(layer.dtype)
             layer.values[:, :, self.n_sink : self.n_sink + len(rows)] = v
             layer.length = self.n_sink + len(rows)
 
@@ -158,7 +158,7 @@ class Checkpoint:
             k, v = tensors.get(f"{i}.stash_k"), tensors.get(f"{i}.stash_v")
             if n and (k is None or v is None or k.shape[-2] != n or v.shape[-2] != n):
                 return None
-            ks.append([moved(k)] if n else [])
+            ks.append([moved(k).float()] if n else [])
             vs.append([moved(v)] if n else [])
         return cls(cp["n_sink"], cp["n_win"], cp["seen"], cp["base"], [tuple(r) for r in cp["parked"]],
                    [tuple(s) for s in cp["evictions"]], stash, ks, vs)

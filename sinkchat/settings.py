@@ -28,6 +28,8 @@ QUANTS = ("4bit", "8bit", "none")
 DEVICES = ("auto", "cuda", "cpu")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 EVICTS = ("tokens", "turns")
+KV_DTYPES = DTYPES
+COMPILE = ("auto", "on", "off")
 LIMIT = 10_000_000  # upper bound of any count setting: beyond it a value is a typo, not a wish
 
 
@@ -72,9 +74,14 @@ class Settings:
                                   "[default: a quarter of the window].", check=_range(0, LIMIT))
     keep_system: bool = setting(False, "Pin the whole system prompt: never evicted (counts against --pin-max).")
     system: str | None = setting(None, "System prompt [default: the chat template's].")
-    quant: str = setting("4bit", "Weights: 4bit (bitsandbytes NF4), 8bit or none.", choices=QUANTS)
+    quant: str = setting("4bit", "Weights: 4bit (the best 4-bit kernel here: bitsandbytes NF4 on a GPU, "
+                         "PyTorch's packed int4 on the CPU), 8bit or none.", choices=QUANTS)
     device: str = setting("auto", "auto (a GPU if there is one), cuda or cpu.", choices=DEVICES)
     dtype: str = setting("auto", "Compute dtype: auto, float32, bfloat16 or float16.", choices=DTYPES)
+    kv_dtype: str = setting("auto", "KV cache dtype: auto (the compute dtype; bfloat16 on the CPU's fast path "
+                            "where measured faster), float32, bfloat16 or float16.", choices=KV_DTYPES)
+    compile: str = setting("auto", "torch.compile the decode step: auto (on a GPU), on or off; a failed "
+                           "compile falls back to eager.", choices=COMPILE, saved=False)
     temperature: float = setting(0.7, "Sampling temperature; 0 = greedy.", check=_range(0, 100))
     top_p: float = setting(0.9, "Nucleus sampling: smallest set of tokens with this much probability.",
                            check=_range(0, 1, lo_open=True))

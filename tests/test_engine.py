@@ -1,7 +1,8 @@
-"""The chat engine on the real bundled model (4-bit NF4 on the CPU, as users run it)."""
+"""The chat engine on the real bundled model (4-bit packed int4 on the CPU, as users run it)."""
 
 from __future__ import annotations
 
+import string
 import threading
 
 import pytest
@@ -46,11 +47,11 @@ def test_six_turn_chat_with_a_small_window_evicts_and_stays_readable(smollm):
         words = reply.lower().split()
         assert expected in reply.lower(), (question, reply)
         assert len(words) >= 5 and len(set(words)) / len(words) > 0.6, reply  # sentences, not a loop
-        assert sum(w.strip(".,!?'\"()").isalpha() for w in words) / len(words) > 0.8, reply
+        assert sum(w.strip(string.punctuation).replace("'", "").isalnum() for w in words) / len(words) > 0.8, reply
         assert all(isinstance(e.occupancy.window, int) for e in events if isinstance(e, Stats))
         assert max(layer.get_seq_length() for layer in chat.cache.layers) <= 4 + 64
     occ = chat.occupancy()
-    assert occ.evicted > 3 * 64  # far more was said than the cache holds
+    assert occ.evicted > 2 * 64  # far more was said than the cache holds
     assert merge_spans(evictions) == chat.cache.evictions  # every eviction was announced, in order,
     assert len(set(evictions)) == len(evictions)  # once
     # the ledger's evicted spans and the kept tokens account for every token, once each

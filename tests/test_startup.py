@@ -88,3 +88,19 @@ def test_plain_runs_are_saved_unless_no_save():
     assert Store().list() == []
     out = run_cli("--plain", "--window", "48", "-t", "0", "--max-new-tokens", "4", input="Hi\n")
     assert out.returncode == 0 and [c.title for c in Store().list()] == ["Hi"]
+
+
+@pytest.mark.model
+def test_two_first_starts_at_once_both_convert_the_bundled_model(tmp_path):
+    """Two sinkchat processes that find no converted model both convert it; the one that finishes
+    second keeps the first one's folder instead of failing."""
+    import subprocess
+
+    code = "from sinkchat import models; print(models.gguf_folder(models.bundled_gguf()))"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "SINKCHAT_CACHE_DIR": str(tmp_path / "cache")}
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [p.communicate(timeout=600) + (p.returncode,) for p in procs]
+    assert [r[2] for r in results] == [0, 0], [r[1][-300:] for r in results]
+    assert results[0][0] == results[1][0] and (tmp_path / "cache" / "models").is_dir()
+    assert [p.name for p in (tmp_path / "cache" / "models").iterdir()] == [results[0][0].strip().rsplit("/", 1)[1]]

@@ -32,8 +32,8 @@ MODEL = typer.Option(None, "--model", "-m", help=help_for("model"), show_default
 QUANT = typer.Option(None, help=help_for("quant"), show_default=False)
 DEVICE = typer.Option(None, help=help_for("device"), show_default=False)
 DTYPE = typer.Option(None, help=help_for("dtype"), show_default=False)
+KV_DTYPE = typer.Option(None, "--kv-dtype", help=help_for("kv_dtype"), show_default=False)
 SINKS = typer.Option(None, help=help_for("sinks"), show_default=False)
-TEXT = typer.Option(None, "--text", help="UTF-8 text file [default: Python's documentation, pydoc_data.topics].")
 JSON = typer.Option(False, "--json", help="Print only the results as JSON on stdout.")
 
 
@@ -55,6 +55,21 @@ def _plot_path(plot: str | None) -> str | None:
 
 
 PLOT = typer.Option(None, "--plot", help="Write a PNG plot to this path.", callback=_plot_path)
+
+
+def _text_path(path: str | None) -> str | None:
+    """A ``--text`` file that is not there is refused before the model loads (and before torch is imported)."""
+    if path is not None:
+        p = Path(path)
+        if p.exists() and not p.is_file():
+            raise SinkchatError(f"--text {path}: not a regular file")
+        if not p.is_file():
+            raise SinkchatError(f"--text {path}: no such file")
+    return path
+
+
+TEXT = typer.Option(None, "--text", help="UTF-8 text file [default: Python's documentation, pydoc_data.topics].",
+                    callback=_text_path)
 BLOCK = typer.Option(None, help="Eviction block of the sink cache [default: the chat's, window/16, max 256].")
 
 
@@ -68,11 +83,7 @@ def read_text(path: str | None) -> tuple[str, str]:
 
     if path is None:
         return bench.default_text(), "pydoc_data.topics (Python's documentation)"
-    p = Path(path)
-    if p.exists() and not p.is_file():
-        raise SinkchatError(f"--text {path}: not a regular file")
-    if not p.is_file():
-        raise SinkchatError(f"--text {path}: no such file")
+    p = Path(_text_path(path))
     try:
         data = p.read_bytes()
     except OSError as exc:
@@ -105,7 +116,7 @@ def load(s: Settings, quiet: bool, context: bool = True):
     progress = (lambda m: None) if quiet else note
     if context:
         return models.load_for(s, progress=progress)
-    return models.load(s.model, s.quant, s.device, s.dtype, progress=progress)
+    return models.load(s.model, s.quant, s.device, s.dtype, progress=progress, kv_dtype=s.kv_dtype, compile=s.compile)
 
 
 def machine(loaded) -> dict:
@@ -114,6 +125,9 @@ def machine(loaded) -> dict:
     info = {
         "model": loaded.name,
         "quant": loaded.quant,
+        "weights": loaded.weights,
+        "fast_path": loaded.fast is not None,
+        "kv_dtype": str(loaded.kv_dtype).replace("torch.", ""),
         "device": str(loaded.device),
         "dtype": str(loaded.dtype).replace("torch.", ""),
         "cpu": platform.processor() or platform.machine(),
@@ -172,7 +186,7 @@ def ppl(
     stride: int = typer.Option(1, help="Recompute scores every stride-th token only (it is the slow mode)."),
     batch: int = typer.Option(8, help="Recompute contexts per forward pass."),
     chunk: int = typer.Option(1000, help="Tokens per row of the per-chunk table."),
-    model: str = MODEL, quant: str = QUANT, device: str = DEVICE, dtype: str = DTYPE,
+    model: str = MODEL, quant: str = QUANT, device: str = DEVICE, dtype: str = DTYPE, kv_dtype: str = KV_DTYPE,
     as_json: bool = JSON, plot: str = PLOT,
 ) -> None:
     """Streaming perplexity, token by token, teacher-forced (StreamingLLM's Figure 3), or with a list of
@@ -186,7 +200,7 @@ def ppl(
 
     counts = bench.parse_sinks(sinks)
     check_positive(tokens=tokens, feed=feed, stride=stride, batch=batch, chunk=chunk)
-    flags = dict(model=model, block=block, quant=quant, device=device, dtype=dtype)
+    flags = dict(model=model, block=block, quant=quant, device=device, dtype=dtype, kv_dtype=kv_dtype)
     if counts is not None and len(counts) > 1:
         return ppl_sweep(counts, text, tokens, window, modes, feed, flags, as_json, plot)
     wanted = bench.parse_modes(modes or ",".join(bench.PPL_MODES), bench.PPL_MODES)
@@ -286,7 +300,7 @@ def speed(
     recompute_steps: int = typer.Option(3, help="Decode steps timed at each position for recompute (slow)."),
     block: int = BLOCK,
     text: str = TEXT,
-    model: str = MODEL, quant: str = QUANT, device: str = DEVICE, dtype: str = DTYPE,
+    model: str = MODEL, quant: str = QUANT, device: str = DEVICE, dtype: str = DTYPE, kv_dtype: str = KV_DTYPE,
     as_json: bool = JSON, plot: str = PLOT,
 ) -> None:
     """Per-token decode latency against stream position, tokens/s, peak memory, upkeep share.
@@ -300,7 +314,8 @@ def speed(
 
     wanted = bench.parse_modes(modes, bench.SPEED_MODES)
     check_positive(tokens=tokens, points=points, steps=steps, recompute_steps=recompute_steps)
-    s = settings(model=model, sinks=sinks, window=window, block=block, quant=quant, device=device, dtype=dtype)
+    s = settings(model=model, sinks=sinks, window=window, block=block, quant=quant, device=device, dtype=dtype,
+                 kv_dtype=kv_dtype)
     sinks, window, block = s.sinks, s.window, s.block
     body, source = read_text(text)
     from ..bench import speed as measure_speed

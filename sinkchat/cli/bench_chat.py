@@ -11,6 +11,7 @@ from .bench import (
     DEVICE,
     DTYPE,
     JSON,
+    KV_DTYPE,
     MODEL,
     PLOT,
     QUANT,
@@ -67,7 +68,7 @@ def peer(
     steps: int = typer.Option(64, help="Decode steps timed where the cache is full."),
     repetitions: int = typer.Option(3, help="Repetitions of each llama-bench test and of sinkchat's prefill."),
     sinks: int = SINKS, model: str = MODEL, quant: str = QUANT, device: str = DEVICE, dtype: str = DTYPE,
-    as_json: bool = JSON,
+    kv_dtype: str = KV_DTYPE, as_json: bool = JSON,
 ) -> None:
     """sinkchat against llama.cpp's llama-bench on the same GGUF file, threads and depth: prompt
     tokens/s for a 512-token message, and decode tokens/s where the sink cache is full.
@@ -79,7 +80,7 @@ def peer(
 
     check_positive(steps=steps, repetitions=repetitions)
     binary = measure_peer.find_llama_bench(llama_bench)
-    s = settings(model=model, sinks=sinks, window=window, quant=quant, device=device, dtype=dtype)
+    s = settings(model=model, sinks=sinks, window=window, quant=quant, device=device, dtype=dtype, kv_dtype=kv_dtype)
     source = models.resolve(s.model)
     if source.kind != "gguf":
         raise SinkchatError(f"bench peer compares on one GGUF file; {s.model} is a {source.describe()}")

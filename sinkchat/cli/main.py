@@ -47,6 +47,8 @@ def main(
     quant: str = _opt("quant", "--quant"),
     device: str = _opt("device", "--device"),
     dtype: str = _opt("dtype", "--dtype"),
+    kv_dtype: str = _opt("kv_dtype", "--kv-dtype"),
+    compile: str = _opt("compile", "--compile"),
     temperature: float = _opt("temperature", "--temperature", "-t"),
     top_p: float = _opt("top_p", "--top-p"),
     top_k: int = _opt("top_k", "--top-k"),
@@ -71,8 +73,8 @@ def main(
     if ctx.invoked_subcommand is not None:
         return
     flags = dict(model=model, sinks=sinks, window=window, block=block, evict=evict, pin_max=pin_max,
-                 keep_system=keep_system, system=system,
-                 quant=quant, device=device, dtype=dtype, temperature=temperature, top_p=top_p, top_k=top_k,
+                 keep_system=keep_system, system=system, quant=quant, device=device, dtype=dtype,
+                 kv_dtype=kv_dtype, compile=compile, temperature=temperature, top_p=top_p, top_k=top_k,
                  repetition_penalty=repetition_penalty, seed=seed, max_new_tokens=max_new_tokens, theme=theme)
     from ..store import Store
 

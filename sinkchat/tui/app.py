@@ -66,6 +66,7 @@ class SinkchatApp(App):
         self.settings, self.loaded, self.resume_id, self.saving = settings, loaded, resume_id, save
         self.notices = list(notices) + ([] if save else ["--no-save: nothing of this session is saved"])
         self.exit_notes: list[str] = []  # save errors at exit, printed by run() after the screen is gone
+        self.turns_ended = 0  # turn ends handled (each one's save submitted): what scripts and tests wait on
         self.load_error: str | None = None  # why the model could not be loaded, for run() to print
         self.store: StoreThread | None = None
         self.autosave: Autosave | None = None
@@ -137,6 +138,7 @@ class SinkchatApp(App):
     @on(ChatScreen.TurnEnded)
     def save(self) -> None:
         """Save the open chat (a copy is taken here; the store thread writes it)."""
+        self.turns_ended += 1
         autosave, chat = self.autosave, self.chat
         if self.store is not None and autosave is not None and chat is not None:
             captured = autosave.capture(chat)

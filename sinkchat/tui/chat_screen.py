@@ -310,6 +310,8 @@ class ChatScreen(SteerKeys, Screen):
         if msg.chat is not self.chat:
             return
         view, self.reply_view = self.reply_view, None
+        for notice in msg.chat.loaded.take_notices():  # e.g. a compile that fell back to eager
+            self.notify(notice, severity="warning", timeout=10)
         if view is not None:
             await view.finish()
             if msg.error:

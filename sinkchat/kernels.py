@@ -1,0 +1,73 @@
+"""Which kernels, forward and KV dtype a freshly loaded model runs with (see the README's "Which kernel
+runs where"): PyTorch's packed int4 on the CPU (:mod:`sinkchat.quant`), the Llama-family fast path
+(:mod:`sinkchat.llama`), bitsandbytes on a GPU, transformers for everything else."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from . import config as _config
+
+if TYPE_CHECKING:
+    import torch
+
+    from .models import LoadedModel
+
+
+def prepare(loaded: LoadedModel, kv_dtype: str = "auto", compile: str = "auto", folder: str | None = None) -> None:
+    """Pick the kernels, the fast path and the KV dtype for a freshly loaded model.
+
+    On the CPU, ``4bit`` means PyTorch's packed int4 kernel (bitsandbytes' CPU path is 12x slower
+    without AVX512-BF16, see :mod:`sinkchat.quant`); a Llama-family model in float32 or int4 on
+    the CPU gets the fast path (:mod:`sinkchat.llama`). Everything else runs through transformers.
+    """
+    import torch
+
+    from . import llama, quant
+
+    model = loaded.model
+    if loaded.quant == "4bit" and loaded.device == "cpu":
+        loaded.weights = "int4pack-g32"
+        packs = quant.Packs(_packs_path(folder))
+        if llama.supported(model):
+            loaded.fast = llama.FastLlama.build(model, int4=True, packs=packs)
+        else:
+            quant.int4_modules(model, packs)
+        packs.save()
+    else:
+        loaded.weights = {"4bit": "bnb-nf4", "8bit": "bnb-int8"}.get(loaded.quant, "dense")
+        if loaded.device == "cpu" and loaded.dtype == torch.float32 and llama.supported(model):
+            loaded.fast = llama.FastLlama.build(model, int4=False)
+    if compile == "on" or (compile == "auto" and loaded.device == "cuda"):
+        if loaded.fast is not None:
+            loaded.fast.compile("reduce-overhead" if loaded.device == "cuda" else None)
+        elif compile == "on":
+            loaded.notices.append("--compile on: only the fast path (Llama-family models on the CPU) is compiled; "
+                                  "this model runs eagerly")
+    loaded.kv_dtype = pick_kv_dtype(loaded) if kv_dtype == "auto" else getattr(torch, kv_dtype)
+    model.sinkchat_kv_dtype = loaded.kv_dtype
+    model.sinkchat_fast = loaded.fast
+
+
+def _packs_path(folder: str | None) -> Path | None:
+    """Where the packed 4-bit weights of the model in ``folder`` are kept (:class:`~sinkchat.quant.Packs`)."""
+    if folder is None:
+        return None
+    from .quant import Packs
+
+    files = [p for p in Path(folder).iterdir() if p.suffix in (".safetensors", ".bin")]
+    return _config.cache_dir() / "packed" / f"{Packs.key(files)}.safetensors"
+
+
+def pick_kv_dtype(loaded: LoadedModel) -> torch.dtype:
+    """What ``--kv-dtype auto`` means for this model: the compute dtype (so transformers' attention
+    reads the cache without a copy)."""
+    return loaded.dtype
+
+
+def kv_dtype(name: str, loaded: LoadedModel) -> torch.dtype:
+    """``--kv-dtype``: ``auto`` is the loader's choice (:func:`pick_kv_dtype`), else the named dtype."""
+    import torch
+
+    return loaded.kv_dtype or loaded.dtype if name == "auto" else getattr(torch, name)
