@@ -120,11 +120,16 @@ class Steering:
         return notice
 
     def _fallback(self, start: int) -> str | None:
+        """Without a checkpoint: cut the turn off the end when the cache holds the tokens before it as
+        they were computed and at least as many as a rebuild would (the turn evicted none of them);
+        otherwise re-prefill from the ledger, with a notice."""
         cache = self.cache
         pins = clip(cache.pins, 0, start)
-        if cache.n_sink <= start and cache.seen - cache.n_win <= start and all(b <= start for _, b in
-                                                                               run_spans(cache.parked)):
-            cache.truncate(start)  # what the cache holds before the turn is as it was computed
+        layout = self._fit(start, list(pins))
+        held_from = cache.seen - cache.n_win  # the first window token
+        if (cache.n_sink <= start and held_from <= min(start, layout[2])
+                and all(b <= start for _, b in run_spans(cache.parked))):
+            cache.truncate(start)
             return None
         self._refill(*self._fit(start, pins), start, pins=pins)
         return ("the cache was rebuilt from the chat's text for this turn (its state before the turn was not "

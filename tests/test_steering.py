@@ -119,6 +119,21 @@ def test_rollback_without_a_checkpoint_rebuilds_from_the_ledger(smollm):
     assert say(chat, "Tell me about the Eiffel Tower.")
 
 
+def test_rollback_without_a_checkpoint_does_not_lose_what_the_turn_evicted(smollm):
+    """The window still reaches back before the turn, but the turn's reply evicted tokens held before
+    it: cutting the turn off would leave the cache short of them, so it is rebuilt and holds them."""
+    chat = Chat(smollm, GREEDY.replace(window=80, block=8, max_new_tokens=40))  # the turn evicts 24 of 41
+    say(chat, "Hi!")
+    start_before = len(chat.tokens)
+    assert chat.occupancy().evicted == 0
+    say(chat, "Tell me about the Eiffel Tower in Paris, please.")
+    start = chat.messages[-2].start
+    assert start == start_before and 0 < chat.occupancy().evicted and chat.cache.seen - chat.cache.n_win < start
+    chat.cache.checkpoint = None
+    assert "rebuilt from the chat's text" in chat.rollback()
+    assert chat.occupancy().seen == start and chat.occupancy().evicted == 0  # all of it fits again
+
+
 def test_evict_turns_never_starts_the_cache_mid_message(smollm):
     settings = GREEDY.replace(window=64, block=4, max_new_tokens=14, evict="turns")
     chat = Chat(smollm, settings)
