@@ -99,6 +99,7 @@ class Chat(Steering):
         self.messages: list[Message] = []
         self.revision = 0  # bumped by pins and rollbacks, so a save knows there is something new
         self.cuts: list[tuple[int, int]] = []  # (revision, token) of each rollback (see ChatState.cuts)
+        self.taken_back: str | None = None  # a pinned user message taken back, pinned again if re-sent
         self._stop = threading.Event()
         self.busy = False  # a submit is between its start and its Done (the chat may not be copied then)
         self._logits: torch.Tensor | None = None
@@ -136,6 +137,7 @@ class Chat(Steering):
                     self.cache.pin(0, len(self.tokens))
             self.cache.mark()  # the state to come back to if this turn is taken back (rollback)
             yield from self.prefill(user_ids, "user", text)
+            self.pin_again(text)
             yield from self._generate()
         finally:
             self.busy = False
@@ -230,13 +232,19 @@ class Chat(Steering):
         self.revision = state.meta.get("revision", 0)
         if not self.tokens:
             return []
+        notices = self._restore_cache(state, tensors)
+        return notices + self.fit_pins()
+
+    def _restore_cache(self, state: ChatState, tensors: dict[str, torch.Tensor] | None) -> list[str]:
+        now = self.fingerprint()
         differs = [k for k in now if k != "block" and now[k] != state.fingerprint.get(k)]
         if tensors is not None and not differs:
             try:
                 self.cache.load_state(tensors, state.meta, device=self.device)
             except (KeyError, ValueError, RuntimeError) as exc:  # tensors that do not fit the counters
                 cache = self.cache
-                self.cache = SinkCache.for_model(self.model, cache.sinks, cache.window, cache.block, cache.pin_max)
+                self.cache = SinkCache.for_model(self.model, cache.sinks, cache.window, cache.block, cache.pin_max,
+                                                 cache.dtype)
                 self.rebuild(state.meta)
                 return [f"the saved KV cache does not fit its ledger ({exc}); rebuilt it from the ledger"]
             if now["block"] != state.meta["block"]:  # the KV does not depend on it: keep it, say so

@@ -226,6 +226,23 @@ def covered(span: Span, messages: list[Message]) -> list[int]:
     return [i for i in range(first, last) if overlap(span, (messages[i].start, messages[i].end))]
 
 
+def streaming_through(occupancy: Occupancy, messages: list[Message]) -> str:
+    """For ``--evict turns``: a line when the window starts inside a message, else ``""``. That
+    happens when a turn does not fit the room the window has left beside its pinned tokens (a
+    message longer than the window, or a question and reply longer than that room): eviction then
+    goes token by token until the next turn opens."""
+    o = occupancy
+    if not o.evicted or o.window_start >= o.seen:
+        return ""
+    inside = [i for i in covered((o.window_start - 1, o.window_start + 1), messages)
+              if messages[i].start < o.window_start < messages[i].end]
+    if not inside:
+        return ""
+    m = messages[inside[0]]
+    return (f"#{inside[0] + 1} {ROLE_NAME.get(m.role, m.role)} did not fit the room left in the window: "
+            "evicting it token by token until the next turn")
+
+
 def forgotten_count(messages: list[Message], spans: list[Span], upto: int | None = None) -> int:
     """How many of ``messages[:upto]`` lie wholly inside the merged eviction ``spans`` (O(log n) a span)."""
     upto = len(messages) if upto is None else upto

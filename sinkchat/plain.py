@@ -28,6 +28,7 @@ from . import commands
 from .engine import Chat, Done, TokenText
 from .errors import WriteFailed
 from .files import reason
+from .ledger import streaming_through
 from .text import clean, valid
 
 ENDING = (signal.SIGTERM, getattr(signal, "SIGHUP", signal.SIGTERM))
@@ -157,6 +158,9 @@ def _reply(chat: Chat, text: str, out: _Output, interactive: bool) -> None:
             out.write("\n")
             if interactive and event.reason == "stopped":
                 out.write("[stopped]\n")
-    out.write(f"[cache] {chat.occupancy().text()}\n")
+    occupancy = chat.occupancy()
+    out.write(f"[cache] {occupancy.text()}\n")
+    if chat.settings.evict == "turns" and (note := streaming_through(occupancy, chat.messages)):
+        out.write(f"[cache] {note}\n")
     for notice in chat.loaded.take_notices():  # e.g. a compile that fell back to eager
         print(f"sinkchat: {notice}", file=sys.stderr)

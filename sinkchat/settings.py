@@ -142,7 +142,11 @@ class Settings:
                 merged[key], source[key] = value, name_of(key)
         problem = _combined({"window": Settings.window, **merged})
         if problem:
-            raise SettingError(f"{source[problem[0]]} {problem[1]}")
+            name, text = problem
+            flag = names[name].metadata["flag"] or "--" + name.replace("_", "-")
+            if source[name] != flag and source.get("window", source[name]) != source[name]:
+                text += f" for {source['window']}; give {flag} too"  # e.g. --window on a resumed chat
+            raise SettingError(f"{source[name]} {text}")
         return cls(**merged), warnings
 
     def saved(self) -> dict[str, object]:

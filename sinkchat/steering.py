@@ -83,6 +83,25 @@ class Steering:
         self.revision += 1
         return f"unpinned {label}: the model may forget it from the next eviction on"
 
+    def fit_pins(self) -> list[str]:
+        """Unpin the newest pinned messages until the pins fit ``--pin-max`` (a chat resumed with a
+        smaller budget than it was pinned under); returns a one-line notice for each, or ``[]``."""
+        cache, notices = self.cache, []
+        if cache.pinned_count() <= cache.pin_max:
+            return notices
+        for index in reversed(self.pinned_messages()):
+            if cache.pinned_count() <= cache.pin_max:
+                break
+            m = self.messages[index]
+            cache.unpin(m.start, m.end)
+            notices.append(f"unpinned {name(self.messages, index)}: the pins held more than --pin-max "
+                           f"{cache.pin_max} tokens; the model may forget it from the next eviction on")
+        if cache.pinned_count() > cache.pin_max:  # a pin on part of a message only (not made by sinkchat)
+            cache.pins = []
+            notices.append(f"unpinned everything: the pins held more than --pin-max {cache.pin_max} tokens")
+        self.revision += 1
+        return notices
+
     def pinned_messages(self) -> list[int]:
         """Indices of the pinned messages, oldest first (O(log n) per pinned span)."""
         found: list[int] = []
@@ -105,9 +124,11 @@ class Steering:
         """Remove the last user message and everything after it, and bring the cache back to just
         before it. Returns a notice when the cache could not be restored exactly (then it keeps
         what it holds before the turn, or is re-prefilled from the ledger). Pins on removed
-        messages go with them."""
+        messages go with them, except that the next :meth:`submit` of the same text (regenerate)
+        pins its message again."""
         index = self.last_user()
         start = self.messages[index].start
+        self.taken_back = self.messages[index].content if self.is_pinned(self.messages[index]) else None
         cache = self.cache
         notice = None
         checkpoint = cache.checkpoint
@@ -134,6 +155,17 @@ class Steering:
         self._refill(*self._fit(start, pins), start, pins=pins)
         return ("the cache was rebuilt from the chat's text for this turn (its state before the turn was not "
                 "kept), so the reply may differ from the first")
+
+    def pin_again(self, text: str) -> None:
+        """After the user message ``text`` was fed: pin it if it re-sends a pinned message taken back
+        (regenerate keeps the pin). Pinning changes no K/V, and the first reply was generated before
+        any pin on its message could be made, so a greedy regenerated reply stays the same."""
+        taken_back, self.taken_back = self.taken_back, None
+        if taken_back is not None and taken_back == text and not self.messages[-1].note:
+            try:
+                self.pin(len(self.messages) - 1)
+            except SinkchatError:  # it no longer fits (another budget since): the pin goes, as on an edit
+                pass
 
     # -- rebuilding the cache from the ledger ---------------------------------------------------
 

@@ -86,6 +86,10 @@ def test_pin_budget_is_a_quarter_of_the_window_unless_set():
     assert Settings(window=64).pin_budget == 16 and Settings(window=64, pin_max=0).pin_budget == 0
     with pytest.raises(SettingError, match="pin_max must be at most half the window, 32"):
         Settings(window=64, pin_max=40)
+    with pytest.raises(SettingError) as caught:  # a smaller window for a chat saved with a budget
+        Settings.resolve({"window": 32}, saved={"pin_max": 32}, saved_source="chat 1's saved settings")
+    assert str(caught.value) == ("chat 1's saved settings: pin_max must be at most half the window, 16 (got 32) "
+                                 "for --window; give --pin-max too")
 
 
 def test_settings_are_frozen_and_checked_on_replace():

@@ -72,6 +72,37 @@ def test_regenerate_gives_the_same_greedy_reply(smollm, window):
     assert say(again, "Tell me about the Eiffel Tower.") == first and again.tokens == tokens
 
 
+def test_regenerate_keeps_the_pin_on_its_message_and_an_edit_drops_it(smollm):
+    settings = GREEDY.replace(window=80, block=8, max_new_tokens=30, pin_max=24)
+    chat = Chat(smollm, settings)
+    say(chat, QUESTIONS[0])
+    first = say(chat, "Tell me about the Eiffel Tower.")
+    assert "pinned #4 you" in chat.pin(3)
+    assert chat.rollback() is None
+    assert say(chat, "Tell me about the Eiffel Tower.") == first  # the same reply, and pinned again
+    assert chat.pinned_messages() == [3]
+    chat.rollback()
+    say(chat, "Tell me about Big Ben.")  # another message: the pin went with the old one
+    assert chat.pinned_messages() == []
+
+
+def test_a_resume_with_a_smaller_pin_budget_unpins_the_newest_pins(smollm):
+    """Pins made under a larger --pin-max than the resumed chat has: the newest are unpinned, each
+    with a one-line notice, so the budget holds."""
+    chat = Chat(smollm, GREEDY.replace(window=128, max_new_tokens=8, pin_max=64))
+    say(chat, "My name is Ada and my cat is called Pixel.")
+    say(chat, "I live in Lyon.")
+    chat.pin(1)
+    chat.pin(3)
+    sizes = [chat.messages[i].end - chat.messages[i].start for i in (1, 3)]
+    state, tensors = chat.state()
+    again = Chat(smollm, GREEDY.replace(window=128, max_new_tokens=8, pin_max=sizes[0]))
+    notices = again.restore(state, tensors)
+    assert len(notices) == 1 and notices[0].startswith("unpinned #4 you: ") and "\n" not in notices[0]
+    assert again.pinned_messages() == [1] and again.occupancy().pinned == sizes[0] <= again.cache.pin_max
+    assert "1 more" not in commands.pins_line(again) and say(again, QUESTIONS[1])
+
+
 def test_edit_replaces_the_stored_turn_and_resumes_exactly(smollm):
     settings = GREEDY.replace(window=48, block=8, max_new_tokens=20)
     store = Store()
@@ -188,3 +219,14 @@ def test_plain_mode_commands_end_to_end(tmp_path):
     assert any(line.startswith("[sinkchat] pinned: #2 you") for line in out)
     replies = [r.strip() for r in re.split(r"^\[(?:cache|sinkchat)\].*$", result.stdout, flags=re.M) if r.strip()]
     assert len(replies) == 3 and replies[-1] == replies[-2]  # /retry: the same greedy reply
+
+
+def test_evict_turns_says_when_a_turn_does_not_fit_the_room_left(tmp_path):
+    """A question and its reply longer than a 64-token window: the window starts inside the turn
+    (there is no turn boundary to cut at), and plain mode says so in one line."""
+    result = run_cli("--plain", "-t", "0", "--window", "64", "--evict", "turns", "--max-new-tokens", "55",
+                     "--data-dir", str(tmp_path), input="Tell me about cats.\nTell me about dogs.\n")
+    assert result.returncode == 0, result.stderr
+    notes = [line for line in result.stdout.splitlines() if "did not fit" in line]
+    assert notes and all(re.fullmatch(r"\[cache\] #\d+ (you|model) did not fit the room left in the window: "
+                                      r"evicting it token by token until the next turn", line) for line in notes)

@@ -15,7 +15,7 @@ from rich.text import Text
 from textual.reactive import reactive
 from textual.widget import Widget
 
-from ..ledger import ROLE_NAME, Message, Occupancy, covered, describe_span, spans
+from ..ledger import Message, Occupancy, describe_span, spans, streaming_through
 
 SINK, PINNED, WINDOW, FREE = "▓", "▒", "█", "░"
 
@@ -55,18 +55,9 @@ class CacheGauge(Widget):
                 f"forgotten {o.evicted}")
 
     def streaming(self) -> str:
-        """With ``--evict turns``: a line when the window starts inside a message (a turn longer than
-        the window streams through token by token), else ``""``."""
-        o = self.occupancy
-        if not self.turns or not o.evicted or o.window_start >= o.seen:
-            return ""
-        inside = [i for i in covered((o.window_start - 1, o.window_start + 1), self.messages)
-                  if self.messages[i].start < o.window_start < self.messages[i].end]
-        if not inside:
-            return ""
-        m = self.messages[inside[0]]
-        return (f"#{inside[0] + 1} {ROLE_NAME.get(m.role, m.role)} is longer than the window: evicting it token by "
-                "token until the next turn")
+        """With ``--evict turns``, the line saying the window starts inside a message (see
+        :func:`~sinkchat.ledger.streaming_through`), else ``""``."""
+        return streaming_through(self.occupancy, self.messages) if self.turns else ""
 
     def span_lines(self) -> list[str]:
         return [describe_span(s, self.messages) for s in spans(self.occupancy)]
