@@ -78,6 +78,8 @@ def execute(chat, command: Command) -> Outcome:
 
 def _execute(chat, command: Command) -> Outcome:
     verb, arg = command.name, command.arg
+    if arg and verb in ("pins", "retry", "help"):
+        raise SinkchatError(f"/{verb} takes nothing after it (got {arg!r})")
     if verb in ("pin", "unpin"):
         index = message_number(arg, f"/{verb}") - 1
         return Outcome(chat.pin(index) if verb == "pin" else chat.unpin(index), changed=True)

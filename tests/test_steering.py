@@ -197,7 +197,8 @@ def test_slash_commands_refuse_bad_input_in_one_line(smollm):
     say(chat, "Hello there, how are you doing today, my friend?")
     for line, refusal in [("/pin 9", "no message #9 (the chat has #1–#3)"), ("/pin two", "takes a message number"),
                           ("/pin 2", "over the budget of 8"), ("/unpin 3", "#3 model is not pinned"),
-                          ("/edit", "/edit needs the new text")]:
+                          ("/edit", "/edit needs the new text"), ("/retry now", "/retry takes nothing after it"),
+                          ("/pins all", "/pins takes nothing after it")]:
         outcome = run(line)
         assert outcome.refused and refusal in outcome.message, (line, outcome)
     assert commands.parse("//pin 2") == "/pin 2" and commands.parse("/usr/bin is a folder") == "/usr/bin is a folder"
