@@ -23,6 +23,18 @@ Design, and why:
   rotated back once, in float32, so the sinks sit at ``0..S-1`` again. That happens once every
   ``max_positions - sinks - window`` tokens, so each key is re-rotated at most a handful of times.
 
+* **Pinned tokens.** :meth:`SinkCache.pin` marks conversation tokens the cache holds as never to
+  be evicted (at most ``pin_max``; they take room in the window). While the window holds them
+  nothing changes; when an eviction passes them they are *parked* right after the sinks, their
+  keys saved in float32 as computed, and re-rotated from that copy at every eviction like the
+  sinks, so sinks, parked tokens and window always sit at contiguous positions (:mod:`.layout`).
+  Unpinned tokens leave at the next eviction.
+* **Where the window may start.** ``reserve(n, cut)`` takes a function that moves an eviction's
+  end on to the next allowed token (``--evict turns``: where a user turn opens); the cache itself
+  never learns what a message is.
+* **Rewind.** :meth:`SinkCache.mark` and :meth:`SinkCache.rewind` go back to an earlier moment
+  exactly (regenerating a reply), keeping copies of what left the cache in between (:mod:`.rewind`).
+
 The cache knows nothing about chats: it sees a stream of tokens and keeps a ledger of the
 conversation-token spans it evicted.
 """
@@ -30,13 +42,17 @@ conversation-token spans it evicted.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache
 
+from .cache_layer import SinkLayer, rotate  # noqa: F401  (rotate: part of this module's API)
 from .errors import SinkchatError
-from .ledger import Occupancy, Span, merge_spans
+from .layout import Run, plan_eviction, run_positions, run_spans, run_tokens
+from .ledger import Occupancy, Span, add_span, covered_by, merge_spans, subtract
+from .rewind import Checkpoint
 
 
 def default_block(window: int) -> int:
@@ -44,117 +60,12 @@ def default_block(window: int) -> int:
     return max(1, min(256, window // 16))
 
 
-def rotate(x: torch.Tensor, delta: torch.Tensor | float, inv_freq: torch.Tensor) -> torch.Tensor:
-    """Rotate already-RoPE'd keys by ``delta`` positions (rotate-half convention), in float32.
-
-    Only the first ``2 * len(inv_freq)`` dims rotate (partial rotary models keep the rest).
-    ``delta`` is a scalar or one value per token (dim -2). The model's ``attention_scaling`` is
-    already baked into ``x`` and a pure rotation preserves it.
-    """
-    rot = 2 * inv_freq.shape[-1]
-    xf = x.float()
-    head, tail = xf[..., :rot], xf[..., rot:]
-    delta = torch.as_tensor(delta, dtype=torch.float64, device=x.device)
-    angles = (delta.reshape(-1, 1) * inv_freq.to(device=x.device, dtype=torch.float64)).float()
-    cos = torch.cat([angles.cos(), angles.cos()], dim=-1)
-    sin = torch.cat([angles.sin(), angles.sin()], dim=-1)
-    half = rot // 2
-    rotated_half = torch.cat([-head[..., half:], head[..., :half]], dim=-1)
-    out = head * cos + rotated_half * sin
-    if tail.shape[-1]:
-        out = torch.cat([out, tail], dim=-1)
-    return out.to(x.dtype)
-
-
-class SinkLayer(CacheLayerMixin):
-    """One layer's sink + window buffers; all bookkeeping lives in :class:`SinkCache`."""
-
-    is_sliding = False
-    is_compileable = False
-
-    def __init__(self, capacity: int, sink_capacity: int, inv_freq: torch.Tensor, dtype: torch.dtype | None = None):
-        super().__init__()
-        self.capacity = capacity
-        self.sink_capacity = sink_capacity
-        self.inv_freq = inv_freq
-        self.kv_dtype = dtype  # the buffers' dtype; None: the first keys' own (the model's compute dtype)
-        self.length = 0
-        self.sink_orig: torch.Tensor | None = None  # float32 keys of the sinks as first computed
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        b, h, _, d = key_states.shape
-        self.dtype, self.device = self.kv_dtype or key_states.dtype, key_states.device
-        self.keys = key_states.new_zeros((b, h, self.capacity, d), dtype=self.dtype)
-        self.values = value_states.new_zeros((b, h, self.capacity, value_states.shape[-1]), dtype=self.dtype)
-        self.sink_orig = key_states.new_zeros((b, h, self.sink_capacity, d), dtype=torch.float32)
-        self.is_initialized = True
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        """transformers' side: :meth:`write`, then the held K/V in the model's compute dtype (no copy when
-        the cache holds that dtype, the default)."""
-        keys, values = self.write(key_states, value_states)
-        return keys.to(key_states.dtype), values.to(value_states.dtype)
-
-    def write(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append ``[b, h, n, d]`` keys and values (RoPE already applied) after the held tokens; return
-        views of everything held, ``[b, h, length, d]`` in the cache's dtype. The first ``sink_capacity``
-        keys are also kept in float32 as computed (before any rounding to the cache's dtype)."""
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        n = key_states.shape[-2]
-        start, end = self.length, self.length + n
-        if end > self.capacity:
-            raise RuntimeError("SinkCache.reserve() must be called before each forward pass")
-        self.keys[:, :, start:end] = key_states
-        self.values[:, :, start:end] = value_states
-        if start < self.sink_capacity:  # the very first tokens: remember the sinks as computed
-            k = min(end, self.sink_capacity)
-            self.sink_orig[:, :, start:k] = key_states[:, :, : k - start].float()
-        self.length = end
-        return self.keys[:, :, :end], self.values[:, :, :end]
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.length + query_length, 0
-
-    def get_seq_length(self) -> int:
-        return self.length
-
-    def get_max_length(self) -> int:
-        return self.capacity
-
-    def reset(self) -> None:
-        self.length = 0
-        super().reset()
-
-    # -- operations driven by SinkCache --------------------------------------------------------
-
-    def drop(self, first: int, count: int) -> None:
-        """Remove ``count`` slots starting at ``first`` by moving the tail down (one copy)."""
-        if not self.is_initialized or count <= 0:
-            return
-        tail = slice(first + count, self.length)
-        moved = self.length - first - count
-        for buf in (self.keys, self.values):
-            buf[:, :, first : first + moved] = buf[:, :, tail].clone()
-        self.length -= count
-
-    def place_sinks(self, n_sink: int, delta: int) -> None:
-        """Write the sinks rotated ``delta`` positions from where they were first computed."""
-        if self.is_initialized and n_sink:
-            self.keys[:, :, :n_sink] = rotate(self.sink_orig[:, :, :n_sink], delta, self.inv_freq).to(self.dtype)
-
-    def shift_window(self, first: int, delta: int) -> None:
-        """Rotate the window keys (slots ``first..length``) by ``delta`` positions."""
-        if self.is_initialized and self.length > first:
-            w = self.keys[:, :, first : self.length]
-            self.keys[:, :, first : self.length] = rotate(w, delta, self.inv_freq)
-
-
 class SinkCache(Cache):
-    """Keeps the first ``sinks`` tokens and the last ``window`` tokens of an endless stream.
+    """Keeps the first ``sinks`` tokens, pinned tokens, and the last ``window`` tokens of an endless stream.
 
     Use :meth:`for_model` to build one, call :meth:`reserve` before each forward pass and pass the
-    position ids it returns to the model.
+    position ids it returns to the model. Pinned tokens (:meth:`pin`, at most ``pin_max``) take
+    room in the window but are never evicted.
     """
 
     def __init__(
@@ -164,44 +75,60 @@ class SinkCache(Cache):
         window: int,
         block: int | None = None,
         max_positions: int | None = None,
+        pin_max: int = 0,
         dtype: torch.dtype | None = None,
     ):
         if sinks < 0 or window < 1 or (max_positions is not None and sinks + window > max_positions):
             raise ValueError(f"no cache of {sinks} sinks + {window} window fits {max_positions} positions")
-        self.sinks, self.window = sinks, window
+        self.sinks, self.window, self.pin_max = sinks, window, pin_max
         self.dtype = dtype  # of the K/V buffers; None: the model's compute dtype
         self.block = min(window, block or default_block(window))
         self.max_positions = max_positions
         super().__init__(layers=[SinkLayer(sinks + window, sinks, f, dtype) for f in inv_freqs])
+        self.upkeep_s = 0.0  # wall time spent evicting and re-rotating (read by `sinkchat bench speed`)
+        self.clear()
+
+    def clear(self) -> None:
+        """Forget everything (the buffers stay allocated): the state of a new stream."""
+        for layer in self.layers:
+            layer.length = 0
         self.n_sink = 0  # tokens in the sink region
         self.n_win = 0  # tokens in the window
         self.seen = 0  # tokens that entered the cache since the start of the stream
         self.base = 0  # RoPE position of conversation token t in the window is t - base
-        self.evictions: list[Span] = []  # evicted conversation-token spans, adjacent blocks merged
+        self.parked: list[Run] = []  # pinned tokens the window moved past, slot by slot after the sinks
+        self.pins: list[Span] = []  # pinned conversation tokens (parked or still in the window)
+        self.evictions: list[Span] = []  # evicted conversation-token spans, sorted, adjacent ones merged
+        self.checkpoint: Checkpoint | None = None
         self._reserved = (0, 0)  # (to sinks, to window) of the last reserve, for cancel
-        self.upkeep_s = 0.0  # wall time spent evicting and re-rotating (read by `sinkchat bench speed`)
 
     @classmethod
-    def for_model(cls, model, sinks: int, window: int, block: int | None = None,
+    def for_model(cls, model, sinks: int, window: int, block: int | None = None, pin_max: int = 0,
                   dtype: torch.dtype | None = None) -> "SinkCache":
         """A cache wired to ``model``'s own rotary embedding, per layer where layer types differ, holding
         K/V in ``dtype`` (default: what the loader chose, ``model.sinkchat_kv_dtype``, else the compute dtype)."""
         dtype = dtype or getattr(model, "sinkchat_kv_dtype", None)
-        return cls(rope_inv_freqs(model), sinks, window, block, max_positions(model.config), dtype)
+        return cls(rope_inv_freqs(model), sinks, window, block, max_positions(model.config), pin_max, dtype)
 
     # -- the engine's side ---------------------------------------------------------------------
 
-    def reserve(self, n: int) -> tuple[torch.Tensor, Span | None]:
-        """Make room for ``n`` new tokens; return their position ids ``[1, n]`` and any evicted span."""
+    def reserve(self, n: int, cut: Callable[[int], int | None] | None = None) -> tuple[torch.Tensor, list[Span]]:
+        """Make room for ``n`` new tokens; return their position ids ``[1, n]`` and the evicted spans.
+
+        ``cut(t)``: where the window may start, the first allowed token at or after ``t`` (None: no
+        such point yet; the window then starts wherever the eviction ends). Raises ValueError for a
+        chunk that cannot fit the window beside the pinned tokens.
+        """
         to_sink = min(n, self.sinks - self.n_sink) if self.seen < self.sinks else 0
         to_win = n - to_sink
-        if to_win > self.window:
-            raise ValueError(f"a chunk of {n} tokens does not fit a window of {self.window}")
-        span = None
-        overflow = self.n_win + to_win - self.window
+        if to_win > self.window - self.pinned_count():
+            raise ValueError(f"a chunk of {n} tokens does not fit a window of {self.window} "
+                             f"with {self.pinned_count()} pinned")
+        spans: list[Span] = []
+        overflow = self.n_pin + self.n_win + to_win - self.window
         if overflow > 0:
             with self._upkeep():
-                span = self._evict(min(self.n_win, max(overflow, self.block)))
+                spans = self._evict(overflow, max(overflow, self.block), cut)
         if self.max_positions is not None and self.seen + n - self.base > self.max_positions:
             with self._upkeep():
                 self._rebase()
@@ -211,7 +138,7 @@ class SinkCache(Cache):
         self.n_win += to_win
         self.seen += n
         self._reserved = (to_sink, to_win)
-        return positions.unsqueeze(0), span
+        return positions.unsqueeze(0), spans
 
     def cancel(self, n: int) -> None:
         """Give back the room of the last ``reserve(n)`` when its forward pass failed, so the cache
@@ -221,22 +148,30 @@ class SinkCache(Cache):
         self.n_win -= to_win
         self.seen -= n
         for layer in self.layers:
-            layer.length = min(layer.length, self.n_sink + self.n_win)
+            layer.length = min(layer.length, self.n_sink + self.n_pin + self.n_win)
 
     def occupancy(self) -> Occupancy:
+        pinned = self.pinned_count()
         return Occupancy(
             sinks=self.n_sink,
-            window=self.n_win,
+            window=self.n_pin + self.n_win - pinned,
             window_capacity=self.window,
             sink_capacity=self.sinks,
             seen=self.seen,
-            evicted=self.seen - self.n_sink - self.n_win,
+            evicted=self.seen - self.n_sink - self.n_pin - self.n_win,
             spans=tuple(self.evictions),
+            pinned=pinned,
+            pin_capacity=self.pin_max,
+            window_start=self.seen - self.n_win,
         )
 
     def kept(self) -> tuple[Span, Span]:
-        """Conversation-token ranges held: ``(sinks, window)``."""
+        """Conversation-token ranges of the sinks and the window: ``(sinks, window)`` (see :meth:`held`)."""
         return (0, self.n_sink), (self.seen - self.n_win, self.seen)
+
+    def held(self) -> list[Span]:
+        """Every conversation-token range the cache holds: sinks, parked pinned tokens, window."""
+        return merge_spans([s for s in [(0, self.n_sink), *run_spans(self.parked), self.kept()[1]] if s[1] > s[0]])
 
     def memory_bytes(self) -> int:
         """Bytes of the preallocated K/V buffers (constant once the first token arrived)."""
@@ -244,35 +179,78 @@ class SinkCache(Cache):
             layer.keys.numel() * layer.keys.element_size() * 2 for layer in self.layers if layer.is_initialized
         )
 
+    # -- pins ----------------------------------------------------------------------------------
+
+    @property
+    def n_pin(self) -> int:
+        """Slots of the parked region."""
+        return run_tokens(self.parked)
+
+    def pinned_count(self) -> int:
+        return sum(b - a for a, b in self.pins)
+
+    def pin(self, start: int, end: int) -> int:
+        """Never evict conversation tokens ``[start, end)`` (those in the sink region are kept anyway).
+
+        Returns how many tokens became pinned. Raises ValueError if the cache no longer holds them
+        all, or if ``pin_max`` tokens would not hold them.
+        """
+        start = max(start, self.sinks)
+        if start >= end:
+            return 0
+        if covered_by(self.held(), start, end) != end - start:
+            raise ValueError(f"tokens {start}-{end - 1} are not all in the cache any more")
+        new = end - start - covered_by(self.pins, start, end)
+        if self.pinned_count() + new > self.pin_max:
+            raise ValueError(f"{new} more pinned tokens would pass the budget of {self.pin_max}")
+        add_span(self.pins, (start, end))
+        return new
+
+    def unpin(self, start: int, end: int) -> int:
+        """Let ``[start, end)`` be evicted again (at the next eviction); returns how many were pinned."""
+        count = covered_by(self.pins, start, end)
+        self.pins = subtract(self.pins, start, end)
+        return count
+
     # -- eviction and positions ----------------------------------------------------------------
 
-    def _evict(self, count: int) -> Span:
-        first = self.seen - self.n_win
+    def _evict(self, need: int, want: int, cut=None) -> list[Span]:
+        start = self.seen - self.n_win
+        plan = plan_eviction(self.parked, self.pins, start, self.seen, self.base, need, want, cut)
+        n_pin, first = self.n_pin, self.n_sink + self.n_pin  # slot of the window's first token
+        if self.checkpoint is not None:
+            self.checkpoint.keep(self, plan, first)
+        device = self._device()
+        keep = torch.tensor(plan.keep, dtype=torch.long, device=device) if self.parked else None
+        moved = [first + t - start for a, b in plan.moved for t in range(a, b)]
+        moved_t = torch.tensor(moved, dtype=torch.long, device=device) if moved else None
+        tail = first + plan.window_start - start
         for layer in self.layers:
-            layer.drop(self.n_sink, count)
-        self.n_win -= count
-        span = (first, first + count)
-        if self.evictions and self.evictions[-1][1] == first:  # merged as it goes: O(1) per step, however long
-            self.evictions[-1] = (self.evictions[-1][0], first + count)
-        else:
-            self.evictions.append(span)
-        self._place_sinks()
-        return span
+            layer.evict(self.n_sink, n_pin, keep, moved_t, tail)
+        self.parked = plan.parked
+        self.n_win = self.seen - plan.window_start
+        for span in plan.evicted:
+            add_span(self.evictions, span)
+        self._place()
+        return plan.evicted
 
-    def _sink_delta(self) -> int:
-        """How far the sinks move from their first positions ``0..S-1`` to sit before the window."""
-        return (self.seen - self.n_win - self.base) - self.n_sink
-
-    def _place_sinks(self) -> None:
+    def _place(self) -> None:
+        """Sinks, then parked tokens, at the positions right before the window's first token."""
+        n_pin = self.n_pin
+        target = self.seen - self.n_win - self.base - n_pin  # position of the first parked slot
+        pin_delta = None
+        if n_pin:
+            orig = torch.tensor(run_positions(self.parked), dtype=torch.float64)
+            pin_delta = torch.arange(target, target + n_pin, dtype=torch.float64) - orig
         for layer in self.layers:
-            layer.place_sinks(self.n_sink, self._sink_delta())
+            layer.place(self.n_sink, target - self.n_sink, n_pin, pin_delta)
 
     def _rebase(self) -> None:
-        new_base = self.seen - self.n_win - self.n_sink
+        new_base = self.seen - self.n_win - self.n_sink - self.n_pin
         for layer in self.layers:
-            layer.shift_window(self.n_sink, self.base - new_base)
+            layer.shift_window(self.n_sink + self.n_pin, self.base - new_base)
         self.base = new_base
-        self._place_sinks()
+        self._place()
 
     @contextmanager
     def _upkeep(self):
@@ -292,16 +270,77 @@ class SinkCache(Cache):
                 return layer.device
         return self.layers[0].inv_freq.device
 
+    # -- going back to the start of a turn, and rebuilding ----------------------------------------
+
+    def truncate(self, end: int) -> None:
+        """Forget conversation tokens from ``end`` on: the newest of the window (the window must
+        start at or before ``end``, the sinks and parked tokens lie before it). Pins past it go too."""
+        cut = self.seen - end
+        if not 0 <= cut <= self.n_win or self.n_sink > end or any(t1 > end for _, t1, _ in self.parked):
+            raise ValueError(f"cannot cut the stream back to token {end}")
+        for layer in self.layers:
+            layer.length = max(0, layer.length - cut)
+        self.n_win -= cut
+        self.seen = end
+        self.pins = subtract(self.pins, end, max(end, *(b for _, b in self.pins), 0) + 1)
+        self.checkpoint = None
+
+    def mark(self) -> None:
+        """Remember this moment, so :meth:`rewind` can come back to it exactly (see :mod:`.rewind`)."""
+        self.checkpoint = Checkpoint.of(self)
+
+    @torch.inference_mode()
+    def rewind(self) -> bool:
+        """Go back to the last :meth:`mark`: the same K/V, positions and ledger, bit for bit; pins on
+        tokens past it are dropped. False (nothing changed) if there is no mark."""
+        if self.checkpoint is None:
+            return False
+        try:
+            with self._upkeep():
+                self.checkpoint.restore(self)
+        except LookupError:
+            return False
+        self._place()
+        return True
+
+    @torch.inference_mode()
+    def adopt(self, n_sink: int, parked: list[Span], seen: int, evictions: list[Span], pins: list[Span]) -> None:
+        """Take what was just fed into a cleared cache, in order (``n_sink`` sinks, the ``parked``
+        tokens, then the window), as conversation tokens: the window ends at token ``seen``.
+
+        Fed at contiguous positions from 0, the tokens already sit where the cache would put
+        them; this sets the counters, saves the parked keys as their pristine copies, and records
+        the ledger's ``evictions`` and ``pins``.
+        """
+        runs, at = [], n_sink
+        for a, b in parked:
+            runs.append((a, b, at))
+            at += b - a
+        m = at - n_sink
+        for layer in self.layers:
+            if layer.is_initialized and m:
+                layer.pin_room(m)
+                layer.pin_orig[:, :, :m] = layer.keys[:, :, n_sink : n_sink + m].float()
+        fed = self.seen
+        self.n_sink, self.parked = n_sink, runs
+        self.n_win = fed - n_sink - m
+        self.seen = seen
+        self.base = seen - self.n_win - n_sink - m
+        self.evictions, self.pins, self.checkpoint = merge_spans(list(evictions)), list(pins), None
+
     # -- persistence (tensors and a small dict; the store decides where they go) ---------------
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict]:
-        """Copies of the held K/V (and pristine sink keys) as named tensors, plus the counters."""
+        """Copies of the held K/V (pristine sink and pinned keys too) as named tensors, plus the counters."""
         tensors: dict[str, torch.Tensor] = {}
+        n_pin = self.n_pin
         for i, layer in enumerate(self.layers):
             if layer.is_initialized:
                 tensors[f"{i}.k"] = layer.keys[:, :, : layer.length].clone(memory_format=torch.contiguous_format)
                 tensors[f"{i}.v"] = layer.values[:, :, : layer.length].clone(memory_format=torch.contiguous_format)
                 tensors[f"{i}.sink"] = layer.sink_orig[:, :, : self.n_sink].clone(memory_format=torch.contiguous_format)
+                if n_pin:
+                    tensors[f"{i}.pin"] = layer.pin_orig[:, :, :n_pin].clone(memory_format=torch.contiguous_format)
         meta = {
             "sinks": self.sinks,
             "window": self.window,
@@ -312,28 +351,39 @@ class SinkCache(Cache):
             "base": self.base,
             "evictions": [list(s) for s in self.evictions],
         }
+        if self.parked or self.pins:
+            meta.update(parked=[list(r) for r in self.parked], pins=[list(s) for s in self.pins])
+        if self.checkpoint is not None:
+            self.checkpoint.save(tensors, meta)
         return tensors, meta
 
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict, device=None) -> None:
         """Restore what :meth:`state` returned (same model, sinks and window: the store checks)."""
         if (meta["sinks"], meta["window"]) != (self.sinks, self.window):
             raise ValueError("saved cache was built with other --sinks/--window")
-        held = meta["n_sink"] + meta["n_win"]
+        parked = [tuple(r) for r in meta.get("parked", [])]
+        n_pin = run_tokens(parked)
+        held = meta["n_sink"] + n_pin + meta["n_win"]
+        moved = (lambda t: t.to(device)) if device is not None else (lambda t: t)
         for i, layer in enumerate(self.layers):
-            k, v, s = tensors[f"{i}.k"], tensors[f"{i}.v"], tensors[f"{i}.sink"]
+            k, v, s = (moved(tensors[f"{i}.{name}"]) for name in ("k", "v", "sink"))
             if k.shape[-2] != held or v.shape[-2] != held:
                 raise ValueError(f"layer {i} holds {k.shape[-2]} tokens, expected {held}")
-            k, v, s = (t.to(device) if device is not None else t for t in (k, v, s))
             if not layer.is_initialized:  # buffers stay where they are (a compiled step holds their addresses)
                 layer.lazy_initialization(k, v)
             layer.keys[:, :, :held] = k
             layer.values[:, :, :held] = v
             layer.sink_orig[:, :, : s.shape[-2]] = s.float()
+            if n_pin:
+                layer.pin_room(n_pin)
+                layer.pin_orig[:, :, :n_pin] = moved(tensors[f"{i}.pin"]).float()
             layer.length = held
         self.block = meta["block"]
         self.n_sink, self.n_win = meta["n_sink"], meta["n_win"]
         self.seen, self.base = meta["seen"], meta["base"]
-        self.evictions = merge_spans([tuple(s) for s in meta["evictions"]])
+        self.evictions = merge_spans(sorted(tuple(s) for s in meta["evictions"]))
+        self.parked, self.pins = parked, [tuple(s) for s in meta.get("pins", [])]
+        self.checkpoint = Checkpoint.load(tensors, meta, moved, len(self.layers))
 
 
 def rope_inv_freqs(model) -> list[torch.Tensor]:

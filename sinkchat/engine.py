@@ -29,6 +29,7 @@ from .ledger import ChatState, Message, Occupancy, Span
 from .models import LoadedModel, check_context, forward
 from .sampling import Sampler
 from .settings import Settings
+from .steering import Steering
 from .template import Turns
 from .text import valid
 
@@ -68,11 +69,12 @@ class Done:
 Event = TokenText | Evicted | Stats | Done
 
 
-class Chat:
-    """One conversation with a loaded model; ``submit`` is a generator of events.
+class Chat(Steering):
+    """One conversation with a loaded model; ``submit`` is a generator of events. Pins, taking
+    back the last turn and rebuilding the cache come from :class:`~sinkchat.steering.Steering`.
 
-    Raises :class:`SinkchatError` when the final cache geometry (the sink region grows to the
-    system prompt with ``keep_system``) does not fit the model.
+    Raises :class:`SinkchatError` when the cache geometry does not fit the model, or when
+    ``keep_system`` would pin more of the system prompt than ``--pin-max`` allows.
     """
 
     def __init__(self, loaded: LoadedModel, settings: Settings = Settings()):
@@ -80,18 +82,24 @@ class Chat:
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
         self.turns = Turns(self.tokenizer, settings.system)
         self.system_tokens = len(self.turns.encode(self.turns.first("")[0]))
-        sinks = settings.sinks
-        if settings.keep_system and self.system_tokens > sinks:
-            sinks = self.system_tokens
-        what = "the system prompt kept whole" if sinks != settings.sinks else "sinks"
-        check_context(self.model.config, loaded.name, sinks, settings.window, what)
-        self.cache = SinkCache.for_model(self.model, sinks, settings.window, settings.block,
+        over = self.system_tokens - settings.sinks - settings.pin_budget
+        if settings.keep_system and over > 0:
+            raise SinkchatError(
+                f"--keep-system: the system prompt is {self.system_tokens} tokens; past the {settings.sinks} sinks "
+                f"that is {over} more than --pin-max {settings.pin_budget} lets pinned messages keep"
+            )
+        check_context(self.model.config, loaded.name, settings.sinks, settings.window)
+        self.cache = SinkCache.for_model(self.model, settings.sinks, settings.window, settings.block,
+                                         pin_max=settings.pin_budget,
                                          dtype=kv_dtype(settings.kv_dtype, loaded))
         self.chunk = prefill_chunk(settings.window)
         self.sampler = Sampler(settings)
         self.stop_ids = stop_token_ids(self.tokenizer, self.model)
         self.tokens: list[int] = []
         self.messages: list[Message] = []
+        self.revision = 0  # bumped by pins and rollbacks, so a save knows there is something new
+        self.cuts: list[tuple[int, int]] = []  # (revision, token) of each rollback (see ChatState.cuts)
+        self.taken_back: str | None = None  # a pinned user message taken back, pinned again if re-sent
         self._stop = threading.Event()
         self.busy = False  # a submit is between its start and its Done (the chat may not be copied then)
         self._logits: torch.Tensor | None = None
@@ -115,9 +123,9 @@ class Chat:
         self._stop.clear()
         text, _ = valid(text)
         system_ids: list[int] = []
-        if not self.messages:
+        if all(m.role == "system" for m in self.messages):  # the first turn (or the first taken back)
             system, turn = self.turns.first(text)
-            system_ids = self.turns.encode(system)
+            system_ids = [] if self.messages else self.turns.encode(system)
         else:
             turn = self.turns.next(text)
         user_ids = self.turns.encode(turn)
@@ -125,7 +133,11 @@ class Chat:
         try:
             if system_ids:
                 yield from self.prefill(system_ids, "system", self.settings.system or "")
+                if self.settings.keep_system:
+                    self.cache.pin(0, len(self.tokens))
+            self.cache.mark()  # the state to come back to if this turn is taken back (rollback)
             yield from self.prefill(user_ids, "user", text)
+            self.pin_again(text)
             yield from self._generate()
         finally:
             self.busy = False
@@ -195,8 +207,9 @@ class Chat:
     def state(self) -> tuple[ChatState, dict[str, torch.Tensor]]:
         """The chat as a :class:`ChatState` and the cache's held K/V tensors, all copies."""
         tensors, meta = self.cache.state()
+        meta["revision"] = self.revision
         messages = [Message(**vars(m)) for m in self.messages]
-        return ChatState(list(self.tokens), messages, meta, self.fingerprint()), tensors
+        return ChatState(list(self.tokens), messages, meta, self.fingerprint(), cuts=list(self.cuts)), tensors
 
     def restore(self, state: ChatState, tensors: dict[str, torch.Tensor] | None) -> list[str]:
         """Continue a saved chat in this fresh one: transcript, ledger, cache counters and KV.
@@ -216,14 +229,22 @@ class Chat:
             raise SinkchatError("this chat's ledger holds token ids the model's vocabulary lacks; it cannot be resumed")
         self.tokens = list(state.tokens)
         self.messages = [Message(**vars(m)) for m in state.messages]
+        self.revision = state.meta.get("revision", 0)
         if not self.tokens:
             return []
+        notices = self._restore_cache(state, tensors)
+        return notices + self.fit_pins()
+
+    def _restore_cache(self, state: ChatState, tensors: dict[str, torch.Tensor] | None) -> list[str]:
+        now = self.fingerprint()
         differs = [k for k in now if k != "block" and now[k] != state.fingerprint.get(k)]
         if tensors is not None and not differs:
             try:
                 self.cache.load_state(tensors, state.meta, device=self.device)
             except (KeyError, ValueError, RuntimeError) as exc:  # tensors that do not fit the counters
-                self.cache = SinkCache.for_model(self.model, self.cache.sinks, self.cache.window, self.cache.block)
+                cache = self.cache
+                self.cache = SinkCache.for_model(self.model, cache.sinks, cache.window, cache.block, cache.pin_max,
+                                                 cache.dtype)
                 self.rebuild(state.meta)
                 return [f"the saved KV cache does not fit its ledger ({exc}); rebuilt it from the ledger"]
             if now["block"] != state.meta["block"]:  # the KV does not depend on it: keep it, say so
@@ -235,42 +256,14 @@ class Chat:
             return [f"the saved KV cache was made with another {', '.join(differs)}; rebuilt it from the ledger"]
         return []
 
-    @torch.inference_mode()
-    def rebuild(self, meta: dict | None = None) -> None:
-        """Re-prefill the ledger's sink and window tokens through the (fresh, empty) cache.
-
-        The sinks go in at positions ``0..S-1`` and the window right after them at ``S..S+W-1``;
-        RoPE scores depend only on query-key distance, so this is the saved layout with the sinks
-        moved forward, which is what the cache does anyway. The counters are then set so the
-        window's first token is conversation token ``seen - W``. With the saved geometry
-        (``meta``) the held ranges are the saved ones; otherwise the first ``sinks`` tokens and the
-        last ``window`` (less a block, if anything is evicted) are held.
-        """
-        cache, tokens = self.cache, self.tokens
-        seen = len(tokens)
-        if meta and (meta["sinks"], meta["window"]) == (cache.sinks, cache.window) and meta["seen"] == seen:
-            n_sink, n_win, evictions = meta["n_sink"], meta["n_win"], [list(s) for s in meta["evictions"]]
-        else:
-            n_sink = min(cache.sinks, seen)
-            n_win = min(cache.window - cache.block if seen - n_sink > cache.window else cache.window, seen - n_sink)
-            evictions = [[n_sink, seen - n_win]] if seen - n_win > n_sink else []
-        for ids in (tokens[:n_sink], tokens[seen - n_win :]):
-            for i in range(0, len(ids), self.chunk):
-                chunk = ids[i : i + self.chunk]
-                positions, _ = cache.reserve(len(chunk))
-                forward(self.model, cache, chunk, positions)
-        tensors, new = cache.state()
-        new.update(seen=seen, base=seen - n_win - n_sink, evictions=evictions, block=cache.block)
-        cache.load_state(tensors, new)
-
     # -- internals ------------------------------------------------------------------------------
 
     @torch.inference_mode()
     def _forward(self, ids: list[int], message: Message) -> Iterator[Event]:
         """One step of ``message``: reserve cache room, run the model, record the tokens. A failing
         model call gives the room back, so the cache never holds more than the recorded tokens; the
-        eviction is announced only once the step is recorded."""
-        positions, span = self.cache.reserve(len(ids))
+        evictions are announced only once the step is recorded."""
+        positions, spans = self.cache.reserve(len(ids), self._cut if self.settings.evict == "turns" else None)
         try:
             logits = forward(self.model, self.cache, ids, positions)
         except BaseException:
@@ -279,7 +272,7 @@ class Chat:
         self.tokens.extend(ids)
         message.end = len(self.tokens)
         self._logits = logits[-1]
-        if span is not None:
+        for span in spans:
             yield Evicted(span)
 
     def _generate(self) -> Iterator[Event]:

@@ -39,12 +39,23 @@ class Message:
 @dataclass
 class ChatState:
     """A chat apart from its KV tensors: every token, the messages, the cache's counters
-    (``SinkCache.state`` meta) and what the KV depends on (``Chat.fingerprint``)."""
+    (``SinkCache.state`` meta, plus the chat's ``revision``) and what the KV depends on
+    (``Chat.fingerprint``).
+
+    ``cuts``: ``(revision, token)`` for every rollback of this chat in memory: the ledger from
+    ``token`` on was rewritten at that revision, so a store whose rows are of an older revision
+    rewrites its rows from there (not saved; a resumed chat starts with none).
+    """
 
     tokens: list[int]
     messages: list[Message]
     meta: dict
     fingerprint: dict
+    cuts: list[tuple[int, int]] = field(default_factory=list, kw_only=True)
+
+    def rewritten_from(self, revision: int) -> int | None:
+        """The first ledger token rewritten since ``revision`` (None: the ledger only grew)."""
+        return min((t for r, t in self.cuts if r > revision), default=None)
 
 
 def state_problem(state: ChatState) -> str | None:
@@ -84,22 +95,27 @@ class Occupancy:
     """What the cache holds right now, in conversation tokens; ``spans`` are the evicted ranges."""
 
     sinks: int
-    window: int
-    window_capacity: int
+    window: int  # held tokens that are neither sinks nor pinned
+    window_capacity: int  # room for pinned + window tokens
     sink_capacity: int
     seen: int
     evicted: int
     spans: tuple[Span, ...] = field(default_factory=tuple)
+    pinned: int = 0  # pinned tokens the cache holds (never evicted), outside the sinks
+    pin_capacity: int = 0  # the most tokens pins may hold (``--pin-max``)
+    window_start: int = 0  # first conversation token of the rolling window
 
     @property
     def held(self) -> int:
-        return self.sinks + self.window
+        return self.sinks + self.pinned + self.window
 
     def text(self) -> str:
-        """One line, e.g. ``4 + 1873 / 2000 | seen 9120 | evicted 7243 [4, 7247)``."""
+        """One line, e.g. ``4 + 1873 / 2000 | seen 9120 | evicted 7243 [4, 7247)`` (with pins
+        ``4 + 12 pinned + 1861 / 2000 | ...``)."""
         spans = " ".join(f"[{a}, {b})" for a, b in merge_spans(self.spans)) or "none"
+        pinned = f"{self.pinned} pinned + " if self.pinned else ""
         return (
-            f"{self.sinks} + {self.window} / {self.window_capacity} | seen {self.seen} | "
+            f"{self.sinks} + {pinned}{self.window} / {self.window_capacity} | seen {self.seen} | "
             f"evicted {self.evicted} {spans}"
         )
 
@@ -113,6 +129,56 @@ def merge_spans(spans: tuple[Span, ...] | list[Span]) -> list[Span]:
         else:
             merged.append((a, b))
     return merged
+
+
+def add_span(spans: list[Span], span: Span) -> None:
+    """Insert ``span`` into sorted, disjoint ``spans`` in place, merging it with the ones it touches
+    (O(1) when it extends the last one, as evictions mostly do; O(log n + k) elsewhere)."""
+    a, b = span
+    if a >= b:
+        return
+    if not spans or spans[-1][1] < a:
+        spans.append(span)
+        return
+    if spans[-1][0] <= a:
+        spans[-1] = (spans[-1][0], max(b, spans[-1][1]))
+        return
+    lo = bisect_left(spans, a, key=lambda s: s[1])  # the first span that ends at or after a
+    hi = bisect_right(spans, b, key=lambda s: s[0])  # past the last span that starts at or before b
+    if lo < hi:
+        a, b = min(a, spans[lo][0]), max(b, spans[hi - 1][1])
+    spans[lo:hi] = [(a, b)]
+
+
+def subtract(spans: list[Span], start: int, end: int) -> list[Span]:
+    """The parts of sorted, disjoint ``spans`` outside ``[start, end)``."""
+    out: list[Span] = []
+    for a, b in spans:
+        if b <= start or a >= end:
+            out.append((a, b))
+            continue
+        if a < start:
+            out.append((a, start))
+        if b > end:
+            out.append((end, b))
+    return out
+
+
+def gaps(spans: list[Span], start: int, end: int) -> list[Span]:
+    """The parts of ``[start, end)`` that sorted, disjoint ``spans`` do not cover."""
+    out: list[Span] = []
+    for a, b in clip(spans, start, end):
+        if a > start:
+            out.append((start, a))
+        start = max(start, b)
+    if start < end:
+        out.append((start, end))
+    return out
+
+
+def covered_by(spans: list[Span], start: int, end: int) -> int:
+    """How many tokens of ``[start, end)`` sorted, disjoint ``spans`` cover."""
+    return sum(b - a for a, b in clip(spans, start, end))
 
 
 @dataclass(frozen=True)
@@ -158,6 +224,23 @@ def covered(span: Span, messages: list[Message]) -> list[int]:
     first = bisect_right(messages, span[0], key=lambda m: m.end)
     last = bisect_left(messages, span[1], key=lambda m: m.start)
     return [i for i in range(first, last) if overlap(span, (messages[i].start, messages[i].end))]
+
+
+def streaming_through(occupancy: Occupancy, messages: list[Message]) -> str:
+    """For ``--evict turns``: a line when the window starts inside a message, else ``""``. That
+    happens when a turn does not fit the room the window has left beside its pinned tokens (a
+    message longer than the window, or a question and reply longer than that room): eviction then
+    goes token by token until the next turn opens."""
+    o = occupancy
+    if not o.evicted or o.window_start >= o.seen:
+        return ""
+    inside = [i for i in covered((o.window_start - 1, o.window_start + 1), messages)
+              if messages[i].start < o.window_start < messages[i].end]
+    if not inside:
+        return ""
+    m = messages[inside[0]]
+    return (f"#{inside[0] + 1} {ROLE_NAME.get(m.role, m.role)} did not fit the room left in the window: "
+            "evicting it token by token until the next turn")
 
 
 def forgotten_count(messages: list[Message], spans: list[Span], upto: int | None = None) -> int:

@@ -281,23 +281,22 @@ def _limits(config) -> tuple[int | None, int | None, list]:
     return get("max_position_embeddings"), get("sliding_window"), get("layer_types") or []
 
 
-def check_context(config, name: str, sinks: int, window: int, what: str = "sinks") -> None:
+def check_context(config, name: str, sinks: int, window: int) -> None:
     """``sinks + window`` must fit the model's positions and any native sliding window.
 
-    ``config``: a transformers config or its ``config.json`` as a dict. ``what`` names the sink
-    region in the message (``the system prompt kept whole``, when ``keep_system`` made it larger
-    than ``sinks``). The engine calls this on its final geometry.
+    ``config``: a transformers config or its ``config.json`` as a dict. Pinned messages
+    (``--keep-system`` too) take room inside the window, so they never change this.
     """
     limit, native, layer_types = _limits(config)
     context = sinks + window
     if isinstance(limit, int) and context > limit:
         raise SinkchatError(
-            f"{what} ({sinks}) + window ({window}) = {context} tokens exceeds {name}'s context of {limit} tokens; "
+            f"sinks ({sinks}) + window ({window}) = {context} tokens exceeds {name}'s context of {limit} tokens; "
             "use a smaller window"
         )
     if isinstance(native, int) and context > native and (not layer_types or "sliding_attention" in layer_types):
         raise SinkchatError(
-            f"{name} attends only to its last {native} tokens (native sliding window); {what} ({sinks}) + "
+            f"{name} attends only to its last {native} tokens (native sliding window); sinks ({sinks}) + "
             f"window ({window}) = {context} must be at most {native}"
         )
 
@@ -316,7 +315,7 @@ def load(
     on ``device`` (``auto``, ``cuda``, ``cpu``) with compute ``dtype``.
 
     ``context`` ``(sinks, window)`` is checked against the model's positions before weights load; the
-    engine checks again once the final sink region is known. Raises :class:`SinkchatError`.
+    engine checks again on the loaded model's own config. Raises :class:`SinkchatError`.
     """
     source = resolve(name)
     device = pick_device(device)

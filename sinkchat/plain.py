@@ -1,7 +1,9 @@
 """``sinkchat --plain``: a line-oriented chat on stdin/stdout over the same engine.
 
 One line in is one user message. In a pipe it prints only each reply and one ``[cache] ...``
-status line after it, so scripts can tell them apart; on a terminal it adds a prompt.
+status line after it, so scripts can tell them apart; on a terminal it adds a prompt. Slash
+commands (:mod:`.commands`: ``/pin N``, ``/retry``, ``/edit TEXT``, ...) print one line
+``[sinkchat] ...`` on stdout; a refused one prints ``sinkchat: ...`` on stderr.
 
 Signals never cut a model step: while a reply streams, Ctrl+C (SIGINT) only asks the engine to
 stop after the token in flight (the partial reply is kept, marked stopped, and saved), and
@@ -22,9 +24,11 @@ from collections.abc import Callable
 from contextlib import suppress
 from typing import TextIO
 
+from . import commands
 from .engine import Chat, Done, TokenText
 from .errors import WriteFailed
 from .files import reason
+from .ledger import streaming_through
 from .text import clean, valid
 
 ENDING = (signal.SIGTERM, getattr(signal, "SIGHUP", signal.SIGTERM))
@@ -88,6 +92,8 @@ def run(
                 notify("input that is not valid UTF-8 was replaced with \ufffd")
             text = line.rstrip("\r\n")
             if text.strip():
+                text = commands.run_line(chat, text, out.write, notify, after_turn)
+            if text is not None and text.strip():  # None: a command that sends nothing
                 _reply(chat, text, out, interactive)
                 after_turn(chat)
     if out.failed:
@@ -152,6 +158,9 @@ def _reply(chat: Chat, text: str, out: _Output, interactive: bool) -> None:
             out.write("\n")
             if interactive and event.reason == "stopped":
                 out.write("[stopped]\n")
-    out.write(f"[cache] {chat.occupancy().text()}\n")
+    occupancy = chat.occupancy()
+    out.write(f"[cache] {occupancy.text()}\n")
+    if chat.settings.evict == "turns" and (note := streaming_through(occupancy, chat.messages)):
+        out.write(f"[cache] {note}\n")
     for notice in chat.loaded.take_notices():  # e.g. a compile that fell back to eager
         print(f"sinkchat: {notice}", file=sys.stderr)

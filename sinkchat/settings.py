@@ -27,6 +27,7 @@ DEFAULT_MODEL = "smollm2-135m"
 QUANTS = ("4bit", "8bit", "none")
 DEVICES = ("auto", "cuda", "cpu")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+EVICTS = ("tokens", "turns")
 KV_DTYPES = DTYPES
 COMPILE = ("auto", "on", "off")
 LIMIT = 10_000_000  # upper bound of any count setting: beyond it a value is a typo, not a wish
@@ -67,7 +68,11 @@ class Settings:
     window: int = setting(2000, "Most recent tokens kept in the KV cache.", check=_range(1, LIMIT))
     block: int | None = setting(None, "Tokens evicted at once when the window is full [default: window/16, max 256].",
                                 check=_range(1, LIMIT))
-    keep_system: bool = setting(False, "Keep the whole system prompt in the sink region, never evicted.")
+    evict: str = setting("tokens", "What eviction removes: tokens (the oldest, anywhere) or turns (whole "
+                         "turns, so the window starts where a user turn opens).", choices=EVICTS)
+    pin_max: int | None = setting(None, "Most tokens pinned messages may keep, out of the window "
+                                  "[default: a quarter of the window].", check=_range(0, LIMIT))
+    keep_system: bool = setting(False, "Pin the whole system prompt: never evicted (counts against --pin-max).")
     system: str | None = setting(None, "System prompt [default: the chat template's].")
     quant: str = setting("4bit", "Weights: 4bit (the best 4-bit kernel here: bitsandbytes NF4 on a GPU, "
                          "PyTorch's packed int4 on the CPU), 8bit or none.", choices=QUANTS)
@@ -94,6 +99,14 @@ class Settings:
             problem = _problem(f, getattr(self, f.name))
             if problem:
                 raise SettingError(f"{f.name} {problem}")
+        problem = _combined(vars(self))
+        if problem:
+            raise SettingError(f"{problem[0]} {problem[1]}")
+
+    @property
+    def pin_budget(self) -> int:
+        """Tokens pins may hold: ``pin_max``, or a quarter of the window when it is not set."""
+        return self.window // 4 if self.pin_max is None else self.pin_max
 
     # -- layers --------------------------------------------------------------------------------
 
@@ -116,6 +129,7 @@ class Settings:
         names = {f.name: f for f in dataclasses.fields(cls)}
         warnings = [f"{config_source}: unknown setting {k!r} (ignored)" for k in (config or {}) if k not in names]
         merged: dict[str, object] = {}
+        source: dict[str, str] = {}
         layers = [(config, lambda n: f"{config_source}: {n}"), (saved, lambda n: f"{saved_source}: {n}"),
                   (flags, lambda n: names[n].metadata["flag"] or "--" + n.replace("_", "-"))]
         for values, name_of in layers:
@@ -125,7 +139,14 @@ class Settings:
                 problem = _problem(names[key], value)
                 if problem:
                     raise SettingError(f"{name_of(key)} {problem}")
-                merged[key] = value
+                merged[key], source[key] = value, name_of(key)
+        problem = _combined({"window": Settings.window, **merged})
+        if problem:
+            name, text = problem
+            flag = names[name].metadata["flag"] or "--" + name.replace("_", "-")
+            if source[name] != flag and source.get("window", source[name]) != source[name]:
+                text += f" for {source['window']}; give {flag} too"  # e.g. --window on a resumed chat
+            raise SettingError(f"{source[name]} {text}")
         return cls(**merged), warnings
 
     def saved(self) -> dict[str, object]:
@@ -144,6 +165,14 @@ def help_for(name: str) -> str:
         default = str(f.default).lower() if isinstance(f.default, bool) else f.default
         text += f" [default: {default}]"
     return text
+
+
+def _combined(values: Mapping[str, object]) -> tuple[str, str] | None:
+    """``(field, problem)`` when checked values do not go together (pins take room in the window)."""
+    pin_max, window = values.get("pin_max"), values["window"]
+    if pin_max is not None and pin_max > window // 2:
+        return "pin_max", f"must be at most half the window, {window // 2} (got {pin_max})"
+    return None
 
 
 def _problem(f: dataclasses.Field, value) -> str | None:

@@ -88,3 +88,15 @@ def tiny_models(tmp_path_factory, smollm_f32):
     tok_dir = models.gguf_folder(models.bundled_gguf())
     root = tmp_path_factory.mktemp("tiny")
     return {arch: tiny_model_dir(arch, tok_dir, root / arch) for arch in ("mistral", "qwen2", "gpt2", "lfm2")}
+
+
+@pytest.fixture(scope="session")
+def tiny_loaded(tiny_models):
+    """The tiny random Mistral and Qwen2 models loaded in float32 (no quantization)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return {
+        arch: AutoModelForCausalLM.from_pretrained(tiny_models[arch], dtype=torch.float32).eval()
+        for arch in ("mistral", "qwen2")
+    }

@@ -126,6 +126,8 @@ def test_rolling_mean_is_the_trailing_mean_over_a_span_of_tokens():
         (["bench", "ppl", "--sinks", "0,4", "--modes", "window,sinks"], "--modes window,sinks needs a single --sinks"),
         (["bench", "ppl", "--sinks", "0,300", "--window", "256"], "--sinks 300 leaves no window in the budget of 256"),
         (["bench", "ppl", "--sinks", "0,16", "--window", "20", "--feed", "8"], "--feed 8 must be at most the smallest"),
+        (["bench", "turns", "--turns", "31"], "--turns must be at most 30"),
+        (["bench", "turns", "--modes", "tokens,blocks"], "--modes takes a comma list of tokens, turns"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(args, message):
@@ -144,3 +146,18 @@ def test_a_text_file_that_is_not_utf8_is_read_with_replacements(tmp_path, capsys
     assert text == "caf\ufffd au lait\n" * 3 and source == str(path)
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "not UTF-8 were replaced" in err
+
+
+def test_turns_bench_counts_replies_and_scores_the_transcript(smollm):
+    """Both modes run the same scripted chat and score the same reference replies; only
+    --evict turns keeps every eviction at the start of a message."""
+    from sinkchat.bench import turns
+
+    runs: list = []
+    turns.run_turns(smollm, ["tokens", "turns"], 4, 64, 4, 16, no_progress, runs)
+    tokens, whole = runs
+    assert [r.mode for r in runs] == ["tokens", "turns"] and all(len(r.replies) == 4 for r in runs)
+    assert tokens.scored == whole.scored > 4 * 10 and all(1 < r.ppl < 1000 for r in runs)
+    assert tokens.evictions and whole.evictions and whole.mid_message == 0 < tokens.mid_message
+    row = whole.row()
+    assert row["empty"] + row["repeated"] <= 4 and row["tokens_scored"] == whole.scored

@@ -102,15 +102,18 @@ class ReferenceCache(Cache):
     active = False
 
 
-def reference_logits(model, ids, contexts, sizes, offset: int = 0) -> list[torch.Tensor]:
-    ref = ReferenceCache(model, offset)
+def reference_logits(model, ids, contexts, sizes, offset: int | list[int] = 0) -> list[torch.Tensor]:
+    """The reference's logits, step by step; ``offset``: where its positions start, for every step
+    or one per step."""
+    offsets = offset if isinstance(offset, list) else [offset] * len(contexts)
+    ref = ReferenceCache(model)
     ref.active = True
     out, i = [], 0
     try:
         with torch.no_grad():
-            for ctx, size in zip(contexts, sizes):
+            for ctx, size, ref.offset in zip(contexts, sizes, offsets):
                 ref.context = ctx
-                pos = torch.arange(len(ctx), len(ctx) + size).unsqueeze(0) + offset
+                pos = torch.arange(len(ctx), len(ctx) + size).unsqueeze(0) + ref.offset
                 out.append(forward(model, ref, ids[i : i + size], pos, keep=0))
                 i += size
     finally:
@@ -142,14 +145,6 @@ def test_equals_dense_cache_before_eviction(smollm_f32):
     got = torch.cat(stream(model, cache, ids, 64))
     assert cache.occupancy().evicted == 0
     assert (got - dense).abs().max().item() <= SAME
-
-
-@pytest.fixture(scope="module")
-def tiny_loaded(tiny_models):
-    return {
-        arch: AutoModelForCausalLM.from_pretrained(tiny_models[arch], dtype=torch.float32).eval()
-        for arch in ("mistral", "qwen2")
-    }
 
 
 def worst(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:

@@ -123,3 +123,22 @@ def test_gguf_is_converted_once_and_reused(smollm):
     models.load("smollm2-135m", quant="none", device="cpu", progress=notes.append)
     assert not any("converting" in n for n in notes)
     assert (folder / "config.json").stat().st_mtime_ns == stamp
+
+
+def test_the_resume_hint_names_a_data_dir_given_by_flag(tmp_path):
+    """`resume with: ...` must reopen the same chat when pasted back: a chat kept under --data-dir
+    names it (quoted for the shell); one in the usual place does not."""
+    import shlex
+
+    from sinkchat.cli.main import _resume_hint
+    from sinkchat.store import Store
+
+    usual, elsewhere = Store(), Store(tmp_path / "my chats")
+    try:
+        assert _resume_hint(usual, 3) == "resume with: sinkchat --resume 3"
+        hint = _resume_hint(elsewhere, 3, plain=True)
+        assert shlex.split(hint.removeprefix("resume with: ")) == [
+            "sinkchat", "--plain", "--resume", "3", "--data-dir", str((tmp_path / "my chats").resolve())]
+    finally:
+        usual.close()
+        elsewhere.close()

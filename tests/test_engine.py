@@ -9,6 +9,7 @@ import pytest
 
 from _helpers import GREEDY
 from sinkchat.engine import Chat, Done, Evicted, Stats, TokenText, _Detokenizer
+from sinkchat.errors import SinkchatError
 from sinkchat.ledger import merge_spans
 from sinkchat.settings import Settings
 from sinkchat.template import Turns, text_of
@@ -51,7 +52,8 @@ def test_six_turn_chat_with_a_small_window_evicts_and_stays_readable(smollm):
         assert max(layer.get_seq_length() for layer in chat.cache.layers) <= 4 + 64
     occ = chat.occupancy()
     assert occ.evicted > 2 * 64  # far more was said than the cache holds
-    assert merge_spans(evictions) == chat.cache.evictions  # every eviction was announced, in order
+    assert merge_spans(evictions) == chat.cache.evictions  # every eviction was announced, in order,
+    assert len(set(evictions)) == len(evictions)  # once
     # the ledger's evicted spans and the kept tokens account for every token, once each
     assert sorted(covered(chat)) == list(range(len(chat.tokens))) == list(range(occ.seen))
     # messages tile the conversation in order: system?, user, assistant, user, assistant...
@@ -132,17 +134,20 @@ def test_a_seed_replays_a_sampled_reply(smollm):
     assert len(others) > 1  # sampling really samples
 
 
-def test_keep_system_keeps_the_whole_system_prompt_as_sinks(smollm):
+def test_keep_system_pins_the_whole_system_prompt(smollm):
+    """--keep-system is a pin on the system prompt: never evicted, counted against --pin-max."""
     system = "You are a pirate. Always answer like a pirate would, with arr and matey."
-    chat = Chat(smollm, GREEDY.replace(sinks=4, window=48, max_new_tokens=20, system=system, keep_system=True))
+    settings = GREEDY.replace(sinks=4, window=48, max_new_tokens=20, system=system, keep_system=True, pin_max=24)
+    chat = Chat(smollm, settings)
     for q in ("Hello!", "What is the sea?", "Where is the treasure?"):
         ask(chat, q)
     sys_msg = chat.messages[0]
     assert sys_msg.role == "system" and sys_msg.end > 4
-    (s0, s1), _ = chat.cache.kept()
-    assert (s0, s1) == (0, sys_msg.end)  # every system token is still in the cache
-    assert chat.occupancy().evicted > 0
-    assert all(a >= sys_msg.end for a, _ in chat.cache.evictions)
+    assert chat.cache.pins == [(4, sys_msg.end)] and chat.pinned_messages() == [0]
+    assert chat.occupancy().pinned == sys_msg.end - 4 and chat.occupancy().evicted > 0
+    assert all(a >= sys_msg.end for a, _ in chat.cache.evictions)  # every system token is still in the cache
+    with pytest.raises(SinkchatError, match="--keep-system: the system prompt is .* more than --pin-max 4"):
+        Chat(smollm, settings.replace(pin_max=4))
 
 
 def test_detokenizer_never_splits_multibyte_characters(smollm):

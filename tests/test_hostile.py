@@ -139,8 +139,10 @@ def test_a_model_step_that_fails_gives_its_cache_room_back(smollm, monkeypatch):
 
 
 @pytest.mark.model
-def test_keep_system_is_checked_against_the_native_sliding_window(tmp_path, monkeypatch, capsys):
-    """A 23-token system prompt kept whole with --window 32 needs 55 positions; this Mistral sees 40."""
+def test_the_window_is_checked_against_the_native_sliding_window(tmp_path, monkeypatch, capsys):
+    """This Mistral attends to its last 40 tokens: 4 sinks + a 40-token window is refused in one line
+    (plain mode, the TUI's loading status). A kept system prompt is a pin, inside the window, so it
+    needs no more positions; over --pin-max it is refused in one line."""
     import sys
 
     from conftest import tiny_model_dir
@@ -150,11 +152,14 @@ def test_keep_system_is_checked_against_the_native_sliding_window(tmp_path, monk
     folder = tiny_model_dir("mistral", models.gguf_folder(models.bundled_gguf()), tmp_path / "m", sliding_window=40)
     loaded = models.load(str(folder), quant="none", device="cpu")
     system = "You are a careful assistant. Answer every question briefly and politely."
-    with pytest.raises(SinkchatError, match="native sliding window.*system prompt kept whole"):
-        Chat(loaded, GREEDY.replace(window=32, keep_system=True, system=system))
-    assert Chat(loaded, GREEDY.replace(window=32, system=system))  # 4 sinks + 32 fit
+    with pytest.raises(SinkchatError, match="native sliding window"):
+        Chat(loaded, GREEDY.replace(window=40, system=system))
+    chat = Chat(loaded, GREEDY.replace(window=36, keep_system=True, pin_max=16, system=system))  # 4 + 36 fit
+    assert chat.cache.sinks + chat.cache.window == 40
+    with pytest.raises(SinkchatError, match="^--keep-system: .* more than --pin-max 9 "):
+        Chat(loaded, GREEDY.replace(window=36, keep_system=True, system=system))  # a quarter of the window
     monkeypatch.setattr(sys, "argv", ["sinkchat", "--plain", "--model", str(folder), "--quant", "none", "--window",
-                                      "32", "--keep-system", "--system", system])
+                                      "40", "--system", system])
     monkeypatch.setattr(sys, "stdin", io.StringIO("Hello\n"))
     with pytest.raises(SystemExit) as exit_info:
         cli.run()
@@ -167,7 +172,7 @@ def test_keep_system_is_checked_against_the_native_sliding_window(tmp_path, monk
     from sinkchat.tui.app import SinkchatApp
 
     async def tui() -> str:  # the TUI says it where the model's loading status goes, and stays up
-        app = SinkchatApp(GREEDY.replace(window=32, keep_system=True, system=system), loaded=loaded)
+        app = SinkchatApp(GREEDY.replace(window=40, system=system), loaded=loaded)
         async with app.run_test(size=SIZE) as pilot:
             await wait_for(pilot, lambda: app.chat_screen.query_one("#loading").has_class("-failed"))
             return str(app.chat_screen.query_one("#loading .status").render())

@@ -5,7 +5,17 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sinkchat.ledger import Message, describe_span, memory, merge_spans
+from sinkchat.ledger import (
+    Message,
+    Occupancy,
+    add_span,
+    covered_by,
+    describe_span,
+    gaps,
+    memory,
+    merge_spans,
+    subtract,
+)
 
 
 def test_adjacent_blocks_merge_and_gaps_stay():
@@ -46,3 +56,37 @@ def test_evicted_count_is_the_overlap_for_any_spans(raw, start, length):
     mem = memory(m, merge_spans(spans))
     assert mem.evicted == len(inside & set(range(m.start, m.end)))
     assert mem.forgotten == (mem.evicted == length)
+
+
+def tokens_of(spans) -> set[int]:
+    return {t for a, b in spans for t in range(a, b)}
+
+
+span_lists = st.lists(st.tuples(st.integers(0, 80), st.integers(1, 12)), max_size=10)
+
+
+@given(span_lists, span_lists)
+def test_span_sets_add_and_subtract_like_sets_of_tokens(first, second):
+    """Pins and evictions are sets of tokens kept as sorted, merged spans: adding, subtracting and
+    finding gaps must agree with plain sets, whatever order the spans come in."""
+    spans: list = []
+    expect: set[int] = set()
+    for a, n in first:
+        add_span(spans, (a, a + n))
+        expect |= set(range(a, a + n))
+    assert tokens_of(spans) == expect
+    assert spans == sorted(spans) and all(b < c for (_, b), (c, _) in zip(spans, spans[1:]))  # merged
+    for a, n in second:
+        spans = subtract(spans, a, a + n)
+        expect -= set(range(a, a + n))
+        assert tokens_of(spans) == expect
+    assert tokens_of(gaps(spans, 10, 70)) == set(range(10, 70)) - expect
+    assert covered_by(spans, 10, 70) == len(expect & set(range(10, 70)))
+
+
+def test_occupancy_line_shows_pins_only_when_there_are_some():
+    plain = Occupancy(4, 45, 64, 4, 49, 0)
+    assert plain.text() == "4 + 45 / 64 | seen 49 | evicted 0 none"
+    pinned = Occupancy(4, 33, 64, 4, 120, 71, ((4, 50), (62, 87)), pinned=12, pin_capacity=16)
+    assert pinned.text() == "4 + 12 pinned + 33 / 64 | seen 120 | evicted 71 [4, 50) [62, 87)"
+    assert pinned.held == 49

@@ -59,7 +59,9 @@ def fifty(smollm, tmp_path_factory):
         store.save(chat_id, chat)
         tensors, meta = chat.cache.state()
         reopened, notices = reopen(root, chat_id, smollm)
+        copies = sum(b - a for a, b, _ in meta["checkpoint"]["stash"])  # what the turn evicted, kept to regenerate it
         saves.append({**store.last_save, "seen": meta["seen"], "n_win": meta["n_win"], "n_old": n_old,
+                      "copies": copies,
                       "exact": same_cache(chat, reopened) and not notices and reopened.tokens == chat.tokens,
                       "segments": len(statefile.segment_paths(root / "state", chat_id))})
     yield root, chat_id, chat, saves, per_token(tensors)
@@ -74,13 +76,14 @@ def test_each_save_writes_the_new_tokens_and_a_bounded_header(fifty):
     for s in saves:
         if s["kind"] == "segment":
             held_new = s["seen"] - max(s["seen"] - s["n_win"], s["seen"] - s["tokens"])
-            sinks_moved = 4 * token_bytes // 2  # the sinks' current keys, when an eviction re-rotated them
-            assert held_new * token_bytes <= s["bytes"] <= held_new * token_bytes + sinks_moved + HEADER, s
-        else:  # a new base: the held window, bounded by the window, not the chat
-            assert s["bytes"] <= (4 + SETTINGS.window) * token_bytes + HEADER, s
+            sinks = 4 * token_bytes * 3 // 2  # the sinks' K/V and pristine keys, when an eviction re-placed them
+            top = (held_new + s["copies"]) * token_bytes + sinks + HEADER
+            assert held_new * token_bytes <= s["bytes"] <= top, s
+        else:  # a new base: the sinks (and their pristine keys), the window and the copies, not the chat
+            assert s["bytes"] <= (6 + SETTINGS.window + s["copies"]) * token_bytes + HEADER, s
     assert all(s["segments"] <= 2 * SETTINGS.window for s in saves)
-    # on average a save writes about its own tokens, at most about twice over with compactions
-    new = sum(s["tokens"] for s in saves) * token_bytes
+    # on average a save writes about its own tokens and copies, at most about twice over with compactions
+    new = sum(s["tokens"] + s["copies"] for s in saves) * token_bytes
     assert sum(s["bytes"] for s in saves) <= 2.5 * new
 
 
@@ -294,3 +297,67 @@ def test_a_state_file_from_before_segments_resumes_and_gains_segments(smollm, sa
     store.close()
     again, notices = reopen(tmp_path, chat_id, smollm, KILL)
     assert notices == [] and same_cache(again, chat)
+
+
+# -- pins, rollbacks and turn eviction between segment saves -----------------------------------
+
+STEER = GREEDY.replace(sinks=4, window=64, block=8, max_new_tokens=6, pin_max=24)
+
+
+def resumes_exactly(root, chat_id: int, chat: Chat, loaded, settings) -> Chat:
+    """The chat reopened from its files: the same transcript, ledger and cache, bit for bit."""
+    again, notices = reopen(root, chat_id, loaded, settings)
+    assert notices == [] and again.tokens == chat.tokens and again.messages == chat.messages
+    assert same_cache(again, chat)
+    return again
+
+
+@pytest.mark.parametrize("evict", ["tokens", "turns"])
+def test_resume_is_exact_after_pins_rollbacks_and_unpins(smollm, tmp_path, evict):
+    """Saved after every turn (segments where they can describe the change): a pinned message the
+    window moved past, a regenerated reply (from the checkpoint, and without it), an edited turn and
+    an unpin each resume to the same cache, and the next greedy reply is the uninterrupted chat's."""
+    settings = STEER.replace(evict=evict)
+    store, chat = Store(tmp_path), Chat(smollm, settings)
+    say(chat, QUESTIONS[0])
+    chat_id = store.create(chat, settings)
+    kinds = []
+
+    def turn(text: str) -> str:
+        reply = say(chat, text)
+        store.save(chat_id, chat)
+        kinds.append((store.last_save["kind"], bool(chat.cache.parked)))
+        resumes_exactly(tmp_path, chat_id, chat, smollm, settings)
+        return reply
+
+    turn("My name is Ada and my cat is called Pixel.")
+    assert "pinned #4 you" in chat.pin(3)
+    for question in QUESTIONS[1:4]:
+        turn(question)
+    assert chat.cache.parked and ("segment", True) in kinds  # segments written while the pin was parked
+    again = resumes_exactly(tmp_path, chat_id, chat, smollm, settings)
+    first = turn("What is my cat called?")
+    assert say(again, "What is my cat called?") == first and again.tokens == chat.tokens
+
+    tokens = list(chat.tokens)
+    assert chat.cache.checkpoint.stash  # the reply evicted tokens held before it: going back needs their copies
+    again = resumes_exactly(tmp_path, chat_id, chat, smollm, settings)
+    assert again.rollback() is None and say(again, "What is my cat called?") == first  # regenerated after a resume
+    assert chat.rollback() is None and turn("What is my cat called?") == first and chat.tokens == tokens
+    chat.cache.checkpoint = None  # going back without the copies: the reply is computed from less context
+    chat.rollback()
+    turn("What is my cat called?")
+    assert chat.tokens == tokens or evict == "turns"  # (evicting tokens: the last save's ledger, with other K/V)
+    chat.rollback()
+    turn("What is my dog called?")
+    again = resumes_exactly(tmp_path, chat_id, chat, smollm, settings)
+    assert say(again, QUESTIONS[4]) == turn(QUESTIONS[4]) and again.tokens == chat.tokens
+
+    assert "unpinned #4 you" in chat.unpin(3)
+    for question in QUESTIONS[5:7]:
+        turn(question)
+    assert not chat.cache.parked and chat.cache.pins == []  # the unpinned message left
+    again = resumes_exactly(tmp_path, chat_id, chat, smollm, settings)
+    assert say(again, QUESTIONS[7]) == say(chat, QUESTIONS[7]) and again.tokens == chat.tokens
+    assert kinds.count(("segment", False)) >= 2 and kinds.count(("segment", True)) >= 2, kinds
+    store.close()

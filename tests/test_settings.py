@@ -48,6 +48,10 @@ def test_unknown_config_key_is_a_warning_naming_it():
         ("flags", "quant", "3bit", '--quant must be one of 4bit, 8bit, none (got "3bit")'),
         ("flags", "max_new_tokens", 10**12, "--max-new-tokens must be at most 10000000 (got 1000000000000)"),
         ("flags", "seed", -1, "--seed must be 0 or more (got -1)"),
+        ("flags", "evict", "messages", '--evict must be one of tokens, turns (got "messages")'),
+        ("flags", "pin_max", -1, "--pin-max must be 0 or more (got -1)"),
+        ("flags", "pin_max", 1001, "--pin-max must be at most half the window, 1000 (got 1001)"),
+        ("config", "pin_max", 1200, "cfg.toml: pin_max must be at most half the window, 1000 (got 1200)"),
     ],
 )
 def test_bad_values_name_their_source(layer, key, value, message):
@@ -76,6 +80,16 @@ def test_every_field_takes_only_values_of_its_type_and_range(name, value):
     assert got == value or (value is None and got == FIELDS[name].default)
     assert value is None or not isinstance(value, bool) or kind == "bool"
     assert value is None or type(value).__name__ == kind or (kind == "float" and isinstance(value, int))
+
+
+def test_pin_budget_is_a_quarter_of_the_window_unless_set():
+    assert Settings(window=64).pin_budget == 16 and Settings(window=64, pin_max=0).pin_budget == 0
+    with pytest.raises(SettingError, match="pin_max must be at most half the window, 32"):
+        Settings(window=64, pin_max=40)
+    with pytest.raises(SettingError) as caught:  # a smaller window for a chat saved with a budget
+        Settings.resolve({"window": 32}, saved={"pin_max": 32}, saved_source="chat 1's saved settings")
+    assert str(caught.value) == ("chat 1's saved settings: pin_max must be at most half the window, 16 (got 32) "
+                                 "for --window; give --pin-max too")
 
 
 def test_settings_are_frozen_and_checked_on_replace():

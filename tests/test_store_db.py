@@ -123,3 +123,39 @@ def test_rename_and_delete(tmp_path):
     assert store.list() == [] and not store.state_path(chat_id).exists()
     with pytest.raises(SinkchatError, match=f"no chat {chat_id}"):
         store.transcript(chat_id)
+
+
+def rows(store: Store, chat_id: int) -> list[int]:
+    return [r["token"] for r in store.db.db.execute("SELECT token FROM tokens WHERE chat_id=? ORDER BY pos",
+                                                    (chat_id,))]
+
+
+def test_a_save_after_a_rollback_rewrites_the_ledger_from_the_cut(tmp_path):
+    """Saved at 20 tokens; the last turn is taken back to token 10 and replaced, first by a longer
+    one, then (another rollback) by a shorter one: the rows follow, and the chat reads back intact."""
+    store = Store(tmp_path)
+    chat_id = store.create_state(state(), {}, Settings())
+    longer = ChatState(list(range(100, 110)) + list(range(500, 515)),
+                       [Message("user", "Tell me about 100% of Paris_", 0, 10), Message("assistant", "Other.", 10, 25)],
+                       {**meta(n_win=8, seen=25, evictions=((4, 17),)), "revision": 1}, {"model": "m", "tokenizer": "t"},
+                       cuts=[(1, 10)])
+    store.save_state(chat_id, longer, {})
+    assert rows(store, chat_id) == longer.tokens and kinds(store, chat_id) == "ssss" + "e" * 13 + "w" * 8
+    shorter = ChatState(list(range(100, 110)) + [700, 701], [Message("user", "Tell me about 100% of Paris_", 0, 10),
+                                                             Message("assistant", "No.", 10, 12)],
+                        {**meta(n_win=8, seen=12, evictions=()), "revision": 2}, {"model": "m", "tokenizer": "t"},
+                        cuts=[(1, 10), (2, 10)])
+    store.save_state(chat_id, shorter, {})
+    assert rows(store, chat_id) == shorter.tokens
+    t = store.transcript(chat_id)
+    assert t.tokens == shorter.tokens and t.messages[1].content == "No." and t.notices == []
+
+
+def test_ledger_kinds_mark_pinned_tokens_and_follow_an_unpin(tmp_path):
+    store = Store(tmp_path)
+    pinned = state(n=20, n_win=6, evictions=((4, 5), (8, 14)))
+    pinned.meta.update(parked=[[5, 8, 5]], pins=[[5, 8]])
+    chat_id = store.create_state(pinned, {}, Settings())
+    assert kinds(store, chat_id) == "ssss" + "e" + "ppp" + "e" * 6 + "w" * 6
+    store.save_state(chat_id, state(n=22, n_win=6, evictions=((4, 16),)), {})  # unpinned, then evicted
+    assert kinds(store, chat_id) == "ssss" + "e" * 12 + "w" * 6

@@ -1,4 +1,4 @@
-"""``sinkchat bench ppl | speed | resume | attention``: flags, progress, JSON and plots.
+"""``sinkchat bench ppl | speed | resume | attention | turns``: flags, progress, JSON and plots.
 
 The measuring lives in :mod:`sinkchat.bench` (imported only when a command runs, so ``--help``
 stays quick); this module only turns flags into calls and results into something a person (a
@@ -426,3 +426,39 @@ def attention(
         attention_plot(report, plot, f"{loaded.name} ({loaded.quant}): where attention goes, {len(ids)} tokens "
                        f"of {source}")
     finish(report, as_json, tables.print_attention, plot, interrupted)
+
+
+@app.command("turns")
+def turns(
+    window: int = typer.Option(256, "--window", "-w", help="Window of both chats."),
+    sinks: int = SINKS,
+    turns: int = typer.Option(30, "--turns", help="Turns of the chat and of the transcript (at most 30)."),
+    modes: str = typer.Option("tokens,turns", help="Comma list of --evict modes: tokens, turns."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Longest generated reply."),
+    model: str = MODEL, quant: str = QUANT, device: str = DEVICE, dtype: str = DTYPE,
+    as_json: bool = JSON,
+) -> None:
+    """Evicting whole turns against evicting tokens, in a chat: a scripted greedy chat per --evict mode
+    (replies that are empty or repeat the previous one; evictions that leave the window starting inside
+    a message), and the perplexity of a fixed transcript's reference replies, teacher-forced turn by turn.
+
+    Example: sinkchat bench turns --window 256
+    """
+    from .. import bench
+    from ..bench import turns as measure_turns
+
+    wanted = bench.parse_modes(modes, ("tokens", "turns"))
+    check_positive(turns=turns, max_new_tokens=max_new_tokens)
+    if turns > len(measure_turns.SCRIPT):
+        raise SinkchatError(f"--turns must be at most {len(measure_turns.SCRIPT)}, the script's length (got {turns})")
+    s = settings(model=model, sinks=sinks, window=window, quant=quant, device=device, dtype=dtype)
+    loaded = load(s, as_json)
+    runs: list[measure_turns.TurnsRun] = []
+    interrupted = measure(
+        lambda bars: measure_turns.run_turns(loaded, wanted, s.sinks, s.window, turns, max_new_tokens, bars, runs),
+        as_json,
+    )
+    report = measure_turns.turns_report(runs, {"sinks": s.sinks, "window": s.window, "turns": turns,
+                                               "max_new_tokens": max_new_tokens, "interrupted": interrupted,
+                                               "machine": machine(loaded)})
+    finish(report, as_json, tables.print_turns, None, interrupted)

@@ -147,6 +147,16 @@ def print_attention(report: dict) -> None:
                   f"{layers * report['heads']}")
 
 
+def print_turns(report: dict) -> None:
+    table = Table("--evict", "turns", "empty replies", "repeated replies", "evictions", "window cut mid-message",
+                  "transcript ppl", "seconds",
+                  title=f"a {report['turns']}-turn chat, greedy, sinks {report['sinks']}, window {report['window']}")
+    for r in report["results"]:
+        table.add_row(r["mode"], str(r["turns"]), str(r["empty"]), str(r["repeated"]), str(r["evictions"]),
+                      str(r["mid_message"]), fmt(r["ppl"]), fmt(r["seconds"], ".0f"))
+    tables_console().print(table)
+
+
 def print_endless(report: dict) -> None:
     console = tables_console()
     table = Table("turn", "tokens", "widgets", "UI ms / message", "decode ms / token", "save ms", "save KiB",

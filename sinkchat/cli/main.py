@@ -40,6 +40,8 @@ def main(
     sinks: int = _opt("sinks", "--sinks"),
     window: int = _opt("window", "--window", "-w"),
     block: int = _opt("block", "--block"),
+    evict: str = _opt("evict", "--evict"),
+    pin_max: int = _opt("pin_max", "--pin-max"),
     keep_system: bool = _opt("keep_system", "--keep-system/--no-keep-system"),
     system: str = _opt("system", "--system", "-s"),
     quant: str = _opt("quant", "--quant"),
@@ -70,9 +72,9 @@ def main(
     ctx.obj = {"data_dir": data_dir}
     if ctx.invoked_subcommand is not None:
         return
-    flags = dict(model=model, sinks=sinks, window=window, block=block, keep_system=keep_system, system=system,
-                 quant=quant, device=device, dtype=dtype, kv_dtype=kv_dtype, compile=compile, temperature=temperature,
-                 top_p=top_p, top_k=top_k,
+    flags = dict(model=model, sinks=sinks, window=window, block=block, evict=evict, pin_max=pin_max,
+                 keep_system=keep_system, system=system, quant=quant, device=device, dtype=dtype,
+                 kv_dtype=kv_dtype, compile=compile, temperature=temperature, top_p=top_p, top_k=top_k,
                  repetition_penalty=repetition_penalty, seed=seed, max_new_tokens=max_new_tokens, theme=theme)
     from ..store import Store
 
@@ -162,9 +164,20 @@ def _run_plain(settings: Settings, store, chat_id: int | None, save: bool = True
         if store is not None:
             store.close()
     if sys.stdin.isatty() and autosave is not None and autosave.chat_id is not None:
-        note(f"resume with: sinkchat --plain --resume {autosave.chat_id}")
+        note(_resume_hint(store, autosave.chat_id, plain=True))
     if ended_by is not None:  # SIGTERM, SIGHUP (or Ctrl+C in a pipe): saved, then the usual 128 + signal
         raise typer.Exit(128 + ended_by)
+
+
+def _resume_hint(store, chat_id: int, plain: bool = False) -> str:
+    """``resume with: sinkchat --resume 3``, with ``--data-dir`` when the chat lives elsewhere than
+    where a plain ``sinkchat`` looks."""
+    import shlex
+
+    words = ["sinkchat"] + (["--plain"] if plain else []) + ["--resume", str(chat_id)]
+    if store.root.resolve() != config.data_dir().resolve():
+        words += ["--data-dir", str(store.root.resolve())]
+    return "resume with: " + shlex.join(words)
 
 
 def _recap(chat, chat_id: int, shown: int = 2, chars: int = 300) -> None:
@@ -196,7 +209,7 @@ def _run_tui(settings: Settings, store, chat_id: int | None, warnings: list[str]
         raise
     chat_id = run(settings, store, chat_id, warnings, save=save)
     if chat_id is not None:
-        print(f"resume with: sinkchat --resume {chat_id}")
+        print(_resume_hint(store, chat_id))
 
 
 @app.command("models")

@@ -4,8 +4,8 @@ Layout of the data dir (``--data-dir``, ``SINKCHAT_DATA_DIR`` or the XDG data di
 every file 0600)::
 
     chats.db                  chats (index), messages (transcript), tokens (the ledger)   db.py
-    state/<id>.safetensors    base: sink + window K/V at one save, plus a copy of the ledger  statefile.py
-    state/<id>.<g>.safetensors  segment: what save g added (new tokens' K/V, ledger, messages)
+    state/<id>.safetensors    base: the held K/V at one save, plus a copy of the ledger     statefile.py
+    state/<id>.<g>.safetensors  segment: what save g changed (new tokens' K/V, ledger, messages)
     locks/<id>.lock           held (flock) by the one process that has the chat open       locks.py
 
 Why two copies: the ledger is the truth and the KV is derived from it. The state files also carry

@@ -340,8 +340,9 @@ class Autosave:
 
     @staticmethod
     def _mark(chat) -> tuple:
-        """What changes when a chat has something new to save (a stopped reply may add no token)."""
-        return len(chat.tokens), len(chat.messages), chat.messages[-1].row() if chat.messages else None
+        """What changes when a chat has something new to save (a stopped reply may add no token;
+        a pin or a rollback bumps the chat's revision)."""
+        return len(chat.tokens), len(chat.messages), chat.messages[-1].row() if chat.messages else None, chat.revision
 
     def capture(self, chat) -> tuple | None:
         """A copy of what to save, or None if nothing is new since the last capture."""

@@ -2,7 +2,7 @@
 
 Tables: ``chats`` (one row per chat: title, times, settings, fingerprint, cache counters, save
 generation and checksum), ``messages`` (the transcript) and ``tokens`` (the ledger: every token,
-its message, and whether it is a sink ``s``, in the window ``w`` or evicted ``e``).
+its message, and whether it is a sink ``s``, pinned ``p``, otherwise held ``w`` or evicted ``e``).
 
 The schema is versioned with ``PRAGMA user_version`` and upgraded on every open by numbered
 migrations, each in one transaction (the pattern of simonw/llm's ``migrations.py``): a database
@@ -185,10 +185,11 @@ class Database:
         return None, "the database rows are damaged (checksum mismatch)"
 
     def write(self, chat_id: int, snap: Snapshot, old_meta: dict, n_old: int, keep: int = 0) -> None:
-        """Store ``snap`` in one transaction: new ledger rows appended, the kinds of newly evicted
-        tokens updated, messages from ``keep`` on replaced (the ones before are unchanged), the chat
-        row replaced. ``old_meta``/``n_old``/``keep``: what the rows held before. So a save writes
-        rows in proportion to what changed, not to the length of the chat."""
+        """Store ``snap`` in one transaction: new ledger rows appended (and those a rollback
+        rewrote since the rows' revision replaced), changed kinds updated, messages from ``keep`` on
+        replaced (the ones before are unchanged), the chat row replaced. ``old_meta``/``n_old``/
+        ``keep``: what the rows held before. So a save writes rows in proportion to what changed,
+        not to the length of the chat."""
         with self.transaction() as db:
             self._rows(db, chat_id, snap, old_meta, n_old, keep)
 
@@ -199,15 +200,22 @@ class Database:
         owner = array("l", [0]) * len(toks)
         for i, m in enumerate(snap.messages):
             owner[m.start : m.end] = array("l", [i]) * (m.end - m.start)
-        kind = lambda p: "s" if p < n_sink else "w" if p >= win_start else "e"  # noqa: E731
-        n_old = min(n_old, len(toks))
+        pinned, parked = _tokens(meta.get("pins", [])), _tokens(meta.get("parked", []))
+        kind = lambda p: ("s" if p < n_sink else "p" if p in pinned else "w" if p >= win_start or p in parked  # noqa: E731
+                          else "e")
+        rewritten = snap.rewritten_from(old_meta.get("revision", 0))
+        n_old = min(n_old, len(toks), len(toks) if rewritten is None else rewritten)
         same = old_meta.get("seen") is not None and all(
             old_meta.get(k) == meta[k] for k in ("sinks", "window", "n_sink")
         )
-        # rows before the old window's start keep their kind unless the geometry changed, and so
-        # do rows still in the window: only what was evicted since is updated
-        lo = old_meta["seen"] - old_meta["n_win"] if same else 0
-        hi = min(n_old, win_start) if same else n_old
+        # rows between the old and the new window start (a rollback may move it back) change kind;
+        # the others keep theirs unless the geometry changed, or they are (or were) pinned or parked
+        lo, hi = 0, n_old
+        if same:
+            old_start = old_meta["seen"] - old_meta["n_win"]
+            lo, hi = min(old_start, win_start), min(n_old, max(old_start, win_start))
+        was = _tokens(old_meta.get("pins", [])) | _tokens(old_meta.get("parked", []))
+        odd = sorted(p for p in pinned | parked | was if p < n_old)
         db.execute("DELETE FROM tokens WHERE chat_id=? AND pos>=?", (chat_id, n_old))
         db.executemany(
             "INSERT INTO tokens VALUES (?, ?, ?, ?, ?)",
@@ -218,6 +226,7 @@ class Database:
             "UPDATE tokens SET kind = CASE WHEN pos < ? THEN 's' WHEN pos < ? THEN 'e' ELSE 'w' END"
             " WHERE chat_id=? AND pos>=? AND pos<?", (n_sink, win_start, chat_id, lo, hi),
         )
+        db.executemany("UPDATE tokens SET kind=? WHERE chat_id=? AND pos=?", ((kind(p), chat_id, p) for p in odd))
         db.execute("DELETE FROM messages WHERE chat_id=? AND idx>=?", (chat_id, keep))
         db.executemany(
             "INSERT INTO messages (chat_id, idx, role, content, first_tok, end_tok, note)"
@@ -231,3 +240,8 @@ class Database:
             (time.time(), json.dumps(snap.settings), json.dumps(snap.fingerprint), json.dumps(meta), len(toks),
              snap.gen, snap.checksum(), chat_id),
         )
+
+
+def _tokens(spans) -> set[int]:
+    """The tokens of pinned spans ``[a, b]`` or parked runs ``[a, b, position]`` (bounded by ``--pin-max``)."""
+    return {t for span in spans for t in range(span[0], span[1])}

@@ -54,7 +54,7 @@ class Snapshot(ChatState):
 
     @classmethod
     def of(cls, state: ChatState, settings: dict, gen: int) -> "Snapshot":
-        return cls(state.tokens, state.messages, state.meta, state.fingerprint, settings, gen)
+        return cls(state.tokens, state.messages, state.meta, state.fingerprint, settings, gen, cuts=state.cuts)
 
 
 @dataclass(frozen=True)

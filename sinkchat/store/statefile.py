@@ -2,21 +2,26 @@
 
 Layout, in ``state/``::
 
-    <id>.safetensors          the base: every held K/V slot (sinks + window), the sinks' pristine
-                              float32 keys, the whole ledger and the snapshot, at save generation b
+    <id>.safetensors          the base: every held K/V slot (sinks, parked pinned tokens, window),
+                              the pristine float32 keys of sinks and parked tokens, the rollback
+                              checkpoint's copies, the whole ledger and the snapshot, at generation b
     <id>.<g>.safetensors      segment g (b < g): the K/V of the tokens added since save g-1 that the
                               window still holds, the ledger tokens and messages added since then,
-                              the cache counters, and the sinks' current keys if an eviction moved them
+                              the cache counters, the *head* (every slot before the window, with the
+                              pristine keys) if an eviction re-placed it, and the checkpoint's copies
 
-Why: a window token's K/V never changes while it is held (evictions move it between slots, the
-sinks are what get re-rotated, see :mod:`sinkchat.cache`), so the tokens a turn added are all a save
-has to write. Restoring is the base plus each segment in order, then the window's last ``n_win``
-tokens are kept (what an eviction dropped is simply not taken). Evicted tokens stay in the files as
-garbage, so the store writes a new base (compaction) when the files hold more than two windows of
-tokens, after :data:`MAX_SEGMENTS` segments, and when the segments cannot describe the change (a
-rebase re-rotated every key, the geometry or the model changed, the ledger is not an extension):
-then the older files are removed. Writes stay proportional to the new tokens on average, and the
-files stay bounded by about two full states.
+Why: a window token's K/V never changes while it is held (evictions move it between slots; the
+sinks and parked pinned tokens are what get re-rotated, see :mod:`sinkchat.cache`), so the tokens a
+turn added are all a save has to write of the window; what lies before the window is small and
+written whole when it changed, and so are the copies a rollback of the last turn needs
+(:mod:`sinkchat.rewind`), which belong to that save alone. Restoring is the base plus each segment
+in order: the window's last ``n_win`` tokens are kept (what an eviction dropped is simply not
+taken), the newest head, and the last file's copies. Evicted tokens stay in the files as garbage,
+so the store writes a new base (compaction) when the files hold more than two windows of tokens,
+after :data:`MAX_SEGMENTS` segments, and when the segments cannot describe the change (a rebase
+re-rotated every key, the geometry or the model changed, the ledger is not an extension, a rollback
+since the last save may have rewritten held K/V): then the older files are removed. Writes stay
+proportional to the new tokens on average, and the files stay bounded by about two full states.
 
 Every file is written atomically (temp, fsync, rename) and carries sha256 checksums over its
 tensors and over the whole snapshot it completes (:meth:`Snapshot.checksum`, the one the database
@@ -37,11 +42,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..files import write_atomic
+from ..layout import run_tokens
 from ..ledger import Message
 from .records import FORMAT, Snapshot
 
 MAX_SEGMENTS = 256  # a new base after this many segments, however short the turns
-_LAYER = re.compile(r"(\d+)\.(k|v|sink|sk)")
+_LAYER = re.compile(r"(\d+)\.(\w+)")
+STASH = ("stash_k", "stash_v")  # the rollback checkpoint's copies (see SinkCache.state): the last file's alone
 
 
 def tensor_sum(tensors: dict) -> str:
@@ -74,8 +81,10 @@ def segment_paths(state_dir: Path, chat_id: int) -> list[Path]:
 @dataclass
 class Chain:
     """What the files of one chat hold: the snapshot they complete, the checksum of the last file,
-    the K/V layout, how many window tokens are stored, how many segments; ``problem`` says why a
-    later segment was not used (None if none was found wrong)."""
+    the K/V layout, how many tokens of K/V are stored (the base's window, then what each segment
+    added to the window and each head it rewrote; the checkpoint copies are bounded by the evicted
+    window tokens), how many segments; ``problem`` says why a later segment was not used (None if
+    none was found wrong)."""
 
     snap: Snapshot
     tip: str
@@ -94,6 +103,8 @@ class Chain:
         n = len(self.snap.tokens)
         if len(snap.tokens) < n or snap.tokens[:n] != self.snap.tokens:
             return "the ledger is not an extension of the saved one"
+        if snap.rewritten_from(old.get("revision", 0)) is not None:
+            return "a rollback since the last save may have rewritten the held K/V"
         if self.stored + new["seen"] - n > 2 * new["window"] or self.segments >= MAX_SEGMENTS:
             return "the files hold enough evicted tokens to be worth compacting"
         return None
@@ -103,6 +114,11 @@ def unchanged(old: list[Message], new: list[Message]) -> int:
     """How many leading messages ``new`` shares with ``old`` (the ones a save need not write again)."""
     same = (i for i, (a, b) in enumerate(zip(old, new)) if a.row() != b.row())
     return next(same, min(len(old), len(new)))
+
+
+def head(meta: dict) -> int:
+    """Slots before the window: the sinks and the parked pinned tokens."""
+    return meta.get("n_sink", 0) + run_tokens(meta.get("parked", []))
 
 
 def layout(tensors: dict) -> dict:
@@ -134,22 +150,27 @@ def write_segment(path: Path, chain: Chain, snap: Snapshot, tensors: dict) -> Ch
     import torch
 
     meta, old = snap.meta, chain.snap
-    n_old, n_sink, win_start = len(old.tokens), meta["n_sink"], meta["seen"] - meta["n_win"]
+    n_old, n_head, win_start = len(old.tokens), head(meta), meta["seen"] - meta["n_win"]
     first = max(n_old, win_start)  # new tokens an eviction already dropped are not written
-    slot = n_sink + first - win_start
-    moved = win_start != old.meta["seen"] - old.meta["n_win"]  # an eviction re-rotated the sinks
+    slot = n_head + first - win_start
+    # an eviction re-rotated the sinks and parked tokens, or changed which tokens are parked
+    moved = (win_start, meta.get("parked", [])) != (old.meta["seen"] - old.meta["n_win"], old.meta.get("parked", []))
     out = {}
     for name, t in tensors.items():
-        if name.endswith((".k", ".v")):
+        i, _, part = name.partition(".")
+        if part in ("k", "v"):
             out[name] = t[:, :, slot:].detach().cpu().contiguous()
-            if moved and name.endswith(".k"):
-                out[name[:-1] + "sk"] = t[:, :, :n_sink].detach().cpu().contiguous()
+            if moved:
+                out[f"{i}.h{part}"] = t[:, :, :n_head].detach().cpu().contiguous()
+        elif moved or part in STASH:
+            out[name] = t.detach().cpu().contiguous()
     out["ledger"] = torch.tensor(snap.tokens[n_old:], dtype=torch.int64)
     rows, keep = [m.row() for m in snap.messages], unchanged(old.messages, snap.messages)
     header = {**snap.header(), "messages": rows[keep:], "segment": {"prev": chain.tip, "n_prev": n_old,
               "keep": keep, "first": first}, "ledger_sum": snap.checksum()}
     _save(path, out, header, "segment-temp")
-    return Chain(snap, snap.checksum(), chain.layout, chain.stored + meta["seen"] - first, chain.segments + 1)
+    stored = chain.stored + meta["seen"] - first + (n_head if moved else 0)
+    return Chain(snap, snap.checksum(), chain.layout, stored, chain.segments + 1)
 
 
 def _read(path: Path, framework: str, what: str, only: str | None = None) -> tuple[dict, dict]:
@@ -191,7 +212,7 @@ def _snapshot(header: dict, ledger: list[int], what: str, messages: list | None 
 
 
 def _layers(tensors: dict) -> dict:
-    """``{layer: {"k": ..., "v": ..., ...}}`` from names like ``3.k``."""
+    """``{layer: {"k": ..., "v": ..., "sink": ..., ...}}`` from names like ``3.k``."""
     out: dict = {}
     for name, t in tensors.items():
         if m := _LAYER.fullmatch(name):
@@ -205,12 +226,14 @@ def read_chain(state_dir: Path, chat_id: int, tensors: bool = True) -> tuple[Cha
     framework, only = ("pt", None) if tensors else ("numpy", "ledger")
     header, data = _read(base_path(state_dir, chat_id), framework, "the state file", only)
     snap = _snapshot(header, data.pop("ledger").tolist(), "the state file")
-    n_sink = snap.meta.get("n_sink", 0) if snap.tokens else 0
+    n_head = head(snap.meta) if snap.tokens else 0
     layers = _layers(data)
     chain = Chain(snap, header["ledger_sum"], layout(data), snap.meta.get("n_win", 0))
     start = snap.meta["seen"] - snap.meta["n_win"] if snap.tokens else 0
-    for parts in layers.values():  # sinks, and the window as (first conversation token, K, V) pieces
-        parts["pieces"] = [(start, parts["k"][:, :, n_sink:], parts["v"][:, :, n_sink:])]
+    for parts in layers.values():  # the head, and the window as (first conversation token, K, V) pieces
+        k, v = parts.pop("k"), parts.pop("v")
+        parts["pieces"] = [(start, k[:, :, n_head:], v[:, :, n_head:])]
+        parts["hk"], parts["hv"] = k[:, :, :n_head], v[:, :, :n_head]
     while True:
         gen = chain.snap.gen + 1
         path, what = segment_path(state_dir, chat_id, gen), f"the state segment {chat_id}.{gen}.safetensors"
@@ -234,19 +257,21 @@ def read_chain(state_dir: Path, chat_id: int, tensors: bool = True) -> tuple[Cha
         except (ValueError, TypeError, KeyError) as exc:
             chain.problem = str(exc) if isinstance(exc, ValueError) else f"{what} is damaged ({exc!r})"
             break
+        moved = any("hk" in parts for parts in new.values())
         for i, parts in new.items():
-            parts_old = layers[i]
-            parts_old["pieces"].append((seg["first"], parts["k"], parts["v"]))
-            if "sk" in parts:
-                parts_old["sk"] = parts["sk"]
-        chain = Chain(snap, header["ledger_sum"], chain.layout, chain.stored + snap.meta["seen"] - seg["first"],
-                      chain.segments + 1)
-    return chain, (_assemble(chain.snap.meta, n_sink, layers) if tensors and chain.snap.tokens else None)
+            pieces = layers[i]["pieces"] + [(seg["first"], parts.pop("k"), parts.pop("v"))]
+            if "hk" not in parts:  # the head did not change: keep the one before, without its copies
+                parts.update({k: t for k, t in layers[i].items() if k not in STASH})
+            layers[i] = {**parts, "pieces": pieces}
+        stored = chain.stored + snap.meta["seen"] - seg["first"] + (head(snap.meta) if moved else 0)
+        chain = Chain(snap, header["ledger_sum"], chain.layout, stored, chain.segments + 1)
+    return chain, (_assemble(chain.snap.meta, layers) if tensors and chain.snap.tokens else None)
 
 
-def _assemble(meta: dict, n_sink: int, layers: dict) -> dict:
-    """The held K/V: the sinks, then the last ``n_win`` tokens of the window pieces laid end to end
-    (a piece that starts after a gap follows an eviction of everything before it)."""
+def _assemble(meta: dict, layers: dict) -> dict:
+    """The held K/V: the head, then the last ``n_win`` tokens of the window pieces laid end to end
+    (a piece that starts after a gap follows an eviction of everything before it); the head's
+    pristine keys and the checkpoint's copies as they are."""
     import torch
 
     seen, n_win = meta["seen"], meta["n_win"]
@@ -265,8 +290,7 @@ def _assemble(meta: dict, n_sink: int, layers: dict) -> dict:
         if begin + k.shape[-2] != seen or begin > seen - n_win:
             raise ValueError("the state files do not hold the window")
         cut = k.shape[-2] - n_win
-        sinks_k = parts.get("sk", parts["k"][:, :, :n_sink])
-        out[f"{i}.k"] = torch.cat([sinks_k, k[:, :, cut:]], dim=-2)
-        out[f"{i}.v"] = torch.cat([parts["v"][:, :, :n_sink], v[:, :, cut:]], dim=-2)
-        out[f"{i}.sink"] = parts["sink"]
+        out[f"{i}.k"] = torch.cat([parts["hk"], k[:, :, cut:]], dim=-2)
+        out[f"{i}.v"] = torch.cat([parts["hv"], v[:, :, cut:]], dim=-2)
+        out.update({f"{i}.{name}": t for name, t in parts.items() if name not in ("hk", "hv", "pieces")})
     return out

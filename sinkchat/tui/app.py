@@ -291,6 +291,12 @@ class SinkchatApp(App):
         yield SystemCommand("Toggle gauge details", "Show or hide the evicted spans (ctrl+g)",
                             chat.action_toggle_details)
         yield SystemCommand("Copy last reply", "Copy the last reply to the clipboard (ctrl+r)", chat.action_copy_reply)
+        yield SystemCommand("Regenerate last reply", "Take back the last reply and generate it again (f5)",
+                            chat.action_regenerate)
+        yield SystemCommand("Edit last message", "Put the last message in the box; sending replaces it (f2)",
+                            chat.action_edit_last)
+        yield SystemCommand("Pin or unpin message", "Keep the selected message in the model's memory, or let it "
+                            "go (select: alt+up/down; ctrl+l)", chat.action_pin)
         yield SystemCommand("Help", "Show all key bindings (f1)", self.action_help)
         if self.store is not None:
             yield SystemCommand("Chats", "Open saved chats (ctrl+o)", self.action_chats)

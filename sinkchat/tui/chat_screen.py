@@ -5,7 +5,8 @@ imported there, so the screen is up before it has loaded): the model load
 posts :class:`ChatScreen.ModelLoaded`, and the generation worker batches the engine's events and
 posts them at most ``STREAM_INTERVAL`` apart, so the UI never slows decoding (see the README for
 the measurement). The screen never touches the disk: it posts :class:`ChatScreen.TurnEnded` after
-every reply and :class:`ChatScreen.NewChat` on Ctrl+N, and the app saves or switches chats.
+every reply (and after a pin) and :class:`ChatScreen.NewChat` on Ctrl+N, and the app saves or
+switches chats. Pinning, regenerating and editing are in :mod:`.steer_keys`.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from ..text import clean
 from .chat_input import ChatInput
 from .gauge import CacheGauge
 from .header import ChatHeader
+from .steer_keys import SteerKeys
 from .transcript import Entry, MessageView, Transcript
 
 if TYPE_CHECKING:  # the engine (and torch) load in the worker, after the screen is up
@@ -67,7 +69,7 @@ class Finished(Message):
     error: str | None = None
 
 
-class ChatScreen(Screen):
+class ChatScreen(SteerKeys, Screen):
     BINDINGS = [
         Binding("escape", "stop", "Stop"),
         Binding("ctrl+n", "new_chat", "New chat"),
@@ -80,6 +82,7 @@ class ChatScreen(Screen):
         Binding("ctrl+home", "scroll('home')", "Transcript: first message", show=False, priority=True),
         Binding("ctrl+end", "scroll('end')", "Transcript: newest text (and follow it)", show=False,
                 priority=True),
+        *SteerKeys.STEER_BINDINGS,
     ]
     STREAM_INTERVAL = 0.3  # seconds between batches the worker posts: about 3 screen updates a second
 
@@ -107,6 +110,7 @@ class ChatScreen(Screen):
         self.queued: str | None = None  # a message sent before the chat was ready; sent once it is
         self._confirmed = ""  # a message over the window the user was warned about (Enter again sends)
         self._worker: Worker | None = None
+        self.editing: int | None = None  # the index of the user message the box is replacing (F2)
 
     def compose(self) -> ComposeResult:
         yield ChatHeader()
@@ -114,7 +118,8 @@ class ChatScreen(Screen):
             with Vertical(id="loading"):
                 yield LoadingIndicator()
                 yield Label("loading the model…", classes="status", markup=False)
-        yield CacheGauge(Occupancy(0, 0, self.settings.window, self.settings.sinks, 0, 0))
+        yield CacheGauge(Occupancy(0, 0, self.settings.window, self.settings.sinks, 0, 0),
+                         turns=self.settings.evict == "turns")
         yield ChatInput()
         yield Footer()
 
@@ -165,6 +170,7 @@ class ChatScreen(Screen):
         Entry ``i`` shows ``chat.messages[i]``, so a new chat's system turn gets one before it exists.
         """
         self.reply_view = None
+        self.editing = None
         self.last_reply = next((m.content for m in reversed(chat.messages) if m.role == "assistant"), "")
         entries = [Entry(m.role, chat.system_text() if m.role == "system" else m.content, m.note)
                    for m in chat.messages]
@@ -223,22 +229,25 @@ class ChatScreen(Screen):
             await self.query_one(Transcript).add("user", event.text, note="queued")
             return
         tokens = len(self.chat.encode(event.text))
-        if tokens > self.chat.cache.window and self._confirmed != event.text:
+        if tokens > self.chat.cache.window - self.chat.cache.pinned_count() and self._confirmed != event.text:
             self._confirmed = event.text
             self.notify(f"This message is {tokens} tokens, more than the {self.chat.cache.window}-token window: "
                         "the model will keep only its end. Press Enter again to send it.",
                         title="Longer than the window", severity="warning", timeout=15)
             return
         box.clear()
+        if self.editing is not None:
+            await self.resend(self.editing, event.text)
+            return
         await self._send(event.text)
 
-    async def _send(self, text: str) -> None:
+    async def _send(self, text: str, rollback: bool = False) -> None:
         transcript = self.query_one(Transcript)
         await transcript.jump_end()  # sending is coming back to the newest text
         await transcript.add("user", text)
         self.reply_view = await transcript.add("assistant")
         transcript.streaming = self.generating = True
-        self._worker = self.generate(self.chat, text)
+        self._worker = self.generate(self.chat, text, rollback)
 
     def on_text_area_changed(self, event: ChatInput.Changed) -> None:
         self._count_tokens()
@@ -257,13 +266,17 @@ class ChatScreen(Screen):
                                if over else f"{tokens} of {window} tokens")
 
     @work(thread=True, exclusive=True, group="generate", exit_on_error=False)
-    def generate(self, chat: Chat, text: str) -> None:
-        """Consume the engine's events; post batched text and cache numbers to the UI."""
+    def generate(self, chat: Chat, text: str, rollback: bool = False) -> None:
+        """Consume the engine's events; post batched text and cache numbers to the UI. ``rollback``:
+        take back the last turn first (regenerate, edit)."""
         from ..engine import Done, Evicted, Stats, TokenText
 
         pending: list[str] = []
         occupancy, speed, last = None, None, time.perf_counter()
         try:
+            notice = chat.rollback() if rollback else None
+            if notice:
+                self.app.call_from_thread(self.notify, notice, severity="warning", timeout=10)
             for event in chat.submit(text):
                 if isinstance(event, TokenText):
                     pending.append(event.text)
@@ -320,13 +333,13 @@ class ChatScreen(Screen):
         (work bounded by the mounted views and the few merged spans, not by the chat's length)."""
         chat = self.chat
         self.query_one(CacheGauge).show(occupancy, chat.messages)
-        self.query_one(Transcript).mark(chat.messages, spans(occupancy), chat.kept_from)
+        self.query_one(Transcript).mark(chat.messages, spans(occupancy), chat.kept_from, chat.is_pinned)
 
     # -- actions --------------------------------------------------------------------------------
 
     def check_action(self, action: str, parameters: tuple) -> bool | None:
         if action == "stop":
-            return self.generating
+            return self.generating or self.editing is not None
         if action in ("new_chat", "copy_reply"):
             return self.chat is not None
         return True
@@ -334,6 +347,8 @@ class ChatScreen(Screen):
     def action_stop(self) -> None:
         if self.generating and self.chat is not None:
             self.chat.stop()
+        elif self.editing is not None:
+            self.cancel_edit()
 
     def action_new_chat(self) -> None:
         self.post_message(self.NewChat())

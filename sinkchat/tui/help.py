@@ -13,12 +13,16 @@ GAUGE = """\
 
 The model keeps only part of the chat in its memory (its KV cache): the first few tokens,
 the **attention sinks** (`▓`, kept forever, because the model leans on them whatever they say),
-and a rolling **window** of the most recent tokens (`█`; `░` is room left in it). When the window
-is full its oldest tokens are **forgotten**: `seen` counts every token of the chat, `forgotten`
-those no longer in memory, and each `✂ forgot tokens a–b` line names the messages they came from,
-numbered as in the transcript (`#3 model 21 of 34`: 21 of message 3's 34 tokens). In the
-transcript a forgotten message is dimmed, and a partly forgotten one quotes where what is kept
-begins. Ctrl+G shows or hides those lines.
+**pinned** messages (`▒`, kept until you unpin them) and a rolling **window** of the most recent
+tokens (`█`; `░` is room left in it). When the window is full its oldest tokens are **forgotten**:
+`seen` counts every token of the chat, `forgotten` those no longer in memory, and each `✂ forgot
+tokens a–b` line names the messages they came from, numbered as in the transcript (`#3 model 21
+of 34`: 21 of message 3's 34 tokens). In the transcript a forgotten message is dimmed, and a partly
+forgotten one quotes where what is kept begins. Ctrl+G shows or hides those lines.
+
+To keep a message, select it with alt+↑/alt+↓ and press ctrl+l: it is pinned (`▒ pinned` in its
+label) and never forgotten, up to `--pin-max` tokens in all (a quarter of the window unless set);
+ctrl+l again lets it go. F5 regenerates the last reply, F2 edits your last message.
 """
 
 

@@ -22,6 +22,7 @@ from .. import config
 DEFAULT_THEME = "sinkchat-dark"
 GAUGE_DEFAULTS = {
     "gauge-sink": "#F2B134",
+    "gauge-pinned": "#6CC08B",
     "gauge-window": "#5FA8D3",
     "gauge-free": "#3A3F48",
     "gauge-evicted": "#E0576B",

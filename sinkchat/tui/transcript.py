@@ -11,6 +11,9 @@ Only a window of the entries is mounted (the newest ``MOUNTED`` while following 
 stay as data, summed up in one line above (and below, when reading back), and are mounted
 ``BATCH`` at a time as the user scrolls into them, or all at once around the first message with
 Ctrl+Home. The transcript follows the end (Textual's anchor) unless the user scrolls up.
+
+One message can be *selected* (Alt+Up/Down move the highlight over the mounted views), for the
+keys that act on a message (pinning it); a pinned message says so in its label (``▒ pinned``).
 """
 
 from __future__ import annotations
@@ -27,7 +30,9 @@ from textual.widgets import Markdown, Static
 from ..ledger import NOTE_LABEL, ROLE_NAME, Memory, Message, Span, forgotten_count, memory
 from ..text import clean
 
+PINNED = "▒"  # the gauge's glyph for pinned tokens
 KeptFrom = Callable[[Message, int], "tuple[str, int] | None"]
+Pinned = Callable[[Message], bool]
 
 
 @dataclass
@@ -52,6 +57,7 @@ class MessageView(Vertical):
         self.index, self.entry = index, entry
         self.memory: Memory | None = None
         self.kept_from: tuple[str, int] | None = None  # (words, paragraph) where the kept part begins
+        self.pinned = False
         self.stream = None
 
     @property
@@ -79,6 +85,8 @@ class MessageView(Vertical):
         parts = [f"#{self.index + 1} {ROLE_NAME.get(self.role, self.role)}"]
         if self.note:
             parts.append(f"[{NOTE_LABEL.get(self.note, self.note)}]")
+        if self.pinned:
+            parts.append(f"{PINNED} pinned: the model keeps it")
         m = self.memory
         if m is not None and m.forgotten:
             parts.append(f"⊘ forgotten: the model no longer holds any of its {m.tokens} tokens")
@@ -93,10 +101,11 @@ class MessageView(Vertical):
             parts.append(f"✂ {m.evicted} of {m.tokens} tokens forgotten{where}")
         return "  ".join(parts)
 
-    def set_memory(self, mem: Memory, kept_from: tuple[str, int] | None = None) -> None:
-        self.memory, self.kept_from = mem, kept_from
+    def set_memory(self, mem: Memory, kept_from: tuple[str, int] | None = None, pinned: bool = False) -> None:
+        self.memory, self.kept_from, self.pinned = mem, kept_from, pinned
         self.set_class(mem.forgotten, "-forgotten")
         self.set_class(mem.partly, "-partly")
+        self.set_class(pinned, "-pinned")
         if self.is_mounted:
             self.query_one(RoleLine).text = self._label()
 
@@ -136,6 +145,8 @@ class Transcript(VerticalScroll):
         self._messages: list[Message] = []  # the chat's messages, for the eviction marks
         self._spans: list[Span] = []
         self._kept_from: KeptFrom = lambda message, token: None
+        self._pinned: Pinned = lambda message: False
+        self.selected: int | None = None  # the highlighted message's index
 
     def on_mount(self) -> None:
         self._update_more()
@@ -169,11 +180,44 @@ class Transcript(VerticalScroll):
     def view_of(self, index: int) -> MessageView | None:
         return next((v for v in self.views if v.index == index), None)
 
+    async def truncate(self, count: int) -> None:
+        """Drop the entries from ``count`` on (a turn taken back), and their views."""
+        views = [v for v in self.views if v.index >= count]
+        if views:
+            await self.remove_children(views)
+        del self.entries[count:]
+        self.hi = min(self.hi, count)
+        self.lo = min(self.lo, self.hi)
+        if self.selected is not None and self.selected >= count:
+            self.selected = None
+        self._update_more()
+
+    # -- selection -------------------------------------------------------------------------------
+
+    def select(self, step: int) -> int | None:
+        """Move the highlight ``step`` messages (over the mounted views; from the newest when
+        none is highlighted) and scroll it into view; returns the selected index."""
+        indices = [v.index for v in self.views]
+        if not indices:
+            return None
+        if self.selected in indices:
+            at = max(0, min(len(indices) - 1, indices.index(self.selected) + step))
+        else:
+            at = len(indices) - 1 if step < 0 or self.selected is None else 0
+        self.selected = indices[at]
+        for view in self.views:
+            view.set_class(view.index == self.selected, "-selected")
+        view = self.view_of(self.selected)
+        self.release_anchor()
+        self.scroll_to_widget(view, animate=False)
+        return self.selected
+
     # -- eviction marks --------------------------------------------------------------------------
 
-    def mark(self, messages: list[Message], spans: list[Span], kept_from: KeptFrom) -> None:
+    def mark(self, messages: list[Message], spans: list[Span], kept_from: KeptFrom,
+             pinned: Pinned = lambda message: False) -> None:
         """Record what the cache holds; re-mark the mounted views (the others are marked on mount)."""
-        self._messages, self._spans, self._kept_from = messages, spans, kept_from
+        self._messages, self._spans, self._kept_from, self._pinned = messages, spans, kept_from, pinned
         for view in self.views:
             self._mark(view)
         self._update_more()
@@ -182,9 +226,9 @@ class Transcript(VerticalScroll):
         if view.index >= len(self._messages):
             return
         message = self._messages[view.index]
-        mem = memory(message, self._spans)
-        if mem != view.memory:
-            view.set_memory(mem, self._kept_from(message, mem.cut) if mem.partly and mem.cut else None)
+        mem, pinned = memory(message, self._spans), self._pinned(message)
+        if mem != view.memory or pinned != view.pinned:
+            view.set_memory(mem, self._kept_from(message, mem.cut) if mem.partly and mem.cut else None, pinned)
 
     def _update_more(self) -> None:
         earlier, later = self.query_one("#earlier", Static), self.query_one("#later", Static)
@@ -202,6 +246,7 @@ class Transcript(VerticalScroll):
 
     def _view(self, index: int) -> MessageView:
         view = MessageView(index, self.entries[index])
+        view.set_class(index == self.selected, "-selected")
         self._mark(view)
         return view
 

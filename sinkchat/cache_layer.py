@@ -1,0 +1,150 @@
+"""One layer of the sink cache: preallocated K/V buffers and the tensor work the cache asks of them.
+
+:class:`SinkLayer` holds ``[batch, kv_heads, sinks + window, head_dim]`` keys and values (written in
+place, so a decode step costs the same at any point of the stream), the float32 keys of the sinks
+and of the parked (pinned) tokens as first computed, and the operations
+:class:`~sinkchat.cache.SinkCache` drives: relaying slots after an eviction, placing the sinks and
+parked keys at new positions by rotating those pristine copies (:func:`rotate`), and rotating the
+window at a rebase. All bookkeeping (which conversation token sits in which slot) is the cache's.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import CacheLayerMixin
+
+
+def rotate(x: torch.Tensor, delta: torch.Tensor | float, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Rotate already-RoPE'd keys by ``delta`` positions (rotate-half convention), in float32.
+
+    Only the first ``2 * len(inv_freq)`` dims rotate (partial rotary models keep the rest).
+    ``delta`` is a scalar or one value per token (dim -2). The model's ``attention_scaling`` is
+    already baked into ``x`` and a pure rotation preserves it.
+    """
+    rot = 2 * inv_freq.shape[-1]
+    xf = x.float()
+    head, tail = xf[..., :rot], xf[..., rot:]
+    delta = torch.as_tensor(delta, dtype=torch.float64, device=x.device)
+    angles = (delta.reshape(-1, 1) * inv_freq.to(device=x.device, dtype=torch.float64)).float()
+    cos = torch.cat([angles.cos(), angles.cos()], dim=-1)
+    sin = torch.cat([angles.sin(), angles.sin()], dim=-1)
+    half = rot // 2
+    rotated_half = torch.cat([-head[..., half:], head[..., :half]], dim=-1)
+    out = head * cos + rotated_half * sin
+    if tail.shape[-1]:
+        out = torch.cat([out, tail], dim=-1)
+    return out.to(x.dtype)
+
+
+class SinkLayer(CacheLayerMixin):
+    """One layer's sink + window buffers; all bookkeeping lives in :class:`SinkCache`."""
+
+    is_sliding = False
+    is_compileable = False
+
+    def __init__(self, capacity: int, sink_capacity: int, inv_freq: torch.Tensor, dtype: torch.dtype | None = None):
+        super().__init__()
+        self.capacity = capacity
+        self.sink_capacity = sink_capacity
+        self.inv_freq = inv_freq
+        self.kv_dtype = dtype  # the buffers' dtype; None: the first keys' own (the model's compute dtype)
+        self.length = 0
+        self.sink_orig: torch.Tensor | None = None  # float32 keys of the sinks as first computed
+        self.pin_orig: torch.Tensor | None = None  # float32 keys of the parked tokens as first computed
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        b, h, _, d = key_states.shape
+        self.dtype, self.device = self.kv_dtype or key_states.dtype, key_states.device
+        self.keys = key_states.new_zeros((b, h, self.capacity, d), dtype=self.dtype)
+        self.values = value_states.new_zeros((b, h, self.capacity, value_states.shape[-1]), dtype=self.dtype)
+        self.sink_orig = key_states.new_zeros((b, h, self.sink_capacity, d), dtype=torch.float32)
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """transformers' side: :meth:`write`, then the held K/V in the model's compute dtype (no copy when
+        the cache holds that dtype, the default)."""
+        keys, values = self.write(key_states, value_states)
+        return keys.to(key_states.dtype), values.to(value_states.dtype)
+
+    def write(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append ``[b, h, n, d]`` keys and values (RoPE already applied) after the held tokens; return
+        views of everything held, ``[b, h, length, d]`` in the cache's dtype. The first ``sink_capacity``
+        keys are also kept in float32 as computed (before any rounding to the cache's dtype)."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n = key_states.shape[-2]
+        start, end = self.length, self.length + n
+        if end > self.capacity:
+            raise RuntimeError("SinkCache.reserve() must be called before each forward pass")
+        self.keys[:, :, start:end] = key_states
+        self.values[:, :, start:end] = value_states
+        if start < self.sink_capacity:  # the very first tokens: remember the sinks as computed
+            k = min(end, self.sink_capacity)
+            self.sink_orig[:, :, start:k] = key_states[:, :, : k - start].float()
+        self.length = end
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.length + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_max_length(self) -> int:
+        return self.capacity
+
+    def reset(self) -> None:
+        self.length = 0
+        super().reset()
+
+    # -- operations driven by SinkCache --------------------------------------------------------
+
+    def pin_room(self, n: int) -> None:
+        """Make the float32 store of parked keys hold at least ``n`` tokens (allocated on first use)."""
+        have = 0 if self.pin_orig is None else self.pin_orig.shape[-2]
+        if self.is_initialized and n > have:
+            b, h, _, d = self.keys.shape
+            grown = self.keys.new_zeros((b, h, max(n, 2 * have), d), dtype=torch.float32)
+            if have:
+                grown[:, :, :have] = self.pin_orig
+            self.pin_orig = grown
+
+    def evict(self, n_sink: int, n_pin: int, keep: torch.Tensor | None, moved: torch.Tensor | None, tail: int) -> None:
+        """Relay the slots after the sinks: the parked slots ``keep`` (indices into the parked
+        region of ``n_pin``), then the window slots ``moved`` (they join the parked region, their
+        keys saved in float32), then the window from slot ``tail`` on (one copy of the tail)."""
+        if not self.is_initialized:
+            return
+        parts = []
+        if keep is not None and len(keep):
+            parts.append((self.pin_orig[:, :, keep], self.values[:, :, n_sink + keep]))
+        if moved is not None and len(moved):
+            parts.append((self.keys[:, :, moved].float(), self.values[:, :, moved]))
+        m = sum(k.shape[-2] for k, _ in parts)
+        if m:
+            orig, vals = torch.cat([k for k, _ in parts], dim=-2), torch.cat([v for _, v in parts], dim=-2)
+            self.pin_room(m)
+            self.pin_orig[:, :, :m] = orig
+            self.values[:, :, n_sink : n_sink + m] = vals
+        first, moved_len = n_sink + m, self.length - tail
+        if first != tail:
+            for buf in (self.keys, self.values):
+                buf[:, :, first : first + moved_len] = buf[:, :, tail : self.length].clone()
+        self.length = first + moved_len
+
+    def place(self, n_sink: int, sink_delta: int, n_pin: int, pin_delta: torch.Tensor | None) -> None:
+        """Write the sinks rotated ``sink_delta`` positions, and the parked keys ``pin_delta`` (one per
+        token), from where they were first computed: always from the float32 copies, so no drift."""
+        if not self.is_initialized:
+            return
+        if n_sink:
+            self.keys[:, :, :n_sink] = rotate(self.sink_orig[:, :, :n_sink], sink_delta, self.inv_freq).to(self.dtype)
+        if n_pin:
+            placed = rotate(self.pin_orig[:, :, :n_pin], pin_delta, self.inv_freq)
+            self.keys[:, :, n_sink : n_sink + n_pin] = placed.to(self.dtype)
+
+    def shift_window(self, first: int, delta: int) -> None:
+        """Rotate the window keys (slots ``first..length``) by ``delta`` positions."""
+        if self.is_initialized and self.length > first:
+            w = self.keys[:, :, first : self.length]
+            self.keys[:, :, first : self.length] = rotate(w, delta, self.inv_freq)

@@ -1,0 +1,117 @@
+"""Slash commands of the line-oriented chat (``--plain``): what the user steers of the model's memory.
+
+``/pin N``, ``/unpin N`` (``N`` as the transcript numbers messages, ``#N`` works too), ``/pins``,
+``/retry`` (regenerate the last reply), ``/edit TEXT`` (replace the last message and send it again)
+and ``/help``. A line is a command only when it is a slash and a word, alone or followed by a
+space; anything else (``/usr/bin is...``, ``/3``) is a message. A message that must begin with a
+command-like word starts with ``//``: one slash is dropped and the rest is sent as it is. An
+unknown ``/word`` is refused in one line, so a typo is never sent to the model.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .errors import SinkchatError
+from .steering import name
+from .text import clean
+
+HELP = ("commands: /pin N, /unpin N, /pins, /retry, /edit TEXT, /help "
+        "(start a message with // to send a line that begins with /)")
+_COMMAND = re.compile(r"/([A-Za-z]+)(?:\s+(.*))?", re.S)
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    arg: str
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a command did: a line for the user, text to send as the turn (``/retry``, ``/edit``),
+    whether that line is a refusal, and whether the chat changed (it is saved then)."""
+
+    message: str | None = None
+    send: str | None = None
+    refused: bool = False
+    changed: bool = False
+
+
+def parse(line: str) -> Command | str:
+    """A :class:`Command`, or the message text to send (``//`` drops one slash)."""
+    if line.startswith("//"):
+        return line[1:]
+    match = _COMMAND.fullmatch(line)
+    if match is None:
+        return line
+    return Command(match.group(1).lower(), (match.group(2) or "").strip())
+
+
+def run_line(chat, line: str, write: Callable[[str], None], notify: Callable[[str], None],
+             saved: Callable = lambda chat: None) -> str | None:
+    """A line of ``--plain`` input: a command is run, its line written (``[sinkchat] ...``, or a
+    refusal through ``notify``) and ``saved(chat)`` called if the chat changed. Returns the text to
+    send as a turn, or None."""
+    parsed = parse(line)
+    if not isinstance(parsed, Command):
+        return parsed
+    outcome = execute(chat, parsed)
+    if outcome.refused:
+        notify(clean(outcome.message, one_line=True))
+    elif outcome.message:
+        write(f"[sinkchat] {clean(outcome.message, one_line=True)}\n")
+    if outcome.changed and outcome.send is None:
+        saved(chat)
+    return outcome.send
+
+
+def execute(chat, command: Command) -> Outcome:
+    """Run ``command`` on ``chat``; refusals come back as one line, never as an exception."""
+    try:
+        return _execute(chat, command)
+    except SinkchatError as exc:
+        return Outcome(str(exc), refused=True)
+
+
+def _execute(chat, command: Command) -> Outcome:
+    verb, arg = command.name, command.arg
+    if arg and verb in ("pins", "retry", "help"):
+        raise SinkchatError(f"/{verb} takes nothing after it (got {arg!r})")
+    if verb in ("pin", "unpin"):
+        index = message_number(arg, f"/{verb}") - 1
+        return Outcome(chat.pin(index) if verb == "pin" else chat.unpin(index), changed=True)
+    if verb == "pins":
+        return Outcome(pins_line(chat))
+    if verb == "retry":
+        text = chat.messages[chat.last_user()].content
+        return Outcome(chat.rollback(), send=text, changed=True)
+    if verb == "edit":
+        if not arg:
+            raise SinkchatError("/edit needs the new text: /edit TEXT")
+        chat.last_user()
+        return Outcome(chat.rollback(), send=arg, changed=True)
+    if verb == "help":
+        return Outcome(HELP)
+    raise SinkchatError(f"unknown command /{verb}; {HELP}")
+
+
+def message_number(text: str, what: str) -> int:
+    """``3`` or ``#3`` as a positive number; :class:`SinkchatError` otherwise."""
+    digits = text.removeprefix("#")
+    if not (digits.isascii() and digits.isdigit() and int(digits) > 0):
+        raise SinkchatError(f"{what} takes a message number as the transcript shows it, e.g. {what} 3 (got {text!r})")
+    return int(digits)
+
+
+def pins_line(chat) -> str:
+    """``pinned: #1 system (15 tokens), #5 you (12 tokens); 27 of 500 tokens`` in one line."""
+    pinned = chat.pinned_messages()
+    cache = chat.cache
+    if not pinned:
+        return f"nothing is pinned (room for {cache.pin_max} tokens; /pin N pins message #N)"
+    parts = [f"{name(chat.messages, i)} ({chat.messages[i].end - max(chat.messages[i].start, cache.sinks)} tokens)"
+             for i in pinned]
+    return f"pinned: {', '.join(parts)}; {cache.pinned_count()} of {cache.pin_max} tokens"

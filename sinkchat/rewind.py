@@ -1,0 +1,164 @@
+"""Going back to the start of a turn exactly: a checkpoint of the sink cache and what left it since.
+
+Regenerating or editing the last turn must continue from the cache as it was before that turn.
+If nothing the cache held then has left it since, that is a truncation. Otherwise the turn's
+evictions took tokens the earlier state needs: recomputing them would not give the same K/V (each
+was computed attending to context that is gone), so a :class:`Checkpoint` keeps a copy of every
+token that leaves the cache after it was taken (the *stash*: at most what the cache held, usually
+about one turn) and rebuilds the earlier layout from the held slots, the parked keys and the stash.
+Keys are restored at the positions they had, so greedy decoding then repeats itself token for token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from .cache_layer import rotate
+from .layout import Eviction, Run, run_positions, run_tokens
+from .ledger import Span, clip, subtract
+
+if TYPE_CHECKING:
+    from .cache import SinkCache
+
+
+def run_members(runs: list[Run]) -> list[int]:
+    return [t for t0, t1, _ in runs for t in range(t0, t1)]
+
+
+@dataclass
+class Checkpoint:
+    """The cache's counters at :meth:`SinkCache.mark`, and copies of the tokens that left since."""
+
+    n_sink: int
+    n_win: int
+    seen: int
+    base: int
+    parked: list[Run]
+    evictions: list[Span]
+    stash: list[Run] = field(default_factory=list)  # tokens that left, with the positions of their stashed keys
+    stash_k: list[list[torch.Tensor]] = field(default_factory=list)  # per layer, blocks in stash order
+    stash_v: list[list[torch.Tensor]] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, cache: SinkCache) -> "Checkpoint":
+        return cls(cache.n_sink, cache.n_win, cache.seen, cache.base, list(cache.parked), list(cache.evictions),
+                   stash_k=[[] for _ in cache.layers], stash_v=[[] for _ in cache.layers])
+
+    # -- while the turn runs ---------------------------------------------------------------------
+
+    def keep(self, cache: SinkCache, plan: Eviction, first: int) -> None:
+        """Copy what ``plan`` is about to evict of the tokens held at the checkpoint (called
+        before the slots change; ``first``: the slot of the window's first token)."""
+        start = cache.seen - cache.n_win
+        leaving = []  # (tokens t0..t1 at positions p0.., their first slot, whether they are parked)
+        at = 0
+        for t0, t1, p0 in plan.dropped:
+            leaving.append((t0, t1, p0, plan.dropped_slots[at], True))
+            at += t1 - t0
+        leaving += [(a, b, a - cache.base, first + a - start, False)
+                    for a, b in clip(plan.evicted, start, plan.window_start)]
+        for t0, t1, p0, slot, parked in leaving:
+            t1 = min(t1, self.seen)  # tokens of the turn itself are rolled back, not restored
+            if t1 <= t0:
+                continue
+            n = t1 - t0
+            self.stash.append((t0, t1, p0))
+            for i, layer in enumerate(cache.layers):
+                if not layer.is_initialized:
+                    continue
+                if parked:  # the pristine key (an exact copy of the model's) and its value
+                    k = layer.pin_orig[:, :, slot : slot + n].clone()
+                    v = layer.values[:, :, cache.n_sink + slot : cache.n_sink + slot + n].clone()
+                else:  # keys kept in float32 whatever the KV dtype, so a parked one comes back exact
+                    k = layer.keys[:, :, slot : slot + n].to(torch.float32, copy=True)
+                    v = layer.values[:, :, slot : slot + n].clone()
+                self.stash_k[i].append(k)
+                self.stash_v[i].append(v)
+
+    # -- going back ------------------------------------------------------------------------------
+
+    def restore(self, cache: SinkCache) -> None:
+        """Put ``cache`` back as it was at the checkpoint (the caller re-places sinks and parked keys).
+
+        Raises LookupError, changing nothing, when a token the checkpoint needs was not kept (a
+        checkpoint loaded without its stash).
+        """
+        unchanged = (self.base, self.parked, self.evictions) == (cache.base, cache.parked, cache.evictions)
+        if unchanged:  # nothing held at the checkpoint has left: the turn's tokens are cut off the end
+            for layer in cache.layers:
+                layer.length = min(layer.length, self.n_sink + run_tokens(self.parked) + self.n_win)
+        else:
+            self._gather(cache)
+        cache.n_sink, cache.n_win, cache.seen, cache.base = self.n_sink, self.n_win, self.seen, self.base
+        cache.parked, cache.evictions = list(self.parked), list(self.evictions)
+        cache.pins = subtract(cache.pins, self.seen, max(self.seen, max((b for _, b in cache.pins), default=0)) + 1)
+        self.stash, self.stash_k, self.stash_v = [], [[] for _ in cache.layers], [[] for _ in cache.layers]
+
+    def _gather(self, cache: SinkCache) -> None:
+        n_sink, n_pin, start = cache.n_sink, cache.n_pin, cache.seen - cache.n_win
+        held = n_sink + n_pin + cache.n_win
+        source: dict[int, tuple[int, int]] = {}  # token -> (row of the pool, RoPE position of its key there)
+        for t in range(start, min(cache.seen, self.seen)):
+            source[t] = (n_sink + n_pin + t - start, t - cache.base)
+        for j, (t, p) in enumerate(zip(run_members(cache.parked), run_positions(cache.parked))):
+            source[t] = (held + j, p)
+        for j, (t, p) in enumerate(zip(run_members(self.stash), run_positions(self.stash))):
+            source[t] = (held + n_pin + j, p)
+        m = run_tokens(self.parked)
+        targets = run_members(self.parked) + list(range(self.seen - self.n_win, self.seen))
+        missing = [t for t in targets if t not in source]
+        if missing:
+            raise LookupError(f"token {missing[0]} was not kept since the checkpoint")
+        rows = [source[t][0] for t in targets]
+        delta = [t - self.base - source[t][1] for t in targets[m:]]  # window keys back at t - base
+        for i, layer in enumerate(cache.layers):
+            if not layer.is_initialized:
+                continue
+            keys = [layer.keys[:, :, :held].float()] + ([layer.pin_orig[:, :, :n_pin]] if n_pin else [])
+            values = [layer.values[:, :, :held]] + ([layer.values[:, :, n_sink : n_sink + n_pin]] if n_pin else [])
+            index = torch.tensor(rows, dtype=torch.long, device=layer.device)
+            k = torch.cat(keys + self.stash_k[i], dim=-2)[:, :, index]
+            v = torch.cat(values + self.stash_v[i], dim=-2)[:, :, index]
+            if m:
+                layer.pin_room(m)
+                layer.pin_orig[:, :, :m] = k[:, :, :m]
+            if any(delta):  # only after a rebase since the checkpoint
+                k[:, :, m:] = rotate(k[:, :, m:], torch.tensor(delta, dtype=torch.float64), layer.inv_freq)
+            layer.keys[:, :, self.n_sink : self.n_sink + len(rows)] = k.to(layer.dtype)
+            layer.values[:, :, self.n_sink : self.n_sink + len(rows)] = v
+            layer.length = self.n_sink + len(rows)
+
+    # -- saving ----------------------------------------------------------------------------------
+
+    def save(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        """Add the checkpoint to a cache state: counters in ``meta``, the stash in ``tensors``."""
+        meta["checkpoint"] = {
+            "n_sink": self.n_sink, "n_win": self.n_win, "seen": self.seen, "base": self.base,
+            "parked": [list(r) for r in self.parked], "evictions": [list(s) for s in self.evictions],
+            "stash": [list(r) for r in self.stash],
+        }
+        for i, (ks, vs) in enumerate(zip(self.stash_k, self.stash_v)):
+            if ks:
+                tensors[f"{i}.stash_k"] = torch.cat(ks, dim=-2).contiguous()
+                tensors[f"{i}.stash_v"] = torch.cat(vs, dim=-2).contiguous()
+
+    @classmethod
+    def load(cls, tensors: dict[str, torch.Tensor], meta: dict, moved, layers: int) -> "Checkpoint | None":
+        """The checkpoint :meth:`save` wrote, or None if there is none (or its stash is incomplete)."""
+        cp = meta.get("checkpoint")
+        if not cp:
+            return None
+        stash = [tuple(r) for r in cp["stash"]]
+        n = run_tokens(stash)
+        ks, vs = [], []
+        for i in range(layers):
+            k, v = tensors.get(f"{i}.stash_k"), tensors.get(f"{i}.stash_v")
+            if n and (k is None or v is None or k.shape[-2] != n or v.shape[-2] != n):
+                return None
+            ks.append([moved(k).float()] if n else [])
+            vs.append([moved(v)] if n else [])
+        return cls(cp["n_sink"], cp["n_win"], cp["seen"], cp["base"], [tuple(r) for r in cp["parked"]],
+                   [tuple(s) for s in cp["evictions"]], stash, ks, vs)

@@ -1,0 +1,240 @@
+"""What the user steers of a chat's memory: pinned messages, taking back the last turn, and
+re-prefilling the cache from the ledger. Part of :class:`~sinkchat.engine.Chat` (a base class, so
+the engine module stays about chatting).
+
+* **Pins.** A message the cache still holds whole can be pinned: its tokens are never evicted
+  (:meth:`SinkCache.pin`), within a budget of ``--pin-max`` tokens. ``--keep-system`` pins the
+  system prompt.
+* **Rollback.** :meth:`Steering.rollback` removes the last user message and its reply from the
+  ledger and brings the cache back to just before them: exactly, from the checkpoint the cache took
+  when that turn began (:mod:`.rewind`); otherwise (a chat saved by an older sinkchat, or restored by
+  re-prefilling) by keeping what the cache holds before the turn, or re-prefilling it from the ledger.
+* **Rebuild.** The K/V is a derived cache of the ledger: :meth:`Steering.rebuild` re-prefills the
+  sinks, the parked pinned tokens and the window, at contiguous positions.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+
+import torch
+
+from .errors import SinkchatError
+from .layout import run_spans
+from .ledger import ROLE_NAME, Message, Span, clip, covered, covered_by, gaps, memory
+from .models import forward
+
+
+def name(messages: list[Message], index: int) -> str:
+    """``#3 model``, as the transcript labels message ``index``."""
+    role = messages[index].role
+    return f"#{index + 1} {ROLE_NAME.get(role, role)}"
+
+
+class Steering:
+    """Pins, rollback and rebuild; mixed into :class:`~sinkchat.engine.Chat`, whose attributes it uses."""
+
+    # -- pins ----------------------------------------------------------------------------------
+
+    def pinnable(self, index: int) -> Message:
+        """``messages[index]``, or :class:`SinkchatError` saying in one line why it cannot be (un)pinned."""
+        messages = self.messages
+        if not 0 <= index < len(messages):
+            raise SinkchatError(f"there is no message #{index + 1}" + (f" (the chat has #1–#{len(messages)})"
+                                                                         if messages else " yet"))
+        return messages[index]
+
+    def is_pinned(self, message: Message) -> bool:
+        """Whether every token of ``message`` past the sink region is pinned (and it has such tokens)."""
+        start = max(message.start, self.cache.sinks)
+        return start < message.end and covered_by(self.cache.pins, start, message.end) == message.end - start
+
+    def pin(self, index: int) -> str:
+        """Never evict message ``index`` (0-based: the transcript's ``#index+1``); returns a one-line
+        confirmation. Raises :class:`SinkchatError` with a one-line refusal: no such message, not
+        wholly in the cache any more, already pinned or kept as sinks, or over the ``--pin-max`` budget."""
+        m = self.pinnable(index)
+        label, cache = name(self.messages, index), self.cache
+        start = max(m.start, cache.sinks)
+        if start >= m.end:
+            raise SinkchatError(f"{label} is kept whole as attention sinks already")
+        if self.is_pinned(m):
+            raise SinkchatError(f"{label} is pinned already")
+        gone = memory(m, cache.evictions).evicted
+        if gone:
+            raise SinkchatError(f"cannot pin {label}: {gone} of its {m.end - m.start} tokens are forgotten already; "
+                                "only a message the model still holds whole can be pinned")
+        new = m.end - start - covered_by(cache.pins, start, m.end)
+        total = cache.pinned_count() + new
+        if total > cache.pin_max:
+            raise SinkchatError(f"cannot pin {label}: its {new} tokens would make {total} pinned, over the budget of "
+                                f"{cache.pin_max} (--pin-max); unpin something first")
+        cache.pin(start, m.end)
+        self.revision += 1
+        return f"pinned {label} ({new} tokens; {total} of {cache.pin_max} pinned): the model keeps it"
+
+    def unpin(self, index: int) -> str:
+        """Let message ``index`` be evicted again (at the next eviction); returns a one-line confirmation.
+        Raises :class:`SinkchatError` if it is not pinned."""
+        m = self.pinnable(index)
+        label = name(self.messages, index)
+        if not self.cache.unpin(m.start, m.end):
+            raise SinkchatError(f"{label} is not pinned")
+        self.revision += 1
+        return f"unpinned {label}: the model may forget it from the next eviction on"
+
+    def fit_pins(self) -> list[str]:
+        """Unpin the newest pinned messages until the pins fit ``--pin-max`` (a chat resumed with a
+        smaller budget than it was pinned under); returns a one-line notice for each, or ``[]``."""
+        cache, notices = self.cache, []
+        if cache.pinned_count() <= cache.pin_max:
+            return notices
+        for index in reversed(self.pinned_messages()):
+            if cache.pinned_count() <= cache.pin_max:
+                break
+            m = self.messages[index]
+            cache.unpin(m.start, m.end)
+            notices.append(f"unpinned {name(self.messages, index)}: the pins held more than --pin-max "
+                           f"{cache.pin_max} tokens; the model may forget it from the next eviction on")
+        if cache.pinned_count() > cache.pin_max:  # a pin on part of a message only (not made by sinkchat)
+            cache.pins = []
+            notices.append(f"unpinned everything: the pins held more than --pin-max {cache.pin_max} tokens")
+        self.revision += 1
+        return notices
+
+    def pinned_messages(self) -> list[int]:
+        """Indices of the pinned messages, oldest first (O(log n) per pinned span)."""
+        found: list[int] = []
+        for span in self.cache.pins:
+            for i in covered(span, self.messages):
+                if self.is_pinned(self.messages[i]) and found[-1:] != [i]:
+                    found.append(i)
+        return found
+
+    # -- taking back the last turn --------------------------------------------------------------
+
+    def last_user(self) -> int:
+        """Index of the last user message; :class:`SinkchatError` when there is none yet."""
+        for i in range(len(self.messages) - 1, -1, -1):
+            if self.messages[i].role == "user":
+                return i
+        raise SinkchatError("there is no turn to take back yet")
+
+    def rollback(self) -> str | None:
+        """Remove the last user message and everything after it, and bring the cache back to just
+        before it. Returns a notice when the cache could not be restored exactly (then it keeps
+        what it holds before the turn, or is re-prefilled from the ledger). Pins on removed
+        messages go with them, except that the next :meth:`submit` of the same text (regenerate)
+        pins its message again."""
+        index = self.last_user()
+        start = self.messages[index].start
+        self.taken_back = self.messages[index].content if self.is_pinned(self.messages[index]) else None
+        cache = self.cache
+        notice = None
+        checkpoint = cache.checkpoint
+        if not (checkpoint is not None and checkpoint.seen == start and cache.rewind()):
+            notice = self._fallback(start)
+        del self.tokens[start:]
+        del self.messages[index:]
+        self.revision += 1
+        self.cuts.append((self.revision, start))
+        return notice
+
+    def _fallback(self, start: int) -> str | None:
+        """Without a checkpoint: cut the turn off the end when the cache holds the tokens before it as
+        they were computed and at least as many as a rebuild would (the turn evicted none of them);
+        otherwise re-prefill from the ledger, with a notice."""
+        cache = self.cache
+        pins = clip(cache.pins, 0, start)
+        layout = self._fit(start, list(pins))
+        held_from = cache.seen - cache.n_win  # the first window token
+        if (cache.n_sink <= start and held_from <= min(start, layout[2])
+                and all(b <= start for _, b in run_spans(cache.parked))):
+            cache.truncate(start)
+            return None
+        self._refill(*self._fit(start, pins), start, pins=pins)
+        return ("the cache was rebuilt from the chat's text for this turn (its state before the turn was not "
+                "kept), so the reply may differ from the first")
+
+    def pin_again(self, text: str) -> None:
+        """After the user message ``text`` was fed: pin it if it re-sends a pinned message taken back
+        (regenerate keeps the pin). Pinning changes no K/V, and the first reply was generated before
+        any pin on its message could be made, so a greedy regenerated reply stays the same."""
+        taken_back, self.taken_back = self.taken_back, None
+        if taken_back is not None and taken_back == text and not self.messages[-1].note:
+            try:
+                self.pin(len(self.messages) - 1)
+            except SinkchatError:  # it no longer fits (another budget since): the pin goes, as on an edit
+                pass
+
+    # -- rebuilding the cache from the ledger ---------------------------------------------------
+
+    def rebuild(self, meta: dict | None = None) -> None:
+        """Re-prefill the ledger's sink, parked and window tokens through a cleared cache.
+
+        They go in at contiguous positions: sinks at ``0..S-1``, parked tokens after them, the
+        window after those. RoPE scores depend only on query-key distance, so this is the saved
+        layout (the cache keeps it contiguous anyway). With the saved geometry (``meta``) the
+        held ranges are the saved ones; otherwise the first ``sinks`` tokens, the saved pins that
+        fit ``--pin-max``, and the most recent tokens (the window less a block, if anything is
+        evicted) are held.
+        """
+        cache, seen = self.cache, len(self.tokens)
+        pins = [tuple(s) for s in (meta or {}).get("pins", [])]
+        if meta and (meta["sinks"], meta["window"]) == (cache.sinks, cache.window) and meta["seen"] == seen:
+            parked = run_spans([tuple(r) for r in meta.get("parked", [])])
+            self._refill(meta["n_sink"], parked, seen - meta["n_win"], seen, [tuple(s) for s in meta["evictions"]],
+                         pins)
+        else:
+            self._refill(*self._fit(seen, pins), seen, pins=pins)
+
+    def _fit(self, end: int, pins: list[Span]) -> tuple[int, list[Span], int]:
+        """A layout holding tokens before ``end`` in this geometry: ``(n_sink, parked spans, window start)``."""
+        cache = self.cache
+        n_sink = min(cache.sinks, end)
+        kept, total = [], 0
+        for a, b in clip(pins, cache.sinks, end):  # the oldest pins first, while they fit the budget
+            if total + b - a <= cache.pin_max:
+                kept.append((a, b))
+                total += b - a
+        pins[:] = kept
+        room = cache.window - total - (cache.block if end - n_sink > cache.window else 0)
+        start = end
+        for a, b in reversed(gaps(kept, n_sink, end)):  # back from the end over unpinned tokens
+            take = min(room, b - a)
+            start, room = b - take, room - take
+            if room == 0:
+                break
+        if room or start <= n_sink:
+            start = n_sink
+        elif self.settings.evict == "turns":
+            cut = self._cut(start)
+            start = cut if cut is not None and cut < end else start
+        return n_sink, clip(kept, n_sink, start), start
+
+    @torch.inference_mode()
+    def _refill(self, n_sink: int, parked: list[Span], start: int, end: int,
+                evictions: list[Span] | None = None, pins: list[Span] = ()) -> None:
+        """Clear the cache and feed tokens ``[0, n_sink)``, the ``parked`` spans and ``[start, end)``."""
+        cache, tokens = self.cache, self.tokens
+        if evictions is None:
+            evictions = gaps(parked, n_sink, start)
+        cache.clear()
+        ids = tokens[:n_sink] + [t for a, b in parked for t in tokens[a:b]] + tokens[start:end]
+        for i in range(0, len(ids), self.chunk):
+            chunk = ids[i : i + self.chunk]
+            positions, _ = cache.reserve(len(chunk))
+            forward(self.model, cache, chunk, positions)
+        cache.adopt(n_sink, parked, end, evictions, list(pins))
+
+    # -- --evict turns ---------------------------------------------------------------------------
+
+    def _cut(self, t: int) -> int | None:
+        """The first token at or after ``t`` where a user turn opens (its tokens carry the chat
+        template's opening of the turn; the message being prefilled counts), or None when no turn
+        opens there yet."""
+        messages = self.messages
+        i = bisect_left(messages, t, key=lambda m: m.start)
+        while i < len(messages) and messages[i].role != "user":
+            i += 1
+        return messages[i].start if i < len(messages) else None

@@ -1,0 +1,104 @@
+"""The chat screen's keys for steering the model's memory: select a message, pin or unpin it,
+regenerate the last reply, edit the last message. Part of :class:`~sinkchat.tui.chat_screen.ChatScreen`.
+
+Alt+Up/Down move a highlight over the messages on screen; Ctrl+L pins or unpins the highlighted
+one (Ctrl+P is the command palette). F5 regenerates the last reply; F2 puts the last message back
+in the box, and sending it replaces that message and its reply (Esc cancels). The engine takes the
+last turn back (:meth:`Chat.rollback`) in the generation worker, so a cache that has to be
+re-prefilled never freezes the screen. Every refusal is one notification line.
+"""
+
+from __future__ import annotations
+
+from textual.binding import Binding
+
+from ..errors import SinkchatError
+from .chat_input import ChatInput
+from .transcript import Transcript
+
+
+class SteerKeys:
+    """Actions mixed into the chat screen (it has ``chat``, ``generating``, ``editing``, ``_send``)."""
+
+    STEER_BINDINGS = [
+        # Priority: they work while the message box has the focus. Out of the footer (F1 lists them).
+        Binding("alt+up", "select(-1)", "Select the previous message", key_display="alt+↑", show=False,
+                priority=True),
+        Binding("alt+down", "select(1)", "Select the next message", key_display="alt+↓", show=False, priority=True),
+        Binding("ctrl+l", "pin", "Pin / unpin the selected message (the model keeps it)", show=False, priority=True),
+        Binding("f5", "regenerate", "Regenerate the last reply", show=False, priority=True),
+        Binding("f2", "edit_last", "Edit the last message and send it again", show=False, priority=True),
+    ]
+
+    def _steerable(self, what: str) -> bool:
+        """Whether the chat can be changed now; a one-line notification if not."""
+        if self.chat is None:
+            self.notify(f"the model is still loading; {what} once it is ready", severity="warning")
+            return False
+        if self.generating:
+            self.notify(f"wait for the reply (or press Esc to stop it), then {what}", severity="warning")
+            return False
+        return True
+
+    def action_select(self, step: int) -> None:
+        if self.query_one(Transcript).select(step) is None:
+            self.notify("no message to select yet", severity="warning")
+
+    def action_pin(self) -> None:
+        """Pin or unpin the highlighted message; the chat is saved as after a turn."""
+        if not self._steerable("pin a message"):
+            return
+        index = self.query_one(Transcript).selected
+        if index is None:
+            self.notify("select a message first (alt+↑ / alt+↓), then press ctrl+l to pin it", severity="warning")
+            return
+        chat = self.chat
+        try:
+            pinned = index < len(chat.messages) and chat.is_pinned(chat.messages[index])
+            line = chat.unpin(index) if pinned else chat.pin(index)
+        except SinkchatError as exc:
+            self.notify(str(exc), severity="warning", timeout=8)
+            return
+        self.notify(line, timeout=5)
+        self.refresh_gauge(chat.occupancy())
+        self.post_message(self.TurnEnded(chat))  # saved like a turn: pins survive a resume
+
+    async def action_regenerate(self) -> None:
+        """Take back the last reply and generate it again (the same one, with greedy decoding)."""
+        if not self._steerable("regenerate"):
+            return
+        try:
+            index = self.chat.last_user()
+        except SinkchatError:
+            self.notify("there is no reply to regenerate yet", severity="warning")
+            return
+        await self.resend(index, self.chat.messages[index].content)
+
+    def action_edit_last(self) -> None:
+        """Put the last user message in the box; sending it replaces that turn."""
+        if not self._steerable("edit"):
+            return
+        try:
+            index = self.chat.last_user()
+        except SinkchatError:
+            self.notify("there is no message to edit yet", severity="warning")
+            return
+        box = self.query_one(ChatInput)
+        box.text = self.chat.messages[index].content
+        box.move_cursor(box.document.end)
+        box.border_title = f"editing #{index + 1}: Enter replaces it and its reply, Esc cancels"
+        self.editing = index
+        box.focus()
+
+    def cancel_edit(self) -> None:
+        box = self.query_one(ChatInput)
+        box.clear()
+        box.border_title = ""
+        self.editing = None
+
+    async def resend(self, index: int, text: str) -> None:
+        """Replace the turn from message ``index`` on with ``text`` and its new reply."""
+        self.editing = None
+        self.query_one(ChatInput).border_title = ""
+        await self.query_one(Transcript).truncate(index)
+        await self._send(text, rollback=True)

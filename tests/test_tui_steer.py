@@ -1,0 +1,105 @@
+"""Steering the model's memory in the TUI, driven by Pilot on the real bundled model: select and pin
+a message, regenerate the last reply, edit the last message; the gauge's pinned segment."""
+
+from __future__ import annotations
+
+import pytest
+
+from _helpers import SIZE, send, wait_for
+from _helpers import tui_settings as make_settings
+from sinkchat.store import Store
+from sinkchat.tui.app import SinkchatApp
+from sinkchat.tui.chat_input import ChatInput
+from sinkchat.tui.gauge import CacheGauge
+from sinkchat.tui.header import ChatHeader
+from sinkchat.tui.transcript import Transcript
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
+
+
+def label(app, index: int) -> str:
+    return str(app.query_one(Transcript).view_of(index).query_one(".role").render())
+
+
+async def select_and_pin(pilot, index: int) -> None:
+    """Alt+Up from the newest message to ``index``, then Ctrl+L."""
+    app = pilot.app
+    await pilot.press("alt+up")
+    while app.query_one(Transcript).selected != index:
+        await pilot.press("alt+up")
+    await pilot.press("ctrl+l")
+    await pilot.pause()
+
+
+async def test_a_pinned_message_is_marked_kept_and_saved(smollm):
+    app = SinkchatApp(make_settings(pin_max=32, max_new_tokens=20), loaded=smollm)
+    async with app.run_test(size=SIZE) as pilot:
+        await send(pilot, "My name is Ada. What is the capital of France?")
+        await pilot.press("ctrl+l")  # nothing selected yet: one line, nothing pinned
+        await pilot.pause()
+        assert app.chat.cache.pins == []
+        await select_and_pin(pilot, 1)
+        chat = app.chat
+        assert chat.pinned_messages() == [1], [n.message for n in app._notifications]
+        assert "▒ pinned" in label(app, 1) and app.query_one(Transcript).view_of(1).has_class("-pinned")
+        gauge = app.query_one(CacheGauge)
+        pinned = chat.messages[1].end - chat.messages[1].start
+        assert f"pinned {pinned}" in gauge.summary()
+        for question in ("Name three museums in Paris.", "And a famous bridge?"):
+            await send(pilot, question)
+        assert chat.occupancy().evicted > 0 and chat.occupancy().pinned == pinned
+        assert "forgotten" not in label(app, 1) and "▒ pinned" in label(app, 1)
+        assert app.query_one(Transcript).view_of(3).has_class("-forgotten")  # what was not pinned went
+        saved = Store().transcript(app.chat_id)
+        assert saved.meta["pins"] == [[chat.messages[1].start, chat.messages[1].end]]
+        await pilot.press("alt+down", "alt+down")  # back down: #4, #5; then up to #2 and unpin it
+        await select_and_pin(pilot, 1)
+        assert chat.cache.pins == [] and "pinned" not in label(app, 1)
+
+
+async def test_regenerate_repeats_the_greedy_reply_and_edit_replaces_the_turn(smollm):
+    app = SinkchatApp(make_settings(max_new_tokens=30), loaded=smollm)
+    async with app.run_test(size=SIZE) as pilot:
+        await send(pilot, "What is the capital of France?")
+        await send(pilot, "Name a famous museum there.")
+        chat = app.chat
+        first = chat.messages[-1].content
+        assert chat.occupancy().evicted > 0
+        turns = len(chat.messages)
+        await pilot.press("f5")
+        await wait_for(pilot, lambda: not app.chat_screen.generating and len(chat.messages) == turns)
+        await app.store.idle()
+        assert chat.messages[-1].content == first  # greedy: token for token the same reply
+        assert [v.content for v in app.query_one(Transcript).views][-2:] == [chat.messages[-2].content, first]
+
+        await pilot.press("f2")
+        box = app.query_one(ChatInput)
+        assert box.text == "Name a famous museum there." and "editing #4" in box.border_title
+        box.clear()
+        box.insert("Name a famous bridge there.")
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: not app.chat_screen.generating and len(chat.messages) == turns)
+        await app.store.idle()
+        views = app.query_one(Transcript).views
+        assert [v.content for v in views][-2:] == ["Name a famous bridge there.", chat.messages[-1].content]
+        saved = Store().transcript(app.chat_id)
+        assert [m.content for m in saved.messages] == [m.content for m in chat.messages]
+        assert saved.tokens == chat.tokens
+
+
+def test_gauge_snapshot_with_a_pinned_segment(smollm, snap_compare):
+    async def pin(pilot):
+        pilot.app.query_one(ChatInput).cursor_blink = False
+        await send(pilot, "My name is Ada. What is the capital of France?")
+        await select_and_pin(pilot, 1)
+        await send(pilot, "And of Italy?")
+        pilot.app.query_one(ChatHeader).tokens_per_s = None  # speed varies run to run
+        pilot.app.clear_notifications()
+        await pilot.pause()
+
+    assert snap_compare(SinkchatApp(make_settings(pin_max=32, max_new_tokens=20), loaded=smollm), terminal_size=SIZE, run_before=pin)
