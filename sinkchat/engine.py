@@ -232,11 +232,10 @@ class Chat(Steering):
         self.revision = state.meta.get("revision", 0)
         if not self.tokens:
             return []
-        notices = self._restore_cache(state, tensors)
-        return notices + self.fit_pins()
+        return self._restore_cache(state, tensors, now) + self.fit_pins()
 
-    def _restore_cache(self, state: ChatState, tensors: dict[str, torch.Tensor] | None) -> list[str]:
-        now = self.fingerprint()
+    def _restore_cache(self, state: ChatState, tensors: dict[str, torch.Tensor] | None, now: dict) -> list[str]:
+        """Load the saved K/V, or rebuild it from the ledger; ``now``: this chat's fingerprint."""
         differs = [k for k in now if k != "block" and now[k] != state.fingerprint.get(k)]
         if tensors is not None and not differs:
             try:

@@ -146,13 +146,13 @@ class Steering:
         otherwise re-prefill from the ledger, with a notice."""
         cache = self.cache
         pins = clip(cache.pins, 0, start)
-        layout = self._fit(start, list(pins))
+        layout = self._fit(start, pins)  # (keeps the pins that fit the budget in ``pins``)
         held_from = cache.seen - cache.n_win  # the first window token
         if (cache.n_sink <= start and held_from <= min(start, layout[2])
                 and all(b <= start for _, b in run_spans(cache.parked))):
             cache.truncate(start)
             return None
-        self._refill(*self._fit(start, pins), start, pins=pins)
+        self._refill(*layout, start, pins=pins)
         return ("the cache was rebuilt from the chat's text for this turn (its state before the turn was not "
                 "kept), so the reply may differ from the first")
 

@@ -40,6 +40,16 @@ class SteerKeys:
             return False
         return True
 
+    def _last_turn(self, what: str, none_yet: str) -> int | None:
+        """The last user message's index if the chat can be changed now; else a one-line notification."""
+        if not self._steerable(what):
+            return None
+        try:
+            return self.chat.last_user()
+        except SinkchatError:
+            self.notify(none_yet, severity="warning")
+            return None
+
     def action_select(self, step: int) -> None:
         if self.query_one(Transcript).select(step) is None:
             self.notify("no message to select yet", severity="warning")
@@ -65,23 +75,14 @@ class SteerKeys:
 
     async def action_regenerate(self) -> None:
         """Take back the last reply and generate it again (the same one, with greedy decoding)."""
-        if not self._steerable("regenerate"):
-            return
-        try:
-            index = self.chat.last_user()
-        except SinkchatError:
-            self.notify("there is no reply to regenerate yet", severity="warning")
-            return
-        await self.resend(index, self.chat.messages[index].content)
+        index = self._last_turn("regenerate", "there is no reply to regenerate yet")
+        if index is not None:
+            await self.resend(index, self.chat.messages[index].content)
 
     def action_edit_last(self) -> None:
         """Put the last user message in the box; sending it replaces that turn."""
-        if not self._steerable("edit"):
-            return
-        try:
-            index = self.chat.last_user()
-        except SinkchatError:
-            self.notify("there is no message to edit yet", severity="warning")
+        index = self._last_turn("edit", "there is no message to edit yet")
+        if index is None:
             return
         box = self.query_one(ChatInput)
         box.text = self.chat.messages[index].content
