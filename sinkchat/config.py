@@ -35,6 +35,17 @@ def data_dir(override: str | Path | None = None) -> Path:
     return path
 
 
+def resume_command(root: Path, chat_id: int, plain: bool = False) -> str:
+    """``sinkchat --resume 3``, with ``--data-dir`` when chat ``chat_id`` lives in ``root`` rather
+    than where a plain ``sinkchat`` looks (so the line reopens the same chat when pasted back)."""
+    import shlex
+
+    words = ["sinkchat"] + (["--plain"] if plain else []) + ["--resume", str(chat_id)]
+    if root.resolve() != data_dir().resolve():
+        words += ["--data-dir", str(root.resolve())]
+    return shlex.join(words)
+
+
 def cache_dir() -> Path:
     """Where converted models live: ``SINKCHAT_CACHE_DIR`` or the XDG cache dir."""
     return Path(os.environ.get("SINKCHAT_CACHE_DIR") or platformdirs.user_cache_dir(APP))

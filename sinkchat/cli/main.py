@@ -170,14 +170,8 @@ def _run_plain(settings: Settings, store, chat_id: int | None, save: bool = True
 
 
 def _resume_hint(store, chat_id: int, plain: bool = False) -> str:
-    """``resume with: sinkchat --resume 3``, with ``--data-dir`` when the chat lives elsewhere than
-    where a plain ``sinkchat`` looks."""
-    import shlex
-
-    words = ["sinkchat"] + (["--plain"] if plain else []) + ["--resume", str(chat_id)]
-    if store.root.resolve() != config.data_dir().resolve():
-        words += ["--data-dir", str(store.root.resolve())]
-    return "resume with: " + shlex.join(words)
+    """``resume with: sinkchat --resume 3`` (see :func:`config.resume_command`)."""
+    return "resume with: " + config.resume_command(store.root, chat_id, plain)
 
 
 def _recap(chat, chat_id: int, shown: int = 2, chars: int = 300) -> None:

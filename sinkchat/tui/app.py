@@ -330,6 +330,7 @@ def run(settings: Settings, store: Store | None, resume_id: int | None = None, n
     if app.load_error:
         raise LoadFailed(app.load_error)
     if app.return_code:  # an unexpected error ended the app (Textual printed its traceback)
-        saved = f"; resume the saved chat with: sinkchat --resume {app.chat_id}" if save and app.chat_id else ""
+        saved = (f"; resume the saved chat with: {config.resume_command(store.root, app.chat_id)}"
+                 if save and app.chat_id and store is not None else "")
         raise LoadFailed(f"the chat screen stopped on an unexpected error{saved}")
     return app.chat_id if save else None
