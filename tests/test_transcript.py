@@ -3,6 +3,8 @@ and every message can still be scrolled to and read."""
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 
 from _helpers import TranscriptApp, wait_for
@@ -52,6 +54,8 @@ async def test_two_thousand_messages_keep_the_widgets_bounded_and_all_readable()
         await t.jump_end()
         await pilot.pause()
         assert mounted(t)[-1] == 1999 and t.scroll_y == t.max_scroll_y
+        gc.collect()  # the views taken off the screen are freed, not kept alive somewhere
+        assert not [o for o in gc.get_objects() if isinstance(o, MessageView) and not o.is_attached]
 
 
 async def test_scrolling_up_mounts_the_older_messages_above_in_place():

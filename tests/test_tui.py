@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import gc
+
 import pytest
+from textual.widget import Widget
 
 from _helpers import SIZE, run_cli, send, wait_for
 from _helpers import tui_settings as make_settings
@@ -66,6 +69,25 @@ async def test_chat_streams_evicts_and_gauge_matches_ledger(smollm):
             assert view.has_class("-forgotten") == (not kept(chat, message)), message
         forgotten = [v for v in views if v.has_class("-forgotten")]
         assert forgotten and "forgotten" in str(forgotten[0].query_one(".role").render())
+
+
+def detached_widgets() -> int:
+    """Widgets still alive but no longer on any screen (after a full garbage collection)."""
+    gc.collect()
+    return sum(1 for o in gc.get_objects() if isinstance(o, Widget) and not o.is_attached)
+
+
+async def test_turns_leave_no_removed_widget_alive(smollm):
+    """Each reply changes the key bindings twice, and the footer rebuilds its keys each time; the
+    removed keys must be freed (Textual kept them bound to the footer: 12 widgets a turn, for ever)."""
+    app = SinkchatApp(make_settings(max_new_tokens=4), loaded=smollm, save=False)
+    async with app.run_test(size=SIZE) as pilot:
+        await send(pilot, "Hi.")
+        before = detached_widgets()
+        for _ in range(3):
+            await send(pilot, "Hi.")
+        await pilot.pause()
+        assert detached_widgets() <= before
 
 
 async def test_escape_stops_and_keeps_partial_reply(smollm):

@@ -24,7 +24,7 @@ from textual.css.query import NoMatches
 from textual.message import Message
 from textual.reactive import reactive
 from textual.screen import Screen
-from textual.widgets import Footer, Label, LoadingIndicator
+from textual.widgets import Label, LoadingIndicator
 from textual.worker import Worker, WorkerCancelled, WorkerFailed
 
 from ..errors import SinkchatError
@@ -33,6 +33,7 @@ from ..models import LoadedModel, load_for
 from ..settings import Settings
 from ..text import clean
 from .chat_input import ChatInput
+from .footer import Footer
 from .gauge import CacheGauge
 from .header import ChatHeader
 from .steer_keys import SteerKeys

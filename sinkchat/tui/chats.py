@@ -16,10 +16,11 @@ from textual.binding import Binding
 from textual.containers import Vertical
 from textual.message import Message
 from textual.screen import ModalScreen, Screen
-from textual.widgets import DataTable, Footer, Input, Label
+from textual.widgets import DataTable, Input, Label
 
 from ..store import ChatInfo
 from ..text import clean
+from .footer import Footer
 
 
 class ConfirmDelete(ModalScreen[bool]):
