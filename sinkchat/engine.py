@@ -17,7 +17,7 @@ import json
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 import torch
@@ -147,13 +147,12 @@ class Chat(Steering):
 
         A stop request (:meth:`stop`) is honoured between chunks: the message keeps what was read,
         marked ``stopped``, so Esc or Ctrl+C does not wait for a long paste to be read whole."""
-        message = Message(role, content, len(self.tokens), len(self.tokens), note="stopped")
-        self.messages.append(message)
+        self.messages.append(Message(role, content, len(self.tokens), len(self.tokens), note="stopped"))
         for i in range(0, len(ids), self.chunk):
             if self._stop.is_set():
                 return
-            yield from self._forward(ids[i : i + self.chunk], message)
-        message.note = ""  # until here the model had read only part of it
+            yield from self._forward(ids[i : i + self.chunk])
+        self._update(note="")  # until here the model had read only part of it
 
     def occupancy(self) -> Occupancy:
         return self.cache.occupancy()
@@ -205,11 +204,12 @@ class Chat(Steering):
         }
 
     def state(self) -> tuple[ChatState, dict[str, torch.Tensor]]:
-        """The chat as a :class:`ChatState` and the cache's held K/V tensors, all copies."""
+        """The chat as a :class:`ChatState` and the cache's held K/V tensors: copies (messages are
+        values, shared)."""
         tensors, meta = self.cache.state()
         meta["revision"] = self.revision
-        messages = [Message(**vars(m)) for m in self.messages]
-        return ChatState(list(self.tokens), messages, meta, self.fingerprint(), cuts=list(self.cuts)), tensors
+        state = ChatState(list(self.tokens), list(self.messages), meta, self.fingerprint(), cuts=list(self.cuts))
+        return state, tensors
 
     def restore(self, state: ChatState, tensors: dict[str, torch.Tensor] | None) -> list[str]:
         """Continue a saved chat in this fresh one: transcript, ledger, cache counters and KV.
@@ -228,7 +228,7 @@ class Chat(Steering):
         if any(t >= len(self.tokenizer) for t in state.tokens):
             raise SinkchatError("this chat's ledger holds token ids the model's vocabulary lacks; it cannot be resumed")
         self.tokens = list(state.tokens)
-        self.messages = [Message(**vars(m)) for m in state.messages]
+        self.messages = list(state.messages)
         self.revision = state.meta.get("revision", 0)
         if not self.tokens:
             return []
@@ -258,8 +258,8 @@ class Chat(Steering):
     # -- internals ------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def _forward(self, ids: list[int], message: Message) -> Iterator[Event]:
-        """One step of ``message``: reserve cache room, run the model, record the tokens. A failing
+    def _forward(self, ids: list[int]) -> Iterator[Event]:
+        """One step of the last message: reserve cache room, run the model, record the tokens. A failing
         model call gives the room back, so the cache never holds more than the recorded tokens; the
         evictions are announced only once the step is recorded."""
         positions, spans = self.cache.reserve(len(ids), self._cut if self.settings.evict == "turns" else None)
@@ -269,15 +269,19 @@ class Chat(Steering):
             self.cache.cancel(len(ids))
             raise
         self.tokens.extend(ids)
-        message.end = len(self.tokens)
+        self._update(end=len(self.tokens))
         self._logits = logits[-1]
         for span in spans:
             yield Evicted(span)
 
+    def _update(self, **changes) -> Message:
+        """Replace the message being written with one carrying ``changes`` (messages are values)."""
+        self.messages[-1] = replace(self.messages[-1], **changes)
+        return self.messages[-1]
+
     def _generate(self) -> Iterator[Event]:
         start = len(self.tokens)
-        message = Message("assistant", "", start, start, note="stopped")
-        self.messages.append(message)
+        self.messages.append(Message("assistant", "", start, start, note="stopped"))
         stream = _Detokenizer(self.tokenizer)
         t0, reason, generated = time.perf_counter(), "length", 0
         try:
@@ -289,10 +293,10 @@ class Chat(Steering):
                 if tok in self.stop_ids:
                     reason = "end"
                     break
-                yield from self._forward([tok], message)
+                yield from self._forward([tok])
                 generated += 1
                 delta = stream.push(tok)
-                message.content = stream.emitted
+                self._update(content=stream.emitted)
                 if delta:
                     yield TokenText(delta)
                 elapsed = time.perf_counter() - t0
@@ -301,8 +305,9 @@ class Chat(Steering):
             if tail:
                 yield TokenText(tail)
         finally:  # also when the consumer stopped early or failed: the reply so far stays, marked stopped
-            message.content = stream._decode(self.tokens[message.start : message.end])  # what was recorded
-        message.note = "" if reason == "end" else reason
+            message = self.messages[-1]
+            self._update(content=stream._decode(self.tokens[message.start : message.end]))  # what was recorded
+        message = self._update(note="" if reason == "end" else reason)
         self.busy = False  # the turn is whole from here on
         yield Done(message.content, reason, generated, time.perf_counter() - t0)
 

@@ -18,11 +18,13 @@ ROLE_NAME = {"user": "you", "assistant": "model", "system": "system"}  # as the 
 NOTE_LABEL = {"stopped": "stopped", "length": "max tokens", "error": "error", "queued": "queued"}
 
 
-@dataclass
+@dataclass(frozen=True)
 class Message:
     """One message and the conversation-token range ``[start, end)`` its turn occupies.
 
     ``note`` says why a reply ended early: ``"stopped"``, ``"length"`` (max_new_tokens) or ``""``.
+    A value: the engine replaces the message it is writing, so a copy of the chat (a save, the
+    screen) shares the others instead of copying thousands of them at every turn.
     """
 
     role: str
@@ -256,26 +258,32 @@ def forgotten_count(messages: list[Message], spans: list[Span], upto: int | None
 
 def describe_span(span: Span, messages: list[Message]) -> str:
     """``tokens 4–119 (116): #1 system 15 of 19, #2–#3 whole, #4 model 37 of 52`` (inclusive token
-    numbers; messages numbered and named as the transcript shows them; runs of whole messages condensed)."""
-    parts: list[str] = []
-    run: list[int] = []  # consecutive messages the span covers completely
+    numbers; messages numbered and named as the transcript shows them; runs of whole messages condensed).
 
-    def close_run() -> None:
-        if run:
-            first = messages[run[0]]
-            parts.append(f"#{run[0] + 1} {ROLE_NAME.get(first.role, first.role)} whole" if len(run) == 1
-                         else f"#{run[0] + 1}–#{run[-1] + 1} whole")
-            run.clear()
+    Messages tile the conversation, so only the first and last messages the span touches can be
+    partly inside it: O(log n) however many whole messages the span covers (the gauge draws this
+    for the span of everything forgotten, at every step of a chat of thousands of turns)."""
+    first = bisect_right(messages, span[0], key=lambda m: m.end)
+    last = bisect_left(messages, span[1], key=lambda m: m.start)  # messages[first:last] touch the span
+    pieces: list[tuple[int, int, int | None]] = []  # (a, b, None): whole messages a..b-1; (i, i + 1, n)
 
-    for i in covered(span, messages):
+    def add(a: int, b: int, n: int | None = None) -> None:
+        if n is None and pieces and pieces[-1][2] is None and pieces[-1][1] == a:  # extends a whole run
+            a = pieces.pop()[0]
+        pieces.append((a, b, n))
+
+    for i in (first, last - 1) if last - 1 > first else (first,) if last > first else ():
+        if i > first + 1:  # the messages between the two ends lie wholly inside the span
+            add(first + 1, i)
         m = messages[i]
         n = overlap(span, (m.start, m.end))
-        if n == m.end - m.start:
-            run.append(i)
-        else:
-            close_run()
-            parts.append(f"#{i + 1} {ROLE_NAME.get(m.role, m.role)} {n} of {m.end - m.start}")
-    close_run()
+        add(i, i + 1, None if n == m.end - m.start else n)
+    parts = []
+    for a, b, n in pieces:
+        m = messages[a]
+        name = ROLE_NAME.get(m.role, m.role)
+        parts.append(f"#{a + 1} {name} whole" if n is None and b - a == 1 else f"#{a + 1}–#{b} whole" if n is None
+                     else f"#{a + 1} {name} {n} of {m.end - m.start}")
     a, b = span
     return f"tokens {a}–{b - 1} ({b - a}): " + (", ".join(parts) or "no message")
 

@@ -43,6 +43,33 @@ def test_describe_span_condenses_runs_of_whole_messages():
     assert describe_span((80, 90), msgs) == "tokens 80–89 (10): no message"
 
 
+@given(st.lists(st.integers(1, 9), min_size=1, max_size=15), st.integers(0, 100), st.integers(1, 100))
+def test_describe_span_names_each_message_by_the_tokens_it_has_inside(sizes, start, length):
+    """Expanding the description's runs gives, for every message, how many of its tokens the span
+    holds: the whole ones inside runs, the partial ones with their count, none left out."""
+    msgs, pos = [], 0
+    for i, size in enumerate(sizes):
+        msgs.append(Message(("user", "assistant")[i % 2], "", pos, pos + size))
+        pos += size
+    span = (start, start + length)
+    said = {}
+    for part in describe_span(span, msgs).split(": ", 1)[1].split(", "):
+        if part == "no message":
+            continue
+        numbers = [int(x) for x in part.replace("#", " ").replace("–", " ").split() if x.isdigit()]
+        if part.endswith("whole"):
+            first, last = numbers[0], numbers[-1] if "–" in part else numbers[0]
+            said.update({i: "whole" for i in range(first, last + 1)})
+        else:
+            said[numbers[0]] = numbers[1]
+    expected = {}
+    for i, m in enumerate(msgs, start=1):
+        inside = len(set(range(*span)) & set(range(m.start, m.end)))
+        if inside:
+            expected[i] = "whole" if inside == m.end - m.start else inside
+    assert said == expected
+
+
 @given(st.lists(st.tuples(st.integers(0, 50), st.integers(1, 10)), max_size=12),
        st.integers(0, 60), st.integers(1, 30))
 def test_evicted_count_is_the_overlap_for_any_spans(raw, start, length):

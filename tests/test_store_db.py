@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sqlite3
+from array import array
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from sinkchat.errors import SinkchatError
 from sinkchat.ledger import ChatState, Message
 from sinkchat.settings import Settings
 from sinkchat.store import Snapshot, Store
 from sinkchat.store.db import VERSION
+from sinkchat.store.statefile import unchanged
 
 # The schema as the first sinkchat release wrote it (no user_version), kept verbatim.
 FIRST_SCHEMA = """
@@ -159,3 +164,31 @@ def test_ledger_kinds_mark_pinned_tokens_and_follow_an_unpin(tmp_path):
     assert kinds(store, chat_id) == "ssss" + "e" + "ppp" + "e" * 6 + "w" * 6
     store.save_state(chat_id, state(n=22, n_win=6, evictions=((4, 16),)), {})  # unpinned, then evicted
     assert kinds(store, chat_id) == "ssss" + "e" * 12 + "w" * 6
+
+
+messages_st = st.lists(st.tuples(st.sampled_from(["user", "assistant"]), st.text(max_size=6),
+                                 st.sampled_from(["", "stopped"])), max_size=6)
+
+
+@given(messages_st, messages_st, st.integers(0, 6), st.lists(st.integers(0, 99), max_size=12),
+       st.lists(st.integers(0, 99), max_size=12), st.integers(0, 12))
+def test_a_checksum_that_reuses_the_last_save_equals_one_from_scratch(old_rows, new_rows, keep, old_toks,
+                                                                      new_toks, cut):
+    """A save's checksum reuses what the save before it hashed (the messages both share, the ledger
+    it extends); whatever changed in between, it is the checksum of the snapshot computed anew."""
+
+    def messages(rows, offset=0):
+        return [Message(role, text, offset + i, offset + i + 1, note) for i, (role, text, note) in enumerate(rows)]
+
+    old = Snapshot(old_toks, messages(old_rows), meta(), {"model": "m"}, {"window": 8}, 1)
+    old.checksum()
+    shared = old.messages[:keep]
+    tokens = old_toks[: min(cut, len(old_toks))] + new_toks
+    new = Snapshot(tokens, shared + messages(new_rows, len(shared)), meta(seen=21), {"model": "m"}, {"window": 8}, 2)
+    new.follow(old, unchanged(old.messages, new.messages))
+    fresh = Snapshot(list(tokens), [Message(*m.row()) for m in new.messages], meta(seen=21), {"model": "m"},
+                     {"window": 8}, 2)
+    assert new.checksum() == fresh.checksum()
+    reference = json.dumps([fresh.settings, fresh.fingerprint, fresh.meta, [m.row() for m in fresh.messages], 2],
+                           sort_keys=True)  # the definition older saves were checked with
+    assert fresh.checksum() == hashlib.sha256(reference.encode() + array("q", tokens).tobytes()).hexdigest()

@@ -103,15 +103,16 @@ class Store:
             path.unlink()
             fault("segments-pruning")  # killed with some removed: the rest are stale, never read
 
-    def _write(self, chat_id: int, chain: Chain | None, snap: Snapshot, tensors: dict) -> Chain:
+    def _write(self, chat_id: int, chain: Chain | None, snap: Snapshot, tensors: dict, keep: int = 0) -> Chain:
         """Write ``snap``'s K/V: a segment after ``chain`` (what the files hold at the generation
-        before) if it can describe the change, else a new base, then the old segments go."""
+        before, of whose messages ``snap`` keeps the first ``keep``) if it can describe the change,
+        else a new base, then the old segments go."""
         state_dir = private_dir(self.root / "state")
         if chain is not None and chain.extends(snap, tensors) is None:
             path = segment_path(state_dir, chat_id, snap.gen)
             if path.is_symlink() or path.exists():  # left by a save whose database write failed: never read
                 path.unlink()
-            chain = write_segment(path, chain, snap, tensors)
+            chain = write_segment(path, chain, snap, tensors, keep)
             fault("segment-renamed")
             return chain
         chain = write_state(self.state_path(chat_id), snap, tensors)
@@ -173,8 +174,10 @@ class Store:
             snap = Snapshot.of(state, loads(row["settings"]), row["gen"] + 1)
             if chain is not None and chain.snap.gen != row["gen"]:
                 chain = None
-            new = self._write(chat_id, chain, snap, tensors)
             keep = unchanged(chain.snap.messages, snap.messages) if chain is not None else 0
+            if chain is not None:
+                snap.follow(chain.snap, keep)
+            new = self._write(chat_id, chain, snap, tensors, keep)
             self.db.write(chat_id, snap, loads(row["cache_meta"]), row["n_tokens"], keep)
             self._chains[chat_id] = new
             after = written_bytes()

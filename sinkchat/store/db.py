@@ -17,6 +17,7 @@ import os
 import sqlite3
 import time
 from array import array
+from bisect import bisect_right
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
@@ -197,9 +198,6 @@ class Database:
     def _rows(db, chat_id: int, snap: Snapshot, old_meta: dict, n_old: int, keep: int = 0) -> None:
         meta, toks = snap.meta, snap.tokens
         n_sink, win_start = meta["n_sink"], meta["seen"] - meta["n_win"]
-        owner = array("l", [0]) * len(toks)
-        for i, m in enumerate(snap.messages):
-            owner[m.start : m.end] = array("l", [i]) * (m.end - m.start)
         pinned, parked = _tokens(meta.get("pins", [])), _tokens(meta.get("parked", []))
         kind = lambda p: ("s" if p < n_sink else "p" if p in pinned else "w" if p >= win_start or p in parked  # noqa: E731
                           else "e")
@@ -217,9 +215,10 @@ class Database:
         was = _tokens(old_meta.get("pins", [])) | _tokens(old_meta.get("parked", []))
         odd = sorted(p for p in pinned | parked | was if p < n_old)
         db.execute("DELETE FROM tokens WHERE chat_id=? AND pos>=?", (chat_id, n_old))
+        owner = _owners(snap.messages, n_old, len(toks))
         db.executemany(
             "INSERT INTO tokens VALUES (?, ?, ?, ?, ?)",
-            ((chat_id, p, toks[p], owner[p], kind(p)) for p in range(n_old, len(toks))),
+            ((chat_id, p, toks[p], owner[p - n_old], kind(p)) for p in range(n_old, len(toks))),
         )
         fault("db-mid")
         db.execute(
@@ -240,6 +239,19 @@ class Database:
             (time.time(), json.dumps(snap.settings), json.dumps(snap.fingerprint), json.dumps(meta), len(toks),
              snap.gen, snap.checksum(), chat_id),
         )
+
+
+def _owners(messages: list[Message], start: int, end: int) -> array:
+    """The message index of each token in ``[start, end)`` (0 for a token no message holds), found
+    by bisection: a save costs its new tokens, not the length of the chat."""
+    owner = array("l", [0]) * (end - start)
+    for i in range(bisect_right(messages, start, key=lambda m: m.end), len(messages)):
+        m = messages[i]
+        if m.start >= end:
+            break
+        a, b = max(m.start, start), min(m.end, end)
+        owner[a - start : b - start] = array("l", [i]) * max(0, b - a)
+    return owner
 
 
 def _tokens(spans) -> set[int]:

@@ -32,23 +32,46 @@ class Snapshot(ChatState):
 
     settings: dict = field(default_factory=dict)
     gen: int = 0
+    # what the checksum hashes, kept so the next save's snapshot reuses the part it shares (see follow)
+    _rows: list[str] | None = field(default=None, init=False, repr=False, compare=False)
+    _ledger: array | None = field(default=None, init=False, repr=False, compare=False)
+    _sum: str | None = field(default=None, init=False, repr=False, compare=False)
 
     def checksum(self) -> str:
-        """sha256 over everything a reader trusts; both the database and the state file carry it."""
-        head = json.dumps(
-            [self.settings, self.fingerprint, self.meta, [m.row() for m in self.messages], self.gen], sort_keys=True
-        )
-        digest = hashlib.sha256(head.encode())
-        digest.update(array("q", self.tokens).tobytes())
-        return digest.hexdigest()
+        """sha256 over everything a reader trusts; both the database and the state file carry it:
+        the JSON of ``[settings, fingerprint, meta, message rows, gen]`` (keys sorted), then the
+        ledger as int64. Computed once; after :meth:`follow` it costs what changed since the save
+        followed, not the length of the chat."""
+        if self._sum is None:
+            if self._rows is None:
+                self._rows = [json.dumps(m.row()) for m in self.messages]
+            if self._ledger is None:
+                self._ledger = array("q", self.tokens)
+            parts = [json.dumps(x, sort_keys=True) for x in (self.settings, self.fingerprint, self.meta)]
+            head = "[" + ", ".join(parts + ["[" + ", ".join(self._rows) + "]", json.dumps(self.gen)]) + "]"
+            digest = hashlib.sha256(head.encode())
+            digest.update(self._ledger.tobytes())
+            self._sum = digest.hexdigest()
+        return self._sum
 
-    def header(self) -> dict:
+    def follow(self, old: "Snapshot", keep: int) -> None:
+        """Reuse what :meth:`checksum` hashed of ``old`` (the save before this one): the rows of the
+        ``keep`` leading messages both share, and the ledger if this one extends it."""
+        if old._rows is not None:
+            self._rows = old._rows[:keep] + [json.dumps(m.row()) for m in self.messages[keep:]]
+        n = len(old.tokens)
+        if old._ledger is not None and len(self.tokens) >= n and self.tokens[:n] == old.tokens:
+            self._ledger = old._ledger + array("q", self.tokens[n:])
+
+    def header(self, keep: int = 0) -> dict:
+        """The state file's header; a segment's holds the messages from ``keep`` on (the files
+        before it hold the others)."""
         return {
             "format": FORMAT,
             "settings": self.settings,
             "fingerprint": self.fingerprint,
             "meta": self.meta,
-            "messages": [m.row() for m in self.messages],
+            "messages": [m.row() for m in self.messages[keep:]],
             "gen": self.gen,
         }
 

@@ -111,8 +111,9 @@ class Chain:
 
 
 def unchanged(old: list[Message], new: list[Message]) -> int:
-    """How many leading messages ``new`` shares with ``old`` (the ones a save need not write again)."""
-    same = (i for i, (a, b) in enumerate(zip(old, new)) if a.row() != b.row())
+    """How many leading messages ``new`` shares with ``old`` (the ones a save need not write again).
+    Messages are values the engine shares between copies, so this is an identity check per message."""
+    same = (i for i, (a, b) in enumerate(zip(old, new)) if a is not b and a != b)
     return next(same, min(len(old), len(new)))
 
 
@@ -144,9 +145,10 @@ def write_state(path: Path, snap: Snapshot, tensors: dict) -> Chain:
     return Chain(snap, snap.checksum(), kv, snap.meta.get("n_win", 0))
 
 
-def write_segment(path: Path, chain: Chain, snap: Snapshot, tensors: dict) -> Chain:
+def write_segment(path: Path, chain: Chain, snap: Snapshot, tensors: dict, keep: int) -> Chain:
     """Atomically write segment ``path`` holding what ``snap`` adds to ``chain`` (whose
-    :meth:`Chain.extends` said yes); ``OSError`` on failure. Returns the longer chain."""
+    :meth:`Chain.extends` said yes), of which the first ``keep`` messages are unchanged
+    (:func:`unchanged`); ``OSError`` on failure. Returns the longer chain."""
     import torch
 
     meta, old = snap.meta, chain.snap
@@ -165,9 +167,8 @@ def write_segment(path: Path, chain: Chain, snap: Snapshot, tensors: dict) -> Ch
         elif moved or part in STASH:
             out[name] = t.detach().cpu().contiguous()
     out["ledger"] = torch.tensor(snap.tokens[n_old:], dtype=torch.int64)
-    rows, keep = [m.row() for m in snap.messages], unchanged(old.messages, snap.messages)
-    header = {**snap.header(), "messages": rows[keep:], "segment": {"prev": chain.tip, "n_prev": n_old,
-              "keep": keep, "first": first}, "ledger_sum": snap.checksum()}
+    header = {**snap.header(keep), "segment": {"prev": chain.tip, "n_prev": n_old, "keep": keep, "first": first},
+              "ledger_sum": snap.checksum()}
     _save(path, out, header, "segment-temp")
     stored = chain.stored + meta["seen"] - first + (n_head if moved else 0)
     return Chain(snap, snap.checksum(), chain.layout, stored, chain.segments + 1)

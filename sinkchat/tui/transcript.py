@@ -233,7 +233,7 @@ class Transcript(VerticalScroll):
     def _update_more(self) -> None:
         earlier, later = self.query_one("#earlier", Static), self.query_one("#later", Static)
         if self.lo:
-            gone = forgotten_count(self._messages[: self.lo], self._spans)
+            gone = forgotten_count(self._messages, self._spans, min(self.lo, len(self._messages)))
             earlier.update(f"↑ {self.lo} earlier messages ({gone} forgotten by the model): scroll up or "
                            "PageUp to read them, Ctrl+Home for the first")
         later.update(f"↓ {len(self.entries) - self.hi} newer messages: scroll down, or Ctrl+End to follow "
