@@ -225,7 +225,7 @@ class Chat(Steering):
                 f"this chat was made with {state.fingerprint.get('model')}, whose tokenizer differs from "
                 f"{now['model']}'s; resume it with --model {state.fingerprint.get('model')}"
             )
-        if any(t >= len(self.tokenizer) for t in state.tokens):
+        if max(state.tokens, default=-1) >= len(self.tokenizer):
             raise SinkchatError("this chat's ledger holds token ids the model's vocabulary lacks; it cannot be resumed")
         self.tokens = list(state.tokens)
         self.messages = list(state.messages)

@@ -172,11 +172,12 @@ class Database:
         """The rows' snapshot if their checksum holds, else ``(None, why)``."""
         row = self.row(chat_id)
         try:
-            msgs = self.db.execute(
+            plain = self.db.cursor()
+            plain.row_factory = None  # tuples: the whole ledger is read here, thousands of rows a turn
+            msgs = plain.execute(
                 "SELECT role, content, first_tok, end_tok, note FROM messages WHERE chat_id=? ORDER BY idx", (chat_id,)
             ).fetchall()
-            rows = self.db.execute("SELECT token FROM tokens WHERE chat_id=? ORDER BY pos", (chat_id,))
-            toks = [r["token"] for r in rows]
+            toks = [r[0] for r in plain.execute("SELECT token FROM tokens WHERE chat_id=? ORDER BY pos", (chat_id,))]
             snap = Snapshot(toks, [Message(*m) for m in msgs], json.loads(row["cache_meta"]),
                             json.loads(row["fingerprint"]), json.loads(row["settings"]), row["gen"])
             if snap.checksum() == row["checksum"] and len(toks) == row["n_tokens"]:

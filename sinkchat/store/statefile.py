@@ -198,15 +198,19 @@ def _read(path: Path, framework: str, what: str, only: str | None = None) -> tup
     return header, tensors
 
 
-def _snapshot(header: dict, ledger: list[int], what: str, messages: list | None = None) -> Snapshot:
+def _snapshot(header: dict, ledger: list[int], what: str, prev: Snapshot | None = None, keep: int = 0) -> Snapshot:
+    """The snapshot a file's header and ledger describe; a segment's keeps the first ``keep``
+    messages of ``prev``, the snapshot of the files before it (and reuses what that one hashed)."""
     if header.get("format") != FORMAT:
         raise ValueError(f"{what} has an unknown format")
     try:
         rows = [Message(*m) for m in header["messages"]]
-        snap = Snapshot(ledger, (messages or []) + rows, header["meta"], header["fingerprint"],
-                        header["settings"], header["gen"])
+        snap = Snapshot(ledger, (prev.messages[:keep] if prev else []) + rows, header["meta"],
+                        header["fingerprint"], header["settings"], header["gen"])
     except (KeyError, TypeError) as exc:
         raise ValueError(f"{what}'s header is damaged ({exc})") from None
+    if prev is not None:
+        snap.follow(prev, keep)
     if snap.checksum() != header.get("ledger_sum"):
         raise ValueError(f"{what} is damaged (ledger checksum mismatch)")
     return snap
@@ -248,7 +252,7 @@ def read_chain(state_dir: Path, chat_id: int, tensors: bool = True) -> tuple[Cha
             if seg.get("n_prev") != len(old.tokens) or not 0 <= seg.get("keep", -1) <= len(old.messages):
                 raise ValueError(f"{what} is damaged (counters out of range)")
             ledger = old.tokens + data.pop("ledger").tolist()
-            snap = _snapshot(header, ledger, what, old.messages[: seg["keep"]])
+            snap = _snapshot(header, ledger, what, old, seg["keep"])
             if (snap.gen != gen or any(old.meta.get(k) != snap.meta.get(k) for k in ("sinks", "window", "n_sink"))
                     or seg.get("first") != max(len(old.tokens), snap.meta["seen"] - snap.meta["n_win"])):
                 raise ValueError(f"{what} is damaged (it does not fit the base)")
