@@ -268,9 +268,14 @@ def describe_span(span: Span, messages: list[Message]) -> str:
     pieces: list[tuple[int, int, int | None]] = []  # (a, b, None): whole messages a..b-1; (i, i + 1, n)
 
     def add(a: int, b: int, n: int | None = None) -> None:
-        if n is None and pieces and pieces[-1][2] is None and pieces[-1][1] == a:  # extends a whole run
+        while a < b and messages[a].start == messages[a].end:  # an empty message (a reply stopped at once)
+            a += 1  # is named by no part of the line, but does not break a run of whole ones
+        while b > a and messages[b - 1].start == messages[b - 1].end:
+            b -= 1
+        if b > a and n is None and pieces and pieces[-1][2] is None:  # extends a run of whole messages
             a = pieces.pop()[0]
-        pieces.append((a, b, n))
+        if b > a:
+            pieces.append((a, b, n))
 
     for i in (first, last - 1) if last - 1 > first else (first,) if last > first else ():
         if i > first + 1:  # the messages between the two ends lie wholly inside the span
