@@ -220,12 +220,16 @@ def memory(message: Message, spans: list[Span]) -> Memory:
     return Memory(message.end - message.start, evicted, cut)
 
 
+def touching(span: Span, messages: list[Message]) -> range:
+    """Indices of the messages that reach into ``span`` (and of empty ones on its edges): messages
+    tile the conversation in order, so two binary searches find them, O(log n) however long the chat."""
+    return range(bisect_right(messages, span[0], key=lambda m: m.end),
+                 bisect_left(messages, span[1], key=lambda m: m.start))
+
+
 def covered(span: Span, messages: list[Message]) -> list[int]:
-    """Indices of the messages that ``span`` touches (messages tile the conversation in order, so a
-    binary search finds them: O(log n + k) however long the chat)."""
-    first = bisect_right(messages, span[0], key=lambda m: m.end)
-    last = bisect_left(messages, span[1], key=lambda m: m.start)
-    return [i for i in range(first, last) if overlap(span, (messages[i].start, messages[i].end))]
+    """Indices of the messages that share a token with ``span`` (O(log n + k))."""
+    return [i for i in touching(span, messages) if overlap(span, (messages[i].start, messages[i].end))]
 
 
 def streaming_through(occupancy: Occupancy, messages: list[Message]) -> str:
@@ -263,8 +267,8 @@ def describe_span(span: Span, messages: list[Message]) -> str:
     Messages tile the conversation, so only the first and last messages the span touches can be
     partly inside it: O(log n) however many whole messages the span covers (the gauge draws this
     for the span of everything forgotten, at every step of a chat of thousands of turns)."""
-    first = bisect_right(messages, span[0], key=lambda m: m.end)
-    last = bisect_left(messages, span[1], key=lambda m: m.start)  # messages[first:last] touch the span
+    near = touching(span, messages)
+    first, last = near.start, near.stop
     pieces: list[tuple[int, int, int | None]] = []  # (a, b, None): whole messages a..b-1; (i, i + 1, n)
 
     def add(a: int, b: int, n: int | None = None) -> None:

@@ -174,8 +174,9 @@ class Store:
             snap = Snapshot.of(state, loads(row["settings"]), row["gen"] + 1)
             if chain is not None and chain.snap.gen != row["gen"]:
                 chain = None
-            keep = unchanged(chain.snap.messages, snap.messages) if chain is not None else 0
-            if chain is not None:
+            keep = 0
+            if chain is not None:  # reuse what the last save hashed of the messages both share
+                keep = unchanged(chain.snap.messages, snap.messages)
                 snap.follow(chain.snap, keep)
             new = self._write(chat_id, chain, snap, tensors, keep)
             self.db.write(chat_id, snap, loads(row["cache_meta"]), row["n_tokens"], keep)

@@ -17,14 +17,13 @@ import os
 import sqlite3
 import time
 from array import array
-from bisect import bisect_right
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import SinkchatError
 from ..files import fault, reason
-from ..ledger import Message
+from ..ledger import Message, covered
 from .records import ChatInfo, Snapshot
 
 MIGRATIONS: list[tuple[str, ...]] = [
@@ -243,15 +242,12 @@ class Database:
 
 
 def _owners(messages: list[Message], start: int, end: int) -> array:
-    """The message index of each token in ``[start, end)`` (0 for a token no message holds), found
-    by bisection: a save costs its new tokens, not the length of the chat."""
+    """The message index of each token in ``[start, end)`` (0 for a token no message holds), from
+    :func:`~sinkchat.ledger.covered`: a save costs its new tokens, not the length of the chat."""
     owner = array("l", [0]) * (end - start)
-    for i in range(bisect_right(messages, start, key=lambda m: m.end), len(messages)):
-        m = messages[i]
-        if m.start >= end:
-            break
-        a, b = max(m.start, start), min(m.end, end)
-        owner[a - start : b - start] = array("l", [i]) * max(0, b - a)
+    for i in covered((start, end), messages):
+        a, b = max(messages[i].start, start), min(messages[i].end, end)
+        owner[a - start : b - start] = array("l", [i]) * (b - a)
     return owner
 
 
