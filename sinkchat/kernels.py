@@ -19,8 +19,10 @@ def prepare(loaded: LoadedModel, kv_dtype: str = "auto", compile: str = "auto", 
     """Pick the kernels, the fast path and the KV dtype for a freshly loaded model.
 
     On the CPU, ``4bit`` means PyTorch's packed int4 kernel (bitsandbytes' CPU path is 12x slower
-    without AVX512-BF16, see :mod:`sinkchat.quant`); a Llama-family model in float32 or int4 on
-    the CPU gets the fast path (:mod:`sinkchat.llama`). Everything else runs through transformers.
+    without AVX512-BF16, see :mod:`sinkchat.quant`); on a GPU, bitsandbytes NF4. A Llama-family
+    model gets the fast path (:mod:`sinkchat.llama`) in float32 or int4 on the CPU and in NF4 on one
+    GPU, where ``compile`` ``auto`` also captures its decode step in CUDA graphs. Everything else
+    runs through transformers.
     """
     import torch
 
@@ -37,14 +39,20 @@ def prepare(loaded: LoadedModel, kv_dtype: str = "auto", compile: str = "auto", 
         packs.save()
     else:
         loaded.weights = {"4bit": "bnb-nf4", "8bit": "bnb-int8"}.get(loaded.quant, "dense")
-        if loaded.device == "cpu" and loaded.dtype == torch.float32 and llama.supported(model):
+        dense_cpu = loaded.quant == "none" and loaded.device == "cpu" and loaded.dtype == torch.float32
+        one_device = len({p.device for p in model.parameters()}) == 1  # not spread over several GPUs
+        if (dense_cpu or loaded.weights == "bnb-nf4" and one_device) and llama.supported(model):
             loaded.fast = llama.FastLlama.build(model, int4=False)
     if compile == "on" or (compile == "auto" and loaded.device == "cuda"):
         if loaded.fast is not None:
-            loaded.fast.compile("reduce-overhead" if loaded.device == "cuda" else None)
+            import os  # inductor's compiled kernels go where sinkchat keeps its other caches
+
+            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(_config.cache_dir() / "inductor"))
+            loaded.fast.compile(inductor=True, cuda_graph=loaded.device == "cuda")
+            loaded.notices.append("the first reply compiles the decode step (a minute or more the first time)")
         elif compile == "on":
-            loaded.notices.append("--compile on: only the fast path (Llama-family models on the CPU) is compiled; "
-                                  "this model runs eagerly")
+            loaded.notices.append("--compile on: only the fast path (Llama-family models, 4-bit or float32 on "
+                                  "one device) is compiled; this model runs eagerly")
     loaded.kv_dtype = pick_kv_dtype(loaded) if kv_dtype == "auto" else getattr(torch, kv_dtype)
     model.sinkchat_kv_dtype = loaded.kv_dtype
     model.sinkchat_fast = loaded.fast

@@ -10,21 +10,23 @@ the cache's as before), SDPA, one fused gate/up projection, SiLU, the down proje
 residual stream. It takes chunks of any length (prefill) and single tokens (decode) and returns the
 same logits as :func:`sinkchat.models.forward` on the transformers path.
 
-The projections are whatever modules the model holds (``nn.Linear`` in float32, or
-:class:`~sinkchat.quant.Int4Linear`); fusing q/k/v and gate/up builds one module each and points the
+The projections are whatever modules the model holds (``nn.Linear`` in float32,
+:class:`~sinkchat.quant.Int4Linear` on the CPU, :class:`~sinkchat.quant.NF4Linear` over bitsandbytes'
+weights on a GPU); fusing q/k/v and gate/up builds one module each and points the
 transformers modules at row slices of it, so both paths share one copy of the weights
 (:meth:`FastLlama.build`).
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .quant import Int4Linear, int4_fits
+from .quant import HalfLinear, Int4Linear, NF4Linear, int4_fits
 
 FAMILY = ("llama", "mistral", "qwen2")
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # inv_freq and attention_scaling fixed at load
@@ -75,7 +77,7 @@ class FastLlama:
         config = model.config
         self.layers = layers
         self.embed = model.get_input_embeddings()
-        self.norm = model.model.norm.weight
+        self.norm = model.model.norm.weight.float()
         self.head = model.get_output_embeddings()
         self.eps = config.rms_norm_eps
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
@@ -86,16 +88,17 @@ class FastLlama:
         self.q_size, self.kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
         self.inter = layers[0].down.in_features
         self.compiled = None  # the compiled static_step, once compile() was asked for
-        self.notice: str | None = None  # why compiling failed, for the user
+        self.notice: str | None = None  # how long compiling took, or why it failed, for the user
+        self.compiled_s: float | None = None  # seconds the first compiled step took (compiling, recording)
 
     @classmethod
     def build(cls, model, int4: bool, packs=None) -> "FastLlama":
         """Fuse each layer's q/k/v and gate/up (quantizing to 4 bits with ``int4``), point the model's
         own modules at row slices of the fused ones, and return the fast forward over them. With
         ``int4`` the output head becomes a float16 copy and every projection an
-        :class:`~sinkchat.quant.Int4Linear`, on both paths."""
-        from .quant import HalfLinear
-
+        :class:`~sinkchat.quant.Int4Linear`, on both paths; bitsandbytes 4-bit projections (a GPU)
+        become :class:`~sinkchat.quant.NF4Linear` on the same packed bytes, and a 16-bit head is
+        called in its own dtype."""
         layers = []
         for i, block in enumerate(model.model.layers):
             attn, mlp = block.self_attn, block.mlp
@@ -104,12 +107,14 @@ class FastLlama:
             o, down = attn.o_proj, mlp.down_proj
             if int4:
                 o, down = _int4(o, packs, f"{i}.o"), _int4(down, packs, f"{i}.down")
-                attn.o_proj, mlp.down_proj = o, down
-            layers.append(Layer(block.input_layernorm.weight, qkv, o, block.post_attention_layernorm.weight,
-                                gate_up, down))
+            elif NF4Linear.fits(o) and NF4Linear.fits(down):
+                o, down = NF4Linear.fuse([o]), NF4Linear.fuse([down])
+            attn.o_proj, mlp.down_proj = o, down
+            layers.append(Layer(block.input_layernorm.weight.float(), qkv, o,
+                                block.post_attention_layernorm.weight.float(), gate_up, down))
         head = model.get_output_embeddings()
-        if int4 and type(head) is nn.Linear and head.bias is None:
-            model.set_output_embeddings(HalfLinear(head.weight))
+        if type(head) is nn.Linear and head.bias is None and (int4 or head.weight.dtype != torch.float32):
+            model.set_output_embeddings(HalfLinear(head.weight, torch.float16 if int4 else head.weight.dtype))
         return cls(model, layers)
 
     # -- the forward ----------------------------------------------------------------------------------
@@ -139,13 +144,16 @@ class FastLlama:
             x = x[-keep:]
         return self.head(F.rms_norm(x, x.shape[-1:], self.norm, self.eps)).float()
 
-    # -- the static-shape decode step (torch.compile) -----------------------------------------------
+    # -- the static-shape decode step (torch.compile, CUDA graphs) ----------------------------------
 
-    def compile(self, mode: str | None = None) -> None:
-        """Decode single tokens through :meth:`static_step` compiled with ``torch.compile`` (``mode``
-        ``reduce-overhead``, CUDA graphs, on a GPU). Compiling happens on the first step; if it
-        fails, the step stays eager and :attr:`notice` says why (once)."""
-        self.compiled = torch.compile(self.static_step, mode=mode, dynamic=False)
+    def compile(self, inductor: bool = True, cuda_graph: bool = False) -> None:
+        """Decode single tokens through :meth:`static_step`, compiled by ``torch.compile`` (inductor)
+        and/or recorded as a CUDA graph (:class:`CudaGraphStep`). Both happen on the first step; if
+        either fails, the step stays eager and :attr:`notice` says why (once)."""
+        step, self.compiled_s = self.static_step, None
+        if inductor:
+            step = torch.compile(step, dynamic=False)
+        self.compiled = CudaGraphStep(step) if cuda_graph else step
 
     def static_step(self, token: torch.Tensor, position: torch.Tensor, slot: torch.Tensor,
                     buffers: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
@@ -177,8 +185,13 @@ class FastLlama:
         slot = cache.layers[0].length
         args = (torch.tensor([token], device=device), positions.reshape(1).to(device),
                 torch.tensor([slot], device=device), [(cl.keys, cl.values) for cl in cache.layers])
+        first = self.compiled_s is None
+        t0 = time.perf_counter()
         try:
             logits = self.compiled(*args)
+            if first:
+                self.compiled_s = time.perf_counter() - t0
+                self.notice = f"compiled the decode step in {self.compiled_s:.1f} s (kept on disk for the next start)"
         except Exception as exc:  # inductor, a missing compiler, CUDA graphs: all fall back the same way
             self.compiled = None
             self.notice = f"torch.compile failed ({type(exc).__name__}); decoding eagerly".splitlines()[0]
@@ -214,6 +227,48 @@ class FastLlama:
         return out[0].transpose(0, 1).reshape(n, H * D)
 
 
+class CudaGraphStep:
+    """``step`` (:meth:`FastLlama.static_step`, eager or compiled) recorded once as a CUDA graph and
+    replayed for every token: one launch instead of a few hundred kernel launches per token, which
+    is most of a 7B decode step's time in eager PyTorch.
+
+    The graph holds the addresses of the cache's buffers, so it is recorded again when the buffers
+    change (another chat); evictions move data inside the same buffers. The token, position and slot
+    are copied into the graph's own input tensors. Recorded here rather than by ``torch.compile``'s
+    ``reduce-overhead`` mode because that mode's CUDA graph trees assert when called from another
+    thread (pytorch/pytorch#123177), and the TUI decodes each reply on a new worker thread.
+    """
+
+    def __init__(self, step):
+        self.step, self.graph, self.key = step, None, None
+
+    def __call__(self, token: torch.Tensor, position: torch.Tensor, slot: torch.Tensor,
+                 buffers: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        key = tuple(t.data_ptr() for pair in buffers for t in pair)
+        if key != self.key:
+            self._record(token, position, slot, buffers)
+            self.key = key
+        self.inputs[0].copy_(token)
+        self.inputs[1].copy_(position)
+        self.inputs[2].copy_(slot)
+        self.graph.replay()
+        return self.logits.clone()
+
+    def _record(self, token, position, slot, buffers) -> None:
+        self.graph = self.key = None
+        self.inputs = (token.clone(), position.clone(), slot.clone())
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm up off the main stream (compiles, allocates workspaces)
+            for _ in range(2):
+                self.step(*self.inputs, buffers)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            self.logits = self.step(*self.inputs, buffers)
+        self.graph = graph
+
+
 def _window_slot(cache) -> bool:
     """Whether the next token lands in the window of an initialized cache (not among the sinks,
     whose float32 first copy only the eager path records)."""
@@ -236,11 +291,16 @@ def _int4(module: nn.Module, packs, key: str) -> nn.Module:
 def _fuse(parent: nn.Module, names: tuple[str, ...], int4: bool, packs=None, key: str = "") -> nn.Module:
     """One linear for ``parent``'s ``names`` (same input), whose row slices replace them in ``parent``."""
     parts = [getattr(parent, name) for name in names]
+    sizes = [p.out_features for p in parts]
+    if all(NF4Linear.fits(p) for p in parts):  # bitsandbytes 4-bit: concatenated as packed, never re-quantized
+        fused = NF4Linear.fuse(parts)
+        for name, a, s in zip(names, _starts(sizes), sizes):
+            setattr(parent, name, fused.rows(a, a + s))
+        return fused
     weight = torch.cat([p.weight.detach() for p in parts])
     biases = [p.bias for p in parts]
     bias = None if all(b is None for b in biases) else torch.cat(
         [b.detach() if b is not None else weight.new_zeros(p.out_features) for b, p in zip(biases, parts)])
-    sizes = [p.out_features for p in parts]
     if int4 and all(int4_fits(s, weight.shape[1]) for s in sizes):
         fused = Int4Linear.from_weight(weight, bias, packs, key)
         slices = [fused.rows(a, a + s) for a, s in zip(_starts(sizes), sizes)]

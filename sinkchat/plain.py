@@ -81,6 +81,8 @@ def run(
     interactive = stdin.isatty()
     out = _Output(stdout, chat)
     replaced = False
+    for notice in chat.loaded.take_notices():  # e.g. that the first reply compiles the decode step
+        notify(notice)
     with Session(chat, interactive) as session:
         while session.ended_by is None and not out.closed:
             line = _read(stdin, interactive, session, out)

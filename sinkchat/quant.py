@@ -1,4 +1,5 @@
-"""Weight-only quantized linears for the CPU: 4-bit projections and a 16-bit output head.
+"""Weight-only quantized linears: PyTorch's packed int4 on the CPU with a 16-bit output head, and
+bitsandbytes NF4 behind one op on a GPU (:class:`NF4Linear`).
 
 Why not bitsandbytes here: bitsandbytes 0.50 has a fused 4-bit CPU kernel only for CPUs with
 AVX512-BF16; elsewhere every call dequantizes the whole weight to float32 (measured on an AVX2
@@ -183,15 +184,87 @@ class Packs:
 
 
 class HalfLinear(nn.Module):
-    """A float16 copy of a (bias-free) linear layer, float32 in and out: the output head."""
+    """A 16-bit (``dtype``) view or copy of a bias-free linear layer, any float dtype in and out: the
+    output head (float16 on the CPU; the model's own bf16/fp16 weight, not copied, on a GPU)."""
 
-    def __init__(self, weight: torch.Tensor):
+    def __init__(self, weight: torch.Tensor, dtype: torch.dtype = torch.float16):
         super().__init__()
-        self.register_buffer("weight", weight.detach().to(torch.float16).contiguous(), persistent=False)
+        self.register_buffer("weight", weight.detach().to(dtype).contiguous(), persistent=False)
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.to(torch.float16), self.weight).to(x.dtype)
+        return F.linear(x.to(self.weight.dtype), self.weight).to(x.dtype)
+
+
+class NF4Linear(nn.Module):
+    """bitsandbytes' 4-bit weight (NF4 or FP4, QLoRA's blockwise format: one float32 absmax per
+    ``blocksize`` weights, row-major) with a forward that is one ``bitsandbytes::gemm_4bit`` op.
+
+    Why not bnb's own ``Linear4bit``: its forward runs Python checks and rewrites state on the way
+    (``fix_4bit_weight_quant_state_from_module``, compute-type guessing), which breaks the graph that
+    ``torch.compile`` captures for CUDA graphs; the op itself has a fake kernel, so inductor takes it
+    whole. Since every row is whole blocks (``in_features % blocksize == 0``), the packed bytes and
+    absmax of q, k and v laid end to end are exactly the fused weight's: :meth:`fuse` concatenates
+    without re-quantizing, and :meth:`rows` gives each part back as views (one copy in memory).
+
+    ``data`` ``uint8 [N K / 2, 1]``, ``absmax`` ``float32 [N K / blocksize]``; input any float dtype
+    ``[..., K]``, computed in ``compute_dtype``, returned in the input's dtype ``[..., N]``.
+    """
+
+    def __init__(self, data: torch.Tensor, absmax: torch.Tensor, shape: tuple[int, int], blocksize: int,
+                 quant_type: str, compute_dtype: torch.dtype, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.out_features, self.in_features = shape
+        self.blocksize, self.quant_type, self.compute_dtype = blocksize, quant_type, compute_dtype
+        self.register_buffer("data", data, persistent=False)
+        self.register_buffer("absmax", absmax, persistent=False)
+        self.register_buffer("bias", None if bias is None else bias.detach().to(compute_dtype), persistent=False)
+
+    @staticmethod
+    def fits(module: nn.Module) -> bool:
+        """Whether ``module`` is a bitsandbytes 4-bit linear whose rows are whole blocks."""
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        return state is not None and len(state.shape) == 2 and state.shape[1] % state.blocksize == 0
+
+    @classmethod
+    def fuse(cls, modules: list[nn.Module]) -> "NF4Linear":
+        """One linear computing ``modules`` (bitsandbytes 4-bit linears with the same input, all
+        :meth:`fits`) side by side; nested (double-quantized) absmax is expanded to float32."""
+        import bitsandbytes.functional as bnbf
+
+        states = [m.weight.quant_state for m in modules]
+        first = states[0]
+        absmax = []
+        for state in states:
+            a = state.absmax
+            if state.nested:
+                a = bnbf.dequantize_blockwise(a, state.state2) + state.offset
+            absmax.append(a.float().reshape(-1))
+        data = torch.cat([m.weight.data.reshape(-1) for m in modules])[:, None]
+        rows = sum(state.shape[0] for state in states)
+        biases = [m.bias for m in modules]
+        bias = None if all(b is None for b in biases) else torch.cat(
+            [b.detach() if b is not None else data.new_zeros(s.shape[0], dtype=first.dtype)
+             for b, s in zip(biases, states)])
+        compute = getattr(modules[0], "compute_dtype", None) or first.dtype
+        return cls(data, torch.cat(absmax), (rows, first.shape[1]), first.blocksize, first.quant_type, compute, bias)
+
+    def rows(self, start: int, end: int) -> "NF4Linear":
+        """Output rows ``start:end`` as views of this one's packed bytes and absmax."""
+        k = self.in_features
+        bias = None if self.bias is None else self.bias[start:end]
+        return NF4Linear(self.data[start * k // 2 : end * k // 2], self.absmax[start * k // self.blocksize :
+                         end * k // self.blocksize], (end - start, k), self.blocksize, self.quant_type,
+                         self.compute_dtype, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.bitsandbytes.gemm_4bit.default(
+            x.to(self.compute_dtype), self.data, [self.out_features, self.in_features], self.absmax,
+            self.blocksize, self.quant_type, bias=self.bias)
+        return y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.quant_type} b{self.blocksize}"
 
 
 def int4_modules(model, packs: Packs | None = None) -> int:

@@ -4,6 +4,7 @@ chunks and single tokens, before and after evictions and a rebase; resume for ev
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from sinkchat import llama, models
 from sinkchat.cache import SinkCache, rope_inv_freqs
 from sinkchat.engine import Chat
 from sinkchat.llama import FastLlama
-from sinkchat.quant import HalfLinear, Int4Linear
+from sinkchat.quant import HalfLinear, Int4Linear, NF4Linear
 from sinkchat.store import Store
 
 # Relative to the largest logit. float32 activations: the two paths differ only in summation order
@@ -87,6 +88,40 @@ def test_fast_path_matches_transformers_on_mistral_and_qwen2(arch, tiny_models):
     assert f32.fast is not None and compare(f32) < SAME_F32
     int4 = models.load(str(tiny_models[arch]), quant="4bit", device="cpu")
     assert int4.fast is not None and compare(int4) < SAME_BF16
+
+
+def load_nf4(folder, compute):
+    """A model as the loader gives it on a GPU (bitsandbytes NF4 linears, ``compute`` dtype), run on
+    bitsandbytes' CPU kernels (the same op and packed format as its CUDA ones), with the fast path
+    built over it as :func:`sinkchat.kernels.prepare` does on a GPU."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute)
+    model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=config, device_map="cpu",
+                                                 dtype=compute).eval()
+    return SimpleNamespace(model=model, tokenizer=AutoTokenizer.from_pretrained(folder), fast=None)
+
+
+@pytest.mark.parametrize("arch", ["mistral", "qwen2"])
+def test_the_gpu_nf4_path_fuses_the_packed_weights_exactly_and_matches_transformers(arch, tiny_models):
+    """Fusing q/k/v and gate/up concatenates bitsandbytes' packed blocks without re-quantizing: the
+    transformers path computes bit for bit what it did on bnb's own modules. Then the fast path, eager
+    and as the static step CUDA graphs capture, matches it through evictions and a rebase."""
+    loaded = load_nf4(tiny_models[arch], torch.bfloat16)
+    ids = torch.arange(5, 45)[None]
+    with torch.inference_mode():
+        before = loaded.model(ids).logits
+    loaded.fast = FastLlama.build(loaded.model, int4=False)
+    with torch.inference_mode():
+        assert torch.equal(loaded.model(ids).logits, before)
+    attn = loaded.model.model.layers[0].self_attn
+    assert isinstance(loaded.fast.layers[0].qkv, NF4Linear) and isinstance(attn.q_proj, NF4Linear)
+    assert attn.k_proj.data.untyped_storage().data_ptr() == loaded.fast.layers[0].qkv.data.untyped_storage().data_ptr()
+    assert compare(loaded) < SAME_BF16
+    eager = stream_decode(loaded)
+    loaded.fast.compiled = loaded.fast.static_step
+    static = stream_decode(loaded)
+    assert max(((a - b).abs().max() / a.abs().max()).item() for a, b in zip(eager, static)) < SAME_BF16
 
 
 def test_four_bit_on_the_cpu_is_packed_int4_shared_by_both_paths(smollm):
@@ -173,7 +208,9 @@ def test_compiled_step_matches_the_eager_step(tiny_models):
     eager = stream_decode(loaded)
     compiled = models.load(str(tiny_models["mistral"]), quant="none", device="cpu", compile="on")
     steps = stream_decode(compiled)
-    assert compiled.fast.compiled is not None, compiled.take_notices()  # it compiled, no fallback
+    notices = compiled.take_notices()
+    assert compiled.fast.compiled is not None, notices  # it compiled, no fallback
+    assert notices[0].startswith("the first reply compiles") and "compiled the decode step in" in notices[1]
     assert max(((a - b).abs().max() / a.abs().max()).item() for a, b in zip(eager, steps)) < SAME_F32
 
 
