@@ -25,7 +25,9 @@ import sys
 import time
 from pathlib import Path
 
+import bitsandbytes
 import torch
+import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -87,7 +89,7 @@ def bytes_per_token(loaded, sinks: int, window: int) -> dict:
 def copy_bandwidth(device: str) -> float:
     """Bytes read plus written per second by a device-to-device copy of 2 GiB (the ceiling's bandwidth)."""
     if device != "cuda":
-        return float("nan")
+        return None
     a = torch.empty(2**30, dtype=torch.float16, device=device)
     b = torch.empty_like(a)
     for _ in range(3):
@@ -143,11 +145,13 @@ def main() -> None:
     ids = torch.randint(0, shape["vocab_size"], (args.position + args.steps + 64,), generator=gen).tolist()
     report: dict = {"model": "Mistral-7B-shaped" if not args.tiny else "tiny Mistral", "shape": shape,
                     "sinks": S, "window": W, "position": args.position, "steps": args.steps,
-                    "torch": torch.__version__}
+                    "torch": torch.__version__, "transformers": transformers.__version__,
+                    "bitsandbytes": bitsandbytes.__version__}
     if dev == "cuda":
         report["gpu"] = torch.cuda.get_device_name()
-    report["copy_bandwidth_GBps"] = copy_bandwidth(dev) / 1e9
-    log(f"copy bandwidth {report['copy_bandwidth_GBps']:.0f} GB/s; building the model")
+    bandwidth = copy_bandwidth(dev)
+    report["copy_bandwidth_GBps"] = bandwidth and bandwidth / 1e9
+    log(f"copy bandwidth {bandwidth and round(bandwidth / 1e9)} GB/s; building the model")
     t0 = time.perf_counter()
     model = nf4_model(shape, dev)
     report["build_s"] = time.perf_counter() - t0
@@ -180,8 +184,8 @@ def main() -> None:
     report["weights"] = loaded.weights
     report["bytes_per_token"] = parts = bytes_per_token(loaded, S, W)
     total = sum(parts.values())
-    report["ceiling_tokens_per_s"] = report["copy_bandwidth_GBps"] * 1e9 / total
-    log(f"bytes per token {total / 1e9:.2f} GB {parts}; ceiling {report['ceiling_tokens_per_s']:.0f} tok/s")
+    report["ceiling_tokens_per_s"] = bandwidth and bandwidth / total
+    log(f"bytes per token {total / 1e9:.2f} GB {parts}; ceiling {report['ceiling_tokens_per_s']} tok/s")
     run("fast eager")
     variants = [("CUDA graph", False, True), ("compiled + CUDA graph", True, True)] if dev == "cuda" else []
     if args.compile == "off":

@@ -41,21 +41,32 @@ def prepare(loaded: LoadedModel, kv_dtype: str = "auto", compile: str = "auto", 
         loaded.weights = {"4bit": "bnb-nf4", "8bit": "bnb-int8"}.get(loaded.quant, "dense")
         dense_cpu = loaded.quant == "none" and loaded.device == "cpu" and loaded.dtype == torch.float32
         one_device = len({p.device for p in model.parameters()}) == 1  # not spread over several GPUs
-        if (dense_cpu or loaded.weights == "bnb-nf4" and one_device) and llama.supported(model):
+        if llama.supported(model) and (dense_cpu or loaded.weights == "bnb-nf4" and one_device
+                                       and llama.nf4_fits(model)):
             loaded.fast = llama.FastLlama.build(model, int4=False)
     if compile == "on" or (compile == "auto" and loaded.device == "cuda"):
         if loaded.fast is not None:
-            import os  # inductor's compiled kernels go where sinkchat keeps its other caches
-
-            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(_config.cache_dir() / "inductor"))
+            _inductor_cache()
             loaded.fast.compile(inductor=True, cuda_graph=loaded.device == "cuda")
             loaded.notices.append("the first reply compiles the decode step (a minute or more the first time)")
         elif compile == "on":
-            loaded.notices.append("--compile on: only the fast path (Llama-family models, 4-bit or float32 on "
-                                  "one device) is compiled; this model runs eagerly")
+            loaded.notices.append("--compile on: only the fast path (Llama-family models: 4-bit, or float32 "
+                                  "on the CPU) is compiled; this model runs eagerly")
     loaded.kv_dtype = pick_kv_dtype(loaded) if kv_dtype == "auto" else getattr(torch, kv_dtype)
     model.sinkchat_kv_dtype = loaded.kv_dtype
     model.sinkchat_fast = loaded.fast
+
+
+def _inductor_cache() -> None:
+    """Keep inductor's compiled kernels in sinkchat's cache dir (they outlive a reboot there), unless
+    the user chose a place. Importing transformers already wrote torch's default (under /tmp) into
+    ``TORCHINDUCTOR_CACHE_DIR``, so that default counts as not chosen."""
+    import os
+
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, default_cache_dir()):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(_config.cache_dir() / "inductor")
 
 
 def _packs_path(folder: str | None) -> Path | None:

@@ -30,6 +30,8 @@ from .quant import HalfLinear, Int4Linear, NF4Linear, int4_fits
 
 FAMILY = ("llama", "mistral", "qwen2")
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # inv_freq and attention_scaling fixed at load
+PROJECTIONS = tuple(("self_attn", n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")) + tuple(
+    ("mlp", n) for n in ("gate_proj", "up_proj", "down_proj"))
 
 
 def supported(model) -> bool:
@@ -45,13 +47,19 @@ def supported(model) -> bool:
     if rope.get("rope_type", "default") not in STATIC_ROPE:  # dynamic RoPE changes inv_freq as it runs
         return False
     rotary = getattr(model.model, "rotary_emb", None)
-    attn, mlp = layers[0].self_attn, layers[0].mlp
+    first = layers[0]
     return (
         rotary is not None
-        and all(hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
-        and all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj"))
-        and getattr(mlp, "act_fn", None) is not None
+        and all(hasattr(getattr(first, part, None), name) for part, name in PROJECTIONS)
+        and getattr(getattr(first, "mlp", None), "act_fn", None) is not None
     )
+
+
+def nf4_fits(model) -> bool:
+    """Whether every projection of ``model``'s decoder layers is a bitsandbytes 4-bit linear that
+    :class:`~sinkchat.quant.NF4Linear` takes as it is (else the model stays on transformers)."""
+    return all(NF4Linear.fits(getattr(getattr(block, part), name))
+               for block in model.model.layers for part, name in PROJECTIONS)
 
 
 @dataclass
@@ -194,7 +202,7 @@ class FastLlama:
                 self.notice = f"compiled the decode step in {self.compiled_s:.1f} s (kept on disk for the next start)"
         except Exception as exc:  # inductor, a missing compiler, CUDA graphs: all fall back the same way
             self.compiled = None
-            self.notice = f"torch.compile failed ({type(exc).__name__}); decoding eagerly".splitlines()[0]
+            self.notice = f"compiling the decode step failed ({type(exc).__name__}); decoding eagerly"
             logits = self.static_step(*args)
         for cl in cache.layers:
             cl.length += 1
@@ -244,15 +252,16 @@ class CudaGraphStep:
 
     def __call__(self, token: torch.Tensor, position: torch.Tensor, slot: torch.Tensor,
                  buffers: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        key = tuple(t.data_ptr() for pair in buffers for t in pair)
-        if key != self.key:
-            self._record(token, position, slot, buffers)
-            self.key = key
-        self.inputs[0].copy_(token)
-        self.inputs[1].copy_(position)
-        self.inputs[2].copy_(slot)
-        self.graph.replay()
-        return self.logits.clone()
+        key = tuple((t.data_ptr(), t.shape, t.dtype) for pair in buffers for t in pair)  # capacity is baked in
+        with torch.cuda.device(token.device):
+            if key != self.key:
+                self._record(token, position, slot, buffers)
+                self.key = key
+            self.inputs[0].copy_(token)
+            self.inputs[1].copy_(position)
+            self.inputs[2].copy_(slot)
+            self.graph.replay()
+            return self.logits.clone()
 
     def _record(self, token, position, slot, buffers) -> None:
         self.graph = self.key = None

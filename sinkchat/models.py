@@ -127,6 +127,7 @@ def _quiet() -> None:
     logging.getLogger("transformers").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
     warnings.filterwarnings("ignore", category=UserWarning, module="bitsandbytes")
+    warnings.filterwarnings("ignore", message="bf16 and fp16 are mixed")  # inductor, compiling the int4 step
 
 
 def gguf_target(path: Path) -> Path:

@@ -92,6 +92,7 @@ class Int4Linear(nn.Module):
     def __init__(self, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, in_features: int):
         super().__init__()
         self.in_features, self.out_features = in_features, packed.shape[0]
+        self.block = packed_block()  # probed once, here: a call inside forward would be traced by torch.compile
         self.register_buffer("packed", packed, persistent=False)
         self.register_buffer("scales", scales, persistent=False)
         self.register_buffer("bias", None if bias is None else bias.detach().float(), persistent=False)
@@ -116,7 +117,7 @@ class Int4Linear(nn.Module):
         if not self.scales.is_contiguous():
             self.scales = self.scales.contiguous()
         flat = x.reshape(-1, self.in_features)
-        block = packed_block()
+        block = self.block
         if flat.shape[0] >= DENSE_ROWS and block and self.out_features % block == 0:  # prefill: see module doc
             weight = dequantize(self.packed, self.scales, self.in_features, block)
             y = F.linear(flat.float(), weight, self.bias).to(x.dtype)
@@ -222,9 +223,12 @@ class NF4Linear(nn.Module):
 
     @staticmethod
     def fits(module: nn.Module) -> bool:
-        """Whether ``module`` is a bitsandbytes 4-bit linear whose rows are whole blocks."""
-        state = getattr(getattr(module, "weight", None), "quant_state", None)
-        return state is not None and len(state.shape) == 2 and state.shape[1] % state.blocksize == 0
+        """Whether ``module`` is a bitsandbytes 4-bit linear whose rows are whole blocks, packed in bytes
+        (not another ``quant_storage`` dtype, whose elements hold several weights each)."""
+        weight = getattr(module, "weight", None)
+        state = getattr(weight, "quant_state", None)
+        return (state is not None and weight.dtype == torch.uint8 and len(state.shape) == 2
+                and state.shape[1] % state.blocksize == 0)
 
     @classmethod
     def fuse(cls, modules: list[nn.Module]) -> "NF4Linear":

@@ -3,6 +3,7 @@ chunks and single tokens, before and after evictions and a rebase; resume for ev
 
 from __future__ import annotations
 
+import contextlib
 import math
 from types import SimpleNamespace
 
@@ -90,28 +91,36 @@ def test_fast_path_matches_transformers_on_mistral_and_qwen2(arch, tiny_models):
     assert int4.fast is not None and compare(int4) < SAME_BF16
 
 
-def load_nf4(folder, compute):
+def load_nf4(folder, compute, double_quant: bool = False):
     """A model as the loader gives it on a GPU (bitsandbytes NF4 linears, ``compute`` dtype), run on
-    bitsandbytes' CPU kernels (the same op and packed format as its CUDA ones), with the fast path
-    built over it as :func:`sinkchat.kernels.prepare` does on a GPU."""
+    bitsandbytes' CPU kernels (the same op and packed format as its CUDA ones)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute)
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute,
+                                bnb_4bit_use_double_quant=double_quant)
     model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=config, device_map="cpu",
                                                  dtype=compute).eval()
     return SimpleNamespace(model=model, tokenizer=AutoTokenizer.from_pretrained(folder), fast=None)
 
 
-@pytest.mark.parametrize("arch", ["mistral", "qwen2"])
-def test_the_gpu_nf4_path_fuses_the_packed_weights_exactly_and_matches_transformers(arch, tiny_models):
-    """Fusing q/k/v and gate/up concatenates bitsandbytes' packed blocks without re-quantizing: the
-    transformers path computes bit for bit what it did on bnb's own modules. Then the fast path, eager
-    and as the static step CUDA graphs capture, matches it through evictions and a rebase."""
-    loaded = load_nf4(tiny_models[arch], torch.bfloat16)
+def build_fast(loaded) -> None:
+    """The fast path over ``loaded``'s model, attached as :func:`sinkchat.kernels.prepare` does on a GPU."""
+    assert llama.supported(loaded.model) and llama.nf4_fits(loaded.model)
+    loaded.fast = loaded.model.sinkchat_fast = FastLlama.build(loaded.model, int4=False)
+
+
+@pytest.mark.parametrize("arch,double_quant", [("mistral", False), ("qwen2", False), ("qwen2", True)])
+def test_the_gpu_nf4_path_fuses_the_packed_weights_exactly_and_matches_transformers(arch, double_quant,
+                                                                                   tiny_models):
+    """Fusing q/k/v and gate/up concatenates bitsandbytes' packed blocks without re-quantizing (a
+    double-quantized absmax is expanded exactly): the transformers path computes bit for bit what it
+    did on bnb's own modules. Then the fast path, eager and as the static step CUDA graphs capture,
+    matches it through evictions and a rebase."""
+    loaded = load_nf4(tiny_models[arch], torch.bfloat16, double_quant)
     ids = torch.arange(5, 45)[None]
     with torch.inference_mode():
         before = loaded.model(ids).logits
-    loaded.fast = FastLlama.build(loaded.model, int4=False)
+    build_fast(loaded)
     with torch.inference_mode():
         assert torch.equal(loaded.model(ids).logits, before)
     attn = loaded.model.model.layers[0].self_attn
@@ -122,6 +131,76 @@ def test_the_gpu_nf4_path_fuses_the_packed_weights_exactly_and_matches_transform
     loaded.fast.compiled = loaded.fast.static_step
     static = stream_decode(loaded)
     assert max(((a - b).abs().max() / a.abs().max()).item() for a, b in zip(eager, static)) < SAME_BF16
+
+
+def test_an_nf4_model_the_fused_kernel_cannot_take_stays_on_transformers(tiny_models, tmp_path):
+    """Rows of 96 inputs are not whole 64-weight blocks: no fast path, and transformers still answers."""
+    from conftest import tiny_model_dir
+
+    odd = tiny_model_dir("mistral", tiny_models["mistral"], tmp_path / "odd", hidden_size=96)
+    loaded = load_nf4(odd, torch.bfloat16)
+    assert llama.supported(loaded.model) and not llama.nf4_fits(loaded.model)
+    assert llama.nf4_fits(load_nf4(tiny_models["mistral"], torch.bfloat16).model)
+
+
+def test_the_cuda_graph_step_replays_the_eager_step_and_records_again_for_new_buffers(tiny_models, monkeypatch):
+    """:class:`~sinkchat.llama.CudaGraphStep`'s bookkeeping: inputs copied in, one recording per set of
+    cache buffers, logits equal to the eager step's through evictions and a rebase. CUDA cannot run on
+    the machines the tests run on, so torch.cuda's stream and graph calls are stand-ins here: a
+    "graph" keeps the step calls made while capturing and its replay runs them again into the
+    captured outputs, which is what a CUDA graph does with its kernels."""
+    capturing, graphs = [], []
+
+    class Graph:
+        def __init__(self):
+            self.calls = []
+            graphs.append(self)
+
+        def replay(self):
+            for step, args, out in self.calls:
+                out.copy_(step(*args))
+
+    class Stream:
+        def wait_stream(self, other):
+            pass
+
+    @contextlib.contextmanager
+    def capture(graph, capture_error_mode=None):
+        capturing.append(graph)
+        yield
+        capturing.pop()
+
+    for name, value in {"Stream": Stream, "current_stream": Stream, "CUDAGraph": Graph, "graph": capture,
+                        "stream": lambda s: contextlib.nullcontext(),
+                        "device": lambda d: contextlib.nullcontext()}.items():
+        monkeypatch.setattr(torch.cuda, name, value)
+    loaded = load_nf4(tiny_models["mistral"], torch.bfloat16)
+    build_fast(loaded)
+    eager = stream_decode(loaded)
+    loaded.fast.compile(inductor=False, cuda_graph=True)
+    step = loaded.fast.compiled.step
+
+    def recorded(*args):
+        out = step(*args)
+        if capturing:
+            capturing[-1].calls.append((step, args, out))
+        return out
+
+    loaded.fast.compiled.step = recorded
+    for run in range(1, 3):  # each run is a new cache: new buffers, recorded again
+        steps = stream_decode(loaded)
+        assert len(graphs) == run and loaded.fast.compiled is not None, loaded.fast.notice
+        assert max(((a - b).abs().max() / a.abs().max()).item() for a, b in zip(eager, steps)) < SAME_BF16
+    assert loaded.fast.notice.startswith("compiled the decode step in")
+
+
+def test_eight_bit_on_the_cpu_runs_on_transformers(tiny_models):
+    loaded = models.load(str(tiny_models["mistral"]), quant="8bit", device="cpu")
+    assert loaded.fast is None and loaded.weights == "bnb-int8"
+    chat = Chat(loaded, GREEDY.replace(sinks=4, window=32, max_new_tokens=12))
+    say(chat, "Hello there, how are you today?")
+    say(chat, "Tell me more please.")
+    assert chat.occupancy().evicted > 0
 
 
 def test_four_bit_on_the_cpu_is_packed_int4_shared_by_both_paths(smollm):
@@ -224,7 +303,7 @@ def test_a_failed_compile_falls_back_to_eager_with_one_notice(tiny_models):
     loaded.fast.compiled = broken
     steps = stream_decode(loaded)
     assert loaded.fast.compiled is None
-    assert loaded.take_notices() == ["torch.compile failed (RuntimeError); decoding eagerly"]
+    assert loaded.take_notices() == ["compiling the decode step failed (RuntimeError); decoding eagerly"]
     assert loaded.take_notices() == []
     assert max(((a - b).abs().max() / a.abs().max()).item() for a, b in zip(eager, steps)) < SAME_F32
 
