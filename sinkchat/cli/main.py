@@ -93,9 +93,10 @@ def main(
             flags, config=config.load_config(), config_source=str(config.config_file()),
             saved=saved, saved_source=f"chat {chat_id}'s saved settings",
         )
-        from ..tui.app import check_theme
+        if not plain or settings.theme != Settings().theme:  # the default needs no check (nor textual's import)
+            from ..tui.app import check_theme
 
-        check_theme(settings.theme)  # refused in plain mode too: a typo in config.toml is said at once
+            check_theme(settings.theme)  # refused in plain mode too: a typo in config.toml is said at once
     except BaseException:
         if store is not None:
             store.close()
