@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .quant import HalfLinear, Int4Linear, NF4Linear, int4_fits
+from .quant import HalfLinear, Int4Linear, NF4Linear, cat_bias, int4_fits
 
 FAMILY = ("llama", "mistral", "qwen2")
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # inv_freq and attention_scaling fixed at load
@@ -303,29 +303,28 @@ def _fuse(parent: nn.Module, names: tuple[str, ...], int4: bool, packs=None, key
     sizes = [p.out_features for p in parts]
     if all(NF4Linear.fits(p) for p in parts):  # bitsandbytes 4-bit: concatenated as packed, never re-quantized
         fused = NF4Linear.fuse(parts)
-        for name, a, s in zip(names, _starts(sizes), sizes):
-            setattr(parent, name, fused.rows(a, a + s))
-        return fused
-    weight = torch.cat([p.weight.detach() for p in parts])
-    biases = [p.bias for p in parts]
-    bias = None if all(b is None for b in biases) else torch.cat(
-        [b.detach() if b is not None else weight.new_zeros(p.out_features) for b, p in zip(biases, parts)])
-    if int4 and all(int4_fits(s, weight.shape[1]) for s in sizes):
-        fused = Int4Linear.from_weight(weight, bias, packs, key)
-        slices = [fused.rows(a, a + s) for a, s in zip(_starts(sizes), sizes)]
     else:
-        fused = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
-        fused.weight = nn.Parameter(weight, requires_grad=False)
-        if bias is not None:
-            fused.bias = nn.Parameter(bias, requires_grad=False)
-        slices = []
-        for p, a, s in zip(parts, _starts(sizes), sizes):
-            p.weight = nn.Parameter(fused.weight[a : a + s], requires_grad=False)  # a view: one copy of the weights
-            if p.bias is not None:
-                p.bias = nn.Parameter(fused.bias[a : a + s], requires_grad=False)
-            slices.append(p)
-    for name, module in zip(names, slices):
-        setattr(parent, name, module)
+        weight = torch.cat([p.weight.detach() for p in parts])
+        bias = cat_bias(parts, weight.dtype, weight.device)
+        if not (int4 and all(int4_fits(s, weight.shape[1]) for s in sizes)):
+            return _share(parts, weight, bias)
+        fused = Int4Linear.from_weight(weight, bias, packs, key)
+    for name, a, s in zip(names, _starts(sizes), sizes):
+        setattr(parent, name, fused.rows(a, a + s))
+    return fused
+
+
+def _share(parts: list[nn.Module], weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    """A dense linear of the concatenated ``weight`` whose row slices become ``parts``' own weights
+    (views: one copy of the weights for both paths)."""
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    fused.weight = nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        fused.bias = nn.Parameter(bias, requires_grad=False)
+    for p, a in zip(parts, _starts([p.out_features for p in parts])):
+        p.weight = nn.Parameter(fused.weight[a : a + p.out_features], requires_grad=False)
+        if p.bias is not None:
+            p.bias = nn.Parameter(fused.bias[a : a + p.out_features], requires_grad=False)
     return fused
 
 

@@ -81,8 +81,12 @@ def run(
     interactive = stdin.isatty()
     out = _Output(stdout, chat)
     replaced = False
-    for notice in chat.loaded.take_notices():  # e.g. that the first reply compiles the decode step
-        notify(notice)
+
+    def tell_notices() -> None:  # e.g. that the first reply compiles the decode step, or that it fell back
+        for notice in chat.loaded.take_notices():
+            notify(notice)
+
+    tell_notices()
     with Session(chat, interactive) as session:
         while session.ended_by is None and not out.closed:
             line = _read(stdin, interactive, session, out)
@@ -97,6 +101,7 @@ def run(
                 text = commands.run_line(chat, text, out.write, notify, after_turn)
             if text is not None and text.strip():  # None: a command that sends nothing
                 _reply(chat, text, out, interactive)
+                tell_notices()
                 after_turn(chat)
     if out.failed:
         raise WriteFailed(f"cannot write the reply to standard output: {out.failed}")
@@ -164,5 +169,3 @@ def _reply(chat: Chat, text: str, out: _Output, interactive: bool) -> None:
     out.write(f"[cache] {occupancy.text()}\n")
     if chat.settings.evict == "turns" and (note := streaming_through(occupancy, chat.messages)):
         out.write(f"[cache] {note}\n")
-    for notice in chat.loaded.take_notices():  # e.g. a compile that fell back to eager
-        print(f"sinkchat: {notice}", file=sys.stderr)

@@ -184,6 +184,16 @@ class Packs:
             pass
 
 
+def cat_bias(modules: list[nn.Module], dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+    """The biases of linears fused side by side, end to end (zeros for one without), or None when
+    none has one (Qwen2's q/k/v have them, its o and MLP do not)."""
+    biases = [m.bias for m in modules]
+    if all(b is None for b in biases):
+        return None
+    return torch.cat([b.detach() if b is not None else torch.zeros(m.out_features, dtype=dtype, device=device)
+                      for b, m in zip(biases, modules)])
+
+
 class HalfLinear(nn.Module):
     """A 16-bit (``dtype``) view or copy of a bias-free linear layer, any float dtype in and out: the
     output head (float16 on the CPU; the model's own bf16/fp16 weight, not copied, on a GPU)."""
@@ -246,12 +256,9 @@ class NF4Linear(nn.Module):
             absmax.append(a.float().reshape(-1))
         data = torch.cat([m.weight.data.reshape(-1) for m in modules])[:, None]
         rows = sum(state.shape[0] for state in states)
-        biases = [m.bias for m in modules]
-        bias = None if all(b is None for b in biases) else torch.cat(
-            [b.detach() if b is not None else data.new_zeros(s.shape[0], dtype=first.dtype)
-             for b, s in zip(biases, states)])
         compute = getattr(modules[0], "compute_dtype", None) or first.dtype
-        return cls(data, torch.cat(absmax), (rows, first.shape[1]), first.blocksize, first.quant_type, compute, bias)
+        return cls(data, torch.cat(absmax), (rows, first.shape[1]), first.blocksize, first.quant_type, compute,
+                   cat_bias(modules, first.dtype, data.device))
 
     def rows(self, start: int, end: int) -> "NF4Linear":
         """Output rows ``start:end`` as views of this one's packed bytes and absmax."""
