@@ -1,4 +1,8 @@
-"""The attention-sink + rolling-window KV cache (StreamingLLM) as a transformers 5 ``Cache``.
+"""The attention-sink + rolling-window KV cache (StreamingLLM).
+
+Its layers (:class:`~sinkchat.cache_layer.SinkLayer`) speak transformers 5's cache-layer interface, so
+:func:`sinkchat.models.forward_outputs` runs transformers' own forward over them inside a plain
+transformers ``Cache``; the cache itself imports nothing of transformers (the quick start skips it).
 
 Design, and why:
 
@@ -46,7 +50,6 @@ from collections.abc import Callable
 from contextlib import contextmanager
 
 import torch
-from transformers.cache_utils import Cache
 
 from .cache_layer import SinkLayer, rotate  # noqa: F401  (rotate: part of this module's API)
 from .errors import SinkchatError
@@ -60,7 +63,7 @@ def default_block(window: int) -> int:
     return max(1, min(256, window // 16))
 
 
-class SinkCache(Cache):
+class SinkCache:
     """Keeps the first ``sinks`` tokens, pinned tokens, and the last ``window`` tokens of an endless stream.
 
     Use :meth:`for_model` to build one, call :meth:`reserve` before each forward pass and pass the
@@ -84,7 +87,7 @@ class SinkCache(Cache):
         self.dtype = dtype  # of the K/V buffers; None: the model's compute dtype
         self.block = min(window, block or default_block(window))
         self.max_positions = max_positions
-        super().__init__(layers=[SinkLayer(sinks + window, sinks, f, dtype) for f in inv_freqs])
+        self.layers = [SinkLayer(sinks + window, sinks, f, dtype) for f in inv_freqs]
         self.upkeep_s = 0.0  # wall time spent evicting and re-rotating (read by `sinkchat bench speed`)
         self.clear()
 

@@ -10,8 +10,9 @@ window at a rebase. All bookkeeping (which conversation token sits in which slot
 
 from __future__ import annotations
 
+import functools
+
 import torch
-from transformers.cache_utils import CacheLayerMixin
 
 
 def rotate(x: torch.Tensor, delta: torch.Tensor | float, inv_freq: torch.Tensor) -> torch.Tensor:
@@ -36,14 +37,18 @@ def rotate(x: torch.Tensor, delta: torch.Tensor | float, inv_freq: torch.Tensor)
     return out.to(x.dtype)
 
 
-class SinkLayer(CacheLayerMixin):
-    """One layer's sink + window buffers; all bookkeeping lives in :class:`SinkCache`."""
+class SinkLayer:
+    """One layer's sink + window buffers; all bookkeeping lives in :class:`SinkCache`. The methods
+    transformers calls (``update``, ``get_mask_sizes``, ``get_seq_length``, ...) are those of its
+    ``CacheLayerMixin``, which this class does not import (see :mod:`sinkchat.cache`)."""
 
     is_sliding = False
     is_compileable = False
 
     def __init__(self, capacity: int, sink_capacity: int, inv_freq: torch.Tensor, dtype: torch.dtype | None = None):
-        super().__init__()
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+        self.is_initialized = False
         self.capacity = capacity
         self.sink_capacity = sink_capacity
         self.inv_freq = inv_freq
@@ -95,7 +100,9 @@ class SinkLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.length = 0
-        super().reset()
+        if self.is_initialized:
+            self.keys.zero_()
+            self.values.zero_()
 
     # -- operations driven by SinkCache --------------------------------------------------------
 
@@ -148,3 +155,25 @@ class SinkLayer(CacheLayerMixin):
         if self.is_initialized and self.length > first:
             w = self.keys[:, :, first : self.length]
             self.keys[:, :, first : self.length] = rotate(w, delta, self.inv_freq)
+
+
+@functools.cache
+def _transformers_layer() -> type:
+    from transformers.cache_utils import CacheLayerMixin
+
+    class TransformersSinkLayer(SinkLayer, CacheLayerMixin):
+        """:class:`SinkLayer` as transformers' cache code expects it (an instance of its mixin);
+        every method is still :class:`SinkLayer`'s."""
+
+    return TransformersSinkLayer
+
+
+def transformers_cache(layers: list[SinkLayer]):
+    """A transformers ``Cache`` over these sink layers, for transformers' own forward (it checks
+    that layers are its ``CacheLayerMixin``: the layers take that class in place, once)."""
+    from transformers.cache_utils import Cache
+
+    for layer in layers:
+        if type(layer) is SinkLayer:
+            layer.__class__ = _transformers_layer()
+    return Cache(layers=layers)

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,10 +120,12 @@ def _quiet() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TQDM_DISABLE", "1")
-    import transformers
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read when transformers is imported (if ever)
+    if "transformers" in sys.modules:
+        import transformers
 
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     logging.getLogger("transformers").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
@@ -149,6 +152,7 @@ def gguf_folder(path: Path, progress=lambda msg: None) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    _quiet()
     progress(f"converting {path.name} once into {target} ...")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
@@ -311,20 +315,20 @@ def load(
     context: tuple[int, int] | None = None,
     kv_dtype: str = "auto",
     compile: str = "auto",
+    quick: bool = True,
 ) -> LoadedModel:
     """Load ``name`` (alias, folder, .gguf or HF id), quantized as asked (``4bit``, ``8bit``, ``none``),
     on ``device`` (``auto``, ``cuda``, ``cpu``) with compute ``dtype``.
 
     ``context`` ``(sinks, window)`` is checked against the model's positions before weights load; the
-    engine checks again on the loaded model's own config. Raises :class:`SinkchatError`.
+    engine checks again on the loaded model's own config. ``quick``: a Llama-family model in 4-bit on
+    the CPU skips transformers' model classes (:mod:`sinkchat.quickload`); callers that run
+    transformers' own forward (the benchmarks' baselines) pass False. Raises :class:`SinkchatError`.
     """
     source = resolve(name)
     device = pick_device(device)
     compute = pick_dtype(dtype, device)
     _quiet()
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
-
     if source.kind == "gguf":
         folder = str(gguf_folder(Path(source.ref), progress))
     elif source.kind == "dir":
@@ -332,13 +336,58 @@ def load(
     else:
         progress(f"looking up {source.ref} ...")
         folder = _hub_folder(source.ref)
+    progress(f"loading {name} ({quant}, {device}) ...")
+    cpu_int4 = quant == "4bit" and device == "cpu"  # PyTorch's packed int4 kernel, after loading (sinkchat.quant)
+    loaded = _load_quick(name, folder, context) if quick and cpu_int4 else None
+    if loaded is None:
+        loaded = _load_transformers(name, folder, context, quant, device, compute)
+    if getattr(loaded.tokenizer, "chat_template", None) is None:
+        raise SinkchatError(f"{name} has no chat template; sinkchat needs an instruction-tuned chat model")
+    loaded.source = source
+    from .kernels import prepare
+
+    prepare(loaded, kv_dtype, compile, folder)
+    loaded.fingerprint = fingerprint(loaded, folder)
+    return loaded
+
+
+def _load_quick(name: str, folder: str, context: tuple[int, int] | None) -> LoadedModel | None:
+    """The model as a :class:`~sinkchat.quickload.Skeleton` for the CPU fast path, or None where
+    it does not qualify (then transformers loads it)."""
+    import torch
+
+    from . import quickload
+
+    config = quickload.read_config(Path(folder))
+    if config is None:
+        return None
+    if context is not None:
+        check_context(config, name, *context)
+    try:
+        model = quickload.load_model(Path(folder), config)
+        tokenizer = quickload.load_tokenizer(Path(folder))
+    except quickload.NotQuick:
+        return None
+    except Exception as exc:
+        raise SinkchatError(f"cannot load {name}: {exc}".splitlines()[0]) from None
+    from . import llama
+
+    if not llama.supported(model):  # only the fast path runs a skeleton
+        return None
+    return LoadedModel(model, tokenizer, None, "4bit", "cpu", torch.float32)
+
+
+def _load_transformers(name: str, folder: str, context: tuple[int, int] | None, quant: str, device: str,
+                       compute: torch.dtype) -> LoadedModel:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    _quiet()  # now that transformers is imported
     config = read_config(folder, name)
     if context is not None:
         check_context(config, name, *context)
-
     kwargs: dict = {"dtype": compute}
-    cpu_int4 = quant == "4bit" and device == "cpu"  # PyTorch's packed int4 kernel, after loading (sinkchat.quant)
-    if cpu_int4:
+    if quant == "4bit" and device == "cpu":  # PyTorch's packed int4 kernel, after loading (sinkchat.quant)
         kwargs["dtype"] = compute = torch.float32
     elif quant == "4bit":
         kwargs["quantization_config"] = BitsAndBytesConfig(
@@ -348,7 +397,6 @@ def load(
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
     if device == "cuda":
         kwargs["device_map"] = "auto"  # spreads a model too large for one GPU over all visible GPUs
-    progress(f"loading {name} ({quant}, {device}) ...")
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
         model = AutoModelForCausalLM.from_pretrained(folder, **kwargs).eval()
@@ -356,14 +404,7 @@ def load(
         raise
     except Exception as exc:
         raise SinkchatError(f"cannot load {name}: {exc}".splitlines()[0]) from None
-    if getattr(tokenizer, "chat_template", None) is None:
-        raise SinkchatError(f"{name} has no chat template; sinkchat needs an instruction-tuned chat model")
-    loaded = LoadedModel(model, tokenizer, source, quant, device, compute)
-    from .kernels import prepare
-
-    prepare(loaded, kv_dtype, compile, folder)
-    loaded.fingerprint = fingerprint(loaded, folder)
-    return loaded
+    return LoadedModel(model, tokenizer, None, quant, device, compute)
 
 
 @functools.cache
@@ -386,7 +427,11 @@ def forward_outputs(model, cache, ids: list[int], positions: torch.Tensor, keep:
     """:func:`forward`'s whole model output (``extra``: e.g. ``output_attentions=True``), for measurements."""
     import torch
 
+    from .cache_layer import transformers_cache
+
     device = model.get_input_embeddings().weight.device  # the first GPU under a device map
+    if hasattr(cache, "reserve"):  # a SinkCache
+        cache = transformers_cache(cache.layers)
     return model(
         input_ids=torch.tensor([ids], device=device),
         position_ids=positions.to(device),
@@ -436,7 +481,8 @@ def available() -> list[tuple[str, str, str, bool]]:
     return rows
 
 
-def load_for(settings, progress=lambda msg: None) -> LoadedModel:
+def load_for(settings, progress=lambda msg: None, quick: bool = True) -> LoadedModel:
     """:func:`load` with a :class:`~sinkchat.settings.Settings`' model, quant, device, dtype and geometry."""
     return load(settings.model, settings.quant, settings.device, settings.dtype, progress=progress,
-                context=(settings.sinks, settings.window), kv_dtype=settings.kv_dtype, compile=settings.compile)
+                context=(settings.sinks, settings.window), kv_dtype=settings.kv_dtype, compile=settings.compile,
+                quick=quick)

@@ -42,6 +42,15 @@ def smollm():
 
 
 @pytest.fixture(scope="session")
+def smollm_hf():
+    """The same 4-bit model loaded through transformers' classes (what the benchmarks load), for
+    comparisons with transformers' own forward."""
+    from sinkchat import models
+
+    return models.load("smollm2-135m", quant="4bit", device="cpu", quick=False)
+
+
+@pytest.fixture(scope="session")
 def smollm_f32():
     """The same model unquantized in float32, for exact comparisons with transformers' own cache."""
     from sinkchat import models

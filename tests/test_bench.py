@@ -21,15 +21,15 @@ def no_progress(description, total):
 
 
 @pytest.fixture(scope="module")
-def ids(smollm):
-    return bench.text_ids(smollm.tokenizer, bench.default_text(), 96)
+def ids(smollm_hf):
+    return bench.text_ids(smollm_hf.tokenizer, bench.default_text(), 96)
 
 
-def test_modes_agree_before_any_eviction(smollm, ids):
+def test_modes_agree_before_any_eviction(smollm_hf, ids):
     """Text shorter than sinks + window: every mode sees the whole history, so perplexity is the same."""
     runs: list[ppl.PplRun] = []
-    ppl.ppl_runs(smollm, ids, ["dense", "sinks", "recompute"], 4, 256, None, 1, 4, no_progress, runs)
-    ppl.ppl_runs(smollm, ids, ["window"], 4, 256, None, 1, 4, no_progress, runs, feed=8)
+    ppl.ppl_runs(smollm_hf, ids, ["dense", "sinks", "recompute"], 4, 256, None, 1, 4, no_progress, runs)
+    ppl.ppl_runs(smollm_hf, ids, ["window"], 4, 256, None, 1, 4, no_progress, runs, feed=8)
     by_mode = {run.mode: run.ppl() for run in runs}
     assert all(len(run.scored) == len(ids) - 1 for run in runs)
     for mode in ("sinks", "recompute", "window"):
@@ -37,16 +37,16 @@ def test_modes_agree_before_any_eviction(smollm, ids):
     assert 2 < by_mode["dense"] < 200  # a real model on real text, not noise
 
 
-def test_after_eviction_window_explodes_and_recompute_batches_exactly(smollm, ids):
+def test_after_eviction_window_explodes_and_recompute_batches_exactly(smollm_hf, ids):
     """Window 16 on 64 tokens: without sinks perplexity explodes; recompute's batched contexts equal one by one."""
     text = ids[:64]
     runs: list[ppl.PplRun] = []
-    ppl.ppl_runs(smollm, text, ["window", "sinks"], 4, 16, None, 1, 4, no_progress, runs, feed=4)
+    ppl.ppl_runs(smollm_hf, text, ["window", "sinks"], 4, 16, None, 1, 4, no_progress, runs, feed=4)
     by_mode = {run.mode: run.ppl() for run in runs}
     assert by_mode["window"] > 3 * by_mode["sinks"], by_mode
     batched, single = ppl.PplRun("recompute"), ppl.PplRun("recompute")
-    ppl.ppl_recompute(batched, smollm.model, text, 4, 16, stride=7, batch=4, tick=lambda n: None)
-    ppl.ppl_recompute(single, smollm.model, text, 4, 16, stride=7, batch=1, tick=lambda n: None)
+    ppl.ppl_recompute(batched, smollm_hf.model, text, 4, 16, stride=7, batch=4, tick=lambda n: None)
+    ppl.ppl_recompute(single, smollm_hf.model, text, 4, 16, stride=7, batch=1, tick=lambda n: None)
     assert [p for p, _ in batched.scored] == list(range(1, 64, 7))
     assert [v for _, v in batched.scored] == pytest.approx([v for _, v in single.scored], rel=1e-2, abs=1e-2)
 
@@ -148,13 +148,13 @@ def test_a_text_file_that_is_not_utf8_is_read_with_replacements(tmp_path, capsys
     assert err.count("\n") == 1 and "not UTF-8 were replaced" in err
 
 
-def test_turns_bench_counts_replies_and_scores_the_transcript(smollm):
+def test_turns_bench_counts_replies_and_scores_the_transcript(smollm_hf):
     """Both modes run the same scripted chat and score the same reference replies; only
     --evict turns keeps every eviction at the start of a message."""
     from sinkchat.bench import turns
 
     runs: list = []
-    turns.run_turns(smollm, ["tokens", "turns"], 4, 64, 4, 16, no_progress, runs)
+    turns.run_turns(smollm_hf, ["tokens", "turns"], 4, 64, 4, 16, no_progress, runs)
     tokens, whole = runs
     assert [r.mode for r in runs] == ["tokens", "turns"] and all(len(r.replies) == 4 for r in runs)
     assert tokens.scored == whole.scored > 4 * 10 and all(1 < r.ppl < 1000 for r in runs)

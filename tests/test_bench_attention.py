@@ -67,12 +67,12 @@ def test_shares_equal_a_direct_computation_from_output_attentions(tiny_mistral):
     assert report["queries"] == 36 and report["tokens"] == 100 and report["heads"] == 4
 
 
-def test_bundled_model_puts_far_more_than_uniform_attention_on_its_first_tokens(smollm):
+def test_bundled_model_puts_far_more_than_uniform_attention_on_its_first_tokens(smollm_hf):
     """The observation StreamingLLM builds on, on the model sinkchat ships: on average over its layers, later
     queries put several times the uniform share on the first 4 tokens, and some layers more than half."""
-    ids = bench.text_ids(smollm.tokenizer, bench.default_text(), 128)
-    shares = attention.Shares(attention.layers_of(smollm.model))
-    attention.measure(smollm.model, ids, no_tick, shares)
+    ids = bench.text_ids(smollm_hf.tokenizer, bench.default_text(), 128)
+    shares = attention.Shares(attention.layers_of(smollm_hf.model))
+    attention.measure(smollm_hf.model, ids, no_tick, shares)
     report = shares.report()
     first4 = report["firsts"].index(4)
     assert report["share"][first4] > 4 * report["uniform"][first4], report["share"]

@@ -54,7 +54,8 @@ def test_fast_path_matches_transformers_in_float32(smollm_f32):
     assert compare(smollm_f32) < SAME_F32
 
 
-def test_fast_path_matches_transformers_on_the_same_int4_weights(smollm):
+def test_fast_path_matches_transformers_on_the_same_int4_weights(smollm_hf):
+    smollm = smollm_hf
     assert isinstance(smollm.fast, FastLlama) and smollm.weights == "int4pack-g32"
     assert isinstance(smollm.model.get_output_embeddings(), HalfLinear)
     assert compare(smollm) < SAME_BF16
@@ -203,7 +204,8 @@ def test_eight_bit_on_the_cpu_runs_on_transformers(tiny_models):
     assert chat.occupancy().evicted > 0
 
 
-def test_four_bit_on_the_cpu_is_packed_int4_shared_by_both_paths(smollm):
+def test_four_bit_on_the_cpu_is_packed_int4_shared_by_both_paths(smollm_hf):
+    smollm = smollm_hf
     linear = [m for m in smollm.model.modules() if isinstance(m, Int4Linear)]
     assert len(linear) == 30 * 7  # q k v o gate up down of the 30 layers
     qkv = smollm.fast.layers[0].qkv

@@ -110,13 +110,15 @@ def settings(**flags) -> Settings:
 
 
 def load(s: Settings, quiet: bool, context: bool = True):
-    """Load the settings' model; ``context=False`` skips the check of sinks + window against its context."""
+    """Load the settings' model with transformers' classes (the baselines run transformers' forward);
+    ``context=False`` skips the check of sinks + window against its context."""
     from .. import models
 
     progress = (lambda m: None) if quiet else note
     if context:
-        return models.load_for(s, progress=progress)
-    return models.load(s.model, s.quant, s.device, s.dtype, progress=progress, kv_dtype=s.kv_dtype, compile=s.compile)
+        return models.load_for(s, progress=progress, quick=False)
+    return models.load(s.model, s.quant, s.device, s.dtype, progress=progress, kv_dtype=s.kv_dtype,
+                       compile=s.compile, quick=False)
 
 
 def machine(loaded) -> dict:

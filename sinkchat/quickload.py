@@ -1,0 +1,205 @@
+"""The quick start: a Llama-family model read straight from its folder for the fast path, without
+transformers' model and config classes.
+
+On a 2-core CPU, importing those classes costs about 2 s of a start (transformers walks its own
+package to build the lazy table behind ``AutoConfig``, and its model modules import
+``torch._dynamo``), while the fast path (:mod:`sinkchat.llama`) uses none of their code: it needs
+the weights, a few config numbers and the RoPE frequencies. So where a model qualifies
+(:func:`read_config`) :func:`load` builds a :class:`Skeleton`, the same module tree as transformers'
+``LlamaForCausalLM`` without its forward, on meta tensors filled from the safetensors files. The
+tokenizer is :mod:`sinkchat.tokenizer` where that reads the folder exactly as transformers would,
+else transformers' own; ``tests/test_quickload.py`` checks logits, ids, renders and fingerprints
+against a transformers load.
+
+Anything else (bitsandbytes on a GPU, other architectures, dynamic RoPE, a sliding window, ``.bin``
+weights, the benchmarks' transformers forward) loads through transformers as before.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from torch import nn
+
+FAMILY = ("llama", "mistral", "qwen2")
+
+
+class Config(SimpleNamespace):
+    """``config.json``'s fields as attributes, with what transformers' config classes would fill in
+    for the fields sinkchat reads (``rope_parameters``, ``head_dim``, ``layer_types``, ...)."""
+
+    def get_text_config(self, decoder: bool = True) -> "Config":
+        return self
+
+
+def read_config(folder: Path) -> Config | None:
+    """The config of a model in ``folder`` the quick start can serve exactly, or None: a Llama,
+    Mistral or Qwen2 decoder with SiLU gating, plain RoPE (``default``) with its theta given, no
+    sliding window in use, safetensors weights and a ``tokenizer.json``."""
+    try:
+        raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(raw, dict) or raw.get("model_type") not in FAMILY or raw.get("hidden_act", "silu") != "silu":
+        return None
+    rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+    theta = rope.get("rope_theta", raw.get("rope_theta")) if isinstance(rope, dict) else None
+    if rope.get("rope_type", rope.get("type", "default")) != "default" or not isinstance(theta, (int, float)):
+        return None
+    if raw.get("partial_rotary_factor", 1.0) != 1.0 or raw.get("layer_types") not in (None, []) and set(
+            raw["layer_types"]) != {"full_attention"}:
+        return None
+    windowed = raw.get("sliding_window") is not None and (raw["model_type"] != "qwen2" or raw.get("use_sliding_window"))
+    need = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "rms_norm_eps",
+            "vocab_size")
+    if windowed or not all(isinstance(raw.get(k), (int, float)) for k in need) or not _weight_files(folder) \
+            or not (folder / "tokenizer.json").is_file():
+        return None
+    heads = raw["num_attention_heads"]
+    return Config(**{
+        **raw,
+        "rope_parameters": {"rope_theta": float(theta), "rope_type": "default"},
+        "head_dim": raw.get("head_dim") or raw["hidden_size"] // heads,
+        "num_key_value_heads": raw.get("num_key_value_heads") or heads,
+        "layer_types": ["full_attention"] * raw["num_hidden_layers"],
+        "sliding_window": None,
+        "tie_word_embeddings": bool(raw.get("tie_word_embeddings", False)),
+        "is_encoder_decoder": False,
+    })
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    """The folder's safetensors files (one, or the shards its index names); none if it has ``.bin`` too."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (OSError, ValueError, KeyError, AttributeError):
+            return []
+        files = [folder / n for n in names]
+        return files if all(f.is_file() for f in files) else []
+    single = folder / "model.safetensors"
+    return [single] if single.is_file() else []
+
+
+class Rotary(nn.Module):
+    """RoPE's inverse frequencies, ``1 / theta^(2i/D)`` for ``i < D/2`` (transformers' ``default``)."""
+
+    def __init__(self, config: Config):
+        super().__init__()
+        d, theta = config.head_dim, config.rope_parameters["rope_theta"]
+        self.register_buffer("inv_freq", 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d)),
+                             persistent=False)
+        self.attention_scaling = 1.0
+
+
+class _Norm(nn.Module):
+    def __init__(self, size: int):
+        super().__init__()
+        self.weight = _empty(size)
+
+
+def _empty(*shape: int) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape, device="meta"), requires_grad=False)
+
+
+def _linear(n_in: int, n_out: int, bias: bool) -> nn.Linear:
+    """An ``nn.Linear`` with meta tensors and no random init (init functions on meta tensors import
+    ``torch._dynamo``, a second of the start)."""
+    linear = nn.Linear.__new__(nn.Linear)
+    nn.Module.__init__(linear)
+    linear.in_features, linear.out_features = n_in, n_out
+    linear.weight = _empty(n_out, n_in)
+    linear.bias = _empty(n_out) if bias else None
+    return linear
+
+
+class Skeleton(nn.Module):
+    """transformers' ``*ForCausalLM`` module tree for the Llama family (``model.embed_tokens``,
+    ``model.layers[i].self_attn.q_proj``, ..., ``model.norm``, ``model.rotary_emb``, ``lm_head``) with
+    the weights and no forward: :class:`~sinkchat.llama.FastLlama` is its forward."""
+
+    def __init__(self, config: Config, names: set[str]):
+        super().__init__()
+        self.config = config
+        self.generation_config = SimpleNamespace(eos_token_id=None)
+        h, inter, q, kv = config.hidden_size, config.intermediate_size, config.num_attention_heads, \
+            config.num_key_value_heads
+        d = config.head_dim
+        self.model = nn.Module()
+        self.model.embed_tokens = nn.Embedding(config.vocab_size, h, _weight=_empty(config.vocab_size, h))
+        self.model.layers = nn.ModuleList()
+        for i in range(config.num_hidden_layers):
+            has = lambda part: f"model.layers.{i}.{part}.bias" in names  # noqa: E731
+            block = nn.Module()
+            block.self_attn = nn.Module()
+            for name, n_in, n_out in (("q_proj", h, q * d), ("k_proj", h, kv * d), ("v_proj", h, kv * d),
+                                      ("o_proj", q * d, h)):
+                setattr(block.self_attn, name, _linear(n_in, n_out, has(f"self_attn.{name}")))
+            block.mlp = nn.Module()
+            for name, n_in, n_out in (("gate_proj", h, inter), ("up_proj", h, inter), ("down_proj", inter, h)):
+                setattr(block.mlp, name, _linear(n_in, n_out, has(f"mlp.{name}")))
+            block.mlp.act_fn = nn.SiLU()
+            block.input_layernorm, block.post_attention_layernorm = _Norm(h), _Norm(h)
+            self.model.layers.append(block)
+        self.model.norm = _Norm(h)
+        self.model.rotary_emb = Rotary(config)
+        self.lm_head = _linear(h, config.vocab_size, False)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def set_output_embeddings(self, head: nn.Module) -> None:
+        self.lm_head = head
+
+
+class NotQuick(Exception):
+    """The folder's weights do not fill the skeleton exactly (missing, extra or misshapen tensors)."""
+
+
+def load_model(folder: Path, config: Config) -> Skeleton:
+    """The model in ``folder`` as a :class:`Skeleton` in float32 (the weight files are memory-mapped;
+    float32 tensors are used in place). Raises :class:`NotQuick` when the files do not match the
+    config, so the caller loads through transformers instead (which reports what is wrong)."""
+    from safetensors import safe_open
+
+    tensors: dict[str, torch.Tensor] = {}
+    for path in _weight_files(folder):
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                tensors[key] = f.get_tensor(key)
+    model = Skeleton(config, set(tensors))
+    if "lm_head.weight" not in tensors and config.tie_word_embeddings:
+        tensors["lm_head.weight"] = tensors.get("model.embed_tokens.weight")
+    wanted = model.state_dict(keep_vars=True)
+    if set(wanted) != set(tensors) or any(tensors[k] is None or tensors[k].shape != p.shape for k, p in wanted.items()):
+        raise NotQuick(folder)
+    model.load_state_dict({k: t.float() for k, t in tensors.items()}, strict=True, assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        generation = json.loads((folder / "generation_config.json").read_text(encoding="utf-8"))
+        model.generation_config.eos_token_id = generation.get("eos_token_id")
+    except (OSError, ValueError, AttributeError):
+        pass
+    return model.eval()
+
+
+def load_tokenizer(folder: Path):
+    """The tokenizer of ``folder``: :class:`sinkchat.tokenizer.Tokenizer` where it reads the folder
+    exactly as transformers would, else transformers' ``AutoTokenizer``."""
+    from . import tokenizer
+
+    if tokenizer.serves(folder):
+        return tokenizer.Tokenizer(folder)
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder))

@@ -1,0 +1,135 @@
+"""The quick start (sinkchat.quickload, sinkchat.tokenizer): a Llama-family model in 4-bit on the CPU
+loads without transformers' model classes and tokenizer, and computes exactly what the transformers
+load does: the same ids, renders, logits and fingerprints."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from _helpers import GREEDY, say
+from sinkchat import models, quickload
+from sinkchat.cache import SinkCache
+from sinkchat.engine import Chat
+from sinkchat.tokenizer import Tokenizer, serves
+
+pytestmark = pytest.mark.model
+
+TEXT = st.text(st.characters(codec="utf-8"), max_size=60) | st.lists(
+    st.sampled_from(["<|im_start|>", "<|im_end|>", "<|endoftext|>", "user", "\n", " ", "  ", "é", "🙂", "{{", "%}"]),
+    max_size=12).map("".join)
+
+
+def logits_of(loaded, ids: list[int]) -> list[torch.Tensor]:
+    """Logits of a prefill chunk and then of single tokens past an eviction, on a fresh sink cache."""
+    cache, out = SinkCache.for_model(loaded.model, 4, 32, 8), []
+    with torch.inference_mode():
+        for chunk in [ids[:24]] + [[t] for t in ids[24:]]:
+            positions, _ = cache.reserve(len(chunk))
+            out.append(models.forward(loaded.model, cache, chunk, positions))
+    assert cache.evictions
+    return out
+
+
+def test_the_bundled_model_loads_quick_and_computes_what_transformers_does(smollm, smollm_hf):
+    assert isinstance(smollm.model, quickload.Skeleton) and isinstance(smollm.tokenizer, Tokenizer)
+    assert not isinstance(smollm_hf.model, quickload.Skeleton)
+    assert smollm.fingerprint == smollm_hf.fingerprint  # a chat saved by either resumes on the other
+    ids = smollm_hf.tokenizer("The quick brown fox jumps over the lazy dog, " * 6)["input_ids"][:60]
+    assert all(torch.equal(a, b) for a, b in zip(logits_of(smollm, ids), logits_of(smollm_hf, ids)))
+    replies = []
+    for loaded in (smollm, smollm_hf):
+        chat = Chat(loaded, GREEDY.replace(sinks=4, window=48, max_new_tokens=16))
+        replies.append([say(chat, "What is the capital of France?"), say(chat, "And of Italy?"), chat.tokens])
+    assert replies[0] == replies[1]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=TEXT, split=st.booleans(), ids=st.lists(st.integers(0, 49151), max_size=30))
+def test_the_tokenizer_reads_and_writes_text_as_transformers_does(smollm, smollm_hf, text, split, ids):
+    quick, hf = smollm.tokenizer, smollm_hf.tokenizer
+    kwargs = dict(add_special_tokens=False, split_special_tokens=split)
+    assert quick(text, **kwargs)["input_ids"] == hf(text, **kwargs)["input_ids"]
+    assert quick.decode(ids, skip_special_tokens=True) == hf.decode(ids, skip_special_tokens=True)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(contents=st.lists(TEXT, min_size=1, max_size=4), system=st.booleans(), gen=st.booleans())
+def test_the_chat_template_renders_as_transformers_renders_it(smollm, smollm_hf, contents, system, gen):
+    roles = ["user", "assistant"] * 2
+    messages = [{"role": "system", "content": "Be brief."}] * system + [
+        {"role": role, "content": c} for role, c in zip(roles, contents)]
+    render = lambda tok: tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)  # noqa: E731
+    assert render(smollm.tokenizer) == render(smollm_hf.tokenizer)
+
+
+def test_the_tokenizer_knows_the_same_tokens(smollm, smollm_hf):
+    quick, hf = smollm.tokenizer, smollm_hf.tokenizer
+    assert quick.get_vocab() == hf.get_vocab() and len(quick) == len(hf)
+    assert quick.eos_token_id == hf.eos_token_id and quick.special_tokens_map == hf.special_tokens_map
+    assert quick.chat_template == hf.chat_template
+    added = lambda tok: {i: (t.content, t.special) for i, t in tok.added_tokens_decoder.items()}  # noqa: E731
+    assert added(quick) == added(hf)
+
+
+def test_a_chat_starts_without_importing_transformers():
+    """What makes the start quick: the chat below imports neither transformers nor torch._dynamo."""
+    code = ("import sys; from sinkchat import models; from sinkchat.engine import Chat; "
+            "from sinkchat.settings import Settings; chat = Chat(models.load('smollm2-135m', device='cpu'), "
+            "Settings(temperature=0, max_new_tokens=4)); list(chat.submit('Hi')); "
+            "print(sorted(m for m in ('transformers', 'torch._dynamo') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert out.stdout.strip() == "[]", out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("arch", ["mistral", "qwen2"])
+def test_other_family_members_load_quick_with_the_same_logits(tiny_models, arch, tmp_path):
+    quick = models.load(str(tiny_models[arch]), quant="4bit", device="cpu")
+    full = models.load(str(tiny_models[arch]), quant="4bit", device="cpu", quick=False)
+    assert isinstance(quick.model, quickload.Skeleton) and quick.fingerprint == full.fingerprint
+    ids = list(range(100, 160))
+    assert all(torch.equal(a, b) for a, b in zip(logits_of(quick, ids), logits_of(full, ids)))
+    # a config in the older layout (rope_theta at the top, no rope_parameters, as on the Hub) reads the same
+    old = shutil.copytree(tiny_models[arch], tmp_path / "old")
+    config = json.loads((old / "config.json").read_text())
+    config["rope_theta"] = config.pop("rope_parameters")["rope_theta"]
+    (old / "config.json").write_text(json.dumps(config))
+    again = models.load(str(old), quant="4bit", device="cpu")
+    full = models.load(str(old), quant="4bit", device="cpu", quick=False)
+    assert isinstance(again.model, quickload.Skeleton) and again.fingerprint["rope"] == full.fingerprint["rope"]
+
+
+@pytest.mark.parametrize("change", [
+    {"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}},
+    {"rope_parameters": {"rope_type": "dynamic", "rope_theta": 1e4, "factor": 2.0}},
+    {"sliding_window": 64},
+    {"hidden_act": "gelu"},
+    {"model_type": "gemma"},
+])
+def test_what_the_quick_start_cannot_serve_exactly_loads_through_transformers(tiny_models, tmp_path, change):
+    folder = shutil.copytree(tiny_models["mistral"], tmp_path / "m")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **change}))
+    assert quickload.read_config(folder) is None
+
+
+def test_weights_that_do_not_fit_the_config_load_through_transformers(tiny_models, tmp_path):
+    folder = shutil.copytree(tiny_models["qwen2"], tmp_path / "q")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 3}))  # one layer more than saved
+    with pytest.raises(quickload.NotQuick):
+        quickload.load_model(folder, quickload.read_config(folder))
+
+
+def test_a_tokenizer_with_rules_of_its_own_is_transformers_own(tiny_models, tmp_path):
+    folder = shutil.copytree(tiny_models["mistral"], tmp_path / "t")
+    assert serves(folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "tokenizer_class": "LlamaTokenizer"}))
+    assert not serves(folder) and not isinstance(quickload.load_tokenizer(folder), Tokenizer)
