@@ -365,7 +365,7 @@ def _load_quick(name: str, folder: str, context: tuple[int, int] | None) -> Load
         check_context(config, name, *context)
     try:
         model = quickload.load_model(Path(folder), config)
-        tokenizer = quickload.load_tokenizer(Path(folder))
+        tokenizer = quickload.load_tokenizer(Path(folder), config.model_type)
     except quickload.NotQuick:
         return None
     except Exception as exc:
@@ -444,7 +444,8 @@ def forward_outputs(model, cache, ids: list[int], positions: torch.Tensor, keep:
 
 def fingerprint(loaded: LoadedModel, folder: str) -> dict:
     """What a saved cache depends on: weights' identity, quantization, dtype, RoPE parameters."""
-    files = sorted(p for p in Path(folder).iterdir() if p.suffix in (".safetensors", ".bin", ".json"))
+    files = sorted(p for p in Path(folder).iterdir()
+                   if p.suffix in (".safetensors", ".bin", ".json") and p.is_file())  # not a dangling link
     digest = hashlib.sha256()
     for p in files:
         st = p.stat()

@@ -109,8 +109,15 @@ class Int4Linear(nn.Module):
 
         Row blocks of the packed layout are contiguous; the scales are not, and the kernel silently
         misreads strided scales, so they are copied on first use (the fast path never uses these).
+        Rows that do not start and end on a block of the layout (64 rows on AVX512, 32 on AVX2: a
+        tiny model's k and v) are packed again from the same 4-bit codes, a copy.
         """
         bias = None if self.bias is None else self.bias[start:end]
+        block = self.block
+        if block and (start % block or (end - start) % block) and self.out_features % block == 0:
+            codes = _nibbles(self.packed, block, self.in_features)[start:end].int()
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, INNER_K_TILES)
+            return Int4Linear(packed, self.scales[:, start:end].contiguous(), bias, self.in_features)
         return Int4Linear(self.packed[start:end], self.scales[:, start:end], bias, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

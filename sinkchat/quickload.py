@@ -36,38 +36,57 @@ class Config(SimpleNamespace):
 
 
 def read_config(folder: Path) -> Config | None:
-    """The config of a model in ``folder`` the quick start can serve exactly, or None: a Llama,
-    Mistral or Qwen2 decoder with SiLU gating, plain RoPE (``default``) with its theta given, no
-    sliding window in use, safetensors weights and a ``tokenizer.json``."""
+    """The config of a model in ``folder`` the quick start can serve exactly, or None (transformers
+    then loads it, and reports what is wrong with it): a Llama, Mistral or Qwen2 decoder with SiLU
+    gating, plain RoPE (``default``, its theta given, no ``rope_scaling``), its sizes and positions
+    given as positive integers, no sliding window in use, safetensors weights and a ``tokenizer.json``."""
     try:
         raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        return _read(raw) if _weight_files(folder) and (folder / "tokenizer.json").is_file() else None
+    except (OSError, ValueError, TypeError, AttributeError, KeyError):
         return None
-    if not isinstance(raw, dict) or raw.get("model_type") not in FAMILY or raw.get("hidden_act", "silu") != "silu":
+
+
+def _positive(value) -> bool:
+    return type(value) is int and value > 0
+
+
+def _read(raw: dict) -> Config | None:
+    kind = raw.get("model_type")
+    if kind not in FAMILY or raw.get("hidden_act", "silu") != "silu" or raw.get("rope_scaling") is not None:
         return None
-    rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
-    theta = rope.get("rope_theta", raw.get("rope_theta")) if isinstance(rope, dict) else None
-    if rope.get("rope_type", rope.get("type", "default")) != "default" or not isinstance(theta, (int, float)):
+    rope = raw.get("rope_parameters") or {}
+    theta = rope.get("rope_theta", raw.get("rope_theta"))
+    if rope.get("rope_type", "default") != "default" or type(theta) not in (int, float) or theta <= 0:
         return None
-    if raw.get("partial_rotary_factor", 1.0) != 1.0 or raw.get("layer_types") not in (None, []) and set(
-            raw["layer_types"]) != {"full_attention"}:
+    if raw.get("partial_rotary_factor", 1.0) != 1.0 or raw.get("pretraining_tp", 1) != 1:
         return None
-    windowed = raw.get("sliding_window") is not None and (raw["model_type"] != "qwen2" or raw.get("use_sliding_window"))
-    need = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "rms_norm_eps",
-            "vocab_size")
-    if windowed or not all(isinstance(raw.get(k), (int, float)) for k in need) or not _weight_files(folder) \
-            or not (folder / "tokenizer.json").is_file():
+    if raw.get("layer_types") is not None and set(raw["layer_types"]) != {"full_attention"}:
+        return None
+    windowed = {"mistral": raw.get("sliding_window", 4096) is not None,  # transformers' defaults
+                "qwen2": bool(raw.get("use_sliding_window", False))}.get(kind, False)
+    sizes = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
+             "max_position_embeddings")
+    if windowed or not all(_positive(raw.get(k)) for k in sizes) or type(raw.get("rms_norm_eps")) is not float:
         return None
     heads = raw["num_attention_heads"]
+    head_dim = raw.get("head_dim") or raw["hidden_size"] // heads
+    kv_heads = raw.get("num_key_value_heads") or heads
+    if not (_positive(head_dim) and _positive(kv_heads) and heads % kv_heads == 0):
+        return None
     return Config(**{
         **raw,
         "rope_parameters": {"rope_theta": float(theta), "rope_type": "default"},
-        "head_dim": raw.get("head_dim") or raw["hidden_size"] // heads,
-        "num_key_value_heads": raw.get("num_key_value_heads") or heads,
+        "head_dim": head_dim,
+        "num_key_value_heads": kv_heads,
         "layer_types": ["full_attention"] * raw["num_hidden_layers"],
         "sliding_window": None,
         "tie_word_embeddings": bool(raw.get("tie_word_embeddings", False)),
         "is_encoder_decoder": False,
+        # the projections with a bias, as transformers builds them (a checkpoint's other biases are dropped there)
+        "biases": {"qwen2": ("q_proj", "k_proj", "v_proj")}.get(kind, ())
+        + (("q_proj", "k_proj", "v_proj", "o_proj") if kind == "llama" and raw.get("attention_bias") else ())
+        + (("gate_proj", "up_proj", "down_proj") if kind == "llama" and raw.get("mlp_bias") else ()),
     })
 
 
@@ -75,11 +94,10 @@ def _weight_files(folder: Path) -> list[Path]:
     """The folder's safetensors files (one, or the shards its index names); none if it has ``.bin`` too."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        try:
-            names = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-        except (OSError, ValueError, KeyError, AttributeError):
+        names = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        files = [folder / n for n in names if isinstance(n, str) and "/" not in n]
+        if len(files) != len(names):
             return []
-        files = [folder / n for n in names]
         return files if all(f.is_file() for f in files) else []
     single = folder / "model.safetensors"
     return [single] if single.is_file() else []
@@ -122,7 +140,7 @@ class Skeleton(nn.Module):
     ``model.layers[i].self_attn.q_proj``, ..., ``model.norm``, ``model.rotary_emb``, ``lm_head``) with
     the weights and no forward: :class:`~sinkchat.llama.FastLlama` is its forward."""
 
-    def __init__(self, config: Config, names: set[str]):
+    def __init__(self, config: Config):
         super().__init__()
         self.config = config
         self.generation_config = SimpleNamespace(eos_token_id=None)
@@ -133,15 +151,14 @@ class Skeleton(nn.Module):
         self.model.embed_tokens = nn.Embedding(config.vocab_size, h, _weight=_empty(config.vocab_size, h))
         self.model.layers = nn.ModuleList()
         for i in range(config.num_hidden_layers):
-            has = lambda part: f"model.layers.{i}.{part}.bias" in names  # noqa: E731
             block = nn.Module()
             block.self_attn = nn.Module()
             for name, n_in, n_out in (("q_proj", h, q * d), ("k_proj", h, kv * d), ("v_proj", h, kv * d),
                                       ("o_proj", q * d, h)):
-                setattr(block.self_attn, name, _linear(n_in, n_out, has(f"self_attn.{name}")))
+                setattr(block.self_attn, name, _linear(n_in, n_out, name in config.biases))
             block.mlp = nn.Module()
             for name, n_in, n_out in (("gate_proj", h, inter), ("up_proj", h, inter), ("down_proj", inter, h)):
-                setattr(block.mlp, name, _linear(n_in, n_out, has(f"mlp.{name}")))
+                setattr(block.mlp, name, _linear(n_in, n_out, name in config.biases))
             block.mlp.act_fn = nn.SiLU()
             block.input_layernorm, block.post_attention_layernorm = _Norm(h), _Norm(h)
             self.model.layers.append(block)
@@ -174,8 +191,10 @@ def load_model(folder: Path, config: Config) -> Skeleton:
         with safe_open(str(path), framework="pt") as f:
             for key in f.keys():
                 tensors[key] = f.get_tensor(key)
-    model = Skeleton(config, set(tensors))
-    if "lm_head.weight" not in tensors and config.tie_word_embeddings:
+    model = Skeleton(config)
+    if config.tie_word_embeddings:  # a checkpoint with both (transformers then keeps both) is left to transformers
+        if "lm_head.weight" in tensors:
+            raise NotQuick(folder)
         tensors["lm_head.weight"] = tensors.get("model.embed_tokens.weight")
     wanted = model.state_dict(keep_vars=True)
     if set(wanted) != set(tensors) or any(tensors[k] is None or tensors[k].shape != p.shape for k, p in wanted.items()):
@@ -185,6 +204,7 @@ def load_model(folder: Path, config: Config) -> Skeleton:
         model.lm_head.weight = model.model.embed_tokens.weight
     for p in model.parameters():
         p.requires_grad_(False)
+    model.generation_config.eos_token_id = getattr(config, "eos_token_id", None)  # transformers' fallback
     try:
         generation = json.loads((folder / "generation_config.json").read_text(encoding="utf-8"))
         model.generation_config.eos_token_id = generation.get("eos_token_id")
@@ -193,13 +213,16 @@ def load_model(folder: Path, config: Config) -> Skeleton:
     return model.eval()
 
 
-def load_tokenizer(folder: Path):
+def load_tokenizer(folder: Path, model_type: str):
     """The tokenizer of ``folder``: :class:`sinkchat.tokenizer.Tokenizer` where it reads the folder
     exactly as transformers would, else transformers' ``AutoTokenizer``."""
     from . import tokenizer
 
-    if tokenizer.serves(folder):
-        return tokenizer.Tokenizer(folder)
+    if tokenizer.serves(folder, model_type):
+        try:
+            return tokenizer.Tokenizer(folder)
+        except ValueError:  # a special token it does not know: transformers adds it
+            pass
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(folder))

@@ -11,10 +11,10 @@ renders against transformers' own tokenizer.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from datetime import datetime
-from functools import cached_property
 from pathlib import Path
 
 SPECIAL = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
@@ -37,10 +37,17 @@ def _template(folder: Path, config: dict) -> str | None:
         return None
 
 
-def serves(folder: Path) -> bool:
-    """Whether :class:`Tokenizer` reads ``folder`` exactly as transformers would."""
+def serves(folder: Path, model_type: str) -> bool:
+    """Whether :class:`Tokenizer` reads ``folder`` exactly as transformers would: a Llama model
+    (transformers replaces the tokenizer class of some others, Qwen2 among them, and has Mistral
+    rules of its own) whose ``tokenizer_config.json`` names the generic class, adds no tokens and
+    names no special token ``tokenizer.json`` lacks, with a chat template that needs none of
+    transformers' template extensions."""
     config = _config(folder)
-    if config is None or config.get("tokenizer_class") not in GENERIC or config.get("clean_up_tokenization_spaces"):
+    if model_type != "llama" or config is None or config.get("tokenizer_class") not in GENERIC:
+        return False
+    if any(config.get(key) for key in ("clean_up_tokenization_spaces", "added_tokens_decoder",
+                                         "extra_special_tokens", "additional_special_tokens", "fix_mistral_regex")):
         return False
     if (folder / "special_tokens_map.json").exists() or not (folder / "tokenizer.json").is_file():
         return False
@@ -62,17 +69,22 @@ class Tokenizer:
     """``tokenizer.json`` with transformers' calling conventions: ``tokenizer(text,
     add_special_tokens=False, split_special_tokens=...)["input_ids"]``, ``decode``, ``get_vocab``,
     ``added_tokens_decoder``, ``eos_token_id``, ``chat_template`` and ``apply_chat_template(...,
-    tokenize=False)``. Build only for a folder :func:`serves` accepts."""
+    tokenize=False)``. Build only for a folder :func:`serves` accepts (ValueError for a special
+    token it does not know)."""
 
     def __init__(self, folder: Path):
         from tokenizers import Tokenizer as Backend
 
         config = _config(folder) or {}
         self.backend = Backend.from_file(str(folder / "tokenizer.json"))
+        self.backend.no_truncation()  # transformers switches both off when it encodes
+        self.backend.no_padding()
         self.chat_template = _template(folder, config)
         tokens = {key: config.get(key) for key in SPECIAL}
         tokens = {key: value.get("content") if isinstance(value, dict) else value for key, value in tokens.items()}
         self.special_tokens_map = {key: value for key, value in tokens.items() if isinstance(value, str)}
+        if any(self.backend.token_to_id(t) is None for t in self.special_tokens_map.values()):
+            raise ValueError("a special token of tokenizer_config.json is not in tokenizer.json")
         eos = self.special_tokens_map.get("eos_token")
         self.eos_token_id = None if eos is None else self.backend.token_to_id(eos)
 
@@ -98,45 +110,47 @@ class Tokenizer:
         """The chat as text (``tokenize`` must be False: sinkchat tokenizes the pieces itself)."""
         if tokenize:
             raise ValueError("sinkchat's tokenizer renders chat templates as text only")
-        return self._compiled.render(messages=messages, tools=None, documents=None,
-                                     add_generation_prompt=add_generation_prompt, **self.special_tokens_map)
+        return _compile(self.chat_template).render(messages=messages, tools=None, documents=None,
+                                                   add_generation_prompt=add_generation_prompt,
+                                                   **self.special_tokens_map)
 
-    @cached_property
-    def _compiled(self):
-        """The template in transformers' sandbox: ``trim_blocks``, ``lstrip_blocks``, loop controls, a
-        ``tojson`` that keeps non-ASCII text, ``raise_exception``, ``strftime_now``, and a
-        ``namespace`` that refuses underscore names."""
-        import jinja2
-        import jinja2.ext
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-        def raise_exception(message):
-            raise jinja2.exceptions.TemplateError(message)
+@functools.lru_cache(maxsize=8)
+def _compile(template: str):
+    """The template in transformers' sandbox: ``trim_blocks``, ``lstrip_blocks``, loop controls, a
+    ``tojson`` that keeps non-ASCII text, ``raise_exception``, ``strftime_now``, and a
+    ``namespace`` that refuses underscore names."""
+    import jinja2
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-        def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-            return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
 
-        class Namespace(jinja2.utils.Namespace):
-            def __init__(*args, **kwargs):
-                self, args = args[0], args[1:]
-                attrs = dict(*args, **kwargs)
-                for name in attrs:
-                    Namespace._check(name)
-                jinja2.utils.Namespace.__init__(self, attrs)
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
-            def __setitem__(self, name, value):
+    class Namespace(jinja2.utils.Namespace):
+        def __init__(*args, **kwargs):
+            self, args = args[0], args[1:]
+            attrs = dict(*args, **kwargs)
+            for name in attrs:
                 Namespace._check(name)
-                jinja2.utils.Namespace.__setitem__(self, name, value)
+            jinja2.utils.Namespace.__init__(self, attrs)
 
-            @staticmethod
-            def _check(name):
-                if isinstance(name, str) and name.startswith("_"):
-                    raise jinja2.exceptions.SecurityError(f"chat templates cannot store {name!r} on a namespace")
+        def __setitem__(self, name, value):
+            Namespace._check(name)
+            jinja2.utils.Namespace.__setitem__(self, name, value)
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
-        env.filters["tojson"] = tojson
-        env.globals["raise_exception"] = raise_exception
-        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-        env.globals["dict"] = _Dict()
-        env.globals["namespace"] = Namespace
-        return env.from_string(self.chat_template)
+        @staticmethod
+        def _check(name):
+            if isinstance(name, str) and name.startswith("_"):
+                raise jinja2.exceptions.SecurityError(f"chat templates cannot store {name!r} on a namespace")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    env.globals["dict"] = _Dict()
+    env.globals["namespace"] = Namespace
+    return env.from_string(template)

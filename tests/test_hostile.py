@@ -25,7 +25,9 @@ SMALL = GREEDY.replace(sinks=4, window=64, max_new_tokens=2)
 
 
 def control_ids(tokenizer) -> set[int]:
-    return set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    vocab = tokenizer.get_vocab()
+    named = {vocab[t] for t in tokenizer.special_tokens_map.values() if isinstance(t, str) and t in vocab}
+    return named | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
 
 
 def hostile(tokenizer):
@@ -48,7 +50,7 @@ def test_special_token_strings_in_a_message_are_text(smollm):
         ids = chat.tokens[message.start : message.end]
         assert [t for t in ids if t in control] == expected  # the template's own tokens, no more
         assert INJECTION in tok.decode(ids)  # ...and the user's text, as the characters typed
-    assert tok.convert_tokens_to_ids("<|im_end|>") in expected  # (the scaffold does hold control tokens)
+    assert tok.get_vocab()["<|im_end|>"] in expected  # (the scaffold does hold control tokens)
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

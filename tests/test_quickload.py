@@ -108,14 +108,18 @@ def test_other_family_members_load_quick_with_the_same_logits(tiny_models, arch,
     {"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0,
                          "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}},
     {"rope_parameters": {"rope_type": "dynamic", "rope_theta": 1e4, "factor": 2.0}},
-    {"sliding_window": 64},
-    {"hidden_act": "gelu"},
-    {"model_type": "gemma"},
+    {"rope_scaling": {"rope_type": "linear", "factor": 4.0}},  # transformers lets it win over rope_parameters
+    {"rope_scaling": "linear"}, {"rope_parameters": "default"},
+    {"sliding_window": 64}, {"sliding_window": "drop"},  # no key: Mistral's default window of 4096
+    {"hidden_act": "gelu"}, {"model_type": "gemma"},
+    {"num_hidden_layers": 2.0}, {"num_attention_heads": 0}, {"num_key_value_heads": 3}, {"layer_types": 5},
+    {"max_position_embeddings": "drop"}, {"rms_norm_eps": None}, {"vocab_size": True},
 ])
 def test_what_the_quick_start_cannot_serve_exactly_loads_through_transformers(tiny_models, tmp_path, change):
     folder = shutil.copytree(tiny_models["mistral"], tmp_path / "m")
     config = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**config, **change}))
+    config = {k: v for k, v in {**config, **change}.items() if v != "drop"}
+    (folder / "config.json").write_text(json.dumps(config))
     assert quickload.read_config(folder) is None
 
 
@@ -125,11 +129,40 @@ def test_weights_that_do_not_fit_the_config_load_through_transformers(tiny_model
     (folder / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 3}))  # one layer more than saved
     with pytest.raises(quickload.NotQuick):
         quickload.load_model(folder, quickload.read_config(folder))
+    # a bias the config does not ask for (transformers drops it), or a head beside tied embeddings (it keeps it)
+    (folder / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
+    with pytest.raises(quickload.NotQuick):
+        quickload.load_model(folder, quickload.read_config(folder))
+    (folder / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": False}))
+    assert isinstance(quickload.load_model(folder, quickload.read_config(folder)), quickload.Skeleton)
+    shard = folder / "model.safetensors.index.json"
+    shard.write_text(json.dumps({"weight_map": {"x": 1}}))
+    assert quickload.read_config(folder) is None
 
 
-def test_a_tokenizer_with_rules_of_its_own_is_transformers_own(tiny_models, tmp_path):
-    folder = shutil.copytree(tiny_models["mistral"], tmp_path / "t")
-    assert serves(folder)
+def test_without_a_generation_config_the_eos_ids_come_from_the_config(tiny_models, tmp_path):
+    folder = shutil.copytree(tiny_models["mistral"], tmp_path / "g")
+    (folder / "generation_config.json").unlink()
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "eos_token_id": [2, 0]}))
+    model = quickload.load_model(folder, quickload.read_config(folder))
+    assert model.generation_config.eos_token_id == [2, 0]
+
+
+def test_the_tokenizer_serves_plain_llama_tokenizers_only(smollm, tmp_path):
+    folder = shutil.copytree(models.gguf_target(models.bundled_gguf()), tmp_path / "t",
+                             ignore=shutil.ignore_patterns("*.safetensors"))
+    assert serves(folder, "llama") and not serves(folder, "qwen2") and not serves(folder, "mistral")
     config = json.loads((folder / "tokenizer_config.json").read_text())
-    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "tokenizer_class": "LlamaTokenizer"}))
-    assert not serves(folder) and not isinstance(quickload.load_tokenizer(folder), Tokenizer)
+    for change in ({"tokenizer_class": "LlamaTokenizer"}, {"tokenizer_class": None}, {"extra_special_tokens": {
+            "image_token": "<image>"}}, {"added_tokens_decoder": {"49152": {"content": "<x>", "special": True}}}):
+        (folder / "tokenizer_config.json").write_text(json.dumps({**config, **change}))
+        assert not serves(folder, "llama")
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "eos_token": "<|not-in-the-vocab|>"}))
+    assert not isinstance(quickload.load_tokenizer(folder, "llama"), Tokenizer)  # transformers adds it
+    spec = json.loads((folder / "tokenizer.json").read_text())
+    spec["truncation"] = {"direction": "Right", "max_length": 4, "strategy": "LongestFirst", "stride": 0}
+    (folder / "tokenizer.json").write_text(json.dumps(spec))
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    text = "Hello world, this is a longer text"
+    assert Tokenizer(folder)(text, add_special_tokens=False)["input_ids"] == smollm.tokenizer(text)["input_ids"]
