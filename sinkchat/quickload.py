@@ -18,6 +18,7 @@ weights, the benchmarks' transformers forward) loads through transformers as bef
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -55,13 +56,22 @@ def _read(raw: dict) -> Config | None:
     kind = raw.get("model_type")
     if kind not in FAMILY or raw.get("hidden_act", "silu") != "silu" or raw.get("rope_scaling") is not None:
         return None
-    rope = raw.get("rope_parameters") or {}
-    theta = rope.get("rope_theta", raw.get("rope_theta"))
-    if rope.get("rope_type", "default") != "default" or type(theta) not in (int, float) or theta <= 0:
+    if any(hasattr(Config, key) for key in raw):
+        return None  # a key that would hide one of Config's own attributes
+    rope = raw.get("rope_parameters")
+    if rope is None:
+        rope = {"rope_type": "default", "rope_theta": raw.get("rope_theta")}
+    if not isinstance(rope, dict) or set(rope) != {"rope_type", "rope_theta"} or rope["rope_type"] != "default":
+        return None  # anything else (scaling factors, partial rotary, the older "type" key) is transformers'
+    theta = rope["rope_theta"]
+    if type(theta) not in (int, float) or not math.isfinite(theta) or theta <= 0:
         return None
     if raw.get("partial_rotary_factor", 1.0) != 1.0 or raw.get("pretraining_tp", 1) != 1:
         return None
-    if raw.get("layer_types") is not None and set(raw["layer_types"]) != {"full_attention"}:
+    layer_types = raw.get("layer_types")
+    if layer_types is not None and layer_types != ["full_attention"] * raw.get("num_hidden_layers", -1):
+        return None
+    if not isinstance(raw.get("tie_word_embeddings", False), bool):
         return None
     windowed = {"mistral": raw.get("sliding_window", 4096) is not None,  # transformers' defaults
                 "qwen2": bool(raw.get("use_sliding_window", False))}.get(kind, False)
@@ -70,13 +80,13 @@ def _read(raw: dict) -> Config | None:
     if windowed or not all(_positive(raw.get(k)) for k in sizes) or type(raw.get("rms_norm_eps")) is not float:
         return None
     heads = raw["num_attention_heads"]
-    head_dim = raw.get("head_dim") or raw["hidden_size"] // heads
-    kv_heads = raw.get("num_key_value_heads") or heads
+    head_dim = raw["head_dim"] if "head_dim" in raw else raw["hidden_size"] // heads
+    kv_heads = raw["num_key_value_heads"] if "num_key_value_heads" in raw else heads
     if not (_positive(head_dim) and _positive(kv_heads) and heads % kv_heads == 0):
         return None
     return Config(**{
         **raw,
-        "rope_parameters": {"rope_theta": float(theta), "rope_type": "default"},
+        "rope_parameters": {"rope_theta": theta, "rope_type": "default"},
         "head_dim": head_dim,
         "num_key_value_heads": kv_heads,
         "layer_types": ["full_attention"] * raw["num_hidden_layers"],
@@ -92,15 +102,16 @@ def _read(raw: dict) -> Config | None:
 
 def _weight_files(folder: Path) -> list[Path]:
     """The folder's safetensors files (one, or the shards its index names); none if it has ``.bin`` too."""
-    index = folder / "model.safetensors.index.json"
+    single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
+    if single.is_file():  # transformers' choice too when both are there
+        return [single]
     if index.is_file():
         names = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
         files = [folder / n for n in names if isinstance(n, str) and "/" not in n]
         if len(files) != len(names):
             return []
         return files if all(f.is_file() for f in files) else []
-    single = folder / "model.safetensors"
-    return [single] if single.is_file() else []
+    return []
 
 
 class Rotary(nn.Module):
@@ -205,11 +216,15 @@ def load_model(folder: Path, config: Config) -> Skeleton:
     for p in model.parameters():
         p.requires_grad_(False)
     model.generation_config.eos_token_id = getattr(config, "eos_token_id", None)  # transformers' fallback
-    try:
-        generation = json.loads((folder / "generation_config.json").read_text(encoding="utf-8"))
+    path = folder / "generation_config.json"
+    if path.exists():
+        try:
+            generation = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            generation = None
+        if not isinstance(generation, dict):
+            raise NotQuick(folder)  # transformers reports it
         model.generation_config.eos_token_id = generation.get("eos_token_id")
-    except (OSError, ValueError, AttributeError):
-        pass
     return model.eval()
 
 

@@ -40,16 +40,21 @@ def _template(folder: Path, config: dict) -> str | None:
 def serves(folder: Path, model_type: str) -> bool:
     """Whether :class:`Tokenizer` reads ``folder`` exactly as transformers would: a Llama model
     (transformers replaces the tokenizer class of some others, Qwen2 among them, and has Mistral
-    rules of its own) whose ``tokenizer_config.json`` names the generic class, adds no tokens and
-    names no special token ``tokenizer.json`` lacks, with a chat template that needs none of
-    transformers' template extensions."""
+    rules of its own) whose ``tokenizer_config.json`` names the generic class and adds no tokens,
+    with a chat template that needs none of transformers' template extensions. (:class:`Tokenizer`
+    refuses special tokens that ``tokenizer.json`` does not hold as special tokens.)"""
     config = _config(folder)
     if model_type != "llama" or config is None or config.get("tokenizer_class") not in GENERIC:
         return False
     if any(config.get(key) for key in ("clean_up_tokenization_spaces", "added_tokens_decoder",
                                          "extra_special_tokens", "additional_special_tokens", "fix_mistral_regex")):
         return False
-    if (folder / "special_tokens_map.json").exists() or not (folder / "tokenizer.json").is_file():
+    if any((folder / name).exists() for name in ("special_tokens_map.json", "added_tokens.json")):
+        return False
+    if not (folder / "tokenizer.json").is_file():
+        return False
+    if not all(v is None or isinstance(v, str) or isinstance(v, dict) and isinstance(v.get("content"), str)
+               for v in (config.get(key) for key in SPECIAL)):
         return False
     template = _template(folder, config)
     return isinstance(template, str) and not re.search(r"\{%-?\s*generation\s*-?%\}", template)
@@ -69,8 +74,8 @@ class Tokenizer:
     """``tokenizer.json`` with transformers' calling conventions: ``tokenizer(text,
     add_special_tokens=False, split_special_tokens=...)["input_ids"]``, ``decode``, ``get_vocab``,
     ``added_tokens_decoder``, ``eos_token_id``, ``chat_template`` and ``apply_chat_template(...,
-    tokenize=False)``. Build only for a folder :func:`serves` accepts (ValueError for a special
-    token it does not know)."""
+    tokenize=False)``. Build only for a folder :func:`serves` accepts; ValueError where a special
+    token of ``tokenizer_config.json`` is not a special added token of ``tokenizer.json``."""
 
     def __init__(self, folder: Path):
         from tokenizers import Tokenizer as Backend
@@ -83,8 +88,9 @@ class Tokenizer:
         tokens = {key: config.get(key) for key in SPECIAL}
         tokens = {key: value.get("content") if isinstance(value, dict) else value for key, value in tokens.items()}
         self.special_tokens_map = {key: value for key, value in tokens.items() if isinstance(value, str)}
-        if any(self.backend.token_to_id(t) is None for t in self.special_tokens_map.values()):
-            raise ValueError("a special token of tokenizer_config.json is not in tokenizer.json")
+        special = {t.content for t in self.backend.get_added_tokens_decoder().values() if t.special}
+        if not special.issuperset(self.special_tokens_map.values()):  # transformers would add or mark it
+            raise ValueError("a special token of tokenizer_config.json is not one in tokenizer.json")
         eos = self.special_tokens_map.get("eos_token")
         self.eos_token_id = None if eos is None else self.backend.token_to_id(eos)
 

@@ -97,7 +97,7 @@ def test_other_family_members_load_quick_with_the_same_logits(tiny_models, arch,
     # a config in the older layout (rope_theta at the top, no rope_parameters, as on the Hub) reads the same
     old = shutil.copytree(tiny_models[arch], tmp_path / "old")
     config = json.loads((old / "config.json").read_text())
-    config["rope_theta"] = config.pop("rope_parameters")["rope_theta"]
+    config["rope_theta"] = int(config.pop("rope_parameters")["rope_theta"])  # as some Hub configs write it
     (old / "config.json").write_text(json.dumps(config))
     again = models.load(str(old), quant="4bit", device="cpu")
     full = models.load(str(old), quant="4bit", device="cpu", quick=False)
@@ -114,6 +114,10 @@ def test_other_family_members_load_quick_with_the_same_logits(tiny_models, arch,
     {"hidden_act": "gelu"}, {"model_type": "gemma"},
     {"num_hidden_layers": 2.0}, {"num_attention_heads": 0}, {"num_key_value_heads": 3}, {"layer_types": 5},
     {"max_position_embeddings": "drop"}, {"rms_norm_eps": None}, {"vocab_size": True},
+    {"rope_parameters": {"type": "linear", "factor": 4.0, "rope_theta": 1e4}},  # the older key
+    {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}},
+    {"rope_parameters": {"rope_type": "default", "rope_theta": float("nan")}},
+    {"get_text_config": 1}, {"layer_types": ["full_attention"]}, {"head_dim": 0}, {"tie_word_embeddings": "false"},
 ])
 def test_what_the_quick_start_cannot_serve_exactly_loads_through_transformers(tiny_models, tmp_path, change):
     folder = shutil.copytree(tiny_models["mistral"], tmp_path / "m")
@@ -126,7 +130,8 @@ def test_what_the_quick_start_cannot_serve_exactly_loads_through_transformers(ti
 def test_weights_that_do_not_fit_the_config_load_through_transformers(tiny_models, tmp_path):
     folder = shutil.copytree(tiny_models["qwen2"], tmp_path / "q")
     config = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 3}))  # one layer more than saved
+    more = {"num_hidden_layers": 3, "layer_types": ["full_attention"] * 3}  # one layer more than saved
+    (folder / "config.json").write_text(json.dumps({**config, **more}))
     with pytest.raises(quickload.NotQuick):
         quickload.load_model(folder, quickload.read_config(folder))
     # a bias the config does not ask for (transformers drops it), or a head beside tied embeddings (it keeps it)
@@ -136,8 +141,16 @@ def test_weights_that_do_not_fit_the_config_load_through_transformers(tiny_model
     (folder / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": False}))
     assert isinstance(quickload.load_model(folder, quickload.read_config(folder)), quickload.Skeleton)
     shard = folder / "model.safetensors.index.json"
+    shard.write_text(json.dumps({"weight_map": {"x": "model-00001-of-00002.safetensors"}}))
+    assert quickload._weight_files(folder) == [folder / "model.safetensors"]  # transformers' choice too
+    (folder / "model.safetensors").rename(folder / "model-00001-of-00002.safetensors")
+    assert quickload._weight_files(folder) == [folder / "model-00001-of-00002.safetensors"]
     shard.write_text(json.dumps({"weight_map": {"x": 1}}))
     assert quickload.read_config(folder) is None
+    (folder / "generation_config.json").write_text("[1]")  # transformers refuses it, and says why
+    (folder / "model-00001-of-00002.safetensors").rename(folder / "model.safetensors")
+    with pytest.raises(quickload.NotQuick):
+        quickload.load_model(folder, quickload.read_config(folder))
 
 
 def test_without_a_generation_config_the_eos_ids_come_from_the_config(tiny_models, tmp_path):
@@ -158,8 +171,13 @@ def test_the_tokenizer_serves_plain_llama_tokenizers_only(smollm, tmp_path):
             "image_token": "<image>"}}, {"added_tokens_decoder": {"49152": {"content": "<x>", "special": True}}}):
         (folder / "tokenizer_config.json").write_text(json.dumps({**config, **change}))
         assert not serves(folder, "llama")
-    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "eos_token": "<|not-in-the-vocab|>"}))
-    assert not isinstance(quickload.load_tokenizer(folder, "llama"), Tokenizer)  # transformers adds it
+    for eos in ("<|not-in-the-vocab|>", "hello"):  # transformers adds it, or makes a word special
+        (folder / "tokenizer_config.json").write_text(json.dumps({**config, "eos_token": eos}))
+        assert not isinstance(quickload.load_tokenizer(folder, "llama"), Tokenizer)
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    (folder / "added_tokens.json").write_text(json.dumps({"<|new|>": 49152}))
+    assert not serves(folder, "llama")
+    (folder / "added_tokens.json").unlink()
     spec = json.loads((folder / "tokenizer.json").read_text())
     spec["truncation"] = {"direction": "Right", "max_length": 4, "strategy": "LongestFirst", "stride": 0}
     (folder / "tokenizer.json").write_text(json.dumps(spec))
