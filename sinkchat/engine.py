@@ -37,8 +37,11 @@ END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoft
 
 
 def prefill_chunk(window: int) -> int:
-    """Tokens per prefill forward: a quarter window (at most 256), so a chunk always fits the window."""
-    return max(1, min(256, window // 4))
+    """Tokens per prefill forward: a quarter window, so a chunk always fits the window, and at most
+    512: on the CPU each chunk dequantizes every 4-bit weight once (a quarter of a 256-token chunk's
+    time), so larger chunks read a prompt faster (689 against 548 tokens/s for 512 tokens of the
+    bundled model on 2 AVX512 cores), while a stop still lands within a second there."""
+    return max(1, min(512, window // 4))
 
 
 @dataclass(frozen=True)
