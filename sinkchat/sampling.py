@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .errors import SinkchatError
 from .settings import Settings
 
 
@@ -20,9 +21,13 @@ class Sampler:
             self.generator.seed()
 
     def __call__(self, logits: torch.Tensor, recent: list[int]) -> int:
-        """One token id from ``logits`` ``[vocab]``; ``recent`` ids get the repetition penalty."""
+        """One token id from ``logits`` ``[vocab]``; ``recent`` ids get the repetition penalty.
+        Raises :class:`SinkchatError` for NaN logits (a broken model)."""
         p = self.params
         logits = logits.detach().double().cpu().clone()
+        if torch.isnan(logits).any():  # argmax would pick garbage, multinomial would raise
+            raise SinkchatError("the model computed NaN (not a number) for the next token: its weights or "
+                                "config.json are broken")
         if p.repetition_penalty != 1.0 and recent:
             idx = torch.tensor(sorted(set(recent)), dtype=torch.long)
             picked = logits[idx]

@@ -107,6 +107,21 @@ def test_tiny_mistral_and_qwen2_folders_chat_from_the_command_line(tiny_models):
         assert sum(line.startswith("[cache] ") for line in proc.stdout.splitlines()) == 2
 
 
+@pytest.mark.parametrize("temperature", ["0", "0.7"])
+def test_a_model_that_computes_nan_is_one_line(tiny_models, tmp_path, temperature):
+    import json
+    import shutil
+
+    from _helpers import one_line_error
+
+    folder = shutil.copytree(tiny_models["mistral"], tmp_path / "nan")
+    config = json.loads((folder / "config.json").read_text())
+    config["rope_parameters"]["rope_theta"] = float("nan")
+    (folder / "config.json").write_text(json.dumps(config))
+    proc = run_cli("--plain", "--model", str(folder), "-t", temperature, "--no-save", input="Hi\n")
+    one_line_error(proc, "NaN")
+
+
 def test_models_lists_aliases_and_what_is_here(monkeypatch, capsys):
     code, out, _ = sinkchat(monkeypatch, capsys, "models")
     assert code == 0
