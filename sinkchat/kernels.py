@@ -73,9 +73,10 @@ def _packs_path(folder: str | None) -> Path | None:
     """Where the packed 4-bit weights of the model in ``folder`` are kept (:class:`~sinkchat.quant.Packs`)."""
     if folder is None:
         return None
+    from .models import model_files
     from .quant import Packs
 
-    files = [p for p in Path(folder).iterdir() if p.suffix in (".safetensors", ".bin")]
+    files = model_files(folder, (".safetensors", ".bin"))
     return _config.cache_dir() / "packed" / f"{Packs.key(files)}.safetensors"
 
 

@@ -442,12 +442,16 @@ def forward_outputs(model, cache, ids: list[int], positions: torch.Tensor, keep:
     )
 
 
+def model_files(folder: str | Path, suffixes: tuple[str, ...]) -> list[Path]:
+    """The files in a model ``folder`` with these suffixes, sorted; a dangling link or a folder
+    named like one (``x.json/``) is not a file and is left out, so reading sizes never fails on it."""
+    return sorted(p for p in Path(folder).iterdir() if p.suffix in suffixes and p.is_file())
+
+
 def fingerprint(loaded: LoadedModel, folder: str) -> dict:
     """What a saved cache depends on: weights' identity, quantization, dtype, RoPE parameters."""
-    files = sorted(p for p in Path(folder).iterdir()
-                   if p.suffix in (".safetensors", ".bin", ".json") and p.is_file())  # not a dangling link
     digest = hashlib.sha256()
-    for p in files:
+    for p in model_files(folder, (".safetensors", ".bin", ".json")):
         st = p.stat()
         digest.update(f"{p.name}|{st.st_size}".encode())
         if p.suffix == ".json" and st.st_size < 1 << 20:

@@ -184,3 +184,14 @@ def test_the_tokenizer_serves_plain_llama_tokenizers_only(smollm, tmp_path):
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     text = "Hello world, this is a longer text"
     assert Tokenizer(folder)(text, add_special_tokens=False)["input_ids"] == smollm.tokenizer(text)["input_ids"]
+
+
+@pytest.mark.parametrize("quick", [True, False])
+def test_a_dangling_link_or_a_folder_among_the_weights_is_not_read(tiny_models, tmp_path, quick):
+    """The fingerprint and the packed weights' key both list the folder's files: neither stats a
+    link to nothing (``extra.bin``) or a folder named like a config (``sub.json``)."""
+    folder = shutil.copytree(tiny_models["mistral"], tmp_path / "d")
+    clean = models.load(str(folder), quant="4bit", device="cpu", quick=quick).fingerprint["files"]
+    (folder / "extra.bin").symlink_to(tmp_path / "nowhere")
+    (folder / "sub.json").mkdir()
+    assert models.load(str(folder), quant="4bit", device="cpu", quick=quick).fingerprint["files"] == clean
