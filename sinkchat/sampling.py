@@ -22,12 +22,13 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, recent: list[int]) -> int:
         """One token id from ``logits`` ``[vocab]``; ``recent`` ids get the repetition penalty.
-        Raises :class:`SinkchatError` for NaN logits (a broken model)."""
+        Raises :class:`SinkchatError` for NaN or +inf logits (a broken model): argmax
+        would pick garbage, sampling would raise."""
         p = self.params
         logits = logits.detach().double().cpu().clone()
-        if torch.isnan(logits).any():  # argmax would pick garbage, multinomial would raise
-            raise SinkchatError("the model computed NaN (not a number) for the next token: its weights or "
-                                "config.json are broken")
+        if torch.isnan(logits).any() or torch.isposinf(logits).any():  # -inf only rules a token out
+            raise SinkchatError("the model computed NaN (not a number) or infinity for the next token: its "
+                                "weights or config.json are broken")
         if p.repetition_penalty != 1.0 and recent:
             idx = torch.tensor(sorted(set(recent)), dtype=torch.long)
             picked = logits[idx]

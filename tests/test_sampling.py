@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+from sinkchat.errors import SinkchatError
 from sinkchat.sampling import Sampler
 from sinkchat.settings import Settings
 
@@ -42,3 +44,14 @@ def test_extreme_temperatures_stay_finite():
     assert set(wide) == {0, 1, 2, 3, 4}
     big = torch.tensor([1e30, -1e30, 3e38, 0.0])
     assert draws(Settings(temperature=1e-3, seed=0), 5, logits=big) == [2] * 5
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_logits_that_are_not_numbers_are_one_clear_error(bad, temperature):
+    logits = torch.zeros(8)
+    logits[3] = bad
+    with pytest.raises(SinkchatError, match="NaN .* or infinity"):
+        Sampler(Settings(temperature=temperature, seed=0))(logits, [])
+    logits[3] = float("-inf")  # a token ruled out is fine
+    assert Sampler(Settings(temperature=temperature, seed=0))(logits, []) != 3
