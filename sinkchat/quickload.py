@@ -91,7 +91,7 @@ def _read(raw: dict) -> Config | None:
         "num_key_value_heads": kv_heads,
         "layer_types": ["full_attention"] * raw["num_hidden_layers"],
         "sliding_window": None,
-        "tie_word_embeddings": bool(raw.get("tie_word_embeddings", False)),
+        "tie_word_embeddings": raw.get("tie_word_embeddings", False),  # a bool, checked above
         "is_encoder_decoder": False,
         # the projections with a bias, as transformers builds them (a checkpoint's other biases are dropped there)
         "biases": {"qwen2": ("q_proj", "k_proj", "v_proj")}.get(kind, ())
@@ -101,7 +101,8 @@ def _read(raw: dict) -> Config | None:
 
 
 def _weight_files(folder: Path) -> list[Path]:
-    """The folder's safetensors files (one, or the shards its index names); none if it has ``.bin`` too."""
+    """The folder's safetensors files: ``model.safetensors`` where there is one (transformers' choice
+    too), else the shards its index names; none if a shard is missing or the index names a path."""
     single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
     if single.is_file():  # transformers' choice too when both are there
         return [single]
@@ -188,7 +189,8 @@ class Skeleton(nn.Module):
 
 
 class NotQuick(Exception):
-    """The folder's weights do not fill the skeleton exactly (missing, extra or misshapen tensors)."""
+    """The folder does not fill the skeleton exactly (missing, extra or misshapen tensors, a head beside
+    tied embeddings) or has a generation config transformers would refuse: transformers loads it."""
 
 
 def load_model(folder: Path, config: Config) -> Skeleton:
