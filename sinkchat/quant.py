@@ -55,32 +55,40 @@ def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, INNER_K_TILES), scales
 
 
-@functools.cache
-def packed_block() -> int | None:
-    """Rows per block of the kernel's packed layout on this CPU, or None if it is none we can read.
+Layout = tuple[int, bool]  # rows per block of the packed layout; whether a byte pairs rows 2j, 2j+1
 
-    The layout is an implementation detail of PyTorch's kernel (32 rows per block on AVX2, each byte a
-    row ``r`` and the row ``r + 16`` at one input), so it is probed on a known matrix, not assumed."""
+
+@functools.cache
+def packed_layout() -> Layout | None:
+    """The int4 kernel's packed layout on this CPU, or None if it is none we can read.
+
+    The layout is an implementation detail of PyTorch's kernel, and it differs per CPU: blocks of 64
+    rows on AVX-512 and 32 on AVX2, each byte holding row ``j`` and row ``j + block / 2`` of one input;
+    blocks of 32 rows on CPUs with neither, each byte holding rows ``2j`` and ``2j + 1``. So it is
+    probed on a known matrix, not assumed."""
     probe = torch.randint(0, 16, (128, 64), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe, INNER_K_TILES)
-    for block in (16, 32, 64, 128):
-        if torch.equal(_nibbles(packed, block, 64).int(), probe):
-            return block
+    for layout in ((block, paired) for block in (16, 32, 64, 128) for paired in (False, True)):
+        if torch.equal(_nibbles(packed, layout, 64).int(), probe):
+            return layout
     return None
 
 
-def _nibbles(packed: torch.Tensor, block: int, in_features: int) -> torch.Tensor:
+def _nibbles(packed: torch.Tensor, layout: Layout, in_features: int) -> torch.Tensor:
     """The packed ``uint8 [N, K/2]`` as 4-bit codes ``uint8 [N, K]`` in row order."""
+    block, paired = layout
     n = packed.shape[0]
     p = packed.view(n // block, in_features, block // 2)
-    return torch.cat([p & 0xF, p >> 4], -1).transpose(1, 2).reshape(n, in_features)
+    lo, hi = p & 0xF, p >> 4
+    rows = torch.stack([lo, hi], -1).flatten(-2) if paired else torch.cat([lo, hi], -1)
+    return rows.transpose(1, 2).reshape(n, in_features)
 
 
-def dequantize(packed: torch.Tensor, scales: torch.Tensor, in_features: int, block: int) -> torch.Tensor:
+def dequantize(packed: torch.Tensor, scales: torch.Tensor, in_features: int, layout: Layout) -> torch.Tensor:
     """Packed weight and ``bf16 [K/32, N, 2]`` scales and zeros -> float32 ``[N, K]`` (exactly the
     kernel's ``(q - 8) * scale + zero``, before its bf16 arithmetic)."""
     n = packed.shape[0]
-    q = _nibbles(packed, block, in_features).view(n, in_features // GROUP, GROUP).float()
+    q = _nibbles(packed, layout, in_features).view(n, in_features // GROUP, GROUP).float()
     s = scales.float().permute(1, 0, 2)  # [N, K/32, 2]
     return q.sub_(8).mul_(s[..., :1]).add_(s[..., 1:]).view(n, in_features)
 
@@ -92,7 +100,7 @@ class Int4Linear(nn.Module):
     def __init__(self, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, in_features: int):
         super().__init__()
         self.in_features, self.out_features = in_features, packed.shape[0]
-        self.block = packed_block()  # probed once, here: a call inside forward would be traced by torch.compile
+        self.layout = packed_layout()  # probed once, here: a call inside forward would be traced by torch.compile
         self.register_buffer("packed", packed, persistent=False)
         self.register_buffer("scales", scales, persistent=False)
         self.register_buffer("bias", None if bias is None else bias.detach().float(), persistent=False)
@@ -113,20 +121,22 @@ class Int4Linear(nn.Module):
         tiny model's k and v) are packed again from the same 4-bit codes, a copy.
         """
         bias = None if self.bias is None else self.bias[start:end]
-        block = self.block
-        if block and (start % block or (end - start) % block) and self.out_features % block == 0:
-            codes = _nibbles(self.packed, block, self.in_features)[start:end].int()
+        if self._whole_blocks() and (start % self.layout[0] or (end - start) % self.layout[0]):
+            codes = _nibbles(self.packed, self.layout, self.in_features)[start:end].int()
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, INNER_K_TILES)
             return Int4Linear(packed, self.scales[:, start:end].contiguous(), bias, self.in_features)
         return Int4Linear(self.packed[start:end], self.scales[:, start:end], bias, self.in_features)
+
+    def _whole_blocks(self) -> bool:
+        """Whether this weight is whole blocks of a layout sinkchat can read."""
+        return self.layout is not None and self.out_features % self.layout[0] == 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.scales.is_contiguous():
             self.scales = self.scales.contiguous()
         flat = x.reshape(-1, self.in_features)
-        block = self.block
-        if flat.shape[0] >= DENSE_ROWS and block and self.out_features % block == 0:  # prefill: see module doc
-            weight = dequantize(self.packed, self.scales, self.in_features, block)
+        if flat.shape[0] >= DENSE_ROWS and self._whole_blocks():  # prefill: see module doc
+            weight = dequantize(self.packed, self.scales, self.in_features, self.layout)
             y = F.linear(flat.float(), weight, self.bias).to(x.dtype)
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.to(torch.bfloat16), self.packed, GROUP, self.scales)
@@ -142,7 +152,7 @@ class Packs:
     quantizing (most of the CPU load time after the weights are read).
 
     The file is named by the weights it came from and by what decides the packed layout (PyTorch's
-    version, the CPU's kernel flavour, :func:`packed_block`), so any change makes a new file. A file
+    version, the CPU's kernel flavour, :func:`packed_layout`), so any change makes a new file. A file
     that cannot be read is ignored, and one that cannot be written only costs the next start its time.
     """
 
@@ -161,7 +171,7 @@ class Packs:
     @staticmethod
     def key(files: list[Path]) -> str:
         """What names the file: the weight files (path, size, time), torch and the packed layout."""
-        digest = hashlib.sha256(f"v{Packs.VERSION}|{torch.__version__}|{packed_block()}|"
+        digest = hashlib.sha256(f"v{Packs.VERSION}|{torch.__version__}|{packed_layout()}|"
                                 f"{torch.backends.cpu.get_cpu_capability()}".encode())
         for f in sorted(files):
             st = f.stat()
@@ -250,18 +260,11 @@ class NF4Linear(nn.Module):
     @classmethod
     def fuse(cls, modules: list[nn.Module]) -> "NF4Linear":
         """One linear computing ``modules`` (bitsandbytes 4-bit linears with the same input, all
-        :meth:`fits`) side by side; nested (double-quantized) absmax is expanded to float32."""
-        import bitsandbytes.functional as bnbf
-
+        :meth:`fits`) side by side, read in bnb's standard layout (:func:`nf4_standard`)."""
         states = [m.weight.quant_state for m in modules]
         first = states[0]
-        absmax = []
-        for state in states:
-            a = state.absmax
-            if state.nested:
-                a = bnbf.dequantize_blockwise(a, state.state2) + state.offset
-            absmax.append(a.float().reshape(-1))
-        data = torch.cat([m.weight.data.reshape(-1) for m in modules])[:, None]
+        data, absmax = zip(*(nf4_standard(m.weight.data, state) for m, state in zip(modules, states)))
+        data = torch.cat(data)[:, None]
         rows = sum(state.shape[0] for state in states)
         compute = getattr(modules[0], "compute_dtype", None) or first.dtype
         return cls(data, torch.cat(absmax), (rows, first.shape[1]), first.blocksize, first.quant_type, compute,
@@ -275,6 +278,12 @@ class NF4Linear(nn.Module):
                          end * k // self.blocksize], (end - start, k), self.blocksize, self.quant_type,
                          self.compute_dtype, bias)
 
+    def dequantize(self) -> torch.Tensor:
+        """The weight this linear computes with, float32 ``[N, K]`` (bitsandbytes' own dequantizer)."""
+        return torch.ops.bitsandbytes.dequantize_4bit.default(
+            self.data, self.absmax, self.blocksize, self.quant_type, [self.out_features, self.in_features],
+            torch.float32)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.ops.bitsandbytes.gemm_4bit.default(
             x.to(self.compute_dtype), self.data, [self.out_features, self.in_features], self.absmax,
@@ -283,6 +292,33 @@ class NF4Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.quant_type} b{self.blocksize}"
+
+
+CPU_BLOCK_N = 32  # rows per block of bitsandbytes' AVX512-BF16 CPU layout (its _convert_weight_packed_for_cpu)
+
+
+def nf4_standard(data: torch.Tensor, state) -> tuple[torch.Tensor, torch.Tensor]:
+    """A bitsandbytes 4-bit weight in its standard (CUDA) layout: packed bytes ``uint8 [N K / 2]`` (two
+    row-major codes a byte, the first in the high nibble) and float32 absmax ``[N K / blocksize]``.
+
+    bitsandbytes 0.50 rewrites a weight in place at its first forward on a CPU with AVX512-BF16
+    (``quant_state.packing_format_for_cpu``): codes tiled in blocks of 32 rows, absmax transposed to
+    ``[K / blocksize, N]`` bf16, a nested absmax expanded. That is undone here, exactly: the result
+    holds the values the module computes with. A double-quantized absmax is expanded to float32.
+    """
+    n, k = state.shape
+    data = data.reshape(-1).view(torch.uint8)
+    if getattr(state, "packing_format_for_cpu", False):
+        tiles = data.view(-1, CPU_BLOCK_N)  # per (row block, input pair): 32 low nibbles, then 32 high
+        codes = torch.cat([tiles & 0xF, tiles >> 4], -1).view(n // CPU_BLOCK_N, k // 2, CPU_BLOCK_N, 2)
+        codes = codes.transpose(1, 2).reshape(-1, 2)  # row-major, input pairs
+        return (codes[:, 0] << 4) | codes[:, 1], state.absmax.float().t().reshape(-1)
+    absmax = state.absmax
+    if state.nested:
+        import bitsandbytes.functional as bnbf
+
+        absmax = bnbf.dequantize_blockwise(absmax, state.state2) + state.offset
+    return data, absmax.float().reshape(-1)
 
 
 def int4_modules(model, packs: Packs | None = None) -> int:

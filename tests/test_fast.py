@@ -94,13 +94,17 @@ def test_fast_path_matches_transformers_on_mistral_and_qwen2(arch, tiny_models):
 
 def load_nf4(folder, compute, double_quant: bool = False):
     """A model as the loader gives it on a GPU (bitsandbytes NF4 linears, ``compute`` dtype), run on
-    bitsandbytes' CPU kernels (the same op and packed format as its CUDA ones)."""
+    bitsandbytes' CPU kernels in their standard layout (the same op and packed format as its CUDA ones):
+    the AVX512-BF16 repacking bnb does at a first CPU forward is switched off, so every CPU runs this."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute,
                                 bnb_4bit_use_double_quant=double_quant)
     model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=config, device_map="cpu",
                                                  dtype=compute).eval()
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
     return SimpleNamespace(model=model, tokenizer=AutoTokenizer.from_pretrained(folder), fast=None)
 
 
@@ -110,22 +114,58 @@ def build_fast(loaded) -> None:
     loaded.fast = loaded.model.sinkchat_fast = FastLlama.build(loaded.model, int4=False)
 
 
+def nf4_linears(model) -> dict[str, torch.nn.Module]:
+    return {name: m for name, m in model.named_modules() if NF4Linear.fits(m)}
+
+
+def held_weight(module, bf16_absmax: bool) -> torch.Tensor:
+    """The float32 weight a bitsandbytes 4-bit linear holds, by bnb's own dequantizer; ``bf16_absmax``:
+    with its absmax rounded to bf16, as bnb's AVX512-BF16 CPU repacking leaves it."""
+    import copy
+
+    import bitsandbytes.functional as bnbf
+
+    state = copy.copy(module.weight.quant_state)
+    if bf16_absmax:
+        absmax = bnbf.dequantize_blockwise(state.absmax, state.state2) + state.offset if state.nested else state.absmax
+        state.absmax, state.nested, state.state2 = absmax.to(torch.bfloat16).float(), False, None
+    state.dtype = torch.float32
+    return bnbf.dequantize_4bit(module.weight.data, state)
+
+
+@pytest.mark.parametrize("layout", ["standard", "cpu-repacked"])
 @pytest.mark.parametrize("arch,double_quant", [("mistral", False), ("qwen2", False), ("qwen2", True)])
-def test_the_gpu_nf4_path_fuses_the_packed_weights_exactly_and_matches_transformers(arch, double_quant,
+def test_the_gpu_nf4_path_fuses_the_packed_weights_exactly_and_matches_transformers(arch, double_quant, layout,
                                                                                    tiny_models):
     """Fusing q/k/v and gate/up concatenates bitsandbytes' packed blocks without re-quantizing (a
-    double-quantized absmax is expanded exactly): the transformers path computes bit for bit what it
-    did on bnb's own modules. Then the fast path, eager and as the static step CUDA graphs capture,
-    matches it through evictions and a rebase."""
+    double-quantized absmax is expanded exactly): each row slice of a fused weight is exactly the
+    weight its module held, in whichever layout bnb left it. ``standard`` is bnb's CUDA layout (and a
+    CPU's without AVX512-BF16), where the transformers path then computes bit for bit what it did on
+    bnb's own modules; ``cpu-repacked`` is the layout bnb rewrites a weight into at its first forward on
+    an AVX512-BF16 CPU, forced here with bnb's own converter so that every CPU tests it. Then the fast
+    path, eager and as the static step CUDA graphs capture, matches transformers through evictions and
+    a rebase."""
+    import bitsandbytes.functional as bnbf
+
     loaded = load_nf4(tiny_models[arch], torch.bfloat16, double_quant)
     ids = torch.arange(5, 45)[None]
     with torch.inference_mode():
         before = loaded.model(ids).logits
+    held = {name: held_weight(m, bf16_absmax=layout == "cpu-repacked") for name, m in nf4_linears(loaded.model).items()}
+    assert len(held) == 2 * 7
+    if layout == "cpu-repacked":
+        for m in nf4_linears(loaded.model).values():
+            m.weight.data, m.weight.quant_state = bnbf._convert_weight_packed_for_cpu(m.weight.data,
+                                                                                     m.weight.quant_state)
     build_fast(loaded)
-    with torch.inference_mode():
-        assert torch.equal(loaded.model(ids).logits, before)
+    modules = dict(loaded.model.named_modules())
+    for name, weight in held.items():
+        assert isinstance(modules[name], NF4Linear) and torch.equal(modules[name].dequantize(), weight), name
+    if layout == "standard":
+        with torch.inference_mode():
+            assert torch.equal(loaded.model(ids).logits, before)
     attn = loaded.model.model.layers[0].self_attn
-    assert isinstance(loaded.fast.layers[0].qkv, NF4Linear) and isinstance(attn.q_proj, NF4Linear)
+    assert isinstance(loaded.fast.layers[0].qkv, NF4Linear)
     assert attn.k_proj.data.untyped_storage().data_ptr() == loaded.fast.layers[0].qkv.data.untyped_storage().data_ptr()
     assert compare(loaded) < SAME_BF16
     eager = stream_decode(loaded)

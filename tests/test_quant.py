@@ -1,0 +1,78 @@
+"""The 4-bit CPU linear (:class:`sinkchat.quant.Int4Linear`) against a float32 reference built from
+the same 4-bit codes, under every CPU flavour PyTorch's int4 kernel branches on.
+
+PyTorch packs int4 weights differently per CPU capability (blocks of 64 rows on AVX-512, 32 on AVX2,
+another layout on neither), and sinkchat reads that layout itself (row slices, the prefill path's
+dequantization). So each check runs in a subprocess with ``ATEN_CPU_CAPABILITY`` forced to each
+flavour, not only the one this machine takes. A flavour the CPU lacks is capped by PyTorch at what
+it has (an AVX2 machine runs "avx512" as AVX2), so every case runs on every x86-64 CPU."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from _helpers import ROOT
+from sinkchat import quant
+from sinkchat.quant import GROUP, Int4Linear
+
+N, K = 192, 128  # 192 rows: whole 64-row blocks, but slices of 32 or 48 rows cut them
+
+
+def codes_and_scales(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random 4-bit codes ``int32 [N, K]``, bf16 scales and zeros ``[K/32, N, 2]`` and the float32
+    weight they stand for, ``(q - 8) * scale + zero``, computed here independently of sinkchat."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (N, K), dtype=torch.int32, generator=g)
+    scales = torch.stack([torch.rand(K // GROUP, N, generator=g) * 0.1 + 0.01,
+                          torch.randn(K // GROUP, N, generator=g) * 0.1], -1).to(torch.bfloat16)
+    s = scales.float().permute(1, 0, 2).repeat_interleave(GROUP, 1)  # [N, K, 2]
+    return q, scales, (q.float() - 8) * s[..., 0] + s[..., 1]
+
+
+def check_int4() -> None:
+    """Every Int4Linear path on this process's CPU flavour against the float32 reference."""
+    q, scales, weight = codes_and_scales()
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, quant.INNER_K_TILES)
+    linear = Int4Linear(packed, scales, None, K)
+    x = torch.randn(130, K, generator=torch.Generator().manual_seed(1))
+
+    def close(y, ref, bound):
+        err = ((y - ref).abs().max() / ref.abs().max()).item()
+        assert err < bound, (torch.backends.cpu.get_cpu_capability(), err, bound)
+
+    # one token: the int4 kernel with bf16 activations
+    close(linear(x[:1]), x[:1].bfloat16().float() @ weight.T, 1e-2)
+    # a prefill chunk: dequantized to float32 where the layout is known (exact weights), the kernel elsewhere
+    exact = linear.layout is not None
+    close(linear(x), x @ weight.T, 1e-5 if exact else 1e-2)
+    if exact:
+        assert torch.equal(quant.dequantize(packed, scales, K, linear.layout), weight)
+    # row slices, on and off the layout's blocks, by both paths
+    for start, end in [(0, 64), (64, 192), (32, 80), (16, 48), (176, 192)]:
+        part = linear.rows(start, end)
+        close(part(x[:1]), linear(x[:1])[:, start:end], 1e-2)  # the kernel rounds its output to bf16
+        close(part(x), linear(x)[:, start:end], 1e-2)  # a part off the layout's blocks takes the kernel
+    # quantizing a float weight: each value moves at most half a step of its group (plus bf16 rounding)
+    w = torch.randn(N, K, generator=torch.Generator().manual_seed(2))
+    packed2, scales2 = quant.quantize_int4(w)
+    y = Int4Linear(packed2, scales2, None, K)(torch.eye(K))  # column j: the weights that input j meets
+    step = (w.view(N, K // GROUP, GROUP).amax(-1) - w.view(N, K // GROUP, GROUP).amin(-1)) / 15
+    assert ((y.T - w).abs() <= (step.repeat_interleave(GROUP, 1) * 0.5 + 0.02 * w.abs().max())).all()
+
+
+def test_int4_linear_on_this_cpu():
+    check_int4()
+
+
+@pytest.mark.parametrize("flavour", ["default", "avx2", "avx512"])
+def test_int4_linear_on_each_cpu_flavour(flavour):
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": flavour, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
+    code = "import torch, test_quant; print(torch.backends.cpu.get_cpu_capability()); test_quant.check_int4()"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert out.returncode == 0, out.stdout + out.stderr[-2000:]
+    assert out.stdout.split()[0].lower() in {flavour, "avx2", "default"}  # capped at what the CPU has
