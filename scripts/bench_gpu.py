@@ -31,11 +31,16 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sinkchat import kernels, models  # noqa: E402
-from sinkchat.cache import SinkCache  # noqa: E402
 from sinkchat.engine import prefill_chunk  # noqa: E402
-from sinkchat.llama import FastLlama  # noqa: E402
-from sinkchat.quant import NF4Linear  # noqa: E402
+from sinkchat.kv import SinkCache  # noqa: E402
+from sinkchat.model import (  # noqa: E402
+    LoadedModel,
+    Source,
+    forward,
+    kernels,  # noqa: E402
+)
+from sinkchat.model.fast import FastModel  # noqa: E402
+from sinkchat.model.quant import NF4Linear  # noqa: E402
 
 MISTRAL_7B = dict(vocab_size=32768, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                   num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=32768,
@@ -111,7 +116,7 @@ def stream_to(model, cache, ids: list[int], window: int) -> None:
         for at in range(0, len(ids), chunk):
             part = ids[at : at + chunk]
             positions, _ = cache.reserve(len(part))
-            models.forward(model, cache, part, positions)
+            forward(model, cache, part, positions)
 
 
 def decode_ms(model, cache, ids: list[int], device: str) -> list[float]:
@@ -122,7 +127,7 @@ def decode_ms(model, cache, ids: list[int], device: str) -> list[float]:
             sync(device)
             t0 = time.perf_counter()
             positions, _ = cache.reserve(1)
-            models.forward(model, cache, [t], positions)
+            forward(model, cache, [t], positions)
             sync(device)
             out.append((time.perf_counter() - t0) * 1000)
     return out
@@ -155,7 +160,7 @@ def main() -> None:
     t0 = time.perf_counter()
     model = nf4_model(shape, dev)
     report["build_s"] = time.perf_counter() - t0
-    loaded = models.LoadedModel(model, None, models.Source("dir", "random", report["model"]), "4bit", dev,
+    loaded = LoadedModel(model, None, Source("dir", "random", report["model"]), "4bit", dev,
                                 torch.bfloat16)
     model.sinkchat_kv_dtype = torch.bfloat16
     results = {}
@@ -179,7 +184,7 @@ def main() -> None:
     if dev == "cuda":
         kernels.prepare(loaded, "auto", "off")
     else:  # the dry run: on the CPU, prepare would re-quantize to packed int4; build the GPU's NF4 fast path
-        loaded.fast = model.sinkchat_fast = FastLlama.build(model, int4=False)
+        loaded.fast = model.sinkchat_fast = FastModel.build(model, int4=False)
         loaded.weights = "bnb-nf4"
     report["weights"] = loaded.weights
     report["bytes_per_token"] = parts = bytes_per_token(loaded, S, W)
@@ -206,9 +211,9 @@ def main() -> None:
             for t in ids[args.position : args.position + 40]:
                 (p1, _), (p2, _) = (c.reserve(1) for c in caches)
                 loaded.fast.compiled = None
-                a = models.forward(model, caches[0], [t], p1).float()
+                a = forward(model, caches[0], [t], p1).float()
                 loaded.fast.compiled = step
-                b = models.forward(model, caches[1], [t], p2).float()
+                b = forward(model, caches[1], [t], p2).float()
                 worst = max(worst, ((a - b).abs().max() / a.abs().max()).item())
         results[name]["vs_eager_max_rel_diff"] = worst
         results[name]["notices"] = notes = loaded.take_notices()

@@ -16,8 +16,8 @@ import statistics
 import threading
 import time
 
-from sinkchat import models
 from sinkchat.engine import Chat, Done
+from sinkchat.model import load_for
 from sinkchat.settings import Settings
 from sinkchat.tui.app import SinkchatApp
 from sinkchat.tui.chat_input import ChatInput
@@ -72,7 +72,7 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=64)
     args = ap.parse_args()
     s = Settings(window=args.window, max_new_tokens=args.tokens, temperature=0, seed=0, device="cpu")
-    loaded = models.load_for(s)
+    loaded = load_for(s)
     bare(loaded, s)  # warm-up
     rows = []
     for r in range(args.rounds):

@@ -14,7 +14,7 @@ import asyncio
 import sys
 import time
 
-from sinkchat import models
+from sinkchat.model import load
 from sinkchat.settings import Settings
 from sinkchat.store import Store
 from sinkchat.tui.app import SinkchatApp
@@ -39,7 +39,7 @@ def main(dirs: list[str]) -> None:
     for data_dir in dirs:
         if loaded is None:
             settings = Settings.resolve(saved=Store(data_dir).settings(1))[0]
-            loaded = models.load(settings.model, quant=settings.quant, device=settings.device)
+            loaded = load(settings.model, quant=settings.quant, device=settings.device)
         for _ in range(2):
             n, seconds = asyncio.run(resume(data_dir, loaded))
             print(f"{data_dir}: {n} messages on screen in {seconds:.2f} s", flush=True)

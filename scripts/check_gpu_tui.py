@@ -25,7 +25,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from conftest import tiny_model_dir  # noqa: E402
 
 from _helpers import send, tui_settings  # noqa: E402
-from sinkchat import models  # noqa: E402
+from sinkchat.model import bundled_gguf, gguf_folder, load  # noqa: E402
 from sinkchat.tui.app import SinkchatApp  # noqa: E402
 
 QUESTIONS = ["What is the capital of France?", "Name three museums.", "And in Rome?"]
@@ -58,8 +58,8 @@ def main() -> int:
                     help="graph: a CUDA graph of the eager step (no inductor); on: inductor + graph")
     ap.add_argument("--timeout", type=float, default=60)
     args = ap.parse_args()
-    folder = tiny_model_dir("mistral", models.gguf_folder(models.bundled_gguf()), Path(tempfile.mkdtemp()) / "tiny")
-    loaded = models.load(str(folder), quant="4bit", device=args.device, compile="off")
+    folder = tiny_model_dir("mistral", gguf_folder(bundled_gguf()), Path(tempfile.mkdtemp()) / "tiny")
+    loaded = load(str(folder), quant="4bit", device=args.device, compile="off")
     if args.compile != "off" and loaded.fast is not None:
         loaded.fast.compile(inductor=args.compile == "on", cuda_graph=args.device == "cuda")
     print("weights", loaded.weights, "fast path", loaded.fast is not None)

@@ -22,11 +22,11 @@ from functools import lru_cache
 
 import torch
 
-from .cache import SinkCache
 from .errors import SinkchatError
-from .kernels import kv_dtype
+from .kv import SinkCache
 from .ledger import ChatState, Message, Occupancy, Span
-from .models import LoadedModel, check_context, forward
+from .model import LoadedModel, check_context, forward
+from .model.kernels import kv_dtype
 from .sampling import Sampler
 from .settings import Settings
 from .steering import Steering

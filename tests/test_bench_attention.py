@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from _helpers import SIZE, run_cli, tui_settings, wait_for
-from sinkchat import bench, models
+from sinkchat import bench
 from sinkchat.bench import attention
-from sinkchat.bench.saved import load_attention, result_path, save_attention
+from sinkchat.store.attention import load_attention, result_path, save_attention
+from sinkchat.model import load
 from sinkchat.tui.sinks_help import sinks_markdown
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -26,7 +27,7 @@ def no_tick(n: int) -> None:
 def tiny_mistral(tiny_models):
     """The tiny random Mistral with its query and key weights scaled up, so its attention is far from uniform
     and a share counted on the wrong keys or queries would show."""
-    loaded = models.load(str(tiny_models["mistral"]), quant="none", device="cpu")
+    loaded = load(str(tiny_models["mistral"]), quant="none", device="cpu")
     with torch.no_grad():
         for layer in loaded.model.model.layers:
             layer.self_attn.q_proj.weight.mul_(12)

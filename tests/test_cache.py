@@ -9,8 +9,8 @@ import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from sinkchat.cache import SinkCache, rope_inv_freqs
-from sinkchat.models import forward
+from sinkchat.kv import SinkCache, rope_inv_freqs
+from sinkchat.model import forward
 
 # Bounds on logits that hold on any x86-64 CPU and still fail on a real position bug. Measured on
 # SmolLM2-135M in float32: correct caches differ from the dense cache or the reference by at most
@@ -211,9 +211,9 @@ def test_rebase_keeps_attention_exact(smollm_f32):
 def test_bf16_long_stream_does_not_drift(smollm_f32, tmp_path):
     """In bf16, many evictions and rebases must not degrade the model: sinks are re-rotated from
     pristine copies and window keys are rotated rarely, so loss stays that of a float32 cache."""
-    from sinkchat import models
+    from sinkchat.model import bundled_gguf, gguf_folder
 
-    folder = models.gguf_folder(models.bundled_gguf())
+    folder = gguf_folder(bundled_gguf())
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
     ids = text_ids(smollm_f32.tokenizer, 360)
 

@@ -7,7 +7,8 @@ import sys
 import pytest
 
 from _helpers import run_cli
-from sinkchat import cli, models
+from sinkchat import cli
+from sinkchat.model import bundled_gguf, gguf_folder, load
 
 
 def sinkchat(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
@@ -132,10 +133,10 @@ def test_models_lists_aliases_and_what_is_here(monkeypatch, capsys):
 
 
 def test_gguf_is_converted_once_and_reused(smollm):
-    folder = models.gguf_folder(models.bundled_gguf())
+    folder = gguf_folder(bundled_gguf())
     stamp = (folder / "config.json").stat().st_mtime_ns
     notes: list[str] = []
-    models.load("smollm2-135m", quant="none", device="cpu", progress=notes.append)
+    load("smollm2-135m", quant="none", device="cpu", progress=notes.append)
     assert not any("converting" in n for n in notes)
     assert (folder / "config.json").stat().st_mtime_ns == stamp
 

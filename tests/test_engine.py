@@ -163,9 +163,9 @@ def test_detokenizer_never_splits_multibyte_characters(smollm):
 @pytest.mark.parametrize("arch", ["mistral", "qwen2"])
 def test_other_architectures_chat_through_the_sink_cache(arch, tiny_models):
     """Random weights say nothing sensible, but the whole path (template, cache, eviction) runs."""
-    from sinkchat import models
+    from sinkchat.model import load
 
-    loaded = models.load(str(tiny_models[arch]), quant="none", device="cpu")
+    loaded = load(str(tiny_models[arch]), quant="none", device="cpu")
     chat = Chat(loaded, GREEDY.replace(sinks=4, window=32, max_new_tokens=30))
     for q in ("Hello there, how are you today?", "Tell me more please."):
         list(chat.submit(q))

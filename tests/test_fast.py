@@ -1,4 +1,4 @@
-"""The fast path (sinkchat.llama) against transformers on the same weights, through the sink cache:
+"""The fast path (sinkchat.model.fast) against transformers on the same weights, through the sink cache:
 chunks and single tokens, before and after evictions and a rebase; resume for every KV dtype."""
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ import torch
 from test_cache import text_ids
 
 from _helpers import GREEDY, say
-from sinkchat import llama, models
-from sinkchat.cache import SinkCache, rope_inv_freqs
 from sinkchat.engine import Chat
-from sinkchat.llama import FastLlama
-from sinkchat.quant import HalfLinear, Int4Linear, NF4Linear
+from sinkchat.kv import SinkCache, rope_inv_freqs
+from sinkchat.model import fast, forward, forward_outputs, load
+from sinkchat.model.fast import FastModel
+from sinkchat.model.quant import HalfLinear, Int4Linear, NF4Linear
 from sinkchat.store import Store
 
 # Relative to the largest logit. float32 activations: the two paths differ only in summation order
@@ -41,7 +41,7 @@ def compare(loaded, n: int = 150, window: int = 40, max_positions: int = 120, dt
         for size in [32] + [1] * (n - 32):
             (p1, _), (p2, _) = (c.reserve(size) for c in caches)
             a = fast(ids[i : i + size], p1, caches[0], 0)
-            b = models.forward_outputs(model, caches[1], ids[i : i + size], p2, 0).logits[0].float()
+            b = forward_outputs(model, caches[1], ids[i : i + size], p2, 0).logits[0].float()
             worst = max(worst, ((a - b).abs().max() / b.abs().max()).item())
             i += size
     assert caches[0].evictions and caches[0].base > 0  # evicted and rebased on the way
@@ -50,13 +50,13 @@ def compare(loaded, n: int = 150, window: int = 40, max_positions: int = 120, dt
 
 
 def test_fast_path_matches_transformers_in_float32(smollm_f32):
-    assert isinstance(smollm_f32.fast, FastLlama)
+    assert isinstance(smollm_f32.fast, FastModel)
     assert compare(smollm_f32) < SAME_F32
 
 
 def test_fast_path_matches_transformers_on_the_same_int4_weights(smollm_hf):
     smollm = smollm_hf
-    assert isinstance(smollm.fast, FastLlama) and smollm.weights == "int4pack-g32"
+    assert isinstance(smollm.fast, FastModel) and smollm.weights == "int4pack-g32"
     assert isinstance(smollm.model.get_output_embeddings(), HalfLinear)
     assert compare(smollm) < SAME_BF16
     assert compare(smollm, dtype=torch.bfloat16) < SAME_BF16_KV
@@ -70,7 +70,7 @@ def stream_nll(loaded, ids: list[int], kv: torch.dtype, window: int = 64) -> flo
     with torch.inference_mode():
         for i in range(len(ids) - 1):
             positions, _ = cache.reserve(1)
-            logits = models.forward(loaded.model, cache, ids[i : i + 1], positions)[-1]
+            logits = forward(loaded.model, cache, ids[i : i + 1], positions)[-1]
             total -= torch.log_softmax(logits.float(), -1)[ids[i + 1]].item()
     return total / (len(ids) - 1)
 
@@ -86,9 +86,9 @@ def test_a_bf16_kv_cache_keeps_streaming_perplexity_within_one_percent(smollm):
 @pytest.mark.parametrize("arch", ["mistral", "qwen2"])
 def test_fast_path_matches_transformers_on_mistral_and_qwen2(arch, tiny_models):
     """Qwen2 has q/k/v biases (fused with the weights); both are float32 and 4-bit here."""
-    f32 = models.load(str(tiny_models[arch]), quant="none", device="cpu")
+    f32 = load(str(tiny_models[arch]), quant="none", device="cpu")
     assert f32.fast is not None and compare(f32) < SAME_F32
-    int4 = models.load(str(tiny_models[arch]), quant="4bit", device="cpu", quick=False)
+    int4 = load(str(tiny_models[arch]), quant="4bit", device="cpu", quick=False)
     assert int4.fast is not None and compare(int4) < SAME_BF16
 
 
@@ -109,9 +109,9 @@ def load_nf4(folder, compute, double_quant: bool = False):
 
 
 def build_fast(loaded) -> None:
-    """The fast path over ``loaded``'s model, attached as :func:`sinkchat.kernels.prepare` does on a GPU."""
-    assert llama.supported(loaded.model) and llama.nf4_fits(loaded.model)
-    loaded.fast = loaded.model.sinkchat_fast = FastLlama.build(loaded.model, int4=False)
+    """The fast path over ``loaded``'s model, attached as :func:`sinkchat.model.kernels.prepare` does on a GPU."""
+    assert fast.supported(loaded.model) and fast.nf4_fits(loaded.model)
+    loaded.fast = loaded.model.sinkchat_fast = FastModel.build(loaded.model, int4=False)
 
 
 def nf4_linears(model) -> dict[str, torch.nn.Module]:
@@ -180,12 +180,12 @@ def test_an_nf4_model_the_fused_kernel_cannot_take_stays_on_transformers(tiny_mo
 
     odd = tiny_model_dir("mistral", tiny_models["mistral"], tmp_path / "odd", hidden_size=96)
     loaded = load_nf4(odd, torch.bfloat16)
-    assert llama.supported(loaded.model) and not llama.nf4_fits(loaded.model)
-    assert llama.nf4_fits(load_nf4(tiny_models["mistral"], torch.bfloat16).model)
+    assert fast.supported(loaded.model) and not fast.nf4_fits(loaded.model)
+    assert fast.nf4_fits(load_nf4(tiny_models["mistral"], torch.bfloat16).model)
 
 
 def test_the_cuda_graph_step_replays_the_eager_step_and_records_again_for_new_buffers(tiny_models, monkeypatch):
-    """:class:`~sinkchat.llama.CudaGraphStep`'s bookkeeping: inputs copied in, one recording per set of
+    """:class:`~sinkchat.model.fast.CudaGraphStep`'s bookkeeping: inputs copied in, one recording per set of
     cache buffers, logits equal to the eager step's through evictions and a rebase. CUDA cannot run on
     the machines the tests run on, so torch.cuda's stream and graph calls are stand-ins here: a
     "graph" keeps the step calls made while capturing and its replay runs them again into the
@@ -236,7 +236,7 @@ def test_the_cuda_graph_step_replays_the_eager_step_and_records_again_for_new_bu
 
 
 def test_eight_bit_on_the_cpu_runs_on_transformers(tiny_models):
-    loaded = models.load(str(tiny_models["mistral"]), quant="8bit", device="cpu")
+    loaded = load(str(tiny_models["mistral"]), quant="8bit", device="cpu")
     assert loaded.fast is None and loaded.weights == "bnb-int8"
     chat = Chat(loaded, GREEDY.replace(sinks=4, window=32, max_new_tokens=12))
     say(chat, "Hello there, how are you today?")
@@ -255,11 +255,11 @@ def test_four_bit_on_the_cpu_is_packed_int4_shared_by_both_paths(smollm_hf):
 
 
 def test_other_architectures_fall_back_to_transformers(tiny_models, monkeypatch):
-    lfm2 = models.load(str(tiny_models["lfm2"]), quant="4bit", device="cpu")  # not Llama-family
+    lfm2 = load(str(tiny_models["lfm2"]), quant="4bit", device="cpu")  # not Llama-family
     assert lfm2.fast is None and lfm2.weights == "int4pack-g32"
     assert any(isinstance(m, Int4Linear) for m in lfm2.model.modules())
-    monkeypatch.setattr(llama, "supported", lambda model: False)  # as for any architecture it does not know
-    other = models.load(str(tiny_models["mistral"]), quant="4bit", device="cpu")
+    monkeypatch.setattr(fast, "supported", lambda model: False)  # as for any architecture it does not know
+    other = load(str(tiny_models["mistral"]), quant="4bit", device="cpu")
     assert other.fast is None and isinstance(other.model.model.layers[0].self_attn.q_proj, Int4Linear)
     chat = Chat(other, GREEDY.replace(sinks=4, window=32, max_new_tokens=20))
     say(chat, "Hello there, how are you today?")
@@ -308,7 +308,7 @@ def stream_decode(loaded, n: int = 120, window: int = 40, max_positions: int = 1
     with torch.inference_mode():
         for size in [32] + [1] * (n - 32):
             positions, _ = cache.reserve(size)
-            out.append(models.forward(loaded.model, cache, ids[i : i + size], positions, keep=1))
+            out.append(forward(loaded.model, cache, ids[i : i + size], positions, keep=1))
             i += size
     assert cache.evictions and cache.base > 0
     return out
@@ -316,7 +316,7 @@ def stream_decode(loaded, n: int = 120, window: int = 40, max_positions: int = 1
 
 def test_static_step_matches_the_eager_step(tiny_models):
     """The static-shape step (whole buffers, masked) that torch.compile captures, run eagerly."""
-    loaded = models.load(str(tiny_models["qwen2"]), quant="none", device="cpu")
+    loaded = load(str(tiny_models["qwen2"]), quant="none", device="cpu")
     eager = stream_decode(loaded)
     loaded.fast.compiled = loaded.fast.static_step  # same dispatch as a compiled step, without compiling
     static = stream_decode(loaded)
@@ -325,9 +325,9 @@ def test_static_step_matches_the_eager_step(tiny_models):
 
 @pytest.mark.slow  # inductor compiles the step: a minute or more on 2 cores
 def test_compiled_step_matches_the_eager_step(tiny_models):
-    loaded = models.load(str(tiny_models["mistral"]), quant="none", device="cpu")
+    loaded = load(str(tiny_models["mistral"]), quant="none", device="cpu")
     eager = stream_decode(loaded)
-    compiled = models.load(str(tiny_models["mistral"]), quant="none", device="cpu", compile="on")
+    compiled = load(str(tiny_models["mistral"]), quant="none", device="cpu", compile="on")
     steps = stream_decode(compiled)
     notices = compiled.take_notices()
     assert compiled.fast.compiled is not None, notices  # it compiled, no fallback
@@ -336,7 +336,7 @@ def test_compiled_step_matches_the_eager_step(tiny_models):
 
 
 def test_a_failed_compile_falls_back_to_eager_with_one_notice(tiny_models):
-    loaded = models.load(str(tiny_models["mistral"]), quant="none", device="cpu")
+    loaded = load(str(tiny_models["mistral"]), quant="none", device="cpu")
     eager = stream_decode(loaded)
 
     def broken(*args):
@@ -358,11 +358,11 @@ def test_packed_weights_are_kept_for_the_next_start(tiny_models, tmp_path, monke
     ids = [1, 2, 3, 4, 5, 6]
 
     def logits():
-        loaded = models.load(folder, quant="4bit", device="cpu")
+        loaded = load(folder, quant="4bit", device="cpu")
         cache = SinkCache.for_model(loaded.model, 4, 32)
         with torch.inference_mode():
             positions, _ = cache.reserve(len(ids))
-            return models.forward(loaded.model, cache, ids, positions, keep=0)
+            return forward(loaded.model, cache, ids, positions, keep=0)
 
     first = logits()
     (kept,) = (tmp_path / "cache" / "packed").iterdir()

@@ -149,10 +149,11 @@ def test_the_window_is_checked_against_the_native_sliding_window(tmp_path, monke
 
     from conftest import tiny_model_dir
 
-    from sinkchat import cli, models
+    from sinkchat import cli
+    from sinkchat.model import bundled_gguf, gguf_folder, load
 
-    folder = tiny_model_dir("mistral", models.gguf_folder(models.bundled_gguf()), tmp_path / "m", sliding_window=40)
-    loaded = models.load(str(folder), quant="none", device="cpu")
+    folder = tiny_model_dir("mistral", gguf_folder(bundled_gguf()), tmp_path / "m", sliding_window=40)
+    loaded = load(str(folder), quant="none", device="cpu")
     system = "You are a careful assistant. Answer every question briefly and politely."
     with pytest.raises(SinkchatError, match="native sliding window"):
         Chat(loaded, GREEDY.replace(window=40, system=system))

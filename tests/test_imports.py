@@ -1,11 +1,13 @@
-"""The package's shape: every module imports on its own (no import circles), only ``__main__``
-imports the CLI, and the quick commands never load torch or transformers."""
+"""The package's shape: every module imports on its own, no module imports one that imports it back
+(not even inside a function or for type checking), the packages sit in layers that only import
+downward, only ``__main__`` imports the CLI, and the quick commands never load torch or transformers."""
 
 from __future__ import annotations
 
 import ast
 import subprocess
 import sys
+from collections import defaultdict
 
 import pytest
 
@@ -30,6 +32,75 @@ def test_every_module_imports_alone():
     )
     out = subprocess.run([sys.executable, "-c", script, *MODULES], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0 and "FAILED" not in out.stdout, out.stdout + out.stderr[-500:]
+
+
+# Lowest first: a module may import from its own layer or the ones below, never above.
+LAYERS = [
+    {"__init__", "errors", "text", "files", "config", "ledger", "settings", "template", "sampling"},  # plain data
+    {"kv"},  # the cache: a stream of tokens, no chats, no models' code
+    {"model"},  # which model and how it runs (its forward writes into the cache's layers)
+    {"steering", "engine", "commands"},  # a chat: turns in, events out
+    {"store"},  # chats on disk; never runs the model
+    {"export", "tui", "plain"},  # what users see
+    {"bench"},  # measurements (bench endless drives the real TUI)
+    {"cli", "__main__"},
+]
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Every ``sinkchat`` module -> the ``sinkchat`` modules it imports anywhere in its source."""
+    paths = {name: ROOT / (name.replace(".", "/") + ".py") for name in MODULES}
+    paths.update({name: ROOT / name.replace(".", "/") / "__init__.py" for name in MODULES
+                  if not paths[name].is_file()})
+    graph = defaultdict(set)
+    for name, path in paths.items():
+        package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.ImportFrom):
+                continue
+            if node.level:
+                parts = package.split(".")
+                target = ".".join(parts[: len(parts) - node.level + 1] + ([node.module] if node.module else []))
+            elif (node.module or "").startswith("sinkchat"):
+                target = node.module
+            else:
+                continue
+            for alias in node.names:
+                found = f"{target}.{alias.name}" if f"{target}.{alias.name}" in paths else target
+                if found in paths and found != name:
+                    graph[name].add(found)
+    return graph
+
+
+def test_no_module_imports_one_that_imports_it_back():
+    graph = import_graph()
+
+    def reaches(start: str, goal: str) -> list[str] | None:
+        stack, seen = [[start]], set()
+        while stack:
+            path = stack.pop()
+            for nxt in graph[path[-1]]:
+                if nxt == goal:
+                    return path + [nxt]
+                if nxt not in seen:
+                    seen.add(nxt)
+                    stack.append(path + [nxt])
+        return None
+
+    for module in MODULES:
+        for imported in graph[module]:
+            back = reaches(imported, module)
+            assert back is None, f"{module} imports {imported}, which imports it back: {' -> '.join(back)}"
+
+
+def test_packages_import_only_downward():
+    layer = {unit: i for i, units in enumerate(LAYERS) for unit in units}
+    unit = lambda module: module.split(".")[1] if "." in module else "__init__"
+    assert {unit(m) for m in MODULES} <= set(layer), "a new package or module: give it a layer in LAYERS"
+    for module, imports in import_graph().items():
+        for imported in imports:
+            assert layer[unit(imported)] <= layer[unit(module)], f"{module} (layer {layer[unit(module)]}) " \
+                f"imports {imported} (layer {layer[unit(imported)]})"
 
 
 def test_only_main_imports_the_cli():

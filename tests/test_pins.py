@@ -7,8 +7,8 @@ import torch
 from test_cache import reference_logits, text_ids, worst
 from transformers import AutoModelForCausalLM
 
-from sinkchat.cache import SinkCache, rope_inv_freqs
-from sinkchat.models import forward
+from sinkchat.kv import SinkCache, rope_inv_freqs
+from sinkchat.model import forward
 
 # Logits with pins match the reference to this (float32; they reach ~41 on this model). The reference
 # holds the kept set at contiguous positions starting where the cache's does (the same attention as at
@@ -60,9 +60,9 @@ def test_logits_with_pins_equal_the_reference_at_contiguous_positions(smollm_f32
 def test_pinned_tokens_do_not_drift_in_bf16(smollm_f32):
     """Parked keys are re-placed at every one-token eviction and across many rebases; from their
     float32 copies, the loss stays that of a cache that never rebases."""
-    from sinkchat import models
+    from sinkchat.model import bundled_gguf, gguf_folder
 
-    folder = models.gguf_folder(models.bundled_gguf())
+    folder = gguf_folder(bundled_gguf())
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
     ids = text_ids(smollm_f32.tokenizer, 360)
     events = {20: ("pin", 8, 20), 200: ("pin", 190, 196)}

@@ -1,4 +1,4 @@
-"""The 4-bit CPU linear (:class:`sinkchat.quant.Int4Linear`) against a float32 reference built from
+"""The 4-bit CPU linear (:class:`sinkchat.model.quant.Int4Linear`) against a float32 reference built from
 the same 4-bit codes, under every CPU flavour PyTorch's int4 kernel branches on.
 
 PyTorch packs int4 weights differently per CPU capability (blocks of 64 rows on AVX-512, 32 on AVX2,
@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from _helpers import ROOT
-from sinkchat import quant
-from sinkchat.quant import GROUP, Int4Linear
+from sinkchat.model import quant
+from sinkchat.model.quant import GROUP, Int4Linear
 
 N, K = 192, 128  # 192 rows: whole 64-row blocks, but slices of 32 or 48 rows cut them
 

@@ -1,4 +1,4 @@
-"""The quick start (sinkchat.quickload, sinkchat.tokenizer): a Llama-family model in 4-bit on the CPU
+"""The quick start (sinkchat.model.quickload, sinkchat.model.tokenizer): a Llama-family model in 4-bit on the CPU
 loads without transformers' model classes and tokenizer, and computes exactly what the transformers
 load does: the same ids, renders, logits and fingerprints."""
 
@@ -13,10 +13,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from _helpers import GREEDY, say
-from sinkchat import models, quickload
-from sinkchat.cache import SinkCache
 from sinkchat.engine import Chat
-from sinkchat.tokenizer import Tokenizer, serves
+from sinkchat.kv import SinkCache
+from sinkchat.model import bundled_gguf, forward, gguf_target, load, quickload
+from sinkchat.model.tokenizer import Tokenizer, serves
 
 pytestmark = pytest.mark.model
 
@@ -31,7 +31,7 @@ def logits_of(loaded, ids: list[int]) -> list[torch.Tensor]:
     with torch.inference_mode():
         for chunk in [ids[:24]] + [[t] for t in ids[24:]]:
             positions, _ = cache.reserve(len(chunk))
-            out.append(models.forward(loaded.model, cache, chunk, positions))
+            out.append(forward(loaded.model, cache, chunk, positions))
     assert cache.evictions
     return out
 
@@ -79,8 +79,8 @@ def test_the_tokenizer_knows_the_same_tokens(smollm, smollm_hf):
 
 def test_a_chat_starts_without_importing_transformers():
     """What makes the start quick: the chat below imports neither transformers nor torch._dynamo."""
-    code = ("import sys; from sinkchat import models; from sinkchat.engine import Chat; "
-            "from sinkchat.settings import Settings; chat = Chat(models.load('smollm2-135m', device='cpu'), "
+    code = ("import sys; from sinkchat.model import bundled_gguf, forward, gguf_target, load; from sinkchat.engine import Chat; "
+            "from sinkchat.settings import Settings; chat = Chat(load('smollm2-135m', device='cpu'), "
             "Settings(temperature=0, max_new_tokens=4)); list(chat.submit('Hi')); "
             "print(sorted(m for m in ('transformers', 'torch._dynamo') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
@@ -89,8 +89,8 @@ def test_a_chat_starts_without_importing_transformers():
 
 @pytest.mark.parametrize("arch", ["mistral", "qwen2"])
 def test_other_family_members_load_quick_with_the_same_logits(tiny_models, arch, tmp_path):
-    quick = models.load(str(tiny_models[arch]), quant="4bit", device="cpu")
-    full = models.load(str(tiny_models[arch]), quant="4bit", device="cpu", quick=False)
+    quick = load(str(tiny_models[arch]), quant="4bit", device="cpu")
+    full = load(str(tiny_models[arch]), quant="4bit", device="cpu", quick=False)
     assert isinstance(quick.model, quickload.Skeleton) and quick.fingerprint == full.fingerprint
     ids = list(range(100, 160))
     assert all(torch.equal(a, b) for a, b in zip(logits_of(quick, ids), logits_of(full, ids)))
@@ -99,8 +99,8 @@ def test_other_family_members_load_quick_with_the_same_logits(tiny_models, arch,
     config = json.loads((old / "config.json").read_text())
     config["rope_theta"] = int(config.pop("rope_parameters")["rope_theta"])  # as some Hub configs write it
     (old / "config.json").write_text(json.dumps(config))
-    again = models.load(str(old), quant="4bit", device="cpu")
-    full = models.load(str(old), quant="4bit", device="cpu", quick=False)
+    again = load(str(old), quant="4bit", device="cpu")
+    full = load(str(old), quant="4bit", device="cpu", quick=False)
     assert isinstance(again.model, quickload.Skeleton) and again.fingerprint["rope"] == full.fingerprint["rope"]
 
 
@@ -163,7 +163,7 @@ def test_without_a_generation_config_the_eos_ids_come_from_the_config(tiny_model
 
 
 def test_the_tokenizer_serves_plain_llama_tokenizers_only(smollm, tmp_path):
-    folder = shutil.copytree(models.gguf_target(models.bundled_gguf()), tmp_path / "t",
+    folder = shutil.copytree(gguf_target(bundled_gguf()), tmp_path / "t",
                              ignore=shutil.ignore_patterns("*.safetensors"))
     assert serves(folder, "llama") and not serves(folder, "qwen2") and not serves(folder, "mistral")
     config = json.loads((folder / "tokenizer_config.json").read_text())
@@ -191,7 +191,7 @@ def test_a_dangling_link_or_a_folder_among_the_weights_is_not_read(tiny_models, 
     """The fingerprint and the packed weights' key both list the folder's files: neither stats a
     link to nothing (``extra.bin``) or a folder named like a config (``sub.json``)."""
     folder = shutil.copytree(tiny_models["mistral"], tmp_path / "d")
-    clean = models.load(str(folder), quant="4bit", device="cpu", quick=quick).fingerprint["files"]
+    clean = load(str(folder), quant="4bit", device="cpu", quick=quick).fingerprint["files"]
     (folder / "extra.bin").symlink_to(tmp_path / "nowhere")
     (folder / "sub.json").mkdir()
-    assert models.load(str(folder), quant="4bit", device="cpu", quick=quick).fingerprint["files"] == clean
+    assert load(str(folder), quant="4bit", device="cpu", quick=quick).fingerprint["files"] == clean

@@ -96,7 +96,7 @@ def test_two_first_starts_at_once_both_convert_the_bundled_model(tmp_path):
     second keeps the first one's folder instead of failing."""
     import subprocess
 
-    code = "from sinkchat import models; print(models.gguf_folder(models.bundled_gguf()))"
+    code = "from sinkchat.model import bundled_gguf, gguf_folder; print(gguf_folder(bundled_gguf()))"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "SINKCHAT_CACHE_DIR": str(tmp_path / "cache")}
     procs = [subprocess.Popen([sys.executable, "-c", code], env=env, cwd=ROOT, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(2)]

@@ -288,11 +288,11 @@ def test_other_quant_never_uses_foreign_kv(smollm, smollm_f32):
 
 
 def test_other_model_rebuilds_on_mistral(smollm, tiny_models):
-    from sinkchat import models
+    from sinkchat.model import load
 
     store = Store()
     chat_id, chat = saved_chat(smollm, store)
-    mistral = models.load(str(tiny_models["mistral"]), quant="none", device="cpu")
+    mistral = load(str(tiny_models["mistral"]), quant="none", device="cpu")
     chat2, notices = reopen(store, chat_id, mistral)
     assert len(notices) == 1 and "model" in notices[0] and "rebuilt" in notices[0]
     assert chat2.tokens == chat.tokens and chat2.occupancy() == chat.occupancy()

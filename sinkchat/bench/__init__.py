@@ -1,11 +1,10 @@
 """Measurements behind ``sinkchat bench``, through the chat's own cache: :mod:`.ppl` (streaming
 perplexity, and the sink-count sweep), :mod:`.speed` (decode speed and memory), :mod:`.resume`
-(restore vs re-prefill), :mod:`.attention` (where attention goes), :mod:`.plot` (PNG figures),
-:mod:`.saved` (the last attention result per model, for the chat's help). This module holds the text
-they read and the parsing of list flags (no torch, so flag errors are quick); :mod:`.stream` the
-forwards they share.
+(restore vs re-prefill), :mod:`.attention` (where attention goes), :mod:`.plot` (PNG figures). This
+module holds the text they read and the parsing of list flags (no torch, so flag errors are quick);
+:mod:`.stream` the forwards they share.
 
-Every mode that streams (``sinks``, ``window``) feeds tokens through :class:`~sinkchat.cache.SinkCache`
+Every mode that streams (``sinks``, ``window``) feeds tokens through :class:`~sinkchat.kv.cache.SinkCache`
 exactly as :class:`~sinkchat.engine.Chat` does: ``reserve`` before each forward, its position ids to
 the model. ``dense`` is transformers' ``DynamicCache`` (an ever-growing reference); ``recompute``
 rebuilds each token's context (the first ``sinks`` tokens plus the last ``window``) from scratch.

@@ -18,7 +18,7 @@ from contextlib import contextmanager, suppress
 import torch
 
 from ..errors import SinkchatError
-from ..models import forward_outputs
+from ..model import forward_outputs
 from . import ATTENTION_FROM
 from .stream import Tick, dense_cache
 

@@ -66,8 +66,8 @@ def run_llama_bench(binary: Path, gguf: str, threads: int, depth: int, prompt: i
 def sinkchat_figures(loaded, sinks: int, window: int, ids: list[int], prompt: int = 512, steps: int = 64,
                      repetitions: int = 3) -> dict:
     """sinkchat's figures on the same terms: ``{"pp": tokens/s, "tg": tokens/s at sinks + window}``."""
-    from ..cache import SinkCache
     from ..engine import prefill_chunk
+    from ..kv import SinkCache
     from .stream import Stream
 
     model, chunk = loaded.model, prefill_chunk(window)

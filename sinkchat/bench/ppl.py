@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..cache import SinkCache, max_positions
+from ..kv import SinkCache, max_positions
 from .stream import Stream, Tick, dense_cache, nll, recompute_logits
 
 

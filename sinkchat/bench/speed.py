@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..cache import SinkCache, max_positions
 from ..engine import prefill_chunk
+from ..kv import SinkCache, max_positions
 from .stream import Stream, Tick, dense_cache, recompute_logits
 
 

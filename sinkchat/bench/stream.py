@@ -6,8 +6,8 @@ from collections.abc import Callable
 
 import torch
 
-from ..cache import SinkCache
-from ..models import forward
+from ..kv import SinkCache
+from ..model import forward
 
 Tick = Callable[[int], None]
 

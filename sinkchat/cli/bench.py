@@ -112,13 +112,14 @@ def settings(**flags) -> Settings:
 def load(s: Settings, quiet: bool, context: bool = True):
     """Load the settings' model with transformers' classes (the baselines run transformers' forward);
     ``context=False`` skips the check of sinks + window against its context."""
-    from .. import models
+    from ..model import load as load_model
+    from ..model import load_for
 
     progress = (lambda m: None) if quiet else note
     if context:
-        return models.load_for(s, progress=progress, quick=False)
-    return models.load(s.model, s.quant, s.device, s.dtype, progress=progress, kv_dtype=s.kv_dtype,
-                       compile=s.compile, quick=False)
+        return load_for(s, progress=progress, quick=False)
+    return load_model(s.model, s.quant, s.device, s.dtype, progress=progress, kv_dtype=s.kv_dtype,
+                           compile=s.compile, quick=False)
 
 
 def machine(loaded) -> dict:
@@ -397,7 +398,7 @@ def attention(
     s = settings(model=model, quant=quant, device=device, dtype=dtype)
     body, source = read_text(text)
     from ..bench import attention as measure_attention
-    from ..cache import max_positions
+    from ..kv import max_positions
 
     loaded = load(s, as_json, context=False)
     limit = max_positions(loaded.model.config)
@@ -416,7 +417,7 @@ def attention(
     report = {"model": loaded.name, "text": source, **shares.report(), "interrupted": interrupted,
               "machine": machine(loaded)}
     if not interrupted:
-        from ..bench.saved import save_attention
+        from ..store.attention import save_attention
 
         try:
             save_attention(report, s.model, data_dir)

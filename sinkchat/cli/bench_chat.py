@@ -75,13 +75,14 @@ def peer(
 
     Example: sinkchat bench peer --llama-bench ~/llama.cpp/build/bin/llama-bench --window 2000
     """
-    from .. import bench, models
+    from .. import bench
     from ..bench import peer as measure_peer
+    from ..model import resolve
 
     check_positive(steps=steps, repetitions=repetitions)
     binary = measure_peer.find_llama_bench(llama_bench)
     s = settings(model=model, sinks=sinks, window=window, quant=quant, device=device, dtype=dtype, kv_dtype=kv_dtype)
-    source = models.resolve(s.model)
+    source = resolve(s.model)
     if source.kind != "gguf":
         raise SinkchatError(f"bench peer compares on one GGUF file; {s.model} is a {source.describe()}")
     import torch

@@ -136,8 +136,9 @@ def _resume(store, resume: str | None) -> tuple[int | None, dict | None]:
 
 
 def _run_plain(settings: Settings, store, chat_id: int | None, save: bool = True) -> None:
-    from .. import models, plain
+    from .. import plain
     from ..engine import Chat
+    from ..model import load_for
     from ..store import Autosave
 
     for stream, errors in ((sys.stdin, "surrogateescape"), (sys.stdout, "replace")):
@@ -145,7 +146,7 @@ def _run_plain(settings: Settings, store, chat_id: int | None, save: bool = True
             stream.reconfigure(errors=errors)
     progress = (lambda msg: print(msg, file=sys.stderr)) if sys.stdin.isatty() else (lambda msg: None)
     try:
-        loaded = models.load_for(settings, progress=progress)
+        loaded = load_for(settings, progress=progress)
         chat = Chat(loaded, settings)
         if chat_id is not None:
             for notice in store.open(chat_id, chat):
@@ -193,10 +194,10 @@ def _run_tui(settings: Settings, store, chat_id: int | None, warnings: list[str]
     The app then takes over ``store``, which already holds the resumed chat's lock, so no other
     process can open the chat between the check here and the TUI showing it."""
     try:
-        from .. import models
+        from ..model import preflight
         from ..tui.app import run
 
-        models.preflight(settings)
+        preflight(settings)
         if not (sys.stdin.isatty() and sys.stdout.isatty()):
             raise SinkchatError("the chat screen needs a terminal; use --plain to chat through a pipe or a script")
     except BaseException:
@@ -212,10 +213,10 @@ def list_models() -> None:
     """List model aliases and whether each can load on this machine without a download."""
     from rich.table import Table
 
-    from .. import models
+    from ..model import available
     from .output import console
 
     table = Table("alias", "source", "model", "here", box=None)
-    for alias, where, desc, ok in models.available():
+    for alias, where, desc, ok in available():
         table.add_row(alias, where, desc, "yes" if ok else "download")
     console().print(table)

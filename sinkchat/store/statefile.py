@@ -11,7 +11,7 @@ Layout, in ``state/``::
                               pristine keys) if an eviction re-placed it, and the checkpoint's copies
 
 Why: a window token's K/V never changes while it is held (evictions move it between slots; the
-sinks and parked pinned tokens are what get re-rotated, see :mod:`sinkchat.cache`), so the tokens a
+sinks and parked pinned tokens are what get re-rotated, see :mod:`sinkchat.kv.cache`), so the tokens a
 turn added are all a save has to write of the window; what lies before the window is small and
 written whole when it changed, and so are the copies a rollback of the last turn needs
 (:mod:`sinkchat.rewind`), which belong to that save alone. Restoring is the base plus each segment
@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..files import write_atomic
-from ..layout import run_tokens
+from ..kv.layout import run_tokens
 from ..ledger import Message
 from .records import FORMAT, Snapshot
 

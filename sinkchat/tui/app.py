@@ -25,7 +25,7 @@ from textual.theme import BUILTIN_THEMES
 
 from .. import config
 from ..errors import LoadFailed, SinkchatError
-from ..models import LoadedModel
+from ..model import LoadedModel
 from ..settings import Settings
 from ..store import Autosave, Store
 from ..text import clean

@@ -29,7 +29,7 @@ from textual.worker import Worker, WorkerCancelled, WorkerFailed
 
 from ..errors import SinkchatError
 from ..ledger import Occupancy, spans
-from ..models import LoadedModel, load_for
+from ..model import LoadedModel, load_for
 from ..settings import Settings
 from ..text import clean
 from .chat_input import ChatInput

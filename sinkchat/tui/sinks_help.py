@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..bench.saved import load_attention
+from ..store.attention import load_attention
 
 
 def sinks_markdown(model: str, data_dir: str | Path | None = None) -> str:

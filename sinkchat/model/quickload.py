@@ -3,11 +3,11 @@ transformers' model and config classes.
 
 On a 2-core CPU, importing those classes costs about 2 s of a start (transformers walks its own
 package to build the lazy table behind ``AutoConfig``, and its model modules import
-``torch._dynamo``), while the fast path (:mod:`sinkchat.llama`) uses none of their code: it needs
+``torch._dynamo``), while the fast path (:mod:`sinkchat.model.fast`) uses none of their code: it needs
 the weights, a few config numbers and the RoPE frequencies. So where a model qualifies
 (:func:`read_config`) :func:`load` builds a :class:`Skeleton`, the same module tree as transformers'
 ``LlamaForCausalLM`` without its forward, on meta tensors filled from the safetensors files. The
-tokenizer is :mod:`sinkchat.tokenizer` where that reads the folder exactly as transformers would,
+tokenizer is :mod:`sinkchat.model.tokenizer` where that reads the folder exactly as transformers would,
 else transformers' own; ``tests/test_quickload.py`` checks logits, ids, renders and fingerprints
 against a transformers load.
 
@@ -25,7 +25,7 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-FAMILY = ("llama", "mistral", "qwen2")
+from .families import family_of
 
 
 class Config(SimpleNamespace):
@@ -53,8 +53,8 @@ def _positive(value) -> bool:
 
 
 def _read(raw: dict) -> Config | None:
-    kind = raw.get("model_type")
-    if kind not in FAMILY or raw.get("hidden_act", "silu") != "silu" or raw.get("rope_scaling") is not None:
+    family = family_of(raw.get("model_type"))
+    if family is None or raw.get("hidden_act", "silu") != family.block.act or raw.get("rope_scaling") is not None:
         return None
     if any(hasattr(Config, key) for key in raw):
         return None  # a key that would hide one of Config's own attributes
@@ -73,8 +73,7 @@ def _read(raw: dict) -> Config | None:
         return None
     if not isinstance(raw.get("tie_word_embeddings", False), bool):
         return None
-    windowed = {"mistral": raw.get("sliding_window", 4096) is not None,  # transformers' defaults
-                "qwen2": bool(raw.get("use_sliding_window", False))}.get(kind, False)
+    windowed = family.sliding(raw)
     sizes = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
              "max_position_embeddings")
     if windowed or not all(_positive(raw.get(k)) for k in sizes) or type(raw.get("rms_norm_eps")) is not float:
@@ -94,9 +93,7 @@ def _read(raw: dict) -> Config | None:
         "tie_word_embeddings": raw.get("tie_word_embeddings", False),  # a bool, checked above
         "is_encoder_decoder": False,
         # the projections with a bias, as transformers builds them (a checkpoint's other biases are dropped there)
-        "biases": {"qwen2": ("q_proj", "k_proj", "v_proj")}.get(kind, ())
-        + (("q_proj", "k_proj", "v_proj", "o_proj") if kind == "llama" and raw.get("attention_bias") else ())
-        + (("gate_proj", "up_proj", "down_proj") if kind == "llama" and raw.get("mlp_bias") else ()),
+        "biases": family.biases(raw),
     })
 
 
@@ -150,7 +147,7 @@ def _linear(n_in: int, n_out: int, bias: bool) -> nn.Linear:
 class Skeleton(nn.Module):
     """transformers' ``*ForCausalLM`` module tree for the Llama family (``model.embed_tokens``,
     ``model.layers[i].self_attn.q_proj``, ..., ``model.norm``, ``model.rotary_emb``, ``lm_head``) with
-    the weights and no forward: :class:`~sinkchat.llama.FastLlama` is its forward."""
+    the weights and no forward: :class:`~sinkchat.model.fast.FastModel` is its forward."""
 
     def __init__(self, config: Config):
         super().__init__()
@@ -231,7 +228,7 @@ def load_model(folder: Path, config: Config) -> Skeleton:
 
 
 def load_tokenizer(folder: Path, model_type: str):
-    """The tokenizer of ``folder``: :class:`sinkchat.tokenizer.Tokenizer` where it reads the folder
+    """The tokenizer of ``folder``: :class:`sinkchat.model.tokenizer.Tokenizer` where it reads the folder
     exactly as transformers would, else transformers' ``AutoTokenizer``."""
     from . import tokenizer
 

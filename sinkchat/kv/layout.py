@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .ledger import Span, clip, gaps, merge_spans
+from ..ledger import Span, clip, gaps, merge_spans
 
 Run = tuple[int, int, int]  # conversation tokens [t0, t1) whose saved keys sit at RoPE positions p0, p0+1, ...
 

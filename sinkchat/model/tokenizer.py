@@ -1,5 +1,5 @@
 """The part of transformers' tokenizer API sinkchat uses, over the ``tokenizers`` library and jinja2,
-for the quick start (:mod:`sinkchat.quickload`): importing transformers costs about 0.7 s of a start.
+for the quick start (:mod:`sinkchat.model.quickload`): importing transformers costs about 0.7 s of a start.
 
 It serves only folders whose tokenizer transformers would run as its generic ``TokenizersBackend``
 (everything in ``tokenizer.json``, no class-specific rules, no space clean-up on decode) and whose

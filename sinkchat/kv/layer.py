@@ -3,7 +3,7 @@
 :class:`SinkLayer` holds ``[batch, kv_heads, sinks + window, head_dim]`` keys and values (written in
 place, so a decode step costs the same at any point of the stream), the float32 keys of the sinks
 and of the parked (pinned) tokens as first computed, and the operations
-:class:`~sinkchat.cache.SinkCache` drives: relaying slots after an eviction, placing the sinks and
+:class:`~sinkchat.kv.cache.SinkCache` drives: relaying slots after an eviction, placing the sinks and
 parked keys at new positions by rotating those pristine copies (:func:`rotate`), and rotating the
 window at a rebase. All bookkeeping (which conversation token sits in which slot) is the cache's.
 """
@@ -40,7 +40,7 @@ def rotate(x: torch.Tensor, delta: torch.Tensor | float, inv_freq: torch.Tensor)
 class SinkLayer:
     """One layer's sink + window buffers; all bookkeeping lives in :class:`SinkCache`. The methods
     transformers calls (``update``, ``get_mask_sizes``, ``get_seq_length``, ...) are those of its
-    ``CacheLayerMixin``, which this class does not import (see :mod:`sinkchat.cache`)."""
+    ``CacheLayerMixin``, which this class does not import (see :mod:`sinkchat.kv.cache`)."""
 
     is_sliding = False
     is_compileable = False

@@ -192,7 +192,7 @@ class Packs:
             return
         from safetensors.torch import save
 
-        from .files import write_atomic
+        from ..files import write_atomic
 
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,39 +1,39 @@
 """Which kernels, forward and KV dtype a freshly loaded model runs with (see the README's "Which kernel
-runs where"): PyTorch's packed int4 on the CPU (:mod:`sinkchat.quant`), the Llama-family fast path
-(:mod:`sinkchat.llama`), bitsandbytes on a GPU, transformers for everything else."""
+runs where"): PyTorch's packed int4 on the CPU (:mod:`.quant`), the Llama-family fast path
+(:mod:`.fast`), bitsandbytes on a GPU, transformers for everything else."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import config as _config
+from .. import config as _config
 
 if TYPE_CHECKING:
     import torch
 
-    from .models import LoadedModel
+    from .loaded import LoadedModel
 
 
 def prepare(loaded: LoadedModel, kv_dtype: str = "auto", compile: str = "auto", folder: str | None = None) -> None:
     """Pick the kernels, the fast path and the KV dtype for a freshly loaded model.
 
     On the CPU, ``4bit`` means PyTorch's packed int4 kernel (bitsandbytes' CPU path is 12x slower
-    without AVX512-BF16, see :mod:`sinkchat.quant`); on a GPU, bitsandbytes NF4. A Llama-family
-    model gets the fast path (:mod:`sinkchat.llama`) in float32 or int4 on the CPU and in NF4 on one
+    without AVX512-BF16, see :mod:`.quant`); on a GPU, bitsandbytes NF4. A Llama-family
+    model gets the fast path (:mod:`.fast`) in float32 or int4 on the CPU and in NF4 on one
     GPU, where ``compile`` ``auto`` also captures its decode step in CUDA graphs. Everything else
     runs through transformers.
     """
     import torch
 
-    from . import llama, quant
+    from . import fast, quant
 
     model = loaded.model
     if loaded.quant == "4bit" and loaded.device == "cpu":
         loaded.weights = "int4pack-g32"
         packs = quant.Packs(_packs_path(folder))
-        if llama.supported(model):
-            loaded.fast = llama.FastLlama.build(model, int4=True, packs=packs)
+        if fast.supported(model):
+            loaded.fast = fast.FastModel.build(model, int4=True, packs=packs)
         else:
             quant.int4_modules(model, packs)
         packs.save()
@@ -41,9 +41,9 @@ def prepare(loaded: LoadedModel, kv_dtype: str = "auto", compile: str = "auto", 
         loaded.weights = {"4bit": "bnb-nf4", "8bit": "bnb-int8"}.get(loaded.quant, "dense")
         dense_cpu = loaded.quant == "none" and loaded.device == "cpu" and loaded.dtype == torch.float32
         one_device = len({p.device for p in model.parameters()}) == 1  # not spread over several GPUs
-        if llama.supported(model) and (dense_cpu or loaded.weights == "bnb-nf4" and one_device
-                                       and llama.nf4_fits(model)):
-            loaded.fast = llama.FastLlama.build(model, int4=False)
+        if fast.supported(model) and (dense_cpu or loaded.weights == "bnb-nf4" and one_device
+                                       and fast.nf4_fits(model)):
+            loaded.fast = fast.FastModel.build(model, int4=False)
     if compile == "on" or (compile == "auto" and loaded.device == "cuda"):
         if loaded.fast is not None:
             _inductor_cache()
@@ -70,11 +70,11 @@ def _inductor_cache() -> None:
 
 
 def _packs_path(folder: str | None) -> Path | None:
-    """Where the packed 4-bit weights of the model in ``folder`` are kept (:class:`~sinkchat.quant.Packs`)."""
+    """Where the packed 4-bit weights of the model in ``folder`` are kept (:class:`~.quant.Packs`)."""
     if folder is None:
         return None
-    from .models import model_files
     from .quant import Packs
+    from .sources import model_files
 
     files = model_files(folder, (".safetensors", ".bin"))
     return _config.cache_dir() / "packed" / f"{Packs.key(files)}.safetensors"

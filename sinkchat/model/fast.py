@@ -1,20 +1,20 @@
-"""The fast path: a hand-written forward for Llama-family models (Llama/SmolLM2, Mistral, Qwen2) over
-the sink cache's own buffers.
+"""The fast path: a hand-written forward for the model families of :mod:`.families` (Llama/SmolLM2,
+Mistral, Qwen2) over the sink cache's own buffers.
 
 transformers' module stack costs about 19 ms per decode token over a plain loop with the same
 kernels on a 2-core CPU (56.8 vs 37.9 ms, SmolLM2-135M at a 2004-token cache), a third of the step.
-:class:`FastLlama` is that loop, gpt-fast style: per layer an RMSNorm, one fused q/k/v projection,
-RoPE, the new keys and values written into :class:`~sinkchat.cache.SinkLayer`'s preallocated
+:class:`FastModel` is that loop, gpt-fast style: per layer an RMSNorm, one fused q/k/v projection,
+RoPE, the new keys and values written into :class:`~sinkchat.kv.layer.SinkLayer`'s preallocated
 buffers through its ``update`` (so eviction, sink re-rotation, rebase, ``state()`` and resume are
 the cache's as before), SDPA, one fused gate/up projection, SiLU, the down projection; a float32
 residual stream. It takes chunks of any length (prefill) and single tokens (decode) and returns the
-same logits as :func:`sinkchat.models.forward` on the transformers path.
+same logits as :func:`sinkchat.model.forward.forward` on the transformers path.
 
 The projections are whatever modules the model holds (``nn.Linear`` in float32,
-:class:`~sinkchat.quant.Int4Linear` on the CPU, :class:`~sinkchat.quant.NF4Linear` over bitsandbytes'
+:class:`~sinkchat.model.quant.Int4Linear` on the CPU, :class:`~sinkchat.model.quant.NF4Linear` over bitsandbytes'
 weights on a GPU); fusing q/k/v and gate/up builds one module each and points the
 transformers modules at row slices of it, so both paths share one copy of the weights
-(:meth:`FastLlama.build`).
+(:meth:`FastModel.build`).
 """
 
 from __future__ import annotations
@@ -26,20 +26,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .families import family_of
 from .quant import HalfLinear, Int4Linear, NF4Linear, cat_bias, int4_fits
 
-FAMILY = ("llama", "mistral", "qwen2")
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # inv_freq and attention_scaling fixed at load
-PROJECTIONS = tuple(("self_attn", n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")) + tuple(
-    ("mlp", n) for n in ("gate_proj", "up_proj", "down_proj"))
 
 
 def supported(model) -> bool:
-    """Whether :class:`FastLlama` computes exactly what ``model`` does: a Llama-family decoder with
-    plain RoPE on every layer, SiLU gating, and no sliding window in play."""
+    """The one gate: whether :class:`FastModel` computes exactly what ``model`` does. Its family
+    (:func:`~sinkchat.model.families.family_of`) must be one the fast path knows, with the family's
+    activation, plain RoPE on every layer, and no sliding window in play."""
     config = model.config
+    family = family_of(getattr(config, "model_type", None))
     layers = getattr(getattr(model, "model", None), "layers", None)
-    if config.model_type not in FAMILY or layers is None or getattr(config, "hidden_act", "silu") != "silu":
+    if family is None or layers is None or getattr(config, "hidden_act", "silu") != family.block.act:
         return False
     if set(getattr(config, "layer_types", None) or ["full_attention"]) != {"full_attention"}:
         return False
@@ -50,16 +50,17 @@ def supported(model) -> bool:
     first = layers[0]
     return (
         rotary is not None
-        and all(hasattr(getattr(first, part, None), name) for part, name in PROJECTIONS)
+        and all(hasattr(getattr(first, part, None), name) for part, name in family.projections)
         and getattr(getattr(first, "mlp", None), "act_fn", None) is not None
     )
 
 
 def nf4_fits(model) -> bool:
     """Whether every projection of ``model``'s decoder layers is a bitsandbytes 4-bit linear that
-    :class:`~sinkchat.quant.NF4Linear` takes as it is (else the model stays on transformers)."""
+    :class:`~sinkchat.model.quant.NF4Linear` takes as it is (else the model stays on transformers)."""
+    projections = family_of(model.config.model_type).projections
     return all(NF4Linear.fits(getattr(getattr(block, part), name))
-               for block in model.model.layers for part, name in PROJECTIONS)
+               for block in model.model.layers for part, name in projections)
 
 
 @dataclass
@@ -74,8 +75,8 @@ class Layer:
     down: nn.Module  # intermediate -> hidden
 
 
-class FastLlama:
-    """A Llama-family model's forward on a :class:`~sinkchat.cache.SinkCache`; build with :meth:`build`.
+class FastModel:
+    """A Llama-family model's forward on a :class:`~sinkchat.kv.cache.SinkCache`; build with :meth:`build`.
 
     Shapes: ``hidden`` = model width, ``H`` query heads and ``KV`` key/value heads of ``D`` dims;
     the cache holds ``[1, KV, capacity, D]`` keys and values per layer in its own dtype.
@@ -100,12 +101,12 @@ class FastLlama:
         self.compiled_s: float | None = None  # seconds the first compiled step took (compiling, recording)
 
     @classmethod
-    def build(cls, model, int4: bool, packs=None) -> "FastLlama":
+    def build(cls, model, int4: bool, packs=None) -> "FastModel":
         """Fuse each layer's q/k/v and gate/up (quantizing to 4 bits with ``int4``), point the model's
         own modules at row slices of the fused ones, and return the fast forward over them. With
         ``int4`` the output head becomes a float16 copy and every projection an
-        :class:`~sinkchat.quant.Int4Linear`, on both paths; bitsandbytes 4-bit projections (a GPU)
-        become :class:`~sinkchat.quant.NF4Linear` on the same packed bytes, and a 16-bit head is
+        :class:`~sinkchat.model.quant.Int4Linear`, on both paths; bitsandbytes 4-bit projections (a GPU)
+        become :class:`~sinkchat.model.quant.NF4Linear` on the same packed bytes, and a 16-bit head is
         called in its own dtype."""
         layers = []
         for i, block in enumerate(model.model.layers):
@@ -236,7 +237,7 @@ class FastLlama:
 
 
 class CudaGraphStep:
-    """``step`` (:meth:`FastLlama.static_step`, eager or compiled) recorded once as a CUDA graph and
+    """``step`` (:meth:`FastModel.static_step`, eager or compiled) recorded once as a CUDA graph and
     replayed for every token: one launch instead of a few hundred kernel launches per token, which
     is most of a 7B decode step's time in eager PyTorch.
 

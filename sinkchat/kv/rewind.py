@@ -12,16 +12,12 @@ Keys are restored at the positions they had, so greedy decoding then repeats its
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 
-from .cache_layer import rotate
+from ..ledger import Span, clip, subtract
+from .layer import rotate
 from .layout import Eviction, Run, run_positions, run_tokens
-from .ledger import Span, clip, subtract
-
-if TYPE_CHECKING:
-    from .cache import SinkCache
 
 
 def run_members(runs: list[Run]) -> list[int]:
@@ -43,13 +39,13 @@ class Checkpoint:
     stash_v: list[list[torch.Tensor]] = field(default_factory=list)
 
     @classmethod
-    def of(cls, cache: SinkCache) -> "Checkpoint":
+    def of(cls, cache) -> "Checkpoint":
         return cls(cache.n_sink, cache.n_win, cache.seen, cache.base, list(cache.parked), list(cache.evictions),
                    stash_k=[[] for _ in cache.layers], stash_v=[[] for _ in cache.layers])
 
     # -- while the turn runs ---------------------------------------------------------------------
 
-    def keep(self, cache: SinkCache, plan: Eviction, first: int) -> None:
+    def keep(self, cache, plan: Eviction, first: int) -> None:
         """Copy what ``plan`` is about to evict of the tokens held at the checkpoint (called
         before the slots change; ``first``: the slot of the window's first token)."""
         start = cache.seen - cache.n_win
@@ -80,7 +76,7 @@ class Checkpoint:
 
     # -- going back ------------------------------------------------------------------------------
 
-    def restore(self, cache: SinkCache) -> None:
+    def restore(self, cache) -> None:
         """Put ``cache`` back as it was at the checkpoint (the caller re-places sinks and parked keys).
 
         Raises LookupError, changing nothing, when a token the checkpoint needs was not kept (a
@@ -97,7 +93,7 @@ class Checkpoint:
         cache.pins = subtract(cache.pins, self.seen, max(self.seen, max((b for _, b in cache.pins), default=0)) + 1)
         self.stash, self.stash_k, self.stash_v = [], [[] for _ in cache.layers], [[] for _ in cache.layers]
 
-    def _gather(self, cache: SinkCache) -> None:
+    def _gather(self, cache) -> None:
         n_sink, n_pin, start = cache.n_sink, cache.n_pin, cache.seen - cache.n_win
         held = n_sink + n_pin + cache.n_win
         source: dict[int, tuple[int, int]] = {}  # token -> (row of the pool, RoPE position of its key there)

@@ -1,7 +1,7 @@
 """The attention-sink + rolling-window KV cache (StreamingLLM).
 
-Its layers (:class:`~sinkchat.cache_layer.SinkLayer`) speak transformers 5's cache-layer interface, so
-:func:`sinkchat.models.forward_outputs` runs transformers' own forward over them inside a plain
+Its layers (:class:`~sinkchat.kv.layer.SinkLayer`) speak transformers 5's cache-layer interface, so
+:func:`sinkchat.model.forward.forward_outputs` runs transformers' own forward over them inside a plain
 transformers ``Cache``; the cache itself imports nothing of transformers (the quick start skips it).
 
 Design, and why:
@@ -51,10 +51,10 @@ from contextlib import contextmanager
 
 import torch
 
-from .cache_layer import SinkLayer, rotate  # noqa: F401  (rotate: part of this module's API)
-from .errors import SinkchatError
+from ..errors import SinkchatError
+from ..ledger import Occupancy, Span, add_span, covered_by, merge_spans, subtract
+from .layer import SinkLayer
 from .layout import Run, plan_eviction, run_positions, run_spans, run_tokens
-from .ledger import Occupancy, Span, add_span, covered_by, merge_spans, subtract
 from .rewind import Checkpoint
 
 
