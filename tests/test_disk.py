@@ -201,3 +201,17 @@ def test_a_malformed_fault_variable_is_ignored(tmp_path, monkeypatch):
     for value in ("state-temp@x", "state-temp@", "@@", "db-mid@1@2"):
         monkeypatch.setenv("SINKCHAT_FAULT", value)
         assert stored_chat(tmp_path / value.replace("@", "_")) == 1
+
+
+@pytest.mark.parametrize("args", [["chats", "list"], ["--plain"], ["--resume"]])
+def test_a_data_dir_sinkchat_may_not_look_into_is_named(tmp_path, args):
+    """Its parent may not be searched (mode 0600): the error names the data directory, not "the
+    output"; nothing loads."""
+    parent = tmp_path / "private"
+    (parent / "data").mkdir(parents=True)
+    parent.chmod(0o600)
+    try:
+        proc = run_cli(*args, "--data-dir", str(parent / "data"), input="Hi\n", prefix=without_root_override())
+    finally:
+        parent.chmod(0o700)
+    one_line_error(proc, f"cannot use the data directory {parent / 'data'} (from --data-dir): Permission denied")

@@ -4,12 +4,14 @@ real TUI in a pseudo-terminal (a load failure exits non-zero; quitting says how 
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
+from pathlib import Path
 
 import pexpect
 import pytest
 
-from _helpers import ROOT, run_cli
+from _helpers import ROOT, run_cli, without_root_override
 from sinkchat.store import Store
 
 
@@ -43,10 +45,11 @@ def test_models_in_a_pipe_keeps_whole_ids():
     assert all(len(line.split()) >= 4 for line in out.stdout.splitlines()[1:])  # one row per line, nothing wrapped
 
 
-def tui(*args: str, env: dict | None = None) -> pexpect.spawn:
-    """The real TUI in an 80x24 pseudo-terminal."""
+def tui(*args: str, env: dict | None = None, prefix: list[str] = ()) -> pexpect.spawn:
+    """The real TUI in an 80x24 pseudo-terminal (``prefix``: a command to run it under)."""
+    command = [*prefix, sys.executable, "-m", "sinkchat", *args]
     return pexpect.spawn(
-        sys.executable, ["-m", "sinkchat", *args], cwd=str(ROOT), dimensions=(24, 80), timeout=180,
+        command[0], command[1:], cwd=str(ROOT), dimensions=(24, 80), timeout=180,
         env={**os.environ, "PYTHONPATH": str(ROOT), "TERM": "xterm-256color", **(env or {})},
     )
 
@@ -73,12 +76,62 @@ def test_a_short_chat_in_the_real_tui_then_quit_says_how_to_resume():
     child.expect("#3 model")  # the reply's label: the message was sent and answered
     child.expect(r"seen \d+")
     child.sendcontrol("q")
-    child.expect("resume with: sinkchat --resume 1")
+    child.expect("resume with: (.+?)\r\n")
+    command = child.match.group(1).decode()
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
     [info] = Store().list()
     assert info.id == 1 and info.title == "Hi"
+    # the line works as typed: a shell runs it (here in plain mode, without a terminal) and it resumes chat 1
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run(["bash", "-c", f"{command} --plain"], input="Again\n", capture_output=True, text=True,
+                          env=env, timeout=180)
+    assert proc.returncode == 0 and proc.stdout.count("[cache]") == 1, proc.stderr
+    assert Store().list()[0].n_messages == 4
+
+
+@pytest.mark.model
+def test_a_venv_that_is_not_activated_gets_a_resume_line_that_works(tmp_path):
+    """After `make chat` the console script runs by its path (.venv/bin/sinkchat), not on PATH: the
+    line printed on quit names that path, so pasting it back resumes the chat."""
+    exe = Path(sys.executable).with_name("sinkchat")
+    if not exe.exists():
+        pytest.skip("sinkchat is not installed as a console script next to this Python")
+    env = {**os.environ, "PATH": "/usr/bin:/bin", "TERM": "xterm-256color"}
+    child = pexpect.spawn(str(exe), ["--plain", "-t", "0", "--window", "64", "--max-new-tokens", "4"], env=env,
+                          cwd=str(tmp_path), timeout=180)
+    child.expect("you> ")
+    child.send("Hi\r")
+    child.expect("you> ")
+    child.sendeof()
+    child.expect("resume with: (.+?)\r\n")
+    command = child.match.group(1).decode()
+    child.expect(pexpect.EOF)
+    assert command == f"{exe} --plain --resume 1"
+    proc = subprocess.run(["bash", "-c", command], input="Again\n", capture_output=True, text=True, env=env,
+                          cwd=str(tmp_path), timeout=180)
+    assert proc.returncode == 0 and proc.stdout.count("[cache]") == 1, proc.stderr
+    assert Store().list()[0].n_messages == 4
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("no_save", [[], ["--no-save"]])
+def test_a_data_dir_sinkchat_may_not_write_leaves_the_tui_chatting(tmp_path, no_save):
+    """As plain mode does, the TUI goes on in memory (the screen says why), with --no-save or without."""
+    parent = tmp_path / "ro"
+    parent.mkdir(mode=0o500)
+    child = tui(*no_save, "--data-dir", str(parent / "data"), "-t", "0", "--window", "64", "--max-new-tokens", "4",
+                prefix=without_root_override())
+    child.expect("Message the model")
+    child.send("Hi\r")
+    child.expect("#3 model")
+    child.sendcontrol("q")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0, child.before
+    assert b"sinkchat: error" not in child.before and b"resume with" not in child.before
+    assert not (parent / "data").exists()
 
 
 @pytest.mark.model
@@ -94,8 +147,6 @@ def test_plain_runs_are_saved_unless_no_save():
 def test_two_first_starts_at_once_both_convert_the_bundled_model(tmp_path):
     """Two sinkchat processes that find no converted model both convert it; the one that finishes
     second keeps the first one's folder instead of failing."""
-    import subprocess
-
     code = "from sinkchat import models; print(models.gguf_folder(models.bundled_gguf()))"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "SINKCHAT_CACHE_DIR": str(tmp_path / "cache")}
     procs = [subprocess.Popen([sys.executable, "-c", code], env=env, cwd=ROOT, stdout=subprocess.PIPE,

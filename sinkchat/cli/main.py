@@ -79,14 +79,16 @@ def main(
     from ..store import Store
 
     config.data_dir(data_dir)  # a data dir that is not a directory is refused like any bad setting
-    store = None
+    store, no_store = None, None
     if resume is not None or not (no_save and plain):
         try:
             store = Store(data_dir)
         except SinkchatError as exc:  # no chat store (a read-only data dir): a new chat goes on in memory
-            if not plain or resume is not None:
+            if resume is not None:
                 raise
-            note(f"{exc}; this chat is not saved")
+            no_store = str(exc)
+            if plain:
+                note(f"{exc}; this chat is not saved")
     try:
         chat_id, saved = _resume(store, resume)
         settings, warnings = Settings.resolve(
@@ -106,7 +108,7 @@ def main(
             note(f"warning: {warning}")
         _run_plain(settings, store, chat_id, save=not no_save)
     else:
-        _run_tui(settings, store, chat_id, warnings, save=not no_save)
+        _run_tui(settings, store, chat_id, warnings, save=not no_save, no_store=no_store)
 
 
 def note(message: str) -> None:
@@ -187,11 +189,13 @@ def _recap(chat, chat_id: int, shown: int = 2, chars: int = 300) -> None:
         print(prompt[m.role] + text + (f"\n[{NOTE_LABEL.get(m.note, m.note)}]" if m.note else ""))
 
 
-def _run_tui(settings: Settings, store, chat_id: int | None, warnings: list[str], save: bool = True) -> None:
+def _run_tui(settings: Settings, store, chat_id: int | None, warnings: list[str], save: bool = True,
+             no_store: str | None = None) -> None:
     """Everything that can fail early fails here, in one line and before the screen opens: no
     terminal, an unknown theme, a model that does not resolve or whose config does not fit.
     The app then takes over ``store``, which already holds the resumed chat's lock, so no other
-    process can open the chat between the check here and the TUI showing it."""
+    process can open the chat between the check here and the TUI showing it. ``no_store``: why
+    there is none (the chat goes on in memory, and the screen says so)."""
     try:
         from .. import models
         from ..tui.app import run
@@ -200,9 +204,10 @@ def _run_tui(settings: Settings, store, chat_id: int | None, warnings: list[str]
         if not (sys.stdin.isatty() and sys.stdout.isatty()):
             raise SinkchatError("the chat screen needs a terminal; use --plain to chat through a pipe or a script")
     except BaseException:
-        store.close()
+        if store is not None:
+            store.close()
         raise
-    chat_id = run(settings, store, chat_id, warnings, save=save)
+    chat_id = run(settings, store, chat_id, warnings, save=save, no_store=no_store)
     if chat_id is not None:
         print(_resume_hint(store, chat_id))
 

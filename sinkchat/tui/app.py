@@ -48,7 +48,8 @@ class SinkchatApp(App):
     """``SinkchatApp(settings)`` loads the model itself; tests pass ``loaded=`` to reuse one.
 
     ``store``: the caller's (already holding the resumed chat's lock), else one is opened here;
-    either way the app owns it and closes it on exit. ``resume_id``: the chat to open first.
+    either way the app owns it and closes it on exit. ``no_store``: why the caller could open none
+    (then the app has no store: the chat goes on in memory). ``resume_id``: the chat to open first.
     """
 
     CSS_PATH = "app.tcss"
@@ -61,7 +62,8 @@ class SinkchatApp(App):
     ]
 
     def __init__(self, settings: Settings, loaded: LoadedModel | None = None, store: Store | None = None,
-                 resume_id: int | None = None, notices: Iterable[str] = (), save: bool = True):
+                 resume_id: int | None = None, notices: Iterable[str] = (), save: bool = True,
+                 no_store: str | None = None):
         super().__init__()
         self.settings, self.loaded, self.resume_id, self.saving = settings, loaded, resume_id, save
         self.notices = list(notices) + ([] if save else ["--no-save: nothing of this session is saved"])
@@ -71,10 +73,13 @@ class SinkchatApp(App):
         self.store: StoreThread | None = None
         self.autosave: Autosave | None = None
         self._shown_id: int | None = None  # the stored chat on screen, when it is not being saved
-        try:
-            self.store = StoreThread(store or Store())
-        except SinkchatError as exc:
-            self.notices.append(f"{exc}; chats are not saved")
+        if no_store is None:
+            try:
+                self.store = StoreThread(store or Store())
+            except SinkchatError as exc:
+                no_store = str(exc)
+        if no_store is not None:
+            self.notices.append(f"{no_store}; chats are not saved")
         self.chat_screen = ChatScreen(settings, loaded)
         self.shipped_themes, self.theme_problems = themes.discover()
         for theme in self.shipped_themes.values():
@@ -318,12 +323,12 @@ def check_theme(name: str) -> None:
 
 
 def run(settings: Settings, store: Store | None, resume_id: int | None = None, notices: Iterable[str] = (),
-        save: bool = True) -> int | None:
+        save: bool = True, no_store: str | None = None) -> int | None:
     """Run the TUI until the user quits; returns the id the chat was saved as (None: not saved).
 
     Raises :class:`LoadFailed` (exit code 1) when the model could not be loaded on screen.
     """
-    app = SinkchatApp(settings, store=store, resume_id=resume_id, notices=notices, save=save)
+    app = SinkchatApp(settings, store=store, resume_id=resume_id, notices=notices, save=save, no_store=no_store)
     app.run()
     for note in app.exit_notes:
         print(f"sinkchat: {note}", file=sys.stderr)
