@@ -188,6 +188,22 @@ async def test_model_load_failure_is_a_message_not_a_traceback():
         assert app.query_one(ChatInput).text == "hello"
 
 
+async def test_ctrl_c_says_in_words_how_to_quit():
+    """Textual's own notice keeps its markup (the key in bold, not ``[b]ctrl+q[/b]``); sinkchat's
+    notices are text (brackets in a title stay brackets)."""
+    from textual.widgets._toast import Toast
+
+    app = SinkchatApp(make_settings(model="/nonexistent/model-folder"), save=False)
+    async with app.run_test(size=SIZE, notifications=True) as pilot:
+        await wait_for(pilot, lambda: app.query_one("#loading").has_class("-failed"), 30)
+        await pilot.press("ctrl+c")
+        app.say("chat [b]1[/b] was renamed")
+        await pilot.pause()
+        shown = [str(toast.render()) for toast in app.screen.query(Toast)]
+        assert any("Press ctrl+q to quit the app" in text for text in shown), shown
+        assert any("chat [b]1[/b] was renamed" in text for text in shown), shown
+
+
 def test_unknown_theme_flag_is_one_line_error():
     result = run_cli("--theme", "no-such-theme")
     assert result.returncode == 2

@@ -28,13 +28,13 @@ from ..errors import LoadFailed, SinkchatError
 from ..models import LoadedModel
 from ..settings import Settings
 from ..store import Autosave, Store
-from ..text import clean
 from . import themes
 from .chat_input import ChatInput
 from .chat_screen import ChatScreen, one_line
 from .chats import ChatsScreen
 from .help import HelpScreen, bindings_markdown
 from .messages import SaveFailed
+from .notices import Say
 from .sinks_help import sinks_markdown
 from .store_thread import StoreThread
 
@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 ENDING = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
-class SinkchatApp(App):
+class SinkchatApp(Say, App):
     """``SinkchatApp(settings)`` loads the model itself; tests pass ``loaded=`` to reuse one.
 
     ``store``: the caller's (already holding the resumed chat's lock), else one is opened here;
@@ -93,21 +93,14 @@ class SinkchatApp(App):
     def chat(self) -> Chat | None:
         return self.chat_screen.chat
 
-    def notify(self, message: str, *, title: str = "", severity="information", timeout: float | None = None,
-               markup: bool = True) -> None:
-        """Every notification (from any screen) shows its text clean and never reads it as markup:
-        notices carry titles, paths and chat text."""
-        super().notify(clean(message), title=clean(title, one_line=True), severity=severity, timeout=timeout,
-                       markup=False)
-
     def get_theme_variable_defaults(self) -> dict[str, str]:
         return dict(themes.GAUGE_DEFAULTS)  # Textual's built-in themes lack the gauge colours
 
     def on_mount(self) -> None:
         for problem in self.theme_problems:
-            self.notify(problem.text(), title="Theme file", severity="error", timeout=20)
+            self.say(problem.text(), title="Theme file", severity="error", timeout=20)
         for notice in self.notices:
-            self.notify(notice, severity="warning", timeout=20)
+            self.say(notice, severity="warning", timeout=20)
         self.theme_changed_signal.subscribe(self, self._remember_theme)
         loop = asyncio.get_running_loop()
         for sig in ENDING:  # SIGTERM or a closed terminal: quit as Ctrl+Q does (the chat is saved)
@@ -153,7 +146,7 @@ class SinkchatApp(App):
     @on(SaveFailed)
     def _save_failed(self, msg: SaveFailed) -> None:
         if self.is_running:
-            self.notify(msg.text, title="Not saved", severity="error", timeout=15)
+            self.say(msg.text, title="Not saved", severity="error", timeout=15)
         else:
             self.exit_notes.append(msg.text)
 
@@ -221,12 +214,12 @@ class SinkchatApp(App):
         try:  # on the store thread: a damaged or foreign state file means re-prefilling the window
             chat, notices = await self.store.call(restore)
         except Exception as exc:  # one line on screen, never a traceback
-            self.notify(f"cannot open chat {chat_id}: {one_line(exc)}", severity="error", timeout=15)
+            self.say(f"cannot open chat {chat_id}: {one_line(exc)}", severity="error", timeout=15)
             return False
         self._follow(chat, chat_id)
         await self.chat_screen.show(chat)
         for notice in notices:
-            self.notify(notice, title="Resumed", timeout=10)
+            self.say(notice, title="Resumed", timeout=10)
         return True
 
     @on(ChatsScreen.Open)
@@ -244,9 +237,9 @@ class SinkchatApp(App):
                 await self.new_chat()
             await self.store.call(lambda store: store.delete(msg.chat_id))
         except Exception as exc:
-            self.notify(f"cannot delete chat {msg.chat_id}: {one_line(exc)}", severity="error", timeout=15)
+            self.say(f"cannot delete chat {msg.chat_id}: {one_line(exc)}", severity="error", timeout=15)
             return
-        self.notify(f"deleted chat {msg.chat_id}", timeout=3)
+        self.say(f"deleted chat {msg.chat_id}", timeout=3)
         if isinstance(self.screen, ChatsScreen):
             await self.screen.reload()
 
@@ -262,14 +255,14 @@ class SinkchatApp(App):
         if names:
             nxt = names[(names.index(self.theme) + 1) % len(names)] if self.theme in names else names[0]
             self.theme = nxt
-            self.notify(f"theme: {nxt}", timeout=2)
+            self.say(f"theme: {nxt}", timeout=2)
 
     def _remember_theme(self, theme) -> None:
         try:
             if config.load_config().get("theme") != theme.name:
                 config.save_config_value("theme", theme.name)
         except (SinkchatError, OSError) as exc:
-            self.notify(f"could not remember the theme: {one_line(exc)}", severity="warning")
+            self.say(f"could not remember the theme: {one_line(exc)}", severity="warning")
 
     def action_help(self) -> None:
         if not isinstance(self.screen, HelpScreen):

@@ -36,6 +36,7 @@ from .chat_input import ChatInput
 from .footer import Footer
 from .gauge import CacheGauge
 from .header import ChatHeader
+from .notices import Say
 from .steer_keys import SteerKeys
 from .transcript import Entry, MessageView, Transcript
 
@@ -70,7 +71,7 @@ class Finished(Message):
     error: str | None = None
 
 
-class ChatScreen(SteerKeys, Screen):
+class ChatScreen(Say, SteerKeys, Screen):
     BINDINGS = [
         Binding("escape", "stop", "Stop"),
         Binding("ctrl+n", "new_chat", "New chat"),
@@ -221,12 +222,12 @@ class ChatScreen(SteerKeys, Screen):
     async def on_chat_input_submitted(self, event: ChatInput.Submitted) -> None:
         box = self.query_one(ChatInput)
         if self.generating:
-            self.notify("wait for the reply, or press Esc to stop it; your message stays in the box",
+            self.say("wait for the reply, or press Esc to stop it; your message stays in the box",
                         severity="warning")
             return
         if self.chat is None:
             if self.queued is not None or self.app.load_error:
-                self.notify("a message is already waiting for the model; this one stays in the box",
+                self.say("a message is already waiting for the model; this one stays in the box",
                             severity="warning")
                 return
             self.queued = event.text  # shown as queued; sent when the chat is ready
@@ -236,7 +237,7 @@ class ChatScreen(SteerKeys, Screen):
         tokens = len(self.chat.encode(event.text))
         if tokens > self.chat.cache.window - self.chat.cache.pinned_count() and self._confirmed != event.text:
             self._confirmed = event.text
-            self.notify(f"This message is {tokens} tokens, more than the {self.chat.cache.window}-token window: "
+            self.say(f"This message is {tokens} tokens, more than the {self.chat.cache.window}-token window: "
                         "the model will keep only its end. Press Enter again to send it.",
                         title="Longer than the window", severity="warning", timeout=15)
             return
@@ -281,7 +282,7 @@ class ChatScreen(SteerKeys, Screen):
         try:
             notice = chat.rollback() if rollback else None
             if notice:
-                self.app.call_from_thread(self.notify, notice, severity="warning", timeout=10)
+                self.app.call_from_thread(self.say, notice, severity="warning", timeout=10)
             for event in chat.submit(text):
                 if isinstance(event, TokenText):
                     pending.append(event.text)
@@ -316,12 +317,12 @@ class ChatScreen(SteerKeys, Screen):
             return
         view, self.reply_view = self.reply_view, None
         for notice in msg.chat.loaded.take_notices():  # e.g. a compile that fell back to eager
-            self.notify(notice, severity="warning", timeout=10)
+            self.say(notice, severity="warning", timeout=10)
         if view is not None:
             await view.finish()
             if msg.error:
                 view.set_note("error")
-                self.notify(f"generation failed: {msg.error}", severity="error", timeout=15)
+                self.say(f"generation failed: {msg.error}", severity="error", timeout=15)
             elif msg.done.reason != "end":
                 view.set_note(msg.done.reason)
         if msg.done is not None:
@@ -375,7 +376,7 @@ class ChatScreen(SteerKeys, Screen):
 
     def action_copy_reply(self) -> None:
         if not self.last_reply:
-            self.notify("no reply to copy yet", severity="warning")
+            self.say("no reply to copy yet", severity="warning")
             return
         self.app.copy_to_clipboard(self.last_reply)
-        self.notify(f"copied the last reply ({len(self.last_reply)} characters)", timeout=3)
+        self.say(f"copied the last reply ({len(self.last_reply)} characters)", timeout=3)

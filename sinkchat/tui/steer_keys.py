@@ -33,10 +33,10 @@ class SteerKeys:
     def _steerable(self, what: str) -> bool:
         """Whether the chat can be changed now; a one-line notification if not."""
         if self.chat is None:
-            self.notify(f"the model is still loading; {what} once it is ready", severity="warning")
+            self.say(f"the model is still loading; {what} once it is ready", severity="warning")
             return False
         if self.generating:
-            self.notify(f"wait for the reply (or press Esc to stop it), then {what}", severity="warning")
+            self.say(f"wait for the reply (or press Esc to stop it), then {what}", severity="warning")
             return False
         return True
 
@@ -47,12 +47,12 @@ class SteerKeys:
         try:
             return self.chat.last_user()
         except SinkchatError:
-            self.notify(none_yet, severity="warning")
+            self.say(none_yet, severity="warning")
             return None
 
     def action_select(self, step: int) -> None:
         if self.query_one(Transcript).select(step) is None:
-            self.notify("no message to select yet", severity="warning")
+            self.say("no message to select yet", severity="warning")
 
     def action_pin(self) -> None:
         """Pin or unpin the highlighted message; the chat is saved as after a turn."""
@@ -60,16 +60,16 @@ class SteerKeys:
             return
         index = self.query_one(Transcript).selected
         if index is None:
-            self.notify("select a message first (alt+↑ / alt+↓), then press ctrl+l to pin it", severity="warning")
+            self.say("select a message first (alt+↑ / alt+↓), then press ctrl+l to pin it", severity="warning")
             return
         chat = self.chat
         try:
             pinned = index < len(chat.messages) and chat.is_pinned(chat.messages[index])
             line = chat.unpin(index) if pinned else chat.pin(index)
         except SinkchatError as exc:
-            self.notify(str(exc), severity="warning", timeout=8)
+            self.say(str(exc), severity="warning", timeout=8)
             return
-        self.notify(line, timeout=5)
+        self.say(line, timeout=5)
         self.refresh_gauge(chat.occupancy())
         self.post_message(self.TurnEnded(chat))  # saved like a turn: pins survive a resume
 
