@@ -128,6 +128,27 @@ async def test_escape_stops_and_keeps_partial_reply(smollm):
         assert app.clipboard == reply.content
 
 
+async def test_a_new_chat_shows_nothing_of_the_chat_before(smollm):
+    """Ctrl+N after a chat whose system prompt was partly evicted: the new chat's system message has
+    no ✂ mark, and the selection of the old chat's message is gone (Ctrl+L would pin the new chat's)."""
+    app = SinkchatApp(make_settings(), loaded=smollm, save=False)
+    async with app.run_test(size=SIZE) as pilot:
+        await send(pilot, "What is the capital of France?")
+        await send(pilot, "Name three famous museums in Paris.")
+        transcript = app.query_one(Transcript)
+        assert "✂" in str(transcript.views[0].query_one(".role").render())  # the system prompt is partly gone
+        await pilot.press("alt+up")
+        assert transcript.selected is not None
+        old = app.chat
+        await pilot.press("ctrl+n")
+        await wait_for(pilot, lambda: app.chat is not old and transcript.views)
+        [system] = transcript.views
+        assert str(system.query_one(".role").render()) == "#1 system" and not system.has_class("-partly")
+        assert transcript.selected is None
+        await pilot.press("ctrl+l")
+        assert not app.chat.cache.pins
+
+
 async def test_theme_switch_restyles_gauge_and_is_remembered(smollm):
     app = SinkchatApp(make_settings(theme="sinkchat-dark"), loaded=smollm)
     async with app.run_test(size=SIZE) as pilot:

@@ -172,8 +172,11 @@ class Transcript(VerticalScroll):
         return view
 
     async def reset(self, entries: list[Entry]) -> None:
-        """Show a chat's entries: only the newest ``MOUNTED`` become widgets, in one layout pass."""
+        """Show a chat's entries: only the newest ``MOUNTED`` become widgets, in one layout pass.
+        Nothing of the chat shown before carries over (its eviction marks, the selection): the
+        caller marks the new chat's views with :meth:`mark`."""
         self.entries = list(entries)
+        self._messages, self._spans, self.selected = [], [], None
         await self._remount(max(0, len(self.entries) - self.MOUNTED), len(self.entries))
         self.anchor()
 
