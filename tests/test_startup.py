@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pexpect
@@ -43,6 +44,20 @@ def test_models_in_a_pipe_keeps_whole_ids():
     assert out.returncode == 0
     assert "mistralai/Mistral-7B-Instruct-v0.3" in out.stdout and "meta-llama/Llama-3.1-8B-Instruct" in out.stdout
     assert all(len(line.split()) >= 4 for line in out.stdout.splitlines()[1:])  # one row per line, nothing wrapped
+
+
+def test_models_on_an_80_column_terminal_keeps_whole_ids():
+    """Each Hugging Face id whole on one line (what `hf download` takes); the description wraps."""
+    from sinkchat.models import ALIASES
+
+    child = pexpect.spawn(sys.executable, ["-m", "sinkchat", "models"], cwd=str(ROOT), dimensions=(24, 80),
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "TERM": "xterm-256color"}, timeout=60,
+                          encoding="utf-8")
+    child.expect(pexpect.EOF)
+    lines = child.before.splitlines()
+    for alias, (ref, _) in ALIASES.items():
+        if ref != "bundled":
+            assert any(line.split()[:2] == [alias, ref] for line in lines if line.split()), (alias, child.before)
 
 
 def tui(*args: str, env: dict | None = None, prefix: list[str] = ()) -> pexpect.spawn:
@@ -155,3 +170,38 @@ def test_two_first_starts_at_once_both_convert_the_bundled_model(tmp_path):
     assert [r[2] for r in results] == [0, 0], [r[1][-300:] for r in results]
     assert results[0][0] == results[1][0] and (tmp_path / "cache" / "models").is_dir()
     assert [p.name for p in (tmp_path / "cache" / "models").iterdir()] == [results[0][0].strip().rsplit("/", 1)[1]]
+
+
+@pytest.mark.model
+def test_a_window_the_system_prompt_does_not_fit_is_refused():
+    """--window 10 with the bundled model's 31-token system prompt: it would evict itself before a
+    word was said. Plain mode refuses it in one line; the TUI says so on screen and exits non-zero."""
+    out = run_cli("--plain", "--window", "10", input="Hi\n")
+    assert out.returncode == 2 and out.stdout == "", out.stderr
+    assert out.stderr.startswith("sinkchat: error: --window 10 is too small: the system prompt alone is ")
+    assert out.stderr.count("\n") == 1 and "give --window" in out.stderr
+    assert run_cli("--plain", "--window", "10", "--system", "Be brief.", input="", timeout=120).returncode == 0
+    child = tui("--window", "10")
+    child.expect("Could not start a chat")
+    child.sendcontrol("q")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 1 and b"sinkchat: error: --window 10 is too small" in child.before
+
+
+@pytest.mark.model
+def test_keys_typed_while_sinkchat_starts_are_not_lost():
+    """Typed from the first instant, one key every 50 ms while Python starts, the screen opens and
+    the model loads, then Enter: the whole message is sent (the keys the screen read before its box
+    had the focus were dropped; those waiting on the terminal before it started were never read)."""
+    child = tui("--window", "64", "-t", "0", "--max-new-tokens", "4")
+    message = "abcdefghijklmnopqrstuvwxyz0123456789"
+    for key in message:
+        child.send(key)
+        time.sleep(0.05)
+    child.send("\r")
+    child.expect("#3 model")
+    child.sendcontrol("q")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert [c.title for c in Store().list()] == [message]

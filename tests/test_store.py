@@ -19,7 +19,7 @@ from _helpers import ROOT, run_cli, say, without_root_override
 from sinkchat.engine import Chat, Evicted
 from sinkchat.errors import SinkchatError
 from sinkchat.export import to_json, to_markdown
-from sinkchat.ledger import merge_spans
+from sinkchat.ledger import ROLE_NAME, merge_spans
 from sinkchat.settings import Settings
 from sinkchat.store import Autosave, ChatLocked, SaveError, Store
 
@@ -354,10 +354,11 @@ def test_export_round_trip(smollm, tmp_path):
         if m.role == "user":
             assert m.content in smollm.tokenizer.decode(data["tokens"][m.start:m.end])
     md = to_markdown(t)
-    assert "evicted]" in md
-    for m, out in zip(chat.messages, data["messages"]):
-        assert m.content in md
-        assert (f"[{m.start}, {m.end})" in md) == bool(out["evicted"])  # each cut message is marked
+    headers = [line for line in md.splitlines() if line.startswith("## ")]
+    for i, (m, out) in enumerate(zip(chat.messages, data["messages"])):
+        assert m.content in md and out["number"] == i + 1
+        assert headers[i].startswith(f"## #{i + 1} {ROLE_NAME[m.role]}")
+        assert ("forgotten" in headers[i]) == bool(out["evicted"])  # each cut message is marked, as on screen
     out = run_cli("chats", "export", "-f", "md", "-o", str(tmp_path / "c.md"), "--data-dir", str(tmp_path))
     assert out.returncode == 0 and (tmp_path / "c.md").read_text() == md  # CLI defaults to the latest chat
 

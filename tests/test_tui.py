@@ -149,6 +149,35 @@ async def test_a_new_chat_shows_nothing_of_the_chat_before(smollm):
         assert not app.chat.cache.pins
 
 
+async def test_escape_while_a_long_paste_is_read_says_what_was_read(smollm):
+    """Esc stops a paste between prefill chunks: its label says how many of its tokens the model read,
+    and the gauge never says the model sees the whole chat (it says what it did not read)."""
+    import pydoc_data.topics
+
+    app = SinkchatApp(make_settings(window=256, max_new_tokens=8), loaded=smollm)
+    async with app.run_test(size=SIZE) as pilot:
+        await send(pilot, "Hi.")
+        paste = pydoc_data.topics.topics["assignment"][:8000]
+        box = app.query_one(ChatInput)
+        box.insert(paste)
+        await pilot.press("enter")  # longer than the window: the screen asks first
+        await pilot.press("enter", "escape")
+        await wait_for(pilot, lambda: not app.chat_screen.generating)
+        chat = app.chat
+        user = chat.messages[-2]
+        total = len(chat.turns.encode(chat.turns.next(paste.strip())))
+        read = user.end - user.start
+        assert user.role == "user" and user.note == f"partial:{total}" and read < total
+        view = app.query_one(Transcript).views[-2]
+        assert f"[stopped: the model read {read} of its {total} tokens]" in str(view.query_one(".role").render())
+        gauge = str(app.query_one(CacheGauge).render())
+        assert "still sees the whole chat" not in gauge
+        if not chat.cache.evictions:
+            assert f"nothing forgotten yet, but the model read only {read} of the {total} tokens of #4 you" in gauge
+        await app.store.idle()
+        assert Store().transcript(app.chat_id).messages[-2].note == f"partial:{total}"
+
+
 async def test_theme_switch_restyles_gauge_and_is_remembered(smollm):
     app = SinkchatApp(make_settings(theme="sinkchat-dark"), loaded=smollm)
     async with app.run_test(size=SIZE) as pilot:

