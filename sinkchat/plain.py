@@ -87,6 +87,8 @@ def run(
             notify(notice)
 
     tell_notices()
+    if interactive:
+        notify("/help lists the commands; Ctrl+D or /quit leaves")
     with Session(chat, interactive) as session:
         while session.ended_by is None and not out.closed:
             line = _read(stdin, interactive, session, out)

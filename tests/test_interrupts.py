@@ -122,6 +122,7 @@ def test_ctrl_c_while_a_long_line_is_read_says_how_much_was_read(tmp_path):
                                            "Be brief.", "--max-new-tokens", "4", "--data-dir", str(tmp_path)],
                           cwd=str(ROOT), env={**os.environ, "PYTHONPATH": str(ROOT)}, encoding="utf-8", timeout=180,
                           dimensions=(40, 200))
+    child.expect_exact("sinkchat: /help lists the commands; Ctrl+D or /quit leaves")  # a newcomer's first line
     child.expect_exact("you> ")
     child.sendline("Hi")
     child.expect_exact("you> ")
