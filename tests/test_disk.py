@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import signal
 import sqlite3
 import stat
@@ -14,7 +13,7 @@ import sys
 
 import pytest
 
-from _helpers import ROOT, one_line_error, run_cli, stored_chat, without_root_override
+from _helpers import ROOT, file_size_limit, one_line_error, run_cli, stored_chat, without_root_override
 from sinkchat import cli
 from sinkchat.errors import SinkchatError
 from sinkchat.ledger import ChatState, Message
@@ -70,15 +69,8 @@ def test_a_full_disk_at_the_first_save_leaves_no_chat(tmp_path):
     state = ChatState(list(range(100, 120)), [Message("user", "hi", 0, 10), Message("assistant", "yo", 10, 20)],
                       {"sinks": 4, "window": 16, "block": 1, "n_sink": 4, "n_win": 16, "seen": 20, "base": 0,
                        "evictions": []}, {"model": "m"})
-    old = resource.getrlimit(resource.RLIMIT_FSIZE)
-    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (256, old[1]))
-    try:
-        with pytest.raises(SaveError, match="could not save the chat .*goes on in memory"):
-            store.create_state(state, {}, Settings())
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, old)
-        signal.signal(signal.SIGXFSZ, handler)
+    with file_size_limit(256), pytest.raises(SaveError, match="could not save the chat .*goes on in memory"):
+        store.create_state(state, {}, Settings())
     assert store.list() == [] and not store.holds(1)
     assert not [p for p in tmp_path.rglob("*") if p.is_file() and p.name != "chats.db"]  # no state, temp or lock
     assert store.create_state(state, {}, Settings()) == 1  # space again: the chat is made whole

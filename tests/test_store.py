@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import signal
 import sqlite3
 import stat
@@ -15,7 +14,7 @@ import sys
 import pytest
 import torch
 
-from _helpers import ROOT, run_cli, say, without_root_override
+from _helpers import ROOT, file_size_limit, run_cli, say, without_root_override
 from sinkchat.engine import Chat, Evicted
 from sinkchat.errors import SinkchatError
 from sinkchat.export import to_json, to_markdown
@@ -206,16 +205,10 @@ def test_disk_that_refuses_the_state_file_keeps_the_turn(smollm, tmp_path):
     turn's rows, committed first, are kept; the next save writes the K/V again."""
     store = Store()
     chat_id, chat = saved_chat(smollm, store, turns=QUESTIONS[:1])
-    old = resource.getrlimit(resource.RLIMIT_FSIZE)
-    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, old[1]))
-    try:
-        say(chat, QUESTIONS[1])
+    say(chat, QUESTIONS[1])
+    with file_size_limit(64 * 1024):
         with pytest.raises(SaveError, match="saved chat 1's messages but not its KV cache .*goes on in memory"):
             store.save(chat_id, chat)
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, old)
-        signal.signal(signal.SIGXFSZ, handler)
     after = Store(store.root).transcript(chat_id)
     assert (after.tokens, after.messages, after.notices) == (chat.tokens, chat.messages, [])
     say(chat, QUESTIONS[2])  # the chat goes on
@@ -231,14 +224,8 @@ def test_a_first_save_whose_state_file_fails_keeps_saving_into_the_same_chat(smo
     store, chat, said = Store(tmp_path), Chat(smollm, SMALL), []
     autosave = Autosave(store, chat, SMALL, None, said.append)
     say(chat, QUESTIONS[0])
-    old = resource.getrlimit(resource.RLIMIT_FSIZE)
-    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, old[1]))
-    try:
+    with file_size_limit(64 * 1024):
         autosave(chat)
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, old)
-        signal.signal(signal.SIGXFSZ, handler)
     assert len(said) == 1 and said[0].startswith("saved chat 1's messages but not its KV cache"), said
     assert autosave.chat_id == 1 and Store(tmp_path).transcript(1).messages == chat.messages
     say(chat, QUESTIONS[1])
