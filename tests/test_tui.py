@@ -172,6 +172,7 @@ async def test_escape_while_a_long_paste_is_read_says_what_was_read(smollm):
         assert f"[stopped: the model read {read} of its {total} tokens]" in str(view.query_one(".role").render())
         gauge = str(app.query_one(CacheGauge).render())
         assert "still sees the whole chat" not in gauge
+        assert app.query_one(ChatHeader).tokens_per_s is None  # no reply token: no speed (it said 0.0 tok/s)
         if not chat.cache.evictions:
             assert f"nothing forgotten yet, but the model read only {read} of the {total} tokens of #4 you" in gauge
         await app.store.idle()

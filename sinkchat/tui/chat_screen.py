@@ -369,7 +369,7 @@ class ChatScreen(Say, SteerKeys, Screen):
         if msg.done is not None:
             self.last_reply = msg.done.reply
             self.query_one(ChatHeader).tokens_per_s = (
-                msg.done.generated / msg.done.seconds if msg.done.seconds > 0 else None
+                msg.done.generated / msg.done.seconds if msg.done.seconds > 0 and msg.done.generated else None
             )
         self.refresh_gauge(msg.chat.occupancy())
         self.query_one(Transcript).streaming = self.generating = False  # only now: the turn is fully on screen
