@@ -246,12 +246,12 @@ class ChatScreen(Say, SteerKeys, Screen):
         box = self.query_one(ChatInput)
         if self.generating:
             self.say("wait for the reply, or press Esc to stop it; your message stays in the box",
-                        severity="warning")
+                     severity="warning")
             return
         if self.chat is None:
             if self.queued is not None or self.app.load_error:
                 self.say("a message is already waiting for the model; this one stays in the box",
-                            severity="warning")
+                         severity="warning")
                 return
             self.queued = event.text  # shown as queued; sent when the chat is ready
             box.clear()
