@@ -60,6 +60,29 @@ def test_models_on_an_80_column_terminal_keeps_whole_ids():
             assert any(line.split()[:2] == [alias, ref] for line in lines if line.split()), (alias, child.before)
 
 
+def test_chats_list_on_an_80_column_terminal_cuts_nothing(tmp_path):
+    """A long title and a Hugging Face id as the model: both wrap onto more lines, neither is cut."""
+    from sinkchat.ledger import ChatState, Message
+    from sinkchat.settings import Settings
+
+    meta = {"sinks": 4, "window": 8, "block": 1, "n_sink": 4, "n_win": 6, "seen": 20, "base": 0, "evictions": []}
+    title = "Tell me about the history of the Eiffel Tower and its architects"
+    state = ChatState(list(range(100, 120)), [Message("user", title, 0, 10), Message("assistant", "x", 10, 20)],
+                      meta, {"model": "m", "tokenizer": "t"})
+    store = Store()
+    store.create_state(state, {}, Settings(model="mistralai/Mistral-7B-Instruct-v0.3"))
+    store.close()
+    child = pexpect.spawn(sys.executable, ["-m", "sinkchat", "chats", "list"], cwd=str(ROOT), dimensions=(24, 80),
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "TERM": "xterm-256color"}, timeout=60,
+                          encoding="utf-8")
+    child.expect(pexpect.EOF)
+    shown = [line.split("  ") for line in child.before.splitlines()]  # the columns, two spaces apart
+    cells = [cell.strip() for line in shown for cell in line if cell.strip()]
+    assert "…" not in child.before, child.before
+    assert "mistralai/Mistral-7B-Instruct-v0.3" in "".join(c for c in cells if "/" in c or "Instruct" in c)
+    assert all(word in child.before.split() for word in title[:60].split()), child.before
+
+
 def tui(*args: str, env: dict | None = None, prefix: list[str] = ()) -> pexpect.spawn:
     """The real TUI in an 80x24 pseudo-terminal (``prefix``: a command to run it under)."""
     command = [*prefix, sys.executable, "-m", "sinkchat", *args]
