@@ -93,7 +93,7 @@ def test_a_bad_flag_in_a_real_process_has_no_traceback():
 @pytest.mark.model  # a subprocess loads the bundled model
 def test_sinks_zero_is_plain_window_attention(monkeypatch, capsys):
     monkeypatch.setattr(sys, "stdin", __import__("io").StringIO("Hello!\n"))
-    code, out, err = sinkchat(monkeypatch, capsys, "--plain", "--sinks", "0", "--window", "16", "-t", "0",
+    code, out, err = sinkchat(monkeypatch, capsys, "--plain", "--sinks", "0", "--window", "24", "-t", "0",
                               "--max-new-tokens", "24")
     assert code == 0, err
     status = out.splitlines()[-1]

@@ -197,7 +197,7 @@ def test_two_first_starts_at_once_both_convert_the_bundled_model(tmp_path):
 
 @pytest.mark.model
 def test_a_window_the_system_prompt_does_not_fit_is_refused():
-    """--window 10 with the bundled model's 31-token system prompt: it would evict itself before a
+    """--window 10 with the bundled model's 19-token system prompt: it would evict itself before a
     word was said. Plain mode refuses it in one line; the TUI says so on screen and exits non-zero."""
     out = run_cli("--plain", "--window", "10", input="Hi\n")
     assert out.returncode == 2 and out.stdout == "", out.stderr
