@@ -116,6 +116,7 @@ class CacheMachine(RuleBasedStateMachine):
     # -- rules ---------------------------------------------------------------------------------
 
     @rule(n=st.integers(1, 12), opens_turn=st.booleans())
+    @torch.inference_mode()  # as the engine runs every forward (the buffers are inference tensors then)
     def feed(self, n, opens_turn):
         ref = self.ref
         if not ref.fits(n):
