@@ -77,9 +77,10 @@ class Settings:
     quant: str = setting("4bit", "Weights: 4bit (the best 4-bit kernel here: bitsandbytes NF4 on a GPU, "
                          "PyTorch's packed int4 on the CPU), 8bit or none.", choices=QUANTS)
     device: str = setting("auto", "auto (a GPU if there is one), cuda or cpu.", choices=DEVICES)
-    dtype: str = setting("auto", "Compute dtype: auto, float32, bfloat16 or float16.", choices=DTYPES)
-    kv_dtype: str = setting("auto", "KV cache dtype: auto (the compute dtype; bfloat16 on the CPU's fast path "
-                            "where measured faster), float32, bfloat16 or float16.", choices=KV_DTYPES)
+    dtype: str = setting("auto", "Compute dtype: auto (float32 on the CPU; bfloat16 on a GPU that has it, else "
+                         "float16), float32, bfloat16 or float16.", choices=DTYPES)
+    kv_dtype: str = setting("auto", "KV cache dtype: auto (the compute dtype), float32, bfloat16 or float16.",
+                            choices=KV_DTYPES)
     compile: str = setting("auto", "torch.compile the decode step (and record it as a CUDA graph on a GPU): "
                            "auto (on a GPU, outside the TUI), on or off; a failed compile falls back to eager.",
                            choices=COMPILE, saved=False)

@@ -16,7 +16,7 @@ import pytest
 # count), and pytest-xdist workers that share the cores never make each other's parallel regions wait.
 os.environ["OMP_NUM_THREADS"] = "1"
 
-MODEL_FIXTURES = {"smollm", "smollm_f32", "tiny_models", "tiny_loaded"}
+MODEL_FIXTURES = {"smollm", "smollm_hf", "smollm_f32", "tiny_models", "tiny_loaded"}
 
 
 def pytest_collection_modifyitems(items):

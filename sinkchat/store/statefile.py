@@ -14,7 +14,7 @@ Why: a window token's K/V never changes while it is held (evictions move it betw
 sinks and parked pinned tokens are what get re-rotated, see :mod:`sinkchat.kv.cache`), so the tokens a
 turn added are all a save has to write of the window; what lies before the window is small and
 written whole when it changed, and so are the copies a rollback of the last turn needs
-(:mod:`sinkchat.rewind`), which belong to that save alone. Restoring is the base plus each segment
+(:mod:`sinkchat.kv.rewind`), which belong to that save alone. Restoring is the base plus each segment
 in order: the window's last ``n_win`` tokens are kept (what an eviction dropped is simply not
 taken), the newest head, and the last file's copies. Evicted tokens stay in the files as garbage,
 so the store writes a new base (compaction) when the files hold more than two windows of tokens,
@@ -127,21 +127,23 @@ def layout(tensors: dict) -> dict:
     return {k: (str(t.dtype), tuple(t.shape[:-2]), t.shape[-1]) for k, t in tensors.items() if k[-2:] in (".k", ".v")}
 
 
-def _save(path: Path, tensors: dict, header: dict, fault_point: str) -> None:
+def _save(path: Path, tensors: dict, header: dict, fault_point: str, overwrite: bool = True) -> None:
     from safetensors.torch import save
 
     header = {**header, "tensor_sum": tensor_sum(tensors)}
-    write_atomic(path, save(tensors, metadata={"sinkchat": json.dumps(header)}), fault_point=fault_point)
+    write_atomic(path, save(tensors, metadata={"sinkchat": json.dumps(header)}), overwrite=overwrite,
+                 fault_point=fault_point)
 
 
-def write_state(path: Path, snap: Snapshot, tensors: dict) -> Chain:
-    """Atomically replace the base ``path``; ``OSError`` on failure. Returns the chain it starts."""
+def write_state(path: Path, snap: Snapshot, tensors: dict, overwrite: bool = True) -> Chain:
+    """Atomically replace the base ``path`` (or, without ``overwrite``, create it: ``FileExistsError``
+    if it is there); ``OSError`` on failure. Returns the chain it starts."""
     import torch
 
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     kv = layout(tensors)
     tensors["ledger"] = torch.tensor(snap.tokens, dtype=torch.int64)
-    _save(path, tensors, {**snap.header(), "ledger_sum": snap.checksum()}, "state-temp")
+    _save(path, tensors, {**snap.header(), "ledger_sum": snap.checksum()}, "state-temp", overwrite)
     return Chain(snap, snap.checksum(), kv, snap.meta.get("n_win", 0))
 
 
