@@ -44,7 +44,8 @@ class CacheGauge(Widget):
         if not self.details:
             return 2
         n = len(spans(self.occupancy))
-        return 2 + (min(n, self.MAX_SPANS) + (n > self.MAX_SPANS) if n else 1) + bool(self.streaming())
+        return (2 + (min(n, self.MAX_SPANS) + (n > self.MAX_SPANS) if n else 1) + bool(self.streaming())
+                + len(self.occupancy.notes()))
 
     def summary(self) -> str:
         """``sinks 4 · window 57 of 64 · seen 301 · forgotten 240`` (the numbers a user reads;
@@ -86,6 +87,8 @@ class CacheGauge(Widget):
         text.append(f" · seen {o.seen} · ", label)
         text.append(f"forgotten {o.evicted}", style("gauge--evicted") if o.evicted else label)
         if self.details:
+            for note in o.notes():
+                text.append("\n◐ ", style("gauge--label")).append(note, label)
             if self.streaming():
                 text.append("\n⇶ ", style("gauge--evicted")).append(self.streaming(), label)
             lines = self.span_lines()
