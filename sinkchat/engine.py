@@ -24,6 +24,7 @@ import torch
 
 from .errors import SinkchatError
 from .kv import SinkCache
+from .kv.cache import learned_sinks
 from .ledger import ChatState, Message, Occupancy, Span, partial
 from .model import LoadedModel, check_context, forward
 from .model.kernels import kv_dtype
@@ -90,6 +91,7 @@ class Chat(Steering):
     """
 
     def __init__(self, loaded: LoadedModel, settings: Settings = Settings()):
+        settings = settings.replace(sinks=settings.sinks_for(learned_sinks(loaded.model)))
         self.loaded, self.settings = loaded, settings
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
         self.turns = Turns(self.tokenizer, settings.system)

@@ -108,6 +108,8 @@ class Occupancy:
     pinned: int = 0  # pinned tokens the cache holds (never evicted), outside the sinks
     pin_capacity: int = 0  # the most tokens pins may hold (``--pin-max``)
     window_start: int = 0  # first conversation token of the rolling window
+    local_window: int | None = None  # a hybrid model's sliding layers see only this many latest tokens
+    learned_sinks: bool = False  # the model learned a sink logit per head: no sink tokens needed
 
     @property
     def held(self) -> int:
@@ -115,13 +117,24 @@ class Occupancy:
 
     def text(self) -> str:
         """One line, e.g. ``4 + 1873 / 2000 | seen 9120 | evicted 7243 [4, 7247)`` (with pins
-        ``4 + 12 pinned + 1861 / 2000 | ...``)."""
+        ``4 + 12 pinned + 1861 / 2000 | ...``; with a hybrid model's sliding layers ``... | sliding 512``)."""
         spans = " ".join(f"[{a}, {b})" for a, b in merge_spans(self.spans)) or "none"
         pinned = f"{self.pinned} pinned + " if self.pinned else ""
+        local = f" | sliding {self.local_window}" if self.local_window else ""
         return (
             f"{self.sinks} + {pinned}{self.window} / {self.window_capacity} | seen {self.seen} | "
-            f"evicted {self.evicted} {spans}"
+            f"evicted {self.evicted} {spans}{local}"
         )
+
+    def notes(self) -> list[str]:
+        """What the numbers do not say about this model's geometry, one line each (for the gauge)."""
+        notes = []
+        if self.local_window:
+            notes.append(f"the model's sliding-window layers see only its last {self.local_window} tokens, as it "
+                         "was trained to; the window above is what its global layers see")
+        if self.learned_sinks and not self.sink_capacity:
+            notes.append("no sink tokens needed: this model learned its own attention sink (a logit per head)")
+        return notes
 
 
 def merge_spans(spans: tuple[Span, ...] | list[Span]) -> list[Span]:

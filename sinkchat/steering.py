@@ -143,7 +143,7 @@ class Steering:
         pins = clip(cache.pins, 0, start)
         layout = self._fit(start, pins)  # (keeps the pins that fit the budget in ``pins``)
         held_from = cache.seen - cache.n_win  # the first window token
-        if (cache.n_sink <= start and held_from <= min(start, layout[2])
+        if (cache.n_sink <= start and held_from <= min(start, layout[2]) and cache.local_covers(start)
                 and all(b <= start for _, b in run_spans(cache.parked))):
             cache.truncate(start)
             return None

@@ -94,8 +94,10 @@ def tui(*args: str, env: dict | None = None, prefix: list[str] = ()) -> pexpect.
 
 @pytest.mark.model
 def test_a_failure_after_the_screen_opened_is_shown_in_full_and_exits_non_zero(tmp_path):
+    from test_checks import write_gguf
+
     bad = tmp_path / "broken.gguf"
-    bad.write_bytes(b"GGUF" + os.urandom(256))  # not yet converted: read on screen
+    write_gguf(bad, "llama")  # a header that passes the checks, no model behind it: found on screen
     child = tui("--model", str(bad), env={"SINKCHAT_CACHE_DIR": str(tmp_path / "cache")})
     child.expect("Could not load the model")
     child.expect("ctrl\\+q")

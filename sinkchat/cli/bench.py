@@ -102,11 +102,12 @@ def check_positive(**values: int | None) -> None:
 
 
 def settings(**flags) -> Settings:
-    """The chat's settings (defaults < config.toml < these flags), for what a bench shares with a chat."""
+    """The chat's settings (defaults < config.toml < these flags), for what a bench shares with a chat;
+    the sinks a measurement uses are always a number (the default's, whatever the model learned)."""
     s, warnings = Settings.resolve(flags, config=config.load_config(), config_source=str(config.config_file()))
     for warning in warnings:
         note(f"sinkchat: warning: {warning}")
-    return s
+    return s.replace(sinks=s.sinks_for())
 
 
 def load(s: Settings, quiet: bool, context: bool = True):
@@ -125,8 +126,11 @@ def load(s: Settings, quiet: bool, context: bool = True):
 def machine(loaded) -> dict:
     import torch
 
+    from .. import bench
+
     info = {
         "model": loaded.name,
+        "bos": bench.bos_first(loaded.tokenizer),  # every streamed text starts with BOS, as a chat does
         "quant": loaded.quant,
         "weights": loaded.weights,
         "fast_path": loaded.fast is not None,
@@ -329,8 +333,9 @@ def speed(
     ids = bench.text_ids(loaded.tokenizer, body, need)
     if len(ids) < 2:
         raise SinkchatError(f"--text {source}: fewer than 2 tokens")
-    if len(ids) < need:  # timing does not depend on the words: repeat the text to reach the positions
-        ids = (ids * (need // len(ids) + 1))[:need]
+    if len(ids) < need:  # timing does not depend on the words: repeat the text (not its BOS) to reach them
+        first = int(bench.bos_first(loaded.tokenizer))
+        ids = ids[:first] + (ids[first:] * (need // len(ids) + 1))[: need - first]
     runs: list[measure_speed.SpeedRun] = []
     interrupted = measure(
         lambda bars: measure_speed.speed_runs(loaded, ids, wanted, sinks, window, block, positions, steps,

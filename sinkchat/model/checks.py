@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from ..errors import SinkchatError
+from .families import family_of
 from .sources import gguf_target, hub_folder, resolve
 
 
@@ -48,16 +49,48 @@ def preflight(settings) -> None:
         folder = source.ref
     elif source.kind == "hub":
         folder = hub_folder(source.ref, ["config.json"])
-    else:  # a GGUF file not yet converted is read (and checked) while the screen shows progress
+    else:  # a GGUF file not yet converted: its header says what would be refused after the conversion
         folder = str(gguf_target(Path(source.ref)))
         if not (Path(folder) / "config.json").is_file():
+            check_gguf(Path(source.ref), settings.model, settings.sinks_for(), settings.window)
             return
     try:  # plain JSON: importing transformers here would cost seconds before the screen opens
         config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return  # read (and reported) while the screen shows progress
     if isinstance(config, dict):
-        check_context(config, settings.model, settings.sinks, settings.window)
+        check_context(config, settings.model, settings.sinks_for(), settings.window)
+
+
+# GGUF architectures without RoPE (learned positions, ALiBi, none at all) or with an encoder
+NO_ROPE = {"gpt2": "learned absolute position embeddings", "starcoder": "learned absolute position embeddings",
+           "bloom": "ALiBi position biases", "mpt": "ALiBi position biases", "refact": "ALiBi position biases",
+           "mamba": "no attention (a state-space model)", "mamba2": "no attention (a state-space model)",
+           "rwkv6": "no attention (a recurrent model)", "rwkv7": "no attention (a recurrent model)"}
+ENCODERS = ("t5", "t5encoder", "umt5", "bert", "nomic-bert", "jina-bert-v2")
+
+
+def check_gguf(path: Path, name: str, sinks: int, window: int) -> None:
+    """What the GGUF header already says will be refused, before anything is converted (a conversion
+    writes the whole model dequantized, gigabytes for a 7B): a model without RoPE, an encoder, a
+    geometry over its context. Raises :class:`SinkchatError`."""
+    from .header import HeaderError, read
+
+    try:
+        meta = read(path)
+    except HeaderError as exc:
+        raise SinkchatError(f"cannot read GGUF file {path}: {exc}") from None
+    except OSError as exc:
+        raise SinkchatError(f"cannot read GGUF file {path}: {exc.strerror or exc}") from None
+    arch = meta.get("general.architecture")
+    if not isinstance(arch, str):
+        raise SinkchatError(f"cannot read GGUF file {path}: it names no architecture")
+    if arch in NO_ROPE:
+        raise SinkchatError(f"{name} ({arch}) uses {NO_ROPE[arch]}, not RoPE; sinkchat's sink cache can only shift "
+                            "RoPE models (Llama, Mistral, Qwen, Gemma, ...)")
+    if arch in ENCODERS:
+        raise SinkchatError(f"{name} ({arch}) is an encoder model; sinkchat needs a decoder-only chat model")
+    check_context({"max_position_embeddings": meta.get(f"{arch}.context_length")}, name, sinks, window)
 
 
 def check_model(config, name: str) -> None:
@@ -72,32 +105,44 @@ def check_model(config, name: str) -> None:
         raise SinkchatError(f"{name} is an encoder-decoder model; sinkchat needs a decoder-only chat model")
 
 
-def _limits(config) -> tuple[int | None, int | None, list]:
-    """``(max_position_embeddings, sliding_window, layer_types)`` of a transformers config or of
-    its ``config.json`` as a dict (a multimodal model's text part where it has one)."""
+def _limits(config) -> tuple[int | None, int | None]:
+    """``(max_position_embeddings, the native sliding window if every attention layer slides)`` of a
+    transformers config or of its ``config.json`` as a dict (a multimodal model's text part where it
+    has one). A hybrid model (Gemma 3, gpt-oss) slides in some layers only: the cache gives those
+    their native window and the others sinks + window, so no window bounds the geometry there."""
     if isinstance(config, dict):
         text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+        family = family_of(text.get("model_type"))
+        types = text.get("layer_types") or (family.layer_types(text) if family else None)
+        in_use = family.sliding(text) if family else True
         get = text.get
     else:
         text = config.get_text_config(decoder=True)
         get = lambda key: getattr(text, key, None)  # noqa: E731
-    return get("max_position_embeddings"), get("sliding_window"), get("layer_types") or []
+        types, in_use = get("layer_types"), True
+    native = get("sliding_window")
+    if types:
+        everywhere = "sliding_attention" in types and "full_attention" not in types
+    else:
+        everywhere = in_use
+    return get("max_position_embeddings"), native if isinstance(native, int) and everywhere else None
 
 
 def check_context(config, name: str, sinks: int, window: int) -> None:
-    """``sinks + window`` must fit the model's positions and any native sliding window.
+    """``sinks + window`` must fit the model's positions, and its native sliding window where every
+    layer has one.
 
     ``config``: a transformers config or its ``config.json`` as a dict. Pinned messages
     (``--keep-system`` too) take room inside the window, so they never change this.
     """
-    limit, native, layer_types = _limits(config)
+    limit, native = _limits(config)
     context = sinks + window
     if isinstance(limit, int) and context > limit:
         raise SinkchatError(
             f"sinks ({sinks}) + window ({window}) = {context} tokens exceeds {name}'s context of {limit} tokens; "
             "use a smaller window"
         )
-    if isinstance(native, int) and context > native and (not layer_types or "sliding_attention" in layer_types):
+    if native is not None and context > native:
         raise SinkchatError(
             f"{name} attends only to its last {native} tokens (native sliding window); sinks ({sinks}) + "
             f"window ({window}) = {context} must be at most {native}"

@@ -10,12 +10,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import SinkchatError
-from .checks import check_context, pick_device, read_config
+from .checks import check_context, check_gguf, pick_device, read_config
 from .loaded import LoadedModel
-from .sources import gguf_folder, hub_folder, model_files, quiet, resolve
+from .sources import gguf_folder, gguf_target, hub_folder, model_files, quiet, resolve
 
 if TYPE_CHECKING:
     import torch
+
+# A base model's "chat": BOS, then each message's text, a blank line between (replies continue the text).
+PLAIN_TEMPLATE = ("{{ bos_token or '' }}{% for message in messages %}{% if not loop.first %}\n\n{% endif %}"
+                  "{{ message['content'] }}{% endfor %}{% if add_generation_prompt %}\n\n{% endif %}")
 
 def pick_dtype(dtype: str, device: str) -> torch.dtype:
     """Compute dtype: float32 on the CPU (bf16 matmuls are slow there), bf16 on GPUs that have it."""
@@ -52,6 +56,8 @@ def load(
     compute = pick_dtype(dtype, device)
     quiet()
     if source.kind == "gguf":
+        if context is not None and not (gguf_target(Path(source.ref)) / "config.json").is_file():
+            check_gguf(Path(source.ref), name, *context)  # before converting: what would be refused after
         folder = str(gguf_folder(Path(source.ref), progress))
     elif source.kind == "dir":
         folder = source.ref
@@ -63,8 +69,10 @@ def load(
     loaded = _load_quick(name, folder, context) if quick and cpu_int4 else None
     if loaded is None:
         loaded = _load_transformers(name, folder, context, quant, device, compute)
-    if getattr(loaded.tokenizer, "chat_template", None) is None:
-        raise SinkchatError(f"{name} has no chat template; sinkchat needs an instruction-tuned chat model")
+    if getattr(loaded.tokenizer, "chat_template", None) is None:  # a base model: it continues text
+        loaded.tokenizer.chat_template = PLAIN_TEMPLATE
+        loaded.notices.append(f"{name} has no chat template (a base model): messages are sent as plain text, "
+                              "one after another, and each reply continues the text")
     loaded.source = source
     from .kernels import prepare
 
@@ -153,5 +161,5 @@ def fingerprint(loaded: LoadedModel, folder: str) -> dict:
 def load_for(settings, progress=lambda msg: None, quick: bool = True) -> LoadedModel:
     """:func:`load` with a :class:`~sinkchat.settings.Settings`' model, quant, device, dtype and geometry."""
     return load(settings.model, settings.quant, settings.device, settings.dtype, progress=progress,
-                context=(settings.sinks, settings.window), kv_dtype=settings.kv_dtype, compile=settings.compile,
+                context=(settings.sinks_for(), settings.window), kv_dtype=settings.kv_dtype, compile=settings.compile,
                 quick=quick)

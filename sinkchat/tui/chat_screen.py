@@ -125,7 +125,7 @@ class ChatScreen(Say, SteerKeys, Screen):
             with Vertical(id="loading"):
                 yield LoadingIndicator()
                 yield Label("loading the model…", classes="status", markup=False)
-        yield CacheGauge(Occupancy(0, 0, self.settings.window, self.settings.sinks, 0, 0),
+        yield CacheGauge(Occupancy(0, 0, self.settings.window, self.settings.sinks_for(), 0, 0),
                          turns=self.settings.evict == "turns")
         yield ChatInput()
         yield Footer()

@@ -100,6 +100,8 @@ class CacheGauge(Widget):
                      Text(f"seen {o.seen}", label), Text(f"forgotten {o.evicted}", gone if o.evicted else label)]
         lines = [bar, *flow(counters, Text(" · ", label), width)]
         if self.details:
+            for note in o.notes():
+                lines += flow(words(Text.assemble(("◐ ", label), (note, label))), Text(" "), width)
             if streaming := self.streaming():
                 lines += flow(words(Text.assemble(("⇶ ", gone), (streaming, label))), Text(" "), width)
             spans = self.span_lines()
