@@ -10,6 +10,12 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
+
+# No per-example deadline: a deadline is a timed assertion, and on a shared 2-core machine one example
+# of a fast property took 408 ms (0.8 ms when rerun). Properties assert results, benchmarks time.
+settings.register_profile("sinkchat", deadline=None)
+settings.load_profile("sinkchat")
 
 # One OpenMP thread in the tests and in the sinkchat processes they start: the CPU kernels' results
 # depend on how work is split over threads (greedy replies in snapshots would change with the core
