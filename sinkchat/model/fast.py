@@ -131,13 +131,14 @@ class FastModel:
         self.compiled_s: float | None = None  # seconds the first compiled step took (compiling, recording)
 
     @classmethod
-    def build(cls, model, int4: bool, packs=None) -> "FastModel":
+    def build(cls, model, int4: bool = False, packs=None, make=None) -> "FastModel":
         """Fuse each layer's q/k/v and gate/up (quantizing to 4 bits with ``int4``), point the model's
         own modules at row slices of the fused ones, and return the fast forward over them. With
         ``int4`` the output head becomes a float16 copy and every projection an
         :class:`~sinkchat.model.quant.Int4Linear`, on both paths; bitsandbytes 4-bit projections (a GPU)
         become :class:`~sinkchat.model.quant.NF4Linear` on the same packed bytes, and a 16-bit head is
-        called in its own dtype."""
+        called in its own dtype. ``make(weight, bias, key)``: the module for each (fused) dense weight
+        instead (a GPU kernel of :mod:`.gpu`; it has ``rows``)."""
         config = model.config
         family = family_of(config.model_type)
         block_spec, offset = family.block, family.block.norm_offset
@@ -148,10 +149,12 @@ class FastModel:
         layers = []
         for i, block in enumerate(model.model.layers):
             attn, mlp = block.self_attn, block.mlp
-            qkv = _fuse(attn, ("q_proj", "k_proj", "v_proj"), int4, packs, f"{i}.qkv")
-            gate_up = _fuse(mlp, ("gate_proj", "up_proj"), int4, packs, f"{i}.gate_up")
+            qkv = _fuse(attn, ("q_proj", "k_proj", "v_proj"), int4, packs, f"{i}.qkv", make)
+            gate_up = _fuse(mlp, ("gate_proj", "up_proj"), int4, packs, f"{i}.gate_up", make)
             o, down = attn.o_proj, mlp.down_proj
-            if int4:
+            if make is not None:
+                o, down = make(o.weight, o.bias, f"{i}.o"), make(down.weight, down.bias, f"{i}.down")
+            elif int4:
                 o, down = _int4(o, packs, f"{i}.o"), _int4(down, packs, f"{i}.down")
             elif NF4Linear.fits(o) and NF4Linear.fits(down):
                 o, down = NF4Linear.fuse([o]), NF4Linear.fuse([down])
@@ -360,11 +363,15 @@ def _int4(module: nn.Module, packs, key: str) -> nn.Module:
     return Int4Linear.from_weight(module.weight, module.bias, packs, key)
 
 
-def _fuse(parent: nn.Module, names: tuple[str, ...], int4: bool, packs=None, key: str = "") -> nn.Module:
+def _fuse(parent: nn.Module, names: tuple[str, ...], int4: bool, packs=None, key: str = "",
+          make=None) -> nn.Module:
     """One linear for ``parent``'s ``names`` (same input), whose row slices replace them in ``parent``."""
     parts = [getattr(parent, name) for name in names]
     sizes = [p.out_features for p in parts]
-    if all(NF4Linear.fits(p) for p in parts):  # bitsandbytes 4-bit: concatenated as packed, never re-quantized
+    if make is not None:
+        weight = torch.cat([p.weight.detach() for p in parts])
+        fused = make(weight, cat_bias(parts, weight.dtype, weight.device), key)
+    elif all(NF4Linear.fits(p) for p in parts):  # bitsandbytes 4-bit: concatenated as packed, never re-quantized
         fused = NF4Linear.fuse(parts)
     else:
         weight = torch.cat([p.weight.detach() for p in parts])

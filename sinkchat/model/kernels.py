@@ -29,7 +29,16 @@ def prepare(loaded: LoadedModel, kv_dtype: str = "auto", compile: str = "auto", 
     from . import fast, quant
 
     model = loaded.model
-    if loaded.quant == "4bit" and loaded.device == "cpu":
+    if loaded.quant in ("4bit", "int4") and loaded.device == "cuda" and next(model.parameters()).is_cpu:
+        from . import gpu  # loaded in 16 bits on the CPU: quantized onto the GPU weight by weight
+
+        if fast.supported(model):
+            gpu.build(loaded, loaded.quant, torch.device("cuda"))
+        else:  # the GPU kernels serve the fast path only
+            model.to("cuda")
+            loaded.weights = "dense"
+            loaded.notices.append(f"--quant {loaded.quant}: this model is not on the fast path; it runs in 16 bits")
+    elif loaded.quant in ("4bit", "int4") and loaded.device == "cpu":
         loaded.weights = "int4pack-g32"
         packs = quant.Packs(_packs_path(folder))
         if fast.supported(model):
@@ -38,7 +47,8 @@ def prepare(loaded: LoadedModel, kv_dtype: str = "auto", compile: str = "auto", 
             quant.int4_modules(model, packs)
         packs.save()
     else:
-        loaded.weights = {"4bit": "bnb-nf4", "8bit": "bnb-int8"}.get(loaded.quant, "dense")
+        loaded.weights = {"4bit": "bnb-nf4", "int4": "bnb-nf4", "nf4": "bnb-nf4", "8bit": "bnb-int8"}.get(
+            loaded.quant, "dense")
         dense_cpu = loaded.quant == "none" and loaded.device == "cpu" and loaded.dtype == torch.float32
         one_device = len({p.device for p in model.parameters()}) == 1  # not spread over several GPUs
         if fast.supported(model) and (dense_cpu or loaded.weights == "bnb-nf4" and one_device
