@@ -135,8 +135,12 @@ def test_a_model_quantized_through_the_chosen_kernel_matches_its_dequantized_wei
     reference = load(str(tiny128), quant="none", device="cpu", dtype="bfloat16")
     reference.fast = FastModel.build(reference.model, make=dequantized)
     loaded = load(str(tiny128), quant="none", device="cpu", dtype="bfloat16")
-    gpu.build(loaded, "int4", torch.device("cpu"), kernels=["tinygemm"])
+    said: list[str] = []
+    gpu.build(loaded, "int4", torch.device("cpu"), kernels=["tinygemm"], progress=said.append)
     assert loaded.weights == "int4-tinygemm-g128" and loaded.notices == []
+    layers = len(loaded.model.model.layers)  # the load's status line: the kernel, then each layer
+    assert said == ["quantizing onto cpu with the tinygemm 4-bit kernel ..."] + [
+        f"quantizing onto cpu (tinygemm): layer {i}/{layers}" for i in range(1, layers + 1)]
     assert isinstance(loaded.fast.layers[0].qkv, gpu.TinyLinear) and isinstance(loaded.fast.layers[0].down,
                                                                                  gpu.TinyLinear)
     ids = list(range(100, 140))

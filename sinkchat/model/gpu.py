@@ -244,11 +244,12 @@ def pick(weight: torch.Tensor, kernels: list[str], notices: list[str], ms: Calla
     return min(within, key=lambda name: within[name][0])
 
 
-def build(loaded, want: str, device: torch.device, kernels: list[str] | None = None):
+def build(loaded, want: str, device: torch.device, kernels: list[str] | None = None, progress=lambda msg: None):
     """Quantize a model loaded in 16 bits on the CPU onto ``device``, one fused weight at a time (the
     GPU never holds the 16-bit model), with the kernel ``want`` asks for: ``4bit`` the one :func:`pick`
     chooses, ``int4`` tinygemm (NF4 where it cannot run); the fast path over it. Sets ``loaded.fast``
-    and ``loaded.weights``; a fallback adds one notice to ``loaded.notices``."""
+    and ``loaded.weights``; a fallback adds one notice to ``loaded.notices``. ``progress`` hears which
+    kernel was chosen and each layer as it is quantized (the load's status line)."""
     from .fast import FastModel
 
     model = loaded.model
@@ -268,7 +269,12 @@ def build(loaded, want: str, device: torch.device, kernels: list[str] | None = N
     loaded.notices.extend(notes[:1])  # one notice, whatever fell through
     del sample
 
+    layers = len(model.model.layers)
+    progress(f"quantizing onto {device.type} with the {chosen} 4-bit kernel ...")
+
     def make(weight, bias, key):
+        if key.endswith(".down"):  # the last of a layer's four
+            progress(f"quantizing onto {device.type} ({chosen}): layer {int(key.split('.')[0]) + 1}/{layers}")
         weight = weight.to(device)
         return makers[chosen](weight, bias) or (makers["nf4"](weight, bias) if chosen != "nf4" else None) \
             or DenseLinear(weight, bias, loaded.dtype)

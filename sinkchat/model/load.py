@@ -78,7 +78,7 @@ def load(
     loaded.source = source
     from .kernels import prepare
 
-    prepare(loaded, kv_dtype, compile, folder)
+    prepare(loaded, kv_dtype, compile, folder, progress)
     loaded.fingerprint = fingerprint(loaded, folder)
     return loaded
 
