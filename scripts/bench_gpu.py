@@ -118,6 +118,11 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="a 2-layer model of the same family (a dry run)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print(f"bench_gpu: no CUDA device here (torch {torch.__version__}, CUDA build {torch.version.cuda or 'none'}): "
+              "nothing was measured. Run it on a machine with an NVIDIA GPU, or `--tiny --device cpu` for a dry "
+              "run of the script.", file=sys.stderr)
+        sys.exit(2)
     device, S, W = torch.device(args.device), args.sinks, args.window
     shape = TINY if args.tiny else MISTRAL_7B
     names = args.kernels.split(",") if args.kernels else kernels.available(device) or ["tinygemm"]
