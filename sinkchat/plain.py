@@ -11,6 +11,10 @@ SIGTERM or a closed terminal (SIGHUP) do the same and then end the session, whic
 pipe, Ctrl+C ends it too). While waiting for input, Ctrl+C, SIGTERM and SIGHUP end the session at
 once. Input that is not valid UTF-8 is replaced with U+FFFD (said once); control characters in
 replies are shown as symbols.
+
+Every call that touches the model (a turn, a command that takes a turn back, a save's copy of the
+K/V) runs on the :class:`~sinkchat.decoder.Decoder` thread, as in the TUI; this thread reads
+input, prints and takes the signals.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from contextlib import suppress
 from typing import TextIO
 
 from . import commands
+from .decoder import Decoder
 from .engine import Chat, Done, Notice, TokenText
 from .errors import WriteFailed
 from .files import reason
@@ -72,11 +77,20 @@ def run(
     stdout: TextIO | None = None,
     after_turn: Callable[[Chat], None] = lambda chat: None,
     notify: Callable[[str], None] = lambda message: print(f"sinkchat: {message}", file=sys.stderr),
+    decoder: Decoder | None = None,
 ) -> int | None:
-    """Chat until end of input; ``after_turn`` runs after every reply (the store saves there).
+    """Chat until end of input; ``after_turn`` runs after every reply (the store saves there), on the
+    decode thread like every model call (``decoder``: the one the model was loaded on; else one is
+    started for this session).
 
     Returns the signal that ended the session (SIGTERM, SIGHUP), or None.
     """
+    if decoder is None:
+        decoder = Decoder()
+        try:
+            return run(chat, stdin, stdout, after_turn, notify, decoder)
+        finally:
+            decoder.close()
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     interactive = stdin.isatty()
     out = _Output(stdout, chat)
@@ -101,13 +115,13 @@ def run(
             text = line.rstrip("\r\n")
             if not text.strip():
                 continue
-            todo = commands.run_line(chat, text, out.write, notify, after_turn)
+            todo = decoder.call(commands.run_line, chat, text, out.write, notify, after_turn)
             if todo.quit:
                 break
             if todo.send is not None and todo.send.strip():  # None: a command that sends nothing
-                _reply(chat, todo.send, out, interactive, notify, todo.pin)
+                _reply(chat, todo.send, out, interactive, notify, todo.pin, decoder)
                 tell_notices()
-                after_turn(chat)
+                decoder.call(after_turn, chat)
     if out.failed:
         raise WriteFailed(f"cannot write the reply to standard output: {out.failed}")
     return session.ended_by
@@ -154,8 +168,8 @@ class _Output:
 
 
 def _reply(chat: Chat, text: str, out: _Output, interactive: bool, notify: Callable[[str], None],
-           pin: bool = False) -> None:
-    events = chat.submit(text, pin)  # a Ctrl+C from here on stops this turn (after "bot> ", it always does)
+           pin: bool, decoder: Decoder) -> None:
+    events = decoder.iterate(chat.submit(text, pin), chat.stop)  # a Ctrl+C from here on stops this turn
     said: list[Notice] = []  # told after the reply, so no line breaks into it
     if interactive:
         out.write("bot> ")
@@ -164,7 +178,8 @@ def _reply(chat: Chat, text: str, out: _Output, interactive: bool, notify: Calla
             event = next(events)
         except StopIteration:
             break
-        except KeyboardInterrupt:  # only off the main thread (no handler): the engine kept the reply
+        except KeyboardInterrupt:  # only off the main thread (no handler): the engine keeps the reply
+            events.close()  # stops the turn and waits for it
             break
         if isinstance(event, TokenText):
             out.write(clean(event.text))

@@ -14,6 +14,7 @@ import torch
 
 from ..engine import prefill_chunk
 from ..kv import SinkCache, max_positions
+from .ceiling import bytes_per_token, ceiling
 from .stream import Stream, Tick, dense_cache, recompute_logits
 
 
@@ -38,6 +39,7 @@ class SpeedRun:
     decode_s: float = 0.0
     upkeep_s: float = 0.0
     note: str = ""
+    bytes: dict[str, int] | None = None  # what one decode step reads at the last position (sinks mode)
 
     def ms(self) -> float | None:
         return statistics.median(self.step_ms) if self.step_ms else None
@@ -121,6 +123,7 @@ def speed_runs(
         if mode == "sinks":
             cache = SinkCache.for_model(model, sinks, window, block)
             speed_stream(run, model, cache, ids, positions, steps, chunk, progress)
+            run.bytes = bytes_per_token(model, cache)
         elif mode == "dense":
             fits = [p for p in positions if limit is None or p + steps <= limit]
             if len(fits) < len(positions):
@@ -132,7 +135,9 @@ def speed_runs(
             speed_recompute(run, model, ids, sinks, window, positions, recompute_steps, progress)
 
 
-def speed_report(runs: list[SpeedRun], extra: dict) -> dict:
+def speed_report(runs: list[SpeedRun], extra: dict, bandwidth: float | None = None) -> dict:
+    """The JSON report; with ``bandwidth`` (bytes/s, :func:`~.ceiling.copy_bandwidth`) also the sinks
+    mode's bytes per token, its bandwidth ceiling and the share of it reached."""
     by_mode = {run.mode: run for run in runs}
     results = []
     for run in runs:
@@ -150,11 +155,14 @@ def speed_report(runs: list[SpeedRun], extra: dict) -> dict:
     speedup = recompute.ms() / sinks.ms() if sinks and recompute and sinks.ms() and recompute.ms() else None
     upkeep = sinks.upkeep_s / sinks.decode_s if sinks and sinks.decode_s else None
     flat = sinks.points[-1]["ms"] / sinks.points[0]["ms"] if sinks and len(sinks.points) > 1 else None
+    roof = ceiling(sinks.bytes, bandwidth, 1000 / sinks.ms() if sinks.ms() else None) if (
+        sinks and sinks.bytes and bandwidth) else {}
     return {
         "results": results,
         "speedup_vs_recompute": speedup,
         "upkeep_share": upkeep,
         "sinks_last_vs_first": flat,
+        **roof,
         **extra,
     }
 

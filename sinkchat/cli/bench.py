@@ -338,6 +338,9 @@ def speed(
     if len(ids) < need:  # timing does not depend on the words: repeat the text (not its BOS) to reach them
         first = int(bench.bos_first(loaded.tokenizer))
         ids = ids[:first] + (ids[first:] * (need // len(ids) + 1))[: need - first]
+    from ..bench.ceiling import copy_bandwidth
+
+    bandwidth = copy_bandwidth(next(loaded.model.parameters()).device)
     runs: list[measure_speed.SpeedRun] = []
     interrupted = measure(
         lambda bars: measure_speed.speed_runs(loaded, ids, wanted, sinks, window, block, positions, steps,
@@ -347,7 +350,7 @@ def speed(
              "recompute_steps": recompute_steps,
              "memory": "CUDA max allocated" if str(loaded.device).startswith("cuda") else "process RSS",
              "interrupted": interrupted, "machine": machine(loaded)}
-    report = measure_speed.speed_report(runs, extra)
+    report = measure_speed.speed_report(runs, extra, bandwidth)
     if plot and runs:
         from ..bench.plot import speed_plot
 

@@ -114,6 +114,11 @@ def print_speed(report: dict) -> None:
     console.print(f"sinks last/first position time: {fmt(report['sinks_last_vs_first'], '.3f')}")
     share = report["upkeep_share"]
     console.print(f"cache upkeep (eviction, re-rotation): {fmt(share and share * 100, '.2f')}% of decode time")
+    if report.get("bytes_per_token"):
+        parts = ", ".join(f"{k} {v / 1e6:.1f}" for k, v in report["bytes_parts"].items())
+        console.print(f"bytes per token: {report['bytes_per_token'] / 1e6:.1f} MB ({parts}); copy bandwidth "
+                      f"{report['copy_bandwidth_GBps']:.1f} GB/s; ceiling {report['ceiling_tokens_per_s']:.0f} "
+                      f"tokens/s; sinks reach {fmt(report['ceiling_share'] and report['ceiling_share'] * 100, '.1f')}%")
 
 
 def print_sweep(report: dict) -> None:

@@ -139,6 +139,7 @@ def _resume(store, resume: str | None) -> tuple[int | None, dict | None]:
 
 def _run_plain(settings: Settings, store, chat_id: int | None, save: bool = True) -> None:
     from .. import plain
+    from ..decoder import Decoder
     from ..engine import Chat
     from ..model import load_for
     from ..store import Autosave
@@ -147,24 +148,27 @@ def _run_plain(settings: Settings, store, chat_id: int | None, save: bool = True
         if hasattr(stream, "reconfigure"):  # undecodable input is replaced (and said so) by plain mode
             stream.reconfigure(errors=errors)
     progress = (lambda msg: print(msg, file=sys.stderr)) if sys.stdin.isatty() else (lambda msg: None)
+    decoder = Decoder()  # every model call runs there, as in the TUI
     try:
-        loaded = load_for(settings, progress=progress)
-        chat = Chat(loaded, settings)
+        loaded = decoder.call(load_for, settings, progress=progress)
+        chat = decoder.call(Chat, loaded, settings)
         if chat_id is not None:
-            for notice in store.open(chat_id, chat):
+            for notice in store.open(chat_id, chat, on_model=decoder.call):
                 note(notice)
             if sys.stdin.isatty():
                 _recap(chat, chat_id)
     except BaseException:
+        decoder.close()
         if store is not None:
             store.close()
         raise
     autosave = Autosave(store, chat, settings, chat_id, note) if store is not None and save else None
     after_turn = autosave or (lambda chat: None)
     try:
-        ended_by = plain.run(chat, after_turn=after_turn, notify=note)
+        ended_by = plain.run(chat, after_turn=after_turn, notify=note, decoder=decoder)
     finally:
-        after_turn(chat)
+        decoder.call(after_turn, chat)
+        decoder.close()
         if store is not None:
             store.close()
     if sys.stdin.isatty() and autosave is not None and autosave.chat_id is not None:

@@ -131,13 +131,14 @@ class FastModel:
         self.compiled_s: float | None = None  # seconds the first compiled step took (compiling, recording)
 
     @classmethod
-    def build(cls, model, int4: bool, packs=None) -> "FastModel":
+    def build(cls, model, int4: bool = False, packs=None, make=None) -> "FastModel":
         """Fuse each layer's q/k/v and gate/up (quantizing to 4 bits with ``int4``), point the model's
         own modules at row slices of the fused ones, and return the fast forward over them. With
         ``int4`` the output head becomes a float16 copy and every projection an
         :class:`~sinkchat.model.quant.Int4Linear`, on both paths; bitsandbytes 4-bit projections (a GPU)
         become :class:`~sinkchat.model.quant.NF4Linear` on the same packed bytes, and a 16-bit head is
-        called in its own dtype."""
+        called in its own dtype. ``make(weight, bias, key)``: the module for each (fused) dense weight
+        instead (a GPU kernel of :mod:`.gpu`; it has ``rows``)."""
         config = model.config
         family = family_of(config.model_type)
         block_spec, offset = family.block, family.block.norm_offset
@@ -148,10 +149,12 @@ class FastModel:
         layers = []
         for i, block in enumerate(model.model.layers):
             attn, mlp = block.self_attn, block.mlp
-            qkv = _fuse(attn, ("q_proj", "k_proj", "v_proj"), int4, packs, f"{i}.qkv")
-            gate_up = _fuse(mlp, ("gate_proj", "up_proj"), int4, packs, f"{i}.gate_up")
+            qkv = _fuse(attn, ("q_proj", "k_proj", "v_proj"), int4, packs, f"{i}.qkv", make)
+            gate_up = _fuse(mlp, ("gate_proj", "up_proj"), int4, packs, f"{i}.gate_up", make)
             o, down = attn.o_proj, mlp.down_proj
-            if int4:
+            if make is not None:
+                o, down = make(o.weight, o.bias, f"{i}.o"), make(down.weight, down.bias, f"{i}.down")
+            elif int4:
                 o, down = _int4(o, packs, f"{i}.o"), _int4(down, packs, f"{i}.down")
             elif NF4Linear.fits(o) and NF4Linear.fits(down):
                 o, down = NF4Linear.fuse([o]), NF4Linear.fuse([down])
@@ -174,10 +177,18 @@ class FastModel:
         device = self.norm.device
         x = self.embed(torch.tensor(ids, device=device)).float()  # [n, hidden], the residual stream
         ropes = [self._rope(positions.reshape(-1).to(device), r) for r in range(len(self.ropes))]
+        slots: dict[int, torch.Tensor] = {}  # one token into a 16-bit cache: the static step's attention
         for layer, cl in zip(self.layers, cache.layers):
             q, k, v = self._project(layer, x, *ropes[layer.rope])
             keys, values = cl.write(k.transpose(0, 1)[None], v.transpose(0, 1)[None])  # [1, KV, L, D]
-            x = self._finish(layer, x, self._attend(q, keys, values, layer.window))
+            if len(ids) == 1 and keys.dtype != torch.float32:
+                slot = slots.get(cl.length)
+                if slot is None:
+                    slot = slots[cl.length] = torch.tensor([cl.length - 1], device=device)
+                a = self._attend_slots(q, cl.keys, cl.values, slot, layer.window)
+            else:
+                a = self._attend(q, keys, values, layer.window)
+            x = self._finish(layer, x, a)
         if keep:
             x = x[-keep:]
         return self.head(self._norm(x, self.norm)).float()
@@ -224,7 +235,7 @@ class FastModel:
         the slot the new key/value takes in the sink layers' and in the sliding layers' whole
         ``[1, KV, capacity, D]`` buffers; attention runs over every slot with the ones past it (and, in
         a sliding layer, those ``window`` or more back) masked. Logits ``[1, vocab]``."""
-        H, KV, D = self.heads, self.kv_heads, self.head_dim
+        KV, D = self.kv_heads, self.head_dim
         x = self.embed(token).float()
         ropes = [self._rope(position, r) for r in range(len(self.ropes))]
         for layer, (keys, values) in zip(self.layers, buffers):
@@ -233,14 +244,26 @@ class FastModel:
             slot = slots[j : j + 1]
             keys[:, :, slot] = k.view(1, KV, 1, D).to(keys.dtype)  # index_put_: in place, also when compiled
             values[:, :, slot] = v.view(1, KV, 1, D).to(values.dtype)
-            at = torch.arange(keys.shape[2], device=slot.device)
-            mask = at <= slot
-            if layer.window is not None:
-                mask = mask & (at > slot - layer.window)
-            a = F.scaled_dot_product_attention(q.view(1, KV, H // KV, D).to(keys.dtype), keys, values,
-                                               attn_mask=mask.view(1, 1, 1, -1), scale=self.scale)
-            x = self._finish(layer, x, a.reshape(1, H * D).float())
+            x = self._finish(layer, x, self._attend_slots(q, keys, values, slot, layer.window))
         return self.head(self._norm(x, self.norm)).float()
+
+    def _attend_slots(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, slot: torch.Tensor,
+                      window: int | None) -> torch.Tensor:
+        """One query ``q`` ``[1, H, D]`` against a layer's whole ``[1, KV, capacity, D]`` buffers, the
+        slots past ``slot`` (a ``[1]`` tensor: where the new token went) masked, and in a sliding
+        layer those ``window`` or more back -> ``[1, H D]``, in the cache's dtype, query heads folded
+        per key/value head. The static step's attention, and the eager step's for one token in a
+        16-bit cache: a bf16 SDPA over the filled slots alone runs another kernel (flash on a GPU,
+        an unmasked CPU path) whose rounding differs, which the two steps' logits showed (1.4e-2 of
+        the largest logit on SmolLM2-135M in bf16 on the CPU; up to 4.3e-2 on a GPU)."""
+        H, KV, D = self.heads, self.kv_heads, self.head_dim
+        at = torch.arange(keys.shape[2], device=slot.device)
+        mask = at <= slot
+        if window is not None:
+            mask = mask & (at > slot - window)
+        a = F.scaled_dot_product_attention(q.view(1, KV, H // KV, D).to(keys.dtype), keys, values,
+                                           attn_mask=mask.view(1, 1, 1, -1), scale=self.scale)
+        return a.reshape(1, H * D).float()
 
     def _compiled_step(self, token: int, positions: torch.Tensor, cache) -> torch.Tensor:
         device = self.norm.device
@@ -360,11 +383,15 @@ def _int4(module: nn.Module, packs, key: str) -> nn.Module:
     return Int4Linear.from_weight(module.weight, module.bias, packs, key)
 
 
-def _fuse(parent: nn.Module, names: tuple[str, ...], int4: bool, packs=None, key: str = "") -> nn.Module:
+def _fuse(parent: nn.Module, names: tuple[str, ...], int4: bool, packs=None, key: str = "",
+          make=None) -> nn.Module:
     """One linear for ``parent``'s ``names`` (same input), whose row slices replace them in ``parent``."""
     parts = [getattr(parent, name) for name in names]
     sizes = [p.out_features for p in parts]
-    if all(NF4Linear.fits(p) for p in parts):  # bitsandbytes 4-bit: concatenated as packed, never re-quantized
+    if make is not None:
+        weight = torch.cat([p.weight.detach() for p in parts])
+        fused = make(weight, cat_bias(parts, weight.dtype, weight.device), key)
+    elif all(NF4Linear.fits(p) for p in parts):  # bitsandbytes 4-bit: concatenated as packed, never re-quantized
         fused = NF4Linear.fuse(parts)
     else:
         weight = torch.cat([p.weight.detach() for p in parts])

@@ -15,21 +15,32 @@ if TYPE_CHECKING:
     from .loaded import LoadedModel
 
 
-def prepare(loaded: LoadedModel, kv_dtype: str = "auto", compile: str = "auto", folder: str | None = None) -> None:
+def prepare(loaded: LoadedModel, kv_dtype: str = "auto", compile: str = "auto", folder: str | None = None,
+            progress=lambda msg: None) -> None:
     """Pick the kernels, the fast path and the KV dtype for a freshly loaded model.
 
     On the CPU, ``4bit`` means PyTorch's packed int4 kernel (bitsandbytes' CPU path is 12x slower
-    without AVX512-BF16, see :mod:`.quant`); on a GPU, bitsandbytes NF4. A Llama-family
-    model gets the fast path (:mod:`.fast`) in float32 or int4 on the CPU and in NF4 on one
-    GPU, where ``compile`` ``auto`` also captures its decode step in CUDA graphs. Everything else
-    runs through transformers.
+    without AVX512-BF16, see :mod:`.quant`); on a GPU, the fastest 4-bit kernel of :mod:`.gpu` that
+    runs there (a model loaded in 16 bits on the CPU and quantized onto the GPU), or bitsandbytes
+    NF4 for a model transformers quantized. A fast-path model (:mod:`.fast`) runs in float32 or int4
+    on the CPU and in 4 bits on one GPU, where ``compile`` ``auto`` also compiles its decode step and
+    records it as one CUDA graph. Everything else runs through transformers.
     """
     import torch
 
     from . import fast, quant
 
     model = loaded.model
-    if loaded.quant == "4bit" and loaded.device == "cpu":
+    if loaded.quant in ("4bit", "int4") and loaded.device == "cuda" and next(model.parameters()).is_cpu:
+        from . import gpu  # loaded in 16 bits on the CPU: quantized onto the GPU weight by weight
+
+        if fast.supported(model):
+            gpu.build(loaded, loaded.quant, torch.device("cuda"), progress=progress)
+        else:  # the GPU kernels serve the fast path only
+            model.to("cuda")
+            loaded.weights = "dense"
+            loaded.notices.append(f"--quant {loaded.quant}: this model is not on the fast path; it runs in 16 bits")
+    elif loaded.quant in ("4bit", "int4") and loaded.device == "cpu":
         loaded.weights = "int4pack-g32"
         packs = quant.Packs(_packs_path(folder))
         if fast.supported(model):
@@ -38,7 +49,8 @@ def prepare(loaded: LoadedModel, kv_dtype: str = "auto", compile: str = "auto", 
             quant.int4_modules(model, packs)
         packs.save()
     else:
-        loaded.weights = {"4bit": "bnb-nf4", "8bit": "bnb-int8"}.get(loaded.quant, "dense")
+        loaded.weights = {"4bit": "bnb-nf4", "int4": "bnb-nf4", "nf4": "bnb-nf4", "8bit": "bnb-int8"}.get(
+            loaded.quant, "dense")
         dense_cpu = loaded.quant == "none" and loaded.device == "cpu" and loaded.dtype == torch.float32
         one_device = len({p.device for p in model.parameters()}) == 1  # not spread over several GPUs
         if fast.supported(model) and (dense_cpu or loaded.weights == "bnb-nf4" and one_device

@@ -17,6 +17,8 @@ from .sources import gguf_folder, gguf_target, hub_folder, model_files, quiet, r
 if TYPE_CHECKING:
     import torch
 
+INT4 = ("4bit", "int4")  # the --quant values PyTorch's int4 kernels serve (on a GPU, 4bit picks the fastest)
+
 # A base model's "chat": BOS, then each message's text, a blank line between (replies continue the text).
 PLAIN_TEMPLATE = ("{{ bos_token or '' }}{% for message in messages %}{% if not loop.first %}\n\n{% endif %}"
                   "{{ message['content'] }}{% endfor %}{% if add_generation_prompt %}\n\n{% endif %}")
@@ -65,8 +67,8 @@ def load(
         progress(f"looking up {source.ref} ...")
         folder = hub_folder(source.ref)
     progress(f"loading {name} ({quant}, {device}) ...")
-    cpu_int4 = quant == "4bit" and device == "cpu"  # PyTorch's packed int4 kernel, after loading (.quant)
-    loaded = _load_quick(name, folder, context) if quick and cpu_int4 else None
+    cpu_int4 = quant in INT4 and device == "cpu"  # PyTorch's packed int4 kernel, after loading (.quant)
+    loaded = _load_quick(name, folder, context, quant) if quick and cpu_int4 else None
     if loaded is None:
         loaded = _load_transformers(name, folder, context, quant, device, compute)
     if getattr(loaded.tokenizer, "chat_template", None) is None:  # a base model: it continues text
@@ -76,12 +78,12 @@ def load(
     loaded.source = source
     from .kernels import prepare
 
-    prepare(loaded, kv_dtype, compile, folder)
+    prepare(loaded, kv_dtype, compile, folder, progress)
     loaded.fingerprint = fingerprint(loaded, folder)
     return loaded
 
 
-def _load_quick(name: str, folder: str, context: tuple[int | None, int] | None) -> LoadedModel | None:
+def _load_quick(name: str, folder: str, context: tuple[int | None, int] | None, quant: str) -> LoadedModel | None:
     """The model as a :class:`~.quickload.Skeleton` for the CPU fast path, or None where
     it does not qualify (then transformers loads it)."""
     import torch
@@ -104,7 +106,7 @@ def _load_quick(name: str, folder: str, context: tuple[int | None, int] | None) 
 
     if not supported(model):  # only the fast path runs a skeleton
         return None
-    return LoadedModel(model, tokenizer, None, "4bit", "cpu", torch.float32)
+    return LoadedModel(model, tokenizer, None, quant, "cpu", torch.float32)
 
 
 def _load_transformers(name: str, folder: str, context: tuple[int | None, int] | None, quant: str, device: str,
@@ -117,15 +119,16 @@ def _load_transformers(name: str, folder: str, context: tuple[int | None, int] |
     if context is not None:
         check_context(config, name, *context)
     kwargs: dict = {"dtype": compute}
-    if quant == "4bit" and device == "cpu":  # PyTorch's packed int4 kernel, after loading (.quant)
+    on_cpu_first = quant in INT4 and device == "cuda" and gpu_fast(config)  # .gpu quantizes it onto the GPU
+    if quant in INT4 and device == "cpu":  # PyTorch's packed int4 kernel, after loading (.quant)
         kwargs["dtype"] = compute = torch.float32
-    elif quant == "4bit":
+    elif quant in INT4 + ("nf4",) and not on_cpu_first:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute
         )
     elif quant == "8bit":
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
-    if device == "cuda":
+    if device == "cuda" and not on_cpu_first:
         kwargs["device_map"] = "auto"  # spreads a model too large for one GPU over all visible GPUs
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -135,6 +138,17 @@ def _load_transformers(name: str, folder: str, context: tuple[int | None, int] |
     except Exception as exc:
         raise SinkchatError(f"cannot load {name}: {exc}".splitlines()[0]) from None
     return LoadedModel(model, tokenizer, None, quant, device, compute)
+
+
+def gpu_fast(config) -> bool:
+    """Whether a model of ``config`` takes the GPU kernels of :mod:`.gpu` (a family on the fast path,
+    on one GPU): loaded in 16 bits on the CPU, then quantized onto the GPU weight by weight."""
+    import torch
+
+    from .families import family_of
+
+    family = family_of(getattr(config, "model_type", None))
+    return family is not None and family.fast(config) and torch.cuda.device_count() == 1
 
 
 def fingerprint(loaded: LoadedModel, folder: str) -> dict:

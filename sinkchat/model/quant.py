@@ -43,15 +43,22 @@ def int4_fits(out_features: int, in_features: int) -> bool:
     return out_features % 16 == 0 and in_features % GROUP == 0
 
 
-def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``weight`` ``[N, K]`` -> (packed ``uint8 [N, K/2]``, scales and zeros ``bf16 [K/32, N, 2]``)."""
+def int4_codes(weight: torch.Tensor, group: int = GROUP) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric min/max 4-bit per ``group`` inputs (gpt-fast's ``group_quantize_tensor``): ``weight``
+    ``[N, K]`` -> (codes ``int32 [N, K]`` in 0..15, scales and zeros ``bf16 [K/group, N, 2]``) with
+    ``w = (q - 8) * scale + zero``, the layout of PyTorch's int4 kernels on the CPU and on CUDA."""
     n, k = weight.shape
-    wg = weight.detach().float().reshape(n, k // GROUP, GROUP)
+    wg = weight.detach().float().reshape(n, k // group, group)
     lo, hi = wg.amin(-1), wg.amax(-1)
     scale = ((hi - lo) / 15).clamp(min=1e-8)
     q = ((wg - lo[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.int32).reshape(n, k)
     zero = lo + 8 * scale  # the kernel computes (q - 8) * scale + zero
-    scales = torch.stack([scale, zero], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
+    return q, torch.stack([scale, zero], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
+
+
+def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``weight`` ``[N, K]`` -> (packed ``uint8 [N, K/2]``, scales and zeros ``bf16 [K/32, N, 2]``)."""
+    q, scales = int4_codes(weight)
     return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, INNER_K_TILES), scales
 
 

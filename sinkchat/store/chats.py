@@ -16,6 +16,7 @@ import functools
 import os
 import sqlite3
 import time
+from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
 
@@ -318,8 +319,11 @@ class Store:
                           snap.messages, snap.tokens, notices)
 
     @_disk("open chat {0}")
-    def open(self, chat_id: int, chat, read_only: bool = False) -> list[str]:
+    def open(self, chat_id: int, chat, read_only: bool = False,
+             on_model: Callable = lambda fn, *args: fn(*args)) -> list[str]:
         """Make the fresh ``chat`` continue saved chat ``chat_id``; returns notices for the user.
+        ``on_model(fn, *args)`` runs the restore (K/V loaded or re-prefilled: model calls) where the
+        model's calls belong (:meth:`sinkchat.decoder.Decoder.call`).
 
         Takes the chat's lock unless ``read_only`` (then :meth:`save` refuses); :class:`ChatLocked`
         if another process holds it. On a read-only disk the chat opens read-only, with a notice
@@ -345,7 +349,7 @@ class Store:
                 notices.append(f"chat {chat_id}: {why}; restored them from the state file")
             elif why:
                 notices.append(f"chat {chat_id}: {why}; rebuilt the KV cache from the ledger's sink and window tokens")
-            restored = chat.restore(snap, tensors)
+            restored = on_model(chat.restore, snap, tensors)
             notices += restored
             if rows_behind and not read_only:
                 try:  # repair the rows from the state file, so the next save starts from them
@@ -389,7 +393,8 @@ class Autosave:
         if not chat.messages or mark == self.saved or not self.writable or getattr(chat, "busy", False):
             return None  # (a reply still being written is never copied: it is saved once it stops)
         self.saved = mark
-        return chat.state()  # copies (one memory copy of the held K/V)
+        state, tensors = chat.state()  # copies (one memory copy of the held K/V)
+        return state, {name: t.cpu() for name, t in tensors.items()}  # off a GPU here, so the writer never touches it
 
     def write(self, captured: tuple | None) -> None:
         if captured is None:

@@ -5,7 +5,8 @@ The chat itself (transcript, gauge, message box, model loading, generation) is
 :class:`~sinkchat.tui.chats.ChatsScreen`. Both post messages; the app acts on them. It owns one
 :class:`~sinkchat.store.Store`, used only on its :class:`StoreThread`: the open chat is saved after
 every turn (:class:`ChatScreen.TurnEnded`) and on exit, and stays locked while it is open, so a
-second sinkchat process is refused.
+second sinkchat process is refused. Every model call (load, turns, a new chat's cache, a restore, a
+save's copy of the K/V) runs on its one :class:`~sinkchat.decoder.Decoder` thread.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from textual.screen import Screen
 from textual.theme import BUILTIN_THEMES
 
 from .. import config
+from ..decoder import Decoder
 from ..errors import LoadFailed, SinkchatError
 from ..model import LoadedModel
 from ..settings import Settings
@@ -71,6 +73,7 @@ class SinkchatApp(Say, App):
         self.turns_ended = 0  # turn ends handled (each one's save submitted): what scripts and tests wait on
         self.load_error: str | None = None  # why the model could not be loaded, for run() to print
         self.store: StoreThread | None = None
+        self.decoder = Decoder()  # the one thread that touches the model
         self.autosave: Autosave | None = None
         self._shown_id: int | None = None  # the stored chat on screen, when it is not being saved
         if no_store is None:
@@ -119,11 +122,11 @@ class SinkchatApp(Say, App):
         for sig in ENDING:
             with suppress(NotImplementedError, RuntimeError, ValueError):
                 asyncio.get_running_loop().remove_signal_handler(sig)
-        await self.chat_screen.stop_reply()  # a cancelled worker's thread may still be recording the reply
+        await self.chat_screen.stop_reply()  # the turn ends after the token in flight; it is kept
         if self.store is not None:
-            if not self.chat_screen.replying():  # a reply cut mid-step is not saved; the last turn's save stands
-                self.save()
+            self.save()
             self.store.close()
+        self.decoder.close(timeout=0)  # what it has queued (a save's copy) ran: the store waited for it
 
     # -- chats ----------------------------------------------------------------------------------
 
@@ -139,9 +142,8 @@ class SinkchatApp(Say, App):
         self.turns_ended += 1
         autosave, chat = self.autosave, self.chat
         if self.store is not None and autosave is not None and chat is not None:
-            captured = autosave.capture(chat)
-            if captured is not None:
-                self.store.submit(lambda store: autosave.write(captured))
+            captured = self.decoder.submit(autosave.capture, chat)  # after the turn, before the next one
+            self.store.submit(lambda store: autosave.write(captured.result()))
 
     @on(SaveFailed)
     def _save_failed(self, msg: SaveFailed) -> None:
@@ -183,7 +185,7 @@ class SinkchatApp(Say, App):
 
         await self._leave_chat()
         try:
-            chat = Chat(self.loaded, self.settings)
+            chat = await asyncio.wrap_future(self.decoder.submit(Chat, self.loaded, self.settings))
         except SinkchatError as exc:  # the cache does not fit the system prompt (or a system prompt kept whole)
             await self.chat_screen.load_failed(str(exc), "start a chat")
             return
@@ -201,15 +203,15 @@ class SinkchatApp(Say, App):
         if self.store is None or self.loaded is None:
             return False
         await self._leave_chat()
-        loaded, base = self.loaded, self.settings
+        loaded, base, decoder = self.loaded, self.settings, self.decoder
 
         def restore(store: Store) -> tuple[Chat, list[str]]:
             from ..engine import Chat
 
             chosen = settings or Settings.resolve(saved=store.settings(chat_id),
                                                   saved_source=f"chat {chat_id}'s saved settings")[0]
-            chat = Chat(loaded, chosen.replace(theme=base.theme))
-            return chat, store.open(chat_id, chat, read_only=not self.saving)
+            chat = decoder.call(Chat, loaded, chosen.replace(theme=base.theme))
+            return chat, store.open(chat_id, chat, read_only=not self.saving, on_model=decoder.call)
 
         try:  # on the store thread: a damaged or foreign state file means re-prefilling the window
             chat, notices = await self.store.call(restore)

@@ -1,22 +1,25 @@
 """The chat screen: header, transcript, cache gauge, message box; loading the model and generating.
 
-Both long jobs run in Textual thread workers (the one concurrency mechanism here; torch itself is
-imported there, so the screen is up before it has loaded): the model load
-posts :class:`ChatScreen.ModelLoaded`, and the generation worker batches the engine's events and
-posts them at most ``STREAM_INTERVAL`` apart, so the UI never slows decoding (see the README for
-the measurement). The screen never touches the disk: it posts :class:`ChatScreen.TurnEnded` after
-every reply (and after a pin) and :class:`ChatScreen.NewChat` on Ctrl+N, and the app saves or
-switches chats. Pinning, regenerating and editing are in :mod:`.steer_keys`.
+Both long jobs run on the app's :class:`~sinkchat.decoder.Decoder`, the one thread that owns the
+model (torch itself is imported there, so the screen is up before it has loaded): the model load
+posts :class:`ChatScreen.ModelLoaded`, and a turn's pump batches the engine's events and posts
+them at most ``STREAM_INTERVAL`` apart as plain values, so the UI never slows decoding (see the
+README for the measurement) and never touches a tensor. The screen never touches the disk: it
+posts :class:`ChatScreen.TurnEnded` after every reply (and after a pin) and
+:class:`ChatScreen.NewChat` on Ctrl+N, and the app saves or switches chats.
+Pinning, regenerating and editing are in :mod:`.steer_keys`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from concurrent.futures import Future
+from contextlib import suppress
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from textual import events, on, work
+from textual import events, on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical
@@ -25,7 +28,6 @@ from textual.message import Message
 from textual.reactive import reactive
 from textual.screen import Screen
 from textual.widgets import Label, LoadingIndicator
-from textual.worker import Worker, WorkerCancelled, WorkerFailed
 
 from ..errors import SinkchatError
 from ..ledger import Occupancy, spans
@@ -73,6 +75,23 @@ class Finished(Message):
     error: str | None = None
 
 
+@dataclass
+class Told(Message):
+    """A line for the user from the decode thread (a rollback's or a pin's notice)."""
+
+    bubble = False
+    text: str
+    severity: str = "information"
+
+
+@dataclass
+class Loading(Message):
+    """What the model load is doing now (shown under the loading indicator)."""
+
+    bubble = False
+    text: str
+
+
 class ChatScreen(Say, SteerKeys, Screen):
     BINDINGS = [
         Binding("escape", "stop", "Stop"),
@@ -113,7 +132,7 @@ class ChatScreen(Say, SteerKeys, Screen):
         self.last_reply = ""
         self.queued: str | None = None  # a message sent before the chat was ready; sent once it is
         self._confirmed = ""  # a message over the window the user was warned about (Enter again sends)
-        self._worker: Worker | None = None
+        self._turn: Future | None = None  # the running turn's job on the decode thread
         self.editing: int | None = None  # the index of the user message the box is replacing (F2)
         self.turn_from = 0  # the first message the turn being generated may change
         self.pin_next = False  # the message in the box is sent pinned (Ctrl+L with no message selected)
@@ -158,18 +177,23 @@ class ChatScreen(Say, SteerKeys, Screen):
 
     # -- the model ------------------------------------------------------------------------------
 
-    @work(thread=True, exit_on_error=False, group="load")
     def load_model(self) -> None:
-        # ``--compile auto`` records CUDA graphs on a GPU, but only outside the TUI: the one GPU run of
-        # the TUI with them (Pilot, a tiny model) stopped after the graph was recorded, for a reason
-        # not yet found, while the same engine on plain threads ran on. ``--compile on`` still asks.
-        settings = self.settings.replace(compile="off") if self.settings.compile == "auto" else self.settings
+        """Load the model on the decode thread (``--compile`` means there what it means in plain mode)."""
+        job = self.app.decoder.submit(load_for, self.settings, progress=lambda m: self.post_message(Loading(m)))
+        self.run_worker(self._loaded(job), group="load")
+
+    async def _loaded(self, job: Future) -> None:
         try:
-            loaded = load_for(settings, progress=lambda m: self.app.call_from_thread(self.loading_status, m))
+            loaded = await asyncio.wrap_future(job)
         except BaseException as exc:  # shown on screen, never a traceback
-            self.app.call_from_thread(self.load_failed, one_line(exc))
+            await self.load_failed(one_line(exc))
             return
         self.post_message(self.ModelLoaded(loaded))
+
+    @on(Loading)
+    def _loading(self, msg: Loading) -> None:
+        with suppress(NoMatches):  # the chat may already be on screen
+            self.loading_status(msg.text)
 
     def loading_status(self, message: str) -> None:
         self.query_one("#loading .status", Label).update(clean(message))
@@ -222,23 +246,18 @@ class ChatScreen(Say, SteerKeys, Screen):
             await self._send(text, pin=pin)
 
     def replying(self) -> bool:
-        """Whether a generation worker is running (the chat is then mid-step, not to be saved)."""
-        return self._worker is not None and self._worker.is_running
+        """Whether a turn is running on the decode thread (the chat is then mid-step, not to be saved)."""
+        return self._turn is not None and not self._turn.done()
 
     async def stop_reply(self) -> None:
-        """Stop a running reply and wait until its worker has ended (the chat can then be replaced)."""
-        worker, chat = self._worker, self.chat
-        if worker is not None and worker.is_running and chat is not None:
+        """Stop a running reply and wait until its turn has ended (the chat can then be replaced)."""
+        turn, chat = self._turn, self.chat
+        if turn is not None and not turn.done() and chat is not None:
             chat.stop()
-            try:
-                await worker.wait()
-            except (WorkerCancelled, WorkerFailed):  # it still ended; a failure was shown as it happened
-                pass
+            await asyncio.wait([asyncio.wrap_future(turn)])  # its failure, if any, was shown as it happened
             if self.reply_view is not None:  # the reply's last batch never reached the screen: mark it here
-                self.reply_view.set_note("stopped")
-        while chat is not None and chat.busy:  # at exit the worker is cancelled while its thread still runs
-            chat.stop()
-            await asyncio.sleep(0.02)
+                with suppress(NoMatches):
+                    self.reply_view.set_note("stopped")
 
     # -- chatting -------------------------------------------------------------------------------
 
@@ -286,8 +305,8 @@ class ChatScreen(Say, SteerKeys, Screen):
         await transcript.add("user", text)
         self.reply_view = await transcript.add("assistant")
         transcript.streaming = self.generating = True
-        events = self.chat.submit(text, pin)  # here, not in the worker: an Esc from now on stops the turn
-        self._worker = self.generate(self.chat, events, rollback)
+        events = self.chat.submit(text, pin)  # here, not on the decode thread: an Esc from now on stops the turn
+        self._turn = self.app.decoder.submit(self.pump, self.chat, events, rollback)
 
     def on_text_area_changed(self, event: ChatInput.Changed) -> None:
         if self.pin_next and not self.query_one(ChatInput).text.strip():  # the mark goes with the text
@@ -308,10 +327,10 @@ class ChatScreen(Say, SteerKeys, Screen):
         box.border_subtitle = (f"{tokens} tokens: more than the {window}-token window, only its end will stay"
                                if over else f"{tokens} of {window} tokens")
 
-    @work(thread=True, exclusive=True, group="generate", exit_on_error=False)
-    def generate(self, chat: Chat, events: Iterator[Event], rollback: bool = False) -> None:
-        """Consume the engine's events (a :meth:`Chat.submit` not yet started); post batched text and
-        cache numbers to the UI. ``rollback``: take back the last turn first (regenerate, edit)."""
+    def pump(self, chat: Chat, events: Iterator[Event], rollback: bool = False) -> None:
+        """On the decode thread: run the engine's events (a :meth:`Chat.submit` not yet started) and
+        post batched text and cache numbers to the UI, as plain values. ``rollback``: take back the
+        last turn first (regenerate, edit)."""
         from ..engine import Done, Evicted, Notice, Stats, TokenText
 
         pending: list[str] = []
@@ -319,7 +338,7 @@ class ChatScreen(Say, SteerKeys, Screen):
         try:
             notice = chat.rollback() if rollback else None
             if notice:
-                self.app.call_from_thread(self.say, notice, severity="warning", timeout=10)
+                self.post_message(Told(notice, "warning"))
             for event in events:
                 if isinstance(event, TokenText):
                     pending.append(event.text)
@@ -328,8 +347,7 @@ class ChatScreen(Say, SteerKeys, Screen):
                 elif isinstance(event, Evicted):
                     occupancy = chat.occupancy()
                 elif isinstance(event, Notice):  # a message sent pinned, or why it could not be
-                    self.app.call_from_thread(self.say, event.text, severity="warning" if event.refused else
-                                              "information", timeout=8)
+                    self.post_message(Told(event.text, "warning" if event.refused else "information"))
                 elif isinstance(event, Done):
                     self.post_message(Streamed(chat, "".join(pending), occupancy, speed))
                     self.post_message(Finished(chat, event))
@@ -341,6 +359,9 @@ class ChatScreen(Say, SteerKeys, Screen):
         except BaseException as exc:
             self.post_message(Streamed(chat, "".join(pending), None, None))
             self.post_message(Finished(chat, None, one_line(exc)))
+
+    def on_told(self, msg: Told) -> None:
+        self.say(msg.text, severity=msg.severity, timeout=10 if msg.severity == "warning" else 8)
 
     async def on_streamed(self, msg: Streamed) -> None:
         if msg.chat is not self.chat or self.reply_view is None:
