@@ -12,8 +12,8 @@ import torch
 from _helpers import SIZE, run_cli, tui_settings, wait_for
 from sinkchat import bench
 from sinkchat.bench import attention
-from sinkchat.store.attention import load_attention, result_path, save_attention
 from sinkchat.model import load
+from sinkchat.store.attention import load_attention, result_path, save_attention
 from sinkchat.tui.sinks_help import sinks_markdown
 
 PNG = b"\x89PNG\r\n\x1a\n"
