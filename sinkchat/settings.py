@@ -24,7 +24,7 @@ from .errors import SinkchatError
 from .text import valid
 
 DEFAULT_MODEL = "smollm2-135m"
-QUANTS = ("4bit", "8bit", "none")
+QUANTS = ("auto", "4bit", "8bit", "none")
 DEVICES = ("auto", "cuda", "cpu")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 EVICTS = ("tokens", "turns")
@@ -74,8 +74,9 @@ class Settings:
                                   "[default: a quarter of the window].", check=_range(0, LIMIT))
     keep_system: bool = setting(False, "Pin the whole system prompt: never evicted (counts against --pin-max).")
     system: str | None = setting(None, "System prompt [default: the chat template's].")
-    quant: str = setting("4bit", "Weights: 4bit (the best 4-bit kernel here: bitsandbytes NF4 on a GPU, "
-                         "PyTorch's packed int4 on the CPU), 8bit or none.", choices=QUANTS)
+    quant: str = setting("auto", "Weights: auto (a GGUF file at its own precision per tensor, anything else "
+                         "4bit), 4bit (the best 4-bit kernel here: bitsandbytes NF4 on a GPU, PyTorch's packed "
+                         "int4 on the CPU), 8bit or none.", choices=QUANTS)
     device: str = setting("auto", "auto (a GPU if there is one), cuda or cpu.", choices=DEVICES)
     dtype: str = setting("auto", "Compute dtype: auto, float32, bfloat16 or float16.", choices=DTYPES)
     kv_dtype: str = setting("auto", "KV cache dtype: auto (the compute dtype; bfloat16 on the CPU's fast path "

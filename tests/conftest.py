@@ -16,7 +16,7 @@ import pytest
 # count), and pytest-xdist workers that share the cores never make each other's parallel regions wait.
 os.environ["OMP_NUM_THREADS"] = "1"
 
-MODEL_FIXTURES = {"smollm", "smollm_f32", "tiny_models", "tiny_loaded"}
+MODEL_FIXTURES = {"smollm", "smollm_f32", "tiny_models", "tiny_loaded", "tiny_gguf"}
 
 
 def pytest_collection_modifyitems(items):
@@ -109,3 +109,23 @@ def tiny_loaded(tiny_models):
         arch: AutoModelForCausalLM.from_pretrained(tiny_models[arch], dtype=torch.float32).eval()
         for arch in ("mistral", "qwen2")
     }
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf() -> Path:
+    """A tiny Llama written as a GGUF file with every block type sinkchat maps, q/k/v mixed
+    (tests/_tinygguf.py). Written where it stays between sessions, and only when its bytes change, so
+    the converted folder in the shared cache is made once."""
+    import tempfile
+
+    from _tinygguf import tiny_llama
+
+    folder = Path(tempfile.gettempdir()) / "sinkchat-tests"
+    folder.mkdir(exist_ok=True)
+    fresh = tiny_llama(folder / f"tiny-mixed.{os.getpid()}.tmp")
+    path = folder / "tiny-mixed.gguf"
+    if not path.is_file() or path.read_bytes() != fresh.read_bytes():
+        os.replace(fresh, path)
+    else:
+        fresh.unlink()
+    return path

@@ -18,27 +18,47 @@ if TYPE_CHECKING:
 def prepare(loaded: LoadedModel, kv_dtype: str = "auto", compile: str = "auto", folder: str | None = None) -> None:
     """Pick the kernels, the fast path and the KV dtype for a freshly loaded model.
 
-    On the CPU, ``4bit`` means PyTorch's packed int4 kernel (bitsandbytes' CPU path is 12x slower
-    without AVX512-BF16, see :mod:`.quant`); on a GPU, bitsandbytes NF4. A Llama-family
-    model gets the fast path (:mod:`.fast`) in float32 or int4 on the CPU and in NF4 on one
-    GPU, where ``compile`` ``auto`` also captures its decode step in CUDA graphs. Everything else
-    runs through transformers.
+    On the CPU, a GGUF file's tensors run at their own precision per block type with ``auto``
+    (:mod:`.blockkernels`: int4 for its 4-bit blocks, int8 planes for 5- and 8-bit ones, float16 for
+    the rest) and at 4 bits with ``4bit``; any other model's ``auto`` and ``4bit`` mean PyTorch's packed
+    int4 kernel (bitsandbytes' CPU path is 12x slower without AVX512-BF16, see :mod:`.quant`). On a
+    GPU, ``4bit`` is bitsandbytes NF4, and a GGUF's ``auto`` its values in the compute dtype. A
+    Llama-family model gets the fast path (:mod:`.fast`) in float32 or on those kernels on the CPU
+    and in NF4 on one GPU, where ``compile`` ``auto`` also captures its decode step in CUDA graphs.
+    Everything else runs through transformers. Re-quantizing a GGUF below its own precision is said
+    once (:attr:`~.loaded.LoadedModel.notices`).
     """
     import torch
 
     from . import fast, quant
 
     model = loaded.model
-    if loaded.quant == "4bit" and loaded.device == "cpu":
-        loaded.weights = "int4pack-g32"
+    file = _gguf(loaded)
+    if loaded.quant in ("4bit", "auto") and loaded.device == "cpu":
+        loaded.weights, loaded.runs = "int4pack-g32", "4bit"
+        if file is not None:
+            from .blockkernels import apply
+
+            report = apply(model, file, loaded.quant)
+            loaded.runs, loaded.kernels = report.label(), report.kernels
+            loaded.weights = loaded.runs if loaded.quant == "auto" else loaded.weights  # 4bit: as before
+            loaded.notices += [n for n in [report.notice()] if n]
+        int4 = file is None or loaded.quant == "4bit"  # auto on a GGUF: what is left (F32) stays as it is
         packs = quant.Packs(_packs_path(folder))
         if fast.supported(model):
-            loaded.fast = fast.FastModel.build(model, int4=True, packs=packs)
-        else:
+            loaded.fast = fast.FastModel.build(model, int4=int4, packs=packs)
+        elif int4:
             quant.int4_modules(model, packs)
         packs.save()
     else:
-        loaded.weights = {"4bit": "bnb-nf4", "8bit": "bnb-int8"}.get(loaded.quant, "dense")
+        loaded.weights = {"4bit": "bnb-nf4", "auto": "bnb-nf4", "8bit": "bnb-int8"}.get(loaded.quant, "dense")
+        if file is not None and loaded.quant == "auto":
+            loaded.weights = "dense"
+        loaded.runs = "4bit" if loaded.quant == "auto" else loaded.quant
+        if file is not None:
+            kernel = {"bnb-nf4": "nf4", "bnb-int8": "int8 (bitsandbytes)"}.get(loaded.weights, _name(loaded.dtype))
+            loaded.runs = f"gguf {file.file_type} -> {kernel}"
+            loaded.notices += [n for n in [_lower(file, loaded.quant, loaded.runs)] if n]
         dense_cpu = loaded.quant == "none" and loaded.device == "cpu" and loaded.dtype == torch.float32
         one_device = len({p.device for p in model.parameters()}) == 1  # not spread over several GPUs
         if fast.supported(model) and (dense_cpu or loaded.weights == "bnb-nf4" and one_device
@@ -55,6 +75,34 @@ def prepare(loaded: LoadedModel, kv_dtype: str = "auto", compile: str = "auto", 
     loaded.kv_dtype = pick_kv_dtype(loaded) if kv_dtype == "auto" else getattr(torch, kv_dtype)
     model.sinkchat_kv_dtype = loaded.kv_dtype
     model.sinkchat_fast = loaded.fast
+
+
+def _gguf(loaded: LoadedModel):
+    """The GGUF file the model was converted from, opened (:class:`~.gguf.GGUFFile`), or None."""
+    source = loaded.source
+    if source is None or source.kind != "gguf":
+        return None
+    from .gguf import GGUFFile
+
+    return GGUFFile(source.ref)
+
+
+def _name(dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _lower(file, quant: str, runs: str) -> str | None:
+    """The notice for bitsandbytes' 4 or 8 bits (a GPU, or ``8bit``) below what a GGUF file's tensors
+    hold (their movement is not measured on that path), or None."""
+    bits = {"4bit": 4, "8bit": 8}.get(quant)
+    if bits is None:
+        return None
+    more = {t: n for t, n in file.types().items() if file.bits(t) > bits}
+    if not more:
+        return None
+    return (f"--quant {quant} re-quantizes {sum(more.values())} {'/'.join(more)} tensors of this {file.file_type} "
+            f"file to {runs.rpartition(' -> ')[2]} (they move, and so do the logits); --quant auto runs them at "
+            "the file's own precision")
 
 
 def _inductor_cache() -> None:

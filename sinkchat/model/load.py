@@ -38,14 +38,17 @@ def load(
     kv_dtype: str = "auto",
     compile: str = "auto",
     quick: bool = True,
+    chat: bool = True,
 ) -> LoadedModel:
-    """Load ``name`` (alias, folder, .gguf or HF id), quantized as asked (``4bit``, ``8bit``, ``none``),
-    on ``device`` (``auto``, ``cuda``, ``cpu``) with compute ``dtype``.
+    """Load ``name`` (alias, folder, .gguf or HF id), quantized as asked (``auto``: a GGUF file at its
+    own precision per tensor, anything else as ``4bit``; ``4bit``, ``8bit``, ``none``), on ``device``
+    (``auto``, ``cuda``, ``cpu``) with compute ``dtype``.
 
     ``context`` ``(sinks, window)`` is checked against the model's positions before weights load; the
     engine checks again on the loaded model's own config. ``quick``: a Llama-family model in 4-bit on
     the CPU skips transformers' model classes (:mod:`.quickload`); callers that run
-    transformers' own forward (the benchmarks' baselines) pass False. Raises :class:`SinkchatError`.
+    transformers' own forward (the benchmarks' baselines) pass False. ``chat``: refuse a model without
+    a chat template (the benchmarks, which only stream text, pass False). Raises :class:`SinkchatError`.
     """
     source = resolve(name)
     device = pick_device(device)
@@ -59,11 +62,11 @@ def load(
         progress(f"looking up {source.ref} ...")
         folder = hub_folder(source.ref)
     progress(f"loading {name} ({quant}, {device}) ...")
-    cpu_int4 = quant == "4bit" and device == "cpu"  # PyTorch's packed int4 kernel, after loading (.quant)
-    loaded = _load_quick(name, folder, context) if quick and cpu_int4 else None
+    cpu_int4 = quant in ("4bit", "auto") and device == "cpu"  # PyTorch's int4 kernel, after loading (.kernels)
+    loaded = _load_quick(name, folder, context, quant) if quick and cpu_int4 else None
     if loaded is None:
-        loaded = _load_transformers(name, folder, context, quant, device, compute)
-    if getattr(loaded.tokenizer, "chat_template", None) is None:
+        loaded = _load_transformers(name, folder, context, quant, device, compute, source.kind == "gguf")
+    if chat and getattr(loaded.tokenizer, "chat_template", None) is None:
         raise SinkchatError(f"{name} has no chat template; sinkchat needs an instruction-tuned chat model")
     loaded.source = source
     from .kernels import prepare
@@ -73,7 +76,7 @@ def load(
     return loaded
 
 
-def _load_quick(name: str, folder: str, context: tuple[int, int] | None) -> LoadedModel | None:
+def _load_quick(name: str, folder: str, context: tuple[int, int] | None, quant: str) -> LoadedModel | None:
     """The model as a :class:`~.quickload.Skeleton` for the CPU fast path, or None where
     it does not qualify (then transformers loads it)."""
     import torch
@@ -96,11 +99,11 @@ def _load_quick(name: str, folder: str, context: tuple[int, int] | None) -> Load
 
     if not supported(model):  # only the fast path runs a skeleton
         return None
-    return LoadedModel(model, tokenizer, None, "4bit", "cpu", torch.float32)
+    return LoadedModel(model, tokenizer, None, quant, "cpu", torch.float32)
 
 
 def _load_transformers(name: str, folder: str, context: tuple[int, int] | None, quant: str, device: str,
-                       compute: torch.dtype) -> LoadedModel:
+                       compute: torch.dtype, gguf: bool = False) -> LoadedModel:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
@@ -109,9 +112,9 @@ def _load_transformers(name: str, folder: str, context: tuple[int, int] | None, 
     if context is not None:
         check_context(config, name, *context)
     kwargs: dict = {"dtype": compute}
-    if quant == "4bit" and device == "cpu":  # PyTorch's packed int4 kernel, after loading (.quant)
+    if quant in ("4bit", "auto") and device == "cpu":  # PyTorch's int4 kernel, after loading (.kernels)
         kwargs["dtype"] = compute = torch.float32
-    elif quant == "4bit":
+    elif quant == "4bit" or quant == "auto" and not gguf:  # a GGUF on a GPU: its values in 16 bits
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute
         )
@@ -150,8 +153,8 @@ def fingerprint(loaded: LoadedModel, folder: str) -> dict:
     }
 
 
-def load_for(settings, progress=lambda msg: None, quick: bool = True) -> LoadedModel:
+def load_for(settings, progress=lambda msg: None, quick: bool = True, chat: bool = True) -> LoadedModel:
     """:func:`load` with a :class:`~sinkchat.settings.Settings`' model, quant, device, dtype and geometry."""
     return load(settings.model, settings.quant, settings.device, settings.dtype, progress=progress,
                 context=(settings.sinks, settings.window), kv_dtype=settings.kv_dtype, compile=settings.compile,
-                quick=quick)
+                quick=quick, chat=chat)

@@ -1,0 +1,186 @@
+"""GGUF models at their own precision, end to end: a tiny Llama written as a GGUF with every block type
+mixed (tests/_tinygguf.py) against its own values (``--quant none``), the notice when fewer bits are
+forced, the bundled Q4_1 model bit for bit as before, and perplexity scored as llama.cpp's
+``llama-perplexity`` scores it (a stand-in binary here: llama.cpp is not installed in the suite)."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+import pytest
+import torch
+
+from _helpers import one_line_error, run_cli
+from sinkchat.bench.ppl import chunk_bos, llama_chunks
+from sinkchat.bench.stream import Stream, dense_cache
+from sinkchat.kv import SinkCache
+from sinkchat.model import blockkernels, bundled_gguf, gguf_folder, load
+from sinkchat.model.quant import HalfLinear, Int4Linear
+
+TEXT = "The quick brown fox jumps over the lazy dog; pack my box with five dozen liquor jugs. " * 3
+
+
+def logits(loaded, cache, ids: list[int], chunk: int = 40) -> torch.Tensor:
+    """A prefill chunk, then one token at a time, as a chat runs them."""
+    stream = Stream(loaded.model, cache)
+    return torch.cat([stream.forward(ids[:chunk])] + [stream.forward([t]) for t in ids[chunk:]])
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def test_a_mixed_gguf_runs_each_block_type_on_its_kernel_and_matches_its_own_values(tiny_gguf):
+    none = load(str(tiny_gguf), quant="none", device="cpu", quick=False)
+    auto = load(str(tiny_gguf), quant="auto", device="cpu")
+    auto_hf = load(str(tiny_gguf), quant="auto", device="cpu", quick=False)
+    forced = load(str(tiny_gguf), quant="4bit", device="cpu", quick=False)
+    assert auto.runs == "gguf Q4_K_M -> int4 g32 + int8 g32 + fp16" and auto.fast is not None and not auto.notices
+    assert auto.kernels["Q4_K"] == {"int4": 2} and auto.kernels["Q6_K"] == {"fp16": 2}
+    assert auto.kernels["Q8_0"] == {"int8": 2, "fp16": 1}  # v and o; the tied head stays float16
+    first = auto.model.model.layers[0]
+    kinds = [type(m) for m in (first.self_attn.q_proj, first.self_attn.k_proj, first.self_attn.v_proj,
+                               first.self_attn.o_proj, first.mlp.gate_proj, first.mlp.up_proj, first.mlp.down_proj)]
+    assert kinds == [Int4Linear, blockkernels.Int8Planes, blockkernels.Int8Planes, Int4Linear,
+                     blockkernels.Int8Planes, Int4Linear, HalfLinear]  # Q4_K Q5_0 Q8_0 Q4_0 Q5_K Q4_1 Q6_K
+    assert isinstance(auto.fast.layers[0].qkv, blockkernels.Stack)  # q, k, v on different kernels
+    assert isinstance(auto.model.get_output_embeddings(), HalfLinear)
+    ids = auto.tokenizer(TEXT, add_special_tokens=False)["input_ids"]
+    ref = logits(none, SinkCache.for_model(none.model, 4, 60), ids)
+    on_fast = rel(logits(auto, SinkCache.for_model(auto.model, 4, 60), ids), ref)  # evictions included
+    on_transformers = rel(logits(auto_hf, dense_cache(auto_hf.model), ids), logits(none, dense_cache(none.model), ids))
+    requantized = rel(logits(forced, SinkCache.for_model(forced.model, 4, 60), ids), ref)
+    # bf16 scales and activations move these logits ~1e-3; int4 re-quantization of the 5-16-bit tensors ~10x more
+    assert on_fast < 1e-2 and on_transformers < 1e-2 and requantized > 3 * max(on_fast, on_transformers), \
+        (on_fast, on_transformers, requantized)
+
+
+def test_fewer_bits_than_the_file_has_are_said_once_with_what_they_cost(tiny_gguf):
+    forced = load(str(tiny_gguf), quant="4bit", device="cpu")
+    assert forced.runs == "gguf Q4_K_M -> int4 g32 + fp16" and forced.weights == "int4pack-g32"
+    [notice] = forced.take_notices()
+    assert notice.startswith("--quant 4bit re-quantizes 9 Q5_0/Q8_0/Q5_K/Q6_K/Q5_1/F16 tensors of this Q4_K_M file "
+                             "to int4 g32; they move ") and "--quant auto runs them at the file's own precision" in notice
+    moved = float(notice.split("they move ")[1].split("%")[0])
+    assert 3 < moved < 15  # int4 steps on these weights: several percent, not a rounding
+    assert forced.take_notices() == []
+    r = run_cli("--plain", "--model", str(tiny_gguf), "--quant", "4bit", "--no-save", "-t", "0",
+                "--max-new-tokens", "2", input="hi\n")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("re-quantizes 9 Q5_0/Q8_0/Q5_K/Q6_K/Q5_1/F16 tensors") == 1, r.stderr
+
+
+def test_the_bundled_q4_1_model_is_bit_for_bit_what_it_was(smollm):
+    """Its Q4_1 blocks read from the file pack exactly as re-quantizing their values did (every group
+    spans its 16 codes), and its Q8_0 head is the same float16 copy: the same logits, bit for bit, as
+    loading the converted folder the old way (min/max re-quantization), with --quant auto and 4bit."""
+    old = load(str(gguf_folder(bundled_gguf())), quant="4bit", device="cpu")
+    auto = load("smollm2-135m", quant="auto", device="cpu")
+    assert old.runs == "4bit" and auto.runs == smollm.runs == "gguf Q4_1 -> int4 g32 + fp16"
+    ids = auto.tokenizer(TEXT, add_special_tokens=False)["input_ids"]
+    expected = logits(old, SinkCache.for_model(old.model, 4, 40), ids)
+    for loaded in (auto, smollm):
+        assert torch.equal(logits(loaded, SinkCache.for_model(loaded.model, 4, 40), ids), expected)
+    assert smollm.fingerprint["weights"] == "int4pack-g32"  # chats saved with --quant 4bit resume as they were
+
+
+def test_llama_perplexity_chunks():
+    """llama.cpp's chunks: the tokens after BOS cut in whole chunks of ctx, each chunk's first token BOS."""
+    assert llama_chunks(list(range(10, 20)), 4, 1) == [[1, 10, 11, 12], [1, 14, 15, 16]]
+    assert llama_chunks(list(range(10, 20)), 4, None) == [[10, 11, 12, 13], [14, 15, 16, 17]]
+    assert llama_chunks([5, 6], 4, None) == []
+
+
+class _Tokenizer:
+    bos_token_id = 7
+
+    def __init__(self, adds: bool):
+        self.adds = adds
+
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": ([7] if self.adds and add_special_tokens else []) + [42]}
+
+
+def test_chunks_start_with_bos_only_where_the_tokenizer_adds_one():
+    assert chunk_bos(_Tokenizer(True)) == 7 and chunk_bos(_Tokenizer(False)) is None
+
+
+def test_bench_ppl_ctx_scores_the_second_half_of_each_chunk(tiny_gguf):
+    """``bench ppl --ctx`` against the same chunks scored here with transformers' own forward."""
+    r = run_cli("bench", "ppl", "--model", str(tiny_gguf), "--quant", "none", "--modes", "dense", "--ctx", "32",
+                "--tokens", "100", "--text", str(write_text(tiny_gguf.parent)), "--json")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    [result] = doc["results"]
+    assert result["tokens"] == 3 * 15 and doc["ctx"] == 32  # 3 whole chunks of 32, tokens 16..30 of each
+    loaded = load(str(tiny_gguf), quant="none", device="cpu", quick=False)
+    ids = loaded.tokenizer(TEXT * 3, add_special_tokens=False)["input_ids"][:100]
+    nll = []
+    for chunk in llama_chunks(ids, 32, chunk_bos(loaded.tokenizer)):
+        with torch.inference_mode():
+            out = loaded.model(input_ids=torch.tensor([chunk])).logits[0].float()
+        nll += [(torch.logsumexp(out[j], -1) - out[j, chunk[j + 1]]).item() for j in range(16, 31)]
+    assert result["ppl"] == pytest.approx(math.exp(sum(nll) / len(nll)), rel=1e-4)
+    bad = run_cli("bench", "ppl", "--model", str(tiny_gguf), "--modes", "dense,sinks", "--ctx", "32")
+    one_line_error(bad, "--ctx scores dense in llama.cpp's chunks")
+
+
+def write_text(folder):
+    path = folder / "peer-text.txt"
+    path.write_text(TEXT * 3, encoding="utf-8")
+    return path
+
+
+FAKE_PERPLEXITY = '''#!{python}
+# A stand-in for llama.cpp's llama-perplexity: its output lines, for the arguments it was given.
+import json, sys
+args = dict(zip(sys.argv[1::2], sys.argv[2::2]))
+text = open(args["-f"], encoding="utf-8").read()
+open(sys.argv[0] + ".args", "w").write(json.dumps(args))
+if "fail" in text:
+    sys.exit("error: failed to tokenize")
+print("[1]5.0000,[2]6.0000,")
+print("Final estimate: PPL = 6.0000 +/- 0.10000", file=sys.stderr)
+'''
+
+
+@pytest.fixture
+def fake_perplexity(tmp_path):
+    path = tmp_path / "llama-perplexity"
+    path.write_text(FAKE_PERPLEXITY.format(python=sys.executable))
+    path.chmod(0o755)
+    return path
+
+
+def test_bench_peer_ppl_prints_both_and_their_ratio(tiny_gguf, fake_perplexity, tmp_path):
+    text = write_text(tmp_path)
+    r = run_cli("bench", "peer", "--ppl", "--llama-perplexity", str(fake_perplexity), "--model", str(tiny_gguf),
+                "--ctx", "32", "--chunks", "2", "--text", str(text), "--json")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["llama.cpp"] == {"ppl": 6.0, "chunks": [5.0, 6.0]} and (doc["ctx"], doc["chunks"]) == (32, 2)
+    ours = doc["sinkchat"]
+    assert len(ours["chunks"]) == 2 and ours["chunks"][-1] == pytest.approx(ours["ppl"]) and ours["bos"] is False
+    assert doc["ratio"]["ppl"] == pytest.approx(ours["ppl"] / 6.0)
+    assert doc["machine"]["runs"] == "gguf Q4_K_M -> int4 g32 + int8 g32 + fp16"
+    args = json.loads((tmp_path / "llama-perplexity.args").read_text())
+    assert (args["-m"], args["-f"], args["-c"], args["--chunks"]) == (str(tiny_gguf), str(text), "32", "2")
+    table = run_cli("bench", "peer", "--ppl", "--llama-perplexity", str(fake_perplexity), "--model", str(tiny_gguf),
+                    "--ctx", "32", "--chunks", "2", "--text", str(text), env={"COLUMNS": "200"})
+    assert table.returncode == 0 and "sinkchat / llama.cpp" in table.stdout
+    assert "Q5_0 -> int8 g32 (2)" in table.stdout  # which kernel each block type ran on
+
+
+def test_bench_peer_ppl_refusals_are_one_line(tiny_gguf, fake_perplexity, tmp_path):
+    failing = tmp_path / "fail.txt"
+    failing.write_text("fail " * 100)
+    one_line_error(run_cli("bench", "peer", "--ppl", "--llama-perplexity", str(fake_perplexity), "--model",
+                           str(tiny_gguf), "--text", str(failing), "--json"), "llama-perplexity failed (exit 1)")
+    one_line_error(run_cli("bench", "peer", "--ppl", "--llama-perplexity", str(tmp_path / "none")),
+                   "--llama-perplexity", "not an executable file")
+    one_line_error(run_cli("bench", "peer", "--ppl", "--llama-perplexity", str(fake_perplexity), "--model",
+                           str(tiny_gguf), "--ctx", "64", "--chunks", "50", "--text", str(write_text(tmp_path)),
+                           "--json"),
+                   "chunks of 64 tokens, not 50")
