@@ -37,9 +37,20 @@ def int4_fits(out_features: int, in_features: int) -> bool:
     return out_features % 16 == 0 and in_features % GROUP == 0
 
 
-def kernel_for(block_type: str, shape: tuple[int, int], quant: str = "auto", head: bool = False) -> str:
+def eight_bit_kernel() -> str:
+    """The kernel for 5- and 8-bit blocks on this CPU: the int8 planes where PyTorch's int4 kernel runs
+    with AVX-512, float16 elsewhere, where that kernel is twice as slow and float16 as fast as before
+    (README, "Which kernel runs where"). Imports torch, for the capability ``ATEN_CPU_CAPABILITY`` sets."""
+    import torch
+
+    return "int8" if torch.backends.cpu.get_cpu_capability() == "AVX512" else "fp16"
+
+
+def kernel_for(block_type: str, shape: tuple[int, int], quant: str = "auto", head: bool = False,
+               eight: str | None = None) -> str:
     """The CPU kernel a tensor of ``block_type`` and ``[out, in]`` ``shape`` runs on
-    (:mod:`.blockkernels`): ``int4``, ``int8`` (two int4 planes), ``fp16`` or ``fp32``.
+    (:mod:`.blockkernels`): ``int4``, ``int8`` (two int4 planes), ``fp16`` or ``fp32``; ``eight``: the
+    kernel for 5- and 8-bit blocks [default: :func:`eight_bit_kernel`].
 
     ``auto`` keeps the file's precision; ``4bit`` asks for 4 bits everywhere but the output head
     (what has more is re-quantized, as for a float checkpoint). A head of more than 4 bits stays
@@ -51,7 +62,7 @@ def kernel_for(block_type: str, shape: tuple[int, int], quant: str = "auto", hea
     if fits and (block_type in FOUR or quant == "4bit" and not head):
         return "int4"
     if fits and block_type in EIGHT and not head:
-        return "int8"
+        return eight or eight_bit_kernel()
     return "fp16"
 
 
