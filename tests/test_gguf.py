@@ -96,7 +96,7 @@ def test_each_block_type_runs_at_its_own_precision(tmp_path):
 def test_each_block_type_on_each_cpu_flavour(tmp_path, flavour):
     env = {**os.environ, "ATEN_CPU_CAPABILITY": flavour, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
     code = ("import sys, pathlib, torch, test_gguf; print(torch.backends.cpu.get_cpu_capability()); "
-            "test_gguf.check_block_types(pathlib.Path(sys.argv[1]))")
+            "test_gguf.check_block_types(pathlib.Path(sys.argv[1])); test_gguf.check_fusing(pathlib.Path(sys.argv[1]))")
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, env=env,
                          cwd=ROOT)
     assert out.returncode == 0, out.stdout + out.stderr[-2000:]
@@ -114,23 +114,32 @@ def test_q4_0_groups_with_a_negative_scale_keep_their_sign(tmp_path):
 
 
 def test_fused_parts_compute_what_the_parts_do(tmp_path):
+    check_fusing(tmp_path)
+
+
+def check_fusing(tmp_path) -> None:
     """The fast path's fused q/k/v: parts of one int4 kind laid end to end as one weight, 16-bit parts as
-    one 16-bit weight, mixed kinds side by side (a Stack); each gives back its parts as row slices."""
+    one 16-bit weight, mixed kinds (or parts off the packed layout's row blocks) side by side (a Stack);
+    each gives back its parts as row slices."""
     made = {}
     for block_type in ("Q4_K", "Q4_0", "Q8_0", "Q5_1", "Q6_K", "F16"):
         file, ref = one_tensor(tmp_path, block_type)
         linear = nn.Linear(K, N, bias=True)
         linear.weight.data, linear.bias.data = ref, torch.randn(N)
-        made[block_type] = blockkernels.module_for(kernel_for(block_type, (N, K)), file, "blk.0.ffn_up.weight", linear)
+        kernel = kernel_for(block_type, (N, K), eight="int8")  # the planes whichever this CPU picks
+        made[block_type] = blockkernels.module_for(kernel, file, "blk.0.ffn_up.weight", linear)
+    made["Q4_0 rows 16:64"] = made["Q4_0"].rows(16, 64)  # off the layout's blocks: not laid end to end
     x = torch.randn(3, K)
-    for names, kind in ((("Q4_K", "Q4_0"), quant.Int4Linear), (("Q8_0", "Q5_1"), blockkernels.Int8Planes),
+    for names, kind in ((("Q4_K", "Q4_0"), quant.Int4Linear), (("Q4_0 rows 16:64", "Q4_K"), blockkernels.Stack),
+                        (("Q8_0", "Q5_1"), blockkernels.Int8Planes),
                         (("Q6_K", "F16"), quant.HalfLinear), (("Q4_K", "Q8_0", "Q6_K"), blockkernels.Stack)):
         parts = [made[n] for n in names]
         fused = blockkernels.fuse(parts)
-        assert type(fused) is kind and fused.out_features == N * len(parts)
+        sizes = [p.out_features for p in parts]
+        assert type(fused) is kind and fused.out_features == sum(sizes)
         assert torch.allclose(fused(x), torch.cat([p(x) for p in parts], -1), rtol=1e-3, atol=1e-3), names
-        for i, part in enumerate(parts):
-            assert torch.allclose(fused.rows(i * N, (i + 1) * N)(x), part(x), rtol=1e-3, atol=1e-3), names
+        for part, start in zip(parts, [sum(sizes[:i]) for i in range(len(parts))]):
+            assert torch.allclose(fused.rows(start, start + part.out_features)(x), part(x), rtol=1e-3, atol=1e-3), names
 
 
 def test_llama_q_and_k_rows_follow_transformers_permutation(tmp_path):
@@ -199,29 +208,31 @@ def test_models_lists_what_a_gguf_file_runs_as(tmp_path):
     assert f"gguf Q4_K_M -> int4 g32{eight} + fp16" in row and "llama: 1 F16, 2 Q4_0" in row
 
 
-def damaged(tmp_path) -> dict[str, bytes]:
+def damaged(tmp_path) -> list[tuple[str, bytes]]:
+    """(what the error says, the bytes) for a tiny model's GGUF damaged in each way a reader can meet."""
     good = (tiny_llama(tmp_path / "good.gguf")).read_bytes()
-    header_end = good.index(b"output_norm.weight") + 40
     unknown = bytearray(good)
     at = good.index(b"blk.0.attn_q.weight") + len(b"blk.0.attn_q.weight")
     unknown[at + 4 + 16 : at + 4 + 16 + 4] = (99).to_bytes(4, "little")  # after n_dims and two dims: the type
-    return {
-        "not a GGUF file": b"PK\x03\x04" + good[4:],
-        "version 7 is not supported": good[:4] + (7).to_bytes(4, "little") + good[8:],
-        "truncated or damaged": good[: len(good) // 3],
-        "truncated or damaged ": good[:header_end],
-        "unknown block type 99": bytes(unknown),
-        "truncated or damaged  ": good[:12] + (10**12).to_bytes(8, "little") + good[20:],  # a count past the end
-    }
+    cut = "truncated or damaged"
+    return [
+        ("not a GGUF file", b"PK\x03\x04" + good[4:]),
+        ("version 7 is not supported", good[:4] + (7).to_bytes(4, "little") + good[8:]),
+        (cut, good[: good.index(b"<pad0>")]),  # inside the vocabulary
+        (cut, good[: good.index(b"output_norm.weight") + 40]),  # inside the tensor list
+        (cut, good[: len(good) // 3]),  # inside the tensor data
+        ("unknown block type 99", bytes(unknown)),
+        (cut, good[:12] + (10**12).to_bytes(8, "little") + good[20:]),  # a tensor count past the end
+    ]
 
 
 def test_a_damaged_gguf_is_one_line(tmp_path):
-    for i, (says, data) in enumerate(damaged(tmp_path).items()):
+    for i, (says, data) in enumerate(damaged(tmp_path)):
         path = tmp_path / f"bad{i}.gguf"
         path.write_bytes(data)
-        with pytest.raises(SinkchatError, match=says.strip()):
+        with pytest.raises(SinkchatError, match=says):
             GGUFFile(path)
-        one_line_error(run_cli("models", str(path)), "cannot read GGUF file", says.strip())
+        one_line_error(run_cli("models", str(path)), "cannot read GGUF file", says)
 
 
 def test_blocks_of_each_type_have_the_files_byte_sizes():

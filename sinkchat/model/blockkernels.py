@@ -31,7 +31,6 @@ from .quant import (
     GROUP,
     HalfLinear,
     Int4Linear,
-    _nibbles,
     affine_int4,
     cat_bias,
     dequantize,
@@ -114,18 +113,17 @@ class Stack(nn.Module):
 
 def fuse(parts: list[nn.Module]) -> nn.Module:
     """One module computing ``parts`` (same input) side by side, for the fast path's fused q/k/v and
-    gate/up: parts of one int4 kind whose codes can be read (:func:`~.quant.packed_layout`) are laid end
-    to end as one weight (exact: codes and scales are per row), 16-bit parts likewise; anything else is
-    a :class:`Stack`."""
+    gate/up: parts of one int4 kind that are whole row blocks of the packed layout
+    (:func:`~.quant.packed_layout`) are laid end to end as one weight (exact: codes and scales are per
+    row), 16-bit parts likewise; anything else is a :class:`Stack`."""
     kinds = {type(p) for p in parts}
     if kinds == {HalfLinear} and len({p.weight.dtype for p in parts}) == 1:
         bias = cat_bias(parts, torch.float32, parts[0].weight.device)
         return HalfLinear(torch.cat([p.weight for p in parts]), parts[0].weight.dtype, bias)
     inner = [p.planes if isinstance(p, Int8Planes) else p for p in parts]
     if len(kinds) == 1 and kinds <= {Int4Linear, Int8Planes} and all(p._whole_blocks() for p in inner):
-        first = inner[0]
-        codes = torch.cat([_nibbles(p.packed, p.layout, p.in_features) for p in inner])
-        fused = Int4Linear(pack_codes(codes), torch.cat([p.scales for p in inner], 1),
+        first = inner[0]  # whole row blocks of the packed layout lie end to end
+        fused = Int4Linear(torch.cat([p.packed for p in inner]), torch.cat([p.scales for p in inner], 1),
                            cat_bias(inner, torch.float32, first.packed.device), first.in_features)
         return Int8Planes(fused) if kinds == {Int8Planes} else fused
     return Stack(parts)
