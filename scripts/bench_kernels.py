@@ -43,13 +43,7 @@ def candidates(file: GGUFFile, name: str) -> dict[str, nn.Module]:
 
 
 def error(module: nn.Module, weight: torch.Tensor) -> float:
-    if isinstance(module, blockkernels.Int8Planes):
-        w = module.dequantized()
-    elif isinstance(module, quant.Int4Linear):
-        w = quant.dequantize(module.packed, module.scales, module.in_features, module.layout)
-    else:
-        w = module.weight.float()
-    return ((w - weight).norm() / weight.norm()).item()
+    return ((blockkernels.float_weight(module) - weight).norm() / weight.norm()).item()
 
 
 def main() -> None:

@@ -47,13 +47,7 @@ def test_codes_scales_and_offsets_are_the_files_own_values(tmp_path, block_type)
 
 def weight_error(module: nn.Module, ref: torch.Tensor) -> float:
     """Relative Frobenius distance between the weight a kernel computes with and ``ref``."""
-    if isinstance(module, blockkernels.Int8Planes):
-        w = module.dequantized()
-    elif isinstance(module, quant.Int4Linear):
-        w = quant.dequantize(module.packed, module.scales, module.in_features, module.layout)
-    else:
-        w = module.weight.float()
-    return ((w - ref).norm() / ref.norm()).item()
+    return ((blockkernels.float_weight(module) - ref).norm() / ref.norm()).item()
 
 
 def check_block_types(tmp_path) -> None:

@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 
 import pytest
 import torch
 
-from _helpers import one_line_error, run_cli
+from _helpers import one_line_error, run_cli, stand_in
 from sinkchat.bench.ppl import chunk_bos, llama_chunks
 from sinkchat.bench.stream import Stream, dense_cache
 from sinkchat.kv import SinkCache
@@ -150,10 +149,7 @@ print("Final estimate: PPL = 6.0000 +/- 0.10000", file=sys.stderr)
 
 @pytest.fixture
 def fake_perplexity(tmp_path):
-    path = tmp_path / "llama-perplexity"
-    path.write_text(FAKE_PERPLEXITY.format(python=sys.executable))
-    path.chmod(0o755)
-    return path
+    return stand_in(tmp_path / "llama-perplexity", FAKE_PERPLEXITY)
 
 
 def test_bench_peer_ppl_prints_both_and_their_ratio(tiny_gguf, fake_perplexity, tmp_path):

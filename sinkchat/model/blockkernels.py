@@ -89,6 +89,16 @@ class Int8Planes(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 g{GROUP} (two int4 planes)"
 
 
+def float_weight(module: nn.Module) -> torch.Tensor:
+    """The float32 ``[N, K]`` weight a linear of this module computes with (int4 packed, int8 planes,
+    16-bit or a plain ``nn.Linear``): what its error against the file's values is measured on."""
+    if isinstance(module, Int8Planes):
+        return module.dequantized()
+    if isinstance(module, Int4Linear):
+        return dequantize(module.packed, module.scales, module.in_features, module.layout)
+    return module.weight.detach().float()
+
+
 class Stack(nn.Module):
     """Linears of one input computed side by side, outputs end to end: a fused q/k/v or gate/up whose
     parts run different kernels (a Q4_K_M file's Q4_K q and k beside its Q6_K v)."""
@@ -190,7 +200,7 @@ def apply(model: nn.Module, file: GGUFFile, quant: str = "auto") -> Report:
                 report.requantized.append(stored.type)
             if new.layout is not None:
                 w = module.weight.detach().float()
-                moved += (dequantize(new.packed, new.scales, new.in_features, new.layout) - w).square().sum().item()
+                moved += (float_weight(new) - w).square().sum().item()
                 total += w.square().sum().item()
         report.count(stored.type, kernel)
         parent, _, child = module_name.rpartition(".")
