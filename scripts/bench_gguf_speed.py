@@ -8,11 +8,15 @@ decoded there (``sinkchat.bench.peer.sinkchat_figures``, what ``bench peer`` rep
 the median tokens/s of each file and its ratio to the first, and what each ran on.
 
     PYTHONPATH=. python scripts/bench_gguf_speed.py Q4_0.gguf Q4_K_M.gguf --window 500 --rounds 5
+
+``FILE@fp16`` or ``FILE@int8`` loads that file with its 5- and 8-bit blocks on that kernel
+(``SINKCHAT_EIGHT_BIT``), so ``Q4_K_M.gguf@int8 Q4_K_M.gguf@fp16`` compares the two in one run.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 
 import torch
@@ -31,7 +35,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--quant", default="auto")
     args = parser.parse_args()
-    models = [load(f, quant=args.quant, device="cpu", quick=False, chat=False) for f in args.files]
+    models = []
+    for f in args.files:
+        path, _, eight = f.partition("@")
+        os.environ.pop("SINKCHAT_EIGHT_BIT", None)
+        if eight:
+            os.environ["SINKCHAT_EIGHT_BIT"] = eight
+        models.append(load(path, quant=args.quant, device="cpu", quick=False, chat=False))
+    os.environ.pop("SINKCHAT_EIGHT_BIT", None)
     need = args.sinks + args.window + args.steps + 1
     tg: dict[str, list[float]] = {f: [] for f in args.files}
     for r in range(args.rounds):

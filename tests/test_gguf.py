@@ -191,6 +191,10 @@ def test_five_and_eight_bits_run_on_int8_planes_only_with_avx512(flavour):
     capability, kernel = out.stdout.split()
     assert kernel == ("int8" if capability == "AVX512" else "fp16"), out.stdout
     assert capability.lower() in {flavour, "avx2", "default"}  # capped at what the CPU has
+    for forced in ("int8", "fp16"):  # SINKCHAT_EIGHT_BIT overrides the choice, whatever the CPU
+        env["SINKCHAT_EIGHT_BIT"] = forced
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
+        assert out.stdout.split()[1] == forced, out.stdout
 
 
 def test_models_lists_what_a_gguf_file_runs_as(tmp_path):

@@ -87,6 +87,25 @@ def test_the_bundled_q4_1_model_is_bit_for_bit_what_it_was(smollm):
     assert smollm.fingerprint["weights"] == "int4pack-g32"  # chats saved with --quant 4bit resume as they were
 
 
+def test_packed_blocks_are_kept_for_the_next_start(tiny_gguf, tmp_path, monkeypatch):
+    """A GGUF's blocks packed from their codes are kept in the cache dir (as re-quantized weights always
+    were), so a later start reads them instead of the codes; both starts compute the same."""
+    from safetensors.torch import load_file
+
+    monkeypatch.setenv("SINKCHAT_CACHE_DIR", str(tmp_path))
+    first = load(str(tiny_gguf), quant="auto", device="cpu")
+    [kept] = (tmp_path / "packed").glob("*.safetensors")
+    names = set(load_file(kept))
+    assert "gguf.model.layers.0.self_attn.q_proj.int4.packed" in names  # Q4_K: its codes, packed
+    assert any(n.endswith(".int8.packed") for n in names) == (eight_bit_kernel() == "int8")
+    stamp = kept.stat().st_mtime_ns
+    second = load(str(tiny_gguf), quant="auto", device="cpu")
+    assert kept.stat().st_mtime_ns == stamp  # nothing new to keep: all of it was read back
+    ids = first.tokenizer(TEXT, add_special_tokens=False)["input_ids"]
+    assert torch.equal(logits(first, SinkCache.for_model(first.model, 4, 60), ids),
+                       logits(second, SinkCache.for_model(second.model, 4, 60), ids))
+
+
 def test_llama_perplexity_chunks():
     """llama.cpp's chunks: the tokens after BOS cut in whole chunks of ctx, each chunk's first token BOS."""
     assert llama_chunks(list(range(10, 20)), 4, 1) == [[1, 10, 11, 12], [1, 14, 15, 16]]

@@ -8,8 +8,6 @@ import sys
 from rich.console import Console
 from rich.table import Table
 
-from ..model.gguf import LABEL
-
 
 class Bars:
     """A rich progress bar per phase on stderr, with tokens/s and an ETA; ``bars(desc, total)`` gives a tick."""
@@ -195,6 +193,8 @@ def print_peer_ppl(report: dict) -> None:
 
 def print_kernels(machine: dict) -> None:
     """What sinkchat ran: ``runs`` and, for a GGUF, which kernel each block type ran on."""
+    from ..model.gguf import LABEL  # numpy: not for every command line
+
     per = [f"{t} -> " + ", ".join(f"{LABEL.get(k, k)} ({n})" for k, n in kinds.items())
            for t, kinds in (machine.get("kernels") or {}).items()]
     tables_console().print(f"sinkchat ran {machine.get('runs') or machine.get('weights')}"

@@ -31,12 +31,12 @@ from .quant import (
     GROUP,
     HalfLinear,
     Int4Linear,
+    Packs,
     affine_int4,
     cat_bias,
     dequantize,
     pack_codes,
     pack_scales,
-    quantize_int4,
 )
 
 
@@ -45,7 +45,7 @@ class Int8Planes(nn.Module):
     (GGUF Q5_0, Q5_1, Q5_K, Q8_0), run by the packed int4 kernel: each code ``c = l + 16 h`` is split
     into its low nibble ``l`` and high bits ``h``, laid side by side as one int4 weight ``[N, 2K]``
     whose groups are ``(l - 8) s + z`` and ``(h + o - 8) 16 s``, and multiplied with ``[x, x]``, one
-    call. With ``z`` and ``o`` chosen per type (:meth:`from_affine`) the sum is the file's
+    call. With ``z`` and ``o`` chosen per type (:meth:`pack`) the sum is the file's
     ``s c + m`` with only ``s`` (and an asymmetric type's offset) rounded to bf16: 8 bits a weight,
     no re-quantization. Prefill chunks take :class:`~.quant.Int4Linear`'s dequantized route, on the
     two planes added into one float32 weight."""
@@ -55,10 +55,11 @@ class Int8Planes(nn.Module):
         self.planes = planes
         self.in_features, self.out_features = planes.in_features // 2, planes.out_features
 
-    @classmethod
-    def from_affine(cls, codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bits: int,
-                    bias: torch.Tensor | None = None) -> "Int8Planes":
-        """``codes`` ``[N, K]`` below ``2**bits`` (5 or 8), ``scale``/``offset`` float32 ``[N, K/32]``.
+    @staticmethod
+    def pack(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bits: int) -> tuple[torch.Tensor,
+                                                                                                  torch.Tensor]:
+        """``codes`` ``[N, K]`` below ``2**bits`` (5 or 8), ``scale``/``offset`` float32 ``[N, K/32]`` ->
+        the two planes as one packed int4 weight ``[N, 2K]`` and its bf16 scales.
 
         The high plane's codes are ``h + o``: ``o = 8`` for 5-bit codes (``h`` is 0 or 1), 0 for 8-bit
         ones (``h`` fills 0..15); its zero is 0, and the low plane's zero ``z = m + 8 s + 16 s (8 - o)``
@@ -68,7 +69,7 @@ class Int8Planes(nn.Module):
         low, high = codes & 15, (codes >> 4) + o
         zero = offset + 8 * scale + 16 * scale * (8 - o)
         scales = pack_scales(torch.cat([scale, 16 * scale], 1), torch.cat([zero, torch.zeros_like(zero)], 1))
-        return cls(Int4Linear(pack_codes(torch.cat([low, high], 1)), scales, bias, 2 * codes.shape[1]))
+        return pack_codes(torch.cat([low, high], 1)), scales
 
     def dequantized(self) -> torch.Tensor:
         """The float32 ``[N, K]`` weight this computes with (the two planes added)."""
@@ -170,11 +171,12 @@ class Report:
                 f"to int4 g32{cost}; --quant auto runs them at the file's own precision")
 
 
-def apply(model: nn.Module, file: GGUFFile, quant: str = "auto") -> Report:
+def apply(model: nn.Module, file: GGUFFile, quant: str = "auto", packs: Packs | None = None) -> Report:
     """Replace every linear of ``model`` that has a tensor in ``file`` (decoder projections, output
     head; a tied head reads ``token_embd``) by the kernel :func:`kernel_for` picks, built from the
     file's blocks. The model's float weights must be the file's dequantized values (the converted
-    folder); 16-bit kernels and re-quantization start from them. Input embeddings are left as they are."""
+    folder); 16-bit kernels and re-quantization start from them. Input embeddings are left as they are.
+    ``packs``: packed weights kept from an earlier start (:class:`~.quant.Packs`), used and filled."""
     report = Report(file.file_type)
     linears = {name: m for name, m in model.named_modules() if type(m) is nn.Linear}
     config = model.config.get_text_config(decoder=True)
@@ -194,7 +196,7 @@ def apply(model: nn.Module, file: GGUFFile, quant: str = "auto") -> Report:
         if kernel == "fp32":
             report.count(stored.type, kernel)
             continue
-        new = module_for(kernel, file, tensor_name, module)
+        new = module_for(kernel, file, tensor_name, module, packs, module_name)
         if kernel == "int4" and stored.type not in FOUR:
             if stored.type not in report.requantized:
                 report.requantized.append(stored.type)
@@ -213,16 +215,25 @@ def apply(model: nn.Module, file: GGUFFile, quant: str = "auto") -> Report:
     return report
 
 
-def module_for(kernel: str, file: GGUFFile, name: str, module: nn.Linear) -> nn.Module:
+def module_for(kernel: str, file: GGUFFile, name: str, module: nn.Linear, packs: Packs | None = None,
+               key: str = "") -> nn.Module:
     """The module running ``file``'s tensor ``name`` on ``kernel`` (:func:`~.gguf.kernel_for`) in place of
-    ``module``, which holds the same tensor as floats (its dequantized values) and the bias, if any."""
+    ``module``, which holds the same tensor as floats (its dequantized values) and the bias, if any.
+    Packed int4 weights come from ``packs`` under ``key`` where an earlier start kept them."""
     block_type = file.tensors[name].type
+    n, k = module.out_features, module.in_features
+    packs = packs or Packs(None)
     if kernel == "fp16":
         return HalfLinear(module.weight, torch.float16, module.bias)
     if block_type not in AFFINE or kernel == "int4" and block_type not in FOUR:
-        return Int4Linear(*quantize_int4(module.weight), module.bias, module.in_features)  # --quant 4bit
-    a = file.affine(name)
-    codes, scale, offset = (torch.from_numpy(x) for x in (a.codes, a.scale, a.offset))
+        return Int4Linear(*packs.get(f"gguf.{key}.int4", module.weight), module.bias, k)  # --quant 4bit
+
+    def codes() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        a = file.affine(name)
+        return tuple(torch.from_numpy(x) for x in (a.codes, a.scale, a.offset))
+
     if kernel == "int4":
-        return Int4Linear(*affine_int4(codes, scale, offset), module.bias, module.in_features)
-    return Int8Planes.from_affine(codes, scale, offset, a.bits, module.bias)
+        return Int4Linear(*packs.cached(f"gguf.{key}.int4", (n, k), lambda: affine_int4(*codes())), module.bias, k)
+    bits = AFFINE[block_type][0]
+    planes = packs.cached(f"gguf.{key}.int8", (n, 2 * k), lambda: Int8Planes.pack(*codes(), bits))
+    return Int8Planes(Int4Linear(*planes, module.bias, 2 * k))

@@ -40,9 +40,16 @@ def int4_fits(out_features: int, in_features: int) -> bool:
 def eight_bit_kernel() -> str:
     """The kernel for 5- and 8-bit blocks on this CPU: the int8 planes where PyTorch's int4 kernel runs
     with AVX-512, float16 elsewhere, where that kernel is twice as slow and float16 as fast as before
-    (README, "Which kernel runs where"). Imports torch, for the capability ``ATEN_CPU_CAPABILITY`` sets."""
+    (README, "Which kernel runs where"). ``SINKCHAT_EIGHT_BIT=int8|fp16`` overrides it (to compare
+    them, or where another CPU measures otherwise). Imports torch, for the capability
+    ``ATEN_CPU_CAPABILITY`` sets."""
+    import os
+
     import torch
 
+    forced = os.environ.get("SINKCHAT_EIGHT_BIT")
+    if forced in ("int8", "fp16"):
+        return forced
     return "int8" if torch.backends.cpu.get_cpu_capability() == "AVX512" else "fp16"
 
 

@@ -36,15 +36,15 @@ def prepare(loaded: LoadedModel, kv_dtype: str = "auto", compile: str = "auto", 
     file = _gguf(loaded)
     if loaded.quant in ("4bit", "auto") and loaded.device == "cpu":
         loaded.weights, loaded.runs = "int4pack-g32", "4bit"
+        packs = quant.Packs(_packs_path(folder))
         if file is not None:
             from .blockkernels import apply
 
-            report = apply(model, file, loaded.quant)
+            report = apply(model, file, loaded.quant, packs)
             loaded.runs, loaded.kernels = report.label(), report.kernels
             loaded.weights = loaded.runs if loaded.quant == "auto" else loaded.weights  # 4bit: as before
             loaded.notices += [n for n in [report.notice()] if n]
         int4 = file is None or loaded.quant == "4bit"  # auto on a GGUF: what is left (F32) stays as it is
-        packs = quant.Packs(_packs_path(folder))
         if fast.supported(model):
             loaded.fast = fast.FastModel.build(model, int4=int4, packs=packs)
         elif int4:

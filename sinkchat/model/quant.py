@@ -204,10 +204,16 @@ class Packs:
         return digest.hexdigest()[:24]
 
     def get(self, name: str, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        n, k = weight.shape
+        """``weight`` ``[N, K]`` quantized (:func:`quantize_int4`), or as kept under ``name``."""
+        return self.cached(name, weight.shape, lambda: quantize_int4(weight))
+
+    def cached(self, name: str, shape: tuple[int, int], make) -> tuple[torch.Tensor, torch.Tensor]:
+        """The packed weight and scales of an ``[N, K]`` weight kept under ``name``, or ``make()``'s
+        (then kept for the next start): also a GGUF's blocks packed from their codes (:mod:`.blockkernels`)."""
+        n, k = shape
         packed, scales = self.found.get(f"{name}.packed"), self.found.get(f"{name}.scales")
         if packed is None or scales is None or packed.shape != (n, k // 2) or scales.shape != (k // GROUP, n, 2):
-            packed, scales = quantize_int4(weight)
+            packed, scales = make()
             self.new[f"{name}.packed"], self.new[f"{name}.scales"] = packed, scales
         return packed, scales
 
