@@ -197,6 +197,19 @@ def test_five_and_eight_bits_run_on_int8_planes_only_with_avx512(flavour):
         assert out.stdout.split()[1] == forced, out.stdout
 
 
+def test_bitsandbytes_below_a_files_precision_is_said_too(tmp_path):
+    """On a GPU (or with 8bit) bitsandbytes re-quantizes: the tensors with more bits than it keeps are
+    named (their movement is not measured there)."""
+    from sinkchat.model.kernels import _lower
+
+    file = GGUFFile(tiny_llama(tmp_path / "tiny.gguf"))
+    notice = _lower(file, "4bit", "gguf Q4_K_M -> nf4")
+    assert notice.startswith("--quant 4bit re-quantizes 9 Q5_0/Q8_0/Q5_K/Q6_K/Q5_1/F16 tensors of this Q4_K_M "
+                             "file to nf4 (they move")  # the layers' matrices: not the embeddings (or a tied head)
+    assert _lower(file, "8bit", "gguf Q4_K_M -> int8 (bitsandbytes)").startswith("--quant 8bit re-quantizes 1 F16")
+    assert _lower(file, "none", "gguf Q4_K_M -> bfloat16") is None
+
+
 def test_models_lists_what_a_gguf_file_runs_as(tmp_path):
     path = tiny_llama(tmp_path / "tiny.gguf")
     r = run_cli("models", str(path), env={"COLUMNS": "250"})

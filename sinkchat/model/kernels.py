@@ -97,7 +97,10 @@ def _lower(file, quant: str, runs: str) -> str | None:
     bits = {"4bit": 4, "8bit": 8}.get(quant)
     if bits is None:
         return None
-    more = {t: n for t, n in file.types().items() if file.bits(t) > bits}
+    more: dict[str, int] = {}
+    for t in file.tensors.values():  # the layers' matrices: bitsandbytes leaves embeddings and head alone
+        if len(t.shape) == 2 and t.name not in ("token_embd.weight", "output.weight") and file.bits(t.type) > bits:
+            more[t.type] = more.get(t.type, 0) + 1
     if not more:
         return None
     return (f"--quant {quant} re-quantizes {sum(more.values())} {'/'.join(more)} tensors of this {file.file_type} "
