@@ -190,6 +190,16 @@ def test_bench_peer_ppl_prints_both_and_their_ratio(tiny_gguf, fake_perplexity, 
     assert f"Q5_0 -> {LABEL[eight_bit_kernel()]} (2)" in table.stdout  # which kernel each block type ran on
 
 
+def test_bench_speed_says_which_kernel_each_block_type_ran_on(tiny_gguf):
+    common = ("bench", "speed", "--model", str(tiny_gguf), "--window", "60", "--tokens", "64", "--points", "1",
+              "--steps", "2", "--modes", "sinks")
+    doc = json.loads(run_cli(*common, "--json").stdout)
+    assert doc["machine"]["kernels"]["Q4_K"] == {"int4": 2} and doc["machine"]["runs"].startswith("gguf Q4_K_M")
+    table = run_cli(*common, env={"COLUMNS": "200"})
+    assert table.returncode == 0, table.stderr
+    assert "sinkchat ran gguf Q4_K_M -> int4 g32" in table.stdout and "Q4_K -> int4 g32 (2)" in table.stdout
+
+
 def test_bench_peer_ppl_refusals_are_one_line(tiny_gguf, fake_perplexity, tmp_path):
     failing = tmp_path / "fail.txt"
     failing.write_text("fail " * 100)
