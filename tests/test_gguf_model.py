@@ -60,7 +60,8 @@ def test_a_mixed_gguf_runs_each_block_type_on_its_kernel_and_matches_its_own_val
 
 def test_fewer_bits_than_the_file_has_are_said_once_with_what_they_cost(tiny_gguf):
     forced = load(str(tiny_gguf), quant="4bit", device="cpu")
-    assert forced.runs == "gguf Q4_K_M -> int4 g32 + fp16" and forced.weights == "int4pack-g32"
+    assert forced.runs == "gguf Q4_K_M -> int4 g32 + fp16"
+    assert forced.weights == "4bit: gguf Q4_K_M -> int4 g32 + fp16"  # its Q4_0/Q4_K blocks: not what 4bit gave
     [notice] = forced.take_notices()
     assert notice.startswith("--quant 4bit re-quantizes 9 Q5_0/Q8_0/Q5_K/Q6_K/Q5_1/F16 tensors of this Q4_K_M file "
                              "to int4 g32; they move ") and "--quant auto runs them at the file's own precision" in notice
@@ -78,13 +79,13 @@ def test_the_bundled_q4_1_model_is_bit_for_bit_what_it_was(smollm):
     spans its 16 codes), and its Q8_0 head is the same float16 copy: the same logits, bit for bit, as
     loading the converted folder the old way (min/max re-quantization), with --quant auto and 4bit."""
     old = load(str(gguf_folder(bundled_gguf())), quant="4bit", device="cpu")
-    auto = load("smollm2-135m", quant="auto", device="cpu")
-    assert old.runs == "4bit" and auto.runs == smollm.runs == "gguf Q4_1 -> int4 g32 + fp16"
-    ids = auto.tokenizer(TEXT, add_special_tokens=False)["input_ids"]
+    forced = load("smollm2-135m", quant="4bit", device="cpu")
+    assert old.runs == "4bit" and forced.runs == smollm.runs == "gguf Q4_1 -> int4 g32 + fp16"
+    ids = smollm.tokenizer(TEXT, add_special_tokens=False)["input_ids"]
     expected = logits(old, SinkCache.for_model(old.model, 4, 40), ids)
-    for loaded in (auto, smollm):
+    for loaded in (smollm, forced):
         assert torch.equal(logits(loaded, SinkCache.for_model(loaded.model, 4, 40), ids), expected)
-    assert smollm.fingerprint["weights"] == "int4pack-g32"  # chats saved with --quant 4bit resume as they were
+    assert forced.fingerprint["weights"] == old.fingerprint["weights"] == "int4pack-g32"  # old 4bit chats resume
 
 
 def test_packed_blocks_are_kept_for_the_next_start(tiny_gguf, tmp_path, monkeypatch):

@@ -4,14 +4,16 @@ the README's "Which kernel runs where").
 
 - Q4_0, Q4_1, Q4_K (affine 4-bit in groups of 32): PyTorch's packed int4 kernel
   (:class:`~.quant.Int4Linear`) on the file's codes; only each group's scale and zero round, to bf16.
-- Q5_0, Q5_1, Q5_K, Q8_0 (5 and 8 bits, groups of 32): :class:`Int8Planes`, the codes split into a
-  low-nibble and a high-bits plane that the same int4 kernel runs as one call over ``[x, x]``
-  (8 bits a weight, the file's group scales); again only bf16 rounds.
+- Q5_0, Q5_1, Q5_K, Q8_0 (5 and 8 bits, groups of 32), where the int4 kernel has AVX-512:
+  :class:`Int8Planes`, the codes split into a low-nibble and a high-bits plane that the same int4
+  kernel runs as one call over ``[x, x]`` (8 bits a weight, the file's group scales); again only
+  bf16 rounds. Without AVX-512 (the int4 kernel twice as slow): float16
+  (:func:`~.gguf.eight_bit_kernel`).
 - Q6_K (its 16-weight groups fit no group-32 kernel), F16, BF16, Q2_K, Q3_K and the IQ codebooks:
   a 16-bit dense copy of the file's values (:class:`~.quant.HalfLinear`, float16, rounding at 2^-11).
-- The output head follows the same table, except that an 8-bit head stays float16 (its speed is
-  the same here, and it keeps the bundled model's logits bit for bit, see :func:`kernel_for`); the
-  input embeddings keep the file's values in float32, looked up a few rows at a time.
+- The output head follows the same table, except that a head of more than 4 bits stays float16 (it
+  keeps the bundled model's logits bit for bit, see :func:`~.gguf.kernel_for`); the input
+  embeddings keep the file's values in float32, looked up a few rows at a time.
 
 ``--quant 4bit`` still means 4 bits: tensors with more bits are re-quantized to int4 g32 (min/max per
 group, as for a float checkpoint), and :func:`apply` says how far that moves them.

@@ -6,9 +6,10 @@ Every block type sinkchat maps is affine per group of weights: ``w = scale * cod
 unsigned ``code < 2**bits`` (:class:`Affine`). The layouts are those of gguf-py's ``gguf/quants.py``
 (the Python mirror of llama.cpp's ``ggml-quants.c``), read the same way and checked against its own
 dequantizers in ``tests/test_gguf.py``. Other types (F16, BF16, F32, Q2_K, Q3_K, the IQ codebooks) have
-no such form here and run from their dequantized values.
+no such form here and run from their dequantized values. It also holds the table of which CPU kernel
+serves which block type (:func:`kernel_for`), which ``sinkchat models`` shows without loading a model.
 
-No torch at import: ``sinkchat models`` reads a file's types with numpy alone.
+No torch at import (the kernel table imports it only to ask the CPU's capability).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ AFFINE = {"Q4_0": (4, 32), "Q4_1": (4, 32), "Q4_K": (4, 32), "Q5_0": (5, 32), "Q
           "Q5_K": (5, 32), "Q6_K": (6, 16), "Q8_0": (8, 32)}
 FLOAT = {"F32": 32, "F16": 16, "BF16": 16}
 FOUR = ("Q4_0", "Q4_1", "Q4_K")  # affine int4 in groups of 32: the packed int4 layout, codes as they are
-EIGHT = ("Q5_0", "Q5_1", "Q5_K", "Q8_0")  # 5 or 8 bits in groups of 32: two int4 planes
+EIGHT = ("Q5_0", "Q5_1", "Q5_K", "Q8_0")  # 5 or 8 bits in groups of 32: two int4 planes, or float16
 GROUP = 32  # inputs per scale and zero of the CPU's packed int4 kernel (GGUF's 32-weight blocks)
 LABEL = {"int4": "int4 g32", "int8": "int8 g32", "fp16": "fp16", "fp32": "fp32"}  # kernel -> what users read
 

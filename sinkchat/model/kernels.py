@@ -42,7 +42,10 @@ def prepare(loaded: LoadedModel, kv_dtype: str = "auto", compile: str = "auto", 
 
             report = apply(model, file, loaded.quant, packs)
             loaded.runs, loaded.kernels = report.label(), report.kernels
-            loaded.weights = loaded.runs if loaded.quant == "auto" else loaded.weights  # 4bit: as before
+            # what a saved cache depends on: 4bit on a GGUF computes what it did before unless the file has
+            # Q4_0 or Q4_K blocks, now taken from their codes instead of re-quantized
+            if loaded.quant == "auto" or {"Q4_0", "Q4_K"} & set(report.kernels):
+                loaded.weights = f"{loaded.quant}: {loaded.runs}"
             loaded.notices += [n for n in [report.notice()] if n]
         int4 = file is None or loaded.quant == "4bit"  # auto on a GGUF: what is left (F32) stays as it is
         if fast.supported(model):
