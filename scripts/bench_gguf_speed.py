@@ -41,7 +41,7 @@ def main() -> None:
         os.environ.pop("SINKCHAT_EIGHT_BIT", None)
         if eight:
             os.environ["SINKCHAT_EIGHT_BIT"] = eight
-        models.append(load(path, quant=args.quant, device="cpu", quick=False, chat=False))
+        models.append(load(path, quant=args.quant, device="cpu", quick=False))
     os.environ.pop("SINKCHAT_EIGHT_BIT", None)
     need = args.sinks + args.window + args.steps + 1
     tg: dict[str, list[float]] = {f: [] for f in args.files}

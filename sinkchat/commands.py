@@ -1,11 +1,12 @@
 """Slash commands of the line-oriented chat (``--plain``): what the user steers of the model's memory.
 
 ``/pin N``, ``/unpin N`` (``N`` as the transcript numbers messages, ``#N`` works too), ``/pins``,
-``/retry`` (regenerate the last reply), ``/edit TEXT`` (replace the last message and send it again)
-and ``/help``. A line is a command only when it is a slash and a word, alone or followed by a
-space; anything else (``/usr/bin is...``, ``/3``) is a message. A message that must begin with a
-command-like word starts with ``//``: one slash is dropped and the rest is sent as it is. An
-unknown ``/word`` is refused in one line, so a typo is never sent to the model.
+``/keep TEXT`` (send a message pinned), ``/retry`` (regenerate the last reply), ``/edit TEXT``
+(replace the last message and send it again), ``/help``, and ``/quit`` or ``/exit``. A line is a
+command only when it is a slash and a word, alone or followed by a space; anything else
+(``/usr/bin is...``, ``/3``) is a message. A message that must begin with a command-like word
+starts with ``//``: one slash is dropped and the rest is sent as it is. An unknown ``/word`` is
+refused in one line, so a typo is never sent to the model.
 """
 
 from __future__ import annotations
@@ -15,11 +16,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .errors import SinkchatError
-from .steering import name
+from .ledger import name
 from .text import clean
 
-HELP = ("commands: /pin N, /unpin N, /pins, /retry, /edit TEXT, /help "
-        "(start a message with // to send a line that begins with /)")
+HELP = ("commands: /pin N, /unpin N, /pins, /keep TEXT (send it pinned), /retry, /edit TEXT, /help; "
+        "/quit, /exit or Ctrl+D to leave (start a message with // to send a line that begins with /)")
 _COMMAND = re.compile(r"/([A-Za-z]+)(?:\s+(.*))?", re.S)
 
 
@@ -31,13 +32,16 @@ class Command:
 
 @dataclass(frozen=True)
 class Outcome:
-    """What a command did: a line for the user, text to send as the turn (``/retry``, ``/edit``),
-    whether that line is a refusal, and whether the chat changed (it is saved then)."""
+    """What a line does: a line for the user, text to send as the turn (a message, ``/keep``,
+    ``/retry``, ``/edit``) and whether to send it pinned, whether that line is a refusal, whether
+    the chat changed (it is saved then), and whether the session ends (``/quit``)."""
 
     message: str | None = None
     send: str | None = None
     refused: bool = False
     changed: bool = False
+    pin: bool = False
+    quit: bool = False
 
 
 def parse(line: str) -> Command | str:
@@ -51,13 +55,13 @@ def parse(line: str) -> Command | str:
 
 
 def run_line(chat, line: str, write: Callable[[str], None], notify: Callable[[str], None],
-             saved: Callable = lambda chat: None) -> str | None:
+             saved: Callable = lambda chat: None) -> Outcome:
     """A line of ``--plain`` input: a command is run, its line written (``[sinkchat] ...``, or a
-    refusal through ``notify``) and ``saved(chat)`` called if the chat changed. Returns the text to
-    send as a turn, or None."""
+    refusal through ``notify``) and ``saved(chat)`` called if the chat changed. Returns what to do
+    next (the text to send, if any; whether the session ends)."""
     parsed = parse(line)
     if not isinstance(parsed, Command):
-        return parsed
+        return Outcome(send=parsed)
     outcome = execute(chat, parsed)
     if outcome.refused:
         notify(clean(outcome.message, one_line=True))
@@ -65,7 +69,7 @@ def run_line(chat, line: str, write: Callable[[str], None], notify: Callable[[st
         write(f"[sinkchat] {clean(outcome.message, one_line=True)}\n")
     if outcome.changed and outcome.send is None:
         saved(chat)
-    return outcome.send
+    return outcome
 
 
 def execute(chat, command: Command) -> Outcome:
@@ -78,13 +82,18 @@ def execute(chat, command: Command) -> Outcome:
 
 def _execute(chat, command: Command) -> Outcome:
     verb, arg = command.name, command.arg
-    if arg and verb in ("pins", "retry", "help"):
+    if arg and verb in ("pins", "retry", "help", "quit", "exit"):
         raise SinkchatError(f"/{verb} takes nothing after it (got {arg!r})")
     if verb in ("pin", "unpin"):
         index = message_number(arg, f"/{verb}") - 1
         return Outcome(chat.pin(index) if verb == "pin" else chat.unpin(index), changed=True)
     if verb == "pins":
         return Outcome(pins_line(chat))
+    if verb == "keep":
+        if not arg:
+            raise SinkchatError("/keep needs the message to send pinned: /keep TEXT")
+        chat.check_pin(arg)
+        return Outcome(send=arg, pin=True)
     if verb == "retry":
         text = chat.messages[chat.last_user()].content
         return Outcome(chat.rollback(), send=text, changed=True)
@@ -95,6 +104,8 @@ def _execute(chat, command: Command) -> Outcome:
         return Outcome(chat.rollback(), send=arg, changed=True)
     if verb == "help":
         return Outcome(HELP)
+    if verb in ("quit", "exit"):
+        return Outcome(quit=True)
     raise SinkchatError(f"unknown command /{verb}; {HELP}")
 
 

@@ -27,20 +27,42 @@ def data_dir(override: str | Path | None = None) -> Path:
     """Where chats live: ``--data-dir``, else ``SINKCHAT_DATA_DIR``, else the XDG data dir.
 
     Raises :class:`SinkchatError` when it names something that is not a directory (a setting of
-    the wrong kind, refused like one); a missing one is created by the store."""
+    the wrong kind, refused like one) or that sinkchat may not look into; a missing one is
+    created by the store."""
     source = "--data-dir" if override else "SINKCHAT_DATA_DIR" if os.environ.get("SINKCHAT_DATA_DIR") else None
     path = Path(override or os.environ.get("SINKCHAT_DATA_DIR") or platformdirs.user_data_dir(APP)).expanduser()
-    if path.exists() and not path.is_dir():
-        raise SinkchatError(f"the data directory {path}{f' (from {source})' if source else ''} is not a directory")
+    named = f"the data directory {path}{f' (from {source})' if source else ''}"
+    try:
+        if path.exists() and not path.is_dir():
+            raise SinkchatError(f"{named} is not a directory")
+    except OSError as exc:  # a parent sinkchat may not search: say which directory, not "the output"
+        raise SinkchatError(f"cannot use {named}: {reason(exc)}") from None
     return path
 
 
+def program() -> list[str]:
+    """How a shell starts this very sinkchat: ``sinkchat`` when that name on ``PATH`` is this
+    program, else its path (the ``.venv/bin/sinkchat`` of a venv that is not activated), else this
+    Python with ``-m sinkchat``; so a command printed for the user works as typed."""
+    import shutil
+    import sys
+
+    argv0 = Path(sys.argv[0])
+    if argv0.name == "sinkchat":
+        found = shutil.which("sinkchat")
+        if found and Path(found).resolve() == argv0.resolve():
+            return ["sinkchat"]
+        return [os.path.abspath(argv0)]
+    return [sys.executable, "-m", "sinkchat"]
+
+
 def resume_command(root: Path, chat_id: int, plain: bool = False) -> str:
-    """``sinkchat --resume 3``, with ``--data-dir`` when chat ``chat_id`` lives in ``root`` rather
-    than where a plain ``sinkchat`` looks (so the line reopens the same chat when pasted back)."""
+    """``sinkchat --resume 3`` (the program as :func:`program` names it), with ``--data-dir`` when
+    chat ``chat_id`` lives in ``root`` rather than where a plain ``sinkchat`` looks (so the line
+    reopens the same chat when pasted back)."""
     import shlex
 
-    words = ["sinkchat"] + (["--plain"] if plain else []) + ["--resume", str(chat_id)]
+    words = program() + (["--plain"] if plain else []) + ["--resume", str(chat_id)]
     if root.resolve() != data_dir().resolve():
         words += ["--data-dir", str(root.resolve())]
     return shlex.join(words)

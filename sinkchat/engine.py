@@ -24,7 +24,8 @@ import torch
 
 from .errors import SinkchatError
 from .kv import SinkCache
-from .ledger import ChatState, Message, Occupancy, Span
+from .kv.cache import learned_sinks
+from .ledger import ChatState, Message, Occupancy, Span, partial
 from .model import LoadedModel, check_context, forward
 from .model.kernels import kv_dtype
 from .sampling import Sampler
@@ -62,6 +63,14 @@ class Stats:
 
 
 @dataclass(frozen=True)
+class Notice:
+    """A line for the user about the turn (a message sent pinned, or a pin that could not be made)."""
+
+    text: str
+    refused: bool = False
+
+
+@dataclass(frozen=True)
 class Done:
     reply: str
     reason: str  # "end" (end-of-turn token), "length" (max_new_tokens) or "stopped"
@@ -69,22 +78,31 @@ class Done:
     seconds: float
 
 
-Event = TokenText | Evicted | Stats | Done
+Event = TokenText | Evicted | Stats | Notice | Done
 
 
 class Chat(Steering):
     """One conversation with a loaded model; ``submit`` is a generator of events. Pins, taking
     back the last turn and rebuilding the cache come from :class:`~sinkchat.steering.Steering`.
 
-    Raises :class:`SinkchatError` when the cache geometry does not fit the model, or when
-    ``keep_system`` would pin more of the system prompt than ``--pin-max`` allows.
+    Raises :class:`SinkchatError` when the cache geometry does not fit the model, when the system
+    prompt alone does not fit the cache, or when ``keep_system`` would pin more of the system
+    prompt than ``--pin-max`` allows.
     """
 
     def __init__(self, loaded: LoadedModel, settings: Settings = Settings()):
+        settings = settings.replace(sinks=settings.sinks_for(learned_sinks(loaded.model)))
         self.loaded, self.settings = loaded, settings
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
         self.turns = Turns(self.tokenizer, settings.system)
         self.system_tokens = len(self.turns.encode(self.turns.first("")[0]))
+        if self.system_tokens > settings.sinks + settings.window:  # it would evict itself before a word is said
+            needed = self.system_tokens - settings.sinks
+            raise SinkchatError(
+                f"--window {settings.window} is too small: the system prompt alone is {self.system_tokens} tokens, "
+                f"more than {settings.sinks} sinks + {settings.window} hold; give --window {2 * needed} or more, "
+                "so a turn fits beside it"
+            )
         over = self.system_tokens - settings.sinks - settings.pin_budget
         if settings.keep_system and over > 0:
             raise SinkchatError(
@@ -102,7 +120,7 @@ class Chat(Steering):
         self.messages: list[Message] = []
         self.revision = 0  # bumped by pins and rollbacks, so a save knows there is something new
         self.cuts: list[tuple[int, int]] = []  # (revision, token) of each rollback (see ChatState.cuts)
-        self.taken_back: str | None = None  # a pinned user message taken back, pinned again if re-sent
+        self.taken_back = False  # a pinned user message was taken back: the next one sent is pinned again
         self._stop = threading.Event()
         self.busy = False  # a submit is between its start and its Done (the chat may not be copied then)
         self._logits: torch.Tensor | None = None
@@ -114,24 +132,27 @@ class Chat(Steering):
         """Ask a running ``submit`` to end after the token in flight; the partial reply is kept."""
         self._stop.set()
 
-    def submit(self, text: str) -> Iterator[Event]:
-        """Send a user message and stream the reply as events, ending with :class:`Done`.
+    def submit(self, text: str, pin: bool = False) -> Iterator[Event]:
+        """Send a user message and stream the reply as events, ending with :class:`Done`; ``pin``:
+        pin the message as soon as it is read, before its reply can evict it (a :class:`Notice`
+        says it was, or why not).
 
         The turn is tokenized before anything reaches the cache, so a failure there changes
         nothing. At every event the chat is whole (each token fed is recorded and belongs to a
         message), so a consumer that stops iterating, or fails, leaves a chat that can be saved:
         the reply so far is kept and marked ``stopped``. Text that is not valid Unicode (lone
         surrogates from undecodable input) is replaced with U+FFFD.
+
+        A :meth:`stop` from the moment this returns stops the turn, one that comes before its first
+        event too (Esc pressed as Enter was, while the turn waits for its thread): the request is
+        cleared here, not when the turn starts running.
         """
         self._stop.clear()
+        return self._turn(text, pin)
+
+    def _turn(self, text: str, pin: bool) -> Iterator[Event]:
         text, _ = valid(text)
-        system_ids: list[int] = []
-        if all(m.role == "system" for m in self.messages):  # the first turn (or the first taken back)
-            system, turn = self.turns.first(text)
-            system_ids = [] if self.messages else self.turns.encode(system)
-        else:
-            turn = self.turns.next(text)
-        user_ids = self.turns.encode(turn)
+        system_ids, user_ids = self._turn_ids(text)
         self.busy = True
         try:
             if system_ids:
@@ -140,7 +161,8 @@ class Chat(Steering):
                     self.cache.pin(0, len(self.tokens))
             self.cache.mark()  # the state to come back to if this turn is taken back (rollback)
             yield from self.prefill(user_ids, "user", text)
-            self.pin_again(text)
+            if said := self.pin_sent(pin):
+                yield Notice(*said)
             yield from self._generate()
         finally:
             self.busy = False
@@ -148,14 +170,36 @@ class Chat(Steering):
     def prefill(self, ids: list[int], role: str, content: str) -> Iterator[Event]:
         """Feed ``ids`` as one message, chunk by chunk (a generator of :class:`Evicted` events).
 
-        A stop request (:meth:`stop`) is honoured between chunks: the message keeps what was read,
-        marked ``stopped``, so Esc or Ctrl+C does not wait for a long paste to be read whole."""
-        self.messages.append(Message(role, content, len(self.tokens), len(self.tokens), note="stopped"))
+        A stop request (:meth:`stop`) is honoured between chunks: the message keeps its whole text
+        and the tokens read, marked :func:`~sinkchat.ledger.partial` (how many it has), so Esc or
+        Ctrl+C does not wait for a long paste to be read whole, and nothing claims the model read it."""
+        self.messages.append(Message(role, content, len(self.tokens), len(self.tokens), note=partial(len(ids))))
         for i in range(0, len(ids), self.chunk):
             if self._stop.is_set():
                 return
             yield from self._forward(ids[i : i + self.chunk])
         self._update(note="")  # until here the model had read only part of it
+
+    def _turn_ids(self, text: str) -> tuple[list[int], list[int]]:
+        """The token ids a turn of ``text`` feeds: the system prompt's (on the first turn), then the
+        user message's, both through the chat template."""
+        system_ids: list[int] = []
+        if all(m.role == "system" for m in self.messages):  # the first turn (or the first taken back)
+            system, turn = self.turns.first(text)
+            system_ids = [] if self.messages else self.turns.encode(system)
+        else:
+            turn = self.turns.next(text)
+        return system_ids, self.turns.encode(turn)
+
+    def check_pin(self, text: str) -> None:
+        """:class:`SinkchatError` (one line) when a message of ``text`` sent now could not be pinned:
+        its tokens over what ``--pin-max`` has left (checked before it is sent pinned)."""
+        system_ids, user_ids = self._turn_ids(valid(text)[0])
+        new = len(user_ids) - max(0, self.cache.sinks - len(self.tokens) - len(system_ids))
+        total = self.cache.pinned_count() + new
+        if total > self.cache.pin_max:
+            raise SinkchatError(f"this message is {new} tokens: pinned it would make {total}, over the budget of "
+                                f"{self.cache.pin_max} (--pin-max); unpin something first, or send it unpinned")
 
     def occupancy(self) -> Occupancy:
         return self.cache.occupancy()

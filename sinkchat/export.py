@@ -1,7 +1,10 @@
-"""Saved chats as Markdown (to read) and JSON (to process or import), evicted spans marked.
+"""Saved chats as Markdown (to read) and JSON (to process or import), in the screen's words.
 
 Eviction is about the model's memory, not the record: every message is exported in full, and
-each one says which of its tokens the model no longer holds. Neither holds a raw control
+each one says what the model still holds of it. Markdown labels each message exactly as the
+transcript does (``#5 you  ▒ pinned: the model keeps it``, ``⊘ forgotten``, ``✂ 12 of 40 tokens
+forgotten``, a paste read in part) and lists the forgotten spans as the gauge does; JSON gives the
+same facts as fields (number, pinned, note, evicted token spans). Neither holds a raw control
 character: Markdown shows them as symbols (it is printed to terminals), JSON escapes them (it
 loads back as the very same text).
 """
@@ -11,11 +14,16 @@ from __future__ import annotations
 import json
 from datetime import datetime
 
-from .ledger import NOTE_LABEL, clip
+from .ledger import clip, describe_span, is_pinned, label, memory
 from .store.records import Transcript
 from .text import clean, escape_json
 
 FORMAT = "sinkchat-chat/1"
+
+
+def _pinned(t: Transcript) -> list[bool]:
+    pins, sinks = [tuple(s) for s in t.meta.get("pins", [])], t.meta.get("sinks", 0)
+    return [is_pinned(m, pins, sinks) for m in t.messages]
 
 
 def to_json(t: Transcript) -> str:
@@ -30,10 +38,11 @@ def to_json(t: Transcript) -> str:
             "settings": t.settings,
             "cache": {k: t.meta.get(k) for k in ("sinks", "window", "block", "n_sink", "n_win", "seen")},
             "evicted": [list(s) for s in spans],
+            "pins": [list(s) for s in t.meta.get("pins", [])],
             "messages": [
-                {"role": m.role, "content": m.content, "note": m.note, "start": m.start, "end": m.end,
-                 "evicted": [list(s) for s in clip(spans, m.start, m.end)]}
-                for m in t.messages
+                {"number": i + 1, "role": m.role, "content": m.content, "note": m.note, "start": m.start, "end": m.end,
+                 "pinned": pinned, "evicted": [list(s) for s in clip(spans, m.start, m.end)]}
+                for i, (m, pinned) in enumerate(zip(t.messages, _pinned(t)))
             ],
             "tokens": t.tokens,
         },
@@ -51,19 +60,10 @@ def to_markdown(t: Transcript) -> str:
         "",
         f"- chat {t.id}, last saved {when}, model {s.get('model', '?')}, "
         f"sinks {t.meta.get('sinks', '?')} + window {t.meta.get('window', '?')}",
-        f"- {len(t.tokens)} tokens; evicted from the model's memory: "
-        + (", ".join(f"tokens [{a}, {b})" for a, b in spans) or "none"),
+        f"- {len(t.tokens)} tokens; " + ("forgotten by the model:" if spans else "nothing forgotten by the model"),
+        *(f"  - ✂ forgot {describe_span(span, t.messages)}" for span in spans),
     ]
-    for m in t.messages:
-        note = f" [{NOTE_LABEL.get(m.note, m.note)}]" if m.note else ""
-        lines += ["", f"## {m.role}{note}", ""]
-        cut = clip(spans, m.start, m.end)
-        evicted = sum(b - a for a, b in cut)
-        if evicted == m.end - m.start and evicted:
-            lines += [f"> [evicted] the model no longer holds this message (tokens [{m.start}, {m.end}))", ""]
-        elif evicted:
-            where = ", ".join(f"[{a}, {b})" for a, b in cut)
-            lines += [f"> [partly evicted] tokens {where} of this message's [{m.start}, {m.end}) are gone from "
-                      "the model's memory", ""]
+    for i, (m, pinned) in enumerate(zip(t.messages, _pinned(t))):
+        lines += ["", f"## {label(i, m.role, m.note, memory(m, spans), pinned)}", ""]
         lines.append(m.content or ("_(the chat template's default system prompt)_" if m.role == "system" else ""))
     return clean("\n".join(lines) + "\n")

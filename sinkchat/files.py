@@ -10,6 +10,7 @@ place with a real SIGKILL.
 from __future__ import annotations
 
 import os
+import stat
 from contextlib import suppress
 from pathlib import Path
 
@@ -90,6 +91,17 @@ def private_dir(path: Path) -> Path:
         raise OSError(f"{path} is a broken symbolic link")
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     return path
+
+
+def make_private(path: Path, mode: int) -> None:
+    """Take back from ``path`` (a file or directory of sinkchat's) the permissions ``mode`` does not
+    grant, where a copy, a restore or another program left it open to others (``chats.db`` 0644);
+    adds none. A link, another user's file or a disk that says no is left as it is."""
+    with suppress(OSError):
+        st = os.lstat(path)
+        now = stat.S_IMODE(st.st_mode)
+        if not stat.S_ISLNK(st.st_mode) and st.st_uid == os.getuid() and now & ~mode:
+            os.chmod(path, now & mode)
 
 
 def written_bytes() -> int | None:

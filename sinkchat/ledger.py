@@ -16,6 +16,8 @@ Span = tuple[int, int]  # conversation tokens [start, end)
 ROLE_NAME = {"user": "you", "assistant": "model", "system": "system"}  # as the transcript labels them
 # why a message is not whole (Message.note), as the transcript, `chats show` and exports label it
 NOTE_LABEL = {"stopped": "stopped", "length": "max tokens", "error": "error", "queued": "queued"}
+PARTIAL = "partial:"  # the note of a message the model read only part of, then its length in tokens
+PINNED = "▒"  # the gauge's glyph for pinned tokens, beside a pinned message's label too
 
 
 @dataclass(frozen=True)
@@ -106,6 +108,8 @@ class Occupancy:
     pinned: int = 0  # pinned tokens the cache holds (never evicted), outside the sinks
     pin_capacity: int = 0  # the most tokens pins may hold (``--pin-max``)
     window_start: int = 0  # first conversation token of the rolling window
+    local_window: int | None = None  # a hybrid model's sliding layers see only this many latest tokens
+    learned_sinks: bool = False  # the model learned a sink logit per head: no sink tokens needed
 
     @property
     def held(self) -> int:
@@ -113,13 +117,24 @@ class Occupancy:
 
     def text(self) -> str:
         """One line, e.g. ``4 + 1873 / 2000 | seen 9120 | evicted 7243 [4, 7247)`` (with pins
-        ``4 + 12 pinned + 1861 / 2000 | ...``)."""
+        ``4 + 12 pinned + 1861 / 2000 | ...``; with a hybrid model's sliding layers ``... | sliding 512``)."""
         spans = " ".join(f"[{a}, {b})" for a, b in merge_spans(self.spans)) or "none"
         pinned = f"{self.pinned} pinned + " if self.pinned else ""
+        local = f" | sliding {self.local_window}" if self.local_window else ""
         return (
             f"{self.sinks} + {pinned}{self.window} / {self.window_capacity} | seen {self.seen} | "
-            f"evicted {self.evicted} {spans}"
+            f"evicted {self.evicted} {spans}{local}"
         )
+
+    def notes(self) -> list[str]:
+        """What the numbers do not say about this model's geometry, one line each (for the gauge)."""
+        notes = []
+        if self.local_window:
+            notes.append(f"the model's sliding-window layers see only its last {self.local_window} tokens, as it "
+                         "was trained to; the window above is what its global layers see")
+        if self.learned_sinks and not self.sink_capacity:
+            notes.append("no sink tokens needed: this model learned its own attention sink (a logit per head)")
+        return notes
 
 
 def merge_spans(spans: tuple[Span, ...] | list[Span]) -> list[Span]:
@@ -244,8 +259,7 @@ def streaming_through(occupancy: Occupancy, messages: list[Message]) -> str:
               if messages[i].start < o.window_start < messages[i].end]
     if not inside:
         return ""
-    m = messages[inside[0]]
-    return (f"#{inside[0] + 1} {ROLE_NAME.get(m.role, m.role)} did not fit the room left in the window: "
+    return (f"{name(messages, inside[0])} did not fit the room left in the window: "
             "evicting it token by token until the next turn")
 
 
@@ -290,12 +304,70 @@ def describe_span(span: Span, messages: list[Message]) -> str:
     parts = []
     for a, b, n in pieces:
         m = messages[a]
-        name = ROLE_NAME.get(m.role, m.role)
-        parts.append(f"#{a + 1} {name} whole" if n is None and b - a == 1 else f"#{a + 1}–#{b} whole" if n is None
-                     else f"#{a + 1} {name} {n} of {m.end - m.start}")
+        parts.append(f"{name(messages, a)} whole" if n is None and b - a == 1 else f"#{a + 1}–#{b} whole"
+                     if n is None else f"{name(messages, a)} {n} of {m.end - m.start}")
     a, b = span
     return f"tokens {a}–{b - 1} ({b - a}): " + (", ".join(parts) or "no message")
 
 
 def spans(occupancy: Occupancy) -> list[Span]:
     return merge_spans(occupancy.spans)
+
+
+def name(messages: list[Message], index: int) -> str:
+    """``#3 model``: message ``index`` as the transcript numbers and names it."""
+    role = messages[index].role
+    return f"#{index + 1} {ROLE_NAME.get(role, role)}"
+
+
+def partial(total: int) -> str:
+    """The note of a message the model has read only part of (Esc or Ctrl+C while a long paste was
+    read): ``partial:<its length in tokens>``; what it read is the message's token range."""
+    return f"{PARTIAL}{total}"
+
+
+def partial_of(note: str) -> int | None:
+    """The length in tokens of a message the model read only part of (its :func:`partial` note), else None."""
+    total = note.removeprefix(PARTIAL)
+    return int(total) if note.startswith(PARTIAL) and total.isascii() and total.isdigit() else None
+
+
+def note_label(note: str, read: int | None = None) -> str:
+    """``note`` in the words every front end uses; ``read``: the message's tokens (its range), for a
+    message the model read only part of."""
+    total = partial_of(note)
+    if total is not None:
+        got = f"{read} of its {total}" if read is not None else f"part of its {total}"
+        return f"stopped: the model read {got} tokens"
+    return NOTE_LABEL.get(note, note)
+
+
+def is_pinned(message: Message, pins: list[Span], sinks: int) -> bool:
+    """Whether every token of ``message`` past the sink region is in ``pins`` (and it has such tokens)."""
+    start = max(message.start, sinks)
+    return start < message.end and covered_by(pins, start, message.end) == message.end - start
+
+
+def label(index: int, role: str, note: str, mem: Memory | None, pinned: bool = False,
+          kept_from: tuple[str, int] | None = None) -> str:
+    """A message's one-line label as the transcript shows it, and ``chats show`` and exports print it:
+    ``#5 you  [stopped]  ▒ pinned: the model keeps it  ✂ 12 of 40 tokens forgotten, kept from “…”``.
+
+    ``mem``: what the cache holds of it (None: not known yet); ``kept_from``: the words and paragraph
+    where its kept part begins (:meth:`Chat.kept_from`; None without a tokenizer)."""
+    parts = [f"#{index + 1} {ROLE_NAME.get(role, role)}"]
+    if note:
+        parts.append(f"[{note_label(note, mem.tokens if mem is not None else None)}]")
+    if pinned:
+        parts.append(f"{PINNED} pinned: the model keeps it")
+    if mem is not None and mem.forgotten:
+        parts.append(f"⊘ forgotten: the model no longer holds any of its {mem.tokens} tokens")
+    elif mem is not None and mem.partly:
+        where = ""
+        if kept_from is not None:
+            words, paragraph = kept_from
+            where = f", kept from “{words}…”" + (f" (paragraph {paragraph})" if paragraph > 1 else "")
+        elif mem.cut is None:  # the evicted run ends the message: its start is what stays (the sinks)
+            where = f", its first {mem.tokens - mem.evicted} stay as attention sinks"
+        parts.append(f"✂ {mem.evicted} of {mem.tokens} tokens forgotten{where}")
+    return "  ".join(parts)

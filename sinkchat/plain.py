@@ -25,10 +25,10 @@ from contextlib import suppress
 from typing import TextIO
 
 from . import commands
-from .engine import Chat, Done, TokenText
+from .engine import Chat, Done, Notice, TokenText
 from .errors import WriteFailed
 from .files import reason
-from .ledger import streaming_through
+from .ledger import name, note_label, partial_of, streaming_through
 from .text import clean, valid
 
 ENDING = (signal.SIGTERM, getattr(signal, "SIGHUP", signal.SIGTERM))
@@ -87,6 +87,8 @@ def run(
             notify(notice)
 
     tell_notices()
+    if interactive:
+        notify("/help lists the commands; Ctrl+D or /quit leaves")
     with Session(chat, interactive) as session:
         while session.ended_by is None and not out.closed:
             line = _read(stdin, interactive, session, out)
@@ -97,10 +99,13 @@ def run(
                 replaced = True
                 notify("input that is not valid UTF-8 was replaced with \ufffd")
             text = line.rstrip("\r\n")
-            if text.strip():
-                text = commands.run_line(chat, text, out.write, notify, after_turn)
-            if text is not None and text.strip():  # None: a command that sends nothing
-                _reply(chat, text, out, interactive)
+            if not text.strip():
+                continue
+            todo = commands.run_line(chat, text, out.write, notify, after_turn)
+            if todo.quit:
+                break
+            if todo.send is not None and todo.send.strip():  # None: a command that sends nothing
+                _reply(chat, todo.send, out, interactive, notify, todo.pin)
                 tell_notices()
                 after_turn(chat)
     if out.failed:
@@ -148,10 +153,12 @@ class _Output:
                 os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
 
 
-def _reply(chat: Chat, text: str, out: _Output, interactive: bool) -> None:
+def _reply(chat: Chat, text: str, out: _Output, interactive: bool, notify: Callable[[str], None],
+           pin: bool = False) -> None:
+    events = chat.submit(text, pin)  # a Ctrl+C from here on stops this turn (after "bot> ", it always does)
+    said: list[Notice] = []  # told after the reply, so no line breaks into it
     if interactive:
         out.write("bot> ")
-    events = chat.submit(text)
     while True:
         try:
             event = next(events)
@@ -161,11 +168,22 @@ def _reply(chat: Chat, text: str, out: _Output, interactive: bool) -> None:
             break
         if isinstance(event, TokenText):
             out.write(clean(event.text))
+        elif isinstance(event, Notice):
+            said.append(event)
         elif isinstance(event, Done):
             out.write("\n")
             if interactive and event.reason == "stopped":
                 out.write("[stopped]\n")
+                for i in range(max(0, len(chat.messages) - 3), len(chat.messages)):  # a paste read in part
+                    m = chat.messages[i]
+                    if partial_of(m.note) is not None:
+                        out.write(f"[{name(chat.messages, i)} {note_label(m.note, m.end - m.start)}]\n")
     occupancy = chat.occupancy()
     out.write(f"[cache] {occupancy.text()}\n")
     if chat.settings.evict == "turns" and (note := streaming_through(occupancy, chat.messages)):
         out.write(f"[cache] {note}\n")
+    for notice in said:  # a message sent pinned: said as a command's answer, or refused as one
+        if notice.refused:
+            notify(clean(notice.text, one_line=True))
+        else:
+            out.write(f"[sinkchat] {clean(notice.text, one_line=True)}\n")

@@ -24,6 +24,7 @@ from .errors import SinkchatError
 from .text import valid
 
 DEFAULT_MODEL = "smollm2-135m"
+DEFAULT_SINKS = 4  # StreamingLLM's choice: enough for the models it measured, a rounding error of the window
 QUANTS = ("auto", "4bit", "8bit", "none")
 DEVICES = ("auto", "cuda", "cpu")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -63,8 +64,9 @@ class Settings:
 
     model: str = setting(DEFAULT_MODEL, "Alias (see `sinkchat models`), Hugging Face id, folder or .gguf file.",
                          check=lambda v: None if v.strip() else "must not be empty")
-    sinks: int = setting(4, "Attention-sink tokens kept forever (0 = plain window attention).",
-                         check=_range(0, LIMIT))
+    sinks: int | None = setting(None, "Attention-sink tokens kept forever (0 = plain window attention) [default: "
+                                f"{DEFAULT_SINKS}; 0 for a model that learned its own sink, such as gpt-oss].",
+                                check=_range(0, LIMIT))
     window: int = setting(2000, "Most recent tokens kept in the KV cache.", check=_range(1, LIMIT))
     block: int | None = setting(None, "Tokens evicted at once when the window is full [default: window/16, max 256].",
                                 check=_range(1, LIMIT))
@@ -78,9 +80,10 @@ class Settings:
                          "4bit), 4bit (the best 4-bit kernel here: bitsandbytes NF4 on a GPU, PyTorch's packed "
                          "int4 on the CPU), 8bit or none.", choices=QUANTS)
     device: str = setting("auto", "auto (a GPU if there is one), cuda or cpu.", choices=DEVICES)
-    dtype: str = setting("auto", "Compute dtype: auto, float32, bfloat16 or float16.", choices=DTYPES)
-    kv_dtype: str = setting("auto", "KV cache dtype: auto (the compute dtype; bfloat16 on the CPU's fast path "
-                            "where measured faster), float32, bfloat16 or float16.", choices=KV_DTYPES)
+    dtype: str = setting("auto", "Compute dtype: auto (float32 on the CPU; bfloat16 on a GPU that has it, else "
+                         "float16), float32, bfloat16 or float16.", choices=DTYPES)
+    kv_dtype: str = setting("auto", "KV cache dtype: auto (the compute dtype), float32, bfloat16 or float16.",
+                            choices=KV_DTYPES)
     compile: str = setting("auto", "torch.compile the decode step (and record it as a CUDA graph on a GPU): "
                            "auto (on a GPU, outside the TUI), on or off; a failed compile falls back to eager.",
                            choices=COMPILE, saved=False)
@@ -104,6 +107,11 @@ class Settings:
         problem = _combined(vars(self))
         if problem:
             raise SettingError(f"{problem[0]} {problem[1]}")
+
+    def sinks_for(self, learned: bool = False) -> int:
+        """``sinks``, or its default for a model: none where the model learned a sink logit per head
+        (gpt-oss: the sink is in its weights), else :data:`DEFAULT_SINKS`."""
+        return self.sinks if self.sinks is not None else 0 if learned else DEFAULT_SINKS
 
     @property
     def pin_budget(self) -> int:

@@ -21,14 +21,8 @@ import torch
 
 from .errors import SinkchatError
 from .kv.layout import run_spans
-from .ledger import ROLE_NAME, Message, Span, clip, covered, covered_by, gaps, memory
+from .ledger import Message, Span, clip, covered, covered_by, gaps, is_pinned, memory, name
 from .model import forward
-
-
-def name(messages: list[Message], index: int) -> str:
-    """``#3 model``, as the transcript labels message ``index``."""
-    role = messages[index].role
-    return f"#{index + 1} {ROLE_NAME.get(role, role)}"
 
 
 class Steering:
@@ -46,8 +40,7 @@ class Steering:
 
     def is_pinned(self, message: Message) -> bool:
         """Whether every token of ``message`` past the sink region is pinned (and it has such tokens)."""
-        start = max(message.start, self.cache.sinks)
-        return start < message.end and covered_by(self.cache.pins, start, message.end) == message.end - start
+        return is_pinned(message, self.cache.pins, self.cache.sinks)
 
     def pin(self, index: int) -> str:
         """Never evict message ``index`` (0-based: the transcript's ``#index+1``); returns a one-line
@@ -123,12 +116,14 @@ class Steering:
     def rollback(self) -> str | None:
         """Remove the last user message and everything after it, and bring the cache back to just
         before it. Returns a notice when the cache could not be restored exactly (then it keeps
-        what it holds before the turn, or is re-prefilled from the ledger). Pins on removed
-        messages go with them, except that the next :meth:`submit` of the same text (regenerate)
-        pins its message again."""
+        what it holds before the turn, or is re-prefilled from the ledger), or when pins went with
+        the removed messages: a pinned reply's pin goes (a new reply replaces it); a pinned user
+        message is pinned again when the next :meth:`submit` sends it (regenerated or edited)."""
         index = self.last_user()
         start = self.messages[index].start
-        self.taken_back = self.messages[index].content if self.is_pinned(self.messages[index]) else None
+        pinned = [i for i in self.pinned_messages() if i >= index]
+        self.taken_back = index in pinned
+        gone = [f"unpinned {name(self.messages, i)}: a new reply replaces it" for i in pinned if i != index]
         cache = self.cache
         notice = None
         checkpoint = cache.checkpoint
@@ -138,7 +133,7 @@ class Steering:
         del self.messages[index:]
         self.revision += 1
         self.cuts.append((self.revision, start))
-        return notice
+        return "; ".join(([notice] if notice else []) + gone) or None
 
     def _fallback(self, start: int) -> str | None:
         """Without a checkpoint: cut the turn off the end when the cache holds the tokens before it as
@@ -148,7 +143,7 @@ class Steering:
         pins = clip(cache.pins, 0, start)
         layout = self._fit(start, pins)  # (keeps the pins that fit the budget in ``pins``)
         held_from = cache.seen - cache.n_win  # the first window token
-        if (cache.n_sink <= start and held_from <= min(start, layout[2])
+        if (cache.n_sink <= start and held_from <= min(start, layout[2]) and cache.local_covers(start)
                 and all(b <= start for _, b in run_spans(cache.parked))):
             cache.truncate(start)
             return None
@@ -156,16 +151,23 @@ class Steering:
         return ("the cache was rebuilt from the chat's text for this turn (its state before the turn was not "
                 "kept), so the reply may differ from the first")
 
-    def pin_again(self, text: str) -> None:
-        """After the user message ``text`` was fed: pin it if it re-sends a pinned message taken back
-        (regenerate keeps the pin). Pinning changes no K/V, and the first reply was generated before
-        any pin on its message could be made, so a greedy regenerated reply stays the same."""
-        taken_back, self.taken_back = self.taken_back, None
-        if taken_back is not None and taken_back == text and not self.messages[-1].note:
-            try:
-                self.pin(len(self.messages) - 1)
-            except SinkchatError:  # it no longer fits (another budget since): the pin goes, as on an edit
-                pass
+    def pin_sent(self, asked: bool) -> tuple[str, bool] | None:
+        """After a user message was fed: pin it if it was sent pinned (``asked``) or re-sends a pinned
+        message that :meth:`rollback` took back (regenerate or edit keep the pin). Pinning changes
+        no K/V, and the first reply was generated before any pin on its message could be made, so a
+        greedy regenerated reply stays the same. Returns ``(line, refused)`` to tell the user (a
+        re-pin that works needs no word), or None."""
+        again, self.taken_back = self.taken_back, False
+        if not (asked or again):
+            return None
+        index = len(self.messages) - 1
+        try:
+            if self.messages[index].note:
+                raise SinkchatError(f"the model read only part of {name(self.messages, index)}")
+            line = self.pin(index)
+        except SinkchatError as exc:
+            return f"not pinned: {exc}", True
+        return (line, False) if asked else None
 
     # -- rebuilding the cache from the ledger ---------------------------------------------------
 

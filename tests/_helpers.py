@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+import resource
 import shutil
+import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -54,6 +57,19 @@ def stored_chat(root, user: str = "Tell me about Paris.", reply: str = "It is bi
         return store.create_state(state, {}, Settings(), title)
     finally:
         store.close()
+
+
+@contextmanager
+def file_size_limit(size: int):
+    """The kernel refuses writes past ``size`` bytes in any file (EFBIG), as a full disk would."""
+    old = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, old[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old)
+        signal.signal(signal.SIGXFSZ, handler)
 
 
 def one_line_error(proc, *expected: str) -> None:

@@ -16,7 +16,7 @@ import pytest
 # count), and pytest-xdist workers that share the cores never make each other's parallel regions wait.
 os.environ["OMP_NUM_THREADS"] = "1"
 
-MODEL_FIXTURES = {"smollm", "smollm_f32", "tiny_models", "tiny_loaded", "tiny_gguf"}
+MODEL_FIXTURES = {"smollm", "smollm_hf", "smollm_f32", "tiny_models", "tiny_families", "tiny_loaded", "tiny_gguf"}
 
 
 def pytest_collection_modifyitems(items):
@@ -63,10 +63,23 @@ def tiny_model_dir(arch: str, tokenizer_dir: Path, out: Path, **extra) -> Path:
     """A tiny randomly initialised model of ``arch`` saved as a local folder with a real chat tokenizer.
 
     Nothing can be downloaded here, so other architectures' code paths are exercised on small
-    random weights; the tokenizer (and chat template) is the bundled SmolLM2's.
+    random weights; the tokenizer (and chat template) is the bundled SmolLM2's. RMSNorm weights are
+    random too (transformers initialises them to 1, or 0 for Gemma's ``1 + w``), so a norm read the
+    wrong way shows in the logits.
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, Lfm2Config, MistralConfig, Qwen2Config
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        Gemma3TextConfig,
+        GPT2Config,
+        GptOssConfig,
+        Lfm2Config,
+        LlamaConfig,
+        MistralConfig,
+        Qwen2Config,
+        Qwen3Config,
+    )
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     common = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -76,6 +89,22 @@ def tiny_model_dir(arch: str, tokenizer_dir: Path, out: Path, **extra) -> Path:
         config = MistralConfig(**{**common, "sliding_window": None, **extra})
     elif arch == "qwen2":
         config = Qwen2Config(**common, rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0})
+    elif arch == "llama3":  # Llama 3.1's RoPE scaling, its long-wave frequencies stretched 8x
+        config = LlamaConfig(**common, rope_parameters={
+            "rope_type": "llama3", "rope_theta": 500_000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
+    elif arch == "qwen3":
+        config = Qwen3Config(**{**common, "head_dim": 16, "tie_word_embeddings": True})
+    elif arch == "gemma3":  # three sliding layers of 8 tokens to one global, a theta per kind
+        config = Gemma3TextConfig(**{**common, "num_hidden_layers": 4, "head_dim": 16, "sliding_window": 8,
+                                     "layer_types": ["sliding_attention"] * 3 + ["full_attention"],
+                                     "query_pre_attn_scalar": 16, "rope_parameters": {
+                                         "full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0},
+                                         "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}},
+                                     **extra})
+    elif arch == "gpt_oss":  # learned attention sinks, alternating 8-token sliding and global layers
+        config = GptOssConfig(**{**common, "intermediate_size": 64, "head_dim": 16, "sliding_window": 8,
+                                 "num_local_experts": 4, "num_experts_per_tok": 2, **extra})
     elif arch == "gpt2":
         config = GPT2Config(vocab_size=len(tok), n_embd=64, n_layer=2, n_head=4, n_positions=1024)
     elif arch == "lfm2":  # RoPE, but a convolution in place of attention in its first layer
@@ -84,6 +113,10 @@ def tiny_model_dir(arch: str, tokenizer_dir: Path, out: Path, **extra) -> Path:
         raise ValueError(arch)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or name.endswith("sinks"):
+                p.uniform_(0.5, 1.5)
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
@@ -98,6 +131,17 @@ def tiny_models(tmp_path_factory, smollm_f32):
     tok_dir = gguf_folder(bundled_gguf())
     root = tmp_path_factory.mktemp("tiny")
     return {arch: tiny_model_dir(arch, tok_dir, root / arch) for arch in ("mistral", "qwen2", "gpt2", "lfm2")}
+
+
+@pytest.fixture(scope="session")
+def tiny_families(tmp_path_factory, tiny_models):
+    """Folders of tiny random models of the other families: Llama 3 (RoPE scaling), Qwen3 (q/k norms),
+    Gemma 3 (sliding and global layers, a RoPE theta each, sandwich norms) and gpt-oss (learned sinks)."""
+    from sinkchat.model import bundled_gguf, gguf_folder
+
+    tok_dir = gguf_folder(bundled_gguf())
+    root = tmp_path_factory.mktemp("families")
+    return {arch: tiny_model_dir(arch, tok_dir, root / arch) for arch in ("llama3", "qwen3", "gemma3", "gpt_oss")}
 
 
 @pytest.fixture(scope="session")

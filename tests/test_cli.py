@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import re
 import sys
+from pathlib import Path
 
 import pytest
 
-from _helpers import run_cli
-from sinkchat import cli
+from _helpers import ROOT, run_cli
+from sinkchat import cli, config
 from sinkchat.model import bundled_gguf, gguf_folder, load
 
 
@@ -94,7 +95,7 @@ def test_a_bad_flag_in_a_real_process_has_no_traceback():
 @pytest.mark.model  # a subprocess loads the bundled model
 def test_sinks_zero_is_plain_window_attention(monkeypatch, capsys):
     monkeypatch.setattr(sys, "stdin", __import__("io").StringIO("Hello!\n"))
-    code, out, err = sinkchat(monkeypatch, capsys, "--plain", "--sinks", "0", "--window", "16", "-t", "0",
+    code, out, err = sinkchat(monkeypatch, capsys, "--plain", "--sinks", "0", "--window", "24", "-t", "0",
                               "--max-new-tokens", "24")
     assert code == 0, err
     status = out.splitlines()[-1]
@@ -143,7 +144,7 @@ def test_gguf_is_converted_once_and_reused(smollm):
     assert (folder / "config.json").stat().st_mtime_ns == stamp
 
 
-def test_the_resume_hint_names_a_data_dir_given_by_flag(tmp_path):
+def test_the_resume_hint_names_a_data_dir_given_by_flag(tmp_path, monkeypatch):
     """`resume with: ...` must reopen the same chat when pasted back: a chat kept under --data-dir
     names it (quoted for the shell); one in the usual place does not."""
     import shlex
@@ -151,6 +152,9 @@ def test_the_resume_hint_names_a_data_dir_given_by_flag(tmp_path):
     from sinkchat.cli.main import _resume_hint
     from sinkchat.store import Store
 
+    exe = script(tmp_path / "bin")
+    monkeypatch.setattr(sys, "argv", [str(exe)])
+    monkeypatch.setenv("PATH", f"{exe.parent}:/usr/bin:/bin")  # `sinkchat` is this program
     usual, elsewhere = Store(), Store(tmp_path / "my chats")
     try:
         assert _resume_hint(usual, 3) == "resume with: sinkchat --resume 3"
@@ -160,3 +164,28 @@ def test_the_resume_hint_names_a_data_dir_given_by_flag(tmp_path):
     finally:
         usual.close()
         elsewhere.close()
+
+
+def script(folder: Path) -> Path:
+    """An executable named ``sinkchat`` in ``folder`` (a venv's bin)."""
+    folder.mkdir(parents=True)
+    exe = folder / "sinkchat"
+    exe.write_text("#!/bin/sh\n")
+    exe.chmod(0o755)
+    return exe
+
+
+def test_the_program_is_named_as_a_shell_would_start_it(tmp_path, monkeypatch):
+    """The command printed for the user (the resume hint) works as typed: `sinkchat` only when that
+    name on PATH is this very program; else its path (a venv that is not activated, or another
+    sinkchat earlier on PATH); under `python -m sinkchat`, this Python with -m."""
+    exe, other = script(tmp_path / "venv" / "bin"), script(tmp_path / "old" / "bin")
+    monkeypatch.setattr(sys, "argv", [str(exe)])
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")  # after `make chat`, without activating .venv
+    assert config.program() == [str(exe)]
+    monkeypatch.setenv("PATH", f"{other.parent}:{exe.parent}:/usr/bin")  # another sinkchat comes first
+    assert config.program() == [str(exe)]
+    monkeypatch.setenv("PATH", f"{exe.parent}:/usr/bin")  # activated
+    assert config.program() == ["sinkchat"]
+    monkeypatch.setattr(sys, "argv", [str(ROOT / "sinkchat" / "__main__.py")])
+    assert config.program() == [sys.executable, "-m", "sinkchat"]

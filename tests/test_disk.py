@@ -4,15 +4,16 @@ a full disk, planted symbolic links, modes, overwrites, damaged rows and saved n
 from __future__ import annotations
 
 import json
-import resource
+import os
 import signal
 import sqlite3
 import stat
+import subprocess
 import sys
 
 import pytest
 
-from _helpers import one_line_error, run_cli, stored_chat, without_root_override
+from _helpers import ROOT, file_size_limit, one_line_error, run_cli, stored_chat, without_root_override
 from sinkchat import cli
 from sinkchat.errors import SinkchatError
 from sinkchat.ledger import ChatState, Message
@@ -62,20 +63,14 @@ def test_a_new_data_dir_that_cannot_be_made_is_one_line(tmp_path):
 
 
 def test_a_full_disk_at_the_first_save_leaves_no_chat(tmp_path):
-    """The kernel refuses the state file's bytes (a file-size limit, like a full disk)."""
+    """The kernel refuses the bytes (a file-size limit, like a full disk): the first save's transaction
+    fails and leaves nothing behind."""
     store = Store(tmp_path)
     state = ChatState(list(range(100, 120)), [Message("user", "hi", 0, 10), Message("assistant", "yo", 10, 20)],
                       {"sinks": 4, "window": 16, "block": 1, "n_sink": 4, "n_win": 16, "seen": 20, "base": 0,
                        "evictions": []}, {"model": "m"})
-    old = resource.getrlimit(resource.RLIMIT_FSIZE)
-    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (256, old[1]))
-    try:
-        with pytest.raises(SaveError, match="could not save the chat .*goes on in memory"):
-            store.create_state(state, {}, Settings())
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, old)
-        signal.signal(signal.SIGXFSZ, handler)
+    with file_size_limit(256), pytest.raises(SaveError, match="could not save the chat .*goes on in memory"):
+        store.create_state(state, {}, Settings())
     assert store.list() == [] and not store.holds(1)
     assert not [p for p in tmp_path.rglob("*") if p.is_file() and p.name != "chats.db"]  # no state, temp or lock
     assert store.create_state(state, {}, Settings()) == 1  # space again: the chat is made whole
@@ -201,3 +196,92 @@ def test_a_malformed_fault_variable_is_ignored(tmp_path, monkeypatch):
     for value in ("state-temp@x", "state-temp@", "@@", "db-mid@1@2"):
         monkeypatch.setenv("SINKCHAT_FAULT", value)
         assert stored_chat(tmp_path / value.replace("@", "_")) == 1
+
+
+@pytest.mark.parametrize("args", [["chats", "list"], ["--plain"], ["--resume"]])
+def test_a_data_dir_sinkchat_may_not_look_into_is_named(tmp_path, args):
+    """Its parent may not be searched (mode 0600): the error names the data directory, not "the
+    output"; nothing loads."""
+    parent = tmp_path / "private"
+    (parent / "data").mkdir(parents=True)
+    parent.chmod(0o600)
+    try:
+        proc = run_cli(*args, "--data-dir", str(parent / "data"), input="Hi\n", prefix=without_root_override())
+    finally:
+        parent.chmod(0o700)
+    one_line_error(proc, f"cannot use the data directory {parent / 'data'} (from --data-dir): Permission denied")
+
+
+@pytest.mark.parametrize("replace", ["removed", "emptied", "another database"])
+def test_a_replaced_database_never_gives_a_new_chat_the_id_of_files_still_there(tmp_path, replace):
+    root = tmp_path / "data"
+    assert stored_chat(root, "Tell me about Paris.") == 1
+    stored_chat(root, "Tell me about Rome.")
+    (root / "locks" / "2.lock").unlink()  # chat 2 is known by its state file alone
+    before = files(root / "state")
+    db = root / "chats.db"
+    if replace == "removed":
+        db.unlink()
+    elif replace == "emptied":
+        db.write_bytes(b"")
+    else:
+        Store(tmp_path / "other").close()
+        db.write_bytes((tmp_path / "other" / "chats.db").read_bytes())
+    assert stored_chat(root, "Tell me about Oslo.") == 3
+    assert {p: b for p, b in files(root / "state").items() if p in before} == before  # nothing written over
+    assert Store(root).transcript(3).messages[0].content == "Tell me about Oslo."
+
+
+def test_a_first_save_never_writes_over_a_state_file_it_did_not_make(tmp_path, monkeypatch):
+    """Even a file that appears after the ids were chosen (another program, a restore) is kept: the
+    chat is saved (its messages), its K/V is not, and the next save writes its own."""
+    from sinkchat.store import statefile
+
+    root = tmp_path / "data"
+    stranger = root / "state" / "1.safetensors"
+    real = statefile.write_state
+
+    def planted(path, *args, **kwargs):  # the file appears just before the first save writes its own
+        stranger.write_bytes(b"not sinkchat's")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr("sinkchat.store.chats.write_state", planted)
+    with pytest.raises(SaveError, match="saved chat 1's messages but not its KV cache") as failed:
+        stored_chat(root)
+    assert failed.value.chat_id == 1 and stranger.read_bytes() == b"not sinkchat's"
+    assert [c.title for c in Store(root).list()] == ["Tell me about Paris."]
+
+
+SAVE_FIRST = """
+import sys
+sys.path.insert(0, "tests")
+from _helpers import stored_chat
+stored_chat(sys.argv[1])
+"""
+
+
+@pytest.mark.parametrize("point", ["ledger-committed", "state-temp", "state-renamed"])
+def test_a_kill_during_the_first_save_keeps_the_first_turn(tmp_path, point):
+    """The ledger is committed first (real SIGKILL at each point after it): the chat is there with its
+    first turn; its K/V is rebuilt from the ledger when it is opened (tests/test_faults.py)."""
+    proc = subprocess.run([sys.executable, "-c", SAVE_FIRST, str(tmp_path)], cwd=ROOT, capture_output=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "SINKCHAT_FAULT": point}, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    store = Store(tmp_path)
+    [info] = store.list()
+    t = store.transcript(info.id)
+    assert [(m.role, m.content) for m in t.messages] == [("user", "Tell me about Paris."), ("assistant", "It is big.")]
+    assert len(t.tokens) == 20
+
+
+def test_modes_are_made_private_again_when_the_store_opens(tmp_path):
+    """A data dir copied or restored with a umask of 022: the database and sinkchat's own directories
+    lose what others could read (the README's 0600/0700); the user's data dir keeps its mode."""
+    root = tmp_path / "data"
+    stored_chat(root)
+    root.chmod(0o755)
+    for path, mode in ((root / "chats.db", 0o644), (root / "state", 0o755), (root / "locks", 0o755)):
+        path.chmod(mode)
+    Store(root).close()
+    assert [stat.S_IMODE(p.stat().st_mode) for p in (root, root / "chats.db", root / "state", root / "locks")] == [
+        0o755, 0o600, 0o700, 0o700]

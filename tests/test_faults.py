@@ -1,6 +1,7 @@
 """kill -9 at every write point of a chat's first save and of a later one, for real (SIGKILL from
-``SINKCHAT_FAULT``), each followed by the next start: the chat is whole as of its last complete
-save, or absent (a first save that did not finish), and nothing blocks the next start."""
+``SINKCHAT_FAULT``), each followed by the next start: the chat holds every turn whose rows were
+committed (a save commits its ledger rows first, then writes the K/V), its K/V as saved or rebuilt
+from the ledger when the kill came before the state file was whole, and nothing blocks the next start."""
 
 from __future__ import annotations
 
@@ -17,9 +18,10 @@ from sinkchat.engine import Chat
 from sinkchat.store import Store
 
 SETTINGS = GREEDY.replace(sinks=4, window=48, block=8, max_new_tokens=16)
-# inside the temp file, after its rename, inside the transaction; a first save writes a base state
-# file, the later one a segment after it (tests/test_saves.py kills compactions too)
-POINTS = {"first": ["state-temp", "state-renamed", "db-mid"], "later": ["segment-temp", "segment-renamed", "db-mid"]}
+# inside the transaction, after its commit, inside the temp file, after its rename; a first save
+# writes a base state file, the later one a segment after it (tests/test_saves.py kills compactions too)
+POINTS = {"first": ["db-mid", "ledger-committed", "state-temp", "state-renamed"],
+          "later": ["db-mid", "ledger-committed", "segment-temp", "segment-renamed"]}
 SAVE = """
 import pickle, sys
 from sinkchat.store import Store
@@ -50,7 +52,7 @@ def two_saves(smollm, tmp_path_factory):
 @pytest.mark.parametrize("save, point", [(save, point) for save, points in POINTS.items() for point in points])
 def test_kill_9_at_every_write_point(smollm, two_saves, tmp_path, point, save):
     path, states = two_saves
-    nth = 2 if point == "db-mid" and save == "later" else 1  # a later save reaches db-mid the second time
+    nth = 2 if point in ("db-mid", "ledger-committed") and save == "later" else 1  # the second time there
     proc = subprocess.run([sys.executable, "-c", SAVE, str(tmp_path), str(path), save], cwd=ROOT,
                           env={**os.environ, "PYTHONPATH": str(ROOT), "SINKCHAT_FAULT": f"{point}@{nth}"},
                           capture_output=True, text=True, timeout=300)
@@ -58,23 +60,25 @@ def test_kill_9_at_every_write_point(smollm, two_saves, tmp_path, point, save):
 
     store = Store(tmp_path)  # the next start
     chat = Chat(smollm, SETTINGS)
-    if save == "first":
+    committed = point != "db-mid"  # a kill inside the transaction rolls it back
+    written = point.endswith("-renamed")  # the state file (or segment) of the save is whole
+    if save == "first" and not committed:
         assert store.list() == []  # no half-made chat: it never existed
         say(chat, "Tell me about Paris.")
-        assert store.create(chat, SETTINGS) == 1
-        expected, notices = chat.messages, []
+        chat_id = store.create(chat, SETTINGS)  # (past the killed one's lock file: that id may be held)
+        expected = chat.messages
     else:
-        renamed = not point.endswith("-temp")
-        saved = states[1][0] if renamed else states[0][0]  # the renamed state file is complete
+        saved = states[1 if save == "later" and committed else 0][0]
         expected = saved.messages
-        notices = ["chat 1: the last save was interrupted before the database was updated; restored them from "
-                   "the state file"] if renamed else []
-        assert store.open(1, chat) == notices
+        rebuilt = not written and committed
+        chat_id, notices = 1, store.open(1, chat)
+        assert len(notices) == rebuilt, notices
+        assert all("rebuilt the KV cache from the ledger" in n for n in notices), notices
         assert chat.tokens == saved.tokens
     assert chat.messages == expected and chat.cache.seen == len(chat.tokens)
     assert not list((tmp_path / "state").glob(".*.tmp"))  # a killed save's temp file is swept
     say(chat, "What about Rome?")
-    store.save(1, chat)
+    store.save(chat_id, chat)
     store.close()
     reopened = Chat(smollm, SETTINGS)
-    assert Store(tmp_path).open(1, reopened) == [] and reopened.messages == chat.messages
+    assert Store(tmp_path).open(chat_id, reopened) == [] and reopened.messages == chat.messages

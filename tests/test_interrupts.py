@@ -97,10 +97,46 @@ def test_a_stop_while_a_long_message_is_read_ends_it_between_chunks(smollm):
         if isinstance(event, Done):
             break
     user, reply = chat.messages[-2:]
-    assert (user.note, reply.note, reply.content) == ("stopped", "stopped", "")
-    assert user.end - user.start < len(chat.turns.encode(chat.turns.first(STORY * 60)[1])) / 2
+    total = len(chat.turns.encode(chat.turns.first(STORY * 60)[1]))
+    assert (user.note, reply.note, reply.content) == (f"partial:{total}", "stopped", "")
+    assert user.end - user.start < total / 2
     assert chat.cache.seen == len(chat.tokens) == reply.end
     assert say(chat, "Hello!")
+
+
+def test_a_stop_before_the_turn_runs_is_not_lost(smollm):
+    """Esc pressed as Enter was (the turn still waiting for its thread), Ctrl+C right after `bot> `:
+    the stop counts for that turn; it was cleared when the turn started running."""
+    chat = Chat(smollm, SETTINGS)
+    events = chat.submit(STORY)
+    chat.stop()
+    done = [e for e in events if isinstance(e, Done)]
+    assert [d.reason for d in done] == ["stopped"] and chat.messages[-1].content == ""
+    assert say(chat, "Hello!")  # the next turn is not stopped
+
+
+def test_ctrl_c_while_a_long_line_is_read_says_how_much_was_read(tmp_path):
+    """Plain mode on a terminal: after Ctrl+C during a long message, a line says how many of its
+    tokens the model read (never that it has the message)."""
+    child = pexpect.spawn(sys.executable, ["-m", "sinkchat", "--plain", "-t", "0", "--window", "24", "--system",
+                                           "Be brief.", "--max-new-tokens", "4", "--data-dir", str(tmp_path)],
+                          cwd=str(ROOT), env={**os.environ, "PYTHONPATH": str(ROOT)}, encoding="utf-8", timeout=180,
+                          dimensions=(40, 200))
+    child.expect_exact("sinkchat: /help lists the commands; Ctrl+D or /quit leaves")  # a newcomer's first line
+    child.expect_exact("you> ")
+    child.sendline("Hi")
+    child.expect_exact("you> ")
+    child.sendline("the quick brown fox " * 190)  # ~770 tokens: ~130 prefill chunks of 6
+    child.expect_exact("bot> ")
+    child.sendintr()
+    child.expect(r"\[#4 you stopped: the model read (\d+) of its (\d+) tokens\]")
+    read, total = map(int, child.match.groups())
+    child.expect_exact("you> ")
+    child.sendeof()
+    child.expect(pexpect.EOF)
+    assert read < total
+    user = Store(tmp_path).transcript(1).messages[3]
+    assert (user.end - user.start, user.note) == (read, f"partial:{total}")
 
 
 def test_sigterm_saves_then_exits(smollm, tmp_path):

@@ -101,24 +101,40 @@ def test_damaged_row_values_still_list_and_show(tmp_path):
     assert shown.returncode == 0 and "b'" not in shown.stdout and "\ufffd" in shown.stdout, shown.stderr
 
 
-def test_show_and_export_mark_a_stopped_reply(tmp_path):
+def test_show_and_export_label_messages_as_the_screen_does(tmp_path):
+    """`chats show` names and marks each message as the transcript does (#N, you/model, pinned,
+    forgotten, partly forgotten, a paste read in part, a stopped reply) and lists the forgotten spans
+    as the gauge does; JSON carries the same facts as fields."""
     from sinkchat.ledger import ChatState, Message
     from sinkchat.settings import Settings
     from sinkchat.store import Store
 
-    meta = {"sinks": 4, "window": 64, "block": 4, "n_sink": 4, "n_win": 16, "seen": 20, "base": 0, "evictions": []}
-    state = ChatState(list(range(100, 120)), [Message("user", "Tell me a story.", 0, 10),
-                                              Message("assistant", "Once upon", 10, 20, note="stopped")],
-                      meta, {"model": "m", "tokenizer": "t"})
+    meta = {"sinks": 4, "window": 20, "block": 4, "n_sink": 4, "n_win": 14, "seen": 40, "base": 0,
+            "evictions": [[4, 6], [16, 26]], "parked": [[6, 16, 6]], "pins": [[6, 16]]}
+    state = ChatState(list(range(100, 140)), [
+        Message("system", "Be brief.", 0, 6), Message("user", "My name is Ada.", 6, 16),
+        Message("assistant", "Hello Ada.", 16, 26), Message("user", "A long paste", 26, 30, note="partial:50"),
+        Message("assistant", "Once upon", 30, 40, note="stopped")], meta, {"model": "m", "tokenizer": "t"})
     store = Store(data(tmp_path))
     try:
         chat_id = store.create_state(state, {}, Settings(), None)
     finally:
         store.close()
     shown = run_cli("chats", "show", str(chat_id))
-    assert "## assistant [stopped]" in shown.stdout, shown.stdout
+    lines = shown.stdout.splitlines()
+    assert [line for line in lines if line.startswith("## ")] == [
+        "## #1 system  ✂ 2 of 6 tokens forgotten, its first 4 stay as attention sinks",
+        "## #2 you  ▒ pinned: the model keeps it",
+        "## #3 model  ⊘ forgotten: the model no longer holds any of its 10 tokens",
+        "## #4 you  [stopped: the model read 4 of its 50 tokens]",
+        "## #5 model  [stopped]",
+    ], shown.stdout
+    assert "  - ✂ forgot tokens 4–5 (2): #1 system 2 of 6" in lines
+    assert "  - ✂ forgot tokens 16–25 (10): #3 model whole" in lines
     exported = json.loads(run_cli("chats", "export", str(chat_id), "--format", "json").stdout)
-    assert [m["note"] for m in exported["messages"]] == ["", "stopped"]
+    assert [(m["number"], m["pinned"], m["note"]) for m in exported["messages"]] == [
+        (1, False, ""), (2, True, ""), (3, False, ""), (4, False, "partial:50"), (5, False, "stopped")]
+    assert exported["pins"] == [[6, 16]]
 
 
 @pytest.mark.model

@@ -10,7 +10,9 @@ import pytest
 
 from _helpers import GREEDY, run_cli, say
 from sinkchat import commands
-from sinkchat.engine import Chat, Evicted
+from sinkchat.engine import Chat, Evicted, Notice
+from sinkchat.errors import SinkchatError
+from sinkchat.ledger import memory
 from sinkchat.store import Store
 
 QUESTIONS = ["What is the capital of France?", "How many legs does a spider have?", "What do bees make?",
@@ -72,18 +74,36 @@ def test_regenerate_gives_the_same_greedy_reply(smollm, window):
     assert say(again, "Tell me about the Eiffel Tower.") == first and again.tokens == tokens
 
 
-def test_regenerate_keeps_the_pin_on_its_message_and_an_edit_drops_it(smollm):
-    settings = GREEDY.replace(window=80, block=8, max_new_tokens=30, pin_max=24)
+def test_regenerate_and_edit_keep_the_pin_on_their_message_and_say_what_goes(smollm):
+    settings = GREEDY.replace(window=80, block=8, max_new_tokens=30, pin_max=40)
     chat = Chat(smollm, settings)
     say(chat, QUESTIONS[0])
     first = say(chat, "Tell me about the Eiffel Tower.")
     assert "pinned #4 you" in chat.pin(3)
-    assert chat.rollback() is None
+    assert chat.rollback() is None  # restored exactly; the pin comes back with the message: nothing to say
     assert say(chat, "Tell me about the Eiffel Tower.") == first  # the same reply, and pinned again
     assert chat.pinned_messages() == [3]
-    chat.rollback()
-    say(chat, "Tell me about Big Ben.")  # another message: the pin went with the old one
+    assert chat.rollback() is None
+    say(chat, "Tell me about Big Ben.")  # an edit keeps the pin too
+    assert chat.pinned_messages() == [3]
+    chat.unpin(3)
+    chat.pin(4)  # the reply
+    assert chat.rollback() == "unpinned #5 model: a new reply replaces it"  # said, never silent
+    say(chat, "Tell me about Big Ben.")
     assert chat.pinned_messages() == []
+
+
+def test_a_message_sent_pinned_is_never_evicted_by_its_own_reply(smollm):
+    """At a small window a message was evicted by its reply before it could be pinned: sent pinned,
+    it is pinned as soon as it is read, and a refusal is said before anything is sent."""
+    chat = Chat(smollm, GREEDY.replace(window=64, block=8, max_new_tokens=80, pin_max=32))
+    events = list(chat.submit("Remember: the code word is marmalade. Now tell me a long story.", pin=True))
+    notices = [e for e in events if isinstance(e, Notice)]
+    assert [n.refused for n in notices] == [False] and notices[0].text.startswith("pinned #2 you")
+    assert chat.cache.evictions and chat.pinned_messages() == [1]  # the reply evicted; the message stayed
+    assert memory(chat.messages[1], chat.cache.evictions).evicted == 0
+    with pytest.raises(SinkchatError, match="over the budget of 32"):
+        chat.check_pin("word " * 40)
 
 
 def test_a_resume_with_a_smaller_pin_budget_unpins_the_newest_pins(smollm):
@@ -203,6 +223,21 @@ def test_slash_commands_refuse_bad_input_in_one_line(smollm):
         assert outcome.refused and refusal in outcome.message, (line, outcome)
     assert commands.parse("//pin 2") == "/pin 2" and commands.parse("/usr/bin is a folder") == "/usr/bin is a folder"
     assert run("/retry").send == "Hello there, how are you doing today, my friend?" and len(chat.messages) == 1
+
+
+def test_plain_mode_keep_quit_and_pins_that_go_are_said(tmp_path):
+    lines = ["/help", "/keep My name is Ada.", "/unpin 2", "/pin 3", "/retry", "/pin 2", "/edit My name is Ada L.",
+             "/pins", "/quit", "Never sent."]
+    result = run_cli("--plain", "--temperature", "0", "--max-new-tokens", "12", "--window", "64", "--pin-max", "32",
+                     "--data-dir", str(tmp_path), input="\n".join(lines) + "\n")
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    said = [line for line in result.stdout.splitlines() if line.startswith("[sinkchat] ")]
+    assert "/quit, /exit or Ctrl+D to leave" in said[0] and "/keep TEXT" in said[0]
+    assert said[1].startswith("[sinkchat] pinned #2 you")  # /keep: pinned as it was read
+    assert said[4] == "[sinkchat] unpinned #3 model: a new reply replaces it"  # /retry said where the pin went
+    assert said[-1].startswith("[sinkchat] pinned: #2 you")  # the edited message kept its pin
+    assert result.stdout.count("[cache]") == 3  # /quit ended the session: the last line was never sent
+    assert "Never sent." not in run_cli("chats", "show", "--data-dir", str(tmp_path)).stdout
 
 
 def test_plain_mode_commands_end_to_end(tmp_path):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import signal
 import sqlite3
 import stat
@@ -15,13 +14,13 @@ import sys
 import pytest
 import torch
 
-from _helpers import ROOT, run_cli, say, without_root_override
+from _helpers import ROOT, file_size_limit, run_cli, say, without_root_override
 from sinkchat.engine import Chat, Evicted
 from sinkchat.errors import SinkchatError
 from sinkchat.export import to_json, to_markdown
-from sinkchat.ledger import merge_spans
+from sinkchat.ledger import ROLE_NAME, merge_spans
 from sinkchat.settings import Settings
-from sinkchat.store import ChatLocked, SaveError, Store
+from sinkchat.store import Autosave, ChatLocked, SaveError, Store
 
 SMALL = Settings(sinks=4, window=48, block=8, max_new_tokens=12, temperature=0, repetition_penalty=1.0)
 CLI_FLAGS = ["--plain", "--temperature", "0", "--window", "48", "--block", "8", "--max-new-tokens", "12"]
@@ -122,24 +121,23 @@ def test_kill_9_during_generation_keeps_completed_turns(smollm, tmp_path):
     assert notices == [] and say(chat, "And London?")
 
 
-@pytest.mark.parametrize(
-    "fault, turns_kept, notice",
-    [("segment-temp@1", 1, None), ("db-mid@2", 2, "interrupted before the database was updated")],
-)
-def test_kill_9_during_save(smollm, tmp_path, fault, turns_kept, notice):
-    """Killed while writing the second save's state segment (the first save's files stay) or inside the
-    SQLite transaction (it rolls back; the newer state segment restores the turn)."""
+@pytest.mark.parametrize("fault, turns_kept", [("segment-temp@1", 2), ("db-mid@2", 1)])
+def test_kill_9_during_save(smollm, tmp_path, fault, turns_kept):
+    """Killed while writing the second save's state segment (its rows were committed first: the turn
+    is kept, the K/V is rebuilt from the ledger) or inside its SQLite transaction (it rolls back;
+    the first save stands)."""
     proc = _plain(tmp_path, env={"SINKCHAT_FAULT": fault})
     proc.communicate(b"Tell me about Paris.\nAnd London?\n", timeout=300)
     assert proc.returncode == -signal.SIGKILL
     saved, stderr = _export(tmp_path)
     users = [m["content"] for m in saved["messages"] if m["role"] == "user"]
-    assert users == QUESTIONS[:turns_kept]
-    assert (notice in stderr) if notice else stderr == ""
+    assert users == QUESTIONS[:turns_kept] and stderr == ""
     half_written = list((tmp_path / "state").glob(".*.tmp"))
     assert bool(half_written) == fault.startswith("segment-temp")
     store = Store(tmp_path)
-    chat, _ = open_chat(store, 1, smollm, SMALL)
+    chat, notices = open_chat(store, 1, smollm, SMALL)
+    assert notices == (["chat 1: the state file is older than the database (a save stopped before writing it); "
+                        "rebuilt the KV cache from the ledger's sink and window tokens"] if turns_kept == 2 else [])
     assert not list((tmp_path / "state").glob(".*.tmp"))  # the killed save's temp file is swept
     say(chat, QUESTIONS[2])
     store.save(1, chat)
@@ -202,27 +200,55 @@ def test_both_copies_damaged_refuses_and_changes_nothing(smollm):
     assert (store.db_path.read_bytes(), store.state_path(chat_id).read_bytes()) == before
 
 
-def test_disk_that_refuses_writes_keeps_old_save(smollm, tmp_path):
-    """A file-size limit makes the kernel refuse the state file's writes (EFBIG), like a full disk."""
+def test_disk_that_refuses_the_state_file_keeps_the_turn(smollm, tmp_path):
+    """A file-size limit makes the kernel refuse the state file's writes (EFBIG), like a full disk: the
+    turn's rows, committed first, are kept; the next save writes the K/V again."""
     store = Store()
     chat_id, chat = saved_chat(smollm, store, turns=QUESTIONS[:1])
-    before = store.transcript(chat_id)
-    old = resource.getrlimit(resource.RLIMIT_FSIZE)
-    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, old[1]))
-    try:
-        say(chat, QUESTIONS[1])
-        with pytest.raises(SaveError, match="goes on in memory"):
+    say(chat, QUESTIONS[1])
+    with file_size_limit(64 * 1024):
+        with pytest.raises(SaveError, match="saved chat 1's messages but not its KV cache .*goes on in memory"):
             store.save(chat_id, chat)
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, old)
-        signal.signal(signal.SIGXFSZ, handler)
-    say(chat, QUESTIONS[2])  # the chat goes on
     after = Store(store.root).transcript(chat_id)
-    assert (after.tokens, after.messages, after.notices) == (before.tokens, before.messages, [])
+    assert (after.tokens, after.messages, after.notices) == (chat.tokens, chat.messages, [])
+    say(chat, QUESTIONS[2])  # the chat goes on
     assert not list(store.state_path(chat_id).parent.glob(".*.tmp"))
     store.save(chat_id, chat)  # space again: the next save catches up
-    assert Store(store.root).transcript(chat_id).tokens == chat.tokens
+    store.close()
+    assert open_chat(Store(store.root), chat_id, smollm, SMALL)[1] == []  # the K/V is whole on disk again
+
+
+def test_a_first_save_whose_state_file_fails_keeps_saving_into_the_same_chat(smollm, tmp_path):
+    """The first save's rows are committed, its state file refused: the chat exists (with its first
+    turn) and the next save goes into it, not into a second chat."""
+    store, chat, said = Store(tmp_path), Chat(smollm, SMALL), []
+    autosave = Autosave(store, chat, SMALL, None, said.append)
+    say(chat, QUESTIONS[0])
+    with file_size_limit(64 * 1024):
+        autosave(chat)
+    assert len(said) == 1 and said[0].startswith("saved chat 1's messages but not its KV cache"), said
+    assert autosave.chat_id == 1 and Store(tmp_path).transcript(1).messages == chat.messages
+    say(chat, QUESTIONS[1])
+    autosave(chat)
+    store.close()
+    assert [c.id for c in Store(tmp_path).list()] == [1]
+    reopened, notices = open_chat(Store(tmp_path), 1, smollm, SMALL)
+    assert notices == [] and reopened.tokens == chat.tokens
+
+
+def test_a_resumed_chat_is_private_again(smollm, tmp_path):
+    """Files copied or restored with a umask of 022 (chats.db 0644, state/ 0755): a resume makes them
+    what the README promises, 0600 files and 0700 directories."""
+    store = Store(tmp_path)
+    chat_id, _ = saved_chat(smollm, store, turns=QUESTIONS[:1])
+    store.close()
+    mine = [tmp_path / "chats.db", tmp_path / "state", tmp_path / "locks", store.state_path(chat_id),
+            tmp_path / "locks" / f"{chat_id}.lock"]
+    for path in mine:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    out = run_cli("--plain", "--resume", "--data-dir", str(tmp_path), input="")
+    assert out.returncode == 0, out.stderr
+    assert [oct(stat.S_IMODE(p.stat().st_mode)) for p in mine] == ["0o600", "0o700", "0o700", "0o600", "0o600"]
 
 
 def test_read_only_data_dir_chat_goes_on(smollm, tmp_path):
@@ -315,10 +341,11 @@ def test_export_round_trip(smollm, tmp_path):
         if m.role == "user":
             assert m.content in smollm.tokenizer.decode(data["tokens"][m.start:m.end])
     md = to_markdown(t)
-    assert "evicted]" in md
-    for m, out in zip(chat.messages, data["messages"]):
-        assert m.content in md
-        assert (f"[{m.start}, {m.end})" in md) == bool(out["evicted"])  # each cut message is marked
+    headers = [line for line in md.splitlines() if line.startswith("## ")]
+    for i, (m, out) in enumerate(zip(chat.messages, data["messages"])):
+        assert m.content in md and out["number"] == i + 1
+        assert headers[i].startswith(f"## #{i + 1} {ROLE_NAME[m.role]}")
+        assert ("forgotten" in headers[i]) == bool(out["evicted"])  # each cut message is marked, as on screen
     out = run_cli("chats", "export", "-f", "md", "-o", str(tmp_path / "c.md"), "--data-dir", str(tmp_path))
     assert out.returncode == 0 and (tmp_path / "c.md").read_text() == md  # CLI defaults to the latest chat
 

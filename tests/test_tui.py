@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import threading
 
 import pytest
 from textual.widget import Widget
@@ -103,6 +104,10 @@ async def test_escape_stops_and_keeps_partial_reply(smollm):
                 b > chat.messages[-1].start for _, b in chat.cache.evictions
             )
 
+        # Hold the reply there until Esc was pressed, so a slow or busy machine cannot let it run to its end
+        # first: the decode thread waits in the sampler; the key, the gauge and the stop are the real ones.
+        held, sample = threading.Event(), chat.sampler
+        chat.sampler = lambda *args: (held.wait(60) if reply_partly_evicted() else None, sample(*args))[1]
         await wait_for(pilot, reply_partly_evicted)
         await pilot.pause(0.3)  # let a gauge update reach the screen mid-reply
         box = app.query_one(ChatInput)
@@ -111,6 +116,7 @@ async def test_escape_stops_and_keeps_partial_reply(smollm):
         assert box.text == "And then?" and len(chat.messages) == 3
         box.clear()
         await pilot.press("escape")
+        held.set()
         await wait_for(pilot, lambda: not app.chat_screen.generating, 10)
         reply = app.chat.messages[-1]
         view = app.query_one(Transcript).views[-1]
@@ -126,6 +132,57 @@ async def test_escape_stops_and_keeps_partial_reply(smollm):
         assert (saved.content, saved.note) == (reply.content, "stopped")
         await pilot.press("ctrl+r")  # copy the last reply, with the message box focused
         assert app.clipboard == reply.content
+
+
+async def test_a_new_chat_shows_nothing_of_the_chat_before(smollm):
+    """Ctrl+N after a chat whose system prompt was partly evicted: the new chat's system message has
+    no ✂ mark, and the selection of the old chat's message is gone (Ctrl+L would pin the new chat's)."""
+    app = SinkchatApp(make_settings(), loaded=smollm, save=False)
+    async with app.run_test(size=SIZE) as pilot:
+        await send(pilot, "What is the capital of France?")
+        await send(pilot, "Name three famous museums in Paris.")
+        transcript = app.query_one(Transcript)
+        assert "✂" in str(transcript.views[0].query_one(".role").render())  # the system prompt is partly gone
+        await pilot.press("alt+up")
+        assert transcript.selected is not None
+        old = app.chat
+        await pilot.press("ctrl+n")
+        await wait_for(pilot, lambda: app.chat is not old and transcript.views)
+        [system] = transcript.views
+        assert str(system.query_one(".role").render()) == "#1 system" and not system.has_class("-partly")
+        assert transcript.selected is None
+        await pilot.press("ctrl+l")
+        assert not app.chat.cache.pins
+
+
+async def test_escape_while_a_long_paste_is_read_says_what_was_read(smollm):
+    """Esc stops a paste between prefill chunks: its label says how many of its tokens the model read,
+    and the gauge never says the model sees the whole chat (it says what it did not read)."""
+    import pydoc_data.topics
+
+    app = SinkchatApp(make_settings(window=256, max_new_tokens=8), loaded=smollm)
+    async with app.run_test(size=SIZE) as pilot:
+        await send(pilot, "Hi.")
+        paste = pydoc_data.topics.topics["assignment"][:8000]
+        box = app.query_one(ChatInput)
+        box.insert(paste)
+        await pilot.press("enter")  # longer than the window: the screen asks first
+        await pilot.press("enter", "escape")
+        await wait_for(pilot, lambda: not app.chat_screen.generating)
+        chat = app.chat
+        user = chat.messages[-2]
+        total = len(chat.turns.encode(chat.turns.next(paste.strip())))
+        read = user.end - user.start
+        assert user.role == "user" and user.note == f"partial:{total}" and read < total
+        view = app.query_one(Transcript).views[-2]
+        assert f"[stopped: the model read {read} of its {total} tokens]" in str(view.query_one(".role").render())
+        gauge = str(app.query_one(CacheGauge).render())
+        assert "still sees the whole chat" not in gauge
+        assert app.query_one(ChatHeader).tokens_per_s is None  # no reply token: no speed (it said 0.0 tok/s)
+        if not chat.cache.evictions:
+            assert f"nothing forgotten yet, but the model read only {read} of the {total} tokens of #4 you" in gauge
+        await app.store.idle()
+        assert Store().transcript(app.chat_id).messages[-2].note == f"partial:{total}"
 
 
 async def test_theme_switch_restyles_gauge_and_is_remembered(smollm):
@@ -186,6 +243,22 @@ async def test_model_load_failure_is_a_message_not_a_traceback():
         await pilot.press(*"hello", "enter")  # nothing to send to, and nothing typed is lost
         await pilot.pause()
         assert app.query_one(ChatInput).text == "hello"
+
+
+async def test_ctrl_c_says_in_words_how_to_quit():
+    """Textual's own notice keeps its markup (the key in bold, not ``[b]ctrl+q[/b]``); sinkchat's
+    notices are text (brackets in a title stay brackets)."""
+    from textual.widgets._toast import Toast
+
+    app = SinkchatApp(make_settings(model="/nonexistent/model-folder"), save=False)
+    async with app.run_test(size=SIZE, notifications=True) as pilot:
+        await wait_for(pilot, lambda: app.query_one("#loading").has_class("-failed"), 30)
+        await pilot.press("ctrl+c")
+        app.say("chat [b]1[/b] was renamed")
+        await pilot.pause()
+        shown = [str(toast.render()) for toast in app.screen.query(Toast)]
+        assert any("Press ctrl+q to quit the app" in text for text in shown), shown
+        assert any("chat [b]1[/b] was renamed" in text for text in shown), shown
 
 
 def test_unknown_theme_flag_is_one_line_error():

@@ -103,3 +103,29 @@ def test_gauge_snapshot_with_a_pinned_segment(smollm, snap_compare):
         await pilot.pause()
 
     assert snap_compare(SinkchatApp(make_settings(pin_max=32, max_new_tokens=20), loaded=smollm), terminal_size=SIZE, run_before=pin)
+
+
+async def test_ctrl_l_on_a_typed_message_sends_it_pinned(smollm):
+    """With no message selected, Ctrl+L marks the message being typed; sent, it is pinned as soon as
+    it is read, so its own long reply cannot evict it. One over the pin budget stays in the box."""
+    app = SinkchatApp(make_settings(pin_max=32, max_new_tokens=60), loaded=smollm)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.chat is not None)
+        box = app.query_one(ChatInput)
+        box.insert("word " * 40)
+        await pilot.press("ctrl+l")
+        assert "sent pinned" in box.border_title
+        await pilot.press("enter")  # over the budget: refused, kept in the box, still marked
+        await pilot.pause()
+        assert box.text.strip() == ("word " * 40).strip() and "sent pinned" in box.border_title
+        assert not app.chat.messages
+        box.clear()  # emptied: the mark goes with the text
+        await pilot.pause()
+        assert "sent pinned" not in box.border_title
+        box.insert("The code word is marmalade. Tell me a long story about a cat.")
+        await pilot.press("ctrl+l", "enter")
+        chat = app.chat
+        await wait_for(pilot, lambda: len(chat.messages) == 3 and not app.chat_screen.generating)
+        assert "sent pinned" not in box.border_title
+        assert chat.pinned_messages() == [1] and chat.cache.evictions  # the reply evicted, not the message
+        assert "▒ pinned" in label(app, 1) and "forgotten" not in label(app, 1)

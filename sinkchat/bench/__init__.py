@@ -53,13 +53,23 @@ def parse_sinks(text: str | None) -> list[int] | None:
     return list(dict.fromkeys(counts))
 
 
+def bos_first(tokenizer) -> bool:
+    """Whether the tokenizer puts its BOS token first, as every chat with the model starts. On such a
+    model BOS is the attention sink: a stream without it measures another model (on Gemma 3, at a
+    256-token budget, window and sinks scored 6.42 and 6.41 without BOS, 5.35 and 2.52 with it)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bos is not None and bool(ids) and ids[0] == bos
+
+
 def text_ids(tokenizer, text: str, tokens: int) -> list[int]:
-    """The first ``tokens`` tokens of ``text`` (only a generous prefix is tokenized, so long files stay quick);
-    special-token strings in it are text, as in a chat message."""
-    ids: list[int] = []
+    """The first ``tokens`` tokens of ``text``, after BOS where the model's tokenizer adds one
+    (:func:`bos_first`); only a generous prefix is tokenized, so long files stay quick; special-token
+    strings in it are text, as in a chat message."""
+    ids: list[int] = [tokenizer.bos_token_id] if bos_first(tokenizer) else []
     size = max(4096, tokens * 8)
     while True:
-        ids = tokenizer(text[:size], add_special_tokens=False, split_special_tokens=True)["input_ids"]
-        if len(ids) > tokens or size >= len(text):
-            return ids[:tokens]
+        body = tokenizer(text[:size], add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        if len(ids) + len(body) > tokens or size >= len(text):
+            return (ids + body)[:tokens]
         size *= 2

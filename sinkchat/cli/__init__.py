@@ -60,7 +60,9 @@ def run(argv: list[str] | None = None) -> None:
         sys.exit(0)
     except OSError as exc:  # stdout on a full disk, an I/O error: one line, never a traceback
         _quiet_stdout()
-        _error(f"cannot write the output: {reason(exc)}")
+        # a file's error names the file (only stdout's own errors come without one)
+        what = f"use {exc.filename}" if exc.filename else "write the output"
+        _error(f"cannot {what}: {reason(exc)}")
         sys.exit(1)
     if isinstance(code, int) and code:  # a command's typer.Exit(code) comes back as a value here
         sys.exit(code)

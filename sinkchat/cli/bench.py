@@ -17,7 +17,7 @@ import typer
 
 from .. import config
 from ..errors import SinkchatError
-from ..settings import Settings, help_for
+from ..settings import DEFAULT_SINKS, Settings, help_for
 from . import bench_output as tables
 from .bench_output import Bars, note
 
@@ -33,7 +33,9 @@ QUANT = typer.Option(None, help=help_for("quant"), show_default=False)
 DEVICE = typer.Option(None, help=help_for("device"), show_default=False)
 DTYPE = typer.Option(None, help=help_for("dtype"), show_default=False)
 KV_DTYPE = typer.Option(None, "--kv-dtype", help=help_for("kv_dtype"), show_default=False)
-SINKS = typer.Option(None, help=help_for("sinks"), show_default=False)
+# a benchmark's geometry is given, not guessed from the model: 4 sinks unless asked (also for gpt-oss)
+BENCH_SINKS = f"Attention-sink tokens kept forever (0 = plain window attention) [default: {DEFAULT_SINKS}]."
+SINKS = typer.Option(None, help=BENCH_SINKS, show_default=False)
 JSON = typer.Option(False, "--json", help="Print only the results as JSON on stdout.")
 
 
@@ -102,26 +104,27 @@ def check_positive(**values: int | None) -> None:
 
 
 def settings(**flags) -> Settings:
-    """The chat's settings (defaults < config.toml < these flags), for what a bench shares with a chat."""
+    """The chat's settings (defaults < config.toml < these flags), for what a bench shares with a chat;
+    the sinks a measurement uses are always a number (:data:`BENCH_SINKS`)."""
     s, warnings = Settings.resolve(flags, config=config.load_config(), config_source=str(config.config_file()))
     for warning in warnings:
         note(f"sinkchat: warning: {warning}")
-    return s
+    return s.replace(sinks=s.sinks_for())
 
 
 def load(s: Settings, quiet: bool, context: bool = True):
-    """Load the settings' model with transformers' classes (the baselines run transformers' forward), a
-    base model without a chat template too (only text is streamed); ``context=False`` skips the check
-    of sinks + window against its context. Its notices (a GGUF re-quantized) go to stderr."""
+    """Load the settings' model with transformers' classes (the baselines run transformers' forward);
+    ``context=False`` skips the check of sinks + window against its context. Its notices (a GGUF
+    re-quantized, a base model) go to stderr."""
     from ..model import load as load_model
     from ..model import load_for
 
     progress = (lambda m: None) if quiet else note
     if context:
-        loaded = load_for(s, progress=progress, quick=False, chat=False)
+        loaded = load_for(s, progress=progress, quick=False)
     else:
         loaded = load_model(s.model, s.quant, s.device, s.dtype, progress=progress, kv_dtype=s.kv_dtype,
-                            compile=s.compile, quick=False, chat=False)
+                            compile=s.compile, quick=False)
     for notice in loaded.take_notices():
         note(f"sinkchat: {notice}")
     return loaded
@@ -130,8 +133,11 @@ def load(s: Settings, quiet: bool, context: bool = True):
 def machine(loaded) -> dict:
     import torch
 
+    from .. import bench
+
     info = {
         "model": loaded.name,
+        "bos": bench.bos_first(loaded.tokenizer),  # every streamed text starts with BOS, as a chat does
         "quant": loaded.quant,
         "weights": loaded.weights,
         "runs": loaded.runs,  # what runs (a GGUF: its file type -> the kernels), and per block type:
@@ -178,7 +184,7 @@ def finish(report: dict, as_json: bool, show, plot: str | None, interrupted: boo
 
 SINKS_LIST = typer.Option(
     None, "--sinks", show_default=False,
-    help=help_for("sinks") + " A comma list (0,1,2,4,8,16) runs the sinks mode once per count at one total budget, "
+    help=BENCH_SINKS + " A comma list (0,1,2,4,8,16) runs the sinks mode once per count at one total budget, "
     "the first count + --window (StreamingLLM's Table 2): --sinks 0,4 --window 256 runs 0 + 256 and 4 + 252.",
 )
 
@@ -346,8 +352,9 @@ def speed(
     ids = bench.text_ids(loaded.tokenizer, body, need)
     if len(ids) < 2:
         raise SinkchatError(f"--text {source}: fewer than 2 tokens")
-    if len(ids) < need:  # timing does not depend on the words: repeat the text to reach the positions
-        ids = (ids * (need // len(ids) + 1))[:need]
+    if len(ids) < need:  # timing does not depend on the words: repeat the text (not its BOS) to reach them
+        first = int(bench.bos_first(loaded.tokenizer))
+        ids = ids[:first] + (ids[first:] * (need // len(ids) + 1))[: need - first]
     runs: list[measure_speed.SpeedRun] = []
     interrupted = measure(
         lambda bars: measure_speed.speed_runs(loaded, ids, wanted, sinks, window, block, positions, steps,

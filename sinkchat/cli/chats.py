@@ -53,7 +53,10 @@ def list_chats(
     if not rows:
         print("no saved chats" + (f" matching {clean(query, one_line=True)!r}" if query else ""))
         return
-    table = Table("id", "title", "updated", "model", "messages", "tokens", box=None)
+    table = Table(box=None)
+    for column in ("id", "title", "updated", "model", "messages", "tokens"):
+        # a narrow terminal wraps the title and the model (an id folds onto more lines); nothing is cut
+        table.add_column(column, no_wrap=column not in ("title", "model"), overflow="fold")
     for c in rows:
         when = datetime.fromtimestamp(c.updated).strftime("%Y-%m-%d %H:%M")
         cells = (str(c.id), c.title, when, c.model, str(c.n_messages), str(c.n_tokens))

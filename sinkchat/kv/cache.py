@@ -38,6 +38,11 @@ Design, and why:
   never learns what a message is.
 * **Rewind.** :meth:`SinkCache.mark` and :meth:`SinkCache.rewind` go back to an earlier moment
   exactly (regenerating a reply), keeping copies of what left the cache in between (:mod:`.rewind`).
+* **Per-layer geometry.** A model that mixes global and sliding-window layers (Gemma 3, gpt-oss)
+  was trained to see only the last ``W`` tokens in its sliding layers, so those get a rolling
+  buffer of their native window (:class:`~.layer.LocalLayer`: exact, no sinks needed) while the
+  global layers keep sinks + window; everything above (eviction, pins, the ledger) is the global
+  layers'. All layers share one ``base``, so a token sits at the same RoPE position in every layer.
 
 The cache knows nothing about chats: it sees a stream of tokens and keeps a ledger of the
 conversation-token spans it evicted.
@@ -53,9 +58,11 @@ import torch
 
 from ..errors import SinkchatError
 from ..ledger import Occupancy, Span, add_span, covered_by, merge_spans, subtract
-from .layer import SinkLayer
+from .layer import LocalLayer, SinkLayer
 from .layout import Run, plan_eviction, run_positions, run_spans, run_tokens
 from .rewind import Checkpoint
+
+LOCAL_ROOM = 512  # slots past a sliding layer's native window: one copy per this many tokens (and a prefill chunk)
 
 
 def default_block(window: int) -> int:
@@ -68,7 +75,10 @@ class SinkCache:
 
     Use :meth:`for_model` to build one, call :meth:`reserve` before each forward pass and pass the
     position ids it returns to the model. Pinned tokens (:meth:`pin`, at most ``pin_max``) take
-    room in the window but are never evicted.
+    room in the window but are never evicted. ``local``: per layer, the native sliding window of a
+    layer the model trained with one (it gets a :class:`~.layer.LocalLayer`), or None (a
+    :class:`~.layer.SinkLayer`: sinks + window); the counters and the ledger are the sink layers'.
+    ``learned``: the model learned its own sink (:func:`learned_sinks`; the gauge says so).
     """
 
     def __init__(
@@ -80,14 +90,24 @@ class SinkCache:
         max_positions: int | None = None,
         pin_max: int = 0,
         dtype: torch.dtype | None = None,
+        local: list[int | None] | None = None,
+        learned: bool = False,
     ):
         if sinks < 0 or window < 1 or (max_positions is not None and sinks + window > max_positions):
             raise ValueError(f"no cache of {sinks} sinks + {window} window fits {max_positions} positions")
+        local = local or [None] * len(inv_freqs)
+        if len(local) != len(inv_freqs) or all(w is not None for w in local) or any(w is not None and w < 1
+                                                                                   for w in local):
+            raise ValueError("local windows: one per layer, at least one global layer, each window positive")
         self.sinks, self.window, self.pin_max = sinks, window, pin_max
         self.dtype = dtype  # of the K/V buffers; None: the model's compute dtype
         self.block = min(window, block or default_block(window))
         self.max_positions = max_positions
-        self.layers = [SinkLayer(sinks + window, sinks, f, dtype) for f in inv_freqs]
+        self.learned = learned  # the model learned a sink logit per head (see learned_sinks): for the gauge
+        self.layers = [SinkLayer(sinks + window, sinks, f, dtype) if w is None else LocalLayer(w, LOCAL_ROOM, f, dtype)
+                       for f, w in zip(inv_freqs, local)]
+        self.sink_layers = [layer for layer in self.layers if isinstance(layer, SinkLayer)]
+        self.local_layers = [layer for layer in self.layers if isinstance(layer, LocalLayer)]
         self.upkeep_s = 0.0  # wall time spent evicting and re-rotating (read by `sinkchat bench speed`)
         self.clear()
 
@@ -103,15 +123,17 @@ class SinkCache:
         self.pins: list[Span] = []  # pinned conversation tokens (parked or still in the window)
         self.evictions: list[Span] = []  # evicted conversation-token spans, sorted, adjacent ones merged
         self.checkpoint: Checkpoint | None = None
-        self._reserved = (0, 0)  # (to sinks, to window) of the last reserve, for cancel
+        self._reserved = (0, 0, 0)  # (to sinks, to window, local layers' length) of the last reserve, for cancel
 
     @classmethod
     def for_model(cls, model, sinks: int, window: int, block: int | None = None, pin_max: int = 0,
                   dtype: torch.dtype | None = None) -> "SinkCache":
         """A cache wired to ``model``'s own rotary embedding, per layer where layer types differ, holding
-        K/V in ``dtype`` (default: what the loader chose, ``model.sinkchat_kv_dtype``, else the compute dtype)."""
+        K/V in ``dtype`` (default: what the loader chose, ``model.sinkchat_kv_dtype``, else the compute
+        dtype), with a rolling buffer of the native window in each sliding layer of a hybrid model."""
         dtype = dtype or getattr(model, "sinkchat_kv_dtype", None)
-        return cls(rope_inv_freqs(model), sinks, window, block, max_positions(model.config), pin_max, dtype)
+        return cls(rope_inv_freqs(model), sinks, window, block, max_positions(model.config), pin_max, dtype,
+                   local_windows(model.config), learned_sinks(model))
 
     # -- the engine's side ---------------------------------------------------------------------
 
@@ -132,6 +154,9 @@ class SinkCache:
         if overflow > 0:
             with self._upkeep():
                 spans = self._evict(overflow, max(overflow, self.block), cut)
+        if self.local_layers:
+            with self._upkeep():
+                self._roll_local(n)
         if self.max_positions is not None and self.seen + n - self.base > self.max_positions:
             with self._upkeep():
                 self._rebase()
@@ -140,18 +165,20 @@ class SinkCache:
         self.n_sink += to_sink
         self.n_win += to_win
         self.seen += n
-        self._reserved = (to_sink, to_win)
+        self._reserved = (to_sink, to_win, self.local_length)
         return positions.unsqueeze(0), spans
 
     def cancel(self, n: int) -> None:
         """Give back the room of the last ``reserve(n)`` when its forward pass failed, so the cache
         holds exactly the tokens the caller recorded (an eviction it made stays in the ledger)."""
-        to_sink, to_win = self._reserved
+        to_sink, to_win, local_length = self._reserved
         self.n_sink -= to_sink
         self.n_win -= to_win
         self.seen -= n
-        for layer in self.layers:
+        for layer in self.sink_layers:
             layer.length = min(layer.length, self.n_sink + self.n_pin + self.n_win)
+        for layer in self.local_layers:
+            layer.length = min(layer.length, local_length)
 
     def occupancy(self) -> Occupancy:
         pinned = self.pinned_count()
@@ -166,6 +193,8 @@ class SinkCache:
             pinned=pinned,
             pin_capacity=self.pin_max,
             window_start=self.seen - self.n_win,
+            local_window=self.local_layers[0].window if self.local_layers else None,
+            learned_sinks=self.learned,
         )
 
     def kept(self) -> tuple[Span, Span]:
@@ -175,6 +204,19 @@ class SinkCache:
     def held(self) -> list[Span]:
         """Every conversation-token range the cache holds: sinks, parked pinned tokens, window."""
         return merge_spans([s for s in [(0, self.n_sink), *run_spans(self.parked), self.kept()[1]] if s[1] > s[0]])
+
+    @property
+    def local_length(self) -> int:
+        """Tokens each sliding layer holds (the newest ones), or 0 without sliding layers."""
+        return self.local_layers[0].length if self.local_layers else 0
+
+    def local_needed(self) -> int:
+        """Of the tokens each sliding layer holds, how many the next tokens can still see (its window
+        less one) or the checkpoint needs to go back to; older ones are only masked out."""
+        need = self.local_layers[0].window - 1 if self.local_layers else 0
+        if self.checkpoint is not None:
+            need = max(need, self.seen - self.checkpoint.local_from)
+        return min(self.local_length, need)
 
     def memory_bytes(self) -> int:
         """Bytes of the preallocated K/V buffers (constant once the first token arrived)."""
@@ -228,7 +270,7 @@ class SinkCache:
         moved = [first + t - start for a, b in plan.moved for t in range(a, b)]
         moved_t = torch.tensor(moved, dtype=torch.long, device=device) if moved else None
         tail = first + plan.window_start - start
-        for layer in self.layers:
+        for layer in self.sink_layers:
             layer.evict(self.n_sink, n_pin, keep, moved_t, tail)
         self.parked = plan.parked
         self.n_win = self.seen - plan.window_start
@@ -245,13 +287,23 @@ class SinkCache:
         if n_pin:
             orig = torch.tensor(run_positions(self.parked), dtype=torch.float64)
             pin_delta = torch.arange(target, target + n_pin, dtype=torch.float64) - orig
-        for layer in self.layers:
+        for layer in self.sink_layers:
             layer.place(self.n_sink, target - self.n_sink, n_pin, pin_delta)
+
+    def _roll_local(self, n: int) -> None:
+        """Make room for ``n`` tokens in the sliding layers, keeping a checkpoint's copies of what leaves."""
+        drop = self.local_layers[0].to_drop(n)
+        if self.checkpoint is not None and drop:
+            self.checkpoint.keep_local(self, self.seen - self.local_length, drop)
+        for layer in self.local_layers:
+            layer.make_room(n)
 
     def _rebase(self) -> None:
         new_base = self.seen - self.n_win - self.n_sink - self.n_pin
-        for layer in self.layers:
+        for layer in self.sink_layers:
             layer.shift_window(self.n_sink + self.n_pin, self.base - new_base)
+        for layer in self.local_layers:
+            layer.shift_window(0, self.base - new_base)
         self.base = new_base
         self._place()
 
@@ -288,6 +340,11 @@ class SinkCache:
         self.pins = subtract(self.pins, end, max(end, *(b for _, b in self.pins), 0) + 1)
         self.checkpoint = None
 
+    def local_covers(self, end: int) -> bool:
+        """Whether the sliding layers, cut back to token ``end``, would hold all they held when the
+        stream was there (the last ``window - 1`` tokens before it): :meth:`truncate` is then exact."""
+        return not self.local_layers or self.seen - self.local_length <= max(0, end - self.local_layers[0].window + 1)
+
     def mark(self) -> None:
         """Remember this moment, so :meth:`rewind` can come back to it exactly (see :mod:`.rewind`)."""
         self.checkpoint = Checkpoint.of(self)
@@ -320,13 +377,15 @@ class SinkCache:
             runs.append((a, b, at))
             at += b - a
         m = at - n_sink
-        for layer in self.layers:
+        for layer in self.sink_layers:
             if layer.is_initialized and m:
                 layer.pin_room(m)
                 layer.pin_orig[:, :, :m] = layer.keys[:, :, n_sink : n_sink + m].float()
         fed = self.seen
         self.n_sink, self.parked = n_sink, runs
         self.n_win = fed - n_sink - m
+        for layer in self.local_layers:  # they hold the newest fed tokens: only the window's are in stream order
+            layer.keep_last(self.n_win)
         self.seen = seen
         self.base = seen - self.n_win - n_sink - m
         self.evictions, self.pins, self.checkpoint = merge_spans(list(evictions)), list(pins), None
@@ -334,16 +393,21 @@ class SinkCache:
     # -- persistence (tensors and a small dict; the store decides where they go) ---------------
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict]:
-        """Copies of the held K/V (pristine sink and pinned keys too) as named tensors, plus the counters."""
+        """Copies of the held K/V (pristine sink and pinned keys too) as named tensors, plus the counters
+        (with ``local``: the sliding layers' native window, how many tokens they hold, which they are)."""
         tensors: dict[str, torch.Tensor] = {}
         n_pin = self.n_pin
+        copy = lambda t: t.clone(memory_format=torch.contiguous_format)  # noqa: E731
+        local = self.local_needed()
         for i, layer in enumerate(self.layers):
             if layer.is_initialized:
-                tensors[f"{i}.k"] = layer.keys[:, :, : layer.length].clone(memory_format=torch.contiguous_format)
-                tensors[f"{i}.v"] = layer.values[:, :, : layer.length].clone(memory_format=torch.contiguous_format)
-                tensors[f"{i}.sink"] = layer.sink_orig[:, :, : self.n_sink].clone(memory_format=torch.contiguous_format)
-                if n_pin:
-                    tensors[f"{i}.pin"] = layer.pin_orig[:, :, :n_pin].clone(memory_format=torch.contiguous_format)
+                first = layer.length - local if isinstance(layer, LocalLayer) else 0  # a sliding layer's needed rows
+                tensors[f"{i}.k"] = copy(layer.keys[:, :, first : layer.length])
+                tensors[f"{i}.v"] = copy(layer.values[:, :, first : layer.length])
+                if isinstance(layer, SinkLayer):
+                    tensors[f"{i}.sink"] = copy(layer.sink_orig[:, :, : self.n_sink])
+                    if n_pin:
+                        tensors[f"{i}.pin"] = copy(layer.pin_orig[:, :, :n_pin])
         meta = {
             "sinks": self.sinks,
             "window": self.window,
@@ -356,6 +420,9 @@ class SinkCache:
         }
         if self.parked or self.pins:
             meta.update(parked=[list(r) for r in self.parked], pins=[list(s) for s in self.pins])
+        if self.local_layers:
+            meta["local"] = {"window": self.local_layers[0].window, "held": local,
+                             "layers": [i for i, layer in enumerate(self.layers) if isinstance(layer, LocalLayer)]}
         if self.checkpoint is not None:
             self.checkpoint.save(tensors, meta)
         return tensors, meta
@@ -364,29 +431,38 @@ class SinkCache:
         """Restore what :meth:`state` returned (same model, sinks and window: the store checks)."""
         if (meta["sinks"], meta["window"]) != (self.sinks, self.window):
             raise ValueError("saved cache was built with other --sinks/--window")
+        local = meta.get("local") or {}
+        mine = [i for i, layer in enumerate(self.layers) if isinstance(layer, LocalLayer)]
+        if local.get("layers", []) != mine or (mine and local.get("window") != self.local_layers[0].window):
+            raise ValueError("saved cache has other sliding-window layers")
         parked = [tuple(r) for r in meta.get("parked", [])]
         n_pin = run_tokens(parked)
         held = meta["n_sink"] + n_pin + meta["n_win"]
         moved = (lambda t: t.to(device)) if device is not None else (lambda t: t)
         for i, layer in enumerate(self.layers):
-            k, v, s = (moved(tensors[f"{i}.{name}"]) for name in ("k", "v", "sink"))
-            if k.shape[-2] != held or v.shape[-2] != held:
-                raise ValueError(f"layer {i} holds {k.shape[-2]} tokens, expected {held}")
+            k, v = (moved(tensors[f"{i}.{name}"]) for name in ("k", "v"))
+            want = local["held"] if isinstance(layer, LocalLayer) else held
+            if k.shape[-2] != want or v.shape[-2] != want:
+                raise ValueError(f"layer {i} holds {k.shape[-2]} tokens, expected {want}")
+            if isinstance(layer, LocalLayer) and want > layer.capacity:
+                layer._grow(want)
             if not layer.is_initialized:  # buffers stay where they are (a compiled step holds their addresses)
                 layer.lazy_initialization(k, v)
-            layer.keys[:, :, :held] = k
-            layer.values[:, :, :held] = v
-            layer.sink_orig[:, :, : s.shape[-2]] = s.float()
-            if n_pin:
-                layer.pin_room(n_pin)
-                layer.pin_orig[:, :, :n_pin] = moved(tensors[f"{i}.pin"]).float()
-            layer.length = held
+            layer.keys[:, :, :want] = k
+            layer.values[:, :, :want] = v
+            if isinstance(layer, SinkLayer):
+                s = moved(tensors[f"{i}.sink"])
+                layer.sink_orig[:, :, : s.shape[-2]] = s.float()
+                if n_pin:
+                    layer.pin_room(n_pin)
+                    layer.pin_orig[:, :, :n_pin] = moved(tensors[f"{i}.pin"]).float()
+            layer.length = want
         self.block = meta["block"]
         self.n_sink, self.n_win = meta["n_sink"], meta["n_win"]
         self.seen, self.base = meta["seen"], meta["base"]
         self.evictions = merge_spans(sorted(tuple(s) for s in meta["evictions"]))
         self.parked, self.pins = parked, [tuple(s) for s in meta.get("pins", [])]
-        self.checkpoint = Checkpoint.load(tensors, meta, moved, len(self.layers))
+        self.checkpoint = Checkpoint.load(tensors, meta, moved, self)
 
 
 def rope_inv_freqs(model) -> list[torch.Tensor]:
@@ -404,6 +480,29 @@ def rope_inv_freqs(model) -> list[torch.Tensor]:
         inv = getattr(rotary, f"{layer_type}_inv_freq", None)
         freqs.append((inv if inv is not None else rotary.inv_freq).detach().float())
     return freqs
+
+
+def learned_sinks(model) -> bool:
+    """Whether ``model`` learned a sink logit per attention head (gpt-oss; StreamingLLM's section 3.3,
+    "a dedicated learnable sink"): its softmax has somewhere to put unneeded attention without any
+    sink token, so the window alone streams fluently."""
+    layers = getattr(getattr(model, "model", model), "layers", None) or []
+    return any(getattr(getattr(layer, "self_attn", None), "sinks", None) is not None for layer in layers)
+
+
+def local_windows(config) -> list[int | None] | None:
+    """Per layer, the native sliding window of a hybrid model's sliding layers (None for its global
+    ones), or None when every layer takes the same geometry: no sliding layer, or no global one (a
+    model that slides everywhere keeps sinks + window within its window, see
+    :func:`sinkchat.model.checks.check_context`)."""
+    config = config.get_text_config(decoder=True)
+    window, types = getattr(config, "sliding_window", None), getattr(config, "layer_types", None) or []
+    if isinstance(getattr(config, "max_position_embeddings", None), int):  # a window past it holds nothing more
+        window = min(window, config.max_position_embeddings) if isinstance(window, int) else window
+    kinds = [window if t == "sliding_attention" else None for t in types]
+    if not isinstance(window, int) or None not in kinds or all(k is None for k in kinds):
+        return None
+    return kinds
 
 
 def max_positions(config) -> int | None:

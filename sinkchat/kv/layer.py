@@ -1,11 +1,9 @@
-"""One layer of the sink cache: preallocated K/V buffers and the tensor work the cache asks of them.
+"""One layer of the cache: preallocated K/V buffers and the tensor work the cache asks of them.
 
-:class:`SinkLayer` holds ``[batch, kv_heads, sinks + window, head_dim]`` keys and values (written in
-place, so a decode step costs the same at any point of the stream), the float32 keys of the sinks
-and of the parked (pinned) tokens as first computed, and the operations
-:class:`~sinkchat.kv.cache.SinkCache` drives: relaying slots after an eviction, placing the sinks and
-parked keys at new positions by rotating those pristine copies (:func:`rotate`), and rotating the
-window at a rebase. All bookkeeping (which conversation token sits in which slot) is the cache's.
+:class:`SinkLayer` (a layer with global attention: sinks, parked pinned tokens, the rolling window)
+and :class:`LocalLayer` (a layer the model trained with a sliding window: a rolling buffer of its
+native window) share :class:`Buffers`. Rotating keys to new positions (:func:`rotate`) happens in
+float32. All bookkeeping (which conversation token sits in which slot) is the cache's.
 """
 
 from __future__ import annotations
@@ -37,32 +35,29 @@ def rotate(x: torch.Tensor, delta: torch.Tensor | float, inv_freq: torch.Tensor)
     return out.to(x.dtype)
 
 
-class SinkLayer:
-    """One layer's sink + window buffers; all bookkeeping lives in :class:`SinkCache`. The methods
-    transformers calls (``update``, ``get_mask_sizes``, ``get_seq_length``, ...) are those of its
-    ``CacheLayerMixin``, which this class does not import (see :mod:`sinkchat.kv.cache`)."""
+class Buffers:
+    """One layer's preallocated ``[batch, kv_heads, capacity, head_dim]`` keys and values, written in
+    place (a decode step costs the same at any point of the stream), and the methods transformers
+    calls on a cache layer (``update``, ``get_mask_sizes``, ``get_seq_length``, ...: those of its
+    ``CacheLayerMixin``, which these classes do not import, see :mod:`sinkchat.kv.cache`)."""
 
     is_sliding = False
     is_compileable = False
 
-    def __init__(self, capacity: int, sink_capacity: int, inv_freq: torch.Tensor, dtype: torch.dtype | None = None):
+    def __init__(self, capacity: int, inv_freq: torch.Tensor, dtype: torch.dtype | None = None):
         self.keys: torch.Tensor | None = None
         self.values: torch.Tensor | None = None
         self.is_initialized = False
         self.capacity = capacity
-        self.sink_capacity = sink_capacity
         self.inv_freq = inv_freq
         self.kv_dtype = dtype  # the buffers' dtype; None: the first keys' own (the model's compute dtype)
         self.length = 0
-        self.sink_orig: torch.Tensor | None = None  # float32 keys of the sinks as first computed
-        self.pin_orig: torch.Tensor | None = None  # float32 keys of the parked tokens as first computed
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         b, h, _, d = key_states.shape
         self.dtype, self.device = self.kv_dtype or key_states.dtype, key_states.device
         self.keys = key_states.new_zeros((b, h, self.capacity, d), dtype=self.dtype)
         self.values = value_states.new_zeros((b, h, self.capacity, value_states.shape[-1]), dtype=self.dtype)
-        self.sink_orig = key_states.new_zeros((b, h, self.sink_capacity, d), dtype=torch.float32)
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -73,8 +68,7 @@ class SinkLayer:
 
     def write(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Append ``[b, h, n, d]`` keys and values (RoPE already applied) after the held tokens; return
-        views of everything held, ``[b, h, length, d]`` in the cache's dtype. The first ``sink_capacity``
-        keys are also kept in float32 as computed (before any rounding to the cache's dtype)."""
+        views of everything held, ``[b, h, length, d]`` in the cache's dtype."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         n = key_states.shape[-2]
@@ -83,9 +77,6 @@ class SinkLayer:
             raise RuntimeError("SinkCache.reserve() must be called before each forward pass")
         self.keys[:, :, start:end] = key_states
         self.values[:, :, start:end] = value_states
-        if start < self.sink_capacity:  # the very first tokens: remember the sinks as computed
-            k = min(end, self.sink_capacity)
-            self.sink_orig[:, :, start:k] = key_states[:, :, : k - start].float()
         self.length = end
         return self.keys[:, :, :end], self.values[:, :, :end]
 
@@ -103,6 +94,41 @@ class SinkLayer:
         if self.is_initialized:
             self.keys.zero_()
             self.values.zero_()
+
+    def shift_window(self, first: int, delta: int) -> None:
+        """Rotate the keys of slots ``first..length`` by ``delta`` positions (a rebase)."""
+        if self.is_initialized and self.length > first:
+            w = self.keys[:, :, first : self.length]
+            self.keys[:, :, first : self.length] = rotate(w, delta, self.inv_freq)
+
+
+class SinkLayer(Buffers):
+    """A layer that keeps the attention sinks, the parked (pinned) tokens and the rolling window:
+    ``sinks + window`` slots, plus the float32 keys of the sinks and of the parked tokens as first
+    computed, and the operations :class:`~sinkchat.kv.cache.SinkCache` drives: relaying slots after
+    an eviction, placing the sinks and parked keys at new positions by rotating those pristine
+    copies (:func:`rotate`). All bookkeeping (which token sits in which slot) is the cache's."""
+
+    def __init__(self, capacity: int, sink_capacity: int, inv_freq: torch.Tensor, dtype: torch.dtype | None = None):
+        super().__init__(capacity, inv_freq, dtype)
+        self.sink_capacity = sink_capacity
+        self.sink_orig: torch.Tensor | None = None  # float32 keys of the sinks as first computed
+        self.pin_orig: torch.Tensor | None = None  # float32 keys of the parked tokens as first computed
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        b, h, _, d = key_states.shape
+        self.sink_orig = key_states.new_zeros((b, h, self.sink_capacity, d), dtype=torch.float32)
+
+    def write(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`Buffers.write`; the first ``sink_capacity`` keys are also kept in float32 as computed
+        (before any rounding to the cache's dtype)."""
+        start = self.length
+        out = super().write(key_states, value_states)
+        if start < self.sink_capacity:  # the very first tokens: remember the sinks as computed
+            k = min(self.length, self.sink_capacity)
+            self.sink_orig[:, :, start:k] = key_states[:, :, : k - start].float()
+        return out
 
     # -- operations driven by SinkCache --------------------------------------------------------
 
@@ -150,30 +176,71 @@ class SinkLayer:
             placed = rotate(self.pin_orig[:, :, :n_pin], pin_delta, self.inv_freq)
             self.keys[:, :, n_sink : n_sink + n_pin] = placed.to(self.dtype)
 
-    def shift_window(self, first: int, delta: int) -> None:
-        """Rotate the window keys (slots ``first..length``) by ``delta`` positions."""
-        if self.is_initialized and self.length > first:
-            w = self.keys[:, :, first : self.length]
-            self.keys[:, :, first : self.length] = rotate(w, delta, self.inv_freq)
+
+class LocalLayer(Buffers):
+    """A sliding-window layer's cache (Gemma 3's local layers, gpt-oss's banded ones): the model was
+    trained to attend here only to the last ``window`` tokens, so the cache is a rolling buffer of
+    them: no sinks, nothing parked, exactly what the model does natively however long the stream.
+
+    It holds up to ``window - 1 + room`` tokens at contiguous positions ending at the newest (the
+    same positions as the sink layers' window: all layers share the cache's ``base``); attention
+    masks the keys ``window`` or more positions back. :meth:`make_room` drops the oldest tokens in one
+    copy when ``n`` more would not fit, keeping the last ``window - 1``, so the copy is amortised over
+    ``room`` tokens as the sink layers' evictions are over a block.
+    """
+
+    is_sliding = True
+
+    def __init__(self, window: int, room: int, inv_freq: torch.Tensor, dtype: torch.dtype | None = None):
+        super().__init__(window - 1 + room, inv_freq, dtype)
+        self.window = window
+
+    def to_drop(self, n: int) -> int:
+        """How many of the oldest held tokens :meth:`make_room` ``(n)`` drops."""
+        return 0 if self.length + n <= self.capacity else self.length - min(self.length, self.window - 1)
+
+    def make_room(self, n: int) -> int:
+        """Drop the oldest held tokens so that ``n`` more fit; returns how many were dropped.
+        Grows the buffers instead when ``n`` alone passes ``room`` (a chunk longer than planned)."""
+        drop = self.to_drop(n)
+        if self.length - drop + n > self.capacity:
+            self._grow(self.length - drop + n)
+        self.keep_last(self.length - drop)
+        return drop
+
+    def keep_last(self, count: int) -> None:
+        """Keep only the newest ``count`` held tokens (one copy to the front)."""
+        drop = self.length - count
+        if self.is_initialized and drop > 0 and count > 0:
+            for buf in (self.keys, self.values):
+                buf[:, :, :count] = buf[:, :, drop : self.length].clone()
+        self.length = min(self.length, count)
+
+    def _grow(self, capacity: int) -> None:
+        self.capacity = capacity
+        if self.is_initialized:
+            for name in ("keys", "values"):
+                old = getattr(self, name)
+                new = old.new_zeros((*old.shape[:2], capacity, old.shape[-1]))
+                new[:, :, : self.length] = old[:, :, : self.length]
+                setattr(self, name, new)
 
 
 @functools.cache
-def _transformers_layer() -> type:
+def _transformers_layer(cls: type) -> type:
     from transformers.cache_utils import CacheLayerMixin
 
-    class TransformersSinkLayer(SinkLayer, CacheLayerMixin):
-        """:class:`SinkLayer` as transformers' cache code expects it (an instance of its mixin);
-        every method is still :class:`SinkLayer`'s."""
-
-    return TransformersSinkLayer
+    return type(f"Transformers{cls.__name__}", (cls, CacheLayerMixin), {
+        "__doc__": f":class:`{cls.__name__}` as transformers' cache code expects it (an instance of its mixin); "
+                   "every method is still its own."})
 
 
-def transformers_cache(layers: list[SinkLayer]):
-    """A transformers ``Cache`` over these sink layers, for transformers' own forward (it checks
-    that layers are its ``CacheLayerMixin``: the layers take that class in place, once)."""
-    from transformers.cache_utils import Cache
+def transformers_cache(layers: list[Buffers]):
+    """A transformers ``Cache`` over these layers, for transformers' own forward (it checks that
+    layers are its ``CacheLayerMixin``: the layers take such a class in place, once)."""
+    from transformers.cache_utils import Cache, CacheLayerMixin
 
     for layer in layers:
-        if type(layer) is SinkLayer:
-            layer.__class__ = _transformers_layer()
+        if not isinstance(layer, CacheLayerMixin):
+            layer.__class__ = _transformers_layer(type(layer))
     return Cache(layers=layers)

@@ -7,6 +7,8 @@ was computed attending to context that is gone), so a :class:`Checkpoint` keeps 
 token that leaves the cache after it was taken (the *stash*: at most what the cache held, usually
 about one turn) and rebuilds the earlier layout from the held slots, the parked keys and the stash.
 Keys are restored at the positions they had, so greedy decoding then repeats itself token for token.
+The sliding layers of a hybrid model (:class:`~.layer.LocalLayer`) roll on their own: the tokens they
+drop after the checkpoint that it still needs are kept the same way (the *local stash*).
 """
 
 from __future__ import annotations
@@ -16,8 +18,13 @@ from dataclasses import dataclass, field
 import torch
 
 from ..ledger import Span, clip, subtract
-from .layer import rotate
+from .layer import LocalLayer, rotate
 from .layout import Eviction, Run, run_positions, run_tokens
+
+
+def _rotated(keys: torch.Tensor, delta: int, inv_freq: torch.Tensor) -> torch.Tensor:
+    """``keys`` moved ``delta`` positions (unchanged, no copy, when ``delta`` is 0)."""
+    return rotate(keys, delta, inv_freq) if delta else keys
 
 
 def run_members(runs: list[Run]) -> list[int]:
@@ -37,11 +44,17 @@ class Checkpoint:
     stash: list[Run] = field(default_factory=list)  # tokens that left, with the positions of their stashed keys
     stash_k: list[list[torch.Tensor]] = field(default_factory=list)  # per layer, blocks in stash order
     stash_v: list[list[torch.Tensor]] = field(default_factory=list)
+    local_from: int = 0  # the oldest token the sliding layers need at the checkpoint (their window less one)
+    lstash: list[Run] = field(default_factory=list)  # tokens the sliding layers dropped since, that it needs
+    lstash_k: list[list[torch.Tensor]] = field(default_factory=list)  # per layer (sliding ones), in order
+    lstash_v: list[list[torch.Tensor]] = field(default_factory=list)
 
     @classmethod
     def of(cls, cache) -> "Checkpoint":
+        empty = lambda: [[] for _ in cache.layers]  # noqa: E731
         return cls(cache.n_sink, cache.n_win, cache.seen, cache.base, list(cache.parked), list(cache.evictions),
-                   stash_k=[[] for _ in cache.layers], stash_v=[[] for _ in cache.layers])
+                   stash_k=empty(), stash_v=empty(), local_from=cache.seen - cache.local_needed(),
+                   lstash_k=empty(), lstash_v=empty())
 
     # -- while the turn runs ---------------------------------------------------------------------
 
@@ -63,7 +76,7 @@ class Checkpoint:
             n = t1 - t0
             self.stash.append((t0, t1, p0))
             for i, layer in enumerate(cache.layers):
-                if not layer.is_initialized:
+                if not layer.is_initialized or isinstance(layer, LocalLayer):
                     continue
                 if parked:  # the pristine key (an exact copy of the model's) and its value
                     k = layer.pin_orig[:, :, slot : slot + n].clone()
@@ -74,6 +87,18 @@ class Checkpoint:
                 self.stash_k[i].append(k)
                 self.stash_v[i].append(v)
 
+    def keep_local(self, cache, first: int, drop: int) -> None:
+        """Copy what the sliding layers are about to drop (their ``drop`` oldest tokens, from token
+        ``first`` on) of the tokens the checkpoint needs (from :attr:`local_from` on)."""
+        start, end = max(first, self.local_from), min(first + drop, self.seen)
+        if end <= start:
+            return
+        self.lstash.append((start, end, start - cache.base))
+        for i, layer in enumerate(cache.layers):
+            if isinstance(layer, LocalLayer) and layer.is_initialized:
+                self.lstash_k[i].append(layer.keys[:, :, start - first : end - first].clone())
+                self.lstash_v[i].append(layer.values[:, :, start - first : end - first].clone())
+
     # -- going back ------------------------------------------------------------------------------
 
     def restore(self, cache) -> None:
@@ -82,16 +107,43 @@ class Checkpoint:
         Raises LookupError, changing nothing, when a token the checkpoint needs was not kept (a
         checkpoint loaded without its stash).
         """
+        first = cache.seen - cache.local_length  # the oldest token the sliding layers hold now
+        if cache.local_layers and min(first, self.seen) > (self.lstash[-1][1] if self.lstash else self.local_from):
+            raise LookupError(f"tokens before {first} were not kept since the checkpoint")
         unchanged = (self.base, self.parked, self.evictions) == (cache.base, cache.parked, cache.evictions)
         if unchanged:  # nothing held at the checkpoint has left: the turn's tokens are cut off the end
-            for layer in cache.layers:
+            for layer in cache.sink_layers:
                 layer.length = min(layer.length, self.n_sink + run_tokens(self.parked) + self.n_win)
         else:
             self._gather(cache)
+        self._gather_local(cache)
         cache.n_sink, cache.n_win, cache.seen, cache.base = self.n_sink, self.n_win, self.seen, self.base
         cache.parked, cache.evictions = list(self.parked), list(self.evictions)
         cache.pins = subtract(cache.pins, self.seen, max(self.seen, max((b for _, b in cache.pins), default=0)) + 1)
-        self.stash, self.stash_k, self.stash_v = [], [[] for _ in cache.layers], [[] for _ in cache.layers]
+        empty = lambda: [[] for _ in cache.layers]  # noqa: E731
+        self.stash, self.stash_k, self.stash_v = [], empty(), empty()
+        self.lstash, self.lstash_k, self.lstash_v = [], empty(), empty()
+
+    def _gather_local(self, cache) -> None:
+        """The sliding layers as they were: the tokens dropped since (the local stash), then those still
+        held up to the checkpoint, each piece rotated back to the checkpoint's positions."""
+        keep = max(0, self.seen - (cache.seen - cache.local_length))  # held rows that were there at the checkpoint
+        for i, layer in enumerate(cache.layers):
+            if not isinstance(layer, LocalLayer) or not layer.is_initialized:
+                continue
+            stash_k = torch.cat(self.lstash_k[i], dim=-2) if self.lstash else None
+            ks, at = [], 0
+            for t0, t1, p0 in self.lstash:  # each piece was stored at positions p0, p0 + 1, ...
+                ks.append(_rotated(stash_k[:, :, at : at + t1 - t0], t0 - self.base - p0, layer.inv_freq))
+                at += t1 - t0
+            ks.append(_rotated(layer.keys[:, :, :keep], cache.base - self.base, layer.inv_freq))
+            k = torch.cat(ks, dim=-2)
+            v = torch.cat(self.lstash_v[i] + [layer.values[:, :, :keep]], dim=-2)
+            if k.shape[-2] > layer.capacity:
+                layer._grow(k.shape[-2])
+            layer.keys[:, :, : k.shape[-2]] = k
+            layer.values[:, :, : v.shape[-2]] = v
+            layer.length = k.shape[-2]
 
     def _gather(self, cache) -> None:
         n_sink, n_pin, start = cache.n_sink, cache.n_pin, cache.seen - cache.n_win
@@ -111,7 +163,7 @@ class Checkpoint:
         rows = [source[t][0] for t in targets]
         delta = [t - self.base - source[t][1] for t in targets[m:]]  # window keys back at t - base
         for i, layer in enumerate(cache.layers):
-            if not layer.is_initialized:
+            if not layer.is_initialized or isinstance(layer, LocalLayer):
                 continue
             keys = [layer.keys[:, :, :held].float()] + ([layer.pin_orig[:, :, :n_pin]] if n_pin else [])
             values = [layer.values[:, :, :held]] + ([layer.values[:, :, n_sink : n_sink + n_pin]] if n_pin else [])
@@ -135,26 +187,35 @@ class Checkpoint:
             "n_sink": self.n_sink, "n_win": self.n_win, "seen": self.seen, "base": self.base,
             "parked": [list(r) for r in self.parked], "evictions": [list(s) for s in self.evictions],
             "stash": [list(r) for r in self.stash],
+            "local_from": self.local_from, "lstash": [list(r) for r in self.lstash],
         }
-        for i, (ks, vs) in enumerate(zip(self.stash_k, self.stash_v)):
-            if ks:
-                tensors[f"{i}.stash_k"] = torch.cat(ks, dim=-2).contiguous()
-                tensors[f"{i}.stash_v"] = torch.cat(vs, dim=-2).contiguous()
+        for name, lists in (("stash", (self.stash_k, self.stash_v)), ("lstash", (self.lstash_k, self.lstash_v))):
+            for i, (ks, vs) in enumerate(zip(*lists)):
+                if ks:
+                    tensors[f"{i}.{name}_k"] = torch.cat(ks, dim=-2).contiguous()
+                    tensors[f"{i}.{name}_v"] = torch.cat(vs, dim=-2).contiguous()
 
     @classmethod
-    def load(cls, tensors: dict[str, torch.Tensor], meta: dict, moved, layers: int) -> "Checkpoint | None":
-        """The checkpoint :meth:`save` wrote, or None if there is none (or its stash is incomplete)."""
+    def load(cls, tensors: dict[str, torch.Tensor], meta: dict, moved, cache) -> "Checkpoint | None":
+        """The checkpoint :meth:`save` wrote for ``cache``'s layers, or None if there is none (or a
+        stash is incomplete)."""
         cp = meta.get("checkpoint")
         if not cp:
             return None
-        stash = [tuple(r) for r in cp["stash"]]
-        n = run_tokens(stash)
-        ks, vs = [], []
-        for i in range(layers):
-            k, v = tensors.get(f"{i}.stash_k"), tensors.get(f"{i}.stash_v")
-            if n and (k is None or v is None or k.shape[-2] != n or v.shape[-2] != n):
-                return None
-            ks.append([moved(k).float()] if n else [])
-            vs.append([moved(v)] if n else [])
+        stash, lstash = [tuple(r) for r in cp["stash"]], [tuple(r) for r in cp.get("lstash", [])]
+        found: dict[str, list[list[torch.Tensor]]] = {}
+        for name, runs, kind in (("stash", stash, False), ("lstash", lstash, True)):
+            n = run_tokens(runs)
+            for part in ("k", "v"):
+                found[f"{name}_{part}"] = []
+                for i, layer in enumerate(cache.layers):
+                    t = tensors.get(f"{i}.{name}_{part}")
+                    if not n or isinstance(layer, LocalLayer) != kind:
+                        found[f"{name}_{part}"].append([])
+                    elif t is None or t.shape[-2] != n:
+                        return None
+                    else:
+                        found[f"{name}_{part}"].append([moved(t).float() if part == "k" and not kind else moved(t)])
         return cls(cp["n_sink"], cp["n_win"], cp["seen"], cp["base"], [tuple(r) for r in cp["parked"]],
-                   [tuple(s) for s in cp["evictions"]], stash, ks, vs)
+                   [tuple(s) for s in cp["evictions"]], stash, found["stash_k"], found["stash_v"],
+                   cp.get("local_from", cp["seen"]), lstash, found["lstash_k"], found["lstash_v"])

@@ -1,18 +1,20 @@
 """The fast path: a hand-written forward for the model families of :mod:`.families` (Llama/SmolLM2,
-Mistral, Qwen2) over the sink cache's own buffers.
+Mistral, Qwen2, Qwen3, Gemma 3) over the sink cache's own buffers.
 
 transformers' module stack costs about 19 ms per decode token over a plain loop with the same
 kernels on a 2-core CPU (56.8 vs 37.9 ms, SmolLM2-135M at a 2004-token cache), a third of the step.
 :class:`FastModel` is that loop, gpt-fast style: per layer an RMSNorm, one fused q/k/v projection,
-RoPE, the new keys and values written into :class:`~sinkchat.kv.layer.SinkLayer`'s preallocated
-buffers through its ``update`` (so eviction, sink re-rotation, rebase, ``state()`` and resume are
-the cache's as before), SDPA, one fused gate/up projection, SiLU, the down projection; a float32
-residual stream. It takes chunks of any length (prefill) and single tokens (decode) and returns the
-same logits as :func:`sinkchat.model.forward.forward` on the transformers path.
+the family's q/k norms, RoPE (per layer type where the model has several), the new keys and values
+written into the cache's preallocated buffers through its ``write`` (so eviction, sink re-rotation,
+rebase, ``state()`` and resume are the cache's), SDPA (masked to the native window in a sliding
+layer), one fused gate/up projection, the family's activation, the down projection, with the
+family's norms around each (:class:`~.families.Block`); a float32 residual stream. It takes chunks
+of any length (prefill) and single tokens (decode) and returns the same logits as
+:func:`sinkchat.model.forward.forward` on the transformers path.
 
 The projections are whatever modules the model holds (``nn.Linear`` in float32,
-:class:`~sinkchat.model.quant.Int4Linear` on the CPU, :class:`~sinkchat.model.quant.NF4Linear` over bitsandbytes'
-weights on a GPU); fusing q/k/v and gate/up builds one module each and points the
+:class:`~sinkchat.model.quant.Int4Linear` on the CPU, :class:`~sinkchat.model.quant.NF4Linear` over
+bitsandbytes' weights on a GPU); fusing q/k/v and gate/up builds one module each and points the
 transformers modules at row slices of it, so both paths share one copy of the weights
 (:meth:`FastModel.build`).
 """
@@ -26,34 +28,39 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kv.cache import local_windows
 from . import blockkernels
-from .families import family_of
+from .families import Family, family_of
 from .quant import HalfLinear, Int4Linear, NF4Linear, cat_bias, int4_fits
 
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # inv_freq and attention_scaling fixed at load
+LAYER_TYPES = ("full_attention", "sliding_attention")
+ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
 
 
 def supported(model) -> bool:
     """The one gate: whether :class:`FastModel` computes exactly what ``model`` does. Its family
     (:func:`~sinkchat.model.families.family_of`) must be one the fast path knows, with the family's
-    activation, plain RoPE on every layer, and no sliding window in play."""
+    activation and norms, global or sliding-window attention on each layer, and RoPE whose
+    frequencies are fixed at load."""
     config = model.config
     family = family_of(getattr(config, "model_type", None))
     layers = getattr(getattr(model, "model", None), "layers", None)
-    if family is None or layers is None or getattr(config, "hidden_act", "silu") != family.block.act:
+    if family is None or layers is None or not family.fast(config):
         return False
-    if set(getattr(config, "layer_types", None) or ["full_attention"]) != {"full_attention"}:
+    block = family.block
+    if getattr(config, block.act_key, block.act) != block.act or block.act not in ACTIVATIONS:
         return False
-    rope = getattr(config, "rope_parameters", None) or {}
-    if rope.get("rope_type", "default") not in STATIC_ROPE:  # dynamic RoPE changes inv_freq as it runs
+    if not set(_layer_types(config)) <= set(LAYER_TYPES):
         return False
-    rotary = getattr(model.model, "rotary_emb", None)
+    if any(rope.get("rope_type", "default") not in STATIC_ROPE for rope in _rope_parameters(config)):
+        return False  # dynamic RoPE changes inv_freq as it runs
     first = layers[0]
-    return (
-        rotary is not None
-        and all(hasattr(getattr(first, part, None), name) for part, name in family.projections)
-        and getattr(getattr(first, "mlp", None), "act_fn", None) is not None
-    )
+    parts = [(part, name) for part, name in family.projections]
+    parts += [("", name) for name in block.norms if name]
+    parts += [("self_attn", "q_norm"), ("self_attn", "k_norm")] if block.qk_norm else []
+    return (getattr(model.model, "rotary_emb", None) is not None
+            and all(hasattr(getattr(first, part) if part else first, name) for part, name in parts))
 
 
 def nf4_fits(model) -> bool:
@@ -64,37 +71,60 @@ def nf4_fits(model) -> bool:
                for block in model.model.layers for part, name in projections)
 
 
+def _layer_types(config) -> list[str]:
+    return getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
+
+
+def _rope_parameters(config) -> list[dict]:
+    """The RoPE parameters of each layer type (Gemma 3 keeps one dict per type, others one for all)."""
+    rope = getattr(config, "rope_parameters", None) or {}
+    if set(rope) & set(LAYER_TYPES):
+        return [rope.get(t) or {} for t in sorted(set(_layer_types(config)))]
+    return [rope]
+
+
 @dataclass
 class Layer:
     """One decoder layer's weights as the fast path uses them (modules shared with the model)."""
 
-    n1: torch.Tensor  # input RMSNorm weight [hidden], float32
+    norms: list[torch.Tensor | None]  # RMSNorm weights (float32, any offset folded in), see Block.norms
     qkv: nn.Module  # hidden -> (H + 2 KV) D
     o: nn.Module  # H D -> hidden
-    n2: torch.Tensor  # post-attention RMSNorm weight [hidden]
     gate_up: nn.Module  # hidden -> 2 intermediate
     down: nn.Module  # intermediate -> hidden
+    q_norm: torch.Tensor | None = None  # [D] RMSNorm weights over each head's query and key
+    k_norm: torch.Tensor | None = None
+    rope: int = 0  # which of the model's RoPE tables (one per layer type)
+    window: int | None = None  # a sliding layer's native window (its cache is a LocalLayer)
 
 
 class FastModel:
-    """A Llama-family model's forward on a :class:`~sinkchat.kv.cache.SinkCache`; build with :meth:`build`.
+    """A model's forward on a :class:`~sinkchat.kv.cache.SinkCache`; build with :meth:`build`.
 
     Shapes: ``hidden`` = model width, ``H`` query heads and ``KV`` key/value heads of ``D`` dims;
     the cache holds ``[1, KV, capacity, D]`` keys and values per layer in its own dtype.
     """
 
-    def __init__(self, model, layers: list[Layer]):
+    def __init__(self, model, family: Family, layers: list[Layer]):
         config = model.config
         self.layers = layers
-        self.embed = model.get_input_embeddings()
-        self.norm = model.model.norm.weight.float()
+        self.embed = model.get_input_embeddings()  # applies the family's embedding scale itself
+        self.norm = model.model.norm.weight.float() + family.block.norm_offset
         self.head = model.get_output_embeddings()
         self.eps = config.rms_norm_eps
+        self.act = ACTIVATIONS[family.block.act]
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        key = family.block.query_scale_key
+        self.scale = getattr(config, key) ** -0.5 if key else None  # None: SDPA's own 1 / sqrt(D)
         rotary = model.model.rotary_emb
-        self.inv_freq = rotary.inv_freq.detach().float()
-        self.rope_scale = float(getattr(rotary, "attention_scaling", 1.0))
+        self.ropes = []  # (inv_freq, attention_scaling) per layer type
+        for t in sorted(set(_layer_types(config))):
+            inv = getattr(rotary, f"{t}_inv_freq", None)
+            scaling = getattr(rotary, f"{t}_attention_scaling", None) if inv is not None else None
+            inv = rotary.inv_freq if inv is None else inv
+            scaling = getattr(rotary, "attention_scaling", 1.0) if scaling is None else scaling
+            self.ropes.append((inv.detach().float(), float(scaling)))
         self.q_size, self.kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
         self.inter = layers[0].down.in_features
         self.compiled = None  # the compiled static_step, once compile() was asked for
@@ -109,6 +139,13 @@ class FastModel:
         :class:`~sinkchat.model.quant.Int4Linear`, on both paths; bitsandbytes 4-bit projections (a GPU)
         become :class:`~sinkchat.model.quant.NF4Linear` on the same packed bytes, and a 16-bit head is
         called in its own dtype."""
+        config = model.config
+        family = family_of(config.model_type)
+        block_spec, offset = family.block, family.block.norm_offset
+        types = _layer_types(config)
+        rope_index = {t: i for i, t in enumerate(sorted(set(types)))}
+        windows = local_windows(config) or [None] * len(types)
+        weight = lambda module: module.weight.float() + offset  # noqa: E731
         layers = []
         for i, block in enumerate(model.model.layers):
             attn, mlp = block.self_attn, block.mlp
@@ -120,12 +157,13 @@ class FastModel:
             elif NF4Linear.fits(o) and NF4Linear.fits(down):
                 o, down = NF4Linear.fuse([o]), NF4Linear.fuse([down])
             attn.o_proj, mlp.down_proj = o, down
-            layers.append(Layer(block.input_layernorm.weight.float(), qkv, o,
-                                block.post_attention_layernorm.weight.float(), gate_up, down))
+            norms = [weight(getattr(block, name)) if name else None for name in block_spec.norms]
+            q_norm, k_norm = (weight(attn.q_norm), weight(attn.k_norm)) if block_spec.qk_norm else (None, None)
+            layers.append(Layer(norms, qkv, o, gate_up, down, q_norm, k_norm, rope_index[types[i]], windows[i]))
         head = model.get_output_embeddings()
         if type(head) is nn.Linear and head.bias is None and (int4 or head.weight.dtype != torch.float32):
             model.set_output_embeddings(HalfLinear(head.weight, torch.float16 if int4 else head.weight.dtype))
-        return cls(model, layers)
+        return cls(model, family, layers)
 
     # -- the forward ----------------------------------------------------------------------------------
 
@@ -134,25 +172,41 @@ class FastModel:
         written into ``cache`` (whose ``reserve(n)`` made room for them)."""
         if self.compiled is not None and len(ids) == 1 and _window_slot(cache):
             return self._compiled_step(ids[0], positions, cache)
-        n, H, KV, D = len(ids), self.heads, self.kv_heads, self.head_dim
         device = self.norm.device
         x = self.embed(torch.tensor(ids, device=device)).float()  # [n, hidden], the residual stream
-        cos, sin = self._rope(positions.reshape(-1).to(device))  # [n, D] each
+        ropes = [self._rope(positions.reshape(-1).to(device), r) for r in range(len(self.ropes))]
         for layer, cl in zip(self.layers, cache.layers):
-            h = F.rms_norm(x, x.shape[-1:], layer.n1, self.eps)
-            qkv = layer.qkv(h)  # [n, (H + 2 KV) D]
-            q = _rotate(qkv[:, : self.q_size].view(n, H, D), cos, sin)
-            k = _rotate(qkv[:, self.q_size : self.q_size + self.kv_size].view(n, KV, D), cos, sin)
-            v = qkv[:, self.q_size + self.kv_size :].view(n, KV, D)
+            q, k, v = self._project(layer, x, *ropes[layer.rope])
             keys, values = cl.write(k.transpose(0, 1)[None], v.transpose(0, 1)[None])  # [1, KV, L, D]
-            a = self._attend(q, keys, values)  # [n, H D]
-            x = x + layer.o(a)
-            h = F.rms_norm(x, x.shape[-1:], layer.n2, self.eps)
-            gu = layer.gate_up(h)
-            x = x + layer.down(F.silu(gu[:, : self.inter]) * gu[:, self.inter :])
+            x = self._finish(layer, x, self._attend(q, keys, values, layer.window))
         if keep:
             x = x[-keep:]
-        return self.head(F.rms_norm(x, x.shape[-1:], self.norm, self.eps)).float()
+        return self.head(self._norm(x, self.norm)).float()
+
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, x.shape[-1:], weight, self.eps)
+
+    def _project(self, layer: Layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """The layer's queries ``[n, H, D]`` and keys ``[n, KV, D]`` (normed where the family norms them,
+        rotated) and values ``[n, KV, D]`` for the residual stream ``x`` ``[n, hidden]``."""
+        n, H, KV, D = x.shape[0], self.heads, self.kv_heads, self.head_dim
+        qkv = layer.qkv(self._norm(x, layer.norms[0]))  # [n, (H + 2 KV) D]
+        q = qkv[:, : self.q_size].view(n, H, D)
+        k = qkv[:, self.q_size : self.q_size + self.kv_size].view(n, KV, D)
+        v = qkv[:, self.q_size + self.kv_size :].view(n, KV, D)
+        if layer.q_norm is not None:
+            q, k = F.rms_norm(q, (D,), layer.q_norm, self.eps), F.rms_norm(k, (D,), layer.k_norm, self.eps)
+        return _rotate(q, cos, sin), _rotate(k, cos, sin), v
+
+    def _finish(self, layer: Layer, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """The rest of the layer after attention's output ``a`` ``[n, H D]``: output projection and MLP,
+        each joining the residual stream ``x`` (normed first where the family norms it)."""
+        pre_attn, post_attn, pre_mlp, post_mlp = layer.norms
+        y = layer.o(a)
+        x = x + (self._norm(y, post_attn) if post_attn is not None else y)
+        gu = layer.gate_up(self._norm(x, pre_mlp))
+        y = layer.down(self.act(gu[:, : self.inter]) * gu[:, self.inter :])
+        return x + (self._norm(y, post_mlp) if post_mlp is not None else y)
 
     # -- the static-shape decode step (torch.compile, CUDA graphs) ----------------------------------
 
@@ -165,36 +219,35 @@ class FastModel:
             step = torch.compile(step, dynamic=False)
         self.compiled = CudaGraphStep(step) if cuda_graph else step
 
-    def static_step(self, token: torch.Tensor, position: torch.Tensor, slot: torch.Tensor,
+    def static_step(self, token: torch.Tensor, position: torch.Tensor, slots: torch.Tensor,
                     buffers: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        """One token with static shapes: ``token``, ``position`` and ``slot`` are ``[1]`` tensors; the new
-        key/value go to ``slot`` of each layer's whole ``[1, KV, capacity, D]`` buffers, and attention
-        runs over every slot with the ones past ``slot`` masked. Logits ``[1, vocab]``."""
+        """One token with static shapes: ``token`` and ``position`` are ``[1]`` tensors, ``slots`` ``[2]``
+        the slot the new key/value takes in the sink layers' and in the sliding layers' whole
+        ``[1, KV, capacity, D]`` buffers; attention runs over every slot with the ones past it (and, in
+        a sliding layer, those ``window`` or more back) masked. Logits ``[1, vocab]``."""
         H, KV, D = self.heads, self.kv_heads, self.head_dim
         x = self.embed(token).float()
-        cos, sin = self._rope(position)
+        ropes = [self._rope(position, r) for r in range(len(self.ropes))]
         for layer, (keys, values) in zip(self.layers, buffers):
-            h = F.rms_norm(x, x.shape[-1:], layer.n1, self.eps)
-            qkv = layer.qkv(h)
-            q = _rotate(qkv[:, : self.q_size].view(1, H, D), cos, sin)
-            k = _rotate(qkv[:, self.q_size : self.q_size + self.kv_size].view(1, KV, D), cos, sin)
-            v = qkv[:, self.q_size + self.kv_size :].view(1, KV, D)
+            q, k, v = self._project(layer, x, *ropes[layer.rope])
+            j = int(layer.window is not None)
+            slot = slots[j : j + 1]
             keys[:, :, slot] = k.view(1, KV, 1, D).to(keys.dtype)  # index_put_: in place, also when compiled
             values[:, :, slot] = v.view(1, KV, 1, D).to(values.dtype)
-            mask = torch.arange(keys.shape[2], device=slot.device) <= slot
+            at = torch.arange(keys.shape[2], device=slot.device)
+            mask = at <= slot
+            if layer.window is not None:
+                mask = mask & (at > slot - layer.window)
             a = F.scaled_dot_product_attention(q.view(1, KV, H // KV, D).to(keys.dtype), keys, values,
-                                               attn_mask=mask.view(1, 1, 1, -1))
-            x = x + layer.o(a.reshape(1, H * D).float())
-            h = F.rms_norm(x, x.shape[-1:], layer.n2, self.eps)
-            gu = layer.gate_up(h)
-            x = x + layer.down(F.silu(gu[:, : self.inter]) * gu[:, self.inter :])
-        return self.head(F.rms_norm(x, x.shape[-1:], self.norm, self.eps)).float()
+                                               attn_mask=mask.view(1, 1, 1, -1), scale=self.scale)
+            x = self._finish(layer, x, a.reshape(1, H * D).float())
+        return self.head(self._norm(x, self.norm)).float()
 
     def _compiled_step(self, token: int, positions: torch.Tensor, cache) -> torch.Tensor:
         device = self.norm.device
-        slot = cache.layers[0].length
+        slots = [cache.sink_layers[0].length, cache.local_length]
         args = (torch.tensor([token], device=device), positions.reshape(1).to(device),
-                torch.tensor([slot], device=device), [(cl.keys, cl.values) for cl in cache.layers])
+                torch.tensor(slots, device=device), [(cl.keys, cl.values) for cl in cache.layers])
         first = self.compiled_s is None
         t0 = time.perf_counter()
         try:
@@ -210,13 +263,15 @@ class FastModel:
             cl.length += 1
         return logits
 
-    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        angles = positions.float()[:, None] * self.inv_freq.to(positions.device)
+    def _rope(self, positions: torch.Tensor, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        inv_freq, scale = self.ropes[index]
+        angles = positions.float()[:, None] * inv_freq.to(positions.device)
         angles = torch.cat([angles, angles], dim=-1)
-        return (angles.cos() * self.rope_scale)[:, None], (angles.sin() * self.rope_scale)[:, None]
+        return (angles.cos() * scale)[:, None], (angles.sin() * scale)[:, None]
 
-    def _attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        """``q`` ``[n, H, D]`` (the last ``n`` of the ``L`` cached tokens) -> ``[n, H D]``.
+    def _attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, window: int | None) -> torch.Tensor:
+        """``q`` ``[n, H, D]`` (the last ``n`` of the ``L`` cached tokens) -> ``[n, H D]``; in a sliding
+        layer each query sees only the keys less than ``window`` positions back.
 
         One token: its query heads are folded per key/value head (``[1, KV, H/KV, D]`` against
         ``[1, KV, L, D]``), no mask, in the cache's dtype (the fast layout for a bf16 cache on a CPU
@@ -225,15 +280,22 @@ class FastModel:
         n, H, D = q.shape
         KV, L = keys.shape[1], keys.shape[2]
         if n == 1:
+            if window is not None and L > window:
+                keys, values = keys[:, :, L - window :], values[:, :, L - window :]
             if keys.dtype == torch.float32:
-                out = F.scaled_dot_product_attention(q.view(1, H, 1, D), keys, values, enable_gqa=True)
+                out = F.scaled_dot_product_attention(q.view(1, H, 1, D), keys, values, enable_gqa=True,
+                                                     scale=self.scale)
             else:
-                out = F.scaled_dot_product_attention(q.view(1, KV, H // KV, D).to(keys.dtype), keys, values)
+                out = F.scaled_dot_product_attention(q.view(1, KV, H // KV, D).to(keys.dtype), keys, values,
+                                                     scale=self.scale)
             return out.reshape(1, H * D).float()
         qpos = torch.arange(L - n, L, device=q.device)[:, None]
-        mask = torch.arange(L, device=q.device)[None, :] <= qpos  # [n, L]
+        kpos = torch.arange(L, device=q.device)[None, :]
+        mask = kpos <= qpos  # [n, L]
+        if window is not None:
+            mask = mask & (kpos > qpos - window)
         out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys.float(), values.float(), attn_mask=mask,
-                                             enable_gqa=True)  # [1, H, n, D]
+                                             enable_gqa=True, scale=self.scale)  # [1, H, n, D]
         return out[0].transpose(0, 1).reshape(n, H * D)
 
 
@@ -283,7 +345,7 @@ class CudaGraphStep:
 def _window_slot(cache) -> bool:
     """Whether the next token lands in the window of an initialized cache (not among the sinks,
     whose float32 first copy only the eager path records)."""
-    layer = cache.layers[0]
+    layer = cache.sink_layers[0]
     return layer.is_initialized and layer.length >= layer.sink_capacity
 
 

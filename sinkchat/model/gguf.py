@@ -14,14 +14,14 @@ No torch at import (the kernel table imports it only to ask the CPU's capability
 
 from __future__ import annotations
 
-import mmap
-import struct
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import SinkchatError
+from . import header
 
 # block type -> (bits per code, weights per scale/offset group)
 AFFINE = {"Q4_0": (4, 32), "Q4_1": (4, 32), "Q4_K": (4, 32), "Q5_0": (5, 32), "Q5_1": (5, 32),
@@ -107,16 +107,16 @@ class Stored:
 class GGUFFile:
     """An opened GGUF file (memory-mapped): its architecture, metadata, and tensors by name.
 
-    The header is parsed here rather than by gguf-py's ``GGUFReader``, which turns every entry of the
-    vocabulary into numpy views (4-12 s for a 49152-token vocabulary on these 2 cores): only scalar
-    metadata is kept, and a damaged or truncated file is one :class:`SinkchatError`."""
+    The header is parsed by :mod:`.header` (not gguf-py's ``GGUFReader``, which turns every entry of
+    the vocabulary into numpy views: 4-12 s for a 49152-token vocabulary on these 2 cores): only
+    scalar metadata is kept, and a damaged or truncated file is one :class:`SinkchatError`."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         try:
             self.fields, self.tensors = _read(self.path)
         except Exception as exc:  # a truncated file, a count beyond it, a name that is not UTF-8, ...
-            why = str(exc) if isinstance(exc, SinkchatError) else f"{type(exc).__name__}: {exc}"
+            why = str(exc) if isinstance(exc, (SinkchatError, header.HeaderError)) else f"{type(exc).__name__}: {exc}"
             raise SinkchatError(f"cannot read GGUF file {self.path}: {why}".splitlines()[0]) from None
         self.arch = str(self.fields.get("general.architecture", ""))
 
@@ -220,97 +220,27 @@ class GGUFFile:
         return np.arange(rows).reshape(heads, dim, 2).swapaxes(2, 1).reshape(-1)
 
 
-MAGIC = b"GGUF"
-_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q",
-            12: "<d"}  # GGUF metadata value types (struct formats); 8 is a string, 9 an array
-
-
-class _Cursor:
-    """Reads little-endian values from a file's bytes (``struct`` on the memory map: the vocabulary's
-    hundreds of thousands of strings are walked in a fraction of a second), checking each lies inside."""
-
-    def __init__(self, data):
-        self.data, self.at = data, 0
-
-    def skip(self, n: int) -> int:
-        """Move past ``n`` bytes; returns where they start."""
-        if n < 0 or self.at + n > len(self.data):
-            raise SinkchatError("truncated or damaged: a value runs past the end of the file")
-        self.at += n
-        return self.at - n
-
-    def scalar(self, kind: str):
-        return struct.unpack_from(kind, self.data, self.skip(struct.calcsize(kind)))[0]
-
-    def string(self) -> str:
-        n = self.scalar("<Q")
-        return bytes(self.data[self.skip(n) : self.at]).decode("utf-8")
-
-    def value(self, vtype: int):
-        """One metadata value; arrays of strings (the vocabulary) are skipped, not decoded (None)."""
-        if vtype in _SCALARS:
-            return self.scalar(_SCALARS[vtype])
-        if vtype == 8:
-            return self.string()
-        if vtype != 9:
-            raise SinkchatError(f"unknown metadata value type {vtype}")
-        etype, count = self.scalar("<I"), self.scalar("<Q")
-        if etype in _SCALARS:
-            size = struct.calcsize(_SCALARS[etype])
-            return np.frombuffer(self.data, _SCALARS[etype].replace("?", "u1"), count, self.skip(count * size))
-        if etype != 8:
-            for _ in range(count):
-                self.value(etype)
-            return None
-        at, length = self.at, struct.Struct("<Q").unpack_from  # a tight loop: the vocabulary is long
-        for _ in range(count):
-            if at + 8 > len(self.data):
-                raise SinkchatError("truncated or damaged: a value runs past the end of the file")
-            at += 8 + length(self.data, at)[0]
-        self.skip(at - self.at)  # the last string's end
-        return None
-
-
 def _read(path: Path) -> tuple[dict, dict[str, "Stored"]]:
-    """The metadata (scalars, strings, numeric arrays) and tensors of a GGUF v2/v3 file (gguf-py's
-    ``gguf_reader.py`` and ggml's ``docs/gguf.md`` describe the layout)."""
+    """The metadata and tensors of a GGUF file (:func:`.header.read_all`), each tensor's bytes a
+    memory-mapped view."""
     from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
-    with open(path, "rb") as f:
-        data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    c = _Cursor(data)
-    if bytes(data[c.skip(4) : c.at]) != MAGIC:
-        raise SinkchatError("not a GGUF file (no GGUF magic)")
-    version = c.scalar("<I")
-    if version not in (2, 3):
-        raise SinkchatError(f"GGUF version {version} is not supported (2 and 3 are)")
-    n_tensors, n_fields = c.scalar("<Q"), c.scalar("<Q")
-    fields = {}
-    for _ in range(n_fields):
-        key = c.string()
-        fields[key] = c.value(c.scalar("<I"))
-    infos = []
-    for _ in range(n_tensors):
-        name = c.string()
-        dims = [c.scalar("<Q") for _ in range(c.scalar("<I"))]
-        infos.append((name, dims, c.scalar("<I"), c.scalar("<Q")))
-    align = fields.get("general.alignment", 32)
-    body = _Cursor(data)
-    body.skip(-(-c.at // align) * align)
+    fields, infos, data = header.read_all(path)
     tensors = {}
-    for name, dims, type_id, offset in infos:
+    for info in infos:
+        name, dims = info.name, info.dims
         try:
-            qtype = GGMLQuantizationType(type_id)
+            qtype = GGMLQuantizationType(info.type_id)
         except ValueError:
-            raise SinkchatError(f"tensor {name} has an unknown block type {type_id}") from None
+            raise SinkchatError(f"tensor {name} has an unknown block type {info.type_id}") from None
         block, size = GGML_QUANT_SIZES[qtype]
         if not dims or dims[0] % block:
             raise SinkchatError(f"tensor {name}: {dims[0] if dims else 0} columns are not whole {qtype.name} blocks")
-        rows = int(np.prod(dims[1:], dtype=np.int64))
-        at = _Cursor(data)
-        at.skip(body.at + offset)
+        rows = math.prod(dims[1:])
         n = rows * (dims[0] // block) * size
-        raw = np.frombuffer(data, np.uint8, n, at.skip(n)).reshape(rows, -1)
+        if info.start + n > len(data):
+            raise SinkchatError(header.CUT)
+        raw = np.frombuffer(data, np.uint8, n, info.start).reshape(rows, -1)
         shape = (rows, dims[0]) if len(dims) == 2 else tuple(reversed(dims))
         tensors[name] = Stored(name, qtype.name, shape, raw)
     return fields, tensors

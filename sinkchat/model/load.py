@@ -10,12 +10,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import SinkchatError
-from .checks import check_context, pick_device, read_config
+from .checks import check_context, check_gguf, pick_device, read_config
 from .loaded import LoadedModel
-from .sources import gguf_folder, hub_folder, model_files, quiet, resolve
+from .sources import gguf_folder, gguf_target, hub_folder, model_files, quiet, resolve
 
 if TYPE_CHECKING:
     import torch
+
+# A base model's "chat": BOS, then each message's text, a blank line between (replies continue the text).
+PLAIN_TEMPLATE = ("{{ bos_token or '' }}{% for message in messages %}{% if not loop.first %}\n\n{% endif %}"
+                  "{{ message['content'] }}{% endfor %}{% if add_generation_prompt %}\n\n{% endif %}")
 
 def pick_dtype(dtype: str, device: str) -> torch.dtype:
     """Compute dtype: float32 on the CPU (bf16 matmuls are slow there), bf16 on GPUs that have it."""
@@ -34,11 +38,10 @@ def load(
     device: str = "auto",
     dtype: str = "auto",
     progress=lambda msg: None,
-    context: tuple[int, int] | None = None,
+    context: tuple[int | None, int] | None = None,
     kv_dtype: str = "auto",
     compile: str = "auto",
     quick: bool = True,
-    chat: bool = True,
 ) -> LoadedModel:
     """Load ``name`` (alias, folder, .gguf or HF id), quantized as asked (``auto``: a GGUF file at its
     own precision per tensor, anything else as ``4bit``; ``4bit``, ``8bit``, ``none``), on ``device``
@@ -47,14 +50,16 @@ def load(
     ``context`` ``(sinks, window)`` is checked against the model's positions before weights load; the
     engine checks again on the loaded model's own config. ``quick``: a Llama-family model in 4-bit on
     the CPU skips transformers' model classes (:mod:`.quickload`); callers that run
-    transformers' own forward (the benchmarks' baselines) pass False. ``chat``: refuse a model without
-    a chat template (the benchmarks, which only stream text, pass False). Raises :class:`SinkchatError`.
+    transformers' own forward (the benchmarks' baselines) pass False. A model without a chat template (a
+    base model) gets :data:`PLAIN_TEMPLATE`: its messages continue one text. Raises :class:`SinkchatError`.
     """
     source = resolve(name)
     device = pick_device(device)
     compute = pick_dtype(dtype, device)
     quiet()
     if source.kind == "gguf":
+        if not (gguf_target(Path(source.ref)) / "config.json").is_file():
+            check_gguf(Path(source.ref), name, context)  # before converting: what would be refused after
         folder = str(gguf_folder(Path(source.ref), progress))
     elif source.kind == "dir":
         folder = source.ref
@@ -66,8 +71,10 @@ def load(
     loaded = _load_quick(name, folder, context, quant) if quick and cpu_int4 else None
     if loaded is None:
         loaded = _load_transformers(name, folder, context, quant, device, compute, source.kind == "gguf")
-    if chat and getattr(loaded.tokenizer, "chat_template", None) is None:
-        raise SinkchatError(f"{name} has no chat template; sinkchat needs an instruction-tuned chat model")
+    if getattr(loaded.tokenizer, "chat_template", None) is None:  # a base model: it continues text
+        loaded.tokenizer.chat_template = PLAIN_TEMPLATE
+        loaded.notices.append(f"{name} has no chat template (a base model): messages are sent as plain text, "
+                              "one after another, and each reply continues the text")
     loaded.source = source
     from .kernels import prepare
 
@@ -76,7 +83,7 @@ def load(
     return loaded
 
 
-def _load_quick(name: str, folder: str, context: tuple[int, int] | None, quant: str) -> LoadedModel | None:
+def _load_quick(name: str, folder: str, context: tuple[int | None, int] | None, quant: str) -> LoadedModel | None:
     """The model as a :class:`~.quickload.Skeleton` for the CPU fast path, or None where
     it does not qualify (then transformers loads it)."""
     import torch
@@ -102,7 +109,7 @@ def _load_quick(name: str, folder: str, context: tuple[int, int] | None, quant: 
     return LoadedModel(model, tokenizer, None, quant, "cpu", torch.float32)
 
 
-def _load_transformers(name: str, folder: str, context: tuple[int, int] | None, quant: str, device: str,
+def _load_transformers(name: str, folder: str, context: tuple[int | None, int] | None, quant: str, device: str,
                        compute: torch.dtype, gguf: bool = False) -> LoadedModel:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
@@ -153,8 +160,8 @@ def fingerprint(loaded: LoadedModel, folder: str) -> dict:
     }
 
 
-def load_for(settings, progress=lambda msg: None, quick: bool = True, chat: bool = True) -> LoadedModel:
+def load_for(settings, progress=lambda msg: None, quick: bool = True) -> LoadedModel:
     """:func:`load` with a :class:`~sinkchat.settings.Settings`' model, quant, device, dtype and geometry."""
     return load(settings.model, settings.quant, settings.device, settings.dtype, progress=progress,
                 context=(settings.sinks, settings.window), kv_dtype=settings.kv_dtype, compile=settings.compile,
-                quick=quick, chat=chat)
+                quick=quick)

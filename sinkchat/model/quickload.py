@@ -54,7 +54,8 @@ def _positive(value) -> bool:
 
 def _read(raw: dict) -> Config | None:
     family = family_of(raw.get("model_type"))
-    if family is None or raw.get("hidden_act", "silu") != family.block.act or raw.get("rope_scaling") is not None:
+    if family is None or not family.quick or raw.get("hidden_act", "silu") != family.block.act \
+            or raw.get("rope_scaling") is not None:
         return None
     if any(hasattr(Config, key) for key in raw):
         return None  # a key that would hide one of Config's own attributes

@@ -91,8 +91,9 @@ class Tokenizer:
         special = {t.content for t in self.backend.get_added_tokens_decoder().values() if t.special}
         if not special.issuperset(self.special_tokens_map.values()):  # transformers would add or mark it
             raise ValueError("a special token of tokenizer_config.json is not one in tokenizer.json")
-        eos = self.special_tokens_map.get("eos_token")
+        eos, bos = self.special_tokens_map.get("eos_token"), self.special_tokens_map.get("bos_token")
         self.eos_token_id = None if eos is None else self.backend.token_to_id(eos)
+        self.bos_token_id = None if bos is None else self.backend.token_to_id(bos)
 
     def __call__(self, text: str, add_special_tokens: bool = True, split_special_tokens: bool = False) -> dict:
         self.backend.encode_special_tokens = split_special_tokens

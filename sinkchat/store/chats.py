@@ -1,16 +1,19 @@
 """The chat-level API: create, save, open, list, rename, delete; :class:`Autosave` for front ends.
 
-A save writes the state first (a segment after the files of the last save, or a new base; each
-atomic: temp, fsync, rename), then the database rows in one transaction, both stamped with the same
-save generation and checksum. On open the newest intact copy wins, and the engine
-(:meth:`Chat.restore`) decides whether the saved K/V fits or must be rebuilt from the ledger. The
-store reads and writes files and rows; it never runs the model.
+A save commits the database rows first, in one transaction (the ledger is the truth: once they
+are in, no kill loses the turn), then writes the state (a segment after the files of the last save,
+or a new base; each atomic: temp, fsync, rename), both stamped with the same save generation and
+checksum. On open the newest intact copy wins, and the engine (:meth:`Chat.restore`) decides
+whether the saved K/V fits or must be rebuilt from the ledger. A new chat takes an id no file in
+the data dir names, and its first state file is created, never written over. The store reads and
+writes files and rows; it never runs the model.
 """
 
 from __future__ import annotations
 
 import errno
 import functools
+import os
 import sqlite3
 import time
 from contextlib import suppress
@@ -18,7 +21,7 @@ from pathlib import Path
 
 from .. import config
 from ..errors import SinkchatError
-from ..files import fault, private_dir, reason, written_bytes
+from ..files import fault, make_private, private_dir, reason, written_bytes
 from ..ledger import ChatState, state_problem
 from ..settings import Settings
 from ..text import valid
@@ -58,6 +61,9 @@ class Store:
             raise SinkchatError(f"cannot create the data directory {self.root}: {reason(exc)}") from None
         self.db_path = self.root / "chats.db"
         self.db = Database(self.db_path)
+        for path, mode in ((self.db_path, 0o600), (self.db_path.with_name("chats.db-journal"), 0o600),
+                           (self.root / "state", 0o700), (self.root / "locks", 0o700)):
+            make_private(path, mode)  # what the README promises, whoever left them open
         self.locks = Locks(self.root)
         self.last_save: dict | None = None  # the last save's time, bytes, kind and new tokens, for `bench endless`
         self._chains: dict[int, Chain] = {}  # what each chat's state files hold, as this process wrote or read them
@@ -103,22 +109,36 @@ class Store:
             path.unlink()
             fault("segments-pruning")  # killed with some removed: the rest are stale, never read
 
-    def _write(self, chat_id: int, chain: Chain | None, snap: Snapshot, tensors: dict, keep: int = 0) -> Chain:
+    def _write(self, chat_id: int, chain: Chain | None, snap: Snapshot, tensors: dict, keep: int = 0,
+               fresh: bool = False) -> Chain:
         """Write ``snap``'s K/V: a segment after ``chain`` (what the files hold at the generation
         before, of whose messages ``snap`` keeps the first ``keep``) if it can describe the change,
-        else a new base, then the old segments go."""
+        else a new base, then the old segments go. ``fresh``: a new chat's first save, which never
+        replaces a file that is already there."""
         state_dir = private_dir(self.root / "state")
         if chain is not None and chain.extends(snap, tensors) is None:
             path = segment_path(state_dir, chat_id, snap.gen)
-            if path.is_symlink() or path.exists():  # left by a save whose database write failed: never read
+            if path.is_symlink() or path.exists():  # left by a save that failed half-way: never read
                 path.unlink()
             chain = write_segment(path, chain, snap, tensors, keep)
             fault("segment-renamed")
             return chain
-        chain = write_state(self.state_path(chat_id), snap, tensors)
+        chain = write_state(self.state_path(chat_id), snap, tensors, overwrite=not fresh)
         fault("state-renamed")
         self._prune(chat_id)
         return chain
+
+    def _ids_on_disk(self) -> int:
+        """The highest chat id a file in the data dir names (state files, segments, temp files, locks),
+        or 0: ids a new chat must not take, whatever the database says."""
+        top = 0
+        for folder in (self.root / "state", self.root / "locks"):
+            with suppress(OSError):
+                for name in os.listdir(folder):
+                    head = name.lstrip(".").split(".", 1)[0]
+                    if head.isascii() and head.isdigit():
+                        top = max(top, int(head))
+        return top
 
     # -- writing -------------------------------------------------------------------------------
 
@@ -127,42 +147,44 @@ class Store:
         return self.create_state(*chat.state(), settings, title)
 
     def save(self, chat_id: int, chat) -> None:
-        """Write the chat's state file, then its rows in one transaction; ``SaveError`` on failure."""
+        """Commit the chat's rows, then write its state file; ``SaveError`` on failure."""
         self.save_state(chat_id, *chat.state())
 
     def create_state(self, state: ChatState, tensors: dict, settings: Settings, title: str | None = None) -> int:
         """:meth:`create` from what :meth:`Chat.state` returned (a copy taken while the chat was idle).
 
-        The chat's row is inserted in the same transaction as its first save's rows, after the
-        state file is written: a kill at any moment leaves the whole chat or no chat at all."""
+        The ledger is the truth, so it is committed first: the chat's row and its first save's rows
+        in one transaction, then the state file. A kill before that file is whole leaves the chat
+        with its first turn (opening it rebuilds the K/V from the ledger). Its id names no file in
+        the data dir, and the state file is created, never written over. :class:`SaveError` when it
+        fails: its ``chat_id`` is None when no chat was made, else the chat's (only its K/V was
+        not written; the next save writes it)."""
         if title is None:
             first = next((m.content for m in state.messages if m.role == "user"), "") or "new chat"
             title = " ".join(first.split())[:60]
+        snap = Snapshot.of(state, settings.saved(), 1)
         made: list[int] = []
 
         def first_save(chat_id: int) -> Snapshot:
             made.append(chat_id)
             self.locks.lock(chat_id)
-            self._sweep(chat_id)  # a killed earlier attempt may have left a temp file with this id
-            snap = Snapshot.of(state, settings.saved(), 1)
-            chains.append(self._write(chat_id, None, snap, tensors))
             return snap
 
-        chains: list[Chain] = []
         try:
-            chat_id = self.db.create(valid(title)[0], settings.saved(), first_save)
-            self._chains[chat_id] = chains[-1]
-            return chat_id
+            chat_id = self.db.create(valid(title)[0], settings.saved(), first_save, self._ids_on_disk())
         except (OSError, sqlite3.Error, ChatLocked) as exc:
-            for chat_id in made:  # no row was committed: leave nothing of it behind
-                with suppress(OSError):
-                    self.state_path(chat_id).unlink()
+            for chat_id in made:  # no row was committed: its lock file goes too
                 with suppress(OSError):
                     self.locks.remove(chat_id)
             raise SaveError(f"could not save the chat ({reason(exc)}); it goes on in memory only") from None
+        fault("ledger-committed")
+        self._write_kv(chat_id, None, snap, tensors, fresh=True)
+        return chat_id
 
     def save_state(self, chat_id: int, state: ChatState, tensors: dict) -> None:
-        """:meth:`save` from what :meth:`Chat.state` returned."""
+        """:meth:`save` from what :meth:`Chat.state` returned: the rows of what changed in one
+        transaction, then a state segment or base (a kill in between loses no turn: the K/V is
+        rebuilt from the ledger when the chat is opened)."""
         if not self.locks.holds(chat_id):
             raise SaveError(f"chat {chat_id} is open read-only here; not saved")
         t0, written = time.perf_counter(), written_bytes()
@@ -178,20 +200,29 @@ class Store:
             if chain is not None:  # reuse what the last save hashed of the messages both share
                 keep = unchanged(chain.snap.messages, snap.messages)
                 snap.follow(chain.snap, keep)
-            new = self._write(chat_id, chain, snap, tensors, keep)
             self.db.write(chat_id, snap, loads(row["cache_meta"]), row["n_tokens"], keep)
-            self._chains[chat_id] = new
-            after = written_bytes()
-            self.last_save = {"seconds": time.perf_counter() - t0,
-                              "bytes": after - written if after is not None and written is not None else None,
-                              "kind": "segment" if new.segments else "base",
-                              "tokens": len(snap.tokens) - (len(chain.snap.tokens) if chain else 0)}
-        except SaveError:
-            raise
         except (OSError, sqlite3.Error) as exc:
             raise SaveError(
                 f"could not save chat {chat_id} ({reason(exc)}); it goes on in memory, earlier saves are intact"
             ) from None
+        fault("ledger-committed")
+        new = self._write_kv(chat_id, chain, snap, tensors, keep)
+        after = written_bytes()
+        self.last_save = {"seconds": time.perf_counter() - t0,
+                          "bytes": after - written if after is not None and written is not None else None,
+                          "kind": "segment" if new.segments else "base",
+                          "tokens": len(snap.tokens) - (len(chain.snap.tokens) if chain else 0)}
+
+    def _write_kv(self, chat_id: int, chain: Chain | None, snap: Snapshot, tensors: dict, keep: int = 0,
+                  fresh: bool = False) -> Chain:
+        """:meth:`_write` once the rows are committed; a failure is a :class:`SaveError` carrying the
+        chat's id (its messages are saved, only the K/V is not)."""
+        try:
+            self._chains[chat_id] = new = self._write(chat_id, chain, snap, tensors, keep, fresh)
+        except OSError as exc:
+            raise SaveError(f"saved chat {chat_id}'s messages but not its KV cache ({reason(exc)}); it goes on in "
+                            "memory, and opening it rebuilds the cache from the saved messages", chat_id) from None
+        return new
 
     @_disk("rename chat {0}")
     def rename(self, chat_id: int, title: str) -> None:
@@ -269,11 +300,12 @@ class Store:
                 f"chat {chat_id} cannot be opened: {db_why}, and {file_why}; nothing was changed on disk"
             )
         if file_snap is not None and (db_snap is None or file_snap.gen > db_snap.gen):
-            why = db_why or "the last save was interrupted before the database was updated"
+            why = db_why or "the database is older than the state file"
             return file_snap, tensors, why, True, chain
         if file_snap is not None and file_snap.gen == db_snap.gen:
             return db_snap, tensors, None, False, chain if chain.tip == db_snap.checksum() else None
-        return db_snap, None, file_why or "the state file is older than the database", False, None
+        older = "the state file is older than the database (a save stopped before writing it)"
+        return db_snap, None, file_why or older, False, None
 
     @_disk("read chat {0}")
     def transcript(self, chat_id: int) -> Transcript:
@@ -304,6 +336,9 @@ class Store:
                 notices.append(f"{exc}; the chat opens read-only and goes on in memory (not saved)")
         if not read_only:
             self._sweep(chat_id)
+            for path in [self.state_path(chat_id), *segment_paths(self.root / "state", chat_id),
+                         self.locks.path(chat_id)]:
+                make_private(path, 0o600)
         try:
             snap, tensors, why, rows_behind, chain = self._best(chat_id, tensors_too=True)
             if rows_behind:
@@ -366,6 +401,7 @@ class Autosave:
             else:
                 self.store.save_state(self.chat_id, state, tensors)
         except SaveError as exc:
+            self.chat_id = self.chat_id or exc.chat_id  # made, though its K/V was not written
             self.saved = None  # try again at the next turn
             if str(exc) != self.failure:
                 self.failure = str(exc)

@@ -123,16 +123,22 @@ class Database:
     def row(self, chat_id: int) -> sqlite3.Row | None:
         return self.db.execute("SELECT * FROM chats WHERE id=?", (chat_id,)).fetchone()
 
-    def create(self, title: str, settings: dict, first_save: Callable[[int], Snapshot]) -> int:
+    def create(self, title: str, settings: dict, first_save: Callable[[int], Snapshot], above: int = 0) -> int:
         """A new chat's row and its first save's rows in one transaction, with ``first_save(id)``
-        (which writes the state file) in between: a kill at any moment leaves the whole chat or none."""
+        (which takes the chat's lock and returns the snapshot) in between: a kill leaves the whole
+        chat or none. Its id is past every id this database ever gave and past ``above`` (the
+        highest id the data dir's files name), so a database emptied or replaced never hands out
+        the id of a chat whose files are still there."""
         now = time.time()
         with self.transaction() as db:
-            chat_id = db.execute(
-                "INSERT INTO chats (title, created, updated, settings, fingerprint, cache_meta, n_tokens, gen,"
-                " checksum) VALUES (?, ?, ?, ?, '{}', '{}', 0, 0, '')",
-                (title, now, now, json.dumps(settings)),
-            ).lastrowid
+            given = db.execute("SELECT MAX(COALESCE((SELECT seq FROM sqlite_sequence WHERE name='chats'), 0),"
+                               " COALESCE((SELECT MAX(id) FROM chats), 0))").fetchone()[0]
+            chat_id = max(given, above) + 1
+            db.execute(
+                "INSERT INTO chats (id, title, created, updated, settings, fingerprint, cache_meta, n_tokens, gen,"
+                " checksum) VALUES (?, ?, ?, ?, ?, '{}', '{}', 0, 0, '')",
+                (chat_id, title, now, now, json.dumps(settings)),
+            )
             self._rows(db, chat_id, first_save(chat_id), {}, 0)
         return chat_id
 

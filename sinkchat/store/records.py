@@ -14,7 +14,12 @@ FORMAT = 1  # state-file format
 
 
 class SaveError(SinkchatError):
-    """A save failed (read-only dir, full disk...): shown to the user; the chat goes on in memory."""
+    """A save failed (read-only dir, full disk...): shown to the user; the chat goes on in memory.
+    ``chat_id``: the chat a first save made before it failed (its K/V was not written), else None."""
+
+    def __init__(self, message: str, chat_id: int | None = None):
+        super().__init__(message)
+        self.chat_id = chat_id
 
 
 class ChatLocked(SinkchatError):

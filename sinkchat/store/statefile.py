@@ -6,7 +6,8 @@ Layout, in ``state/``::
                               the pristine float32 keys of sinks and parked tokens, the rollback
                               checkpoint's copies, the whole ledger and the snapshot, at generation b
     <id>.<g>.safetensors      segment g (b < g): the K/V of the tokens added since save g-1 that the
-                              window still holds, the ledger tokens and messages added since then,
+                              window still holds (in a hybrid model's sliding layers: that their
+                              rolling native window holds), the ledger tokens and messages added since then,
                               the cache counters, the *head* (every slot before the window, with the
                               pristine keys) if an eviction re-placed it, and the checkpoint's copies
 
@@ -14,7 +15,7 @@ Why: a window token's K/V never changes while it is held (evictions move it betw
 sinks and parked pinned tokens are what get re-rotated, see :mod:`sinkchat.kv.cache`), so the tokens a
 turn added are all a save has to write of the window; what lies before the window is small and
 written whole when it changed, and so are the copies a rollback of the last turn needs
-(:mod:`sinkchat.rewind`), which belong to that save alone. Restoring is the base plus each segment
+(:mod:`sinkchat.kv.rewind`), which belong to that save alone. Restoring is the base plus each segment
 in order: the window's last ``n_win`` tokens are kept (what an eviction dropped is simply not
 taken), the newest head, and the last file's copies. Evicted tokens stay in the files as garbage,
 so the store writes a new base (compaction) when the files hold more than two windows of tokens,
@@ -48,7 +49,7 @@ from .records import FORMAT, Snapshot
 
 MAX_SEGMENTS = 256  # a new base after this many segments, however short the turns
 _LAYER = re.compile(r"(\d+)\.(\w+)")
-STASH = ("stash_k", "stash_v")  # the rollback checkpoint's copies (see SinkCache.state): the last file's alone
+STASH = ("stash_k", "stash_v", "lstash_k", "lstash_v")  # the rollback checkpoint's copies: the last file's alone
 
 
 def tensor_sum(tensors: dict) -> str:
@@ -96,7 +97,7 @@ class Chain:
     def extends(self, snap: Snapshot, tensors: dict) -> str | None:
         """Why ``snap`` (with ``tensors``) cannot be written as a segment after this chain, or None."""
         old, new = self.snap.meta, snap.meta
-        if any(old.get(k) != new.get(k) for k in ("sinks", "window", "n_sink", "base")):
+        if any(old.get(k) != new.get(k) for k in ("sinks", "window", "n_sink", "base")) or local(old) != local(new):
             return "the cache geometry changed or a rebase re-rotated the keys"
         if self.snap.fingerprint != snap.fingerprint or layout(tensors) != self.layout:
             return "the model or the K/V layout changed"
@@ -122,26 +123,42 @@ def head(meta: dict) -> int:
     return meta.get("n_sink", 0) + run_tokens(meta.get("parked", []))
 
 
+def local(meta: dict) -> tuple[int | None, list[int]]:
+    """A hybrid model's sliding layers: ``(native window, layer indices)``, or ``(None, [])``."""
+    found = meta.get("local") or {}
+    return found.get("window"), list(found.get("layers", []))
+
+
+def held(meta: dict, layer: int) -> tuple[int, int]:
+    """``(head slots, window tokens)`` layer ``layer`` holds: a sliding layer has no head, and holds
+    its own count of the newest tokens."""
+    if layer in local(meta)[1]:
+        return 0, meta["local"]["held"]
+    return head(meta), meta["n_win"]
+
+
 def layout(tensors: dict) -> dict:
     """Each K/V tensor's dtype and shape apart from the token axis (what a segment must match)."""
     return {k: (str(t.dtype), tuple(t.shape[:-2]), t.shape[-1]) for k, t in tensors.items() if k[-2:] in (".k", ".v")}
 
 
-def _save(path: Path, tensors: dict, header: dict, fault_point: str) -> None:
+def _save(path: Path, tensors: dict, header: dict, fault_point: str, overwrite: bool = True) -> None:
     from safetensors.torch import save
 
     header = {**header, "tensor_sum": tensor_sum(tensors)}
-    write_atomic(path, save(tensors, metadata={"sinkchat": json.dumps(header)}), fault_point=fault_point)
+    write_atomic(path, save(tensors, metadata={"sinkchat": json.dumps(header)}), overwrite=overwrite,
+                 fault_point=fault_point)
 
 
-def write_state(path: Path, snap: Snapshot, tensors: dict) -> Chain:
-    """Atomically replace the base ``path``; ``OSError`` on failure. Returns the chain it starts."""
+def write_state(path: Path, snap: Snapshot, tensors: dict, overwrite: bool = True) -> Chain:
+    """Atomically replace the base ``path`` (or, without ``overwrite``, create it: ``FileExistsError``
+    if it is there); ``OSError`` on failure. Returns the chain it starts."""
     import torch
 
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     kv = layout(tensors)
     tensors["ledger"] = torch.tensor(snap.tokens, dtype=torch.int64)
-    _save(path, tensors, {**snap.header(), "ledger_sum": snap.checksum()}, "state-temp")
+    _save(path, tensors, {**snap.header(), "ledger_sum": snap.checksum()}, "state-temp", overwrite)
     return Chain(snap, snap.checksum(), kv, snap.meta.get("n_win", 0))
 
 
@@ -154,21 +171,26 @@ def write_segment(path: Path, chain: Chain, snap: Snapshot, tensors: dict, keep:
     meta, old = snap.meta, chain.snap
     n_old, n_head, win_start = len(old.tokens), head(meta), meta["seen"] - meta["n_win"]
     first = max(n_old, win_start)  # new tokens an eviction already dropped are not written
-    slot = n_head + first - win_start
+    first_local = max(n_old, meta["seen"] - meta["local"]["held"]) if local(meta)[1] else None
     # an eviction re-rotated the sinks and parked tokens, or changed which tokens are parked
     moved = (win_start, meta.get("parked", [])) != (old.meta["seen"] - old.meta["n_win"], old.meta.get("parked", []))
     out = {}
     for name, t in tensors.items():
         i, _, part = name.partition(".")
+        sliding = i.isdigit() and int(i) in local(meta)[1]
         if part in ("k", "v"):
+            n_layer_head, n_layer_win = held(meta, int(i))
+            slot = n_layer_head + (first_local if sliding else first) - (meta["seen"] - n_layer_win)
             out[name] = t[:, :, slot:].detach().cpu().contiguous()
-            if moved:
+            if moved and not sliding:
                 out[f"{i}.h{part}"] = t[:, :, :n_head].detach().cpu().contiguous()
         elif moved or part in STASH:
             out[name] = t.detach().cpu().contiguous()
     out["ledger"] = torch.tensor(snap.tokens[n_old:], dtype=torch.int64)
-    header = {**snap.header(keep), "segment": {"prev": chain.tip, "n_prev": n_old, "keep": keep, "first": first},
-              "ledger_sum": snap.checksum()}
+    segment = {"prev": chain.tip, "n_prev": n_old, "keep": keep, "first": first}
+    if first_local is not None:
+        segment["first_local"] = first_local
+    header = {**snap.header(keep), "segment": segment, "ledger_sum": snap.checksum()}
     _save(path, out, header, "segment-temp")
     stored = chain.stored + meta["seen"] - first + (n_head if moved else 0)
     return Chain(snap, snap.checksum(), chain.layout, stored, chain.segments + 1)
@@ -231,11 +253,11 @@ def read_chain(state_dir: Path, chat_id: int, tensors: bool = True) -> tuple[Cha
     framework, only = ("pt", None) if tensors else ("numpy", "ledger")
     header, data = _read(base_path(state_dir, chat_id), framework, "the state file", only)
     snap = _snapshot(header, data.pop("ledger").tolist(), "the state file")
-    n_head = head(snap.meta) if snap.tokens else 0
     layers = _layers(data)
     chain = Chain(snap, header["ledger_sum"], layout(data), snap.meta.get("n_win", 0))
-    start = snap.meta["seen"] - snap.meta["n_win"] if snap.tokens else 0
-    for parts in layers.values():  # the head, and the window as (first conversation token, K, V) pieces
+    for i, parts in layers.items():  # the head, and the window as (first conversation token, K, V) pieces
+        n_head, n_win = held(snap.meta, i) if snap.tokens else (0, 0)
+        start = snap.meta["seen"] - n_win if snap.tokens else 0
         k, v = parts.pop("k"), parts.pop("v")
         parts["pieces"] = [(start, k[:, :, n_head:], v[:, :, n_head:])]
         parts["hk"], parts["hv"] = k[:, :, :n_head], v[:, :, :n_head]
@@ -253,7 +275,10 @@ def read_chain(state_dir: Path, chat_id: int, tensors: bool = True) -> tuple[Cha
                 raise ValueError(f"{what} is damaged (counters out of range)")
             ledger = old.tokens + data.pop("ledger").tolist()
             snap = _snapshot(header, ledger, what, old, seg["keep"])
+            sliding = local(snap.meta)[1]
+            first_local = max(len(old.tokens), snap.meta["seen"] - snap.meta["local"]["held"]) if sliding else None
             if (snap.gen != gen or any(old.meta.get(k) != snap.meta.get(k) for k in ("sinks", "window", "n_sink"))
+                    or local(old.meta) != local(snap.meta) or seg.get("first_local") != first_local
                     or seg.get("first") != max(len(old.tokens), snap.meta["seen"] - snap.meta["n_win"])):
                 raise ValueError(f"{what} is damaged (it does not fit the base)")
             new = _layers(data)
@@ -264,7 +289,8 @@ def read_chain(state_dir: Path, chat_id: int, tensors: bool = True) -> tuple[Cha
             break
         moved = any("hk" in parts for parts in new.values())
         for i, parts in new.items():
-            pieces = layers[i]["pieces"] + [(seg["first"], parts.pop("k"), parts.pop("v"))]
+            first = seg["first_local"] if i in sliding else seg["first"]
+            pieces = layers[i]["pieces"] + [(first, parts.pop("k"), parts.pop("v"))]
             if "hk" not in parts:  # the head did not change: keep the one before, without its copies
                 parts.update({k: t for k, t in layers[i].items() if k not in STASH})
             layers[i] = {**parts, "pieces": pieces}
@@ -279,9 +305,10 @@ def _assemble(meta: dict, layers: dict) -> dict:
     pristine keys and the checkpoint's copies as they are."""
     import torch
 
-    seen, n_win = meta["seen"], meta["n_win"]
+    seen = meta["seen"]
     out = {}
     for i, parts in sorted(layers.items()):
+        n_win = held(meta, i)[1]
         begin, ks, vs = None, [], []
         for first, k, v in parts["pieces"]:
             end = begin + sum(x.shape[-2] for x in ks) if begin is not None else None

@@ -28,13 +28,13 @@ from ..errors import LoadFailed, SinkchatError
 from ..model import LoadedModel
 from ..settings import Settings
 from ..store import Autosave, Store
-from ..text import clean
 from . import themes
 from .chat_input import ChatInput
 from .chat_screen import ChatScreen, one_line
 from .chats import ChatsScreen
 from .help import HelpScreen, bindings_markdown
 from .messages import SaveFailed
+from .notices import Say
 from .sinks_help import sinks_markdown
 from .store_thread import StoreThread
 
@@ -44,11 +44,12 @@ if TYPE_CHECKING:
 ENDING = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
-class SinkchatApp(App):
+class SinkchatApp(Say, App):
     """``SinkchatApp(settings)`` loads the model itself; tests pass ``loaded=`` to reuse one.
 
     ``store``: the caller's (already holding the resumed chat's lock), else one is opened here;
-    either way the app owns it and closes it on exit. ``resume_id``: the chat to open first.
+    either way the app owns it and closes it on exit. ``no_store``: why the caller could open none
+    (then the app has no store: the chat goes on in memory). ``resume_id``: the chat to open first.
     """
 
     CSS_PATH = "app.tcss"
@@ -61,7 +62,8 @@ class SinkchatApp(App):
     ]
 
     def __init__(self, settings: Settings, loaded: LoadedModel | None = None, store: Store | None = None,
-                 resume_id: int | None = None, notices: Iterable[str] = (), save: bool = True):
+                 resume_id: int | None = None, notices: Iterable[str] = (), save: bool = True,
+                 no_store: str | None = None):
         super().__init__()
         self.settings, self.loaded, self.resume_id, self.saving = settings, loaded, resume_id, save
         self.notices = list(notices) + ([] if save else ["--no-save: nothing of this session is saved"])
@@ -71,10 +73,13 @@ class SinkchatApp(App):
         self.store: StoreThread | None = None
         self.autosave: Autosave | None = None
         self._shown_id: int | None = None  # the stored chat on screen, when it is not being saved
-        try:
-            self.store = StoreThread(store or Store())
-        except SinkchatError as exc:
-            self.notices.append(f"{exc}; chats are not saved")
+        if no_store is None:
+            try:
+                self.store = StoreThread(store or Store())
+            except SinkchatError as exc:
+                no_store = str(exc)
+        if no_store is not None:
+            self.notices.append(f"{no_store}; chats are not saved")
         self.chat_screen = ChatScreen(settings, loaded)
         self.shipped_themes, self.theme_problems = themes.discover()
         for theme in self.shipped_themes.values():
@@ -88,21 +93,14 @@ class SinkchatApp(App):
     def chat(self) -> Chat | None:
         return self.chat_screen.chat
 
-    def notify(self, message: str, *, title: str = "", severity="information", timeout: float | None = None,
-               markup: bool = True) -> None:
-        """Every notification (from any screen) shows its text clean and never reads it as markup:
-        notices carry titles, paths and chat text."""
-        super().notify(clean(message), title=clean(title, one_line=True), severity=severity, timeout=timeout,
-                       markup=False)
-
     def get_theme_variable_defaults(self) -> dict[str, str]:
         return dict(themes.GAUGE_DEFAULTS)  # Textual's built-in themes lack the gauge colours
 
     def on_mount(self) -> None:
         for problem in self.theme_problems:
-            self.notify(problem.text(), title="Theme file", severity="error", timeout=20)
+            self.say(problem.text(), title="Theme file", severity="error", timeout=20)
         for notice in self.notices:
-            self.notify(notice, severity="warning", timeout=20)
+            self.say(notice, severity="warning", timeout=20)
         self.theme_changed_signal.subscribe(self, self._remember_theme)
         loop = asyncio.get_running_loop()
         for sig in ENDING:  # SIGTERM or a closed terminal: quit as Ctrl+Q does (the chat is saved)
@@ -148,7 +146,7 @@ class SinkchatApp(App):
     @on(SaveFailed)
     def _save_failed(self, msg: SaveFailed) -> None:
         if self.is_running:
-            self.notify(msg.text, title="Not saved", severity="error", timeout=15)
+            self.say(msg.text, title="Not saved", severity="error", timeout=15)
         else:
             self.exit_notes.append(msg.text)
 
@@ -186,8 +184,8 @@ class SinkchatApp(App):
         await self._leave_chat()
         try:
             chat = Chat(self.loaded, self.settings)
-        except SinkchatError as exc:  # the final cache geometry (a system prompt kept whole) does not fit
-            await self.chat_screen.load_failed(str(exc))
+        except SinkchatError as exc:  # the cache does not fit the system prompt (or a system prompt kept whole)
+            await self.chat_screen.load_failed(str(exc), "start a chat")
             return
         self._follow(chat, None)
         await self.chat_screen.show(chat)
@@ -216,12 +214,12 @@ class SinkchatApp(App):
         try:  # on the store thread: a damaged or foreign state file means re-prefilling the window
             chat, notices = await self.store.call(restore)
         except Exception as exc:  # one line on screen, never a traceback
-            self.notify(f"cannot open chat {chat_id}: {one_line(exc)}", severity="error", timeout=15)
+            self.say(f"cannot open chat {chat_id}: {one_line(exc)}", severity="error", timeout=15)
             return False
         self._follow(chat, chat_id)
         await self.chat_screen.show(chat)
         for notice in notices:
-            self.notify(notice, title="Resumed", timeout=10)
+            self.say(notice, title="Resumed", timeout=10)
         return True
 
     @on(ChatsScreen.Open)
@@ -239,9 +237,9 @@ class SinkchatApp(App):
                 await self.new_chat()
             await self.store.call(lambda store: store.delete(msg.chat_id))
         except Exception as exc:
-            self.notify(f"cannot delete chat {msg.chat_id}: {one_line(exc)}", severity="error", timeout=15)
+            self.say(f"cannot delete chat {msg.chat_id}: {one_line(exc)}", severity="error", timeout=15)
             return
-        self.notify(f"deleted chat {msg.chat_id}", timeout=3)
+        self.say(f"deleted chat {msg.chat_id}", timeout=3)
         if isinstance(self.screen, ChatsScreen):
             await self.screen.reload()
 
@@ -257,14 +255,14 @@ class SinkchatApp(App):
         if names:
             nxt = names[(names.index(self.theme) + 1) % len(names)] if self.theme in names else names[0]
             self.theme = nxt
-            self.notify(f"theme: {nxt}", timeout=2)
+            self.say(f"theme: {nxt}", timeout=2)
 
     def _remember_theme(self, theme) -> None:
         try:
             if config.load_config().get("theme") != theme.name:
                 config.save_config_value("theme", theme.name)
         except (SinkchatError, OSError) as exc:
-            self.notify(f"could not remember the theme: {one_line(exc)}", severity="warning")
+            self.say(f"could not remember the theme: {one_line(exc)}", severity="warning")
 
     def action_help(self) -> None:
         if not isinstance(self.screen, HelpScreen):
@@ -318,12 +316,15 @@ def check_theme(name: str) -> None:
 
 
 def run(settings: Settings, store: Store | None, resume_id: int | None = None, notices: Iterable[str] = (),
-        save: bool = True) -> int | None:
+        save: bool = True, no_store: str | None = None) -> int | None:
     """Run the TUI until the user quits; returns the id the chat was saved as (None: not saved).
 
     Raises :class:`LoadFailed` (exit code 1) when the model could not be loaded on screen.
     """
-    app = SinkchatApp(settings, store=store, resume_id=resume_id, notices=notices, save=save)
+    from .typeahead import typed_ahead
+
+    app = SinkchatApp(settings, store=store, resume_id=resume_id, notices=notices, save=save, no_store=no_store)
+    app.chat_screen.typed = typed_ahead()  # read last, just before the screen takes the terminal
     app.run()
     for note in app.exit_notes:
         print(f"sinkchat: {note}", file=sys.stderr)

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from textual import on, work
+from textual import events, on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical
@@ -36,11 +36,14 @@ from .chat_input import ChatInput
 from .footer import Footer
 from .gauge import CacheGauge
 from .header import ChatHeader
+from .notices import Say
 from .steer_keys import SteerKeys
 from .transcript import Entry, MessageView, Transcript
 
 if TYPE_CHECKING:  # the engine (and torch) load in the worker, after the screen is up
-    from ..engine import Chat, Done
+    from collections.abc import Iterator
+
+    from ..engine import Chat, Done, Event
 
 
 def one_line(exc: BaseException) -> str:
@@ -70,7 +73,7 @@ class Finished(Message):
     error: str | None = None
 
 
-class ChatScreen(SteerKeys, Screen):
+class ChatScreen(Say, SteerKeys, Screen):
     BINDINGS = [
         Binding("escape", "stop", "Stop"),
         Binding("ctrl+n", "new_chat", "New chat"),
@@ -112,6 +115,9 @@ class ChatScreen(SteerKeys, Screen):
         self._confirmed = ""  # a message over the window the user was warned about (Enter again sends)
         self._worker: Worker | None = None
         self.editing: int | None = None  # the index of the user message the box is replacing (F2)
+        self.turn_from = 0  # the first message the turn being generated may change
+        self.pin_next = False  # the message in the box is sent pinned (Ctrl+L with no message selected)
+        self.typed: tuple[str, bool] = ("", False)  # typed before the screen started, and whether Enter was
 
     def compose(self) -> ComposeResult:
         yield ChatHeader()
@@ -119,17 +125,33 @@ class ChatScreen(SteerKeys, Screen):
             with Vertical(id="loading"):
                 yield LoadingIndicator()
                 yield Label("loading the model…", classes="status", markup=False)
-        yield CacheGauge(Occupancy(0, 0, self.settings.window, self.settings.sinks, 0, 0),
+        yield CacheGauge(Occupancy(0, 0, self.settings.window, self.settings.sinks_for(), 0, 0),
                          turns=self.settings.evict == "turns")
         yield ChatInput()
         yield Footer()
 
     def on_mount(self) -> None:
-        self.query_one(ChatInput).focus()  # typing starts at once; a message sent early is queued
+        box = self.query_one(ChatInput)
+        box.focus()  # typing starts at once; a message sent early is queued
+        text, sent = self.typed
+        if text:  # typed while sinkchat started: in the box, as if typed there
+            box.insert(text)
+            if sent:
+                box.action_send()
         if self.loaded is not None:
             self.post_message(self.ModelLoaded(self.loaded))
         else:
             self.load_model()
+
+    def on_key(self, event: events.Key) -> None:
+        """A character that reached the screen, not the box (it arrived before the box had the
+        focus, or with the transcript focused; the box stops every one it inserts), goes into the
+        box, which takes the focus."""
+        if event.is_printable and event.character:
+            event.stop()
+            box = self.query_one(ChatInput)
+            box.focus()
+            box.insert(event.character)
 
     def on_screen_resume(self) -> None:
         self.query_one(ChatInput).focus()  # back from help, the chat list or a dialog: type on
@@ -152,9 +174,10 @@ class ChatScreen(SteerKeys, Screen):
     def loading_status(self, message: str) -> None:
         self.query_one("#loading .status", Label).update(clean(message))
 
-    async def load_failed(self, message: str) -> None:
+    async def load_failed(self, message: str, what: str = "load the model") -> None:
+        """Say on screen why there can be no chat (the model, or a chat the settings do not fit)."""
         self.app.load_error = message
-        self.loading_status(f"Could not load the model: {message}\n\nPress ctrl+q to quit.")
+        self.loading_status(f"Could not {what}: {message}\n\nPress ctrl+q to quit.")
         box = self.query_one("#loading")
         await box.query(LoadingIndicator).remove()
         box.add_class("-failed")
@@ -194,8 +217,9 @@ class ChatScreen(SteerKeys, Screen):
         box.focus()
         self._count_tokens()
         if self.queued is not None:
-            text, self.queued = self.queued, None
-            await self._send(text)
+            (text, self.queued), (pin, self.pin_next) = (self.queued, None), (self.pin_next, False)
+            self.title_box()
+            await self._send(text, pin=pin)
 
     def replying(self) -> bool:
         """Whether a generation worker is running (the chat is then mid-step, not to be saved)."""
@@ -221,13 +245,13 @@ class ChatScreen(SteerKeys, Screen):
     async def on_chat_input_submitted(self, event: ChatInput.Submitted) -> None:
         box = self.query_one(ChatInput)
         if self.generating:
-            self.notify("wait for the reply, or press Esc to stop it; your message stays in the box",
-                        severity="warning")
+            self.say("wait for the reply, or press Esc to stop it; your message stays in the box",
+                     severity="warning")
             return
         if self.chat is None:
             if self.queued is not None or self.app.load_error:
-                self.notify("a message is already waiting for the model; this one stays in the box",
-                            severity="warning")
+                self.say("a message is already waiting for the model; this one stays in the box",
+                         severity="warning")
                 return
             self.queued = event.text  # shown as queued; sent when the chat is ready
             box.clear()
@@ -236,25 +260,39 @@ class ChatScreen(SteerKeys, Screen):
         tokens = len(self.chat.encode(event.text))
         if tokens > self.chat.cache.window - self.chat.cache.pinned_count() and self._confirmed != event.text:
             self._confirmed = event.text
-            self.notify(f"This message is {tokens} tokens, more than the {self.chat.cache.window}-token window: "
-                        "the model will keep only its end. Press Enter again to send it.",
-                        title="Longer than the window", severity="warning", timeout=15)
+            self.say(f"This message is {tokens} tokens, more than the {self.chat.cache.window}-token window: "
+                     "the model will keep only its end. Press Enter again to send it.",
+                     title="Longer than the window", severity="warning", timeout=15)
             return
+        pin, self.pin_next = self.pin_next, False
+        if pin:
+            try:
+                self.chat.check_pin(event.text)
+            except SinkchatError as exc:  # the message stays in the box, still marked to be pinned
+                self.pin_next = True
+                self.say(str(exc), title="Not sent", severity="warning", timeout=10)
+                return
         box.clear()
         if self.editing is not None:
-            await self.resend(self.editing, event.text)
+            await self.resend(self.editing, event.text, pin)
             return
-        await self._send(event.text)
+        self.title_box()
+        await self._send(event.text, pin=pin)
 
-    async def _send(self, text: str, rollback: bool = False) -> None:
+    async def _send(self, text: str, rollback: bool = False, pin: bool = False) -> None:
         transcript = self.query_one(Transcript)
         await transcript.jump_end()  # sending is coming back to the newest text
+        self.turn_from = max(0, len(transcript.entries) - 1)  # the turn's messages (a first turn's system one too)
         await transcript.add("user", text)
         self.reply_view = await transcript.add("assistant")
         transcript.streaming = self.generating = True
-        self._worker = self.generate(self.chat, text, rollback)
+        events = self.chat.submit(text, pin)  # here, not in the worker: an Esc from now on stops the turn
+        self._worker = self.generate(self.chat, events, rollback)
 
     def on_text_area_changed(self, event: ChatInput.Changed) -> None:
+        if self.pin_next and not self.query_one(ChatInput).text.strip():  # the mark goes with the text
+            self.pin_next = False
+            self.title_box()
         self._count_tokens()
 
     def _count_tokens(self) -> None:
@@ -271,24 +309,27 @@ class ChatScreen(SteerKeys, Screen):
                                if over else f"{tokens} of {window} tokens")
 
     @work(thread=True, exclusive=True, group="generate", exit_on_error=False)
-    def generate(self, chat: Chat, text: str, rollback: bool = False) -> None:
-        """Consume the engine's events; post batched text and cache numbers to the UI. ``rollback``:
-        take back the last turn first (regenerate, edit)."""
-        from ..engine import Done, Evicted, Stats, TokenText
+    def generate(self, chat: Chat, events: Iterator[Event], rollback: bool = False) -> None:
+        """Consume the engine's events (a :meth:`Chat.submit` not yet started); post batched text and
+        cache numbers to the UI. ``rollback``: take back the last turn first (regenerate, edit)."""
+        from ..engine import Done, Evicted, Notice, Stats, TokenText
 
         pending: list[str] = []
         occupancy, speed, last = None, None, time.perf_counter()
         try:
             notice = chat.rollback() if rollback else None
             if notice:
-                self.app.call_from_thread(self.notify, notice, severity="warning", timeout=10)
-            for event in chat.submit(text):
+                self.app.call_from_thread(self.say, notice, severity="warning", timeout=10)
+            for event in events:
                 if isinstance(event, TokenText):
                     pending.append(event.text)
                 elif isinstance(event, Stats):
                     occupancy, speed = event.occupancy, event.tokens_per_s
                 elif isinstance(event, Evicted):
                     occupancy = chat.occupancy()
+                elif isinstance(event, Notice):  # a message sent pinned, or why it could not be
+                    self.app.call_from_thread(self.say, event.text, severity="warning" if event.refused else
+                                              "information", timeout=8)
                 elif isinstance(event, Done):
                     self.post_message(Streamed(chat, "".join(pending), occupancy, speed))
                     self.post_message(Finished(chat, event))
@@ -316,18 +357,19 @@ class ChatScreen(SteerKeys, Screen):
             return
         view, self.reply_view = self.reply_view, None
         for notice in msg.chat.loaded.take_notices():  # e.g. a compile that fell back to eager
-            self.notify(notice, severity="warning", timeout=10)
+            self.say(notice, severity="warning", timeout=10)
+        self.query_one(Transcript).renote(msg.chat.messages, self.turn_from)  # e.g. a paste read in part
         if view is not None:
             await view.finish()
             if msg.error:
                 view.set_note("error")
-                self.notify(f"generation failed: {msg.error}", severity="error", timeout=15)
+                self.say(f"generation failed: {msg.error}", severity="error", timeout=15)
             elif msg.done.reason != "end":
                 view.set_note(msg.done.reason)
         if msg.done is not None:
             self.last_reply = msg.done.reply
             self.query_one(ChatHeader).tokens_per_s = (
-                msg.done.generated / msg.done.seconds if msg.done.seconds > 0 else None
+                msg.done.generated / msg.done.seconds if msg.done.seconds > 0 and msg.done.generated else None
             )
         self.refresh_gauge(msg.chat.occupancy())
         self.query_one(Transcript).streaming = self.generating = False  # only now: the turn is fully on screen
@@ -375,7 +417,7 @@ class ChatScreen(SteerKeys, Screen):
 
     def action_copy_reply(self) -> None:
         if not self.last_reply:
-            self.notify("no reply to copy yet", severity="warning")
+            self.say("no reply to copy yet", severity="warning")
             return
         self.app.copy_to_clipboard(self.last_reply)
-        self.notify(f"copied the last reply ({len(self.last_reply)} characters)", timeout=3)
+        self.say(f"copied the last reply ({len(self.last_reply)} characters)", timeout=3)

@@ -21,6 +21,7 @@ from textual.widgets import DataTable, Input, Label
 from ..store import ChatInfo
 from ..text import clean
 from .footer import Footer
+from .notices import Say
 
 
 class ConfirmDelete(ModalScreen[bool]):
@@ -41,7 +42,7 @@ class ConfirmDelete(ModalScreen[bool]):
         self.dismiss(yes)
 
 
-class ChatsScreen(Screen):
+class ChatsScreen(Say, Screen):
     BINDINGS = [
         Binding("escape", "back", "Back"),
         Binding("enter", "open", "Open", priority=True),
@@ -114,14 +115,14 @@ class ChatsScreen(Screen):
     def action_open(self) -> None:
         info = self.selected()
         if info is None:
-            self.notify("no chat selected", severity="warning")
+            self.say("no chat selected", severity="warning")
             return
         self.post_message(self.Open(info.id))
 
     def action_delete(self) -> None:
         info = self.selected()
         if info is None:
-            self.notify("no chat selected", severity="warning")
+            self.say("no chat selected", severity="warning")
             return
 
         def answered(yes: bool | None) -> None:

@@ -15,9 +15,9 @@ from rich.text import Text
 from textual.reactive import reactive
 from textual.widget import Widget
 
-from ..ledger import Message, Occupancy, describe_span, spans, streaming_through
+from ..ledger import PINNED, Message, Occupancy, describe_span, name, partial_of, spans, streaming_through
 
-SINK, PINNED, WINDOW, FREE = "▓", "▒", "█", "░"
+SINK, WINDOW, FREE = "▓", "█", "░"
 
 
 class CacheGauge(Widget):
@@ -32,19 +32,23 @@ class CacheGauge(Widget):
         super().__init__(**kwargs)
         self.occupancy, self.turns = occupancy, turns
         self.messages: list[Message] = []
+        self._height = 0  # lines at the last show()
 
     def show(self, occupancy: Occupancy, messages: list[Message]) -> None:
-        """New numbers; a relayout (the costly part of a redraw) only when the span list changes."""
-        before = self.line_count()
+        """New numbers; a relayout (the costly part of a redraw) only when the gauge's height changes."""
         self.occupancy, self.messages = occupancy, messages
-        self.refresh(layout=self.line_count() != before)
+        before, self._height = self._height, self.line_count()
+        self.refresh(layout=self._height != before)
 
-    def line_count(self) -> int:
-        """Lines the gauge draws (no line wraps), so its height is known without a layout pass."""
-        if not self.details:
-            return 2
-        n = len(spans(self.occupancy))
-        return 2 + (min(n, self.MAX_SPANS) + (n > self.MAX_SPANS) if n else 1) + bool(self.streaming())
+    def line_count(self, width: int | None = None) -> int:
+        """Lines the gauge draws at ``width`` (its own by default): each line of it is flowed to the width."""
+        return len(self._lines(self._width() if width is None else width))
+
+    def get_content_height(self, container, viewport, width: int) -> int:
+        return self.line_count(width)
+
+    def _width(self) -> int:
+        return max(10, self.content_size.width)
 
     def summary(self) -> str:
         """``sinks 4 · window 57 of 64 · seen 301 · forgotten 240`` (the numbers a user reads;
@@ -59,41 +63,71 @@ class CacheGauge(Widget):
         :func:`~sinkchat.ledger.streaming_through`), else ``""``."""
         return streaming_through(self.occupancy, self.messages) if self.turns else ""
 
+    def unread(self) -> str:
+        """What follows "nothing forgotten yet": that the model sees the whole chat, unless it read
+        only part of a message (a long paste stopped with Esc): then which, and how much."""
+        parts = [f"{m.end - m.start} of the {total} tokens of {name(self.messages, i)}"
+                 for i, m in enumerate(self.messages) if (total := partial_of(m.note)) is not None]
+        return f", but the model read only {', '.join(parts)} (stopped)" if parts else (
+            ": the model still sees the whole chat")
+
     def span_lines(self) -> list[str]:
         return [describe_span(s, self.messages) for s in spans(self.occupancy)]
 
     def render(self) -> Text:
+        return Text("\n", no_wrap=True, overflow="ellipsis").join(self._lines(self._width()))
+
+    def _lines(self, width: int) -> list[Text]:
+        """The bar, the counters and (with ``details``) what the model read and forgot, each flowed
+        to ``width`` (at 80 columns nothing is cut: a counter or a span's part moves to the next line)."""
         o = self.occupancy
         style = self.get_component_rich_style
-        label = style("gauge--label")
-        width = max(10, self.size.width - 2)
+        label, gone = style("gauge--label"), style("gauge--evicted")
         total = max(1, o.sink_capacity + o.window_capacity)
         n_sink = max(round(width * o.sinks / total), 1 if o.sinks else 0)
         n_pin = max(round(width * o.pinned / total), 1 if o.pinned else 0)
         n_win = max(round(width * o.window / total), 1 if o.window else 0)
-        n_free = max(0, width - n_sink - n_pin - n_win)
-        text = Text(no_wrap=True, overflow="ellipsis")
-        text.append(SINK * n_sink, style("gauge--sink"))
-        text.append(PINNED * n_pin, style("gauge--pinned"))
-        text.append(WINDOW * n_win, style("gauge--window"))
-        text.append(FREE * n_free, style("gauge--free"))
-        text.append("\n")
-        text.append(f"{SINK} ", style("gauge--sink")).append(f"sinks {o.sinks}", label).append(" · ", label)
+        bar = Text()
+        for glyph, n, part in ((SINK, n_sink, "sink"), (PINNED, n_pin, "pinned"), (WINDOW, n_win, "window"),
+                               (FREE, max(0, width - n_sink - n_pin - n_win), "free")):
+            bar.append(glyph * n, style(f"gauge--{part}"))
+        counters = [Text.assemble((f"{SINK} ", style("gauge--sink")), (f"sinks {o.sinks}", label))]
         if o.pinned:
-            text.append(f"{PINNED} ", style("gauge--pinned")).append(f"pinned {o.pinned}", label).append(" · ", label)
-        text.append(f"{WINDOW} ", style("gauge--window")).append(f"window {o.window} of {o.window_capacity}", label)
-        text.append(" · ", label).append(f"{FREE} ", style("gauge--free")).append("free", label)
-        text.append(f" · seen {o.seen} · ", label)
-        text.append(f"forgotten {o.evicted}", style("gauge--evicted") if o.evicted else label)
+            counters.append(Text.assemble((f"{PINNED} ", style("gauge--pinned")), (f"pinned {o.pinned}", label)))
+        counters += [Text.assemble((f"{WINDOW} ", style("gauge--window")),
+                                   (f"window {o.window} of {o.window_capacity}", label)),
+                     Text.assemble((f"{FREE} ", style("gauge--free")), ("free", label)),
+                     Text(f"seen {o.seen}", label), Text(f"forgotten {o.evicted}", gone if o.evicted else label)]
+        lines = [bar, *flow(counters, Text(" · ", label), width)]
         if self.details:
-            if self.streaming():
-                text.append("\n⇶ ", style("gauge--evicted")).append(self.streaming(), label)
-            lines = self.span_lines()
-            if not lines:
-                text.append("\nnothing forgotten yet: the model still sees the whole chat", label)
-            older = len(lines) - self.MAX_SPANS
-            if older > 0:
-                text.append(f"\n… {older} older forgotten span(s)", label)
-            for line in lines[-self.MAX_SPANS:]:
-                text.append("\n✂ forgot ", style("gauge--evicted")).append(line)
-        return text
+            for note in o.notes():
+                lines += flow(words(Text.assemble(("◐ ", label), (note, label))), Text(" "), width)
+            if streaming := self.streaming():
+                lines += flow(words(Text.assemble(("⇶ ", gone), (streaming, label))), Text(" "), width)
+            spans = self.span_lines()
+            if not spans:
+                lines += flow(words(Text("nothing forgotten yet" + self.unread(), label)), Text(" "), width)
+            if len(spans) > self.MAX_SPANS:
+                lines.append(Text(f"… {len(spans) - self.MAX_SPANS} older forgotten span(s)", label))
+            for span in spans[-self.MAX_SPANS:]:
+                lines += flow(words(Text.assemble(("✂ forgot ", gone), span)), Text(" "), width)
+        return lines
+
+
+def words(text: Text) -> list[Text]:
+    """``text`` cut at its spaces (styles kept), for :func:`flow`."""
+    return [word for word in text.split(" ") if word.plain]
+
+
+def flow(units: list[Text], sep: Text, width: int, indent: str = "  ") -> list[Text]:
+    """``units`` joined by ``sep`` into lines of at most ``width`` cells, broken only between units;
+    lines after the first are indented. A unit wider than a line gets a line of its own."""
+    lines = [Text()]
+    for unit in units:
+        line = lines[-1]
+        if line.plain.strip() and line.cell_len + sep.cell_len + unit.cell_len > width:
+            lines.append(line := Text(indent))
+        elif line.plain.strip():
+            line.append_text(sep)
+        line.append_text(unit)
+    return lines

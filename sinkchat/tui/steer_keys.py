@@ -1,11 +1,14 @@
 """The chat screen's keys for steering the model's memory: select a message, pin or unpin it,
-regenerate the last reply, edit the last message. Part of :class:`~sinkchat.tui.chat_screen.ChatScreen`.
+send a message pinned, regenerate the last reply, edit the last message. Part of
+:class:`~sinkchat.tui.chat_screen.ChatScreen`.
 
 Alt+Up/Down move a highlight over the messages on screen; Ctrl+L pins or unpins the highlighted
-one (Ctrl+P is the command palette). F5 regenerates the last reply; F2 puts the last message back
-in the box, and sending it replaces that message and its reply (Esc cancels). The engine takes the
-last turn back (:meth:`Chat.rollback`) in the generation worker, so a cache that has to be
-re-prefilled never freezes the screen. Every refusal is one notification line.
+one (Ctrl+P is the command palette), or, with none highlighted, marks the message in the box to be
+pinned as it is sent (before its own reply can evict it). F5 regenerates the last reply; F2 puts
+the last message back in the box, and sending it replaces that message and its reply (Esc
+cancels); a pinned message stays pinned either way. The engine takes the last turn back
+(:meth:`Chat.rollback`) in the generation worker, so a cache that has to be re-prefilled never
+freezes the screen. Every refusal is one notification line.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ class SteerKeys:
         Binding("alt+up", "select(-1)", "Select the previous message", key_display="alt+↑", show=False,
                 priority=True),
         Binding("alt+down", "select(1)", "Select the next message", key_display="alt+↓", show=False, priority=True),
-        Binding("ctrl+l", "pin", "Pin / unpin the selected message (the model keeps it)", show=False, priority=True),
+        Binding("ctrl+l", "pin", "Pin / unpin the selected message, or send the one typed pinned (the model "
+                "keeps it)", show=False, priority=True),
         Binding("f5", "regenerate", "Regenerate the last reply", show=False, priority=True),
         Binding("f2", "edit_last", "Edit the last message and send it again", show=False, priority=True),
     ]
@@ -33,10 +37,10 @@ class SteerKeys:
     def _steerable(self, what: str) -> bool:
         """Whether the chat can be changed now; a one-line notification if not."""
         if self.chat is None:
-            self.notify(f"the model is still loading; {what} once it is ready", severity="warning")
+            self.say(f"the model is still loading; {what} once it is ready", severity="warning")
             return False
         if self.generating:
-            self.notify(f"wait for the reply (or press Esc to stop it), then {what}", severity="warning")
+            self.say(f"wait for the reply (or press Esc to stop it), then {what}", severity="warning")
             return False
         return True
 
@@ -47,29 +51,37 @@ class SteerKeys:
         try:
             return self.chat.last_user()
         except SinkchatError:
-            self.notify(none_yet, severity="warning")
+            self.say(none_yet, severity="warning")
             return None
 
     def action_select(self, step: int) -> None:
         if self.query_one(Transcript).select(step) is None:
-            self.notify("no message to select yet", severity="warning")
+            self.say("no message to select yet", severity="warning")
 
     def action_pin(self) -> None:
-        """Pin or unpin the highlighted message; the chat is saved as after a turn."""
+        """Pin or unpin the highlighted message (the chat is saved as after a turn); with none
+        highlighted, send the message being typed pinned (pressed again: not)."""
+        index = self.query_one(Transcript).selected
+        if index is None and self.query_one(ChatInput).text.strip():
+            self.pin_next = not self.pin_next
+            self.title_box()
+            self.say("this message will be pinned as it is sent: the model keeps it" if self.pin_next else
+                     "this message will be sent unpinned", timeout=4)
+            return
         if not self._steerable("pin a message"):
             return
-        index = self.query_one(Transcript).selected
         if index is None:
-            self.notify("select a message first (alt+↑ / alt+↓), then press ctrl+l to pin it", severity="warning")
+            self.say("select a message first (alt+↑ / alt+↓) and press ctrl+l to pin it, or type one and press "
+                     "ctrl+l to send it pinned", severity="warning")
             return
         chat = self.chat
         try:
             pinned = index < len(chat.messages) and chat.is_pinned(chat.messages[index])
             line = chat.unpin(index) if pinned else chat.pin(index)
         except SinkchatError as exc:
-            self.notify(str(exc), severity="warning", timeout=8)
+            self.say(str(exc), severity="warning", timeout=8)
             return
-        self.notify(line, timeout=5)
+        self.say(line, timeout=5)
         self.refresh_gauge(chat.occupancy())
         self.post_message(self.TurnEnded(chat))  # saved like a turn: pins survive a resume
 
@@ -87,19 +99,25 @@ class SteerKeys:
         box = self.query_one(ChatInput)
         box.text = self.chat.messages[index].content
         box.move_cursor(box.document.end)
-        box.border_title = f"editing #{index + 1}: Enter replaces it and its reply, Esc cancels"
         self.editing = index
+        self.title_box()
         box.focus()
 
     def cancel_edit(self) -> None:
-        box = self.query_one(ChatInput)
-        box.clear()
-        box.border_title = ""
-        self.editing = None
+        self.query_one(ChatInput).clear()
+        self.editing, self.pin_next = None, False
+        self.title_box()
 
-    async def resend(self, index: int, text: str) -> None:
+    def title_box(self) -> None:
+        """The message box's title: what sending it will do (replace a message, pin it)."""
+        parts = [f"editing #{self.editing + 1}: Enter replaces it and its reply, Esc cancels"] if (
+            self.editing is not None) else []
+        parts += ["▒ sent pinned (ctrl+l: not)"] if self.pin_next else []
+        self.query_one(ChatInput).border_title = " · ".join(parts)
+
+    async def resend(self, index: int, text: str, pin: bool = False) -> None:
         """Replace the turn from message ``index`` on with ``text`` and its new reply."""
         self.editing = None
-        self.query_one(ChatInput).border_title = ""
+        self.title_box()
         await self.query_one(Transcript).truncate(index)
-        await self._send(text, rollback=True)
+        await self._send(text, rollback=True, pin=pin)

@@ -27,10 +27,9 @@ from textual.reactive import reactive
 from textual.widget import Widget
 from textual.widgets import Markdown, Static
 
-from ..ledger import NOTE_LABEL, ROLE_NAME, Memory, Message, Span, forgotten_count, memory
+from ..ledger import Memory, Message, Span, forgotten_count, label, memory
 from ..text import clean
 
-PINNED = "▒"  # the gauge's glyph for pinned tokens
 KeptFrom = Callable[[Message, int], "tuple[str, int] | None"]
 Pinned = Callable[[Message], bool]
 
@@ -82,24 +81,7 @@ class MessageView(Vertical):
             yield Static(clean(self.content), classes="body", markup=False)
 
     def _label(self) -> str:
-        parts = [f"#{self.index + 1} {ROLE_NAME.get(self.role, self.role)}"]
-        if self.note:
-            parts.append(f"[{NOTE_LABEL.get(self.note, self.note)}]")
-        if self.pinned:
-            parts.append(f"{PINNED} pinned: the model keeps it")
-        m = self.memory
-        if m is not None and m.forgotten:
-            parts.append(f"⊘ forgotten: the model no longer holds any of its {m.tokens} tokens")
-        elif m is not None and m.partly:
-            where = ""
-            if self.kept_from is not None:
-                words, paragraph = self.kept_from
-                where = f", kept from “{clean(words, one_line=True)}…”"
-                where += f" (paragraph {paragraph})" if paragraph > 1 else ""
-            elif m.cut is None:  # the evicted run ends the message: its start is what stays (the sinks)
-                where = f", its first {m.tokens - m.evicted} stay as attention sinks"
-            parts.append(f"✂ {m.evicted} of {m.tokens} tokens forgotten{where}")
-        return "  ".join(parts)
+        return clean(label(self.index, self.role, self.note, self.memory, self.pinned, self.kept_from), one_line=True)
 
     def set_memory(self, mem: Memory, kept_from: tuple[str, int] | None = None, pinned: bool = False) -> None:
         self.memory, self.kept_from, self.pinned = mem, kept_from, pinned
@@ -172,10 +154,24 @@ class Transcript(VerticalScroll):
         return view
 
     async def reset(self, entries: list[Entry]) -> None:
-        """Show a chat's entries: only the newest ``MOUNTED`` become widgets, in one layout pass."""
+        """Show a chat's entries: only the newest ``MOUNTED`` become widgets, in one layout pass.
+        Nothing of the chat shown before carries over (its eviction marks, the selection): the
+        caller marks the new chat's views with :meth:`mark`."""
         self.entries = list(entries)
+        self._messages, self._spans, self.selected = [], [], None
         await self._remount(max(0, len(self.entries) - self.MOUNTED), len(self.entries))
         self.anchor()
+
+    def renote(self, messages: list[Message], since: int) -> None:
+        """Take the engine's notes of ``messages[since:]`` (a turn's end: a paste the model read only
+        part of, a reply stopped), on the views mounted and the entries that are not."""
+        for i in range(since, min(len(self.entries), len(messages))):
+            if self.entries[i].note != messages[i].note:
+                view = self.view_of(i)
+                if view is not None:
+                    view.set_note(messages[i].note)
+                else:
+                    self.entries[i].note = messages[i].note
 
     def view_of(self, index: int) -> MessageView | None:
         return next((v for v in self.views if v.index == index), None)

@@ -3,8 +3,8 @@
 A family module defines one :class:`Family`: the ``model_type`` values of ``config.json`` it serves,
 its :class:`Block` (what one decoder layer computes, as data the fast loop reads), and the few rules
 that differ between its members (which projections carry a bias, when a native sliding window is in
-use). :func:`family_of` is the one registry; :func:`sinkchat.model.fast.supported` is the one gate
-that decides fast path or transformers from it.
+use, what config values the fast loop does not serve). :func:`family_of` is the one registry;
+:func:`sinkchat.model.fast.supported` is the one gate that decides fast path or transformers from it.
 
 Adding a family is a new module here, listed in :data:`FAMILIES`, and its tests: a tiny random model
 of it, built in the test, whose fast-path logits equal transformers' forward (``tests/test_fast.py``).
@@ -14,9 +14,11 @@ No torch here: the quick start reads a family before anything heavy is imported.
 from __future__ import annotations
 
 from .base import Block, Family
+from .gemma3 import GEMMA3
 from .llama import LLAMA, MISTRAL, QWEN2
+from .qwen3 import QWEN3
 
-FAMILIES: tuple[Family, ...] = (LLAMA, MISTRAL, QWEN2)
+FAMILIES: tuple[Family, ...] = (LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA3)
 
 __all__ = ["Block", "FAMILIES", "Family", "family_of"]
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .base import Family
+from .qwen3 import windowed_from
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,10 @@ class Qwen2(Family):
     def sliding(self, raw: dict) -> bool:
         return bool(raw.get("use_sliding_window", False))
 
+    def layer_types(self, raw: dict) -> list[str] | None:
+        return windowed_from(raw)
 
-LLAMA = Llama("llama", ("llama",))
-MISTRAL = Mistral("mistral", ("mistral",))
-QWEN2 = Qwen2("qwen2", ("qwen2",))
+
+LLAMA = Llama("llama", ("llama",), quick=True)
+MISTRAL = Mistral("mistral", ("mistral",), quick=True, default_window=4096)
+QWEN2 = Qwen2("qwen2", ("qwen2",), quick=True, default_window=4096)
