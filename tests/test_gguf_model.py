@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from _helpers import one_line_error, run_cli, stand_in
-from sinkchat.bench.ppl import chunk_bos, llama_chunks
+from sinkchat.bench.ppl import llama_chunks
 from sinkchat.bench.stream import Stream, dense_cache
 from sinkchat.kv import SinkCache
 from sinkchat.model import blockkernels, bundled_gguf, gguf_folder, load
@@ -108,24 +108,11 @@ def test_packed_blocks_are_kept_for_the_next_start(tiny_gguf, tmp_path, monkeypa
 
 
 def test_llama_perplexity_chunks():
-    """llama.cpp's chunks: the tokens after BOS cut in whole chunks of ctx, each chunk's first token BOS."""
-    assert llama_chunks(list(range(10, 20)), 4, 1) == [[1, 10, 11, 12], [1, 14, 15, 16]]
+    """llama.cpp's chunks: the text's tokens (BOS first where the model adds one) cut in whole chunks
+    of ctx, each chunk's first token BOS; a model without BOS keeps its tokens as they are."""
+    assert llama_chunks([1, *range(10, 20)], 4, 1) == [[1, 10, 11, 12], [1, 14, 15, 16]]
     assert llama_chunks(list(range(10, 20)), 4, None) == [[10, 11, 12, 13], [14, 15, 16, 17]]
     assert llama_chunks([5, 6], 4, None) == []
-
-
-class _Tokenizer:
-    bos_token_id = 7
-
-    def __init__(self, adds: bool):
-        self.adds = adds
-
-    def __call__(self, text, add_special_tokens=True):
-        return {"input_ids": ([7] if self.adds and add_special_tokens else []) + [42]}
-
-
-def test_chunks_start_with_bos_only_where_the_tokenizer_adds_one():
-    assert chunk_bos(_Tokenizer(True)) == 7 and chunk_bos(_Tokenizer(False)) is None
 
 
 def test_bench_ppl_ctx_scores_the_second_half_of_each_chunk(tiny_gguf):
@@ -137,9 +124,11 @@ def test_bench_ppl_ctx_scores_the_second_half_of_each_chunk(tiny_gguf):
     [result] = doc["results"]
     assert result["tokens"] == 3 * 15 and doc["ctx"] == 32  # 3 whole chunks of 32, tokens 16..30 of each
     loaded = load(str(tiny_gguf), quant="none", device="cpu", quick=False)
-    ids = loaded.tokenizer(TEXT * 3, add_special_tokens=False)["input_ids"][:100]
+    ids = loaded.tokenizer(TEXT * 3)["input_ids"][:100]  # as llama.cpp tokenizes it: BOS first where the model adds one
+    bos = loaded.tokenizer.bos_token_id if ids[0] == loaded.tokenizer.bos_token_id else None
     nll = []
-    for chunk in llama_chunks(ids, 32, chunk_bos(loaded.tokenizer)):
+    for a in range(0, 3 * 32, 32):  # llama.cpp's chunks: each one's first token BOS where the model has one
+        chunk = ids[a : a + 32] if bos is None else [bos, *ids[a + 1 : a + 32]]
         with torch.inference_mode():
             out = loaded.model(input_ids=torch.tensor([chunk])).logits[0].float()
         nll += [(torch.logsumexp(out[j], -1) - out[j, chunk[j + 1]]).item() for j in range(16, 31)]

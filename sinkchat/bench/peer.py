@@ -118,9 +118,10 @@ def run_llama_perplexity(binary: Path, gguf: str, text: Path, ctx: int, chunks: 
 def sinkchat_ppl(loaded, ids: list[int], ctx: int, chunks: int, progress) -> dict:
     """sinkchat's dense perplexity on llama-perplexity's chunks of ``ids`` (the text's tokens):
     ``{"ppl": ..., "chunks": [running perplexity after each chunk], "bos": whether chunks start with BOS}``."""
-    from .ppl import PplRun, chunk_bos, llama_chunks, ppl_chunks
+    from . import bos_first
+    from .ppl import PplRun, llama_chunks, ppl_chunks
 
-    bos = chunk_bos(loaded.tokenizer)
+    bos = loaded.tokenizer.bos_token_id if bos_first(loaded.tokenizer) else None
     cut = llama_chunks(ids, ctx, bos)[:chunks]
     if len(cut) < chunks:
         raise SinkchatError(f"the text gives {len(cut)} chunks of {ctx} tokens, not {chunks}; use a longer --text "

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..kv import SinkCache, max_positions
+from . import bos_first
 from .stream import Stream, Tick, dense_cache, nll, recompute_logits
 
 
@@ -61,20 +62,11 @@ def ppl_dense(run: PplRun, model, ids: list[int], tick: Tick, chunk: int = 256) 
         tick(len(targets))
 
 
-def chunk_bos(tokenizer) -> int | None:
-    """The BOS id llama.cpp puts at the start of every perplexity chunk: where the tokenizer itself
-    starts a text with BOS (it follows the GGUF's ``tokenizer.ggml.add_bos_token``, as llama.cpp
-    does), else None."""
-    bos = getattr(tokenizer, "bos_token_id", None)
-    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
-    return bos if bos is not None and ids and ids[0] == bos else None
-
-
 def llama_chunks(ids: list[int], ctx: int, bos: int | None) -> list[list[int]]:
-    """The chunks llama.cpp's ``llama-perplexity -c ctx`` evaluates: the text's tokens after BOS (if the
-    model adds one), cut into whole chunks of ``ctx`` (a shorter rest is dropped), each chunk's first
-    token replaced by BOS (tools/perplexity/perplexity.cpp, ``perplexity()``)."""
-    ids = ([bos] if bos is not None else []) + list(ids)
+    """The chunks llama.cpp's ``llama-perplexity -c ctx`` evaluates: the text's tokens as the model
+    starts a text (:func:`sinkchat.bench.text_ids`: BOS first where the model adds one, as llama.cpp
+    tokenizes it) cut into whole chunks of ``ctx`` (a shorter rest is dropped), each chunk's first
+    token replaced by ``bos`` where there is one (tools/perplexity/perplexity.cpp, ``perplexity()``)."""
     chunks = [ids[a : a + ctx] for a in range(0, len(ids) - ctx + 1, ctx)]
     return [[bos, *c[1:]] if bos is not None else c for c in chunks]
 
@@ -134,7 +126,7 @@ def ppl_runs(
     model = loaded.model
     for mode in modes:
         if mode == "dense" and ctx is not None:
-            chunks = llama_chunks(ids, ctx, chunk_bos(loaded.tokenizer))
+            chunks = llama_chunks(ids, ctx, loaded.tokenizer.bos_token_id if bos_first(loaded.tokenizer) else None)
             timed(PplRun(mode, note=f"{len(chunks)} chunks of {ctx} from BOS, second halves scored (llama.cpp's)"),
                   runs, progress("ppl dense (llama.cpp chunks)", len(chunks) * (ctx - 1 - ctx // 2)),
                   lambda run, tick: ppl_chunks(run, model, chunks, tick))
