@@ -25,7 +25,7 @@ from .text import valid
 
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_SINKS = 4  # StreamingLLM's choice: enough for the models it measured, a rounding error of the window
-QUANTS = ("4bit", "int4", "nf4", "8bit", "none")
+QUANTS = ("auto", "4bit", "int4", "nf4", "8bit", "none")
 DEVICES = ("auto", "cuda", "cpu")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 EVICTS = ("tokens", "turns")
@@ -76,10 +76,10 @@ class Settings:
                                   "[default: a quarter of the window].", check=_range(0, LIMIT))
     keep_system: bool = setting(False, "Pin the whole system prompt: never evicted (counts against --pin-max).")
     system: str | None = setting(None, "System prompt [default: the chat template's].")
-    quant: str = setting("4bit", "Weights: 4bit (the fastest 4-bit kernel here: on a GPU PyTorch's int4 "
-                         "tinygemm, torchao's or bitsandbytes NF4, timed at load; PyTorch's packed int4 on the "
-                         "CPU), int4 (PyTorch's int4 kernel), nf4 (bitsandbytes NF4), 8bit or none.",
-                         choices=QUANTS)
+    quant: str = setting("auto", "Weights: auto (a GGUF file at its own precision per tensor, anything else "
+                         "4bit), 4bit (the fastest 4-bit kernel here: on a GPU PyTorch's int4 tinygemm, torchao's "
+                         "or bitsandbytes NF4, timed at load; PyTorch's packed int4 on the CPU), int4 (PyTorch's "
+                         "int4 kernel), nf4 (bitsandbytes NF4), 8bit or none.", choices=QUANTS)
     device: str = setting("auto", "auto (a GPU if there is one), cuda or cpu.", choices=DEVICES)
     dtype: str = setting("auto", "Compute dtype: auto (float32 on the CPU; bfloat16 on a GPU that has it, else "
                          "float16), float32, bfloat16 or float16.", choices=DTYPES)

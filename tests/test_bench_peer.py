@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import pytest
 
-from _helpers import run_cli
+from _helpers import run_cli, stand_in
 
 FAKE = '''#!{python}
 # A stand-in for llama.cpp's llama-bench: prints its JSON for the tests asked for on the command line.
@@ -30,10 +29,7 @@ print(json.dumps(rows, indent=2))
 
 @pytest.fixture
 def fake_llama_bench(tmp_path):
-    path = tmp_path / "llama-bench"
-    path.write_text(FAKE.format(python=sys.executable))
-    path.chmod(0o755)
-    return path
+    return stand_in(tmp_path / "llama-bench", FAKE)
 
 
 def test_without_a_llama_bench_it_says_how_to_get_one(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -124,12 +125,13 @@ def test_a_model_that_computes_nan_is_one_line(tiny_models, tmp_path, temperatur
     one_line_error(proc, "NaN")
 
 
-def test_models_lists_aliases_and_what_is_here(monkeypatch, capsys):
+def test_models_lists_aliases_what_is_here_and_what_runs(monkeypatch, capsys):
+    monkeypatch.setenv("COLUMNS", "250")
     code, out, _ = sinkchat(monkeypatch, capsys, "models")
     assert code == 0
-    rows = {line.split()[0]: line.split()[-1] for line in out.splitlines()[1:] if line.strip()}
-    assert rows["smollm2-135m"] == "yes"  # the bundled model needs no download
-    assert rows["mistral-7b"] == "download"
+    rows = {line.split()[0]: re.split(r"\s{2,}", line.strip()) for line in out.splitlines()[1:] if line.strip()}
+    assert rows["smollm2-135m"][-2:] == ["yes", "gguf Q4_1 -> int4 g32 + fp16"]  # no download; its blocks as shipped
+    assert rows["mistral-7b"][-2:] == ["download", "4bit"]
     assert {"llama3.1-8b", "qwen2.5-7b"} <= set(rows)
 
 

@@ -56,7 +56,7 @@ def test_fast_path_matches_transformers_in_float32(smollm_f32):
 
 def test_fast_path_matches_transformers_on_the_same_int4_weights(smollm_hf):
     smollm = smollm_hf
-    assert isinstance(smollm.fast, FastModel) and smollm.weights == "int4pack-g32"
+    assert isinstance(smollm.fast, FastModel) and smollm.runs == "gguf Q4_1 -> int4 g32 + fp16"
     assert isinstance(smollm.model.get_output_embeddings(), HalfLinear)
     assert compare(smollm) < SAME_BF16
     assert compare(smollm, dtype=torch.bfloat16) < SAME_BF16_KV
@@ -251,7 +251,7 @@ def test_four_bit_on_the_cpu_is_packed_int4_shared_by_both_paths(smollm_hf):
     qkv = smollm.fast.layers[0].qkv
     q = smollm.model.model.layers[0].self_attn.q_proj
     assert q.packed.untyped_storage().data_ptr() == qkv.packed.untyped_storage().data_ptr()  # one copy
-    assert smollm.fingerprint["quant"] == "4bit" and smollm.fingerprint["weights"] == "int4pack-g32"
+    assert smollm.fingerprint["quant"] == "auto" and smollm.fingerprint["weights"] == "auto: gguf Q4_1 -> int4 g32 + fp16"
 
 
 def test_other_architectures_fall_back_to_transformers(tiny_models, monkeypatch):

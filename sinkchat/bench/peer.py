@@ -1,5 +1,7 @@
 """``sinkchat bench peer``: sinkchat and llama.cpp's ``llama-bench`` on the same GGUF file, thread count
-and depth, in one run, so the ratio between them is measured on one machine in one state.
+and depth, in one run, so the ratio between them is measured on one machine in one state; with
+``--ppl``, sinkchat's dense perplexity and llama.cpp's ``llama-perplexity`` on the same file, text and
+chunks (:func:`sinkchat.bench.ppl.ppl_chunks` scores them as ``llama-perplexity`` does).
 
 llama.cpp is what a user of a local chat would otherwise run; its ``llama-bench`` reports prompt
 processing (``pp``: tokens/s for a prompt of ``-p`` tokens) and text generation (``tg``: tokens/s for
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -22,20 +25,22 @@ from ..errors import SinkchatError
 
 HOW_TO_GET = (
     "build it from llama.cpp's source (cmake -DGGML_NATIVE=ON -DLLAMA_BUILD_SERVER=OFF, then "
-    "`cmake --build build --target llama-bench`) and pass --llama-bench PATH, or put it on PATH"
+    "`cmake --build build --target {name}`) and pass --{name} PATH, or put it on PATH"
 )
 
 
-def find_llama_bench(path: str | None) -> Path:
-    """The ``llama-bench`` binary: ``path`` if given, else the one on PATH; one-line error if none."""
+def find_llama_bench(path: str | None, name: str = "llama-bench") -> Path:
+    """The ``name`` binary of llama.cpp (``llama-bench``, ``llama-perplexity``): ``path`` if given, else
+    the one on PATH; one-line error if none."""
+    how = HOW_TO_GET.format(name=name)
     if path is not None:
         p = Path(path).expanduser()
         if not p.is_file() or not os.access(p, os.X_OK):
-            raise SinkchatError(f"--llama-bench {path}: not an executable file; {HOW_TO_GET}")
+            raise SinkchatError(f"--{name} {path}: not an executable file; {how}")
         return p
-    found = shutil.which("llama-bench")
+    found = shutil.which(name)
     if found is None:
-        raise SinkchatError(f"no llama-bench binary found; {HOW_TO_GET}")
+        raise SinkchatError(f"no {name} binary found; {how}")
     return Path(found)
 
 
@@ -90,11 +95,48 @@ def sinkchat_figures(loaded, sinks: int, window: int, ids: list[int], prompt: in
     return {"pp": prompt / statistics.median(times), "tg": 1000 / statistics.median(steps_ms)}
 
 
+def run_llama_perplexity(binary: Path, gguf: str, text: Path, ctx: int, chunks: int, threads: int,
+                         timeout: float = 3600) -> dict:
+    """llama.cpp's perplexity of ``gguf`` on the file ``text``: ``{"ppl": its final estimate, "chunks":
+    [running perplexity after each chunk]}``, over the first ``chunks`` chunks of ``ctx`` tokens.
+
+    Raises :class:`SinkchatError` when the binary fails or prints no final estimate.
+    """
+    args = [str(binary), "-m", gguf, "-f", str(text), "-c", str(ctx), "--chunks", str(chunks), "-t", str(threads)]
+    try:
+        out = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise SinkchatError(f"llama-perplexity did not run: {exc}".splitlines()[0]) from None
+    final = re.search(r"Final estimate: PPL = ([0-9.]+)", out.stdout + out.stderr)
+    if out.returncode != 0 or final is None:
+        last = ((out.stderr.strip() or "no message").splitlines())[-1]
+        raise SinkchatError(f"llama-perplexity failed (exit {out.returncode}): {last}")
+    running = [float(v) for v in re.findall(r"\[\d+\]([0-9.]+),", out.stdout + out.stderr)]
+    return {"ppl": float(final.group(1)), "chunks": running}
+
+
+def sinkchat_ppl(loaded, ids: list[int], ctx: int, chunks: int, progress) -> dict:
+    """sinkchat's dense perplexity on llama-perplexity's chunks of ``ids`` (the text's tokens):
+    ``{"ppl": ..., "chunks": [running perplexity after each chunk], "bos": whether chunks start with BOS}``."""
+    from . import bos_first
+    from .ppl import PplRun, llama_chunks, ppl_chunks
+
+    bos = loaded.tokenizer.bos_token_id if bos_first(loaded.tokenizer) else None
+    cut = llama_chunks(ids, ctx, bos)[:chunks]
+    if len(cut) < chunks:
+        raise SinkchatError(f"the text gives {len(cut)} chunks of {ctx} tokens, not {chunks}; use a longer --text "
+                            "or fewer --chunks")
+    run = PplRun("dense")
+    ppl_chunks(run, loaded.model, cut, progress("ppl dense (llama.cpp chunks)", chunks * (ctx - 1 - ctx // 2)))
+    running = [run.ppl({p for p, _ in run.scored if p < (i + 1) * ctx}) for i in range(chunks)]
+    return {"ppl": run.ppl(), "chunks": running, "bos": bos is not None}
+
+
 def report(ours: dict, theirs: dict, extra: dict) -> dict:
     return {
         "sinkchat": ours,
         "llama.cpp": {k: v for k, v in theirs.items() if k != "raw"},
-        "ratio": {k: ours[k] / theirs[k] for k in ("pp", "tg") if theirs.get(k)},
+        "ratio": {k: ours[k] / theirs[k] for k in ("pp", "tg", "ppl") if theirs.get(k) and k in ours},
         "llama_bench_raw": theirs.get("raw"),
         **extra,
     }

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..kv import SinkCache, max_positions
+from . import bos_first
 from .stream import Stream, Tick, dense_cache, nll, recompute_logits
 
 
@@ -61,6 +62,32 @@ def ppl_dense(run: PplRun, model, ids: list[int], tick: Tick, chunk: int = 256) 
         tick(len(targets))
 
 
+def llama_chunks(ids: list[int], ctx: int, bos: int | None) -> list[list[int]]:
+    """The chunks llama.cpp's ``llama-perplexity -c ctx`` evaluates: the text's tokens as the model
+    starts a text (:func:`sinkchat.bench.text_ids`: BOS first where the model adds one, as llama.cpp
+    tokenizes it) cut into whole chunks of ``ctx`` (a shorter rest is dropped), each chunk's first
+    token replaced by ``bos`` where there is one (tools/perplexity/perplexity.cpp, ``perplexity()``)."""
+    chunks = [ids[a : a + ctx] for a in range(0, len(ids) - ctx + 1, ctx)]
+    return [[bos, *c[1:]] if bos is not None else c for c in chunks]
+
+
+def ppl_chunks(run: PplRun, model, chunks: list[list[int]], tick: Tick, piece: int = 256) -> None:
+    """Dense perplexity as ``llama-perplexity`` scores it: each chunk from an empty cache, and only its
+    second half scored (the tokens after position ``ctx / 2``, each seeing at least half a chunk),
+    ``ctx / 2 - 1`` tokens a chunk. The first half is fed without logits (``keep=1``)."""
+    for i, chunk in enumerate(chunks):
+        ctx = len(chunk)
+        first = ctx // 2
+        stream = Stream(model, dense_cache(model))
+        for a in range(0, first, piece):
+            stream.forward(chunk[a : min(a + piece, first)], keep=1)
+        for a in range(first, ctx - 1, piece):
+            part = chunk[a : min(a + piece, ctx - 1)]
+            values = nll(stream.forward(part), chunk[a + 1 : a + 1 + len(part)])
+            run.scored.extend((i * ctx + a + 1 + j, v) for j, v in enumerate(values))
+            tick(len(part))
+
+
 def ppl_recompute(
     run: PplRun, model, ids: list[int], sinks: int, window: int, stride: int, batch: int, tick: Tick
 ) -> None:
@@ -91,11 +118,19 @@ def ppl_recompute(
 
 def ppl_runs(
     loaded, ids: list[int], modes: list[str], sinks: int, window: int, block: int | None,
-    stride: int, batch: int, progress, runs: list[PplRun], feed: int = 1,
+    stride: int, batch: int, progress, runs: list[PplRun], feed: int = 1, ctx: int | None = None,
 ) -> None:
-    """Run each mode in turn, appending to ``runs`` as it goes (so Ctrl+C keeps finished work)."""
+    """Run each mode in turn, appending to ``runs`` as it goes (so Ctrl+C keeps finished work).
+    ``ctx``: dense is scored in chunks of ``ctx`` tokens as llama.cpp's ``llama-perplexity`` does
+    (:func:`ppl_chunks`)."""
     model = loaded.model
     for mode in modes:
+        if mode == "dense" and ctx is not None:
+            chunks = llama_chunks(ids, ctx, loaded.tokenizer.bos_token_id if bos_first(loaded.tokenizer) else None)
+            timed(PplRun(mode, note=f"{len(chunks)} chunks of {ctx} from BOS, second halves scored (llama.cpp's)"),
+                  runs, progress("ppl dense (llama.cpp chunks)", len(chunks) * (ctx - 1 - ctx // 2)),
+                  lambda run, tick: ppl_chunks(run, model, chunks, tick))
+            continue
         if mode == "recompute":
             total = len([t for t in range(1, len(ids)) if (t - 1) % stride == 0])
         elif mode == "dense":

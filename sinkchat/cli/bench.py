@@ -114,15 +114,20 @@ def settings(**flags) -> Settings:
 
 def load(s: Settings, quiet: bool, context: bool = True):
     """Load the settings' model with transformers' classes (the baselines run transformers' forward);
-    ``context=False`` skips the check of sinks + window against its context."""
+    ``context=False`` skips the check of sinks + window against its context. Its notices (a GGUF
+    re-quantized, a base model) go to stderr."""
     from ..model import load as load_model
     from ..model import load_for
 
     progress = (lambda m: None) if quiet else note
     if context:
-        return load_for(s, progress=progress, quick=False)
-    return load_model(s.model, s.quant, s.device, s.dtype, progress=progress, kv_dtype=s.kv_dtype,
-                           compile=s.compile, quick=False)
+        loaded = load_for(s, progress=progress, quick=False)
+    else:
+        loaded = load_model(s.model, s.quant, s.device, s.dtype, progress=progress, kv_dtype=s.kv_dtype,
+                            compile=s.compile, quick=False)
+    for notice in loaded.take_notices():
+        note(f"sinkchat: {notice}")
+    return loaded
 
 
 def machine(loaded) -> dict:
@@ -135,6 +140,8 @@ def machine(loaded) -> dict:
         "bos": bench.bos_first(loaded.tokenizer),  # every streamed text starts with BOS, as a chat does
         "quant": loaded.quant,
         "weights": loaded.weights,
+        "runs": loaded.runs,  # what runs (a GGUF: its file type -> the kernels), and per block type:
+        "kernels": loaded.kernels,  # {"Q5_0": {"int8": 81}, ...}
         "fast_path": loaded.fast is not None,
         "kv_dtype": str(loaded.kv_dtype).replace("torch.", ""),
         "device": str(loaded.device),
@@ -195,6 +202,10 @@ def ppl(
     stride: int = typer.Option(1, help="Recompute scores every stride-th token only (it is the slow mode)."),
     batch: int = typer.Option(8, help="Recompute contexts per forward pass."),
     chunk: int = typer.Option(1000, help="Tokens per row of the per-chunk table."),
+    ctx: int = typer.Option(None, "--ctx", show_default=False,
+                            help="Score dense as llama.cpp's llama-perplexity -c CTX does: chunks of CTX tokens, "
+                            "each from BOS (where the model adds one) and an empty cache, their second halves "
+                            "scored. --modes dense only."),
     model: str = MODEL, quant: str = QUANT, device: str = DEVICE, dtype: str = DTYPE, kv_dtype: str = KV_DTYPE,
     as_json: bool = JSON, plot: str = PLOT,
 ) -> None:
@@ -204,11 +215,17 @@ def ppl(
     Example: sinkchat bench ppl --tokens 8000 --sinks 4 --window 508 --plot docs/bench-ppl.png
 
     Example: sinkchat bench ppl --tokens 2000 --sinks 0,1,2,4,8,16 --window 256 --feed 16 --modes dense,sinks
+
+    Example: sinkchat bench ppl --model q4_k_m.gguf --modes dense --ctx 1024 --tokens 4096 --window 500
     """
     from .. import bench
 
     counts = bench.parse_sinks(sinks)
-    check_positive(tokens=tokens, feed=feed, stride=stride, batch=batch, chunk=chunk)
+    check_positive(tokens=tokens, feed=feed, stride=stride, batch=batch, chunk=chunk, ctx=ctx)
+    if ctx is not None and (modes or "").replace(" ", "") != "dense":
+        raise SinkchatError("--ctx scores dense in llama.cpp's chunks; use it with --modes dense")
+    if ctx is not None and ctx < 4:
+        raise SinkchatError(f"--ctx must be 4 or more (got {ctx})")
     flags = dict(model=model, block=block, quant=quant, device=device, dtype=dtype, kv_dtype=kv_dtype)
     if counts is not None and len(counts) > 1:
         return ppl_sweep(counts, text, tokens, window, modes, feed, flags, as_json, plot)
@@ -222,10 +239,10 @@ def ppl(
     loaded, ids, source, runs, interrupted = scored_runs(
         s, text, tokens, as_json,
         lambda loaded, ids, bars, runs: measure_ppl.ppl_runs(loaded, ids, wanted, sinks, window, block, stride, batch,
-                                                             bars, runs, feed),
+                                                             bars, runs, feed, ctx),
     )
     extra = {"text": source, "tokens": len(ids), "sinks": sinks, "window": window, "feed": feed, "batch": batch,
-             "interrupted": interrupted, "machine": machine(loaded)}
+             "ctx": ctx, "interrupted": interrupted, "machine": machine(loaded)}
     report = measure_ppl.ppl_report(runs, chunk, stride, extra)
     if plot and runs:
         from ..bench.plot import ppl_plot

@@ -16,15 +16,17 @@ from .bench import (
     PLOT,
     QUANT,
     SINKS,
+    TEXT,
     app,
     check_positive,
     finish,
     load,
     machine,
     measure,
+    read_text,
     settings,
 )
-from .bench_output import print_endless, print_peer
+from .bench_output import Bars, note, print_endless, print_peer, print_peer_ppl
 
 
 @app.command("endless")
@@ -67,19 +69,33 @@ def peer(
     window: int = typer.Option(None, "--window", "-w", help=help_for("window"), show_default=False),
     steps: int = typer.Option(64, help="Decode steps timed where the cache is full."),
     repetitions: int = typer.Option(3, help="Repetitions of each llama-bench test and of sinkchat's prefill."),
+    ppl: bool = typer.Option(False, "--ppl", help="Compare perplexity instead of speed: sinkchat's dense "
+                             "perplexity and llama.cpp's llama-perplexity on the same file, text and chunks."),
+    llama_perplexity: str = typer.Option(None, "--llama-perplexity",
+                                         help="With --ppl: the llama-perplexity binary [default: on PATH]."),
+    ctx: int = typer.Option(1024, "--ctx", help="With --ppl: tokens per chunk (llama-perplexity -c)."),
+    chunks: int = typer.Option(4, "--chunks", help="With --ppl: chunks scored (llama-perplexity --chunks)."),
+    text: str = TEXT,
     sinks: int = SINKS, model: str = MODEL, quant: str = QUANT, device: str = DEVICE, dtype: str = DTYPE,
     kv_dtype: str = KV_DTYPE, as_json: bool = JSON,
 ) -> None:
     """sinkchat against llama.cpp's llama-bench on the same GGUF file, threads and depth: prompt
-    tokens/s for a 512-token message, and decode tokens/s where the sink cache is full.
+    tokens/s for a 512-token message, and decode tokens/s where the sink cache is full. With --ppl,
+    perplexity against llama-perplexity instead: the same file, text, context and BOS, both numbers and
+    their ratio.
 
     Example: sinkchat bench peer --llama-bench ~/llama.cpp/build/bin/llama-bench --window 2000
+
+    Example: sinkchat bench peer --ppl --llama-perplexity ~/llama.cpp/build/bin/llama-perplexity --model x.gguf
     """
     from .. import bench
     from ..bench import peer as measure_peer
     from ..model import resolve
 
-    check_positive(steps=steps, repetitions=repetitions)
+    check_positive(steps=steps, repetitions=repetitions, ctx=ctx, chunks=chunks)
+    if ppl:
+        return peer_ppl(llama_perplexity, ctx, chunks, text, as_json, model=model, quant=quant, device=device,
+                        dtype=dtype, kv_dtype=kv_dtype)
     binary = measure_peer.find_llama_bench(llama_bench)
     s = settings(model=model, sinks=sinks, window=window, quant=quant, device=device, dtype=dtype, kv_dtype=kv_dtype)
     source = resolve(s.model)
@@ -96,3 +112,43 @@ def peer(
     report = measure_peer.report(ours, theirs, {"gguf": source.ref, "depth": depth, "threads": threads,
                                                 "llama_bench": str(binary), "machine": info})
     finish(report, as_json, print_peer, None, False)
+
+
+def peer_ppl(binary: str | None, ctx: int, chunks: int, text: str | None, as_json: bool, **flags) -> None:
+    """``bench peer --ppl``: llama-perplexity on the text file (the default text written to a temporary
+    file), then sinkchat's dense perplexity on the same chunks; the two and their ratio."""
+    import tempfile
+    from pathlib import Path
+
+    import torch
+
+    from .. import bench
+    from ..bench import peer as measure_peer
+    from ..model import resolve
+
+    if ctx < 4:
+        raise SinkchatError(f"--ctx must be 4 or more (got {ctx})")
+    found = measure_peer.find_llama_bench(binary, "llama-perplexity")
+    s = settings(**flags)
+    source = resolve(s.model)
+    if source.kind != "gguf":
+        raise SinkchatError(f"bench peer --ppl compares on one GGUF file; {s.model} is a {source.describe()}")
+    body, where = read_text(text)
+    threads = torch.get_num_threads()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(text) if text is not None else Path(tmp) / "text.txt"
+        if text is None:
+            path.write_text(body, encoding="utf-8")
+        if not as_json:
+            note(f"sinkchat: llama-perplexity -c {ctx} --chunks {chunks} on {where} ...")
+        theirs = measure_peer.run_llama_perplexity(found, source.ref, path, ctx, chunks, threads)
+    loaded = load(s, as_json, context=False)
+    ids = bench.text_ids(loaded.tokenizer, body, ctx * chunks)
+    ours: dict = {}
+    with Bars(as_json) as bars:
+        ours = measure_peer.sinkchat_ppl(loaded, ids, ctx, chunks, bars)
+    report = measure_peer.report(ours, theirs, {"gguf": source.ref, "text": where, "ctx": ctx, "chunks": chunks,
+                                                "threads": threads, "llama_perplexity": str(found),
+                                                "machine": machine(loaded)})
+    report.pop("llama_bench_raw")
+    finish(report, as_json, print_peer_ppl, None, False)

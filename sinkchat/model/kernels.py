@@ -19,38 +19,65 @@ def prepare(loaded: LoadedModel, kv_dtype: str = "auto", compile: str = "auto", 
             progress=lambda msg: None) -> None:
     """Pick the kernels, the fast path and the KV dtype for a freshly loaded model.
 
-    On the CPU, ``4bit`` means PyTorch's packed int4 kernel (bitsandbytes' CPU path is 12x slower
-    without AVX512-BF16, see :mod:`.quant`); on a GPU, the fastest 4-bit kernel of :mod:`.gpu` that
-    runs there (a model loaded in 16 bits on the CPU and quantized onto the GPU), or bitsandbytes
-    NF4 for a model transformers quantized. A fast-path model (:mod:`.fast`) runs in float32 or int4
-    on the CPU and in 4 bits on one GPU, where ``compile`` ``auto`` also compiles its decode step and
-    records it as one CUDA graph. Everything else runs through transformers.
+    On the CPU, a GGUF file's tensors run at their own precision per block type with ``auto``
+    (:mod:`.blockkernels`: int4 for its 4-bit blocks, int8 planes for 5- and 8-bit ones, float16 for
+    the rest) and at 4 bits with ``4bit``/``int4``; any other model's ``auto`` means ``4bit``: PyTorch's
+    packed int4 kernel (bitsandbytes' CPU path is 12x slower without AVX512-BF16, see :mod:`.quant`).
+    On a GPU, ``4bit`` (and a float checkpoint's ``auto``) is the fastest 4-bit kernel of :mod:`.gpu`
+    that runs there (a model loaded in 16 bits on the CPU and quantized onto the GPU), or bitsandbytes
+    NF4 for a model transformers quantized; a GGUF's ``auto`` is its values in the compute dtype. A
+    fast-path model (:mod:`.fast`) runs in float32 or on those kernels on the CPU and in 4 bits on one
+    GPU, where ``compile`` ``auto`` also compiles its decode step and records it as one CUDA graph.
+    Everything else runs through transformers. Re-quantizing a GGUF below its own precision is said
+    once (:attr:`~.loaded.LoadedModel.notices`).
     """
     import torch
 
     from . import fast, quant
 
     model = loaded.model
-    if loaded.quant in ("4bit", "int4") and loaded.device == "cuda" and next(model.parameters()).is_cpu:
+    file = _gguf(loaded)
+    want = "4bit" if loaded.quant == "int4" and loaded.device == "cpu" else loaded.quant  # one int4 kernel there
+    gpu4 = want in ("4bit", "int4") or want == "auto" and file is None
+    if gpu4 and loaded.device == "cuda" and next(model.parameters()).is_cpu:
         from . import gpu  # loaded in 16 bits on the CPU: quantized onto the GPU weight by weight
 
         if fast.supported(model):
-            gpu.build(loaded, loaded.quant, torch.device("cuda"), progress=progress)
+            gpu.build(loaded, "int4" if want == "int4" else "4bit", torch.device("cuda"), progress=progress)
+            loaded.runs = loaded.weights
         else:  # the GPU kernels serve the fast path only
             model.to("cuda")
-            loaded.weights = "dense"
-            loaded.notices.append(f"--quant {loaded.quant}: this model is not on the fast path; it runs in 16 bits")
-    elif loaded.quant in ("4bit", "int4") and loaded.device == "cpu":
-        loaded.weights = "int4pack-g32"
+            loaded.weights = loaded.runs = "dense"
+            loaded.notices.append(f"--quant {want}: this model is not on the fast path; it runs in 16 bits")
+    elif want in ("4bit", "auto") and loaded.device == "cpu":
+        loaded.weights, loaded.runs = "int4pack-g32", "4bit"
         packs = quant.Packs(_packs_path(folder))
+        if file is not None:
+            from .blockkernels import apply
+
+            report = apply(model, file, want, packs)
+            loaded.runs, loaded.kernels = report.label(), report.kernels
+            # what a saved cache depends on: 4bit on a GGUF computes what it did before unless the file has
+            # Q4_0 or Q4_K blocks, now taken from their codes instead of re-quantized
+            if want == "auto" or {"Q4_0", "Q4_K"} & set(report.kernels):
+                loaded.weights = f"{want}: {loaded.runs}"
+            loaded.notices += [n for n in [report.notice()] if n]
+        int4 = file is None or want == "4bit"  # auto on a GGUF: what is left (F32) stays as it is
         if fast.supported(model):
-            loaded.fast = fast.FastModel.build(model, int4=True, packs=packs)
-        else:
+            loaded.fast = fast.FastModel.build(model, int4=int4, packs=packs)
+        elif int4:
             quant.int4_modules(model, packs)
         packs.save()
     else:
-        loaded.weights = {"4bit": "bnb-nf4", "int4": "bnb-nf4", "nf4": "bnb-nf4", "8bit": "bnb-int8"}.get(
-            loaded.quant, "dense")
+        loaded.weights = {"4bit": "bnb-nf4", "int4": "bnb-nf4", "nf4": "bnb-nf4", "auto": "bnb-nf4",
+                          "8bit": "bnb-int8"}.get(want, "dense")
+        if file is not None and want == "auto":
+            loaded.weights = "dense"
+        loaded.runs = "4bit" if want == "auto" else want
+        if file is not None:
+            kernel = {"bnb-nf4": "nf4", "bnb-int8": "int8 (bitsandbytes)"}.get(loaded.weights, _name(loaded.dtype))
+            loaded.runs = f"gguf {file.file_type} -> {kernel}"
+            loaded.notices += [n for n in [_lower(file, want, loaded.runs)] if n]
         dense_cpu = loaded.quant == "none" and loaded.device == "cpu" and loaded.dtype == torch.float32
         one_device = len({p.device for p in model.parameters()}) == 1  # not spread over several GPUs
         if fast.supported(model) and (dense_cpu or loaded.weights == "bnb-nf4" and one_device
@@ -67,6 +94,37 @@ def prepare(loaded: LoadedModel, kv_dtype: str = "auto", compile: str = "auto", 
     loaded.kv_dtype = pick_kv_dtype(loaded) if kv_dtype == "auto" else getattr(torch, kv_dtype)
     model.sinkchat_kv_dtype = loaded.kv_dtype
     model.sinkchat_fast = loaded.fast
+
+
+def _gguf(loaded: LoadedModel):
+    """The GGUF file the model was converted from, opened (:class:`~.gguf.GGUFFile`), or None."""
+    source = loaded.source
+    if source is None or source.kind != "gguf":
+        return None
+    from .gguf import GGUFFile
+
+    return GGUFFile(source.ref)
+
+
+def _name(dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _lower(file, quant: str, runs: str) -> str | None:
+    """The notice for bitsandbytes' 4 or 8 bits (a GPU, or ``8bit``) below what a GGUF file's tensors
+    hold (their movement is not measured on that path), or None."""
+    bits = {"4bit": 4, "int4": 4, "nf4": 4, "8bit": 8}.get(quant)
+    if bits is None:
+        return None
+    more: dict[str, int] = {}
+    for t in file.tensors.values():  # the layers' matrices: bitsandbytes leaves embeddings and head alone
+        if len(t.shape) == 2 and t.name not in ("token_embd.weight", "output.weight") and file.bits(t.type) > bits:
+            more[t.type] = more.get(t.type, 0) + 1
+    if not more:
+        return None
+    return (f"--quant {quant} re-quantizes {sum(more.values())} {'/'.join(more)} tensors of this {file.file_type} "
+            f"file to {runs.rpartition(' -> ')[2]} (they move, and so do the logits); --quant auto runs them at "
+            "the file's own precision")
 
 
 def _inductor_cache() -> None:

@@ -45,13 +45,15 @@ def load(
     compile: str = "auto",
     quick: bool = True,
 ) -> LoadedModel:
-    """Load ``name`` (alias, folder, .gguf or HF id), quantized as asked (``4bit``, ``8bit``, ``none``),
-    on ``device`` (``auto``, ``cuda``, ``cpu``) with compute ``dtype``.
+    """Load ``name`` (alias, folder, .gguf or HF id), quantized as asked (``auto``: a GGUF file at its
+    own precision per tensor, anything else as ``4bit``; ``4bit``, ``8bit``, ``none``), on ``device``
+    (``auto``, ``cuda``, ``cpu``) with compute ``dtype``.
 
     ``context`` ``(sinks, window)`` is checked against the model's positions before weights load; the
     engine checks again on the loaded model's own config. ``quick``: a Llama-family model in 4-bit on
     the CPU skips transformers' model classes (:mod:`.quickload`); callers that run
-    transformers' own forward (the benchmarks' baselines) pass False. Raises :class:`SinkchatError`.
+    transformers' own forward (the benchmarks' baselines) pass False. A model without a chat template (a
+    base model) gets :data:`PLAIN_TEMPLATE`: its messages continue one text. Raises :class:`SinkchatError`.
     """
     source = resolve(name)
     device = pick_device(device)
@@ -67,10 +69,10 @@ def load(
         progress(f"looking up {source.ref} ...")
         folder = hub_folder(source.ref)
     progress(f"loading {name} ({quant}, {device}) ...")
-    cpu_int4 = quant in INT4 and device == "cpu"  # PyTorch's packed int4 kernel, after loading (.quant)
+    cpu_int4 = quant in INT4 + ("auto",) and device == "cpu"  # PyTorch's int4 kernel, after loading (.kernels)
     loaded = _load_quick(name, folder, context, quant) if quick and cpu_int4 else None
     if loaded is None:
-        loaded = _load_transformers(name, folder, context, quant, device, compute)
+        loaded = _load_transformers(name, folder, context, quant, device, compute, source.kind == "gguf")
     if getattr(loaded.tokenizer, "chat_template", None) is None:  # a base model: it continues text
         loaded.tokenizer.chat_template = PLAIN_TEMPLATE
         loaded.notices.append(f"{name} has no chat template (a base model): messages are sent as plain text, "
@@ -110,7 +112,7 @@ def _load_quick(name: str, folder: str, context: tuple[int | None, int] | None, 
 
 
 def _load_transformers(name: str, folder: str, context: tuple[int | None, int] | None, quant: str, device: str,
-                       compute: torch.dtype) -> LoadedModel:
+                       compute: torch.dtype, gguf: bool = False) -> LoadedModel:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
@@ -119,10 +121,11 @@ def _load_transformers(name: str, folder: str, context: tuple[int | None, int] |
     if context is not None:
         check_context(config, name, *context)
     kwargs: dict = {"dtype": compute}
-    on_cpu_first = quant in INT4 and device == "cuda" and gpu_fast(config)  # .gpu quantizes it onto the GPU
-    if quant in INT4 and device == "cpu":  # PyTorch's packed int4 kernel, after loading (.quant)
+    gpu_int4 = quant in INT4 or quant == "auto" and not gguf  # a GGUF's auto on a GPU: its values in 16 bits
+    on_cpu_first = gpu_int4 and device == "cuda" and gpu_fast(config)  # .gpu quantizes it onto the GPU
+    if quant in INT4 + ("auto",) and device == "cpu":  # PyTorch's int4 kernel, after loading (.kernels)
         kwargs["dtype"] = compute = torch.float32
-    elif quant in INT4 + ("nf4",) and not on_cpu_first:
+    elif (gpu_int4 or quant == "nf4") and not on_cpu_first:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute
         )

@@ -24,7 +24,9 @@ class LoadedModel:
     dtype: torch.dtype  # compute dtype (the residual stream's on the fast path)
     fingerprint: dict = field(default_factory=dict)
     kv_dtype: torch.dtype | None = None  # the KV cache's dtype
-    weights: str = ""  # the kernel the weights run on: int4pack-g32, bnb-nf4, bnb-int8 or dense
+    weights: str = ""  # the kernel the weights run on: int4pack-g32, bnb-nf4, bnb-int8, dense or runs
+    runs: str = ""  # what runs, for people: the header, bench tables (``gguf Q4_K_M -> int4 g32 + int8 g32``)
+    kernels: dict = field(default_factory=dict)  # a GGUF's block types -> kernel -> tensors (blockkernels.apply)
     fast: object | None = None  # the fast path (sinkchat.model.fast.FastModel) when it serves this model
     notices: list[str] = field(default_factory=list)  # one-line notes for the user (a compile that fell back)
 

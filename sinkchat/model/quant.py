@@ -33,14 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-GROUP = 32  # inputs per (scale, zero) pair: GGUF Q4_1's block size; group 128 does not divide 576
+from .gguf import GROUP, int4_fits  # GROUP: GGUF's 32-weight blocks (group 128 does not divide 576)
+
 INNER_K_TILES = 2
 DENSE_ROWS = 96  # from this many rows on, dequantize and use the float32 GEMM (crossover measured ~90)
-
-
-def int4_fits(out_features: int, in_features: int) -> bool:
-    """The packed kernel needs ``out_features`` divisible by 16 and ``in_features`` by the group size."""
-    return out_features % 16 == 0 and in_features % GROUP == 0
 
 
 def int4_codes(weight: torch.Tensor, group: int = GROUP) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,13 +49,45 @@ def int4_codes(weight: torch.Tensor, group: int = GROUP) -> tuple[torch.Tensor, 
     scale = ((hi - lo) / 15).clamp(min=1e-8)
     q = ((wg - lo[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.int32).reshape(n, k)
     zero = lo + 8 * scale  # the kernel computes (q - 8) * scale + zero
-    return q, torch.stack([scale, zero], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
+    return q, pack_scales(scale, zero)
 
 
 def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``weight`` ``[N, K]`` -> (packed ``uint8 [N, K/2]``, scales and zeros ``bf16 [K/32, N, 2]``)."""
     q, scales = int4_codes(weight)
-    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, INNER_K_TILES), scales
+    return pack_codes(q), scales
+
+
+def pack_codes(codes: torch.Tensor, rows: int = 4096) -> torch.Tensor:
+    """4-bit codes ``[N, K]`` (any integer dtype) -> the kernel's packed ``uint8 [N, K/2]``, a few
+    thousand rows at a time (the packed layout is whole row blocks, so pieces lie end to end; an
+    int32 copy of a 262144-row head at once would take a gigabyte)."""
+    return torch.cat([torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes[a : a + rows].to(torch.int32),
+                                                                         INNER_K_TILES)
+                      for a in range(0, codes.shape[0], rows)])
+
+
+def pack_scales(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """Per row and group float32 ``[N, K/group]`` scales and zeros -> the kernels' ``bf16 [K/group, N, 2]``."""
+    return torch.stack([scale, zero], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
+
+
+def affine_int4(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A group-32 affine 4-bit weight as a file stores it (``w = scale * code + offset``, codes 0..15
+    ``[N, K]``, float32 ``scale`` and ``offset`` ``[N, K/32]``: GGUF Q4_0, Q4_1, Q4_K) -> packed codes
+    and bf16 scales, the codes as they are.
+
+    The kernel's scale and zero are the affine map through the group's values at codes 0 and 15,
+    computed in float32 as the file's dequantizer computes them, exactly as :func:`quantize_int4`
+    computes them from a group that spans its codes (llama.cpp's Q4_1 quantizer always makes one
+    span them): so a Q4_1 file's weights are bit for bit what re-quantizing its values gave, and
+    Q4_0 and Q4_K groups that do not span their codes lose nothing. Only bf16 rounds. A step may be
+    negative (Q4_0's ``d`` takes the sign of the group's largest magnitude); a zero step becomes 1e-8,
+    as in :func:`quantize_int4`."""
+    lo, hi = offset, scale * 15 + offset
+    step = (hi - lo) / 15
+    step = torch.where(step == 0, 1e-8, step)
+    return pack_codes(codes), pack_scales(step, lo + 8 * step)
 
 
 Layout = tuple[int, bool]  # rows per block of the packed layout; whether a byte pairs rows 2j, 2j+1
@@ -74,7 +102,7 @@ def packed_layout() -> Layout | None:
     blocks of 32 rows on CPUs with neither, each byte holding rows ``2j`` and ``2j + 1``. So it is
     probed on a known matrix, not assumed."""
     probe = torch.randint(0, 16, (128, 64), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe, INNER_K_TILES)
+    packed = pack_codes(probe)
     for layout in ((block, paired) for block in (16, 32, 64, 128) for paired in (False, True)):
         if torch.equal(_nibbles(packed, layout, 64).int(), probe):
             return layout
@@ -129,9 +157,8 @@ class Int4Linear(nn.Module):
         """
         bias = None if self.bias is None else self.bias[start:end]
         if self._whole_blocks() and (start % self.layout[0] or (end - start) % self.layout[0]):
-            codes = _nibbles(self.packed, self.layout, self.in_features)[start:end].int()
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, INNER_K_TILES)
-            return Int4Linear(packed, self.scales[:, start:end].contiguous(), bias, self.in_features)
+            codes = _nibbles(self.packed, self.layout, self.in_features)[start:end]
+            return Int4Linear(pack_codes(codes), self.scales[:, start:end].contiguous(), bias, self.in_features)
         return Int4Linear(self.packed[start:end], self.scales[:, start:end], bias, self.in_features)
 
     def _whole_blocks(self) -> bool:
@@ -186,10 +213,16 @@ class Packs:
         return digest.hexdigest()[:24]
 
     def get(self, name: str, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        n, k = weight.shape
+        """``weight`` ``[N, K]`` quantized (:func:`quantize_int4`), or as kept under ``name``."""
+        return self.cached(name, weight.shape, lambda: quantize_int4(weight))
+
+    def cached(self, name: str, shape: tuple[int, int], make) -> tuple[torch.Tensor, torch.Tensor]:
+        """The packed weight and scales of an ``[N, K]`` weight kept under ``name``, or ``make()``'s
+        (then kept for the next start): also a GGUF's blocks packed from their codes (:mod:`.blockkernels`)."""
+        n, k = shape
         packed, scales = self.found.get(f"{name}.packed"), self.found.get(f"{name}.scales")
         if packed is None or scales is None or packed.shape != (n, k // 2) or scales.shape != (k // GROUP, n, 2):
-            packed, scales = quantize_int4(weight)
+            packed, scales = make()
             self.new[f"{name}.packed"], self.new[f"{name}.scales"] = packed, scales
         return packed, scales
 
@@ -219,16 +252,24 @@ def cat_bias(modules: list[nn.Module], dtype: torch.dtype, device: torch.device)
 
 
 class HalfLinear(nn.Module):
-    """A 16-bit (``dtype``) view or copy of a bias-free linear layer, any float dtype in and out: the
-    output head (float16 on the CPU; the model's own bf16/fp16 weight, not copied, on a GPU)."""
+    """A 16-bit (``dtype``) view or copy of a linear layer, any float dtype in and out: the output head
+    (float16 on the CPU; the model's own bf16/fp16 weight, not copied, on a GPU), and a GGUF's
+    tensors that no integer kernel here holds exactly (:mod:`.blockkernels`). ``bias`` stays float32."""
 
-    def __init__(self, weight: torch.Tensor, dtype: torch.dtype = torch.float16):
+    def __init__(self, weight: torch.Tensor, dtype: torch.dtype = torch.float16, bias: torch.Tensor | None = None):
         super().__init__()
         self.register_buffer("weight", weight.detach().to(dtype).contiguous(), persistent=False)
+        self.register_buffer("bias", None if bias is None else bias.detach().float(), persistent=False)
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
 
+    def rows(self, start: int, end: int) -> "HalfLinear":
+        """Output rows ``start:end``, a view of this one's weight."""
+        return HalfLinear(self.weight[start:end], self.weight.dtype,
+                          None if self.bias is None else self.bias[start:end])
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.to(self.weight.dtype), self.weight).to(x.dtype)
+        y = F.linear(x.to(self.weight.dtype), self.weight)
+        return y.to(x.dtype) if self.bias is None else (y.float() + self.bias).to(x.dtype)
 
 
 class NF4Linear(nn.Module):

@@ -19,4 +19,4 @@ class ChatHeader(Static):
 
     def describe(self, loaded) -> None:
         dtype = str(loaded.dtype).removeprefix("torch.")
-        self.model = f"{loaded.name} │ {loaded.device} │ {loaded.quant} │ {dtype}"
+        self.model = f"{loaded.name} │ {loaded.device} │ {loaded.runs or loaded.quant} │ {dtype}"
