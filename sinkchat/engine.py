@@ -28,7 +28,7 @@ from .kv.cache import learned_sinks
 from .ledger import ChatState, Message, Occupancy, Span, partial
 from .model import LoadedModel, check_context, forward
 from .model.kernels import kv_dtype
-from .sampling import Sampler
+from .sampling import REPEAT_LAST_N, Sampler
 from .settings import Settings
 from .steering import Steering
 from .template import Turns
@@ -336,7 +336,7 @@ class Chat(Steering):
                 if self._stop.is_set():
                     reason = "stopped"
                     break
-                tok = self.sampler(self._logits, self.tokens[-256:])
+                tok = self.sampler(self._logits, self.tokens[start:][-REPEAT_LAST_N:])  # the reply's own
                 if tok in self.stop_ids:
                     reason = "end"
                     break

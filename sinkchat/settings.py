@@ -90,7 +90,8 @@ class Settings:
     top_p: float = setting(0.9, "Nucleus sampling: smallest set of tokens with this much probability.",
                            check=_range(0, 1, lo_open=True))
     top_k: int = setting(50, "Sample from the k most likely tokens; 0 = off.", check=_range(0, LIMIT))
-    repetition_penalty: float = setting(1.1, "Penalty on tokens already in the last 256; 1 = off.",
+    repetition_penalty: float = setting(1.1, "Penalty on tokens the reply itself generated (its last 256), "
+                                        "never the prompt; 1 = off; none at temperature 0 (greedy).",
                                         check=_range(0, 100, lo_open=True))
     seed: int | None = setting(None, "Random seed, for replies that can be replayed [default: random].",
                                check=_range(0, 2**63 - 1))
