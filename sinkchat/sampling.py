@@ -30,8 +30,9 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, recent: list[int]) -> int:
         """One token id from ``logits`` ``[vocab]``: the argmax at temperature 0, else a draw in which
-        ``recent`` ids (the reply's own generated tokens) get the repetition penalty. Raises :class:`SinkchatError` for NaN or +inf logits (a broken model): argmax
-        would pick garbage, sampling would raise."""
+        ``recent`` ids (the reply's own generated tokens) get the repetition penalty. Raises
+        :class:`SinkchatError` for NaN or +inf logits (a broken model): argmax would pick garbage,
+        sampling would raise."""
         p = self.params
         logits = logits.detach().double().cpu().clone()
         if torch.isnan(logits).any() or torch.isposinf(logits).any():  # -inf only rules a token out
