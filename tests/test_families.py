@@ -261,3 +261,22 @@ def test_every_bench_streams_bos_first_where_the_tokenizer_adds_it(tmp_path):
     ids = bench.text_ids(with_bos, "Hello world", 5)
     assert bench.bos_first(with_bos) and ids[0] == with_bos.bos_token_id and ids.count(with_bos.bos_token_id) == 1
     assert ids[1:] == bench.text_ids(plain, "Hello world", 4)
+
+
+@pytest.mark.parametrize("window", [0, 10**12])
+def test_a_hybrid_models_odd_sliding_window_is_refused_or_capped(tiny_families, tmp_path, window):
+    """0 is one line before the weights load; a window past the context keeps no more than the context
+    (a sliding layer sized by the window tried to allocate terabytes)."""
+    import json
+    import shutil
+
+    from _helpers import run_cli
+
+    folder = shutil.copytree(tiny_families["gemma3"], tmp_path / "g")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "sliding_window": window}))
+    out = run_cli("--model", str(folder), "--plain", "--no-save", "-t", "0", "--max-new-tokens", "3", input="hi\n")
+    if window == 0:
+        assert out.returncode == 2 and out.stderr.count("\n") == 1 and "positive integer" in out.stderr, out.stderr
+    else:
+        assert out.returncode == 0 and "| sliding 4096" in out.stdout, out.stderr

@@ -61,3 +61,11 @@ async def test_a_message_read_in_part_is_never_said_to_be_seen_whole():
     text = " ".join(line.strip() for line in await shown(Occupancy(4, 207, 2000, 4, 211, 0), messages))
     assert "still sees the whole chat" not in text
     assert "nothing forgotten yet, but the model read only 192 of the 2213 tokens of #2 you (stopped)" in text
+
+
+async def test_a_hybrid_or_learned_sink_models_notes_are_shown_whole_at_80_columns():
+    occupancy = Occupancy(0, 40, 2000, 0, 40, 0, local_window=512, learned_sinks=True)
+    text = " ".join(line.strip() for line in await shown(occupancy, [Message("user", "hi", 0, 40)]))
+    for note in occupancy.notes():
+        assert note in text, text
+    assert "512" in occupancy.notes()[0] and "learned its own attention sink" in occupancy.notes()[1]

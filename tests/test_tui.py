@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import threading
 
 import pytest
 from textual.widget import Widget
@@ -103,6 +104,10 @@ async def test_escape_stops_and_keeps_partial_reply(smollm):
                 b > chat.messages[-1].start for _, b in chat.cache.evictions
             )
 
+        # Hold the reply there until Esc was pressed, so a slow or busy machine cannot let it run to its end
+        # first: the decode thread waits in the sampler; the key, the gauge and the stop are the real ones.
+        held, sample = threading.Event(), chat.sampler
+        chat.sampler = lambda *args: (held.wait(60) if reply_partly_evicted() else None, sample(*args))[1]
         await wait_for(pilot, reply_partly_evicted)
         await pilot.pause(0.3)  # let a gauge update reach the screen mid-reply
         box = app.query_one(ChatInput)
@@ -111,6 +116,7 @@ async def test_escape_stops_and_keeps_partial_reply(smollm):
         assert box.text == "And then?" and len(chat.messages) == 3
         box.clear()
         await pilot.press("escape")
+        held.set()
         await wait_for(pilot, lambda: not app.chat_screen.generating, 10)
         reply = app.chat.messages[-1]
         view = app.query_one(Transcript).views[-1]

@@ -17,7 +17,7 @@ import typer
 
 from .. import config
 from ..errors import SinkchatError
-from ..settings import Settings, help_for
+from ..settings import DEFAULT_SINKS, Settings, help_for
 from . import bench_output as tables
 from .bench_output import Bars, note
 
@@ -33,7 +33,9 @@ QUANT = typer.Option(None, help=help_for("quant"), show_default=False)
 DEVICE = typer.Option(None, help=help_for("device"), show_default=False)
 DTYPE = typer.Option(None, help=help_for("dtype"), show_default=False)
 KV_DTYPE = typer.Option(None, "--kv-dtype", help=help_for("kv_dtype"), show_default=False)
-SINKS = typer.Option(None, help=help_for("sinks"), show_default=False)
+# a benchmark's geometry is given, not guessed from the model: 4 sinks unless asked (also for gpt-oss)
+BENCH_SINKS = f"Attention-sink tokens kept forever (0 = plain window attention) [default: {DEFAULT_SINKS}]."
+SINKS = typer.Option(None, help=BENCH_SINKS, show_default=False)
 JSON = typer.Option(False, "--json", help="Print only the results as JSON on stdout.")
 
 
@@ -103,7 +105,7 @@ def check_positive(**values: int | None) -> None:
 
 def settings(**flags) -> Settings:
     """The chat's settings (defaults < config.toml < these flags), for what a bench shares with a chat;
-    the sinks a measurement uses are always a number (the default's, whatever the model learned)."""
+    the sinks a measurement uses are always a number (:data:`BENCH_SINKS`)."""
     s, warnings = Settings.resolve(flags, config=config.load_config(), config_source=str(config.config_file()))
     for warning in warnings:
         note(f"sinkchat: warning: {warning}")
@@ -175,7 +177,7 @@ def finish(report: dict, as_json: bool, show, plot: str | None, interrupted: boo
 
 SINKS_LIST = typer.Option(
     None, "--sinks", show_default=False,
-    help=help_for("sinks") + " A comma list (0,1,2,4,8,16) runs the sinks mode once per count at one total budget, "
+    help=BENCH_SINKS + " A comma list (0,1,2,4,8,16) runs the sinks mode once per count at one total budget, "
     "the first count + --window (StreamingLLM's Table 2): --sinks 0,4 --window 256 runs 0 + 256 and 4 + 252.",
 )
 

@@ -270,6 +270,14 @@ class SinkCache:
         """Tokens each sliding layer holds (the newest ones), or 0 without sliding layers."""
         return self.local_layers[0].length if self.local_layers else 0
 
+    def local_needed(self) -> int:
+        """Of the tokens each sliding layer holds, how many the next tokens can still see (its window
+        less one) or the checkpoint needs to go back to; older ones are only masked out."""
+        need = self.local_layers[0].window - 1 if self.local_layers else 0
+        if self.checkpoint is not None:
+            need = max(need, self.seen - self.checkpoint.local_from)
+        return min(self.local_length, need)
+
     def memory_bytes(self) -> int:
         """Bytes of the preallocated K/V buffers (constant once the first token arrived)."""
         return sum(
@@ -558,14 +566,16 @@ class SinkCache:
         tensors: dict[str, torch.Tensor] = {}
         n_pin, head = self.n_pin, self.n_sink + self.n_pin
         copy = lambda t: t.clone(memory_format=torch.contiguous_format)  # noqa: E731
+        local = self.local_needed()
         for i, layer in enumerate(self.layers):
             if layer.is_initialized:
+                first = layer.length - local if isinstance(layer, LocalLayer) else 0  # a sliding layer's needed rows
                 for name, buf in (("k", layer.keys), ("v", layer.values)):
-                    if isinstance(layer, SinkLayer) and layer.n_rec:
+                    if isinstance(layer, SinkLayer) and layer.n_rec:  # the recall slots are not saved
                         after = buf[:, :, head + layer.n_rec : layer.length]
                         tensors[f"{i}.{name}"] = torch.cat([buf[:, :, :head], after], dim=-2)
                     else:
-                        tensors[f"{i}.{name}"] = copy(buf[:, :, : layer.length])
+                        tensors[f"{i}.{name}"] = copy(buf[:, :, first : layer.length])
                 if isinstance(layer, SinkLayer):
                     tensors[f"{i}.sink"] = copy(layer.sink_orig[:, :, : self.n_sink])
                     if n_pin:
@@ -583,7 +593,7 @@ class SinkCache:
         if self.parked or self.pins:
             meta.update(parked=[list(r) for r in self.parked], pins=[list(s) for s in self.pins])
         if self.local_layers:
-            meta["local"] = {"window": self.local_layers[0].window, "held": self.local_length,
+            meta["local"] = {"window": self.local_layers[0].window, "held": local,
                              "layers": [i for i, layer in enumerate(self.layers) if isinstance(layer, LocalLayer)]}
         if self.memory is not None:
             meta["memory"], pending = self.memory.state(list(self.sink_index))
@@ -682,6 +692,8 @@ def local_windows(config) -> list[int | None] | None:
     :func:`sinkchat.model.checks.check_context`)."""
     config = config.get_text_config(decoder=True)
     window, types = getattr(config, "sliding_window", None), getattr(config, "layer_types", None) or []
+    if isinstance(getattr(config, "max_position_embeddings", None), int):  # a window past it holds nothing more
+        window = min(window, config.max_position_embeddings) if isinstance(window, int) else window
     kinds = [window if t == "sliding_attention" else None for t in types]
     if not isinstance(window, int) or None not in kinds or all(k is None for k in kinds):
         return None

@@ -44,7 +44,7 @@ class Checkpoint:
     stash: list[Run] = field(default_factory=list)  # tokens that left, with the positions of their stashed keys
     stash_k: list[list[torch.Tensor]] = field(default_factory=list)  # per layer, blocks in stash order
     stash_v: list[list[torch.Tensor]] = field(default_factory=list)
-    local_from: int = 0  # the oldest token the sliding layers held at the checkpoint
+    local_from: int = 0  # the oldest token the sliding layers need at the checkpoint (their window less one)
     lstash: list[Run] = field(default_factory=list)  # tokens the sliding layers dropped since, that it needs
     lstash_k: list[list[torch.Tensor]] = field(default_factory=list)  # per layer (sliding ones), in order
     lstash_v: list[list[torch.Tensor]] = field(default_factory=list)
@@ -55,7 +55,7 @@ class Checkpoint:
         empty = lambda: [[] for _ in cache.layers]  # noqa: E731
         memory = cache.memory.mark() if cache.memory is not None else None
         return cls(cache.n_sink, cache.n_win, cache.seen, cache.base, list(cache.parked), list(cache.evictions),
-                   stash_k=empty(), stash_v=empty(), local_from=cache.seen - cache.local_length,
+                   stash_k=empty(), stash_v=empty(), local_from=cache.seen - cache.local_needed(),
                    lstash_k=empty(), lstash_v=empty(), memory=memory)
 
     # -- while the turn runs ---------------------------------------------------------------------
@@ -91,15 +91,15 @@ class Checkpoint:
 
     def keep_local(self, cache, first: int, drop: int) -> None:
         """Copy what the sliding layers are about to drop (their ``drop`` oldest tokens, from token
-        ``first`` on) of the tokens they held at the checkpoint."""
-        n = min(first + drop, self.seen) - first
-        if n <= 0:
+        ``first`` on) of the tokens the checkpoint needs (from :attr:`local_from` on)."""
+        start, end = max(first, self.local_from), min(first + drop, self.seen)
+        if end <= start:
             return
-        self.lstash.append((first, first + n, first - cache.base))
+        self.lstash.append((start, end, start - cache.base))
         for i, layer in enumerate(cache.layers):
             if isinstance(layer, LocalLayer) and layer.is_initialized:
-                self.lstash_k[i].append(layer.keys[:, :, :n].clone())
-                self.lstash_v[i].append(layer.values[:, :, :n].clone())
+                self.lstash_k[i].append(layer.keys[:, :, start - first : end - first].clone())
+                self.lstash_v[i].append(layer.values[:, :, start - first : end - first].clone())
 
     # -- going back ------------------------------------------------------------------------------
 

@@ -38,7 +38,7 @@ def load(
     device: str = "auto",
     dtype: str = "auto",
     progress=lambda msg: None,
-    context: tuple[int, int] | None = None,
+    context: tuple[int | None, int] | None = None,
     kv_dtype: str = "auto",
     compile: str = "auto",
     quick: bool = True,
@@ -56,8 +56,8 @@ def load(
     compute = pick_dtype(dtype, device)
     quiet()
     if source.kind == "gguf":
-        if context is not None and not (gguf_target(Path(source.ref)) / "config.json").is_file():
-            check_gguf(Path(source.ref), name, *context)  # before converting: what would be refused after
+        if not (gguf_target(Path(source.ref)) / "config.json").is_file():
+            check_gguf(Path(source.ref), name, context)  # before converting: what would be refused after
         folder = str(gguf_folder(Path(source.ref), progress))
     elif source.kind == "dir":
         folder = source.ref
@@ -81,7 +81,7 @@ def load(
     return loaded
 
 
-def _load_quick(name: str, folder: str, context: tuple[int, int] | None) -> LoadedModel | None:
+def _load_quick(name: str, folder: str, context: tuple[int | None, int] | None) -> LoadedModel | None:
     """The model as a :class:`~.quickload.Skeleton` for the CPU fast path, or None where
     it does not qualify (then transformers loads it)."""
     import torch
@@ -107,7 +107,7 @@ def _load_quick(name: str, folder: str, context: tuple[int, int] | None) -> Load
     return LoadedModel(model, tokenizer, None, "4bit", "cpu", torch.float32)
 
 
-def _load_transformers(name: str, folder: str, context: tuple[int, int] | None, quant: str, device: str,
+def _load_transformers(name: str, folder: str, context: tuple[int | None, int] | None, quant: str, device: str,
                        compute: torch.dtype) -> LoadedModel:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
@@ -161,5 +161,5 @@ def fingerprint(loaded: LoadedModel, folder: str) -> dict:
 def load_for(settings, progress=lambda msg: None, quick: bool = True) -> LoadedModel:
     """:func:`load` with a :class:`~sinkchat.settings.Settings`' model, quant, device, dtype and geometry."""
     return load(settings.model, settings.quant, settings.device, settings.dtype, progress=progress,
-                context=(settings.sinks_for(), settings.window), kv_dtype=settings.kv_dtype, compile=settings.compile,
+                context=(settings.sinks, settings.window), kv_dtype=settings.kv_dtype, compile=settings.compile,
                 quick=quick)

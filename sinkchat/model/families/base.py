@@ -40,6 +40,7 @@ class Family:
         ("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"), ("self_attn", "o_proj"),
         ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj"))
     quick: bool = False  # the quick start (:mod:`sinkchat.model.quickload`) builds its module tree
+    default_window: int | None = None  # the sliding window transformers assumes when config.json names none
 
     def biases(self, raw: dict) -> tuple[str, ...]:
         """The projections with a bias, as transformers builds this model from ``config.json`` ``raw``."""

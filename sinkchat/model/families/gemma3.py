@@ -28,4 +28,4 @@ class Gemma3(Family):
 
 GEMMA3 = Gemma3("gemma3", ("gemma3_text", "gemma3"), Block(
     act="gelu_pytorch_tanh", act_key="hidden_activation", norms=SANDWICH_NORMS, norm_offset=1.0, qk_norm=True,
-    query_scale_key="query_pre_attn_scalar"))
+    query_scale_key="query_pre_attn_scalar"), default_window=4096)

@@ -41,5 +41,5 @@ class Qwen2(Family):
 
 
 LLAMA = Llama("llama", ("llama",), quick=True)
-MISTRAL = Mistral("mistral", ("mistral",), quick=True)
-QWEN2 = Qwen2("qwen2", ("qwen2",), quick=True)
+MISTRAL = Mistral("mistral", ("mistral",), quick=True, default_window=4096)
+QWEN2 = Qwen2("qwen2", ("qwen2",), quick=True, default_window=4096)

@@ -27,4 +27,4 @@ def windowed_from(raw: dict) -> list[str] | None:
     return ["sliding_attention" if i >= first else "full_attention" for i in range(raw["num_hidden_layers"])]
 
 
-QWEN3 = Qwen3("qwen3", ("qwen3",), Block(qk_norm=True))
+QWEN3 = Qwen3("qwen3", ("qwen3",), Block(qk_norm=True), default_window=4096)
