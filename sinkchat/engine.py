@@ -110,9 +110,9 @@ class Chat(Steering):
                 f"that is {over} more than --pin-max {settings.pin_budget} lets pinned messages keep"
             )
         check_context(self.model.config, loaded.name, settings.sinks, settings.window)
-        self.cache = SinkCache.for_model(self.model, settings.sinks, settings.window, settings.block,
-                                         pin_max=settings.pin_budget,
-                                         dtype=kv_dtype(settings.kv_dtype, loaded))
+        self.cache = self._new_cache(settings.sinks, settings.window, settings.block, settings.pin_budget,
+                                     kv_dtype(settings.kv_dtype, loaded))
+        self._recalling = False  # a user message is being read: each chunk recalls from the block memory
         self.chunk = prefill_chunk(settings.window)
         self.sampler = Sampler(settings)
         self.stop_ids = stop_token_ids(self.tokenizer, self.model)
@@ -125,6 +125,14 @@ class Chat(Steering):
         self.busy = False  # a submit is between its start and its Done (the chat may not be copied then)
         self._logits: torch.Tensor | None = None
         self.device = next(self.model.parameters()).device
+
+    def _new_cache(self, sinks: int, window: int, block: int | None, pin_max: int, dtype) -> SinkCache:
+        """The chat's cache; with ``--recall`` its block memory records each evicted token's id from the ledger."""
+        s = self.settings
+        cache = SinkCache.for_model(self.model, sinks, window, block, pin_max=pin_max, dtype=dtype, recall=s.recall,
+                                    recall_block=s.recall_block, memory_key=memory_key(self.loaded.fingerprint, dtype))
+        cache.token_ids = lambda a, b: self.tokens[a:b]
+        return cache
 
     # -- chatting -------------------------------------------------------------------------------
 
@@ -174,10 +182,14 @@ class Chat(Steering):
         and the tokens read, marked :func:`~sinkchat.ledger.partial` (how many it has), so Esc or
         Ctrl+C does not wait for a long paste to be read whole, and nothing claims the model read it."""
         self.messages.append(Message(role, content, len(self.tokens), len(self.tokens), note=partial(len(ids))))
-        for i in range(0, len(ids), self.chunk):
-            if self._stop.is_set():
-                return
-            yield from self._forward(ids[i : i + self.chunk])
+        self._recalling = role == "user" and self.cache.memory is not None
+        try:
+            for i in range(0, len(ids), self.chunk):
+                if self._stop.is_set():
+                    return
+                yield from self._forward(ids[i : i + self.chunk])
+        finally:
+            self._recalling = False
         self._update(note="")  # until here the model had read only part of it
 
     def _turn_ids(self, text: str) -> tuple[list[int], list[int]]:
@@ -289,8 +301,7 @@ class Chat(Steering):
                 self.cache.load_state(tensors, state.meta, device=self.device)
             except (KeyError, ValueError, RuntimeError) as exc:  # tensors that do not fit the counters
                 cache = self.cache
-                self.cache = SinkCache.for_model(self.model, cache.sinks, cache.window, cache.block, cache.pin_max,
-                                                 cache.dtype)
+                self.cache = self._new_cache(cache.sinks, cache.window, cache.block, cache.pin_max, cache.dtype)
                 self.rebuild(state.meta)
                 return [f"the saved KV cache does not fit its ledger ({exc}); rebuilt it from the ledger"]
             if now["block"] != state.meta["block"]:  # the KV does not depend on it: keep it, say so
@@ -309,7 +320,8 @@ class Chat(Steering):
         """One step of the last message: reserve cache room, run the model, record the tokens. A failing
         model call gives the room back, so the cache never holds more than the recorded tokens; the
         evictions are announced only once the step is recorded."""
-        positions, spans = self.cache.reserve(len(ids), self._cut if self.settings.evict == "turns" else None)
+        positions, spans = self.cache.reserve(len(ids), self._cut if self.settings.evict == "turns" else None,
+                                              recall=self._recalling)
         try:
             logits = forward(self.model, self.cache, ids, positions)
         except BaseException:
@@ -320,6 +332,8 @@ class Chat(Steering):
         self._logits = logits[-1]
         for span in spans:
             yield Evicted(span)
+        for text in self.cache.take_notices():  # a damaged block of the memory: it can no longer be recalled
+            yield Notice(text)
 
     def _update(self, **changes) -> Message:
         """Replace the message being written with one carrying ``changes`` (messages are values)."""
@@ -401,6 +415,13 @@ def stop_token_ids(tokenizer, model) -> set[int]:
     vocab = tokenizer.get_vocab()
     ids.update(vocab[t] for t in END_OF_TURN if t in vocab)
     return ids
+
+
+def memory_key(fingerprint: dict, dtype) -> str:
+    """What the block memory's K/V depend on (model files, quantization, dtype, RoPE; not the geometry)."""
+    what = {k: v for k, v in fingerprint.items() if k not in ("sinks", "window", "block")}
+    what["kv_dtype"] = str(dtype)
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
 @lru_cache(maxsize=4)

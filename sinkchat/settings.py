@@ -74,6 +74,11 @@ class Settings:
                          "turns, so the window starts where a user turn opens).", choices=EVICTS)
     pin_max: int | None = setting(None, "Most tokens pinned messages may keep, out of the window "
                                   "[default: a quarter of the window].", check=_range(0, LIMIT))
+    recall: int = setting(0, "Slots for tokens recalled from the memory of what left the window (InfLLM-style "
+                          "block retrieval; each user message brings back the blocks that best answer it); "
+                          "0 = off: what leaves the window is forgotten.", check=_range(0, LIMIT))
+    recall_block: int = setting(64, "Tokens per block of that memory (a block is recalled whole).",
+                                check=_range(1, LIMIT))
     keep_system: bool = setting(False, "Pin the whole system prompt: never evicted (counts against --pin-max).")
     system: str | None = setting(None, "System prompt [default: the chat template's].")
     quant: str = setting("4bit", "Weights: 4bit (the best 4-bit kernel here: bitsandbytes NF4 on a GPU, "
@@ -182,6 +187,9 @@ def _combined(values: Mapping[str, object]) -> tuple[str, str] | None:
     pin_max, window = values.get("pin_max"), values["window"]
     if pin_max is not None and pin_max > window // 2:
         return "pin_max", f"must be at most half the window, {window // 2} (got {pin_max})"
+    recall, block = values.get("recall") or 0, values.get("recall_block") or 64
+    if recall and recall < block:
+        return "recall", f"must hold at least one block of --recall-block {block} (got {recall})"
     return None
 
 
