@@ -374,9 +374,9 @@ def memory(
     Example: sinkchat bench memory --tokens 1024,4096 --depths 0.15,0.5 --keys 10 --window 256
     """
     from .. import bench
-    from ..bench import memory as measure
+    from ..bench import memory as bench_memory
 
-    wanted = bench.parse_modes(modes, measure.MODES)
+    wanted = bench.parse_modes(modes, bench_memory.MODES)
     try:
         lengths = [int(t) for t in tokens.split(",")]
         where = [float(d) for d in depths.split(",")]
@@ -392,11 +392,11 @@ def memory(
         raise SinkchatError(f"--recall {slots} holds no block of --recall-block {s.recall_block}")
     loaded = load(s, as_json, context=False)
     results: list = []
-    interrupted = measure(lambda bars: measure.run_memory(loaded, wanted, lengths, where, keys, s.sinks, s.window,
+    interrupted = measure(lambda bars: bench_memory.run_memory(loaded, wanted, lengths, where, keys, s.sinks, s.window,
                                                           slots, s.recall_block, bars, results), as_json)
     extra = {"task": "passkey", "sinks": s.sinks, "window": s.window, "recall": slots,
              "recall_block": s.recall_block, "interrupted": interrupted, "machine": machine(loaded)}
-    finish(measure.memory_report(results, extra), as_json, tables.print_memory, None, interrupted)
+    finish(bench_memory.memory_report(results, extra), as_json, tables.print_memory, None, interrupted)
 
 
 @app.command("resume")
