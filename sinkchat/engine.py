@@ -14,17 +14,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 
 from .errors import SinkchatError
 from .kv import SinkCache
 from .kv.cache import learned_sinks
+from .kv.memory import SUFFIX as MEMORY_SUFFIX
 from .ledger import ChatState, Message, Occupancy, Span, partial
 from .model import LoadedModel, check_context, forward
 from .model.kernels import kv_dtype
@@ -269,6 +272,34 @@ class Chat(Steering):
         meta["revision"] = self.revision
         state = ChatState(list(self.tokens), list(self.messages), meta, self.fingerprint(), cuts=list(self.cuts))
         return state, tensors
+
+    def keep_memory(self, directory: Path, chat_id: int | None) -> None:
+        """With ``--recall``: keep the block memory's file in ``directory`` (a store's state folder), named
+        ``<chat_id>.memory`` once the chat has an id, and flushed to disk, before a save counts its blocks."""
+        memory = self.cache.memory
+        if memory is None:
+            return
+        memory.keep_in(directory)
+        if memory.fd is None:
+            return
+        if chat_id is not None and memory.path is not None and memory.path.name != f"{chat_id}{MEMORY_SUFFIX}":
+            target = directory / f"{chat_id}{MEMORY_SUFFIX}"
+            os.replace(memory.path, target)
+            memory.adopt(target)
+        os.fsync(memory.fd)
+
+    def open_memory(self, directory: Path, chat_id: int, state: ChatState, tensors: dict | None,
+                    writable: bool = True) -> list[str]:
+        """Continue the saved chat's block memory from its file in ``directory`` (after :meth:`restore`);
+        notices when part of it cannot be used (the chat itself is never lost)."""
+        saved = state.meta.get("memory") or {}
+        name = saved.get("file") or f"{chat_id}{MEMORY_SUFFIX}"
+        if "/" in name or name.startswith(".."):
+            name = f"{chat_id}{MEMORY_SUFFIX}"
+        notices = self.cache.open_memory(directory / name, state.meta, tensors, self.tokens, writable)
+        if self.cache.memory is not None:  # a rebuilt window may hold again what the memory held
+            self.cache.memory.trim(self.cache.evictions, len(self.tokens))
+        return notices
 
     def restore(self, state: ChatState, tensors: dict[str, torch.Tensor] | None) -> list[str]:
         """Continue a saved chat in this fresh one: transcript, ledger, cache counters and KV.

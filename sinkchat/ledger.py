@@ -124,6 +124,7 @@ class Occupancy:
     recall_capacity: int = 0  # recall slots (``--recall``; 0: nothing is remembered)
     recall: tuple[Recalled, ...] = ()  # the blocks held in those slots, the most chosen first
     memory_blocks: int = 0  # blocks in the memory of what left the window
+    recall_layers: int = 0  # the model's global layers (each chooses its own blocks)
 
     @property
     def held(self) -> int:
@@ -155,6 +156,9 @@ class Occupancy:
         if self.local_window:
             notes.append(f"the model's sliding-window layers see only its last {self.local_window} tokens, as it "
                          "was trained to; the window above is what its global layers see")
+        if self.recall_capacity:
+            notes.append(f"recall: {self.memory_blocks} blocks of forgotten tokens on disk; each user message brings "
+                         f"back the {self.recall_capacity} tokens that best answer it, chosen per layer")
         if self.learned_sinks and not self.sink_capacity:
             notes.append("no sink tokens needed: this model learned its own attention sink (a logit per head)")
         return notes

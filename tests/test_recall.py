@@ -12,9 +12,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_cache import reference_logits, text_ids, worst
 
+from _helpers import say
+from sinkchat.engine import Chat
 from sinkchat.kv import SinkCache, rope_inv_freqs
 from sinkchat.kv.memory import FILE_HEADER, BlockMemory, MemoryFileError
 from sinkchat.model import forward
+from sinkchat.settings import Settings
+from sinkchat.store import Store
 
 SAME = 1e-4  # as for pinned tokens (tests/test_pins.py): float32, contiguous positions
 
@@ -175,3 +179,58 @@ def test_recall_off_forgets(tmp_path):
     cache = SinkCache(INV, 2, 8, 4)
     assert cache.memory is None and cache.occupancy().recall_capacity == 0
     assert not os.listdir(tmp_path)
+
+
+RECALL = dict(sinks=4, window=64, block=8, recall=32, recall_block=16, max_new_tokens=12, temperature=0,
+              repetition_penalty=1.0)
+TURNS = ["The pass key is 52871. Remember it.", "Tell me about the grass and the sky.", "And the sun?",
+         "What is the pass key?"]
+
+
+def recall_chat(loaded, store, turns):
+    chat = Chat(loaded, Settings(**RECALL))
+    say(chat, turns[0])
+    chat_id = store.create(chat, chat.settings)
+    for text in turns[1:]:
+        say(chat, text)
+        store.save(chat_id, chat)
+    return chat_id, chat
+
+
+def test_resume_with_a_memory_is_token_identical(smollm):
+    store = Store()
+    chat_id, chat = recall_chat(smollm, store, TURNS[:3])
+    assert chat.cache.memory.blocks >= 2, "the test needs blocks in the memory when it is saved"
+    assert store.memory_path(chat_id).is_file()
+    store.unlock(chat_id)
+    again = Chat(smollm, chat.settings)
+    assert Store(store.root).open(chat_id, again) == []
+    assert again.cache.memory.mark() == chat.cache.memory.mark()
+    n = len(chat.tokens)
+    assert say(again, TURNS[3]) == say(chat, TURNS[3])
+    assert again.tokens[n:] == chat.tokens[n:]
+    assert again.occupancy().recall == chat.occupancy().recall and chat.occupancy().recall
+    assert "recalled" in again.occupancy().text()
+
+
+def test_rollback_takes_the_turns_blocks_back_out_of_the_memory(smollm):
+    store = Store()
+    _, chat = recall_chat(smollm, store, TURNS[:2])
+    before, tokens = chat.cache.memory.mark(), list(chat.tokens)
+    first = say(chat, "Tell me a long story about the pass key and the grass, the sky and the sun.")
+    assert chat.cache.memory.mark() != before
+    assert chat.rollback() is None
+    assert chat.cache.memory.mark() == before and chat.tokens == tokens
+    assert say(chat, "Tell me a long story about the pass key and the grass, the sky and the sun.") == first
+
+
+def test_a_damaged_memory_file_loses_recall_not_the_chat(smollm):
+    store = Store()
+    chat_id, chat = recall_chat(smollm, store, TURNS[:3])
+    store.unlock(chat_id)
+    store.memory_path(chat_id).write_bytes(b"not a memory")
+    again = Chat(smollm, chat.settings)
+    notices = Store(store.root).open(chat_id, again)
+    assert len(notices) == 1 and "memory file" in notices[0] and "can no longer be recalled" in notices[0]
+    assert again.tokens == chat.tokens and again.cache.memory.blocks == 0
+    assert say(again, TURNS[3])  # the chat goes on, and new evictions are remembered again

@@ -244,6 +244,7 @@ class SinkCache:
             recall_capacity=self.recall,
             recall=self.recall_summary(),
             memory_blocks=self.memory.blocks if self.memory is not None else 0,
+            recall_layers=len(self.sink_layers) if self.memory is not None else 0,
         )
 
     def recall_summary(self) -> tuple[Recalled, ...]:
