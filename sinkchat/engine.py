@@ -113,6 +113,12 @@ class Chat(Steering):
                 f"that is {over} more than --pin-max {settings.pin_budget} lets pinned messages keep"
             )
         check_context(self.model.config, loaded.name, settings.sinks, settings.window)
+        if settings.recall:  # recalled tokens sit between the sinks and the window, at positions of their own
+            try:
+                check_context(self.model.config, loaded.name, settings.sinks, settings.window + settings.recall)
+            except SinkchatError:
+                raise SinkchatError(f"--recall {settings.recall} + sinks + window exceeds {loaded.name}'s context; "
+                                    "use a smaller --recall or --window") from None
         self.cache = self._new_cache(settings.sinks, settings.window, settings.block, settings.pin_budget,
                                      kv_dtype(settings.kv_dtype, loaded))
         self._recalling = False  # a user message is being read: each chunk recalls from the block memory
