@@ -376,9 +376,10 @@ def is_pinned(message: Message, pins: list[Span], sinks: int) -> bool:
 
 
 def label(index: int, role: str, note: str, mem: Memory | None, pinned: bool = False,
-          kept_from: tuple[str, int] | None = None) -> str:
+          kept_from: tuple[str, int] | None = None, recalled: int = 0) -> str:
     """A message's one-line label as the transcript shows it, and ``chats show`` and exports print it:
-    ``#5 you  [stopped]  ▒ pinned: the model keeps it  ✂ 12 of 40 tokens forgotten, kept from “…”``.
+    ``#5 you  [stopped]  ▒ pinned: the model keeps it  ✂ 12 of 40 tokens forgotten, kept from “…”``
+    (with ``recalled``, tokens of it brought back from the memory now: ``↺ 32 recalled for this turn``).
 
     ``mem``: what the cache holds of it (None: not known yet); ``kept_from``: the words and paragraph
     where its kept part begins (:meth:`Chat.kept_from`; None without a tokenizer)."""
@@ -397,4 +398,6 @@ def label(index: int, role: str, note: str, mem: Memory | None, pinned: bool = F
         elif mem.cut is None:  # the evicted run ends the message: its start is what stays (the sinks)
             where = f", its first {mem.tokens - mem.evicted} stay as attention sinks"
         parts.append(f"✂ {mem.evicted} of {mem.tokens} tokens forgotten{where}")
+    if recalled:
+        parts.append(f"↺ {recalled} recalled for this turn")
     return "  ".join(parts)

@@ -28,7 +28,7 @@ from textual.widgets import Label, LoadingIndicator
 from textual.worker import Worker, WorkerCancelled, WorkerFailed
 
 from ..errors import SinkchatError
-from ..ledger import Occupancy, spans
+from ..ledger import Occupancy, covered_by, spans
 from ..model import LoadedModel, load_for
 from ..settings import Settings
 from ..text import clean
@@ -380,7 +380,9 @@ class ChatScreen(Say, SteerKeys, Screen):
         (work bounded by the mounted views and the few merged spans, not by the chat's length)."""
         chat = self.chat
         self.query_one(CacheGauge).show(occupancy, chat.messages)
-        self.query_one(Transcript).mark(chat.messages, spans(occupancy), chat.kept_from, chat.is_pinned)
+        back = occupancy.recalled_spans()
+        self.query_one(Transcript).mark(chat.messages, spans(occupancy), chat.kept_from, chat.is_pinned,
+                                        lambda m: covered_by(back, m.start, m.end) if back else 0)
 
     # -- actions --------------------------------------------------------------------------------
 
