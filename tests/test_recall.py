@@ -234,3 +234,15 @@ def test_a_damaged_memory_file_loses_recall_not_the_chat(smollm):
     assert len(notices) == 1 and "memory file" in notices[0] and "can no longer be recalled" in notices[0]
     assert again.tokens == chat.tokens and again.cache.memory.blocks == 0
     assert say(again, TURNS[3])  # the chat goes on, and new evictions are remembered again
+
+
+def test_memory_report_has_a_record_per_task_and_mode():
+    from sinkchat.bench.memory import Result, memory_report
+
+    results = [Result("sinks", "12345", 0.15, 1036, False, "a key", "evicted"),
+               Result("recall", "12345", 0.15, 1036, True, "12345. Remember", "recalled")]
+    report = memory_report(results, {"sinks": 4, "window": 256})
+    assert [(r["mode"], r["found"], r["where"]) for r in report["results"]] == [
+        ("sinks", False, "evicted"), ("recall", True, "recalled")]
+    assert all(isinstance(r["found"], bool) for r in report["results"])
+    assert {s["mode"]: s["found"] for s in report["summary"]} == {"sinks": 0, "recall": 1}
