@@ -36,7 +36,7 @@ def main() -> None:
     import pydoc_data.topics
 
     text = "\n".join(pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics))
-    ids = text_ids(loaded.tokenizer, text, max(a.window + 1000, a.ppl_tokens))
+    ids = text_ids(loaded.tokenizer, text, max(a.window + 1000 + a.decode, a.ppl_tokens))
 
     def filled(recall: int) -> SinkCache:
         cache = SinkCache.for_model(model, 4, a.window, recall=recall, recall_block=a.recall_block)
@@ -66,6 +66,8 @@ def main() -> None:
     ratio = statistics.median(times["sinks"]) / statistics.median(times["recall"])
     print(f"decode recall/sinks speed ratio: {ratio:.3f}")
 
+    if a.ppl_tokens < 2:  # decode only
+        return
     scored = {}
     for mode, recall in (("sinks", 0), ("recall", a.recall)):
         cache = SinkCache.for_model(model, 4, a.ppl_window, recall=recall, recall_block=a.recall_block)

@@ -11,7 +11,8 @@ What it holds, per global (sink) layer of the model:
   memory file: the tokens' conversation indices and ids, the RoPE position each key was computed
   at, the representative keys, and per layer the keys ``[KV, block, D]`` and values in the cache's
   dtype, with a sha256 per layer and one over the rest. A record is read back per layer and block
-  when recalled (``os.pread``: nothing is mapped, so RAM stays flat however long the file grows).
+  when recalled (``os.pread``: nothing is mapped; RAM holds only the representatives, 1/64 of the K/V with
+  4 per block of 64 in float16 against float32 K/V).
 * **Representative keys in RAM.** Per block and layer, ``reps`` vectors ``[KV, D]`` (float16): the
   keys rotated back to position 0 and averaged over ``reps`` consecutive slices of the block. A
   query scores a block by its best representative (:meth:`BlockMemory.scores`).
