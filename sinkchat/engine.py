@@ -14,21 +14,24 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 
 from .errors import SinkchatError
 from .kv import SinkCache
 from .kv.cache import learned_sinks
+from .kv.memory import SUFFIX as MEMORY_SUFFIX
 from .ledger import ChatState, Message, Occupancy, Span, partial
 from .model import LoadedModel, check_context, forward
 from .model.kernels import kv_dtype
-from .sampling import Sampler
+from .sampling import REPEAT_LAST_N, Sampler
 from .settings import Settings
 from .steering import Steering
 from .template import Turns
@@ -110,9 +113,15 @@ class Chat(Steering):
                 f"that is {over} more than --pin-max {settings.pin_budget} lets pinned messages keep"
             )
         check_context(self.model.config, loaded.name, settings.sinks, settings.window)
-        self.cache = SinkCache.for_model(self.model, settings.sinks, settings.window, settings.block,
-                                         pin_max=settings.pin_budget,
-                                         dtype=kv_dtype(settings.kv_dtype, loaded))
+        if settings.recall:  # recalled tokens sit between the sinks and the window, at positions of their own
+            try:
+                check_context(self.model.config, loaded.name, settings.sinks, settings.window + settings.recall)
+            except SinkchatError:
+                raise SinkchatError(f"--recall {settings.recall} + sinks + window exceeds {loaded.name}'s context; "
+                                    "use a smaller --recall or --window") from None
+        self.cache = self._new_cache(settings.sinks, settings.window, settings.block, settings.pin_budget,
+                                     kv_dtype(settings.kv_dtype, loaded))
+        self._recalling = False  # a user message is being read: each chunk recalls from the block memory
         self.chunk = prefill_chunk(settings.window)
         self.sampler = Sampler(settings)
         self.stop_ids = stop_token_ids(self.tokenizer, self.model)
@@ -125,6 +134,14 @@ class Chat(Steering):
         self.busy = False  # a submit is between its start and its Done (the chat may not be copied then)
         self._logits: torch.Tensor | None = None
         self.device = next(self.model.parameters()).device
+
+    def _new_cache(self, sinks: int, window: int, block: int | None, pin_max: int, dtype) -> SinkCache:
+        """The chat's cache; with ``--recall`` its block memory records each evicted token's id from the ledger."""
+        s = self.settings
+        cache = SinkCache.for_model(self.model, sinks, window, block, pin_max=pin_max, dtype=dtype, recall=s.recall,
+                                    recall_block=s.recall_block, memory_key=memory_key(self.loaded.fingerprint, dtype))
+        cache.token_ids = lambda a, b: self.tokens[a:b]
+        return cache
 
     # -- chatting -------------------------------------------------------------------------------
 
@@ -174,10 +191,14 @@ class Chat(Steering):
         and the tokens read, marked :func:`~sinkchat.ledger.partial` (how many it has), so Esc or
         Ctrl+C does not wait for a long paste to be read whole, and nothing claims the model read it."""
         self.messages.append(Message(role, content, len(self.tokens), len(self.tokens), note=partial(len(ids))))
-        for i in range(0, len(ids), self.chunk):
-            if self._stop.is_set():
-                return
-            yield from self._forward(ids[i : i + self.chunk])
+        self._recalling = role == "user" and self.cache.memory is not None
+        try:
+            for i in range(0, len(ids), self.chunk):
+                if self._stop.is_set():
+                    return
+                yield from self._forward(ids[i : i + self.chunk])
+        finally:
+            self._recalling = False
         self._update(note="")  # until here the model had read only part of it
 
     def _turn_ids(self, text: str) -> tuple[list[int], list[int]]:
@@ -258,6 +279,34 @@ class Chat(Steering):
         state = ChatState(list(self.tokens), list(self.messages), meta, self.fingerprint(), cuts=list(self.cuts))
         return state, tensors
 
+    def keep_memory(self, directory: Path, chat_id: int | None) -> None:
+        """With ``--recall``: keep the block memory's file in ``directory`` (a store's state folder), named
+        ``<chat_id>.memory`` once the chat has an id, and flushed to disk, before a save counts its blocks."""
+        memory = self.cache.memory
+        if memory is None:
+            return
+        memory.keep_in(directory)
+        if memory.fd is None:
+            return
+        if chat_id is not None and memory.path is not None and memory.path.name != f"{chat_id}{MEMORY_SUFFIX}":
+            target = directory / f"{chat_id}{MEMORY_SUFFIX}"
+            os.replace(memory.path, target)
+            memory.adopt(target)
+        os.fsync(memory.fd)
+
+    def open_memory(self, directory: Path, chat_id: int, state: ChatState, tensors: dict | None,
+                    writable: bool = True) -> list[str]:
+        """Continue the saved chat's block memory from its file in ``directory`` (after :meth:`restore`);
+        notices when part of it cannot be used (the chat itself is never lost)."""
+        saved = state.meta.get("memory") or {}
+        name = saved.get("file") or f"{chat_id}{MEMORY_SUFFIX}"
+        if "/" in name or name.startswith(".."):
+            name = f"{chat_id}{MEMORY_SUFFIX}"
+        notices = self.cache.open_memory(directory / name, state.meta, tensors, self.tokens, writable)
+        if self.cache.memory is not None:  # a rebuilt window may hold again what the memory held
+            self.cache.memory.trim(self.cache.evictions, len(self.tokens))
+        return notices
+
     def restore(self, state: ChatState, tensors: dict[str, torch.Tensor] | None) -> list[str]:
         """Continue a saved chat in this fresh one: transcript, ledger, cache counters and KV.
 
@@ -289,8 +338,7 @@ class Chat(Steering):
                 self.cache.load_state(tensors, state.meta, device=self.device)
             except (KeyError, ValueError, RuntimeError) as exc:  # tensors that do not fit the counters
                 cache = self.cache
-                self.cache = SinkCache.for_model(self.model, cache.sinks, cache.window, cache.block, cache.pin_max,
-                                                 cache.dtype)
+                self.cache = self._new_cache(cache.sinks, cache.window, cache.block, cache.pin_max, cache.dtype)
                 self.rebuild(state.meta)
                 return [f"the saved KV cache does not fit its ledger ({exc}); rebuilt it from the ledger"]
             if now["block"] != state.meta["block"]:  # the KV does not depend on it: keep it, say so
@@ -309,7 +357,8 @@ class Chat(Steering):
         """One step of the last message: reserve cache room, run the model, record the tokens. A failing
         model call gives the room back, so the cache never holds more than the recorded tokens; the
         evictions are announced only once the step is recorded."""
-        positions, spans = self.cache.reserve(len(ids), self._cut if self.settings.evict == "turns" else None)
+        positions, spans = self.cache.reserve(len(ids), self._cut if self.settings.evict == "turns" else None,
+                                              recall=self._recalling)
         try:
             logits = forward(self.model, self.cache, ids, positions)
         except BaseException:
@@ -320,6 +369,8 @@ class Chat(Steering):
         self._logits = logits[-1]
         for span in spans:
             yield Evicted(span)
+        for text in self.cache.take_notices():  # a damaged block of the memory: it can no longer be recalled
+            yield Notice(text)
 
     def _update(self, **changes) -> Message:
         """Replace the message being written with one carrying ``changes`` (messages are values)."""
@@ -336,7 +387,7 @@ class Chat(Steering):
                 if self._stop.is_set():
                     reason = "stopped"
                     break
-                tok = self.sampler(self._logits, self.tokens[-256:])
+                tok = self.sampler(self._logits, self.tokens[start:][-REPEAT_LAST_N:])  # the reply's own
                 if tok in self.stop_ids:
                     reason = "end"
                     break
@@ -401,6 +452,13 @@ def stop_token_ids(tokenizer, model) -> set[int]:
     vocab = tokenizer.get_vocab()
     ids.update(vocab[t] for t in END_OF_TURN if t in vocab)
     return ids
+
+
+def memory_key(fingerprint: dict, dtype) -> str:
+    """What the block memory's K/V depend on (model files, quantization, dtype, RoPE; not the geometry)."""
+    what = {k: v for k, v in fingerprint.items() if k not in ("sinks", "window", "block")}
+    what["kv_dtype"] = str(dtype)
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
 @lru_cache(maxsize=4)

@@ -95,6 +95,16 @@ def state_problem(state: ChatState) -> str | None:
 
 
 @dataclass(frozen=True)
+class Recalled:
+    """A block of the memory the cache holds right now: its index (``#block + 1`` on screen), its
+    conversation tokens, and how many of the model's global layers chose it for this turn."""
+
+    block: int
+    spans: tuple[Span, ...]
+    layers: int
+
+
+@dataclass(frozen=True)
 class Occupancy:
     """What the cache holds right now, in conversation tokens; ``spans`` are the evicted ranges."""
 
@@ -110,20 +120,34 @@ class Occupancy:
     window_start: int = 0  # first conversation token of the rolling window
     local_window: int | None = None  # a hybrid model's sliding layers see only this many latest tokens
     learned_sinks: bool = False  # the model learned a sink logit per head: no sink tokens needed
+    recalled: int = 0  # recall slots in use: tokens brought back from the memory for this turn
+    recall_capacity: int = 0  # recall slots (``--recall``; 0: nothing is remembered)
+    recall: tuple[Recalled, ...] = ()  # the blocks held in those slots, the most chosen first
+    memory_blocks: int = 0  # blocks in the memory of what left the window
+    recall_layers: int = 0  # the model's global layers (each chooses its own blocks)
 
     @property
     def held(self) -> int:
         return self.sinks + self.pinned + self.window
 
+    def recalled_spans(self) -> list[Span]:
+        """Every conversation token some global layer holds as recalled, as merged spans."""
+        return merge_spans(sorted(s for r in self.recall for s in r.spans))
+
     def text(self) -> str:
         """One line, e.g. ``4 + 1873 / 2000 | seen 9120 | evicted 7243 [4, 7247)`` (with pins
-        ``4 + 12 pinned + 1861 / 2000 | ...``; with a hybrid model's sliding layers ``... | sliding 512``)."""
+        ``4 + 12 pinned + 1861 / 2000 | ...``; with a hybrid model's sliding layers ``... | sliding 512``;
+        with tokens recalled from the memory ``... | recalled 3 blocks [400, 464) [900, 1028)``)."""
         spans = " ".join(f"[{a}, {b})" for a, b in merge_spans(self.spans)) or "none"
         pinned = f"{self.pinned} pinned + " if self.pinned else ""
         local = f" | sliding {self.local_window}" if self.local_window else ""
+        recall = ""
+        if self.recall:
+            shown = " ".join(f"[{a}, {b})" for a, b in self.recalled_spans())
+            recall = f" | recalled {len(self.recall)} blocks {shown}"
         return (
             f"{self.sinks} + {pinned}{self.window} / {self.window_capacity} | seen {self.seen} | "
-            f"evicted {self.evicted} {spans}{local}"
+            f"evicted {self.evicted} {spans}{local}{recall}"
         )
 
     def notes(self) -> list[str]:
@@ -132,6 +156,9 @@ class Occupancy:
         if self.local_window:
             notes.append(f"the model's sliding-window layers see only its last {self.local_window} tokens, as it "
                          "was trained to; the window above is what its global layers see")
+        if self.recall_capacity:
+            notes.append(f"recall: {self.memory_blocks} blocks of forgotten tokens on disk; each user message brings "
+                         f"back the {self.recall_capacity} tokens that best answer it, chosen per layer")
         if self.learned_sinks and not self.sink_capacity:
             notes.append("no sink tokens needed: this model learned its own attention sink (a logit per head)")
         return notes
@@ -349,9 +376,10 @@ def is_pinned(message: Message, pins: list[Span], sinks: int) -> bool:
 
 
 def label(index: int, role: str, note: str, mem: Memory | None, pinned: bool = False,
-          kept_from: tuple[str, int] | None = None) -> str:
+          kept_from: tuple[str, int] | None = None, recalled: int = 0) -> str:
     """A message's one-line label as the transcript shows it, and ``chats show`` and exports print it:
-    ``#5 you  [stopped]  ▒ pinned: the model keeps it  ✂ 12 of 40 tokens forgotten, kept from “…”``.
+    ``#5 you  [stopped]  ▒ pinned: the model keeps it  ✂ 12 of 40 tokens forgotten, kept from “…”``
+    (with ``recalled``, tokens of it brought back from the memory now: ``↺ 32 recalled for this turn``).
 
     ``mem``: what the cache holds of it (None: not known yet); ``kept_from``: the words and paragraph
     where its kept part begins (:meth:`Chat.kept_from`; None without a tokenizer)."""
@@ -370,4 +398,6 @@ def label(index: int, role: str, note: str, mem: Memory | None, pinned: bool = F
         elif mem.cut is None:  # the evicted run ends the message: its start is what stays (the sinks)
             where = f", its first {mem.tokens - mem.evicted} stay as attention sinks"
         parts.append(f"✂ {mem.evicted} of {mem.tokens} tokens forgotten{where}")
+    if recalled:
+        parts.append(f"↺ {recalled} recalled for this turn")
     return "  ".join(parts)

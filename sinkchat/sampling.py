@@ -1,4 +1,10 @@
-"""Next-token choice: greedy at temperature 0, else temperature, top-k, top-p; repetition penalty."""
+"""Next-token choice: pure greedy at temperature 0, else repetition penalty, temperature, top-k, top-p.
+
+The repetition penalty (CTRL, Keskar et al. 2019) is applied only to the ids the caller passes: the
+engine passes the reply's own last :data:`REPEAT_LAST_N` generated tokens (llama.cpp's
+``repeat_last_n`` over generated text), never the prompt, so a reply may repeat what the user said
+(a pass key, a name). At temperature 0 nothing changes the logits: greedy is the argmax.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,8 @@ import torch
 
 from .errors import SinkchatError
 from .settings import Settings
+
+REPEAT_LAST_N = 256  # generated tokens the repetition penalty looks back over (llama.cpp's repeat_last_n)
 
 
 class Sampler:
@@ -21,20 +29,21 @@ class Sampler:
             self.generator.seed()
 
     def __call__(self, logits: torch.Tensor, recent: list[int]) -> int:
-        """One token id from ``logits`` ``[vocab]``; ``recent`` ids get the repetition penalty.
-        Raises :class:`SinkchatError` for NaN or +inf logits (a broken model): argmax
-        would pick garbage, sampling would raise."""
+        """One token id from ``logits`` ``[vocab]``: the argmax at temperature 0, else a draw in which
+        ``recent`` ids (the reply's own generated tokens) get the repetition penalty. Raises
+        :class:`SinkchatError` for NaN or +inf logits (a broken model): argmax would pick garbage,
+        sampling would raise."""
         p = self.params
         logits = logits.detach().double().cpu().clone()
         if torch.isnan(logits).any() or torch.isposinf(logits).any():  # -inf only rules a token out
             raise SinkchatError("the model computed NaN (not a number) or infinity for the next token: its "
                                 "weights or config.json are broken")
+        if p.temperature <= 0:
+            return int(logits.argmax())
         if p.repetition_penalty != 1.0 and recent:
             idx = torch.tensor(sorted(set(recent)), dtype=torch.long)
             picked = logits[idx]
             logits[idx] = torch.where(picked > 0, picked / p.repetition_penalty, picked * p.repetition_penalty)
-        if p.temperature <= 0:
-            return int(logits.argmax())
         # Shifting by the maximum first keeps a tiny temperature finite: the best token scores 0 and
         # the others go to -inf, never inf - inf (NaN).
         logits = (logits - logits.max()) / p.temperature

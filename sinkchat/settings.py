@@ -74,6 +74,11 @@ class Settings:
                          "turns, so the window starts where a user turn opens).", choices=EVICTS)
     pin_max: int | None = setting(None, "Most tokens pinned messages may keep, out of the window "
                                   "[default: a quarter of the window].", check=_range(0, LIMIT))
+    recall: int = setting(0, "Slots for tokens recalled from the memory of what left the window (InfLLM-style "
+                          "block retrieval; each user message brings back the blocks that best answer it); "
+                          "0 = off: what leaves the window is forgotten.", check=_range(0, LIMIT))
+    recall_block: int = setting(64, "Tokens per block of that memory (a block is recalled whole).",
+                                check=_range(1, LIMIT))
     keep_system: bool = setting(False, "Pin the whole system prompt: never evicted (counts against --pin-max).")
     system: str | None = setting(None, "System prompt [default: the chat template's].")
     quant: str = setting("auto", "Weights: auto (a GGUF file at its own precision per tensor, anything else "
@@ -92,7 +97,8 @@ class Settings:
     top_p: float = setting(0.9, "Nucleus sampling: smallest set of tokens with this much probability.",
                            check=_range(0, 1, lo_open=True))
     top_k: int = setting(50, "Sample from the k most likely tokens; 0 = off.", check=_range(0, LIMIT))
-    repetition_penalty: float = setting(1.1, "Penalty on tokens already in the last 256; 1 = off.",
+    repetition_penalty: float = setting(1.1, "Penalty on tokens the reply itself generated (its last 256), "
+                                        "never the prompt; 1 = off; none at temperature 0 (greedy).",
                                         check=_range(0, 100, lo_open=True))
     seed: int | None = setting(None, "Random seed, for replies that can be replayed [default: random].",
                                check=_range(0, 2**63 - 1))
@@ -183,6 +189,9 @@ def _combined(values: Mapping[str, object]) -> tuple[str, str] | None:
     pin_max, window = values.get("pin_max"), values["window"]
     if pin_max is not None and pin_max > window // 2:
         return "pin_max", f"must be at most half the window, {window // 2} (got {pin_max})"
+    recall, block = values.get("recall") or 0, values.get("recall_block") or 64
+    if recall and recall < block:
+        return "recall", f"must hold at least one block of --recall-block {block} (got {recall})"
     return None
 
 

@@ -197,3 +197,27 @@ def test_turns_render_incrementally_for_a_template_that_moves_the_system_prompt(
     assert "Be kind." in head + first
     convo = [{"role": "user", "content": "one"}, {"role": "assistant", "content": "R"}, {"role": "user", "content": "two"}]
     assert render(convo) == render(convo[:1]) + " R" + text_of(turns.next("two"))
+
+
+def passkey_message(key: int, before: int = 8, after: int = 2) -> str:
+    """A pass key in filler, then the question (Mohtashami & Jaggi's passkey retrieval, in one message)."""
+    fill = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+    return fill * before + f"The pass key is {key}. Remember it. {key} is the pass key. " + fill * after + \
+        "What is the pass key?"
+
+
+@pytest.mark.parametrize("key", [60494, 43936])
+def test_the_repetition_penalty_spares_what_the_user_said(smollm, key):
+    """The penalty applies to the reply's own generated tokens only: a near-greedy reply (temperature
+    1e-6, penalty 1.1, the default) repeats the pass key the user gave. Penalising the prompt's
+    tokens too, as sinkchat did, turned it away from every digit of the key (0 of 5 keys found)."""
+    chat = Chat(smollm, Settings(temperature=1e-6, repetition_penalty=1.1, seed=0, window=2000, max_new_tokens=12))
+    reply, _ = ask(chat, passkey_message(key))
+    assert str(key) in reply, reply
+
+
+def test_temperature_0_replies_are_pure_greedy(smollm):
+    """``-t 0`` is the argmax whatever ``--repetition-penalty`` says: the same reply as with no penalty."""
+    replies = [ask(Chat(smollm, Settings(temperature=0, repetition_penalty=p, window=2000, max_new_tokens=24)),
+                   "Name three colours, then name them again.")[0] for p in (1.0, 1.5)]
+    assert replies[0] == replies[1]

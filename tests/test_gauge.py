@@ -69,3 +69,20 @@ async def test_a_hybrid_or_learned_sink_models_notes_are_shown_whole_at_80_colum
     for note in occupancy.notes():
         assert note in text, text
     assert "512" in occupancy.notes()[0] and "learned its own attention sink" in occupancy.notes()[1]
+
+
+async def test_recalled_blocks_are_named_with_their_messages_at_80_columns():
+    from sinkchat.ledger import Recalled, label, memory
+
+    messages = [Message("system", "", 0, 19), Message("user", "The pass key is 52871.", 19, 60),
+                Message("assistant", "a reply", 60, 900), Message("user", "What is the pass key?", 900, 912)]
+    recall = (Recalled(0, ((4, 68),), 30), Recalled(5, ((324, 388),), 12))
+    occupancy = Occupancy(4, 240, 256, 4, 912, 660, spans=((4, 664),), window_start=664, recalled=128,
+                          recall_capacity=128, recall=recall, memory_blocks=10, recall_layers=30)
+    text = " ".join(line.strip() for line in await shown(occupancy, messages))
+    assert "recalled 2 of 10 blocks" in text, text
+    assert f"↺ recalled #1 (30 of 30 layers) {describe_span((4, 68), messages)}" in text, text
+    assert f"↺ recalled #6 (12 of 30 layers) {describe_span((324, 388), messages)}" in text, text
+    assert occupancy.text().endswith("| recalled 2 blocks [4, 68) [324, 388)")
+    # the transcript's label of the message the key came from says it is back for this turn
+    assert "↺ 41 recalled for this turn" in label(1, "user", "", memory(messages[1], [(4, 664)]), recalled=41)

@@ -33,8 +33,14 @@ def test_top_k_and_top_p_limit_the_choices():
     assert set(draws(Settings(temperature=1.0, top_p=0.5, top_k=0, seed=0))) == {1}
 
 
-def test_repetition_penalty_turns_greedy_away_from_recent_tokens():
-    assert draws(Settings(temperature=0, repetition_penalty=2.0), 1, recent=[1]) == [2]
+def test_repetition_penalty_turns_a_near_greedy_draw_away_from_recent_tokens():
+    assert draws(Settings(temperature=1e-6, repetition_penalty=2.0, seed=0), 5, recent=[1]) == [2] * 5
+
+
+def test_temperature_0_is_pure_greedy_whatever_the_penalty():
+    """``-t 0`` is the argmax of the model's logits: the penalty does not apply (it used to, and turned
+    greedy replies away from what the user had just said)."""
+    assert draws(Settings(temperature=0, repetition_penalty=2.0), 3, recent=[1]) == [1] * 3
 
 
 def test_extreme_temperatures_stay_finite():

@@ -45,7 +45,7 @@ def test_unknown_config_key_is_a_warning_naming_it():
         ("flags", "temperature", math.inf, "--temperature must be a finite number (got inf)"),
         ("flags", "temperature", 1e9, "--temperature must be at most 100 (got 1000000000.0)"),
         ("flags", "top_p", 0.0, "--top-p must be in (0, 1] (got 0.0)"),
-        ("flags", "quant", "3bit", '--quant must be one of auto, 4bit, 8bit, none (got "3bit")'),
+        ("flags", "quant", "3bit", '--quant must be one of auto, 4bit, int4, nf4, 8bit, none (got "3bit")'),
         ("flags", "max_new_tokens", 10**12, "--max-new-tokens must be at most 10000000 (got 1000000000000)"),
         ("flags", "seed", -1, "--seed must be 0 or more (got -1)"),
         ("flags", "evict", "messages", '--evict must be one of tokens, turns (got "messages")'),

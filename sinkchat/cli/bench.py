@@ -375,6 +375,50 @@ def speed(
     finish(report, as_json, tables.print_speed, plot, interrupted)
 
 
+@app.command("memory")
+def memory(
+    tokens: str = typer.Option("1024", "--tokens", "-n", help="Comma list of context lengths in tokens."),
+    depths: str = typer.Option("0.15,0.5", help="Comma list of where the key sits in the context (0..1)."),
+    keys: int = typer.Option(10, help="Random keys (tasks) per length and depth."),
+    modes: str = typer.Option("dense,sinks,recall", help="Comma list of dense, sinks, recall."),
+    sinks: int = SINKS,
+    window: int = typer.Option(256, "--window", "-w", help="Window of the sinks and recall modes."),
+    recall: int = typer.Option(None, help="Recall slots of the recall mode [default: half the window]."),
+    recall_block: int = typer.Option(None, "--recall-block", help="Tokens per memory block [default: the chat's]."),
+    model: str = MODEL, quant: str = QUANT, device: str = DEVICE, dtype: str = DTYPE,
+    as_json: bool = JSON,
+) -> None:
+    """Long-chat memory: a pass key hidden in filler, asked for after the window moved past it; dense
+    (everything kept), sinks (sinks + window) and recall (sinks + window + recall from the block memory).
+
+    Example: sinkchat bench memory --tokens 1024,4096 --depths 0.15,0.5 --keys 10 --window 256
+    """
+    from .. import bench
+    from ..bench import memory as bench_memory
+
+    wanted = bench.parse_modes(modes, bench_memory.MODES)
+    try:
+        lengths = [int(t) for t in tokens.split(",")]
+        where = [float(d) for d in depths.split(",")]
+    except ValueError:
+        raise SinkchatError("--tokens and --depths are comma lists of numbers") from None
+    if any(n < 64 for n in lengths) or any(not 0 <= d <= 1 for d in where):
+        raise SinkchatError("--tokens must be 64 or more, --depths between 0 and 1")
+    check_positive(keys=keys, window=window, recall=recall)
+    s = settings(model=model, sinks=sinks, window=window, quant=quant, device=device, dtype=dtype,
+                 recall_block=recall_block)
+    slots = recall if recall is not None else s.window // 2
+    if slots < s.recall_block:
+        raise SinkchatError(f"--recall {slots} holds no block of --recall-block {s.recall_block}")
+    loaded = load(s, as_json, context=False)
+    results: list = []
+    interrupted = measure(lambda bars: bench_memory.run_memory(loaded, wanted, lengths, where, keys, s.sinks, s.window,
+                                                          slots, s.recall_block, bars, results), as_json)
+    extra = {"task": "passkey", "sinks": s.sinks, "window": s.window, "recall": slots,
+             "recall_block": s.recall_block, "interrupted": interrupted, "machine": machine(loaded)}
+    finish(bench_memory.memory_report(results, extra), as_json, tables.print_memory, None, interrupted)
+
+
 @app.command("resume")
 def resume(
     window: int = typer.Option(None, "--window", "-w", help="Window to fill [default: the chat's, 2000].",

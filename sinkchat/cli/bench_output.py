@@ -217,3 +217,14 @@ def print_peer(report: dict) -> None:
                   fmt(ratio.get("tg"), ".2f") + "x")
     console.print(table)
     print_kernels(report["machine"])
+
+
+def print_memory(report: dict) -> None:
+    table = Table("tokens", "key depth", "mode", "found", "key's tokens when asked", "seconds",
+                  title=f"passkey: sinks {report['sinks']}, window {report['window']}, recall {report['recall']} "
+                        f"(blocks of {report['recall_block']})")
+    for r in report["summary"]:
+        where = ", ".join(f"{k} {v}" for k, v in r["where"].items() if v)
+        table.add_row(str(r["tokens"]), f"{r['depth']:.0%}", r["mode"], f"{r['found']}/{r['tasks']}", where,
+                      fmt(r["seconds"], ".0f"))
+    tables_console().print(table)

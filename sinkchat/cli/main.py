@@ -42,6 +42,8 @@ def main(
     block: int = _opt("block", "--block"),
     evict: str = _opt("evict", "--evict"),
     pin_max: int = _opt("pin_max", "--pin-max"),
+    recall: int = _opt("recall", "--recall"),
+    recall_block: int = _opt("recall_block", "--recall-block"),
     keep_system: bool = _opt("keep_system", "--keep-system/--no-keep-system"),
     system: str = _opt("system", "--system", "-s"),
     quant: str = _opt("quant", "--quant"),
@@ -73,6 +75,7 @@ def main(
     if ctx.invoked_subcommand is not None:
         return
     flags = dict(model=model, sinks=sinks, window=window, block=block, evict=evict, pin_max=pin_max,
+                 recall=recall, recall_block=recall_block,
                  keep_system=keep_system, system=system, quant=quant, device=device, dtype=dtype,
                  kv_dtype=kv_dtype, compile=compile, temperature=temperature, top_p=top_p, top_k=top_k,
                  repetition_penalty=repetition_penalty, seed=seed, max_new_tokens=max_new_tokens, theme=theme)

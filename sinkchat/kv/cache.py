@@ -38,6 +38,15 @@ Design, and why:
   never learns what a message is.
 * **Rewind.** :meth:`SinkCache.mark` and :meth:`SinkCache.rewind` go back to an earlier moment
   exactly (regenerating a reply), keeping copies of what left the cache in between (:mod:`.rewind`).
+* **Recall.** With ``recall`` slots, what leaves the window goes to a :class:`~.memory.BlockMemory`
+  (on disk, in blocks) instead of nowhere. ``reserve(n, recall=True)`` (the engine asks it for each
+  chunk of a user message) makes room for as many whole blocks as the slots hold, between the
+  parked tokens and the window; the fast forward then calls :meth:`SinkCache.recall_layer` in each
+  global layer before its attention, which scores the memory against that layer's queries and
+  places the best blocks there, at the positions right before the window, rotated from their keys
+  as computed (InfLLM's per-layer lookup on StreamingLLM's contiguous positions). They stay for
+  the reply and are re-placed at every eviction like the parked tokens; the next user message
+  chooses again. Decode shapes never change (the slots are part of the buffers).
 * **Per-layer geometry.** A model that mixes global and sliding-window layers (Gemma 3, gpt-oss)
   was trained to see only the last ``W`` tokens in its sliding layers, so those get a rolling
   buffer of their native window (:class:`~.layer.LocalLayer`: exact, no sinks needed) while the
@@ -57,12 +66,14 @@ from contextlib import contextmanager
 import torch
 
 from ..errors import SinkchatError
-from ..ledger import Occupancy, Span, add_span, covered_by, merge_spans, subtract
+from ..ledger import Occupancy, Recalled, Span, add_span, covered_by, merge_spans, subtract
 from .layer import LocalLayer, SinkLayer
 from .layout import Run, plan_eviction, run_positions, run_spans, run_tokens
+from .memory import BlockMemory, MemoryFileError, scoring_query
 from .rewind import Checkpoint
 
 LOCAL_ROOM = 512  # slots past a sliding layer's native window: one copy per this many tokens (and a prefill chunk)
+RECALL_REPS = 4  # representative keys per memory block and layer (see README, "Recall")
 
 
 def default_block(window: int) -> int:
@@ -79,6 +90,9 @@ class SinkCache:
     layer the model trained with one (it gets a :class:`~.layer.LocalLayer`), or None (a
     :class:`~.layer.SinkLayer`: sinks + window); the counters and the ledger are the sink layers'.
     ``learned``: the model learned its own sink (:func:`learned_sinks`; the gauge says so).
+    ``recall``: slots for tokens recalled from the block memory of what left the window (0: none,
+    nothing is kept), in blocks of ``recall_block`` tokens; ``memory``: an existing memory to keep
+    (a cache rebuilt for the same chat), ``memory_key``: what its K/V depend on.
     """
 
     def __init__(
@@ -92,9 +106,15 @@ class SinkCache:
         dtype: torch.dtype | None = None,
         local: list[int | None] | None = None,
         learned: bool = False,
+        recall: int = 0,
+        recall_block: int = 64,
+        memory: BlockMemory | None = None,
+        memory_key: str = "",
     ):
-        if sinks < 0 or window < 1 or (max_positions is not None and sinks + window > max_positions):
-            raise ValueError(f"no cache of {sinks} sinks + {window} window fits {max_positions} positions")
+        if sinks < 0 or window < 1 or recall < 0 or (max_positions is not None
+                                                     and sinks + window + recall > max_positions):
+            raise ValueError(f"no cache of {sinks} sinks + {window} window + {recall} recall fits "
+                             f"{max_positions} positions")
         local = local or [None] * len(inv_freqs)
         if len(local) != len(inv_freqs) or all(w is not None for w in local) or any(w is not None and w < 1
                                                                                    for w in local):
@@ -104,10 +124,19 @@ class SinkCache:
         self.block = min(window, block or default_block(window))
         self.max_positions = max_positions
         self.learned = learned  # the model learned a sink logit per head (see learned_sinks): for the gauge
-        self.layers = [SinkLayer(sinks + window, sinks, f, dtype) if w is None else LocalLayer(w, LOCAL_ROOM, f, dtype)
-                       for f, w in zip(inv_freqs, local)]
+        self.recall = recall
+        self.layers = [SinkLayer(sinks + window + recall, sinks, f, dtype) if w is None
+                       else LocalLayer(w, LOCAL_ROOM, f, dtype) for f, w in zip(inv_freqs, local)]
         self.sink_layers = [layer for layer in self.layers if isinstance(layer, SinkLayer)]
         self.local_layers = [layer for layer in self.layers if isinstance(layer, LocalLayer)]
+        self.sink_index = {i: j for j, i in enumerate(i for i, layer in enumerate(self.layers)
+                                                     if isinstance(layer, SinkLayer))}
+        self.memory = None
+        if recall:
+            self.memory = memory or BlockMemory(recall_block, min(RECALL_REPS, recall_block),
+                                                [layer.inv_freq for layer in self.sink_layers], key=memory_key)
+        self.token_ids: Callable[[int, int], list[int]] | None = None  # conversation ids, for the memory's records
+        self.score_distance = window  # the query-key distance the memory is scored at (see README, "Recall")
         self.upkeep_s = 0.0  # wall time spent evicting and re-rotating (read by `sinkchat bench speed`)
         self.clear()
 
@@ -124,26 +153,36 @@ class SinkCache:
         self.evictions: list[Span] = []  # evicted conversation-token spans, sorted, adjacent ones merged
         self.checkpoint: Checkpoint | None = None
         self._reserved = (0, 0, 0)  # (to sinks, to window, local layers' length) of the last reserve, for cancel
+        self.n_rec = 0  # recall slots in use (each global layer holds its own choice of blocks there)
+        self.recalled: list[list[int]] = [[] for _ in self.sink_layers]  # per global layer, blocks held there
+        self.rec_pos: list[torch.Tensor | None] = [None] * len(self.sink_layers)  # their keys' positions
+        self._recall_k: int | None = None  # blocks each global layer is to recall in the forward under way
+        for layer in self.sink_layers:
+            layer.n_rec = 0
 
     @classmethod
     def for_model(cls, model, sinks: int, window: int, block: int | None = None, pin_max: int = 0,
-                  dtype: torch.dtype | None = None) -> "SinkCache":
+                  dtype: torch.dtype | None = None, **recall) -> "SinkCache":
         """A cache wired to ``model``'s own rotary embedding, per layer where layer types differ, holding
         K/V in ``dtype`` (default: what the loader chose, ``model.sinkchat_kv_dtype``, else the compute
-        dtype), with a rolling buffer of the native window in each sliding layer of a hybrid model."""
+        dtype), with a rolling buffer of the native window in each sliding layer of a hybrid model;
+        ``recall``: the recall keywords of :class:`SinkCache`."""
         dtype = dtype or getattr(model, "sinkchat_kv_dtype", None)
         return cls(rope_inv_freqs(model), sinks, window, block, max_positions(model.config), pin_max, dtype,
-                   local_windows(model.config), learned_sinks(model))
+                   local_windows(model.config), learned_sinks(model), **recall)
 
     # -- the engine's side ---------------------------------------------------------------------
 
-    def reserve(self, n: int, cut: Callable[[int], int | None] | None = None) -> tuple[torch.Tensor, list[Span]]:
+    def reserve(self, n: int, cut: Callable[[int], int | None] | None = None,
+                recall: bool = False) -> tuple[torch.Tensor, list[Span]]:
         """Make room for ``n`` new tokens; return their position ids ``[1, n]`` and the evicted spans.
 
         ``cut(t)``: where the window may start, the first allowed token at or after ``t`` (None: no
-        such point yet; the window then starts wherever the eviction ends). Raises ValueError for a
-        chunk that cannot fit the window beside the pinned tokens.
+        such point yet; the window then starts wherever the eviction ends). ``recall``: the forward
+        that follows recalls blocks from the memory (:meth:`recall_layer`; only the fast path does).
+        Raises ValueError for a chunk that cannot fit the window beside the pinned tokens.
         """
+        self._recall_k = None
         to_sink = min(n, self.sinks - self.n_sink) if self.seen < self.sinks else 0
         to_win = n - to_sink
         if to_win > self.window - self.pinned_count():
@@ -160,6 +199,10 @@ class SinkCache:
         if self.max_positions is not None and self.seen + n - self.base > self.max_positions:
             with self._upkeep():
                 self._rebase()
+        if recall and self.memory is not None:
+            with self._upkeep():
+                self._recall_k = min(self.recall // self.memory.block, len(self.memory.valid()))
+                self._resize_recall(self._recall_k * self.memory.block)
         device = self._device()
         positions = torch.arange(self.seen, self.seen + n, device=device) - self.base
         self.n_sink += to_sink
@@ -172,11 +215,13 @@ class SinkCache:
         """Give back the room of the last ``reserve(n)`` when its forward pass failed, so the cache
         holds exactly the tokens the caller recorded (an eviction it made stays in the ledger)."""
         to_sink, to_win, local_length = self._reserved
+        if self._recall_k is not None:  # the forward stopped part-way through the layers' recall
+            self.cancel_recall()
         self.n_sink -= to_sink
         self.n_win -= to_win
         self.seen -= n
         for layer in self.sink_layers:
-            layer.length = min(layer.length, self.n_sink + self.n_pin + self.n_win)
+            layer.length = min(layer.length, self.n_sink + self.n_pin + self.n_rec + self.n_win)
         for layer in self.local_layers:
             layer.length = min(layer.length, local_length)
 
@@ -195,7 +240,23 @@ class SinkCache:
             window_start=self.seen - self.n_win,
             local_window=self.local_layers[0].window if self.local_layers else None,
             learned_sinks=self.learned,
+            recalled=self.n_rec,
+            recall_capacity=self.recall,
+            recall=self.recall_summary(),
+            memory_blocks=self.memory.blocks if self.memory is not None else 0,
+            recall_layers=len(self.sink_layers) if self.memory is not None else 0,
         )
+
+    def recall_summary(self) -> tuple[Recalled, ...]:
+        """The blocks the global layers hold now, those most layers chose first (then oldest first)."""
+        if not self.n_rec or self.memory is None:
+            return ()
+        counts: dict[int, int] = {}
+        for blocks in self.recalled:
+            for b in blocks:
+                counts[b] = counts.get(b, 0) + 1
+        order = sorted(counts, key=lambda b: (-counts[b], b))
+        return tuple(Recalled(b, tuple(self.memory.spans(b)), counts[b]) for b in order if b < self.memory.blocks)
 
     def kept(self) -> tuple[Span, Span]:
         """Conversation-token ranges of the sinks and the window: ``(sinks, window)`` (see :meth:`held`)."""
@@ -262,9 +323,11 @@ class SinkCache:
     def _evict(self, need: int, want: int, cut=None) -> list[Span]:
         start = self.seen - self.n_win
         plan = plan_eviction(self.parked, self.pins, start, self.seen, self.base, need, want, cut)
-        n_pin, first = self.n_pin, self.n_sink + self.n_pin  # slot of the window's first token
+        n_pin, first = self.n_pin, self.n_sink + self.n_pin + self.n_rec  # slot of the window's first token
         if self.checkpoint is not None:
             self.checkpoint.keep(self, plan, first)
+        if self.memory is not None:
+            self._remember(plan, first)
         device = self._device()
         keep = torch.tensor(plan.keep, dtype=torch.long, device=device) if self.parked else None
         moved = [first + t - start for a, b in plan.moved for t in range(a, b)]
@@ -279,16 +342,115 @@ class SinkCache:
         self._place()
         return plan.evicted
 
+    def _remember(self, plan, first: int) -> None:
+        """Give the memory what ``plan`` evicts (before the slots change; ``first``: the slot of the
+        window's first token): the parked tokens that leave, then the window's oldest."""
+        start = self.seen - self.n_win
+        window = [(a, b, a - self.base) for a, b in plan.evicted if start <= a and b <= plan.window_start]
+        for runs, slots, parked in ((plan.dropped, plan.dropped_slots, True),
+                                    (window, [first + t - start for a, b, _ in window for t in range(a, b)], False)):
+            if not slots:
+                continue
+            index = torch.tensor(slots, dtype=torch.long, device=self._device())
+            keys, values = [], []
+            for layer in self.sink_layers:
+                if parked:
+                    keys.append(layer.pin_orig[:, :, index])
+                    values.append(layer.values[:, :, self.n_sink + index])
+                else:
+                    keys.append(layer.keys[:, :, index])
+                    values.append(layer.values[:, :, index])
+            ids = [i for t0, t1, _ in runs for i in self._ids(t0, t1)]
+            self.memory.add(runs, ids, keys, values)
+
+    def _ids(self, start: int, end: int) -> list[int]:
+        ids = self.token_ids(start, end) if self.token_ids is not None else []
+        return ids if len(ids) == end - start else [-1] * (end - start)
+
     def _place(self) -> None:
-        """Sinks, then parked tokens, at the positions right before the window's first token."""
-        n_pin = self.n_pin
-        target = self.seen - self.n_win - self.base - n_pin  # position of the first parked slot
+        """Sinks, then parked tokens, then recalled tokens, at the positions right before the window's
+        first token."""
+        n_pin, n_rec = self.n_pin, self.n_rec
+        window_at = self.seen - self.n_win - self.base
+        target = window_at - n_rec - n_pin  # position of the first parked slot
         pin_delta = None
         if n_pin:
             orig = torch.tensor(run_positions(self.parked), dtype=torch.float64)
             pin_delta = torch.arange(target, target + n_pin, dtype=torch.float64) - orig
-        for layer in self.sink_layers:
-            layer.place(self.n_sink, target - self.n_sink, n_pin, pin_delta)
+        at = torch.arange(window_at - n_rec, window_at, dtype=torch.float64)
+        for layer, pos in zip(self.sink_layers, self.rec_pos):
+            rec_delta = at - pos if n_rec and pos is not None else None
+            layer.place(self.n_sink, target - self.n_sink, n_pin, pin_delta, rec_delta)
+
+    # -- recall ------------------------------------------------------------------------------------
+
+    @property
+    def recalling(self) -> bool:
+        """Whether the forward under way recalls (its layers call :meth:`recall_layer`)."""
+        return self._recall_k is not None
+
+    def _resize_recall(self, n: int) -> None:
+        """``n`` recall slots in every global layer (the window moves if the count changes), the sinks and
+        parked tokens re-placed before them; the slots are filled layer by layer in the forward."""
+        if n != self.n_rec:
+            for layer in self.sink_layers:
+                layer.resize_recall(self.n_sink + self.n_pin, n)
+            self.n_rec = n
+            self.rec_pos = [None] * len(self.sink_layers)
+            self._place()
+
+    def cancel_recall(self) -> None:
+        """The forward under way will not recall (transformers' forward has no hook for it)."""
+        self._recall_k = None
+        self.drop_recall()
+
+    def drop_recall(self) -> None:
+        """Empty the recall slots (the window moves back next to the parked tokens)."""
+        self.recalled = [[] for _ in self.sink_layers]
+        self._resize_recall(0)
+
+    def recall_layer(self, index: int, queries: torch.Tensor, positions: torch.Tensor) -> None:
+        """In layer ``index`` of the forward under way, before its attention: fill the recall slots with
+        the memory's blocks that best answer this layer's ``queries`` ``[n, H, D]`` (RoPE'd at
+        ``positions`` ``[1, n]``), oldest first, their keys rotated to the slots' positions."""
+        j = self.sink_index.get(index)
+        if self._recall_k is None or j is None:
+            return
+        memory, k, layer = self.memory, self._recall_k, self.sink_layers[j]
+        if j == len(self.sink_layers) - 1:
+            self._recall_k = None
+        if not k or not layer.is_initialized:
+            self.recalled[j] = []
+            return
+        with self._upkeep():
+            chosen, parts = [], []
+            query = scoring_query(queries, positions, layer.inv_freq, self.score_distance)
+            for b in memory.select(j, query, memory.blocks):
+                try:
+                    parts.append(memory.read(j, b))
+                except MemoryFileError:
+                    continue
+                chosen.append(b)
+                if len(chosen) == k:
+                    break
+            while len(chosen) < k:  # blocks found damaged just now left fewer than were counted: repeat one
+                chosen.append(chosen[0] if chosen else None)
+                parts.append(parts[0] if parts else None)
+            if chosen[0] is None:
+                raise RuntimeError("no memory block could be read")
+            pairs = sorted(zip(chosen, parts), key=lambda p: p[0])
+            chosen = [b for b, _ in pairs]
+            keys = torch.cat([kv[0] for _, kv in pairs], dim=-2).float()
+            values = torch.cat([kv[1] for _, kv in pairs], dim=-2)
+            pos = torch.tensor([p for b in chosen for p in memory.positions(b)], dtype=torch.float64)
+            window_at = self.seen - self.n_win - self.base
+            delta = torch.arange(window_at - self.n_rec, window_at, dtype=torch.float64) - pos
+            layer.fill_recall(self.n_sink + self.n_pin, keys, values, delta)
+            self.rec_pos[j], self.recalled[j] = pos, chosen
+
+    def take_notices(self) -> list[str]:
+        """Lines for the user from the memory (a damaged block found), once each."""
+        return self.memory.take_notices() if self.memory is not None else []
 
     def _roll_local(self, n: int) -> None:
         """Make room for ``n`` tokens in the sliding layers, keeping a checkpoint's copies of what leaves."""
@@ -299,9 +461,9 @@ class SinkCache:
             layer.make_room(n)
 
     def _rebase(self) -> None:
-        new_base = self.seen - self.n_win - self.n_sink - self.n_pin
+        new_base = self.seen - self.n_win - self.n_sink - self.n_pin - self.n_rec
         for layer in self.sink_layers:
-            layer.shift_window(self.n_sink + self.n_pin, self.base - new_base)
+            layer.shift_window(self.n_sink + self.n_pin + self.n_rec, self.base - new_base)
         for layer in self.local_layers:
             layer.shift_window(0, self.base - new_base)
         self.base = new_base
@@ -333,6 +495,7 @@ class SinkCache:
         cut = self.seen - end
         if not 0 <= cut <= self.n_win or self.n_sink > end or any(t1 > end for _, t1, _ in self.parked):
             raise ValueError(f"cannot cut the stream back to token {end}")
+        self.drop_recall()
         for layer in self.layers:
             layer.length = max(0, layer.length - cut)
         self.n_win -= cut
@@ -355,6 +518,7 @@ class SinkCache:
         tokens past it are dropped. False (nothing changed) if there is no mark."""
         if self.checkpoint is None:
             return False
+        self.drop_recall()
         try:
             with self._upkeep():
                 self.checkpoint.restore(self)
@@ -389,21 +553,30 @@ class SinkCache:
         self.seen = seen
         self.base = seen - self.n_win - n_sink - m
         self.evictions, self.pins, self.checkpoint = merge_spans(list(evictions)), list(pins), None
+        if self.memory is not None:  # the window may hold again what the memory held
+            self.memory.trim(self.evictions, seen)
 
     # -- persistence (tensors and a small dict; the store decides where they go) ---------------
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict]:
         """Copies of the held K/V (pristine sink and pinned keys too) as named tensors, plus the counters
-        (with ``local``: the sliding layers' native window, how many tokens they hold, which they are)."""
+        (with ``local``: the sliding layers' native window, how many tokens they hold, which they are;
+        with ``memory``: its counters, and the K/V of the tokens waiting for a block as ``<i>.mk`` /
+        ``<i>.mv``). The recall slots are not saved: the next user message chooses its own, and
+        :meth:`load_state` places the sinks and parked tokens right before the window."""
         tensors: dict[str, torch.Tensor] = {}
-        n_pin = self.n_pin
+        n_pin, head = self.n_pin, self.n_sink + self.n_pin
         copy = lambda t: t.clone(memory_format=torch.contiguous_format)  # noqa: E731
         local = self.local_needed()
         for i, layer in enumerate(self.layers):
             if layer.is_initialized:
                 first = layer.length - local if isinstance(layer, LocalLayer) else 0  # a sliding layer's needed rows
-                tensors[f"{i}.k"] = copy(layer.keys[:, :, first : layer.length])
-                tensors[f"{i}.v"] = copy(layer.values[:, :, first : layer.length])
+                for name, buf in (("k", layer.keys), ("v", layer.values)):
+                    if isinstance(layer, SinkLayer) and layer.n_rec:  # the recall slots are not saved
+                        after = buf[:, :, head + layer.n_rec : layer.length]
+                        tensors[f"{i}.{name}"] = torch.cat([buf[:, :, :head], after], dim=-2)
+                    else:
+                        tensors[f"{i}.{name}"] = copy(buf[:, :, first : layer.length])
                 if isinstance(layer, SinkLayer):
                     tensors[f"{i}.sink"] = copy(layer.sink_orig[:, :, : self.n_sink])
                     if n_pin:
@@ -423,12 +596,16 @@ class SinkCache:
         if self.local_layers:
             meta["local"] = {"window": self.local_layers[0].window, "held": local,
                              "layers": [i for i, layer in enumerate(self.layers) if isinstance(layer, LocalLayer)]}
+        if self.memory is not None:
+            meta["memory"], pending = self.memory.state(list(self.sink_index))
+            tensors.update(pending)
         if self.checkpoint is not None:
             self.checkpoint.save(tensors, meta)
         return tensors, meta
 
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict, device=None) -> None:
-        """Restore what :meth:`state` returned (same model, sinks and window: the store checks)."""
+        """Restore what :meth:`state` returned (same model, sinks and window: the store checks); the
+        memory's blocks are opened apart (:meth:`open_memory`)."""
         if (meta["sinks"], meta["window"]) != (self.sinks, self.window):
             raise ValueError("saved cache was built with other --sinks/--window")
         local = meta.get("local") or {}
@@ -439,6 +616,8 @@ class SinkCache:
         n_pin = run_tokens(parked)
         held = meta["n_sink"] + n_pin + meta["n_win"]
         moved = (lambda t: t.to(device)) if device is not None else (lambda t: t)
+        self.n_rec, self._recall_k = 0, None
+        self.recalled, self.rec_pos = [[] for _ in self.sink_layers], [None] * len(self.sink_layers)
         for i, layer in enumerate(self.layers):
             k, v = (moved(tensors[f"{i}.{name}"]) for name in ("k", "v"))
             want = local["held"] if isinstance(layer, LocalLayer) else held
@@ -451,6 +630,7 @@ class SinkCache:
             layer.keys[:, :, :want] = k
             layer.values[:, :, :want] = v
             if isinstance(layer, SinkLayer):
+                layer.n_rec = 0
                 s = moved(tensors[f"{i}.sink"])
                 layer.sink_orig[:, :, : s.shape[-2]] = s.float()
                 if n_pin:
@@ -463,6 +643,22 @@ class SinkCache:
         self.evictions = merge_spans(sorted(tuple(s) for s in meta["evictions"]))
         self.parked, self.pins = parked, [tuple(s) for s in meta.get("pins", [])]
         self.checkpoint = Checkpoint.load(tensors, meta, moved, self)
+        if self.evictions:  # saved with recalled tokens between them and the window, maybe: re-placed
+            self._place()
+
+    def open_memory(self, path, meta: dict, tensors: dict[str, torch.Tensor] | None, ledger: list[int],
+                    writable: bool = True) -> list[str]:
+        """Continue the saved memory (``meta["memory"]``) from its file at ``path`` and the waiting
+        tokens in ``tensors``; notices for the user when part of it cannot be used. Nothing without
+        recall; a chat saved before the memory existed starts an empty one."""
+        if self.memory is None:
+            return []
+        saved = meta.get("memory") or {}
+        if saved.get("block", self.memory.block) != self.memory.block:
+            note = (f"--recall-block {self.memory.block} differs from the memory's blocks of {saved['block']}; "
+                    "recall starts an empty memory")
+            return [note] if saved.get("blocks") else []
+        return self.memory.open(path, saved, tensors or {}, list(self.sink_index), ledger, writable)
 
 
 def rope_inv_freqs(model) -> list[torch.Tensor]:

@@ -103,17 +103,20 @@ class Buffers:
 
 
 class SinkLayer(Buffers):
-    """A layer that keeps the attention sinks, the parked (pinned) tokens and the rolling window:
-    ``sinks + window`` slots, plus the float32 keys of the sinks and of the parked tokens as first
-    computed, and the operations :class:`~sinkchat.kv.cache.SinkCache` drives: relaying slots after
-    an eviction, placing the sinks and parked keys at new positions by rotating those pristine
-    copies (:func:`rotate`). All bookkeeping (which token sits in which slot) is the cache's."""
+    """A layer that keeps the attention sinks, the parked (pinned) tokens, the recalled tokens and the
+    rolling window, in that slot order: ``sinks + recall + window`` slots, plus the float32 keys of
+    the sinks, of the parked tokens and of the recalled tokens as they were computed, and the
+    operations :class:`~sinkchat.kv.cache.SinkCache` drives: relaying slots after an eviction,
+    placing the sinks, parked and recalled keys at new positions by rotating those pristine copies
+    (:func:`rotate`). All bookkeeping (which token sits in which slot) is the cache's."""
 
     def __init__(self, capacity: int, sink_capacity: int, inv_freq: torch.Tensor, dtype: torch.dtype | None = None):
         super().__init__(capacity, inv_freq, dtype)
         self.sink_capacity = sink_capacity
         self.sink_orig: torch.Tensor | None = None  # float32 keys of the sinks as first computed
         self.pin_orig: torch.Tensor | None = None  # float32 keys of the parked tokens as first computed
+        self.rec_orig: torch.Tensor | None = None  # float32 keys of the recalled tokens as first computed
+        self.n_rec = 0  # recall slots, right after the parked ones
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
@@ -145,7 +148,8 @@ class SinkLayer(Buffers):
     def evict(self, n_sink: int, n_pin: int, keep: torch.Tensor | None, moved: torch.Tensor | None, tail: int) -> None:
         """Relay the slots after the sinks: the parked slots ``keep`` (indices into the parked
         region of ``n_pin``), then the window slots ``moved`` (they join the parked region, their
-        keys saved in float32), then the window from slot ``tail`` on (one copy of the tail)."""
+        keys saved in float32), then the :attr:`n_rec` recall slots (their values; the keys are
+        placed by :meth:`place`), then the window from slot ``tail`` on (one copy of the tail)."""
         if not self.is_initialized:
             return
         parts = []
@@ -154,20 +158,25 @@ class SinkLayer(Buffers):
         if moved is not None and len(moved):
             parts.append((self.keys[:, :, moved].float(), self.values[:, :, moved]))
         m = sum(k.shape[-2] for k, _ in parts)
+        rec = self.values[:, :, n_sink + n_pin : n_sink + n_pin + self.n_rec].clone() if m != n_pin else None
         if m:
             orig, vals = torch.cat([k for k, _ in parts], dim=-2), torch.cat([v for _, v in parts], dim=-2)
             self.pin_room(m)
             self.pin_orig[:, :, :m] = orig
             self.values[:, :, n_sink : n_sink + m] = vals
-        first, moved_len = n_sink + m, self.length - tail
+        if rec is not None and self.n_rec:
+            self.values[:, :, n_sink + m : n_sink + m + self.n_rec] = rec
+        first, moved_len = n_sink + m + self.n_rec, self.length - tail
         if first != tail:
             for buf in (self.keys, self.values):
                 buf[:, :, first : first + moved_len] = buf[:, :, tail : self.length].clone()
         self.length = first + moved_len
 
-    def place(self, n_sink: int, sink_delta: int, n_pin: int, pin_delta: torch.Tensor | None) -> None:
-        """Write the sinks rotated ``sink_delta`` positions, and the parked keys ``pin_delta`` (one per
-        token), from where they were first computed: always from the float32 copies, so no drift."""
+    def place(self, n_sink: int, sink_delta: int, n_pin: int, pin_delta: torch.Tensor | None,
+              rec_delta: torch.Tensor | None = None) -> None:
+        """Write the sinks rotated ``sink_delta`` positions, the parked keys ``pin_delta`` and the
+        recalled keys ``rec_delta`` (one per token), from where they were first computed: always from
+        the float32 copies, so no drift."""
         if not self.is_initialized:
             return
         if n_sink:
@@ -175,6 +184,40 @@ class SinkLayer(Buffers):
         if n_pin:
             placed = rotate(self.pin_orig[:, :, :n_pin], pin_delta, self.inv_freq)
             self.keys[:, :, n_sink : n_sink + n_pin] = placed.to(self.dtype)
+        if self.n_rec and rec_delta is not None:
+            at = n_sink + n_pin
+            self.keys[:, :, at : at + self.n_rec] = rotate(self.rec_orig[:, :, : self.n_rec], rec_delta,
+                                                           self.inv_freq).to(self.dtype)
+
+    # -- the recall slots (see :mod:`sinkchat.kv.memory`) ----------------------------------------
+
+    def resize_recall(self, first: int, n: int) -> None:
+        """Make the recall region, from slot ``first`` (after the sinks and parked tokens), ``n`` slots
+        long: the window moves along in one copy (the new slots are filled by :meth:`fill_recall`)."""
+        if n == self.n_rec:
+            return
+        if self.is_initialized and self.length > first + self.n_rec:
+            old, new = first + self.n_rec, first + n
+            count = self.length - old
+            for buf in (self.keys, self.values):
+                buf[:, :, new : new + count] = buf[:, :, old : self.length].clone()
+        self.length += n - self.n_rec
+        self.n_rec = n
+
+    def fill_recall(self, first: int, keys: torch.Tensor, values: torch.Tensor, delta: torch.Tensor) -> None:
+        """Write recalled ``keys`` (float32, ``[1, KV, n, D]`` as computed) moved ``delta`` positions
+        (one per token) and ``values`` into the ``n`` recall slots from ``first``; the keys are kept
+        for :meth:`place`."""
+        n = keys.shape[-2]
+        if n != self.n_rec:
+            raise ValueError(f"{n} recalled tokens for {self.n_rec} recall slots")
+        if not n or not self.is_initialized:
+            return
+        if self.rec_orig is None or self.rec_orig.shape[-2] < n:
+            self.rec_orig = self.keys.new_zeros((*self.keys.shape[:2], n, self.keys.shape[-1]), dtype=torch.float32)
+        self.rec_orig[:, :, :n] = keys.to(self.rec_orig.device)
+        self.values[:, :, first : first + n] = values.to(device=self.values.device, dtype=self.dtype)
+        self.keys[:, :, first : first + n] = rotate(self.rec_orig[:, :, :n], delta, self.inv_freq).to(self.dtype)
 
 
 class LocalLayer(Buffers):

@@ -48,13 +48,15 @@ class Checkpoint:
     lstash: list[Run] = field(default_factory=list)  # tokens the sliding layers dropped since, that it needs
     lstash_k: list[list[torch.Tensor]] = field(default_factory=list)  # per layer (sliding ones), in order
     lstash_v: list[list[torch.Tensor]] = field(default_factory=list)
+    memory: tuple[int, int] | None = None  # the block memory's mark (blocks, pending tokens), with recall
 
     @classmethod
     def of(cls, cache) -> "Checkpoint":
         empty = lambda: [[] for _ in cache.layers]  # noqa: E731
+        memory = cache.memory.mark() if cache.memory is not None else None
         return cls(cache.n_sink, cache.n_win, cache.seen, cache.base, list(cache.parked), list(cache.evictions),
                    stash_k=empty(), stash_v=empty(), local_from=cache.seen - cache.local_needed(),
-                   lstash_k=empty(), lstash_v=empty())
+                   lstash_k=empty(), lstash_v=empty(), memory=memory)
 
     # -- while the turn runs ---------------------------------------------------------------------
 
@@ -117,6 +119,8 @@ class Checkpoint:
         else:
             self._gather(cache)
         self._gather_local(cache)
+        if cache.memory is not None and self.memory is not None:  # what the turn evicted is in the window again
+            cache.memory.truncate(*self.memory)
         cache.n_sink, cache.n_win, cache.seen, cache.base = self.n_sink, self.n_win, self.seen, self.base
         cache.parked, cache.evictions = list(self.parked), list(self.evictions)
         cache.pins = subtract(cache.pins, self.seen, max(self.seen, max((b for _, b in cache.pins), default=0)) + 1)
@@ -189,6 +193,8 @@ class Checkpoint:
             "stash": [list(r) for r in self.stash],
             "local_from": self.local_from, "lstash": [list(r) for r in self.lstash],
         }
+        if self.memory is not None:
+            meta["checkpoint"]["memory"] = list(self.memory)
         for name, lists in (("stash", (self.stash_k, self.stash_v)), ("lstash", (self.lstash_k, self.lstash_v))):
             for i, (ks, vs) in enumerate(zip(*lists)):
                 if ks:
@@ -216,6 +222,7 @@ class Checkpoint:
                         return None
                     else:
                         found[f"{name}_{part}"].append([moved(t).float() if part == "k" and not kind else moved(t)])
+        memory = tuple(cp["memory"]) if cp.get("memory") is not None else None
         return cls(cp["n_sink"], cp["n_win"], cp["seen"], cp["base"], [tuple(r) for r in cp["parked"]],
                    [tuple(s) for s in cp["evictions"]], stash, found["stash_k"], found["stash_v"],
-                   cp.get("local_from", cp["seen"]), lstash, found["lstash_k"], found["lstash_v"])
+                   cp.get("local_from", cp["seen"]), lstash, found["lstash_k"], found["lstash_v"], memory)

@@ -173,14 +173,17 @@ class FastModel:
     def __call__(self, ids: list[int], positions: torch.Tensor, cache, keep: int = 1) -> torch.Tensor:
         """Logits ``[keep or n, vocab]`` (float32) for ``n`` new tokens at RoPE ``positions`` ``[1, n]``,
         written into ``cache`` (whose ``reserve(n)`` made room for them)."""
-        if self.compiled is not None and len(ids) == 1 and _window_slot(cache):
+        recalling = getattr(cache, "recalling", False)  # a user message's chunk: recall from the block memory
+        if self.compiled is not None and len(ids) == 1 and _window_slot(cache) and not recalling:
             return self._compiled_step(ids[0], positions, cache)
         device = self.norm.device
         x = self.embed(torch.tensor(ids, device=device)).float()  # [n, hidden], the residual stream
         ropes = [self._rope(positions.reshape(-1).to(device), r) for r in range(len(self.ropes))]
         slots: dict[int, torch.Tensor] = {}  # one token into a 16-bit cache: the static step's attention
-        for layer, cl in zip(self.layers, cache.layers):
+        for i, (layer, cl) in enumerate(zip(self.layers, cache.layers)):
             q, k, v = self._project(layer, x, *ropes[layer.rope])
+            if recalling:  # this layer's queries choose the blocks it sees (sinkchat.kv.memory)
+                cache.recall_layer(i, q, positions)
             keys, values = cl.write(k.transpose(0, 1)[None], v.transpose(0, 1)[None])  # [1, KV, L, D]
             if len(ids) == 1 and keys.dtype != torch.float32:
                 slot = slots.get(cl.length)

@@ -23,6 +23,8 @@ def forward(model, cache, ids: list[int], positions: torch.Tensor, keep: int = 1
     fast = getattr(model, "sinkchat_fast", None)
     if fast is not None and hasattr(cache, "reserve"):
         return fast(ids, positions, cache, keep)
+    if getattr(cache, "recalling", False):  # only the fast path recalls from the block memory
+        cache.cancel_recall()
     return forward_outputs(model, cache, ids, positions, keep).logits[0]
 
 

@@ -75,6 +75,10 @@ class Store:
 
     # -- locks ---------------------------------------------------------------------------------
 
+    def memory_path(self, chat_id: int) -> Path:
+        """The chat's block memory (``--recall``): what left its window, in blocks (:mod:`sinkchat.kv.memory`)."""
+        return self.root / "state" / f"{chat_id}.memory"
+
     def lock(self, chat_id: int) -> None:
         """Take the chat's write lock (released when this process exits, even by kill -9).
 
@@ -145,11 +149,21 @@ class Store:
 
     def create(self, chat, settings: Settings, title: str | None = None) -> int:
         """Register ``chat`` (titled by its first user message) and save it; returns its id."""
+        self._keep_memory(chat, None)
         return self.create_state(*chat.state(), settings, title)
 
     def save(self, chat_id: int, chat) -> None:
         """Commit the chat's rows, then write its state file; ``SaveError`` on failure."""
+        self._keep_memory(chat, chat_id)
         self.save_state(chat_id, *chat.state())
+
+    def _keep_memory(self, chat, chat_id: int | None) -> None:
+        """With ``--recall``: the chat's block memory file in the state folder, flushed, before a save counts it."""
+        if hasattr(chat, "keep_memory"):
+            try:
+                chat.keep_memory(private_dir(self.root / "state"), chat_id)
+            except OSError as exc:
+                raise SaveError(f"could not keep the memory of forgotten tokens on disk ({reason(exc)})") from None
 
     def create_state(self, state: ChatState, tensors: dict, settings: Settings, title: str | None = None) -> int:
         """:meth:`create` from what :meth:`Chat.state` returned (a copy taken while the chat was idle).
@@ -242,6 +256,8 @@ class Store:
         self.db.delete(chat_id)
         with suppress(FileNotFoundError):
             self.state_path(chat_id).unlink()
+        with suppress(FileNotFoundError):
+            self.memory_path(chat_id).unlink()
         self._prune(chat_id)
         self._chains.pop(chat_id, None)
         self.locks.remove(chat_id)
@@ -351,6 +367,9 @@ class Store:
                 notices.append(f"chat {chat_id}: {why}; rebuilt the KV cache from the ledger's sink and window tokens")
             restored = on_model(chat.restore, snap, tensors)
             notices += restored
+            if hasattr(chat, "open_memory"):  # with --recall: the block memory of what left the window
+                notices += on_model(chat.open_memory, self.root / "state", chat_id, snap, tensors,
+                                    writable=not read_only)
             if rows_behind and not read_only:
                 try:  # repair the rows from the state file, so the next save starts from them
                     self.db.write(chat_id, snap, {}, 0)
@@ -393,6 +412,11 @@ class Autosave:
         if not chat.messages or mark == self.saved or not self.writable or getattr(chat, "busy", False):
             return None  # (a reply still being written is never copied: it is saved once it stops)
         self.saved = mark
+        if hasattr(chat, "keep_memory"):  # the block memory's file goes next to the state files, flushed
+            try:
+                chat.keep_memory(private_dir(self.store.root / "state"), self.chat_id)
+            except OSError as exc:
+                self.notify(f"could not keep the memory of forgotten tokens on disk ({reason(exc)})")
         state, tensors = chat.state()  # copies (one memory copy of the held K/V)
         return state, {name: t.cpu() for name, t in tensors.items()}  # off a GPU here, so the writer never touches it
 

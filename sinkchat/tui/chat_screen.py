@@ -30,7 +30,7 @@ from textual.screen import Screen
 from textual.widgets import Label, LoadingIndicator
 
 from ..errors import SinkchatError
-from ..ledger import Occupancy, spans
+from ..ledger import Occupancy, covered_by, spans
 from ..model import LoadedModel, load_for
 from ..settings import Settings
 from ..text import clean
@@ -401,7 +401,9 @@ class ChatScreen(Say, SteerKeys, Screen):
         (work bounded by the mounted views and the few merged spans, not by the chat's length)."""
         chat = self.chat
         self.query_one(CacheGauge).show(occupancy, chat.messages)
-        self.query_one(Transcript).mark(chat.messages, spans(occupancy), chat.kept_from, chat.is_pinned)
+        back = occupancy.recalled_spans()
+        self.query_one(Transcript).mark(chat.messages, spans(occupancy), chat.kept_from, chat.is_pinned,
+                                        lambda m: covered_by(back, m.start, m.end) if back else 0)
 
     # -- actions --------------------------------------------------------------------------------
 

@@ -55,8 +55,16 @@ class CacheGauge(Widget):
         ``pinned 12`` after the sinks when something is pinned)."""
         o = self.occupancy
         pinned = f" · pinned {o.pinned}" if o.pinned else ""
+        recalled = f" · recalled {len(o.recall)} blocks" if o.recall else ""
         return (f"sinks {o.sinks}{pinned} · window {o.window} of {o.window_capacity} · seen {o.seen} · "
-                f"forgotten {o.evicted}")
+                f"forgotten {o.evicted}{recalled}")
+
+    def recall_lines(self) -> list[str]:
+        """What the model recalled from the memory of forgotten tokens for this turn, a block a line:
+        ``#3 (27 of 30 layers) tokens 68–99 (32): #2 user 20 of 41``."""
+        o = self.occupancy
+        return [f"#{r.block + 1} ({r.layers} of {o.recall_layers} layers) {describe_span(s, self.messages)}"
+                for r in o.recall for s in r.spans]
 
     def streaming(self) -> str:
         """With ``--evict turns``, the line saying the window starts inside a message (see
@@ -98,6 +106,8 @@ class CacheGauge(Widget):
                                    (f"window {o.window} of {o.window_capacity}", label)),
                      Text.assemble((f"{FREE} ", style("gauge--free")), ("free", label)),
                      Text(f"seen {o.seen}", label), Text(f"forgotten {o.evicted}", gone if o.evicted else label)]
+        if o.recall_capacity:
+            counters.append(Text(f"recalled {len(o.recall)} of {o.memory_blocks} blocks", label))
         lines = [bar, *flow(counters, Text(" · ", label), width)]
         if self.details:
             for note in o.notes():
@@ -111,6 +121,8 @@ class CacheGauge(Widget):
                 lines.append(Text(f"… {len(spans) - self.MAX_SPANS} older forgotten span(s)", label))
             for span in spans[-self.MAX_SPANS:]:
                 lines += flow(words(Text.assemble(("✂ forgot ", gone), span)), Text(" "), width)
+            for line in self.recall_lines()[: self.MAX_SPANS]:
+                lines += flow(words(Text.assemble(("↺ recalled ", label), line)), Text(" "), width)
         return lines
 
 

@@ -32,6 +32,7 @@ from ..text import clean
 
 KeptFrom = Callable[[Message, int], "tuple[str, int] | None"]
 Pinned = Callable[[Message], bool]
+Recalled = Callable[[Message], int]
 
 
 @dataclass
@@ -57,6 +58,7 @@ class MessageView(Vertical):
         self.memory: Memory | None = None
         self.kept_from: tuple[str, int] | None = None  # (words, paragraph) where the kept part begins
         self.pinned = False
+        self.recalled = 0  # tokens of it the cache recalled from the memory for this turn
         self.stream = None
 
     @property
@@ -81,10 +83,12 @@ class MessageView(Vertical):
             yield Static(clean(self.content), classes="body", markup=False)
 
     def _label(self) -> str:
-        return clean(label(self.index, self.role, self.note, self.memory, self.pinned, self.kept_from), one_line=True)
+        return clean(label(self.index, self.role, self.note, self.memory, self.pinned, self.kept_from, self.recalled),
+                     one_line=True)
 
-    def set_memory(self, mem: Memory, kept_from: tuple[str, int] | None = None, pinned: bool = False) -> None:
-        self.memory, self.kept_from, self.pinned = mem, kept_from, pinned
+    def set_memory(self, mem: Memory, kept_from: tuple[str, int] | None = None, pinned: bool = False,
+                   recalled: int = 0) -> None:
+        self.memory, self.kept_from, self.pinned, self.recalled = mem, kept_from, pinned, recalled
         self.set_class(mem.forgotten, "-forgotten")
         self.set_class(mem.partly, "-partly")
         self.set_class(pinned, "-pinned")
@@ -128,6 +132,7 @@ class Transcript(VerticalScroll):
         self._spans: list[Span] = []
         self._kept_from: KeptFrom = lambda message, token: None
         self._pinned: Pinned = lambda message: False
+        self._recalled: Recalled = lambda message: 0
         self.selected: int | None = None  # the highlighted message's index
 
     def on_mount(self) -> None:
@@ -211,9 +216,10 @@ class Transcript(VerticalScroll):
     # -- eviction marks --------------------------------------------------------------------------
 
     def mark(self, messages: list[Message], spans: list[Span], kept_from: KeptFrom,
-             pinned: Pinned = lambda message: False) -> None:
+             pinned: Pinned = lambda message: False, recalled: Recalled = lambda message: 0) -> None:
         """Record what the cache holds; re-mark the mounted views (the others are marked on mount)."""
         self._messages, self._spans, self._kept_from, self._pinned = messages, spans, kept_from, pinned
+        self._recalled = recalled
         for view in self.views:
             self._mark(view)
         self._update_more()
@@ -222,9 +228,10 @@ class Transcript(VerticalScroll):
         if view.index >= len(self._messages):
             return
         message = self._messages[view.index]
-        mem, pinned = memory(message, self._spans), self._pinned(message)
-        if mem != view.memory or pinned != view.pinned:
-            view.set_memory(mem, self._kept_from(message, mem.cut) if mem.partly and mem.cut else None, pinned)
+        mem, pinned, recalled = memory(message, self._spans), self._pinned(message), self._recalled(message)
+        if mem != view.memory or pinned != view.pinned or recalled != view.recalled:
+            view.set_memory(mem, self._kept_from(message, mem.cut) if mem.partly and mem.cut else None, pinned,
+                            recalled)
 
     def _update_more(self) -> None:
         earlier, later = self.query_one("#earlier", Static), self.query_one("#later", Static)
