@@ -103,12 +103,20 @@ async def test_the_tui_runs_every_model_call_on_one_decode_thread(smollm, model_
         screen, first = app.chat_screen, app.chat
 
         async def start_long_reply() -> None:
-            screen.chat.settings = screen.chat.settings.replace(max_new_tokens=400)
+            """A reply of more than 3 tokens, then held in the sampler (on the decode thread) until the
+            chat is told to stop: a busy machine or a short story cannot end it before the key."""
+            chat = screen.chat
+            chat.settings = chat.settings.replace(max_new_tokens=400)
+            held, sample = chat._stop, chat.sampler
+
+            def started() -> bool:
+                return chat.messages[-1].role == "assistant" and chat.messages[-1].end - chat.messages[-1].start > 3
+
+            chat.sampler = lambda *args: (held.wait(60) if started() else None, sample(*args))[1]
             await pilot.click(ChatInput)
             app.query_one(ChatInput).insert("Write a long story about a dragon.")
             await pilot.press("enter")
-            await wait_for(pilot, lambda: screen.chat.messages[-1].role == "assistant"
-                           and screen.chat.messages[-1].end - screen.chat.messages[-1].start > 3)
+            await wait_for(pilot, started)
 
         await start_long_reply()
         await pilot.press("escape")

@@ -368,8 +368,7 @@ class Store:
             restored = on_model(chat.restore, snap, tensors)
             notices += restored
             if hasattr(chat, "open_memory"):  # with --recall: the block memory of what left the window
-                notices += on_model(chat.open_memory, self.root / "state", chat_id, snap, tensors,
-                                    writable=not read_only)
+                notices += on_model(chat.open_memory, self.root / "state", chat_id, snap, tensors, not read_only)
             if rows_behind and not read_only:
                 try:  # repair the rows from the state file, so the next save starts from them
                     self.db.write(chat_id, snap, {}, 0)
