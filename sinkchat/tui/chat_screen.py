@@ -207,7 +207,8 @@ class ChatScreen(Say, SteerKeys, Screen):
         box.add_class("-failed")
         if self.queued is not None:  # give the queued message back, so it is not lost
             await self.query_one(Transcript).reset([])
-            self.query_one(ChatInput).text, self.queued = self.queued, None
+            self.query_one(ChatInput).give_back(self.queued)  # before anything typed since
+            self.queued = None
 
     @on(ModelLoaded)
     def _model_loaded(self, msg: ModelLoaded) -> None:
@@ -262,23 +263,27 @@ class ChatScreen(Say, SteerKeys, Screen):
     # -- chatting -------------------------------------------------------------------------------
 
     async def on_chat_input_submitted(self, event: ChatInput.Submitted) -> None:
+        """Send the message the box gave up (it is emptied as Enter is handled), or put it back in
+        the box, before anything typed since, with a line saying why."""
         box = self.query_one(ChatInput)
         if self.generating:
+            box.give_back(event.typed)
             self.say("wait for the reply, or press Esc to stop it; your message stays in the box",
                      severity="warning")
             return
         if self.chat is None:
             if self.queued is not None or self.app.load_error:
+                box.give_back(event.typed)
                 self.say("a message is already waiting for the model; this one stays in the box",
                          severity="warning")
                 return
             self.queued = event.text  # shown as queued; sent when the chat is ready
-            box.clear()
             await self.query_one(Transcript).add("user", event.text, note="queued")
             return
         tokens = len(self.chat.encode(event.text))
         if tokens > self.chat.cache.window - self.chat.cache.pinned_count() and self._confirmed != event.text:
             self._confirmed = event.text
+            box.give_back(event.typed)
             self.say(f"This message is {tokens} tokens, more than the {self.chat.cache.window}-token window: "
                      "the model will keep only its end. Press Enter again to send it.",
                      title="Longer than the window", severity="warning", timeout=15)
@@ -289,9 +294,9 @@ class ChatScreen(Say, SteerKeys, Screen):
                 self.chat.check_pin(event.text)
             except SinkchatError as exc:  # the message stays in the box, still marked to be pinned
                 self.pin_next = True
+                box.give_back(event.typed)
                 self.say(str(exc), title="Not sent", severity="warning", timeout=10)
                 return
-        box.clear()
         if self.editing is not None:
             await self.resend(self.editing, event.text, pin)
             return
