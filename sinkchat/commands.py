@@ -1,4 +1,6 @@
-"""Slash commands of the line-oriented chat (``--plain``): what the user steers of the model's memory.
+"""Slash commands: what the user steers of the model's memory, in ``--plain`` (run here) and in the
+TUI's message box (which maps them onto its own actions); both read a line with :func:`parse` and
+:func:`check`.
 
 ``/pin N``, ``/unpin N`` (``N`` as the transcript numbers messages, ``#N`` works too), ``/pins``,
 ``/keep TEXT`` (send a message pinned), ``/retry`` (regenerate the last reply), ``/edit TEXT``
@@ -54,6 +56,27 @@ def parse(line: str) -> Command | str:
     return Command(match.group(1).lower(), (match.group(2) or "").strip())
 
 
+VERBS = ("pin", "unpin", "pins", "keep", "retry", "edit", "help", "quit", "exit")
+_BARE = ("pins", "retry", "help", "quit", "exit")  # take nothing after them
+
+
+def check(command: Command, help: str = HELP) -> Command:
+    """``command`` if it is known and its argument fits; :class:`SinkchatError` (one line) otherwise.
+    ``help``: what an unknown command's refusal lists."""
+    verb, arg = command.name, command.arg
+    if verb not in VERBS:
+        raise SinkchatError(f"unknown command /{verb}; {help}")
+    if arg and verb in _BARE:
+        raise SinkchatError(f"/{verb} takes nothing after it (got {arg!r})")
+    if verb in ("pin", "unpin"):
+        message_number(arg, f"/{verb}")
+    if verb == "keep" and not arg:
+        raise SinkchatError("/keep needs the message to send pinned: /keep TEXT")
+    if verb == "edit" and not arg:
+        raise SinkchatError("/edit needs the new text: /edit TEXT")
+    return command
+
+
 def run_line(chat, line: str, write: Callable[[str], None], notify: Callable[[str], None],
              saved: Callable = lambda chat: None) -> Outcome:
     """A line of ``--plain`` input: a command is run, its line written (``[sinkchat] ...``, or a
@@ -81,32 +104,24 @@ def execute(chat, command: Command) -> Outcome:
 
 
 def _execute(chat, command: Command) -> Outcome:
-    verb, arg = command.name, command.arg
-    if arg and verb in ("pins", "retry", "help", "quit", "exit"):
-        raise SinkchatError(f"/{verb} takes nothing after it (got {arg!r})")
+    verb, arg = check(command).name, command.arg
     if verb in ("pin", "unpin"):
         index = message_number(arg, f"/{verb}") - 1
         return Outcome(chat.pin(index) if verb == "pin" else chat.unpin(index), changed=True)
     if verb == "pins":
         return Outcome(pins_line(chat))
     if verb == "keep":
-        if not arg:
-            raise SinkchatError("/keep needs the message to send pinned: /keep TEXT")
         chat.check_pin(arg)
         return Outcome(send=arg, pin=True)
     if verb == "retry":
         text = chat.messages[chat.last_user()].content
         return Outcome(chat.rollback(), send=text, changed=True)
     if verb == "edit":
-        if not arg:
-            raise SinkchatError("/edit needs the new text: /edit TEXT")
         chat.last_user()
         return Outcome(chat.rollback(), send=arg, changed=True)
     if verb == "help":
         return Outcome(HELP)
-    if verb in ("quit", "exit"):
-        return Outcome(quit=True)
-    raise SinkchatError(f"unknown command /{verb}; {HELP}")
+    return Outcome(quit=True)  # /quit, /exit
 
 
 def message_number(text: str, what: str) -> int:

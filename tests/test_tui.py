@@ -278,3 +278,28 @@ def test_main_screen_snapshot(smollm, snap_compare, theme):
         await pilot.pause()
 
     assert snap_compare(SinkchatApp(make_settings(theme=theme), loaded=smollm), terminal_size=SIZE, run_before=chat)
+
+
+async def test_the_gauge_counts_the_set_sinks_from_a_chats_start(smollm, monkeypatch):
+    import threading
+
+    from sinkchat.tui import chat_screen
+
+    release = threading.Event()  # the model "loads" until the gauge was read
+    monkeypatch.setattr(chat_screen, "load_for", lambda settings, progress: (release.wait(30), smollm)[1])
+    app = SinkchatApp(make_settings(sinks=4, max_new_tokens=4), save=False)
+    async with app.run_test(size=SIZE) as pilot:
+        gauge = app.query_one(CacheGauge)
+        await pilot.pause()
+        assert app.chat is None and gauge.summary().startswith("sinks 4 · window 0 of 64")
+        assert "▓ sinks 4 · █ window 0 of 64" in str(gauge.render())
+        release.set()
+        await wait_for(pilot, lambda: app.chat is not None)
+        assert gauge.summary().startswith("sinks 4 · window 0 of 64")
+        await send(pilot, "Hi.")
+        assert gauge.summary().startswith("sinks 4 ·") and app.chat.occupancy().sinks == 4
+        await pilot.press("ctrl+n")
+        await wait_for(pilot, lambda: not app.chat.messages)
+        await pilot.pause()
+        assert gauge.summary().startswith("sinks 4 · window 0 of 64")
+        assert "▓ sinks 4 · █ window 0 of 64" in str(gauge.render())

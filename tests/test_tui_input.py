@@ -130,3 +130,58 @@ async def test_the_essential_keys_fit_the_footer_at_80_columns(smollm):
         shown = {key.key: key.region for key in footer.query("FooterKey")}
         for key in ("enter", "ctrl+n", "ctrl+o", "f1", "ctrl+q"):
             assert key in shown and shown[key].right <= 80, (key, shown.get(key))
+
+
+def keys(app, text: str) -> None:
+    """``text`` as keys queued in one burst, a newline as Enter (a paste without bracketed paste)."""
+    for ch in text:
+        app.post_message(events.Key({" ": "space", "\n": "enter"}.get(ch, ch), "\r" if ch == "\n" else ch))
+
+
+async def test_text_typed_right_after_enter_stays_in_the_box(smollm):
+    app = SinkchatApp(tui_settings(max_new_tokens=4), loaded=smollm, save=False)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.chat is not None)
+        box = app.query_one(ChatInput)
+        keys(app, "Say hi\nFOLLOWUP TEXT")
+        await wait_for(pilot, lambda: len(app.chat.messages) >= 3 and not app.chat_screen.generating, 60)
+        await pilot.pause()
+        assert [m.content for m in app.chat.messages if m.role == "user"] == ["Say hi"]
+        assert box.text == "FOLLOWUP TEXT"
+
+
+async def test_a_multi_line_paste_without_bracketed_paste_keeps_the_lines_not_sent(smollm):
+    app = SinkchatApp(tui_settings(max_new_tokens=4), loaded=smollm, save=False)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.chat is not None)
+        box = app.query_one(ChatInput)
+        keys(app, "Line one\nline two\nline three")
+        await wait_for(pilot, lambda: len(app.chat.messages) >= 3 and not app.chat_screen.generating, 60)
+        await pilot.pause()
+        assert [m.content for m in app.chat.messages if m.role == "user"] == ["Line one"]
+        assert box.text == "line two\nline three"  # refused while the model answered: back in the box, as typed
+        assert any("stays in the box" in n.message for n in app._notifications)
+
+
+async def test_a_queued_message_comes_back_before_what_was_typed_since_when_the_load_fails(monkeypatch):
+    import threading
+
+    from sinkchat.errors import SinkchatError
+    from sinkchat.tui import chat_screen
+
+    release = threading.Event()
+
+    def load_for(settings, progress):  # a load that fails once the test has typed on
+        release.wait(30)
+        raise SinkchatError("no such model")
+
+    monkeypatch.setattr(chat_screen, "load_for", load_for)
+    app = SinkchatApp(tui_settings(), save=False)
+    async with app.run_test(size=SIZE) as pilot:
+        box = app.query_one(ChatInput)
+        keys(app, "First message\nsecond draft")
+        await wait_for(pilot, lambda: app.chat_screen.queued == "First message" and box.text == "second draft", 10)
+        release.set()
+        await wait_for(pilot, lambda: app.load_error is not None, 10)
+        await pilot.pause()
+        assert box.text == "First message\nsecond draft"

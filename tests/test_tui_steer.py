@@ -129,3 +129,76 @@ async def test_ctrl_l_on_a_typed_message_sends_it_pinned(smollm):
         assert "sent pinned" not in box.border_title
         assert chat.pinned_messages() == [1] and chat.cache.evictions  # the reply evicted, not the message
         assert "▒ pinned" in label(app, 1) and "forgotten" not in label(app, 1)
+
+
+async def enter(pilot, text: str, ends_turn: bool = True) -> None:
+    """``text`` typed in the box and Enter; ``ends_turn``: wait for the turn (or pin) it makes to end."""
+    app = pilot.app
+    ended = app.turns_ended
+    app.query_one(ChatInput).insert(text)
+    await pilot.press("enter")
+    await pilot.pause()
+    if ends_turn:
+        await wait_for(pilot, lambda: app.turns_ended > ended and not app.chat_screen.generating)
+
+
+def told(app) -> str:
+    return app._notifications and list(app._notifications)[-1].message
+
+
+async def test_plain_mode_commands_in_the_box_steer_the_chat_and_are_never_sent(smollm):
+    from sinkchat.tui.help import HelpScreen
+
+    app = SinkchatApp(make_settings(pin_max=32, max_new_tokens=4), loaded=smollm, save=False)
+    async with app.run_test(size=SIZE) as pilot:
+        await send(pilot, "Hi.")
+        chat, box = app.chat, app.query_one(ChatInput)
+        users = lambda: [m.content for m in chat.messages if m.role == "user"]  # noqa: E731
+        await enter(pilot, "/pin 2")
+        assert chat.pinned_messages() == [1] and box.text == "" and users() == ["Hi."]
+        await enter(pilot, "/pins", ends_turn=False)
+        assert told(app).startswith("pinned: #2 you")
+        await enter(pilot, "/unpin #2")
+        assert chat.pinned_messages() == []
+        await enter(pilot, "/frobnicate", ends_turn=False)  # a typo: one line, kept in the box, not sent
+        assert told(app).startswith("unknown command /frobnicate; commands: /pin N")
+        assert box.text == "/frobnicate" and users() == ["Hi."]
+        box.clear()
+        await enter(pilot, "/pin", ends_turn=False)
+        assert "takes a message number" in told(app) and box.text == "/pin"
+        box.clear()
+        await enter(pilot, "/retry")
+        assert users() == ["Hi."] and len(chat.messages) == 3 and "stopped" not in told(app)
+        await enter(pilot, "/edit Hello.")
+        assert users() == ["Hello."] and len(chat.messages) == 3
+        await enter(pilot, "//help me")  # one slash dropped, sent as it is
+        await enter(pilot, "/usr/bin is a folder")  # a slash not followed by a word alone: a message
+        await enter(pilot, "/keep My name is Ada.")
+        assert users() == ["Hello.", "/help me", "/usr/bin is a folder", "My name is Ada."]
+        assert chat.pinned_messages() == [len(chat.messages) - 2]
+        await enter(pilot, "/help", ends_turn=False)
+        assert isinstance(app.screen, HelpScreen)
+        await pilot.press("escape")
+        await pilot.pause()
+        await enter(pilot, "/quit", ends_turn=False)
+        await wait_for(pilot, lambda: app._exit, 10)  # as ctrl+q: the app exits
+    assert app.return_code == 0 and len(users()) == 4
+
+
+async def test_a_command_that_cannot_run_during_a_reply_stays_in_the_box(smollm):
+    import threading
+
+    app = SinkchatApp(make_settings(max_new_tokens=4), loaded=smollm, save=False)
+    async with app.run_test(size=SIZE) as pilot:
+        await send(pilot, "Hi.")
+        chat, box, held = app.chat, app.query_one(ChatInput), threading.Event()
+        sample = chat.sampler
+        chat.sampler = lambda *args: (held.wait(60), sample(*args))[1]
+        box.insert("Tell me more.")
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: app.chat_screen.generating)
+        await enter(pilot, "/retry", ends_turn=False)
+        assert box.text == "/retry" and "wait for the reply" in told(app)
+        held.set()
+        await wait_for(pilot, lambda: not app.chat_screen.generating)
+        assert [m.content for m in chat.messages if m.role == "user"] == ["Hi.", "Tell me more."]

@@ -4,7 +4,9 @@ them) adds a line. It shows how many tokens a long message takes against the win
 Enter is handled in the box's own key handler, not by a priority binding: a priority binding
 fires when the key arrives, before the keys typed just ahead of it have been inserted, so text
 and Enter arriving in one burst (a paste without bracketed paste, tmux send-keys, a text
-expander) would send nothing or half a message.
+expander) would send nothing or half a message. For the same reason the box gives up the message
+as Enter is handled: keys typed after Enter (the rest of such a burst) stay in the box, and a
+message the screen does not take now is put back before them (:meth:`ChatInput.give_back`).
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ class ChatInput(TextArea):
 
     @dataclass
     class Submitted(Message):
-        text: str
+        text: str  # the message, stripped
+        typed: str = ""  # the box's text as it was sent (what give_back puts back)
 
     def __init__(self, **kwargs):
         super().__init__(soft_wrap=True, show_line_numbers=False, tab_behavior="focus", **kwargs)
@@ -41,9 +44,17 @@ class ChatInput(TextArea):
         await super()._on_key(event)
 
     def action_send(self) -> None:
-        text = self.text.strip()
-        if text:  # the screen clears the box once it takes the message, so a refused one is not lost
-            self.post_message(self.Submitted(text))
+        typed = self.text
+        if typed.strip():
+            # Posted before the box empties, so the screen reads the message's marks (sent pinned)
+            # before the change; cleared now, not when the screen takes it, so the keys after Enter stay.
+            self.post_message(self.Submitted(typed.strip(), typed))
+            self.clear()
+
+    def give_back(self, typed: str) -> None:
+        """Put back a message that was not sent, before what was typed since (on its own line);
+        the cursor stays where it was in that text, or ends the message in an empty box."""
+        self.insert(typed + ("\n" if self.text else ""), (0, 0))
 
     def action_newline(self) -> None:
         self.insert("\n")

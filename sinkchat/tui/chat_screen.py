@@ -29,6 +29,7 @@ from textual.reactive import reactive
 from textual.screen import Screen
 from textual.widgets import Label, LoadingIndicator
 
+from .. import commands
 from ..errors import SinkchatError
 from ..ledger import Occupancy, covered_by, spans
 from ..model import LoadedModel, load_for
@@ -207,7 +208,8 @@ class ChatScreen(Say, SteerKeys, Screen):
         box.add_class("-failed")
         if self.queued is not None:  # give the queued message back, so it is not lost
             await self.query_one(Transcript).reset([])
-            self.query_one(ChatInput).text, self.queued = self.queued, None
+            self.query_one(ChatInput).give_back(self.queued)  # before anything typed since
+            self.queued = None
 
     @on(ModelLoaded)
     def _model_loaded(self, msg: ModelLoaded) -> None:
@@ -262,41 +264,59 @@ class ChatScreen(Say, SteerKeys, Screen):
     # -- chatting -------------------------------------------------------------------------------
 
     async def on_chat_input_submitted(self, event: ChatInput.Submitted) -> None:
+        """A slash command (as in plain mode: :mod:`sinkchat.commands`) or a message; either is put
+        back in the box (it is emptied as Enter is handled), before anything typed since, when it
+        cannot be done now, with a line saying why."""
+        parsed = commands.parse(event.text)
+        if isinstance(parsed, commands.Command):
+            await self.run_command(parsed, event.typed)
+        else:
+            await self.take(parsed, event.typed)
+
+    async def take(self, text: str, typed: str, pin: bool | None = None, replace: int | None = None) -> None:
+        """Send ``text`` (``typed``: what the box held, given back if it is not sent), pinned if the box
+        is marked so (``pin``: as a command says instead), replacing the message being edited (or
+        message ``replace`` and its reply)."""
         box = self.query_one(ChatInput)
         if self.generating:
+            box.give_back(typed)
             self.say("wait for the reply, or press Esc to stop it; your message stays in the box",
                      severity="warning")
             return
         if self.chat is None:
             if self.queued is not None or self.app.load_error:
+                box.give_back(typed)
                 self.say("a message is already waiting for the model; this one stays in the box",
                          severity="warning")
                 return
-            self.queued = event.text  # shown as queued; sent when the chat is ready
-            box.clear()
-            await self.query_one(Transcript).add("user", event.text, note="queued")
+            self.queued = text  # shown as queued; sent when the chat is ready
+            await self.query_one(Transcript).add("user", text, note="queued")
             return
-        tokens = len(self.chat.encode(event.text))
-        if tokens > self.chat.cache.window - self.chat.cache.pinned_count() and self._confirmed != event.text:
-            self._confirmed = event.text
+        tokens = len(self.chat.encode(text))
+        if tokens > self.chat.cache.window - self.chat.cache.pinned_count() and self._confirmed != text:
+            self._confirmed = text
+            box.give_back(typed)
             self.say(f"This message is {tokens} tokens, more than the {self.chat.cache.window}-token window: "
                      "the model will keep only its end. Press Enter again to send it.",
                      title="Longer than the window", severity="warning", timeout=15)
             return
-        pin, self.pin_next = self.pin_next, False
+        marked = pin is None  # the box's mark (ctrl+l), kept with the text if it is refused
+        if marked:
+            pin, self.pin_next = self.pin_next, False
         if pin:
             try:
-                self.chat.check_pin(event.text)
-            except SinkchatError as exc:  # the message stays in the box, still marked to be pinned
-                self.pin_next = True
+                self.chat.check_pin(text)
+            except SinkchatError as exc:  # the message stays in the box
+                self.pin_next = marked
+                box.give_back(typed)
                 self.say(str(exc), title="Not sent", severity="warning", timeout=10)
                 return
-        box.clear()
-        if self.editing is not None:
-            await self.resend(self.editing, event.text, pin)
+        replace = self.editing if replace is None else replace
+        if replace is not None:
+            await self.resend(replace, text, pin)
             return
         self.title_box()
-        await self._send(event.text, pin=pin)
+        await self._send(text, pin=pin)
 
     async def _send(self, text: str, rollback: bool = False, pin: bool = False) -> None:
         transcript = self.query_one(Transcript)

@@ -52,11 +52,12 @@ class CacheGauge(Widget):
 
     def summary(self) -> str:
         """``sinks 4 · window 57 of 64 · seen 301 · forgotten 240`` (the numbers a user reads;
-        ``pinned 12`` after the sinks when something is pinned)."""
+        ``pinned 12`` after the sinks when something is pinned). The sinks are the chat's first
+        tokens, held for ever: their number is the one set (``--sinks``), from a chat's start on."""
         o = self.occupancy
         pinned = f" · pinned {o.pinned}" if o.pinned else ""
         recalled = f" · recalled {len(o.recall)} blocks" if o.recall else ""
-        return (f"sinks {o.sinks}{pinned} · window {o.window} of {o.window_capacity} · seen {o.seen} · "
+        return (f"sinks {o.sink_capacity}{pinned} · window {o.window} of {o.window_capacity} · seen {o.seen} · "
                 f"forgotten {o.evicted}{recalled}")
 
     def recall_lines(self) -> list[str]:
@@ -99,7 +100,7 @@ class CacheGauge(Widget):
         for glyph, n, part in ((SINK, n_sink, "sink"), (PINNED, n_pin, "pinned"), (WINDOW, n_win, "window"),
                                (FREE, max(0, width - n_sink - n_pin - n_win), "free")):
             bar.append(glyph * n, style(f"gauge--{part}"))
-        counters = [Text.assemble((f"{SINK} ", style("gauge--sink")), (f"sinks {o.sinks}", label))]
+        counters = [Text.assemble((f"{SINK} ", style("gauge--sink")), (f"sinks {o.sink_capacity}", label))]
         if o.pinned:
             counters.append(Text.assemble((f"{PINNED} ", style("gauge--pinned")), (f"pinned {o.pinned}", label)))
         counters += [Text.assemble((f"{WINDOW} ", style("gauge--window")),

@@ -23,6 +23,10 @@ forgotten one quotes where what is kept begins. Ctrl+G shows or hides those line
 To keep a message, select it with alt+↑/alt+↓ and press ctrl+l: it is pinned (`▒ pinned` in its
 label) and never forgotten, up to `--pin-max` tokens in all (a quarter of the window unless set);
 ctrl+l again lets it go. F5 regenerates the last reply, F2 edits your last message.
+
+The message box takes plain mode's commands too: `/pin N`, `/unpin N`, `/pins`, `/keep TEXT` (send
+it pinned), `/retry`, `/edit TEXT`, `/help`, `/quit`. Start a message with `//` to send a line that
+begins with a slash command's word (one slash is dropped); `/usr/bin ...` is sent as it is.
 """
 
 

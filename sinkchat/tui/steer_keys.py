@@ -6,7 +6,8 @@ Alt+Up/Down move a highlight over the messages on screen; Ctrl+L pins or unpins 
 one (Ctrl+P is the command palette), or, with none highlighted, marks the message in the box to be
 pinned as it is sent (before its own reply can evict it). F5 regenerates the last reply; F2 puts
 the last message back in the box, and sending it replaces that message and its reply (Esc
-cancels); a pinned message stays pinned either way. The engine takes the last turn back
+cancels); a pinned message stays pinned either way. Plain mode's slash commands typed in the box
+do the same (:meth:`SteerKeys.run_command`). The engine takes the last turn back
 (:meth:`Chat.rollback`) in the generation worker, so a cache that has to be re-prefilled never
 freezes the screen. Every refusal is one notification line.
 """
@@ -15,9 +16,13 @@ from __future__ import annotations
 
 from textual.binding import Binding
 
+from .. import commands
 from ..errors import SinkchatError
 from .chat_input import ChatInput
 from .transcript import Transcript
+
+HELP = ("commands: /pin N, /unpin N, /pins, /keep TEXT (send it pinned), /retry (f5), /edit TEXT, /help (f1), "
+        "/quit or /exit (ctrl+q); start a message with // to send a line that begins with /")
 
 
 class SteerKeys:
@@ -53,6 +58,51 @@ class SteerKeys:
         except SinkchatError:
             self.say(none_yet, severity="warning")
             return None
+
+    async def run_command(self, command: commands.Command, typed: str) -> None:
+        """A slash command from the box, read as plain mode reads it (:func:`sinkchat.commands.check`),
+        done by this screen's actions: ``/retry`` is F5, ``/edit TEXT`` sends TEXT in place of the
+        last message, ``/keep TEXT`` sends it pinned, ``/help`` is F1, ``/quit`` and ``/exit`` are
+        ctrl+q. One that cannot be done now is put back in the box (``typed``), with a line saying why."""
+        box = self.query_one(ChatInput)
+        try:
+            verb, arg = commands.check(command, HELP).name, command.arg
+        except SinkchatError as exc:
+            box.give_back(typed)
+            self.say(str(exc), severity="warning", timeout=10)
+            return
+        if verb == "help":
+            self.app.action_help()
+            return
+        if verb in ("quit", "exit"):
+            await self.app.action_quit()
+            return
+        if verb == "keep":
+            await self.take(arg, typed, pin=True)
+            return
+        if verb in ("retry", "edit"):
+            what = ("regenerate", "there is no reply to regenerate yet") if verb == "retry" else (
+                "edit", "there is no message to edit yet")
+            index = self._last_turn(*what)
+            if index is None:
+                box.give_back(typed)
+            elif verb == "retry":
+                await self.resend(index, self.chat.messages[index].content)
+            else:
+                await self.take(arg, typed, replace=index)
+            return
+        if not self._steerable(f"use /{verb}"):  # /pin N, /unpin N, /pins
+            box.give_back(typed)
+            return
+        outcome = commands.execute(self.chat, command)
+        if outcome.refused:
+            box.give_back(typed)
+            self.say(outcome.message, severity="warning", timeout=8)
+            return
+        self.say(outcome.message, timeout=5)
+        if outcome.changed:
+            self.refresh_gauge(self.chat.occupancy())
+            self.post_message(self.TurnEnded(self.chat))  # saved like a turn: pins survive a resume
 
     def action_select(self, step: int) -> None:
         if self.query_one(Transcript).select(step) is None:
