@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -40,6 +41,23 @@ def candidates(file: GGUFFile, name: str) -> dict[str, nn.Module]:
     out["fp16"] = quant.HalfLinear(weight, torch.float16)
     out["bf16"] = quant.HalfLinear(weight, torch.bfloat16)
     return out
+
+
+def alternate(runs: dict[str, Callable[[], object]], rounds: int, clock=time.perf_counter,
+              repeat: int = 1) -> dict[str, float]:
+    """Median milliseconds of one call of each of ``runs``, timed in ``rounds`` that alternate between
+    them (each round calls each one ``repeat`` times), after one warm-up call each: on a shared or
+    throttling machine every candidate sees the same load."""
+    for run in runs.values():
+        run()
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for _ in range(rounds):
+        for kernel, run in runs.items():
+            t0 = clock()
+            for _ in range(repeat):
+                run()
+            times[kernel].append(1000 * (clock() - t0) / repeat)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def error(module: nn.Module, weight: torch.Tensor) -> float:
@@ -71,14 +89,8 @@ def main() -> None:
             mods = [candidates(file, n) for n in names]
             weights = [torch.from_numpy(file.dequantized(n).copy()) for n in names]
             xs = [torch.randn(1, w.shape[1]) for w in weights]
-            times: dict[str, list[float]] = {k: [] for k in mods[0]}
-            for _ in range(args.rounds):
-                for kernel in times:
-                    t0 = clock()
-                    for m, x in zip(mods, xs):
-                        m[kernel](x)
-                    times[kernel].append(1000 * (clock() - t0))
-            medians = {k: statistics.median(v) for k, v in times.items()}
+            runs = {k: (lambda k=k: [m[k](x) for m, x in zip(mods, xs)]) for k in mods[0]}
+            medians = alternate(runs, args.rounds, clock)
             fastest = min(medians.values())
             for kernel, ms in medians.items():
                 err = max(error(m[kernel], w) for m, w in zip(mods, weights))
