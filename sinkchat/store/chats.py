@@ -28,7 +28,7 @@ from ..settings import Settings
 from ..text import valid
 from .db import Database, loads, text_of, time_of
 from .locks import Locks
-from .records import ChatInfo, ChatLocked, ReadOnly, SaveError, Snapshot, Transcript
+from .records import ChatInfo, ChatLocked, NoChats, ReadOnly, Refused, SaveError, Snapshot, Transcript
 from .statefile import Chain, base_path, read_chain, segment_path, segment_paths, unchanged, write_segment, write_state
 
 
@@ -54,13 +54,23 @@ READ_ONLY = (errno.EROFS, errno.EACCES, errno.EPERM)
 class Store:
     """The chats in one data dir. One instance per process, used by one thread at a time."""
 
-    def __init__(self, data_dir: str | Path | None = None):
+    def __init__(self, data_dir: str | Path | None = None, create: bool = True):
+        """The store in ``data_dir``. ``create=False`` (commands that only read): :class:`NoChats`
+        where there is no data dir or no ``chats.db``, and nothing is made. :class:`Refused` for a
+        ``chats.db`` that is not sinkchat's or a linked ``state/``/``locks/`` folder: nothing is written."""
         self.root = config.data_dir(data_dir)
+        self.db_path = self.root / "chats.db"
+        for folder in (self.root / "state", self.root / "locks"):
+            if folder.is_symlink():
+                raise Refused(f"{folder} is a symbolic link; sinkchat does not follow links for its folders or files")
+        if not create and not self.root.is_dir():
+            raise NoChats(f"no saved chats (no data directory at {self.root})")
+        if not create and not (self.db_path.exists() or self.db_path.is_symlink()):
+            raise NoChats(f"no saved chats in {self.root}")
         try:
             private_dir(self.root)
         except OSError as exc:
             raise SinkchatError(f"cannot create the data directory {self.root}: {reason(exc)}") from None
-        self.db_path = self.root / "chats.db"
         self.db = Database(self.db_path)
         for path, mode in ((self.db_path, 0o600), (self.db_path.with_name("chats.db-journal"), 0o600),
                            (self.root / "state", 0o700), (self.root / "locks", 0o700)):
@@ -116,7 +126,7 @@ class Store:
         before, of whose messages ``snap`` keeps the first ``keep``) if it can describe the change,
         else a new base, then the old segments go. ``fresh``: a new chat's first save, which never
         replaces a file that is already there."""
-        state_dir = private_dir(self.root / "state")
+        state_dir = private_dir(self.root / "state", links=False)
         if chain is not None and chain.extends(snap, tensors) is None:
             path = segment_path(state_dir, chat_id, snap.gen)
             if path.is_symlink() or path.exists():  # left by a save that failed half-way: never read
