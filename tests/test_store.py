@@ -274,6 +274,24 @@ def test_read_only_data_dir_chat_goes_on(smollm, tmp_path):
     assert (data.joinpath("chats.db").read_bytes(), store.state_path(chat_id).read_bytes()) == before
 
 
+@pytest.mark.model  # subprocesses load the bundled model
+def test_flags_given_at_resume_become_the_chats_settings(tmp_path):
+    """`--resume 1 --window 300` on a chat made with --window 64 saves 300 as the chat's window, beside
+    the cache it saved: the printed `resume with:` line (a plain --resume) runs the chat as it was,
+    from the saved cache, with no rebuild."""
+    data = ["--data-dir", str(tmp_path)]
+    made = run_cli(*CLI_FLAGS, "--window", "64", *data, input="hello\n")
+    assert made.returncode == 0 and "/ 64 |" in made.stdout, made.stderr
+    wider = run_cli("--plain", "--resume", "1", "--window", "300", "--max-new-tokens", "4", *data, input="hello\n")
+    assert wider.returncode == 0 and "/ 300 |" in wider.stdout, wider.stderr
+    doc, _ = _export(tmp_path, "1")
+    assert doc["settings"]["window"] == doc["cache"]["window"] == 300
+    assert doc["settings"]["max_new_tokens"] == 4 and doc["settings"]["block"] == 8  # given, and kept
+    again = run_cli("--plain", "--resume", "1", *data, input="hi\n")
+    assert again.returncode == 0 and "/ 300 |" in again.stdout, again.stderr
+    assert "another window" not in again.stderr and "rebuilt" not in again.stderr, again.stderr
+
+
 def test_second_process_is_refused(smollm, tmp_path):
     store = Store(tmp_path)
     chat_id, _ = saved_chat(smollm, store, turns=QUESTIONS[:1])  # this process holds the chat

@@ -192,6 +192,18 @@ def test_ledger_kinds_follow_the_cache_when_sinks_change(tmp_path):
     assert kinds(store, chat_id) == "ssss" + "e" * 12 + "w" * 6
 
 
+def test_a_save_keeps_the_settings_the_chat_runs_with(tmp_path):
+    """Settings changed at a resume (flags over the saved ones) are saved with the next turn; a save
+    that names none keeps the saved ones."""
+    store = Store(tmp_path)
+    chat_id = store.create_state(state(), {}, Settings(window=8))
+    store.save_state(chat_id, state(n=22), {}, Settings(window=8, temperature=0))
+    assert store.settings(chat_id)["temperature"] == 0
+    store.save_state(chat_id, state(n=24), {})
+    assert store.settings(chat_id) == Settings(window=8, temperature=0).saved()
+    assert store.transcript(chat_id).settings == Settings(window=8, temperature=0).saved()
+
+
 def test_rename_and_delete(tmp_path):
     store = Store(tmp_path)
     chat_id = store.create_state(state(), {}, Settings())

@@ -158,8 +158,8 @@ class Store:
         return self.create_state(*chat.state(), settings, title)
 
     def save(self, chat_id: int, chat) -> None:
-        """Commit the chat's rows, then write its state file; ``SaveError`` on failure."""
-        self.save_state(chat_id, *chat.state())
+        """Commit the chat's rows and settings, then write its state file; ``SaveError`` on failure."""
+        self.save_state(chat_id, *chat.state(), chat.settings)
 
     def create_state(self, state: ChatState, tensors: dict, settings: Settings, title: str | None = None) -> int:
         """:meth:`create` from what :meth:`Chat.state` returned (a copy taken while the chat was idle).
@@ -192,10 +192,12 @@ class Store:
         self._write_kv(chat_id, None, snap, tensors, fresh=True)
         return chat_id
 
-    def save_state(self, chat_id: int, state: ChatState, tensors: dict) -> None:
+    def save_state(self, chat_id: int, state: ChatState, tensors: dict, settings: Settings | None = None) -> None:
         """:meth:`save` from what :meth:`Chat.state` returned: the rows of what changed in one
         transaction, then a state segment or base (a kill in between loses no turn: the K/V is
-        rebuilt from the ledger when the chat is opened)."""
+        rebuilt from the ledger when the chat is opened). ``settings``: the ones the chat runs with
+        now (a resume's flags over the saved ones), saved as the chat's, so they agree with the
+        cache saved beside them and the next ``--resume`` runs the chat as it was; None keeps the saved ones."""
         if not self.locks.holds(chat_id):
             raise SaveError(f"chat {chat_id} is open read-only here; not saved")
         t0, written = time.perf_counter(), written_bytes()
@@ -204,7 +206,7 @@ class Store:
             row = self.db.row(chat_id)
             if row is None:
                 raise SaveError(f"chat {chat_id} was deleted; not saved")
-            snap = Snapshot.of(state, loads(row["settings"]), row["gen"] + 1)
+            snap = Snapshot.of(state, loads(row["settings"]) if settings is None else settings.saved(), row["gen"] + 1)
             if chain is not None and chain.snap.gen != row["gen"]:
                 chain = None
             keep = 0
@@ -414,7 +416,7 @@ class Autosave:
             if self.chat_id is None:
                 self.chat_id = self.store.create_state(state, tensors, self.settings)
             else:
-                self.store.save_state(self.chat_id, state, tensors)
+                self.store.save_state(self.chat_id, state, tensors, self.settings)
         except SaveError as exc:
             self.chat_id = self.chat_id or exc.chat_id  # made, though its K/V was not written
             self.saved = None  # try again at the next turn
