@@ -79,6 +79,7 @@ def main(
     from ..store import Refused, Store
 
     config.data_dir(data_dir)  # a data dir that is not a directory is refused like any bad setting
+    _chat_number(resume)  # a bad number is said before anything is looked for on disk
     store, no_store = None, None
     if resume is not None or not (no_save and plain):
         try:
@@ -127,14 +128,21 @@ def _resume(store, resume: str | None) -> tuple[int | None, dict | None]:
 
     if resume is None:
         return None, None
-    if resume != "last" and not (resume.isascii() and resume.isdigit() and 0 < int(resume) < 2**63):
-        raise SinkchatError(f"--resume takes a chat number (see `sinkchat chats list`), got {resume!r}")
-    chat_id = store.resolve(None if resume == "last" else int(resume))
+    chat_id = store.resolve(_chat_number(resume))
     try:
         store.lock(chat_id)
     except ReadOnly:  # a read-only disk: the chat opens read-only (Store.open says so)
         pass
     return chat_id, store.settings(chat_id)
+
+
+def _chat_number(resume: str | None) -> int | None:
+    """``--resume``'s chat number (None: the last chat, or no --resume); :class:`SinkchatError` if it is not one."""
+    if resume is None or resume == "last":
+        return None
+    if not (resume.isascii() and resume.isdigit() and 0 < int(resume) < 2**63):
+        raise SinkchatError(f"--resume takes a chat number (see `sinkchat chats list`), got {resume!r}")
+    return int(resume)
 
 
 def _run_plain(settings: Settings, store, chat_id: int | None, save: bool = True) -> None:
