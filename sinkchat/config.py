@@ -85,9 +85,33 @@ def load_config() -> dict:
             return {}
         if not path.is_file():
             raise SinkchatError(f"config file {path} is not a regular file")
-        return tomllib.loads(path.read_text(encoding="utf-8"))
+        return tomllib.loads(path.read_text(encoding="utf-8-sig"))  # a BOM, as Windows editors write, is not TOML
     except (tomllib.TOMLDecodeError, UnicodeDecodeError, OSError) as exc:
         raise SinkchatError(f"cannot read config file {path}: {reason(exc)}") from None
+
+
+def toml_text(value) -> str:
+    """``value`` as it would be written in a TOML file (``true``, ``"64"``, ``[1, 2]``, ``{x = 1}``,
+    ``1979-05-27``), for messages about what a file holds: a Python repr (``True``) is not what the user wrote."""
+    import datetime
+    import json
+    import math
+
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)  # a TOML basic string: quotes, escapes for controls
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else "inf" if value > 0 else "-inf"
+    if isinstance(value, (datetime.date, datetime.time)):
+        return value.isoformat()
+    if isinstance(value, dict):
+        parts = (f"{k if k.replace('_', '').replace('-', '').isalnum() and k.isascii() else toml_text(k)} = "
+                 f"{toml_text(v)}" for k, v in value.items())
+        return "{" + ", ".join(parts) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_text(v) for v in value) + "]"
+    return repr(value)  # int, float: the same in TOML
 
 
 def save_config_value(key: str, value: str | int | float | bool) -> None:
@@ -97,7 +121,7 @@ def save_config_value(key: str, value: str | int | float | bool) -> None:
 
     path = config_file()
     try:
-        text = path.read_text(encoding="utf-8") if path.is_file() else ""
+        text = path.read_text(encoding="utf-8-sig") if path.is_file() else ""
         doc = tomlkit.parse(text)
         doc[key] = value
         private_dir(path.parent)

@@ -85,8 +85,12 @@ def write_atomic(path: Path, data: bytes, *, overwrite: bool = True, fault_point
     fsync_dir(path.parent)
 
 
-def private_dir(path: Path) -> Path:
-    """``path`` as a directory, created 0700 if missing; an existing one keeps its mode (it is the user's)."""
+def private_dir(path: Path, links: bool = True) -> Path:
+    """``path`` as a directory, created 0700 if missing; an existing one keeps its mode (it is the user's).
+    ``links=False``: a folder sinkchat owns inside the data dir (``state/``, ``locks/``), where a
+    symbolic link is refused as it is for sinkchat's files (the data dir itself may be a link)."""
+    if path.is_symlink() and not links:
+        raise OSError(f"{path} is a symbolic link; sinkchat does not follow links for its folders or files")
     if path.is_symlink() and not path.is_dir():
         raise OSError(f"{path} is a broken symbolic link")
     path.mkdir(mode=0o700, parents=True, exist_ok=True)

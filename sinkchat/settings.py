@@ -15,11 +15,11 @@ under them; ``dataclasses.replace`` makes a checked copy.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+from .config import toml_text
 from .errors import SinkchatError
 from .text import valid
 
@@ -202,7 +202,8 @@ def _problem(f: dataclasses.Field, value) -> str | None:
     kind = kind.removesuffix(" | None")
     if value is None:
         return None if optional else "must be given"
-    shown = json.dumps(value, ensure_ascii=False) if isinstance(value, str) else repr(value)  # escapes controls
+    shown = toml_text(value)  # as a config file or a saved chat writes it (true, not True); controls escaped
+    shown = f"the table {shown}" if isinstance(value, dict) else shown
     got = f"(got {shown if len(shown) <= 60 else shown[:57] + '...'})"
     if kind == "int" and (isinstance(value, bool) or not isinstance(value, int)):
         return f"must be an integer {got}"

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from pathlib import Path
 
 import pytest
 
-from _helpers import ROOT, run_cli
+from _helpers import ROOT, one_line_error, run_cli
 from sinkchat import cli, config
 from sinkchat.model import bundled_gguf, gguf_folder, load
 
@@ -189,3 +190,25 @@ def test_the_program_is_named_as_a_shell_would_start_it(tmp_path, monkeypatch):
     assert config.program() == ["sinkchat"]
     monkeypatch.setattr(sys, "argv", [str(ROOT / "sinkchat" / "__main__.py")])
     assert config.program() == [sys.executable, "-m", "sinkchat"]
+
+
+@pytest.mark.parametrize("group", ["chats", "bench"])
+def test_a_command_group_alone_prints_its_help_as_help(group):
+    """`sinkchat chats` with no subcommand shows the group's help on its lines (as typer does for
+    no_args_is_help: on stderr, exit 2), the same text as `--help`, not flattened into an error line."""
+    proc = run_cli(group)
+    helped = run_cli(group, "--help")
+    assert proc.returncode == 2 and helped.returncode == 0
+    assert proc.stdout == "" and "sinkchat: error" not in proc.stderr
+    assert proc.stderr.strip() == helped.stdout.strip() and proc.stderr.count("\n") > 5
+    assert "\nCommands:\n" in proc.stderr
+
+
+def test_a_model_path_that_is_neither_gguf_nor_folder_says_what_it_is(tmp_path):
+    """--model naming a file that exists is not reported missing: it is the wrong kind of file."""
+    text = tmp_path / "long.txt"
+    text.write_text("not a model\n")
+    fifo = tmp_path / "weights.gguf"
+    os.mkfifo(fifo)
+    one_line_error(run_cli("--plain", "--model", str(text)), f"{text} exists but is not a .gguf file or a model folder")
+    one_line_error(run_cli("--plain", "--model", str(fifo)), f"{fifo} exists but is not a GGUF file")

@@ -58,8 +58,13 @@ def test_every_chats_command_on_a_read_only_disk_reads_or_says_one_line(read_onl
 def test_a_new_data_dir_that_cannot_be_made_is_one_line(tmp_path):
     parent = tmp_path / "ro"
     parent.mkdir(mode=0o500)
-    one_line_error(run_cli("chats", "list", "--data-dir", str(parent / "data"), prefix=without_root_override()),
-                   "cannot create the data directory")
+    listed = run_cli("chats", "list", "--data-dir", str(parent / "data"), prefix=without_root_override())
+    assert listed.returncode == 0 and listed.stdout.startswith("no saved chats (no data directory at"), listed.stderr
+    made = subprocess.run([*without_root_override(), sys.executable, "-c",
+                           f"from sinkchat.store import Store; Store({str(parent / 'data')!r})"],
+                          capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert made.returncode != 0 and "cannot create the data directory" in made.stderr.splitlines()[-1]
+    assert list(parent.iterdir()) == []
 
 
 def test_a_full_disk_at_the_first_save_leaves_no_chat(tmp_path):

@@ -36,7 +36,8 @@ def test_every_module_imports_alone():
 
 # Lowest first: a module may import from its own layer or the ones below, never above.
 LAYERS = [
-    {"__init__", "errors", "text", "files", "config", "ledger", "settings", "template", "sampling"},  # plain data
+    {"__init__", "errors", "text", "files", "config", "ledger", "settings", "template", "sampling",
+     "decoder"},  # plain data (decoder: the thread that owns every model call)
     {"kv"},  # the cache: a stream of tokens, no chats, no models' code
     {"model"},  # which model and how it runs (its forward writes into the cache's layers)
     {"steering", "engine", "commands"},  # a chat: turns in, events out

@@ -37,7 +37,7 @@ def test_unknown_config_key_is_a_warning_naming_it():
     [
         ("config", "window", "64", 'cfg.toml: window must be an integer (got "64")'),
         ("config", "sinks", 2.5, "cfg.toml: sinks must be an integer (got 2.5)"),
-        ("config", "sinks", True, "cfg.toml: sinks must be an integer (got True)"),
+        ("config", "sinks", True, "cfg.toml: sinks must be an integer (got true)"),
         ("config", "keep_system", "yes", 'cfg.toml: keep_system must be true or false (got "yes")'),
         ("config", "model", 3, "cfg.toml: model must be text (got 3)"),
         ("saved", "window", 0, "chat 3: window must be 1 or more (got 0)"),

@@ -268,10 +268,28 @@ def test_read_only_data_dir_chat_goes_on(smollm, tmp_path):
     finally:
         for d in (data, data / "state"):
             d.chmod(0o700)
-    assert out.returncode == 0, out.stderr
+    assert out.returncode == 1, out.stderr  # the chat went on, but a script must see it was not saved
     assert out.stdout.count("[cache]") == 2  # both replies came
     assert "could not save chat 1" in out.stderr and "Traceback" not in out.stderr
     assert (data.joinpath("chats.db").read_bytes(), store.state_path(chat_id).read_bytes()) == before
+
+
+@pytest.mark.model  # subprocesses load the bundled model
+def test_flags_given_at_resume_become_the_chats_settings(tmp_path):
+    """`--resume 1 --window 300` on a chat made with --window 64 saves 300 as the chat's window, beside
+    the cache it saved: the printed `resume with:` line (a plain --resume) runs the chat as it was,
+    from the saved cache, with no rebuild."""
+    data = ["--data-dir", str(tmp_path)]
+    made = run_cli(*CLI_FLAGS, "--window", "64", *data, input="hello\n")
+    assert made.returncode == 0 and "/ 64 |" in made.stdout, made.stderr
+    wider = run_cli("--plain", "--resume", "1", "--window", "300", "--max-new-tokens", "4", *data, input="hello\n")
+    assert wider.returncode == 0 and "/ 300 |" in wider.stdout, wider.stderr
+    doc, _ = _export(tmp_path, "1")
+    assert doc["settings"]["window"] == doc["cache"]["window"] == 300
+    assert doc["settings"]["max_new_tokens"] == 4 and doc["settings"]["block"] == 8  # given, and kept
+    again = run_cli("--plain", "--resume", "1", *data, input="hi\n")
+    assert again.returncode == 0 and "/ 300 |" in again.stdout, again.stderr
+    assert "another window" not in again.stderr and "rebuilt" not in again.stderr, again.stderr
 
 
 def test_second_process_is_refused(smollm, tmp_path):

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sqlite3
+import stat
 from array import array
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from _helpers import one_line_error, run_cli, stored_chat
 from sinkchat.errors import SinkchatError
 from sinkchat.ledger import ChatState, Message
 from sinkchat.settings import Settings
-from sinkchat.store import Snapshot, Store
+from sinkchat.store import NoChats, Refused, Snapshot, Store
 from sinkchat.store.db import VERSION
 from sinkchat.store.statefile import unchanged
 
@@ -100,6 +103,78 @@ def test_newer_and_foreign_files_are_refused_in_one_line(tmp_path):
     assert "\n" not in str(err.value)
 
 
+FOREIGN = {
+    "another program's tables": ["CREATE TABLE notes (body TEXT)"],
+    "a table named chats of other columns": ["CREATE TABLE chats (x)"],
+    "sinkchat's tables and another's": [*FIRST_SCHEMA.split(";")[:3], "CREATE TABLE notes (body TEXT)"],
+    "a schema version and tables of other columns": ["CREATE TABLE chats (x)", "CREATE TABLE messages (y)",
+                                                     "CREATE TABLE tokens (z)", "PRAGMA user_version = 2"],
+    "a schema version and none of sinkchat's tables": ["CREATE TABLE notes (body TEXT)", "PRAGMA user_version = 1"],
+}
+
+
+@pytest.mark.parametrize("statements", FOREIGN.values(), ids=FOREIGN.keys())
+def test_a_database_that_is_not_sinkchats_is_refused_and_never_written(tmp_path, statements):
+    """Another program's SQLite file at chats.db is refused by every command, in one line, exit 2:
+    no table is added, no schema version set, no mode changed (not even by a half-done migration)."""
+    path = tmp_path / "chats.db"
+    db = sqlite3.connect(path)
+    for statement in statements:
+        db.execute(statement)
+    db.commit()
+    db.close()
+    path.chmod(0o644)
+    before = path.read_bytes()
+    with pytest.raises(Refused, match="is not sinkchat's chat store"):
+        Store(tmp_path)
+    for args in (["chats", "list"], ["chats", "show"], ["chats", "export", "1"], ["chats", "rename", "1", "x"],
+                 ["chats", "delete", "1", "--yes"], ["--plain"], ["--plain", "--resume"], ["--plain", "--resume", "1"]):
+        proc = run_cli(*args, "--data-dir", str(tmp_path), input="hello\n")  # refused before a model loads
+        one_line_error(proc, f"{path} is not sinkchat's chat store", "it was left as it is")
+        assert proc.stdout == ""
+    assert path.read_bytes() == before and stat.S_IMODE(path.stat().st_mode) == 0o644
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chats.db"]
+
+
+def test_commands_that_only_read_create_no_data_dir(tmp_path):
+    """`chats list` where there is no data dir says so and makes none; show, export, rename, delete
+    and --resume refuse in one line and make none either; an empty data dir gets no chats.db."""
+    missing = tmp_path / "nothing" / "here"
+    listed = run_cli("chats", "list", "--data-dir", str(missing))
+    assert listed.returncode == 0 and listed.stdout == f"no saved chats (no data directory at {missing})\n"
+    for args in (["chats", "show"], ["chats", "show", "1"], ["chats", "export", "1"],
+                 ["chats", "rename", "1", "x"], ["chats", "delete", "1", "--yes"], ["--plain", "--resume"]):
+        one_line_error(run_cli(*args, "--data-dir", str(missing), input="hello\n"),
+                       f"no saved chats (no data directory at {missing})")
+    assert list(tmp_path.iterdir()) == []
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert run_cli("chats", "list", "--data-dir", str(empty)).stdout == f"no saved chats in {empty}\n"
+    one_line_error(run_cli("chats", "show", "--data-dir", str(empty)), f"no saved chats in {empty}")
+    with pytest.raises(NoChats):
+        Store(empty, create=False)
+    assert list(empty.iterdir()) == []
+
+
+@pytest.mark.parametrize("folder", ["state", "locks"])
+def test_a_linked_state_or_locks_folder_is_refused_like_a_linked_file(tmp_path, folder):
+    """sinkchat writes its lock and state files only into folders of its own: a symbolic link at
+    state/ or locks/ is refused in one line, and the folder it points to gets nothing."""
+    data = tmp_path / "data"
+    stored_chat(data)
+    elsewhere = tmp_path / "elsewhere"
+    os.replace(data / folder, elsewhere)
+    (data / folder).symlink_to(elsewhere)
+    before = {p.name: p.read_bytes() for p in elsewhere.iterdir()}
+    for args in (["chats", "list"], ["chats", "show", "1"], ["chats", "delete", "1", "--yes"], ["--plain"],
+                 ["--plain", "--resume", "1"]):
+        one_line_error(run_cli(*args, "--data-dir", str(data), input="hello\n"),
+                       f"{data / folder} is a symbolic link; sinkchat does not follow links")
+    assert {p.name: p.read_bytes() for p in elsewhere.iterdir()} == before
+    with pytest.raises(Refused, match="symbolic link"):
+        Store(data)
+
+
 def test_search_is_literal_text(tmp_path):
     store = Store(tmp_path)
     chat_id = store.create_state(state(), {}, Settings())
@@ -115,6 +190,18 @@ def test_ledger_kinds_follow_the_cache_when_sinks_change(tmp_path):
     assert kinds(store, chat_id) == "ss" + "e" * 12 + "w" * 6
     store.save_state(chat_id, state(n=22, sinks=4, n_sink=4, evictions=((4, 16),)), {})
     assert kinds(store, chat_id) == "ssss" + "e" * 12 + "w" * 6
+
+
+def test_a_save_keeps_the_settings_the_chat_runs_with(tmp_path):
+    """Settings changed at a resume (flags over the saved ones) are saved with the next turn; a save
+    that names none keeps the saved ones."""
+    store = Store(tmp_path)
+    chat_id = store.create_state(state(), {}, Settings(window=8))
+    store.save_state(chat_id, state(n=22), {}, Settings(window=8, temperature=0))
+    assert store.settings(chat_id)["temperature"] == 0
+    store.save_state(chat_id, state(n=24), {})
+    assert store.settings(chat_id) == Settings(window=8, temperature=0).saved()
+    assert store.transcript(chat_id).settings == Settings(window=8, temperature=0).saved()
 
 
 def test_rename_and_delete(tmp_path):

@@ -18,13 +18,13 @@ def test_shipped_themes_parse_with_gauge_colours():
 @pytest.mark.parametrize(
     "text, reason",
     [
-        ('primary = "not-a-colour"\n', "primary = 'not-a-colour' is not a colour"),
+        ('primary = "not-a-colour"\n', 'primary = "not-a-colour" is not a colour'),
         ('name = "x"\n', "missing the required key 'primary'"),
         ('primary = "#fff"\nsparkle = 1\n', "unknown key(s) sparkle"),
         ('primary = "#fff"\nvariables = 3\n', "[variables] must be a table"),
-        ('primary = "#fff"\n[variables]\ngauge-sink = "nope"\n', "variables.gauge-sink = 'nope' is not a colour"),
+        ('primary = "#fff"\n[variables]\ngauge-sink = "nope"\n', 'variables.gauge-sink = "nope" is not a colour'),
         ("primary = \n", "not valid TOML"),
-        ('primary = "#fff"\ndark = "yes"\n', "dark = 'yes' must be true or false"),
+        ('primary = "#fff"\ndark = "yes"\n', 'dark = "yes" must be true or false'),
     ],
 )
 def test_a_broken_theme_is_reported_and_skipped(tmp_path, text, reason):

@@ -13,6 +13,7 @@ import sys
 from contextlib import suppress
 
 import typer
+from typer._click.exceptions import NoArgsIsHelpError  # typer's own copy of click
 
 from ..errors import SinkchatError
 from ..files import reason
@@ -49,6 +50,9 @@ def run(argv: list[str] | None = None) -> None:
         _error(str(exc))
         sys.exit(exc.exit_code)
     except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except NoArgsIsHelpError as exc:  # `sinkchat chats`: the help as typer prints it, exit 2
+        exc.show()
         sys.exit(exc.exit_code)
     except typer.TyperException as exc:  # usage errors: unknown option, a value of the wrong type
         _error(exc.format_message() if hasattr(exc, "format_message") else str(exc))

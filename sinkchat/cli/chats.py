@@ -24,10 +24,11 @@ DATA_DIR = typer.Option(None, "--data-dir", help="Where chats are saved [default
 
 
 def _store(ctx: typer.Context, data_dir: str | None):
-    """The store in ``--data-dir`` (given here or before the subcommand: ``sinkchat --data-dir D chats list``)."""
+    """The store in ``--data-dir`` (given here or before the subcommand: ``sinkchat --data-dir D chats list``).
+    No command here makes a data dir or a ``chats.db``: where there is none, :class:`NoChats` says so."""
     from ..store import Store
 
-    return Store(data_dir or (ctx.find_root().obj or {}).get("data_dir"))
+    return Store(data_dir or (ctx.find_root().obj or {}).get("data_dir"), create=False)
 
 
 def _notices(notices) -> None:
@@ -46,10 +47,15 @@ def list_chats(
     """List saved chats, most recent first."""
     from rich.table import Table
 
+    from ..store import NoChats
     from ..text import clean
     from .output import console
 
-    rows = _store(ctx, data_dir).list(query)
+    try:
+        rows = _store(ctx, data_dir).list(query)
+    except NoChats as exc:
+        print(exc)
+        return
     if not rows:
         print("no saved chats" + (f" matching {clean(query, one_line=True)!r}" if query else ""))
         return

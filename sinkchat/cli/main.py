@@ -79,15 +79,16 @@ def main(
                  keep_system=keep_system, system=system, quant=quant, device=device, dtype=dtype,
                  kv_dtype=kv_dtype, compile=compile, temperature=temperature, top_p=top_p, top_k=top_k,
                  repetition_penalty=repetition_penalty, seed=seed, max_new_tokens=max_new_tokens, theme=theme)
-    from ..store import Store
+    from ..store import Refused, Store
 
     config.data_dir(data_dir)  # a data dir that is not a directory is refused like any bad setting
+    _chat_number(resume)  # a bad number is said before anything is looked for on disk
     store, no_store = None, None
     if resume is not None or not (no_save and plain):
         try:
-            store = Store(data_dir)
+            store = Store(data_dir, create=resume is None)  # resuming makes no data dir
         except SinkchatError as exc:  # no chat store (a read-only data dir): a new chat goes on in memory
-            if resume is not None:
+            if resume is not None or isinstance(exc, Refused):  # not where another program's files are
                 raise
             no_store = str(exc)
             if plain:
@@ -130,14 +131,21 @@ def _resume(store, resume: str | None) -> tuple[int | None, dict | None]:
 
     if resume is None:
         return None, None
-    if resume != "last" and not (resume.isascii() and resume.isdigit() and 0 < int(resume) < 2**63):
-        raise SinkchatError(f"--resume takes a chat number (see `sinkchat chats list`), got {resume!r}")
-    chat_id = store.resolve(None if resume == "last" else int(resume))
+    chat_id = store.resolve(_chat_number(resume))
     try:
         store.lock(chat_id)
     except ReadOnly:  # a read-only disk: the chat opens read-only (Store.open says so)
         pass
     return chat_id, store.settings(chat_id)
+
+
+def _chat_number(resume: str | None) -> int | None:
+    """``--resume``'s chat number (None: the last chat, or no --resume); :class:`SinkchatError` if it is not one."""
+    if resume is None or resume == "last":
+        return None
+    if not (resume.isascii() and resume.isdigit() and 0 < int(resume) < 2**63):
+        raise SinkchatError(f"--resume takes a chat number (see `sinkchat chats list`), got {resume!r}")
+    return int(resume)
 
 
 def _run_plain(settings: Settings, store, chat_id: int | None, save: bool = True) -> None:
@@ -178,6 +186,8 @@ def _run_plain(settings: Settings, store, chat_id: int | None, save: bool = True
         note(_resume_hint(store, autosave.chat_id, plain=True))
     if ended_by is not None:  # SIGTERM, SIGHUP (or Ctrl+C in a pipe): saved, then the usual 128 + signal
         raise typer.Exit(128 + ended_by)
+    if autosave is not None and autosave.failure is not None:  # said when it failed; a script must see it too
+        raise typer.Exit(1)
 
 
 def _resume_hint(store, chat_id: int, plain: bool = False) -> str:

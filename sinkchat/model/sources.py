@@ -64,6 +64,8 @@ def resolve(name: str) -> Source:
         return Source("hub", ref, name)
     path = Path(name).expanduser()
     if path.suffix == ".gguf":
+        if path.exists() and not path.is_file():
+            raise SinkchatError(f"{path} exists but is not a GGUF file (not a regular file)")
         if not path.is_file():
             raise SinkchatError(f"no such GGUF file: {path}")
         return Source("gguf", str(path.resolve()), name)
@@ -71,6 +73,8 @@ def resolve(name: str) -> Source:
         if not (path / "config.json").is_file():
             raise SinkchatError(f"{path} has no config.json; it is not a Hugging Face model folder")
         return Source("dir", str(path.resolve()), name)
+    if path.exists():  # a file (or a device, a FIFO) that is neither
+        raise SinkchatError(f"{path} exists but is not a .gguf file or a model folder")
     if name.count("/") == 1 and not name.startswith((".", "/", "~")):
         return Source("hub", name, name)
     if os.sep in name or name.startswith((".", "~")):

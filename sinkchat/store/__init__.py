@@ -24,7 +24,8 @@ error the disk or SQLite reports becomes one line (:class:`SinkchatError`, :clas
 
 API (the CLI and the TUI use only this)::
 
-    store = Store(data_dir=None)                  # opens/creates and migrates chats.db
+    store = Store(data_dir=None)                  # opens/creates and migrates chats.db; Refused if not sinkchat's
+    store = Store(data_dir, create=False)         # for reading: NoChats where there is no chats.db (nothing made)
     chat_id = store.create(chat, settings)        # first save; takes the chat's lock
     store.save(chat_id, chat)                     # after every turn and on quit; SaveError on failure
     store.list(query=None) -> [ChatInfo]          # newest first; query searches titles and messages
@@ -37,6 +38,7 @@ API (the CLI and the TUI use only this)::
 """
 
 from .chats import Autosave, Store
-from .records import ChatInfo, ChatLocked, ReadOnly, SaveError, Snapshot, Transcript
+from .records import ChatInfo, ChatLocked, NoChats, ReadOnly, Refused, SaveError, Snapshot, Transcript
 
-__all__ = ["Autosave", "ChatInfo", "ChatLocked", "ReadOnly", "SaveError", "Snapshot", "Store", "Transcript"]
+__all__ = ["Autosave", "ChatInfo", "ChatLocked", "NoChats", "ReadOnly", "Refused", "SaveError", "Snapshot", "Store",
+           "Transcript"]

@@ -36,7 +36,7 @@ def save_attention(report: dict, model: str, data_dir: str | Path | None = None)
     """Keep ``report`` (the ``bench attention --json`` document) as ``model``'s last result. Raises ``OSError``."""
     path = result_path(model, data_dir)
     private_dir(path.parent.parent)
-    private_dir(path.parent)
+    private_dir(path.parent, links=False)
     write_atomic(path, json.dumps({**report, "model_key": model_key(model)}, indent=1).encode())
     return path
 

@@ -28,7 +28,7 @@ from ..settings import Settings
 from ..text import valid
 from .db import Database, loads, text_of, time_of
 from .locks import Locks
-from .records import ChatInfo, ChatLocked, ReadOnly, SaveError, Snapshot, Transcript
+from .records import ChatInfo, ChatLocked, NoChats, ReadOnly, Refused, SaveError, Snapshot, Transcript
 from .statefile import Chain, base_path, read_chain, segment_path, segment_paths, unchanged, write_segment, write_state
 
 
@@ -54,13 +54,23 @@ READ_ONLY = (errno.EROFS, errno.EACCES, errno.EPERM)
 class Store:
     """The chats in one data dir. One instance per process, used by one thread at a time."""
 
-    def __init__(self, data_dir: str | Path | None = None):
+    def __init__(self, data_dir: str | Path | None = None, create: bool = True):
+        """The store in ``data_dir``. ``create=False`` (commands that only read): :class:`NoChats`
+        where there is no data dir or no ``chats.db``, and nothing is made. :class:`Refused` for a
+        ``chats.db`` that is not sinkchat's or a linked ``state/``/``locks/`` folder: nothing is written."""
         self.root = config.data_dir(data_dir)
+        self.db_path = self.root / "chats.db"
+        for folder in (self.root / "state", self.root / "locks"):
+            if folder.is_symlink():
+                raise Refused(f"{folder} is a symbolic link; sinkchat does not follow links for its folders or files")
+        if not create and not self.root.is_dir():
+            raise NoChats(f"no saved chats (no data directory at {self.root})")
+        if not create and not (self.db_path.exists() or self.db_path.is_symlink()):
+            raise NoChats(f"no saved chats in {self.root}")
         try:
             private_dir(self.root)
         except OSError as exc:
             raise SinkchatError(f"cannot create the data directory {self.root}: {reason(exc)}") from None
-        self.db_path = self.root / "chats.db"
         self.db = Database(self.db_path)
         for path, mode in ((self.db_path, 0o600), (self.db_path.with_name("chats.db-journal"), 0o600),
                            (self.root / "state", 0o700), (self.root / "locks", 0o700)):
@@ -120,7 +130,7 @@ class Store:
         before, of whose messages ``snap`` keeps the first ``keep``) if it can describe the change,
         else a new base, then the old segments go. ``fresh``: a new chat's first save, which never
         replaces a file that is already there."""
-        state_dir = private_dir(self.root / "state")
+        state_dir = private_dir(self.root / "state", links=False)
         if chain is not None and chain.extends(snap, tensors) is None:
             path = segment_path(state_dir, chat_id, snap.gen)
             if path.is_symlink() or path.exists():  # left by a save that failed half-way: never read
@@ -153,9 +163,9 @@ class Store:
         return self.create_state(*chat.state(), settings, title)
 
     def save(self, chat_id: int, chat) -> None:
-        """Commit the chat's rows, then write its state file; ``SaveError`` on failure."""
+        """Commit the chat's rows and settings, then write its state file; ``SaveError`` on failure."""
         self._keep_memory(chat, chat_id)
-        self.save_state(chat_id, *chat.state())
+        self.save_state(chat_id, *chat.state(), chat.settings)
 
     def _keep_memory(self, chat, chat_id: int | None) -> None:
         """With ``--recall``: the chat's block memory file in the state folder, flushed, before a save counts it."""
@@ -196,10 +206,12 @@ class Store:
         self._write_kv(chat_id, None, snap, tensors, fresh=True)
         return chat_id
 
-    def save_state(self, chat_id: int, state: ChatState, tensors: dict) -> None:
+    def save_state(self, chat_id: int, state: ChatState, tensors: dict, settings: Settings | None = None) -> None:
         """:meth:`save` from what :meth:`Chat.state` returned: the rows of what changed in one
         transaction, then a state segment or base (a kill in between loses no turn: the K/V is
-        rebuilt from the ledger when the chat is opened)."""
+        rebuilt from the ledger when the chat is opened). ``settings``: the ones the chat runs with
+        now (a resume's flags over the saved ones), saved as the chat's, so they agree with the
+        cache saved beside them and the next ``--resume`` runs the chat as it was; None keeps the saved ones."""
         if not self.locks.holds(chat_id):
             raise SaveError(f"chat {chat_id} is open read-only here; not saved")
         t0, written = time.perf_counter(), written_bytes()
@@ -208,7 +220,7 @@ class Store:
             row = self.db.row(chat_id)
             if row is None:
                 raise SaveError(f"chat {chat_id} was deleted; not saved")
-            snap = Snapshot.of(state, loads(row["settings"]), row["gen"] + 1)
+            snap = Snapshot.of(state, loads(row["settings"]) if settings is None else settings.saved(), row["gen"] + 1)
             if chain is not None and chain.snap.gen != row["gen"]:
                 chain = None
             keep = 0
@@ -427,7 +439,7 @@ class Autosave:
             if self.chat_id is None:
                 self.chat_id = self.store.create_state(state, tensors, self.settings)
             else:
-                self.store.save_state(self.chat_id, state, tensors)
+                self.store.save_state(self.chat_id, state, tensors, self.settings)
         except SaveError as exc:
             self.chat_id = self.chat_id or exc.chat_id  # made, though its K/V was not written
             self.saved = None  # try again at the next turn

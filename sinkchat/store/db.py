@@ -24,7 +24,7 @@ from pathlib import Path
 from ..errors import SinkchatError
 from ..files import fault, reason
 from ..ledger import Message, covered
-from .records import ChatInfo, Snapshot
+from .records import ChatInfo, Refused, Snapshot
 
 MIGRATIONS: list[tuple[str, ...]] = [
     (  # 1: the first schema (databases from before versioning have it at user_version 0)
@@ -44,6 +44,13 @@ MIGRATIONS: list[tuple[str, ...]] = [
     ),
 ]
 VERSION = len(MIGRATIONS)
+COLUMNS = {  # the columns of sinkchat's tables, as the migrations make them
+    "chats": {"id", "title", "created", "updated", "settings", "fingerprint", "cache_meta", "n_tokens", "gen",
+              "checksum"},
+    "messages": {"chat_id", "idx", "role", "content", "first_tok", "end_tok"},
+    "tokens": {"chat_id", "pos", "token", "msg", "kind"},
+}
+ADDED = {2: ("messages", "note")}  # a column a later migration adds: (table, column) by schema version
 
 
 def loads(text) -> dict:
@@ -81,26 +88,51 @@ class Database:
             if not path.exists() and not path.is_symlink():
                 os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
             elif path.is_symlink():
-                raise SinkchatError(f"{path} is a symbolic link; sinkchat does not follow links for its files")
+                raise Refused(f"{path} is a symbolic link; sinkchat does not follow links for its files")
             self.db = sqlite3.connect(path, timeout=10, isolation_level=None, check_same_thread=False)
             self.db.row_factory = sqlite3.Row
             self.db.text_factory = lambda data: data.decode("utf-8", "replace")  # a damaged row still reads
             self.db.execute("PRAGMA synchronous=FULL")
-            self.migrate()
-        except sqlite3.DatabaseError as exc:
-            raise SinkchatError(f"{path} cannot be used as sinkchat's chat store ({exc})") from None
+            try:
+                self.migrate()
+            except BaseException:
+                self.db.close()
+                raise
+        except sqlite3.DatabaseError as exc:  # not SQLite at all ("file is not a database") is not ours
+            kind = SinkchatError if isinstance(exc, sqlite3.OperationalError) else Refused
+            raise kind(f"{path} cannot be used as sinkchat's chat store ({exc})") from None
         except OSError as exc:
             raise SinkchatError(f"cannot open the chat store {path}: {reason(exc)}") from None
 
     def migrate(self) -> None:
         version = self.db.execute("PRAGMA user_version").fetchone()[0]
         if version > VERSION:
-            raise SinkchatError(f"{self.path} was written by a newer sinkchat (schema {version}); upgrade sinkchat")
+            raise Refused(f"{self.path} was written by a newer sinkchat (schema {version}); upgrade sinkchat")
+        if problem := self.foreign(version):
+            raise Refused(f"{self.path} is not sinkchat's chat store ({problem}); it was left as it is")
         for number in range(version + 1, VERSION + 1):
             with self.transaction() as db:
                 for statement in MIGRATIONS[number - 1]:
                     db.execute(statement)
                 db.execute(f"PRAGMA user_version = {number}")
+
+    def foreign(self, version: int) -> str | None:
+        """Why the file is another program's database, or None: read before anything is written, so
+        a file that is not sinkchat's is never migrated into one. Sinkchat's own are empty (a first
+        start), half-created by a killed first start (some of its tables, schema 0), or hold its
+        three tables with their columns (other tables beside them are left alone)."""
+        tables = {r[0] for r in self.db.execute("SELECT name FROM sqlite_master WHERE type='table'")
+                  if not r[0].startswith("sqlite_")}
+        if version == 0 and (other := sorted(tables - COLUMNS.keys())):
+            return f"it holds the table{'s' * (len(other) > 1)} {', '.join(other)} and no sinkchat schema version"
+        if version > 0 and (missing := sorted(COLUMNS.keys() - tables)):
+            return f"schema {version} but no table {', '.join(missing)}"
+        for table in sorted(tables & COLUMNS.keys()):
+            want = set(COLUMNS[table]) | {c for v, (t, c) in ADDED.items() if t == table and v <= version}
+            have = {r[1] for r in self.db.execute(f"PRAGMA table_info({table})")}
+            if have != want:
+                return f"its table {table} has the columns {', '.join(sorted(have))}"
+        return None
 
     @contextmanager
     def transaction(self):

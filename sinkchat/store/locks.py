@@ -34,7 +34,7 @@ class Locks:
         if the lock file cannot be made (read-only disk, a link planted at its name)."""
         if chat_id in self.held or fcntl is None:
             return
-        private_dir(self.dir)
+        private_dir(self.dir, links=False)
         try:
             fd = os.open(self.path(chat_id), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
         except OSError as exc:

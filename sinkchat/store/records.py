@@ -26,6 +26,16 @@ class ChatLocked(SinkchatError):
     """Another process has this chat open for writing."""
 
 
+class Refused(SinkchatError):
+    """The data dir holds what sinkchat will not use: another program's database, one from a newer
+    sinkchat, or a symbolic link where its own file or folder belongs. Nothing there is written;
+    a new chat is not started unsaved in its place (the user named the wrong place)."""
+
+
+class NoChats(SinkchatError):
+    """A command that only reads found no data dir or no ``chats.db`` (it creates neither)."""
+
+
 class ReadOnly(SinkchatError):
     """The chat's lock cannot be taken because the disk or directory is read-only: it can be read, not saved."""
 

@@ -55,7 +55,7 @@ def user_dir() -> Path:
 def parse(path: Path) -> Theme:
     """One theme file as a Theme; raises ValueError with a reason a person can act on."""
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        data = tomllib.loads(path.read_text(encoding="utf-8-sig"))  # a BOM, as Windows editors write
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"not valid TOML ({exc})") from None
     data.setdefault("name", path.stem)
@@ -65,7 +65,7 @@ def parse(path: Path) -> Theme:
     if "primary" not in data:
         raise ValueError("missing the required key 'primary'")
     if not isinstance(data.get("dark", True), bool):
-        raise ValueError(f"dark = {data['dark']!r} must be true or false")
+        raise ValueError(f"dark = {config.toml_text(data['dark'])} must be true or false")
     if not isinstance(data["name"], str) or not data["name"].strip():
         raise ValueError("name must be non-empty text")
     variables = data.get("variables", {})
@@ -78,7 +78,7 @@ def parse(path: Path) -> Theme:
         try:
             Color.parse(value)
         except (ColorParseError, TypeError, ValueError):
-            raise ValueError(f"{key} = {value!r} is not a colour") from None
+            raise ValueError(f"{key} = {config.toml_text(value)} is not a colour") from None
     data["variables"] = {k: str(v) for k, v in variables.items()}
     try:
         theme = Theme(**data)
