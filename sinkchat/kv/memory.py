@@ -44,7 +44,7 @@ import torch
 
 from ..files import fault
 from ..ledger import Span, covered_by, merge_spans
-from .layout import Run, run_positions, run_tokens
+from .layout import Run, run_positions, run_tokens, runs_of
 
 MAGIC = b"SINKMEM1"  # the file header's first bytes
 RECORD = b"SKMBLOCK"  # each record's first bytes
@@ -547,13 +547,7 @@ class BlockMemory:
         if any(not 0 <= t < len(ledger) or ledger[t] != i for t, i in zip(tokens, ids)):
             return None
         self._keep_reps(index, reps)
-        runs: list[Run] = []
-        for t, p in zip(tokens, positions):
-            if runs and runs[-1][1] == t and runs[-1][2] + t - runs[-1][0] == p:
-                runs[-1] = (runs[-1][0], t + 1, runs[-1][2])
-            else:
-                runs.append((t, t + 1, p))
-        return runs
+        return runs_of(tokens, positions)
 
 
 def _raw(t: torch.Tensor) -> bytes:
