@@ -279,6 +279,11 @@ class Chat(Steering):
         state = ChatState(list(self.tokens), list(self.messages), meta, self.fingerprint(), cuts=list(self.cuts))
         return state, tensors
 
+    @property
+    def recalls(self) -> bool:
+        """Whether this chat keeps a block memory of what left the window (``--recall``)."""
+        return self.cache.memory is not None
+
     def keep_memory(self, directory: Path, chat_id: int | None) -> None:
         """With ``--recall``: keep the block memory's file in ``directory`` (a store's state folder), named
         ``<chat_id>.memory`` once the chat has an id, and flushed to disk, before a save counts its blocks."""

@@ -46,12 +46,13 @@ def test_six_turn_chat_with_a_small_window_evicts_and_stays_readable(smollm):
         evictions += [e.span for e in events if isinstance(e, Evicted)]
         words = reply.lower().split()
         assert expected in reply.lower(), (question, reply)
-        assert len(words) >= 5 and len(set(words)) / len(words) > 0.6, reply  # sentences, not a loop
+        assert len(words) >= 3 and len(set(words)) / len(words) > 0.6, reply  # words, not a loop (greedy
+        # answers can be short and whole: "A cow drinks milk.")
         assert sum(w.strip(string.punctuation).replace("'", "").isalnum() for w in words) / len(words) > 0.8, reply
         assert all(isinstance(e.occupancy.window, int) for e in events if isinstance(e, Stats))
         assert max(layer.get_seq_length() for layer in chat.cache.layers) <= 4 + 64
     occ = chat.occupancy()
-    assert occ.evicted > 2 * 64  # far more was said than the cache holds
+    assert occ.seen > 2 * (4 + 64) and occ.evicted > 64  # far more was said than the cache holds
     assert merge_spans(evictions) == chat.cache.evictions  # every eviction was announced, in order,
     assert len(set(evictions)) == len(evictions)  # once
     # the ledger's evicted spans and the kept tokens account for every token, once each

@@ -169,7 +169,7 @@ class Store:
 
     def _keep_memory(self, chat, chat_id: int | None) -> None:
         """With ``--recall``: the chat's block memory file in the state folder, flushed, before a save counts it."""
-        if hasattr(chat, "keep_memory"):
+        if getattr(chat, "recalls", False):
             try:
                 chat.keep_memory(private_dir(self.root / "state"), chat_id)
             except OSError as exc:
@@ -423,11 +423,10 @@ class Autosave:
         if not chat.messages or mark == self.saved or not self.writable or getattr(chat, "busy", False):
             return None  # (a reply still being written is never copied: it is saved once it stops)
         self.saved = mark
-        if hasattr(chat, "keep_memory"):  # the block memory's file goes next to the state files, flushed
-            try:
-                chat.keep_memory(private_dir(self.store.root / "state"), self.chat_id)
-            except OSError as exc:
-                self.notify(f"could not keep the memory of forgotten tokens on disk ({reason(exc)})")
+        try:  # the block memory's file goes next to the state files, flushed
+            self.store._keep_memory(chat, self.chat_id)
+        except SaveError as exc:
+            self.notify(str(exc))
         state, tensors = chat.state()  # copies (one memory copy of the held K/V)
         return state, {name: t.cpu() for name, t in tensors.items()}  # off a GPU here, so the writer never touches it
 
