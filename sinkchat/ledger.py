@@ -144,7 +144,7 @@ class Occupancy:
         recall = ""
         if self.recall:
             shown = " ".join(f"[{a}, {b})" for a, b in self.recalled_spans())
-            recall = f" | recalled {len(self.recall)} blocks {shown}"
+            recall = f" | recalled {len(self.recall)} block{'s' * (len(self.recall) != 1)} {shown}"
         return (
             f"{self.sinks} + {pinned}{self.window} / {self.window_capacity} | seen {self.seen} | "
             f"evicted {self.evicted} {spans}{local}{recall}"
