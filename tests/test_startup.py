@@ -120,7 +120,7 @@ def test_a_short_chat_in_the_real_tui_then_quit_says_how_to_resume():
     command = child.match.group(1).decode()
     child.expect(pexpect.EOF)
     child.close()
-    assert child.exitstatus == 0
+    assert child.exitstatus == 0, (child.signalstatus, child.before)
     [info] = Store().list()
     assert info.id == 1 and info.title == "Hi"
     # the line works as typed: a shell runs it (here in plain mode, without a terminal) and it resumes chat 1

@@ -126,7 +126,10 @@ class SinkchatApp(Say, App):
         if self.store is not None:
             self.save()
             self.store.close()
-        self.decoder.close(timeout=0)  # what it has queued (a save's copy) ran: the store waited for it
+        # Wait for the decode thread to end (the stopped turn's last token, a queued copy): a thread still
+        # inside torch while Python exits aborted the process ("terminate called without an active
+        # exception", exit by SIGABRT after the resume line was printed) in about one quit of three.
+        self.decoder.close(timeout=10)
 
     # -- chats ----------------------------------------------------------------------------------
 
