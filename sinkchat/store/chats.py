@@ -159,15 +159,15 @@ class Store:
 
     def create(self, chat, settings: Settings, title: str | None = None) -> int:
         """Register ``chat`` (titled by its first user message) and save it; returns its id."""
-        self._keep_memory(chat, None)
+        self.keep_memory(chat, None)
         return self.create_state(*chat.state(), settings, title)
 
     def save(self, chat_id: int, chat) -> None:
         """Commit the chat's rows and settings, then write its state file; ``SaveError`` on failure."""
-        self._keep_memory(chat, chat_id)
+        self.keep_memory(chat, chat_id)
         self.save_state(chat_id, *chat.state(), chat.settings)
 
-    def _keep_memory(self, chat, chat_id: int | None) -> None:
+    def keep_memory(self, chat, chat_id: int | None) -> None:
         """With ``--recall``: the chat's block memory file in the state folder, flushed, before a save counts it."""
         if getattr(chat, "recalls", False):
             try:
@@ -424,7 +424,7 @@ class Autosave:
             return None  # (a reply still being written is never copied: it is saved once it stops)
         self.saved = mark
         try:  # the block memory's file goes next to the state files, flushed
-            self.store._keep_memory(chat, self.chat_id)
+            self.store.keep_memory(chat, self.chat_id)
         except SaveError as exc:
             self.notify(str(exc))
         state, tensors = chat.state()  # copies (one memory copy of the held K/V)
