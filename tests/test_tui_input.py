@@ -138,29 +138,22 @@ def keys(app, text: str) -> None:
         app.post_message(events.Key({" ": "space", "\n": "enter"}.get(ch, ch), "\r" if ch == "\n" else ch))
 
 
-async def test_text_typed_right_after_enter_stays_in_the_box(smollm):
+@pytest.mark.parametrize(("typed", "sent", "left", "refused"), [
+    ("Say hi\nFOLLOWUP TEXT", "Say hi", "FOLLOWUP TEXT", False),  # typed on after Enter: never submitted
+    # a paste without bracketed paste: the second line is refused while the model answers, back in the box
+    ("Line one\nline two\nline three", "Line one", "line two\nline three", True),
+])
+async def test_text_typed_right_after_enter_stays_in_the_box(smollm, typed, sent, left, refused):
     app = SinkchatApp(tui_settings(max_new_tokens=4), loaded=smollm, save=False)
     async with app.run_test(size=SIZE) as pilot:
         await wait_for(pilot, lambda: app.chat is not None)
         box = app.query_one(ChatInput)
-        keys(app, "Say hi\nFOLLOWUP TEXT")
+        keys(app, typed)
         await wait_for(pilot, lambda: len(app.chat.messages) >= 3 and not app.chat_screen.generating, 60)
         await pilot.pause()
-        assert [m.content for m in app.chat.messages if m.role == "user"] == ["Say hi"]
-        assert box.text == "FOLLOWUP TEXT"
-
-
-async def test_a_multi_line_paste_without_bracketed_paste_keeps_the_lines_not_sent(smollm):
-    app = SinkchatApp(tui_settings(max_new_tokens=4), loaded=smollm, save=False)
-    async with app.run_test(size=SIZE) as pilot:
-        await wait_for(pilot, lambda: app.chat is not None)
-        box = app.query_one(ChatInput)
-        keys(app, "Line one\nline two\nline three")
-        await wait_for(pilot, lambda: len(app.chat.messages) >= 3 and not app.chat_screen.generating, 60)
-        await pilot.pause()
-        assert [m.content for m in app.chat.messages if m.role == "user"] == ["Line one"]
-        assert box.text == "line two\nline three"  # refused while the model answered: back in the box, as typed
-        assert any("stays in the box" in n.message for n in app._notifications)
+        assert [m.content for m in app.chat.messages if m.role == "user"] == [sent]
+        assert box.text == left  # as typed
+        assert any("stays in the box" in n.message for n in app._notifications) == refused
 
 
 async def test_a_queued_message_comes_back_before_what_was_typed_since_when_the_load_fails(monkeypatch):
