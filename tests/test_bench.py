@@ -92,6 +92,35 @@ def test_speed_cli_json_and_png(tmp_path):
     assert plot.read_bytes()[:8] == PNG
 
 
+def test_recall_mode_scores_as_sinks_until_a_block_is_recalled(smollm_hf, ids):
+    """bench ppl's recall mode: the same stream as sinks while nothing left the window, then recalled
+    blocks change what the model predicts (recall really ran), and the memory holds every evicted token."""
+    runs: list[ppl.PplRun] = []
+    ppl.ppl_runs(smollm_hf, ids, ["sinks", "recall"], 4, 24, None, 1, 4, no_progress, runs, feed=8, recall=(16, 8))
+    sinks, recall = ({p: v for p, v in run.scored} for run in runs)
+    assert sinks.keys() == recall.keys() == set(range(1, len(ids)))
+    before = [p for p in sinks if p <= 28]  # 4 sinks + 24 window: nothing evicted yet
+    assert [recall[p] for p in before] == pytest.approx([sinks[p] for p in before], abs=1e-4)
+    after = [p for p in sinks if p > 48]
+    assert max(abs(recall[p] - sinks[p]) for p in after) > 1e-2
+    assert runs[1].note == "+16 recall slots"
+
+
+@pytest.mark.model  # a subprocess loads the bundled model
+def test_speed_cli_times_recall_against_sinks(tmp_path):
+    r = run_cli("bench", "speed", "--modes", "sinks,recall", "--tokens", "120", "--window", "32", "--recall", "16",
+                "--recall-block", "8", "--points", "2", "--steps", "3", "--json")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    by_mode = {res["mode"]: res for res in doc["results"]}
+    assert list(by_mode) == ["sinks", "recall"] and doc["recall"] == 16 and doc["recall_block"] == 8
+    assert by_mode["recall"]["note"].startswith("16 of 16 recall slots filled, ")  # recalled while prefilling
+    ratios = doc["recall_vs_sinks"]
+    assert ratios["decode"] == pytest.approx(by_mode["sinks"]["median_ms"] / by_mode["recall"]["median_ms"])
+    assert ratios["prefill"] == pytest.approx(by_mode["recall"]["prefill_tokens_per_s"]
+                                              / by_mode["sinks"]["prefill_tokens_per_s"])
+
+
 def test_sink_sweep_row_equals_a_plain_run(tiny_models, tmp_path):
     """StreamingLLM's Table 2 on one budget: --sinks 0,1,4 --window 16 runs 0 + 16, 1 + 15 and 4 + 12, and its
     4 + 12 row is exactly what a plain `bench ppl --sinks 4 --window 12` measures."""
@@ -127,6 +156,9 @@ def test_rolling_mean_is_the_trailing_mean_over_a_span_of_tokens():
         (["bench", "ppl", "--text", "no-such-file.txt"], "--text no-such-file.txt: no such file"),
         (["bench", "ppl", "--modes", "sinks,fast"], "--modes takes a comma list of"),
         (["bench", "speed", "--modes", "window"], "--modes takes a comma list of"),
+        (["bench", "speed", "--modes", "recall", "--recall", "8", "--recall-block", "16"],
+         "--recall 8 holds no block of --recall-block 16"),
+        (["bench", "ppl", "--modes", "recall", "--recall", "0"], "--recall must be 1 or more"),
         (["bench", "attention", "--tokens", "0"], "--tokens must be more than 64"),
         (["bench", "ppl", "--sinks", "0,x"], "--sinks takes a number or a comma list of numbers"),
         (["bench", "ppl", "--sinks", "0,4", "--modes", "window,sinks"], "--modes window,sinks needs a single --sinks"),
@@ -167,3 +199,14 @@ def test_turns_bench_counts_replies_and_scores_the_transcript(smollm_hf):
     assert tokens.evictions and whole.evictions and whole.mid_message == 0 < tokens.mid_message
     row = whole.row()
     assert row["empty"] + row["repeated"] <= 4 and row["tokens_scored"] == whole.scored
+
+
+@pytest.mark.model  # a subprocess loads the bundled model and drives the headless TUI
+def test_endless_with_recall_reports_the_memory_on_disk(tmp_path):
+    r = run_cli("bench", "endless", "--turns", "4", "--window", "32", "--recall", "16", "--recall-block", "8",
+                "--data-dir", str(tmp_path), "--json")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["recall"] == 16 and doc["recall_block"] == 8
+    memory = sum(f.stat().st_size for f in (tmp_path / "state").glob("*.memory")) / 2**20
+    assert memory > 0 and doc["turns"][-1]["memory_mb"] == pytest.approx(memory)

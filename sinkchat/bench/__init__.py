@@ -16,8 +16,9 @@ from __future__ import annotations
 
 from ..errors import SinkchatError
 
-PPL_MODES = ("dense", "window", "sinks", "recompute")
-SPEED_MODES = ("sinks", "dense", "recompute")
+PPL_MODES = ("dense", "window", "sinks", "recompute", "recall")
+PPL_DEFAULT = PPL_MODES[:4]  # recall is asked for by name: it writes a block memory to a temporary file
+SPEED_MODES = ("sinks", "dense", "recompute", "recall")
 SWEEP_MODES = ("dense", "sinks")  # what a sink-count sweep runs: sinks once per count, dense as a reference
 ATTENTION_FROM = 64  # bench attention counts queries at 0-based positions 64 and after
 

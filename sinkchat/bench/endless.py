@@ -13,7 +13,8 @@ greedy chat through the real engine, the real store (a data dir of its own) and 
   SQLite journal; Linux ``/proc/thread-self/io``), ``save_kind`` (``segment``: the turn's new tokens;
   ``base``: the held window, now and then) and ``new_tokens``, the tokens the turn added;
 * ``rss_mb``: the process's resident memory; ``db_mb``: the size of ``chats.db`` (the ledger grows
-  with the tokens by design; nothing else should).
+  with the tokens by design; nothing else should); ``memory_mb``: the chat's block memory on disk
+  (``--recall``: what left the window, kept to be recalled; it too grows with the tokens by design).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ class Turn:
     db_mb: float
     save_kind: str | None = None
     new_tokens: int = 0
+    memory_mb: float = 0.0
 
 
 async def chat_turns(loaded, settings, turns: int, data_dir: Path, tick, rows: list[Turn]) -> None:
@@ -82,6 +84,7 @@ async def chat_turns(loaded, settings, turns: int, data_dir: Path, tick, rows: l
                 save_kb=saved["bytes"] / 1024 if saved.get("bytes") is not None else None,
                 rss_mb=rss_mb(), db_mb=db.stat().st_size / 2**20, save_kind=saved.get("kind"),
                 new_tokens=len(app.chat.tokens) - (rows[-1].tokens if rows else 0),
+                memory_mb=sum(f.stat().st_size for f in (data_dir / "state").glob("*.memory")) / 2**20,
             ))
             tick(1)
 
@@ -95,7 +98,7 @@ def run(loaded, settings, turns: int, tick, rows: list[Turn], data_dir: Path | N
         asyncio.run(chat_turns(loaded, settings, turns, Path(tmp), tick, rows))
 
 
-METRICS = ("ui_ms", "ms_per_token", "save_ms", "save_kb", "rss_mb", "db_mb")
+METRICS = ("ui_ms", "ms_per_token", "save_ms", "save_kb", "rss_mb", "db_mb", "memory_mb")
 
 
 def at(rows: list[Turn], turn: int, spread: int = 5) -> dict:

@@ -1,6 +1,7 @@
 """Streaming perplexity, teacher-forced, in four modes: ``dense``, ``window``, ``sinks``, ``recompute``
 (StreamingLLM's Figure 3 and Table 1, on this code), and the sink-count sweep at one cache budget
-(its Table 2)."""
+(its Table 2); and ``recall``: ``sinks`` plus recall slots filled from the block memory of what left
+the window, every fed chunk recalling as a user message does (:mod:`sinkchat.kv.memory`)."""
 
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ def ppl_cache(run: PplRun, model, cache, ids: list[int], tick: Tick, feed: int =
     earlier tokens of its own feed: the same cache code the chat's chunked prefill runs, many times
     cheaper on a CPU, where one forward costs nearly as much for 16 tokens as for 1.
     """
-    stream = Stream(model, cache)
+    stream = Stream(model, cache, recall_from=1)
     for a in range(0, len(ids) - 1, feed):
         part = ids[a : min(a + feed, len(ids) - 1)]
         targets = ids[a + 1 : a + 1 + len(part)]
@@ -119,10 +120,11 @@ def ppl_recompute(
 def ppl_runs(
     loaded, ids: list[int], modes: list[str], sinks: int, window: int, block: int | None,
     stride: int, batch: int, progress, runs: list[PplRun], feed: int = 1, ctx: int | None = None,
+    recall: tuple[int, int] = (0, 64),
 ) -> None:
     """Run each mode in turn, appending to ``runs`` as it goes (so Ctrl+C keeps finished work).
     ``ctx``: dense is scored in chunks of ``ctx`` tokens as llama.cpp's ``llama-perplexity`` does
-    (:func:`ppl_chunks`)."""
+    (:func:`ppl_chunks`); ``recall``: the recall mode's slots and tokens per block."""
     model = loaded.model
     for mode in modes:
         if mode == "dense" and ctx is not None:
@@ -138,7 +140,8 @@ def ppl_runs(
         else:
             total = len(ids) - 1
         timed(PplRun(mode), runs, progress(f"ppl {mode}", total),
-              lambda run, tick: ppl_mode(run, model, ids, mode, sinks, window, block, stride, batch, tick, feed))
+              lambda run, tick: ppl_mode(run, model, ids, mode, sinks, window, block, stride, batch, tick, feed,
+                                         recall))
 
 
 def timed(run: PplRun, runs: list[PplRun], tick: Tick, work) -> None:
@@ -182,11 +185,20 @@ def sweep_report(runs: list[PplRun], budget: int, extra: dict) -> dict:
     return {"results": results, "budget": budget, **extra}
 
 
-def ppl_mode(run: PplRun, model, ids, mode, sinks, window, block, stride, batch, tick, feed) -> None:
+def ppl_mode(run: PplRun, model, ids, mode, sinks, window, block, stride, batch, tick, feed,
+             recall: tuple[int, int] = (0, 64)) -> None:
     if mode == "dense":
         ppl_dense(run, model, ids, tick)
     elif mode == "recompute":
         ppl_recompute(run, model, ids, sinks, window, stride, batch, tick)
+    elif mode == "recall":
+        slots, size = recall
+        cache = SinkCache.for_model(model, sinks, window, block, recall=slots, recall_block=size)
+        run.note = f"+{slots} recall slots"
+        try:
+            ppl_cache(run, model, cache, ids, tick, feed)
+        finally:
+            cache.memory.close()
     else:
         # window: the same cache with no sinks and the same total budget (sinks + window)
         s, w = (sinks, window) if mode == "sinks" else (0, sinks + window)

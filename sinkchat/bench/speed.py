@@ -1,4 +1,5 @@
-"""Decode speed and memory against position in the stream, for ``sinks``, ``dense`` and ``recompute``."""
+"""Decode speed and memory against position in the stream, for ``sinks``, ``recall`` (sinks + recall
+slots, every prefill chunk recalling from the block memory), ``dense`` and ``recompute``."""
 
 from __future__ import annotations
 
@@ -40,6 +41,8 @@ class SpeedRun:
     upkeep_s: float = 0.0
     note: str = ""
     bytes: dict[str, int] | None = None  # what one decode step reads at the last position (sinks mode)
+    prefill_s: float = 0.0  # prefill chunks on the way to the positions (recall scoring included)
+    prefill_tokens: int = 0
 
     def ms(self) -> float | None:
         return statistics.median(self.step_ms) if self.step_ms else None
@@ -90,7 +93,11 @@ def speed_stream(
         tick = progress(f"{run.mode}: prefill to {p}", p - stream.seen)
         while stream.seen < p:
             n = min(chunk, p - stream.seen)
+            t0 = time.perf_counter()
             stream.forward(ids[stream.seen : stream.seen + n], keep=1)
+            meter.sync()
+            run.prefill_s += time.perf_counter() - t0
+            run.prefill_tokens += n
             tick(n)
         before = getattr(cache, "upkeep_s", 0.0)
         step = lambda t: stream.forward([ids[t]], keep=1)  # noqa: E731
@@ -112,8 +119,11 @@ def speed_recompute(run: SpeedRun, model, ids, sinks, window, positions, steps, 
 
 
 def speed_runs(
-    loaded, ids, modes, sinks, window, block, positions, steps, recompute_steps, progress, runs: list[SpeedRun]
+    loaded, ids, modes, sinks, window, block, positions, steps, recompute_steps, progress, runs: list[SpeedRun],
+    recall: int = 0, recall_block: int = 64,
 ) -> None:
+    """Each mode in turn, appended to ``runs`` as it is measured; ``recall``/``recall_block``: the recall
+    mode's slots and block size."""
     model = loaded.model
     chunk = prefill_chunk(window)  # the chat's own
     limit = max_positions(model.config)
@@ -124,6 +134,11 @@ def speed_runs(
             cache = SinkCache.for_model(model, sinks, window, block)
             speed_stream(run, model, cache, ids, positions, steps, chunk, progress)
             run.bytes = bytes_per_token(model, cache)
+        elif mode == "recall":
+            cache = SinkCache.for_model(model, sinks, window, block, recall=recall, recall_block=recall_block)
+            speed_stream(run, model, cache, ids, positions, steps, chunk, progress)
+            run.note = f"{cache.n_rec} of {recall} recall slots filled, {cache.memory.blocks} blocks in memory"
+            cache.memory.close()
         elif mode == "dense":
             fits = [p for p in positions if limit is None or p + steps <= limit]
             if len(fits) < len(positions):
@@ -149,9 +164,10 @@ def speed_report(runs: list[SpeedRun], extra: dict, bandwidth: float | None = No
             "ms_per_token": [[pt["position"], pt["ms"]] for pt in run.points],
             "mem_mb": [[pt["position"], pt["mem_mb"]] for pt in run.points],
             "peak_mem_mb": run.peak_mem_mb or None,
+            "prefill_tokens_per_s": run.prefill_tokens / run.prefill_s if run.prefill_s else None,
             "note": run.note,
         })
-    sinks, recompute = by_mode.get("sinks"), by_mode.get("recompute")
+    sinks, recompute, recall = by_mode.get("sinks"), by_mode.get("recompute"), by_mode.get("recall")
     speedup = recompute.ms() / sinks.ms() if sinks and recompute and sinks.ms() and recompute.ms() else None
     upkeep = sinks.upkeep_s / sinks.decode_s if sinks and sinks.decode_s else None
     flat = sinks.points[-1]["ms"] / sinks.points[0]["ms"] if sinks and len(sinks.points) > 1 else None
@@ -162,9 +178,18 @@ def speed_report(runs: list[SpeedRun], extra: dict, bandwidth: float | None = No
         "speedup_vs_recompute": speedup,
         "upkeep_share": upkeep,
         "sinks_last_vs_first": flat,
+        "recall_vs_sinks": _ratios(recall, sinks) if recall and sinks else None,
         **roof,
         **extra,
     }
+
+
+def _ratios(run: SpeedRun, base: SpeedRun) -> dict:
+    """Decode and prefill speed of ``run`` as a share of ``base``'s (1.0: as fast; 0.8: a fifth slower)."""
+    decode = base.ms() / run.ms() if run.ms() and base.ms() else None
+    prefill = (run.prefill_tokens / run.prefill_s) / (base.prefill_tokens / base.prefill_s) if (
+        run.prefill_s and base.prefill_s) else None
+    return {"decode": decode, "prefill": prefill}
 
 
 def speed_positions(sinks: int, window: int, tokens: int, points: int) -> list[int]:

@@ -13,17 +13,27 @@ Tick = Callable[[int], None]
 
 
 class Stream:
-    """Feeds tokens to ``model`` through one cache, the way the chat does (``reserve`` first for a SinkCache)."""
+    """Feeds tokens to ``model`` through one cache, the way the chat does (``reserve`` first for a SinkCache).
 
-    def __init__(self, model, cache):
-        self.model, self.cache, self.seen = model, cache, 0
+    A cache with recall slots (``SinkCache(recall=N)``) writes what leaves its window to its block
+    memory, and every forward of ``recall_from`` tokens or more recalls from it first, as each chunk
+    of a user message does in the chat (a single decoded token never recalls).
+    """
+
+    def __init__(self, model, cache, recall_from: int = 2):
+        self.model, self.cache, self.seen, self.recall_from = model, cache, 0, recall_from
         self.device = next(model.parameters()).device
+        self.ids: list[int] = []
+        if isinstance(cache, SinkCache):
+            cache.token_ids = lambda a, b: self.ids[a:b]  # what the memory's records name
 
     @torch.inference_mode()
     def forward(self, ids: list[int], keep: int = 0) -> torch.Tensor:
         """Logits ``[n or keep, vocab]`` for the new tokens; ``keep=0`` keeps every position."""
+        self.ids.extend(ids)
         if isinstance(self.cache, SinkCache):
-            positions, _ = self.cache.reserve(len(ids))
+            recall = self.cache.recall > 0 and len(ids) >= self.recall_from
+            positions, _ = self.cache.reserve(len(ids), recall=recall)
         else:
             positions = torch.arange(self.seen, self.seen + len(ids), device=self.device).unsqueeze(0)
         logits = forward(self.model, self.cache, ids, positions, keep)

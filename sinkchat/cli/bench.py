@@ -73,6 +73,10 @@ def _text_path(path: str | None) -> str | None:
 TEXT = typer.Option(None, "--text", help="UTF-8 text file [default: Python's documentation, pydoc_data.topics].",
                     callback=_text_path)
 BLOCK = typer.Option(None, help="Eviction block of the sink cache [default: the chat's, window/16, max 256].")
+RECALL = typer.Option(None, "--recall", show_default=False,
+                      help="Recall slots of the recall mode [default: the chat's --recall, else half the window].")
+RECALL_BLOCK = typer.Option(None, "--recall-block", show_default=False,
+                            help="Tokens per block of the recall mode's memory [default: the chat's, 64].")
 
 
 # -- shared plumbing ---------------------------------------------------------------------------------
@@ -155,6 +159,15 @@ def machine(loaded) -> dict:
     return info
 
 
+def recall_slots(s: Settings, recall: int | None) -> int:
+    """The recall mode's slots: ``--recall``, else the chat's (config.toml), else half the window; one
+    error when they hold no block of ``s.recall_block`` tokens."""
+    slots = recall if recall is not None else (s.recall or s.window // 2)
+    if slots < s.recall_block:
+        raise SinkchatError(f"--recall {slots} holds no block of --recall-block {s.recall_block}")
+    return slots
+
+
 def measure(run_all, quiet: bool) -> bool:
     """Run ``run_all(bars)``; on Ctrl+C keep what was measured and say so. Returns True if interrupted."""
     with Bars(quiet) as bars:
@@ -195,9 +208,11 @@ def ppl(
     tokens: int = typer.Option(8000, "--tokens", "-n", help="Tokens of the text to stream."),
     sinks: str = SINKS_LIST,
     window: int = typer.Option(508, "--window", "-w", help="Window (window mode gets sinks + window, no sinks)."),
-    modes: str = typer.Option(None, show_default=False, help="Comma list of dense, window, sinks, recompute "
-                              "[default: all four; with a list of --sinks: sinks, and dense may be added]."),
+    modes: str = typer.Option(None, show_default=False, help="Comma list of dense, window, sinks, recompute, recall "
+                              "[default: the first four; with a list of --sinks: sinks, and dense may be added]."),
     block: int = BLOCK,
+    recall: int = RECALL,
+    recall_block: int = RECALL_BLOCK,
     feed: int = typer.Option(1, help="Tokens per forward through the cache in window/sinks modes (1 = the paper's)."),
     stride: int = typer.Option(1, help="Recompute scores every stride-th token only (it is the slow mode)."),
     batch: int = typer.Option(8, help="Recompute contexts per forward pass."),
@@ -217,11 +232,14 @@ def ppl(
     Example: sinkchat bench ppl --tokens 2000 --sinks 0,1,2,4,8,16 --window 256 --feed 16 --modes dense,sinks
 
     Example: sinkchat bench ppl --model q4_k_m.gguf --modes dense --ctx 1024 --tokens 4096 --window 500
+
+    Example: sinkchat bench ppl --modes sinks,recall --window 256 --recall 128 --feed 32 --tokens 2048
     """
     from .. import bench
 
     counts = bench.parse_sinks(sinks)
-    check_positive(tokens=tokens, feed=feed, stride=stride, batch=batch, chunk=chunk, ctx=ctx)
+    check_positive(tokens=tokens, feed=feed, stride=stride, batch=batch, chunk=chunk, ctx=ctx, recall=recall,
+                   recall_block=recall_block)
     if ctx is not None and (modes or "").replace(" ", "") != "dense":
         raise SinkchatError("--ctx scores dense in llama.cpp's chunks; use it with --modes dense")
     if ctx is not None and ctx < 4:
@@ -229,9 +247,10 @@ def ppl(
     flags = dict(model=model, block=block, quant=quant, device=device, dtype=dtype, kv_dtype=kv_dtype)
     if counts is not None and len(counts) > 1:
         return ppl_sweep(counts, text, tokens, window, modes, feed, flags, as_json, plot)
-    wanted = bench.parse_modes(modes or ",".join(bench.PPL_MODES), bench.PPL_MODES)
-    s = settings(sinks=counts[0] if counts else None, window=window, **flags)
+    wanted = bench.parse_modes(modes or ",".join(bench.PPL_DEFAULT), bench.PPL_MODES)
+    s = settings(sinks=counts[0] if counts else None, window=window, recall_block=recall_block, **flags)
     sinks, window, block = s.sinks, s.window, s.block
+    slots = recall_slots(s, recall) if "recall" in wanted else 0
     if feed > window:
         raise SinkchatError(f"--feed {feed} must be at most --window {window}")
     from ..bench import ppl as measure_ppl
@@ -239,10 +258,11 @@ def ppl(
     loaded, ids, source, runs, interrupted = scored_runs(
         s, text, tokens, as_json,
         lambda loaded, ids, bars, runs: measure_ppl.ppl_runs(loaded, ids, wanted, sinks, window, block, stride, batch,
-                                                             bars, runs, feed, ctx),
+                                                             bars, runs, feed, ctx, (slots, s.recall_block)),
     )
     extra = {"text": source, "tokens": len(ids), "sinks": sinks, "window": window, "feed": feed, "batch": batch,
-             "ctx": ctx, "interrupted": interrupted, "machine": machine(loaded)}
+             "ctx": ctx, "recall": slots, "recall_block": s.recall_block, "interrupted": interrupted,
+             "machine": machine(loaded)}
     report = measure_ppl.ppl_report(runs, chunk, stride, extra)
     if plot and runs:
         from ..bench.plot import ppl_plot
@@ -320,11 +340,14 @@ def speed(
     sinks: int = SINKS,
     window: int = typer.Option(None, "--window", "-w", help="Window (also the recompute context, plus sinks) "
                                "[default: the chat's, 2000].", show_default=False),
-    modes: str = typer.Option("sinks,dense,recompute", help="Comma list of sinks, dense, recompute."),
+    modes: str = typer.Option("sinks,dense,recompute", help="Comma list of sinks, dense, recompute, recall (sinks "
+                              "plus --recall slots, every prefill chunk recalling from the block memory)."),
     points: int = typer.Option(6, help="Positions measured, from the first full window to --tokens."),
     steps: int = typer.Option(200, help="Decode steps timed at each position (sinks, dense)."),
     recompute_steps: int = typer.Option(3, help="Decode steps timed at each position for recompute (slow)."),
     block: int = BLOCK,
+    recall: int = RECALL,
+    recall_block: int = RECALL_BLOCK,
     text: str = TEXT,
     model: str = MODEL, quant: str = QUANT, device: str = DEVICE, dtype: str = DTYPE, kv_dtype: str = KV_DTYPE,
     as_json: bool = JSON, plot: str = PLOT,
@@ -335,14 +358,18 @@ def speed(
     prefills a pasted text), then --steps single-token decode steps are timed there.
 
     Example: sinkchat bench speed --window 2000 --tokens 22004 --plot docs/bench-speed.png
+
+    Example: sinkchat bench speed --modes sinks,recall --recall 256 --tokens 6000 --points 2
     """
     from .. import bench
 
     wanted = bench.parse_modes(modes, bench.SPEED_MODES)
-    check_positive(tokens=tokens, points=points, steps=steps, recompute_steps=recompute_steps)
+    check_positive(tokens=tokens, points=points, steps=steps, recompute_steps=recompute_steps, recall=recall,
+                   recall_block=recall_block)
     s = settings(model=model, sinks=sinks, window=window, block=block, quant=quant, device=device, dtype=dtype,
-                 kv_dtype=kv_dtype)
+                 kv_dtype=kv_dtype, recall_block=recall_block)
     sinks, window, block = s.sinks, s.window, s.block
+    slots = recall_slots(s, recall) if "recall" in wanted else 0
     body, source = read_text(text)
     from ..bench import speed as measure_speed
 
@@ -361,10 +388,10 @@ def speed(
     runs: list[measure_speed.SpeedRun] = []
     interrupted = measure(
         lambda bars: measure_speed.speed_runs(loaded, ids, wanted, sinks, window, block, positions, steps,
-                                              recompute_steps, bars, runs), as_json
+                                              recompute_steps, bars, runs, slots, s.recall_block), as_json
     )
     extra = {"text": source, "sinks": sinks, "window": window, "positions": positions, "steps": steps,
-             "recompute_steps": recompute_steps,
+             "recompute_steps": recompute_steps, "recall": slots, "recall_block": s.recall_block,
              "memory": "CUDA max allocated" if str(loaded.device).startswith("cuda") else "process RSS",
              "interrupted": interrupted, "machine": machine(loaded)}
     report = measure_speed.speed_report(runs, extra, bandwidth)
@@ -383,8 +410,8 @@ def memory(
     modes: str = typer.Option("dense,sinks,recall", help="Comma list of dense, sinks, recall."),
     sinks: int = SINKS,
     window: int = typer.Option(256, "--window", "-w", help="Window of the sinks and recall modes."),
-    recall: int = typer.Option(None, help="Recall slots of the recall mode [default: half the window]."),
-    recall_block: int = typer.Option(None, "--recall-block", help="Tokens per memory block [default: the chat's]."),
+    recall: int = RECALL,
+    recall_block: int = RECALL_BLOCK,
     model: str = MODEL, quant: str = QUANT, device: str = DEVICE, dtype: str = DTYPE,
     as_json: bool = JSON,
 ) -> None:
@@ -407,9 +434,7 @@ def memory(
     check_positive(keys=keys, window=window, recall=recall)
     s = settings(model=model, sinks=sinks, window=window, quant=quant, device=device, dtype=dtype,
                  recall_block=recall_block)
-    slots = recall if recall is not None else s.window // 2
-    if slots < s.recall_block:
-        raise SinkchatError(f"--recall {slots} holds no block of --recall-block {s.recall_block}")
+    slots = recall_slots(s, recall)
     loaded = load(s, as_json, context=False)
     results: list = []
     interrupted = measure(lambda bars: bench_memory.run_memory(loaded, wanted, lengths, where, keys, s.sinks, s.window,

@@ -35,6 +35,8 @@ def endless(
     window: int = typer.Option(None, "--window", "-w", help=help_for("window"), show_default=False),
     max_new_tokens: int = typer.Option(8, help="Longest reply (short turns keep a long run affordable)."),
     data_dir: str = typer.Option(None, "--data-dir", help="Keep the chat here [default: a temporary dir]."),
+    recall: int = typer.Option(None, "--recall", help=help_for("recall"), show_default=False),
+    recall_block: int = typer.Option(None, "--recall-block", help=help_for("recall_block"), show_default=False),
     sinks: int = SINKS, model: str = MODEL, quant: str = QUANT, device: str = DEVICE, dtype: str = DTYPE,
     as_json: bool = JSON, plot: str = PLOT,
 ) -> None:
@@ -43,18 +45,21 @@ def endless(
     1000 and the last. In an endless chat all but the database (the ledger) should stay flat.
 
     Example: sinkchat bench endless --turns 2000 --plot docs/bench-endless.png
+
+    Example: sinkchat bench endless --turns 2000 --window 256 --recall 128
     """
     from ..bench import endless as bench_endless
 
     check_positive(turns=turns, max_new_tokens=max_new_tokens)
     s = settings(model=model, sinks=sinks, window=window, quant=quant, device=device, dtype=dtype,
-                 temperature=0.0, max_new_tokens=max_new_tokens)
+                 temperature=0.0, max_new_tokens=max_new_tokens, recall=recall, recall_block=recall_block)
     loaded = load(s, as_json)
     rows: list[bench_endless.Turn] = []
     interrupted = measure(
         lambda bars: bench_endless.run(loaded, s, turns, bars("turns", turns), rows, data_dir), as_json
     )
     report = bench_endless.report(rows, {"window": s.window, "sinks": s.sinks, "max_new_tokens": max_new_tokens,
+                                         "recall": s.recall, "recall_block": s.recall_block,
                                          "interrupted": interrupted, "machine": machine(loaded)})
     if plot and rows:
         from ..bench.plot import endless_plot

@@ -110,10 +110,16 @@ def print_speed(report: dict) -> None:
                       f"{fmt(ms[-1][1], '.1f')} @ {ms[-1][0]}" if ms else "-",
                       fmt(r["peak_mem_mb"], ".0f"), r["note"])
     console.print(table)
-    console.print(f"sinks vs recompute: {fmt(report['speedup_vs_recompute'], '.1f')}x faster per token")
-    console.print(f"sinks last/first position time: {fmt(report['sinks_last_vs_first'], '.3f')}")
-    share = report["upkeep_share"]
-    console.print(f"cache upkeep (eviction, re-rotation): {fmt(share and share * 100, '.2f')}% of decode time")
+    if report["speedup_vs_recompute"] is not None:
+        console.print(f"sinks vs recompute: {fmt(report['speedup_vs_recompute'], '.1f')}x faster per token")
+    if report["sinks_last_vs_first"] is not None:
+        console.print(f"sinks last/first position time: {fmt(report['sinks_last_vs_first'], '.3f')}")
+    if (share := report["upkeep_share"]) is not None:
+        console.print(f"cache upkeep (eviction, re-rotation): {share * 100:.2f}% of decode time")
+    if report.get("recall_vs_sinks"):
+        r = report["recall_vs_sinks"]
+        console.print(f"recall ({report['recall']} slots) vs sinks: decode at {fmt(r['decode'], '.2f')}x sinks' speed, "
+                      f"prefill (memory writes and block scoring included) at {fmt(r['prefill'], '.2f')}x")
     if report.get("bytes_per_token"):
         parts = ", ".join(f"{k} {v / 1e6:.1f}" for k, v in report["bytes_parts"].items())
         console.print(f"bytes per token: {report['bytes_per_token'] / 1e6:.1f} MB ({parts}); copy bandwidth "
@@ -166,12 +172,14 @@ def print_turns(report: dict) -> None:
 def print_endless(report: dict) -> None:
     console = tables_console()
     table = Table("turn", "tokens", "widgets", "UI ms / message", "decode ms / token", "save ms", "save KiB",
-                  "RSS MiB", "chats.db MiB",
-                  title=f"an endless chat: sinks {report['sinks']}, window {report['window']}")
+                  "RSS MiB", "chats.db MiB", *(["memory MiB"] if report.get("recall") else []),
+                  title=f"an endless chat: sinks {report['sinks']}, window {report['window']}"
+                  + (f", recall {report['recall']}" if report.get("recall") else ""))
     for p in report["points"]:
         table.add_row(str(p["turn"]), str(p["tokens"]), str(p["mounted"]), fmt(p["ui_ms"], ".1f"),
                       fmt(p["ms_per_token"], ".1f"), fmt(p["save_ms"], ".0f"), fmt(p["save_kb"], ".0f"),
-                      fmt(p["rss_mb"], ".0f"), fmt(p["db_mb"], ".2f"))
+                      fmt(p["rss_mb"], ".0f"), fmt(p["db_mb"], ".2f"),
+                      *([fmt(p["memory_mb"], ".1f")] if report.get("recall") else []))
     console.print(table)
     ratios = report["last_vs_100"]
     if ratios:
