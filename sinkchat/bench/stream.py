@@ -20,15 +20,29 @@ class Stream:
         self.device = next(model.parameters()).device
 
     @torch.inference_mode()
-    def forward(self, ids: list[int], keep: int = 0) -> torch.Tensor:
-        """Logits ``[n or keep, vocab]`` for the new tokens; ``keep=0`` keeps every position."""
+    def forward(self, ids: list[int], keep: int = 0, recall: bool = False) -> torch.Tensor:
+        """Logits ``[n or keep, vocab]`` for the new tokens; ``keep=0`` keeps every position; ``recall``:
+        this forward recalls blocks from a SinkCache's memory, as a chunk of a user message does."""
         if isinstance(self.cache, SinkCache):
-            positions, _ = self.cache.reserve(len(ids))
+            positions, _ = self.cache.reserve(len(ids), recall=recall)
         else:
             positions = torch.arange(self.seen, self.seen + len(ids), device=self.device).unsqueeze(0)
         logits = forward(self.model, self.cache, ids, positions, keep)
         self.seen += len(ids)
         return logits
+
+    def mark(self) -> None:
+        """Remember this moment; :meth:`back` returns to it exactly (a SinkCache's rewind, a DynamicCache's crop)."""
+        self.marked = self.seen
+        if isinstance(self.cache, SinkCache):
+            self.cache.mark()
+
+    def back(self) -> None:
+        if isinstance(self.cache, SinkCache):
+            self.cache.rewind()
+        elif self.seen > self.marked:
+            self.cache.crop(self.marked - self.seen)  # transformers 5: a negative count removes that many
+        self.seen = self.marked
 
 
 def dense_cache(model):
