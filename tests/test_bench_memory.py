@@ -12,6 +12,7 @@ import pytest
 from _helpers import run_cli
 from sinkchat.bench import memory
 from sinkchat.bench.taskfile import read_tasks
+from sinkchat.cli.bench_output import print_memory
 from sinkchat.errors import SinkchatError
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -159,7 +160,7 @@ def test_cli_json_has_a_record_per_task_and_mode_and_the_plot_is_a_png(tmp_path)
     assert plot.read_bytes()[:8] == PNG
 
 
-def test_memory_report_has_a_record_per_task_and_mode():
+def test_memory_report_has_a_record_per_task_and_mode(capsys):
     results = [
         memory.Result("passkey", "sinks", "12345", "a key", False, 1036, 0.15, 160, "evicted"),
         memory.Result("passkey", "recall", "12345", "12345. Remember", True, 1036, 0.15, 160, "recalled"),
@@ -171,6 +172,12 @@ def test_memory_report_has_a_record_per_task_and_mode():
     ]
     assert all(isinstance(r["found"], bool) for r in report["results"])
     assert {s["mode"]: s["found"] for s in report["summary"]} == {"sinks": 0, "recall": 1}
+    print_memory(report | {"recall": 128, "recall_block": 64})
+    rows = [line for line in capsys.readouterr().out.splitlines() if "passkey" in line]
+    assert [[cell.strip() for cell in row.split("│")[1:7]] for row in rows] == [
+        ["passkey", "1036", "15%", "160", "sinks", "0/1"],
+        ["passkey", "1036", "15%", "160", "recall", "1/1"],
+    ], rows
 
 
 @pytest.mark.parametrize(
