@@ -277,6 +277,7 @@ def run_task(
         cache.token_ids = lambda a, b: task.ids[a:b]
     stream = Stream(model, cache)
     recalling = mode == "recall"
+    chunk = chunk if mode == "dense" else min(chunk, window)  # a chunk must fit the window
 
     def feed(a: int, b: int) -> torch.Tensor:
         for i in range(a, b, chunk):
