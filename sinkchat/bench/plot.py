@@ -186,3 +186,25 @@ def endless_plot(report: dict, path: str, title: str) -> None:
         ax.grid(alpha=0.3)
     fig.suptitle(title, fontsize=10)
     save(fig, path)
+
+
+def memory_plot(report: dict, path: str, title: str) -> None:
+    """``bench memory``: the share of tasks found per mode against the answer's depth in tokens, one
+    panel per task (each point a summary row: a length and depth, or a file)."""
+    plt = _pyplot()
+    names = list(dict.fromkeys(r["task"] for r in report["summary"]))
+    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.8), squeeze=False)
+    styles = STYLE | {"recall": dict(color="tab:green")}
+    for ax, name in zip(axes[0], names):
+        rows = [r for r in report["summary"] if r["task"] == name]
+        for mode in dict.fromkeys(r["mode"] for r in rows):
+            points = sorted((r["depth_tokens"] or 0, r["found"] / r["tasks"]) for r in rows if r["mode"] == mode)
+            ax.plot([x for x, _ in points], [y for _, y in points], marker="o", label=mode, **styles.get(mode, {}))
+        ax.set_ylim(-0.05, 1.05)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("answer's depth (tokens from the start)")
+        ax.set_ylabel("found")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    save(fig, path)

@@ -40,11 +40,11 @@ def ppl_cache(run: PplRun, model, cache, ids: list[int], tick: Tick, feed: int =
     earlier tokens of its own feed: the same cache code the chat's chunked prefill runs, many times
     cheaper on a CPU, where one forward costs nearly as much for 16 tokens as for 1.
     """
-    stream = Stream(model, cache, recall_from=1)
+    stream, recall = Stream(model, cache), cache.recall > 0
     for a in range(0, len(ids) - 1, feed):
         part = ids[a : min(a + feed, len(ids) - 1)]
         targets = ids[a + 1 : a + 1 + len(part)]
-        run.scored.extend(zip(range(a + 1, a + 1 + len(part)), nll(stream.forward(part), targets)))
+        run.scored.extend(zip(range(a + 1, a + 1 + len(part)), nll(stream.forward(part, recall=recall), targets)))
         tick(len(part))
 
 

@@ -88,13 +88,14 @@ def speed_stream(
     """Stream the text to each position in chunks (fast prefill, as the chat does), then time decode there."""
     stream, meter = Stream(model, cache), Meter(next(model.parameters()).device)
     upkeep = getattr(cache, "upkeep_s", None)
+    recall = getattr(cache, "recall", 0) > 0  # each prefill chunk recalls, as a user message's chunks do
     for p in positions:
         p = max(p, stream.seen)
         tick = progress(f"{run.mode}: prefill to {p}", p - stream.seen)
         while stream.seen < p:
             n = min(chunk, p - stream.seen)
             t0 = time.perf_counter()
-            stream.forward(ids[stream.seen : stream.seen + n], keep=1)
+            stream.forward(ids[stream.seen : stream.seen + n], keep=1, recall=recall)
             meter.sync()
             run.prefill_s += time.perf_counter() - t0
             run.prefill_tokens += n

@@ -13,32 +13,41 @@ Tick = Callable[[int], None]
 
 
 class Stream:
-    """Feeds tokens to ``model`` through one cache, the way the chat does (``reserve`` first for a SinkCache).
+    """Feeds tokens to ``model`` through one cache, the way the chat does (``reserve`` first for a SinkCache)."""
 
-    A cache with recall slots (``SinkCache(recall=N)``) writes what leaves its window to its block
-    memory, and every forward of ``recall_from`` tokens or more recalls from it first, as each chunk
-    of a user message does in the chat (a single decoded token never recalls).
-    """
-
-    def __init__(self, model, cache, recall_from: int = 2):
-        self.model, self.cache, self.seen, self.recall_from = model, cache, 0, recall_from
+    def __init__(self, model, cache):
+        self.model, self.cache, self.seen = model, cache, 0
         self.device = next(model.parameters()).device
-        self.ids: list[int] = []
-        if isinstance(cache, SinkCache):
-            cache.token_ids = lambda a, b: self.ids[a:b]  # what the memory's records name
+        self.ids: list[int] = []  # what was fed: the token ids a SinkCache's block memory records
+        if isinstance(cache, SinkCache) and cache.token_ids is None:
+            cache.token_ids = lambda a, b: self.ids[a:b]
 
     @torch.inference_mode()
-    def forward(self, ids: list[int], keep: int = 0) -> torch.Tensor:
-        """Logits ``[n or keep, vocab]`` for the new tokens; ``keep=0`` keeps every position."""
+    def forward(self, ids: list[int], keep: int = 0, recall: bool = False) -> torch.Tensor:
+        """Logits ``[n or keep, vocab]`` for the new tokens; ``keep=0`` keeps every position; ``recall``:
+        this forward recalls blocks from a SinkCache's memory, as a chunk of a user message does."""
         self.ids.extend(ids)
         if isinstance(self.cache, SinkCache):
-            recall = self.cache.recall > 0 and len(ids) >= self.recall_from
             positions, _ = self.cache.reserve(len(ids), recall=recall)
         else:
             positions = torch.arange(self.seen, self.seen + len(ids), device=self.device).unsqueeze(0)
         logits = forward(self.model, self.cache, ids, positions, keep)
         self.seen += len(ids)
         return logits
+
+    def mark(self) -> None:
+        """Remember this moment; :meth:`back` returns to it exactly (a SinkCache's rewind, a DynamicCache's crop)."""
+        self.marked = self.seen
+        if isinstance(self.cache, SinkCache):
+            self.cache.mark()
+
+    def back(self) -> None:
+        if isinstance(self.cache, SinkCache):
+            self.cache.rewind()
+        elif self.seen > self.marked:
+            self.cache.crop(self.marked - self.seen)  # transformers 5: a negative count removes that many
+        self.seen = self.marked
+        del self.ids[self.marked :]
 
 
 def dense_cache(model):

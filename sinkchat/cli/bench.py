@@ -402,46 +402,93 @@ def speed(
     finish(report, as_json, tables.print_speed, plot, interrupted)
 
 
+def parse_tasks(text: str) -> tuple[list[str], list[str]]:
+    """``--tasks``: built-in task names and ``.jsonl`` files, in one comma list."""
+    from ..bench.memory import TASKS
+
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    files = [t for t in items if t.endswith(".jsonl")]
+    names = [t for t in items if not t.endswith(".jsonl")]
+    bad = [t for t in names if t not in TASKS]
+    if bad or not items:
+        raise SinkchatError(f"--tasks takes a comma list of {', '.join(TASKS)} and FILE.jsonl (got {text!r})")
+    return list(dict.fromkeys(names)), list(dict.fromkeys(files))
+
+
+def parse_lengths(text: str, window: int) -> list[int]:
+    """``--tokens``: a comma list of lengths, each in tokens (``1024``) or in windows (``4x``)."""
+    try:
+        lengths = [int(float(t[:-1]) * window) if t.strip().endswith("x") else int(t) for t in text.split(",")]
+    except ValueError:
+        raise SinkchatError(f"--tokens takes a comma list of lengths in tokens (1024) or windows (4x) "
+                            f"(got {text!r})") from None
+    if any(n < 64 for n in lengths):
+        raise SinkchatError(f"--tokens: every length must be 64 tokens or more (got {text!r})")
+    return lengths
+
+
 @app.command("memory")
 def memory(
-    tokens: str = typer.Option("1024", "--tokens", "-n", help="Comma list of context lengths in tokens."),
-    depths: str = typer.Option("0.15,0.5", help="Comma list of where the key sits in the context (0..1)."),
-    keys: int = typer.Option(10, help="Random keys (tasks) per length and depth."),
+    tasks: str = typer.Option(
+        "passkey", "--tasks",
+        help="Comma list of built-in tasks (passkey, needle, lines, chat) and FILE.jsonl files of your own, one "
+        'JSON object a line: {"context", "question", "answer"}, optional "candidates": [...] and "chat": true. '
+        "One option for both, so your tasks run beside the built-in ones in one table; a name ending in .jsonl "
+        "is a file."),
+    tokens: str = typer.Option("4x", "--tokens", "-n", help="Comma list of context lengths of the built-in tasks, "
+                               "in tokens (1024) or in windows (1x,4x,16x)."),
+    depths: str = typer.Option("0.15,0.5", help="Comma list of where the fact sits in the context (0..1)."),
+    keys: int = typer.Option(10, help="Tasks (random keys or facts) per built-in task, length and depth."),
     modes: str = typer.Option("dense,sinks,recall", help="Comma list of dense, sinks, recall."),
     sinks: int = SINKS,
     window: int = typer.Option(256, "--window", "-w", help="Window of the sinks and recall modes."),
     recall: int = RECALL,
     recall_block: int = RECALL_BLOCK,
     model: str = MODEL, quant: str = QUANT, device: str = DEVICE, dtype: str = DTYPE,
-    as_json: bool = JSON,
+    as_json: bool = JSON, plot: str = PLOT,
 ) -> None:
-    """Long-chat memory: a pass key hidden in filler, asked for after the window moved past it; dense
+    """Long-chat memory: a fact stated early, asked for after the window moved past it; dense
     (everything kept), sinks (sinks + window) and recall (sinks + window + recall from the block memory).
+    Exact answers are found in the greedy continuation; free-form facts (needle, chat, a file's
+    candidates) by the highest log-likelihood among the candidates.
 
-    Example: sinkchat bench memory --tokens 1024,4096 --depths 0.15,0.5 --keys 10 --window 256
+    Example: sinkchat bench memory --tasks passkey,lines --tokens 16x --depths 0.15 --keys 3 --window 256
+
+    Example: sinkchat bench memory --tasks my-tasks.jsonl --window 256 --json
     """
     from .. import bench
-    from ..bench import memory as bench_memory
+    from ..bench.taskfile import read_tasks
 
-    wanted = bench.parse_modes(modes, bench_memory.MODES)
+    names, files = parse_tasks(tasks)
+    check_positive(keys=keys, window=window, recall=recall)
+    wanted = bench.parse_modes(modes, ("dense", "sinks", "recall"))
+    lengths = parse_lengths(tokens, window)
     try:
-        lengths = [int(t) for t in tokens.split(",")]
         where = [float(d) for d in depths.split(",")]
     except ValueError:
-        raise SinkchatError("--tokens and --depths are comma lists of numbers") from None
-    if any(n < 64 for n in lengths) or any(not 0 <= d <= 1 for d in where):
-        raise SinkchatError("--tokens must be 64 or more, --depths between 0 and 1")
-    check_positive(keys=keys, window=window, recall=recall)
+        raise SinkchatError(f"--depths takes a comma list of numbers between 0 and 1 (got {depths!r})") from None
+    if any(not 0 <= d <= 1 for d in where):
+        raise SinkchatError(f"--depths must be between 0 and 1 (got {depths!r})")
+    user = [task for path in files for task in read_tasks(path)]
     s = settings(model=model, sinks=sinks, window=window, quant=quant, device=device, dtype=dtype,
                  recall_block=recall_block)
     slots = recall_slots(s, recall)
+    from ..bench import memory as bench_memory
+
     loaded = load(s, as_json, context=False)
     results: list = []
-    interrupted = measure(lambda bars: bench_memory.run_memory(loaded, wanted, lengths, where, keys, s.sinks, s.window,
-                                                          slots, s.recall_block, bars, results), as_json)
-    extra = {"task": "passkey", "sinks": s.sinks, "window": s.window, "recall": slots,
+    interrupted = measure(lambda bars: bench_memory.run_memory(loaded, wanted, names, user, lengths, where, keys,
+                                                               s.sinks, s.window, slots, s.recall_block, bars,
+                                                               results, note), as_json)
+    extra = {"tasks": names + files, "sinks": s.sinks, "window": s.window, "recall": slots,
              "recall_block": s.recall_block, "interrupted": interrupted, "machine": machine(loaded)}
-    finish(bench_memory.memory_report(results, extra), as_json, tables.print_memory, None, interrupted)
+    report = bench_memory.memory_report(results, extra)
+    if plot and results:
+        from ..bench.plot import memory_plot
+
+        memory_plot(report, plot, f"{loaded.name}: found share, sinks {s.sinks} + window {s.window}, "
+                    f"recall {slots}")
+    finish(report, as_json, tables.print_memory, plot, interrupted)
 
 
 @app.command("resume")

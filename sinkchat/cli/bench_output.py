@@ -228,11 +228,12 @@ def print_peer(report: dict) -> None:
 
 
 def print_memory(report: dict) -> None:
-    table = Table("tokens", "key depth", "mode", "found", "key's tokens when asked", "seconds",
-                  title=f"passkey: sinks {report['sinks']}, window {report['window']}, recall {report['recall']} "
-                        f"(blocks of {report['recall_block']})")
+    table = Table("task", "tokens", "depth", "answer at token", "mode", "found", "answer's tokens when asked",
+                  "seconds", title=f"memory: sinks {report['sinks']}, window {report['window']}, recall "
+                  f"{report['recall']} (blocks of {report['recall_block']})")
     for r in report["summary"]:
-        where = ", ".join(f"{k} {v}" for k, v in r["where"].items() if v)
-        table.add_row(str(r["tokens"]), f"{r['depth']:.0%}", r["mode"], f"{r['found']}/{r['tasks']}", where,
-                      fmt(r["seconds"], ".0f"))
+        where = ", ".join(f"{k} {v}" for k, v in r["where"].items() if v and k != "-")
+        table.add_row(r["task"], str(r["tokens"]), fmt(r["depth"] and r["depth"] * 100, ".0f") + "%"
+                      if r["depth"] is not None else "-", fmt(r["depth_tokens"], "d"), r["mode"],
+                      f"{r['found']}/{r['tasks']}", where or "-", fmt(r["seconds"], ".0f"))
     tables_console().print(table)
