@@ -151,13 +151,15 @@ def _packs_path(folder: str | None) -> Path | None:
 
 
 def pick_kv_dtype(loaded: LoadedModel) -> torch.dtype:
-    """What ``--kv-dtype auto`` means for this model: bfloat16 for a float32 fast-path model on a CPU
+    """What ``--kv-dtype auto`` means for this model: bfloat16 for a quantized fast-path model on a CPU
     with native bf16 (:func:`native_bf16`), whose attention then reads half the bytes as two bf16
-    matmuls (:func:`.fast.matmul_attention`); else the compute dtype (so transformers' attention reads
-    the cache without a copy)."""
+    matmuls (:func:`.fast.matmul_attention`; its 4-bit kernels already take bf16 activations); else the
+    compute dtype (so transformers' attention reads the cache without a copy, and ``--quant none``
+    stays float32 throughout)."""
     import torch
 
-    if loaded.device == "cpu" and loaded.fast is not None and loaded.dtype == torch.float32 and native_bf16():
+    quantized = loaded.weights != "dense"
+    if loaded.device == "cpu" and loaded.fast is not None and quantized and native_bf16():
         return torch.bfloat16
     return loaded.dtype
 
