@@ -48,8 +48,10 @@ def main() -> None:
 
             steps[str(kv).removeprefix("torch.")] = step
         ms = alternate(steps, args.rounds)
-    print(f"SmolLM2-135M ({loaded.runs}), {held} cached tokens, {torch.get_num_threads()} threads, "
-          f"{args.rounds} rounds, torch {torch.__version__}, native bf16: {native_bf16()}")
+    print(
+        f"SmolLM2-135M ({loaded.runs}), {held} cached tokens, {torch.get_num_threads()} threads, "
+        f"{args.rounds} rounds, torch {torch.__version__}, native bf16: {native_bf16()}"
+    )
     for kv, t in ms.items():
         print(f"  {kv:<9} cache: {t:6.2f} ms a token ({1000 / t:5.1f} tok/s)")
     print(f"  bfloat16 / float32: {ms['bfloat16'] / ms['float32']:.3f}")

@@ -7,10 +7,11 @@ kernels on a 2-core CPU (56.8 vs 37.9 ms, SmolLM2-135M at a 2004-token cache), a
 the family's q/k norms, RoPE (per layer type where the model has several), the new keys and values
 written into the cache's preallocated buffers through its ``write`` (so eviction, sink re-rotation,
 rebase, ``state()`` and resume are the cache's), SDPA (masked to the native window in a sliding
-layer), one fused gate/up projection, the family's activation, the down projection, with the
-family's norms around each (:class:`~.families.Block`); a float32 residual stream. It takes chunks
-of any length (prefill) and single tokens (decode) and returns the same logits as
-:func:`sinkchat.model.forward.forward` on the transformers path.
+layer; one token over a bf16 cache on the CPU: two bf16 matmuls, :func:`matmul_attention`), one fused
+gate/up projection, the family's activation, the down projection, with the family's norms around
+each (:class:`~.families.Block`); a float32 residual stream. It takes chunks of any length (prefill)
+and single tokens (decode) and returns the same logits as :func:`sinkchat.model.forward.forward` on
+the transformers path.
 
 The projections are whatever modules the model holds (``nn.Linear`` in float32,
 :class:`~sinkchat.model.quant.Int4Linear` on the CPU, :class:`~sinkchat.model.quant.NF4Linear` over
