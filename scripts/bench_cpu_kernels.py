@@ -14,11 +14,12 @@ on each kernel this torch (and torchao, where installed with its CPU kernels) of
 - ``bf16`` / ``fp16``: a dense 16-bit copy (:class:`sinkchat.model.quant.HalfLinear`).
 
 Then one decode token's attention over a ``--depth`` token KV cache per layer, as
-:class:`sinkchat.model.fast.FastModel` runs it: float32 (``_attend``, the default KV dtype on the
-CPU) against bf16 and float16 (``_attend_slots``, the path a 16-bit cache takes: every slot, masked),
-bf16 over the filled slots without a mask (``_attend``: what the mask costs), and two candidates:
-float32 with the query heads folded per key/value head instead of SDPA's ``enable_gqa``, and bf16 as
-two plain matmuls around a float32 softmax (:func:`matmul_attention`).
+:class:`sinkchat.model.fast.FastModel` runs it: float32 (``_attend``) against bf16 and float16
+(``_attend_slots``, the path a 16-bit cache takes: every slot, masked; for bf16 on the CPU two plain
+matmuls around a float32 softmax, :func:`sinkchat.model.fast.matmul_attention`), and for comparison
+bf16 through SDPA over every slot, masked (the 16-bit path before), and over the filled slots without a
+mask (``_attend``), and float32 with the query heads folded per key/value head instead of SDPA's
+``enable_gqa``.
 
 Each matmul runs on as many distinct weights as a token uses (30 qkv weights for SmolLM2's 30 layers),
 so they come from memory as in a real step, not from a cache that one small weight would stay in.
@@ -137,14 +138,6 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def matmul_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """One query ``[1, H, D]`` folded per key/value head, as two matmuls in the cache's dtype with a
-    float32 softmax between them (a candidate for a 16-bit cache, not what the fast path runs)."""
-    KV, D = keys.shape[1], keys.shape[3]
-    scores = torch.matmul(q.view(KV, -1, D).to(keys.dtype) * D**-0.5, keys[0].transpose(1, 2))
-    return torch.matmul(torch.softmax(scores.float(), -1).to(values.dtype), values[0]).reshape(1, -1).float()
-
-
 def attention(c: dict, depth: int, rounds: int, clock) -> dict[str, tuple[float, float]]:
     """Median ms and error (against float32) of one token's attention over ``depth`` cached tokens in
     every layer (each layer its own cache, so they come from memory as in a step), per KV dtype,
@@ -156,13 +149,14 @@ def attention(c: dict, depth: int, rounds: int, clock) -> dict[str, tuple[float,
     caches = {"float32": [(torch.randn(1, KV, depth, D), torch.randn(1, KV, depth, D)) for _ in range(n)]}
     for name, dtype in (("bfloat16", torch.bfloat16), ("float16", torch.float16)):
         caches[name] = [(k.to(dtype), v.to(dtype)) for k, v in caches["float32"]]
-    slot = torch.tensor([depth - 1])
+    mask = torch.ones(depth, dtype=torch.bool)
     one = {"float32": lambda k, v: FastModel._attend(fast, q, k, v, None),
-           "bfloat16": lambda k, v: FastModel._attend_slots(fast, q, k, v, slot, None),
-           "float16": lambda k, v: FastModel._attend_slots(fast, q, k, v, slot, None),
-           "bfloat16 no mask": lambda k, v: FastModel._attend(fast, q, k, v, None),  # what the mask costs
-           "float32 folded": lambda k, v: F.scaled_dot_product_attention(folded, k, v).reshape(1, -1),
-           "bfloat16 matmul": lambda k, v: matmul_attention(q, k, v)}
+           "bfloat16": lambda k, v: FastModel._attend_slots(fast, q, k, v, mask),
+           "float16": lambda k, v: FastModel._attend_slots(fast, q, k, v, mask),
+           "bfloat16 SDPA": lambda k, v: F.scaled_dot_product_attention(  # the 16-bit path before
+               folded.to(k.dtype), k, v, attn_mask=mask.view(1, 1, 1, -1)).reshape(1, -1).float(),
+           "bfloat16 no mask": lambda k, v: FastModel._attend(fast, q, k, v, None),  # SDPA without the mask
+           "float32 folded": lambda k, v: F.scaled_dot_product_attention(folded, k, v).reshape(1, -1)}
     kv = {name: caches[name.split()[0]] for name in one}
     runs = {name: (lambda name=name: [one[name](k, v) for k, v in kv[name]]) for name in one}
     ms = alternate(runs, rounds, clock)

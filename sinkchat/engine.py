@@ -32,7 +32,7 @@ from .ledger import ChatState, Message, Occupancy, Span, partial
 from .model import LoadedModel, check_context, forward
 from .model.kernels import kv_dtype
 from .sampling import REPEAT_LAST_N, Sampler
-from .settings import Settings
+from .settings import KV_DTYPES, Settings
 from .steering import Steering
 from .template import Turns
 from .text import valid
@@ -336,8 +336,15 @@ class Chat(Steering):
         return self._restore_cache(state, tensors, now) + self.fit_pins()
 
     def _restore_cache(self, state: ChatState, tensors: dict[str, torch.Tensor] | None, now: dict) -> list[str]:
-        """Load the saved K/V, or rebuild it from the ledger; ``now``: this chat's fingerprint."""
+        """Load the saved K/V, or rebuild it from the ledger; ``now``: this chat's fingerprint. With
+        ``--kv-dtype auto`` a save that differs only in its KV dtype (made before auto chose another
+        one here) is loaded in its own dtype, so the chat goes on as it would have."""
         differs = [k for k in now if k != "block" and now[k] != state.fingerprint.get(k)]
+        saved = state.fingerprint.get("kv_dtype")  # a dtype's name ("auto" is never saved)
+        if tensors is not None and differs == ["kv_dtype"] and self.settings.kv_dtype == "auto" and saved in KV_DTYPES:
+            cache = self.cache
+            self.cache = self._new_cache(cache.sinks, cache.window, cache.block, cache.pin_max, getattr(torch, saved))
+            differs = []
         if tensors is not None and not differs:
             try:
                 self.cache.load_state(tensors, state.meta, device=self.device)

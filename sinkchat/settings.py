@@ -88,7 +88,8 @@ class Settings:
     device: str = setting("auto", "auto (a GPU if there is one), cuda or cpu.", choices=DEVICES)
     dtype: str = setting("auto", "Compute dtype: auto (float32 on the CPU; bfloat16 on a GPU that has it, else "
                          "float16), float32, bfloat16 or float16.", choices=DTYPES)
-    kv_dtype: str = setting("auto", "KV cache dtype: auto (the compute dtype), float32, bfloat16 or float16.",
+    kv_dtype: str = setting("auto", "KV cache dtype: auto (bfloat16 for a 4-bit fast-path model on a CPU with "
+                            "AVX512-BF16 or AMX, else the compute dtype), float32, bfloat16 or float16.",
                             choices=KV_DTYPES)
     compile: str = setting("auto", "torch.compile the decode step (and record it as a CUDA graph on a GPU): "
                            "auto (on a GPU, in the TUI and plain mode alike), on or off; a failed compile falls "

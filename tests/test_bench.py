@@ -83,9 +83,10 @@ def test_speed_cli_json_and_png(tmp_path):
     ratio = by_mode["recompute"]["median_ms"] / by_mode["sinks"]["median_ms"]
     assert doc["speedup_vs_recompute"] == pytest.approx(ratio)
     assert 0 <= doc["upkeep_share"] < 1
-    # the ceiling: what a step reads at 4 + 16 held tokens (30 layers x 3 KV heads x 64 dims x K and V, float32)
-    parts = doc["bytes_parts"]
-    assert parts["kv_cache"] == 30 * 3 * 64 * 2 * 4 * 20 and doc["bytes_per_token"] == sum(parts.values())
+    # the ceiling: what a step reads at 4 + 16 held tokens (30 layers x 3 KV heads x 64 dims x K and V, in
+    # the KV dtype auto picked: bfloat16 with native bf16, else float32)
+    parts, itemsize = doc["bytes_parts"], {"float32": 4, "bfloat16": 2}[doc["machine"]["kv_dtype"]]
+    assert parts["kv_cache"] == 30 * 3 * 64 * 2 * itemsize * 20 and doc["bytes_per_token"] == sum(parts.values())
     assert doc["copy_bandwidth_GBps"] > 0
     assert doc["ceiling_tokens_per_s"] == pytest.approx(doc["copy_bandwidth_GBps"] * 1e9 / doc["bytes_per_token"])
     assert doc["ceiling_share"] == pytest.approx(by_mode["sinks"]["tokens_per_s"] / doc["ceiling_tokens_per_s"])

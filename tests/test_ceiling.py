@@ -28,7 +28,8 @@ def test_a_decode_step_reads_the_packed_weights_once_the_head_and_the_held_kv(sm
     parts = bytes_per_token(smollm.model, cache)
     assert parts["weights"] == packed + norms  # q, k, v (views of the fused qkv) are not counted again
     assert parts["head"] == 49152 * 576 * 2  # the float16 output head
-    assert parts["kv_cache"] == 30 * 3 * 64 * 2 * 4 * 12  # 12 tokens held, float32 K and V
+    # 12 tokens held, K and V in the cache's dtype (bfloat16 where auto picks it, else float32)
+    assert parts["kv_cache"] == 30 * 3 * 64 * 2 * cache.dtype.itemsize * 12
     bandwidth = copy_bandwidth(torch.device("cpu"), mib=32, reps=2)
     roof = ceiling(parts, bandwidth, 20.0)
     assert bandwidth > 0 and roof["ceiling_share"] == 20.0 / roof["ceiling_tokens_per_s"]

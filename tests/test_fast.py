@@ -14,6 +14,7 @@ from test_cache import text_ids
 from _helpers import GREEDY, say
 from sinkchat.engine import Chat
 from sinkchat.kv import SinkCache, rope_inv_freqs
+from sinkchat.kv.cache import local_windows
 from sinkchat.model import fast, forward, forward_outputs, load
 from sinkchat.model.fast import FastModel
 from sinkchat.model.quant import HalfLinear, Int4Linear, NF4Linear
@@ -287,6 +288,51 @@ def test_resume_is_exact_for_every_kv_dtype(smollm, kv):
     assert chat2.tokens[n:] == chat.tokens[n:]
 
 
+def test_auto_picks_a_bf16_cache_on_a_cpu_with_native_bf16_only(tiny_models, monkeypatch):
+    """The capability torch reports decides, forced both ways here (and absent, as in an older torch):
+    AVX512-BF16 or AMX-BF16 gives a 4-bit fast-path model a bf16 cache, anything else float32. A
+    ``--quant none`` model stays float32, and a model off the fast path keeps its compute dtype."""
+    folder = str(tiny_models["mistral"])
+    for found, want in [({"avx512_bf16": True}, torch.bfloat16), ({"amx_bf16": True}, torch.bfloat16),
+                        ({"avx512_bf16": False, "avx2": True}, torch.float32), (None, torch.float32)]:
+        if found is None:
+            monkeypatch.delattr(torch.cpu, "get_capabilities")
+        else:
+            monkeypatch.setattr(torch.cpu, "get_capabilities", lambda found=found: found)
+        loaded = load(folder, quant="4bit", device="cpu")
+        assert loaded.fast is not None and loaded.kv_dtype == want, found
+        assert Chat(loaded, GREEDY).cache.dtype == want
+        assert load(folder, quant="4bit", device="cpu", kv_dtype="float32").kv_dtype == torch.float32
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_bf16": True}, raising=False)
+    assert load(folder, quant="none", device="cpu").kv_dtype == torch.float32
+    monkeypatch.setattr(fast, "supported", lambda model: False)
+    assert load(folder, quant="4bit", device="cpu").kv_dtype == torch.float32
+
+
+@pytest.mark.parametrize("saved,auto", [("float32", torch.bfloat16), ("bfloat16", torch.float32),
+                                        ("bfloat16", torch.bfloat16)])
+def test_auto_resumes_a_chat_in_the_kv_dtype_it_was_saved_in(smollm, saved, auto, monkeypatch):
+    """A chat saved with a float32 cache (auto before it picked bf16, or a CPU without native bf16)
+    goes on token for token where auto now picks bf16, and the other way round, without a rebuild."""
+    settings = GREEDY.replace(sinks=4, window=48, block=8, max_new_tokens=16)
+    store = Store()
+    chat = Chat(smollm, settings.replace(kv_dtype=saved))
+    say(chat, "What is the capital of France?")
+    chat_id = store.create(chat, settings)  # the chat's setting is auto
+    say(chat, "And of Italy?")
+    store.save(chat_id, chat)
+    assert chat.cache.evictions
+    store.unlock(chat_id)
+    monkeypatch.setattr(smollm, "kv_dtype", auto)  # what auto means on this CPU
+    chat2 = Chat(smollm, settings)
+    assert chat2.cache.dtype == auto
+    assert Store(store.root).open(chat_id, chat2) == []
+    assert chat2.cache.dtype == getattr(torch, saved) and chat2.fingerprint()["kv_dtype"] == saved
+    n = len(chat.tokens)
+    assert say(chat2, "And of Spain?") == say(chat, "And of Spain?")
+    assert chat2.tokens[n:] == chat.tokens[n:]
+
+
 def test_a_chat_saved_with_another_kv_dtype_is_rebuilt(smollm):
     settings = GREEDY.replace(sinks=4, window=48, block=8, max_new_tokens=8)
     store = Store()
@@ -300,10 +346,13 @@ def test_a_chat_saved_with_another_kv_dtype_is_rebuilt(smollm):
     assert chat2.cache.layers[0].keys.dtype == torch.float32
 
 
-def stream_decode(loaded, n: int = 120, window: int = 40, max_positions: int = 100) -> list[torch.Tensor]:
-    """A 32-token chunk, then single tokens, through a sink cache that evicts and rebases; logits per step."""
+def stream_decode(loaded, n: int = 120, window: int = 40, max_positions: int = 100,
+                  kv: torch.dtype = torch.float32) -> list[torch.Tensor]:
+    """A 32-token chunk, then single tokens, through a sink cache (K/V in ``kv``, rolling buffers in a hybrid
+    model's sliding layers) that evicts and rebases; logits per step."""
     ids = text_ids(loaded.tokenizer, n)
-    cache = SinkCache(rope_inv_freqs(loaded.model), 4, window, 10, max_positions, torch.float32)
+    cache = SinkCache(rope_inv_freqs(loaded.model), 4, window, 10, max_positions, dtype=kv,
+                      local=local_windows(loaded.model.config))
     out, i = [], 0
     with torch.inference_mode():
         for size in [32] + [1] * (n - 32):
@@ -321,6 +370,35 @@ def test_static_step_matches_the_eager_step(tiny_models):
     loaded.fast.compiled = loaded.fast.static_step  # same dispatch as a compiled step, without compiling
     static = stream_decode(loaded)
     assert max(((a - b).abs().max() / a.abs().max()).item() for a, b in zip(eager, static)) < SAME_F32
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gemma3"])
+def test_a_bf16_cache_on_the_cpu_attends_alike_in_the_eager_and_static_steps(arch, tiny_models, tiny_families):
+    """Both steps attend one token in a bf16 cache with :func:`~sinkchat.model.fast.matmul_attention`
+    (Gemma 3: sliding layers of 8 tokens beside a global one, and its own query scale), so they agree
+    as in float32 (what a bf16 cache moves is bounded on the real model, against transformers and by
+    the perplexity test)."""
+    loaded = load(str({**tiny_models, **tiny_families}[arch]), quant="none", device="cpu")
+    eager = stream_decode(loaded, kv=torch.bfloat16)
+    loaded.fast.compiled = loaded.fast.static_step
+    static = stream_decode(loaded, kv=torch.bfloat16)
+    assert max(((a - b).abs().max() / a.abs().max()).item() for a, b in zip(eager, static)) < SAME_F32
+
+
+def test_matmul_attention_matches_float32_attention_over_the_slots_it_keeps():
+    """One query against random bf16 K/V, stale slots past the new token and (a sliding layer) those
+    a window back masked: float32 SDPA over the same kept bf16 values is the reference."""
+    gen = torch.Generator().manual_seed(0)
+    H, KV, D, capacity, slot, window = 9, 3, 64, 300, 250, 100
+    q = torch.randn(1, H, D, generator=gen)
+    keys, values = (torch.randn(1, KV, capacity, D, generator=gen).to(torch.bfloat16) for _ in range(2))
+    at = torch.arange(capacity)
+    for mask in (at <= slot, (at <= slot) & (at > slot - window)):
+        got = fast.matmul_attention(q, keys, values, mask, scale=0.1)
+        kept = mask.nonzero()[:, 0]
+        want = torch.nn.functional.scaled_dot_product_attention(
+            q.view(1, H, 1, D), keys[:, :, kept].float(), values[:, :, kept].float(), enable_gqa=True, scale=0.1)
+        assert ((got - want.reshape(1, -1)).norm() / want.norm()).item() < 1e-2
 
 
 @pytest.mark.slow  # inductor compiles the step: a minute or more on 2 cores

@@ -392,11 +392,13 @@ def test_chats_cli_rename_delete_and_bad_input(smollm, tmp_path):
 def test_resume_bench_figures(smollm):
     from sinkchat.bench.resume import format_table, run_resume_bench
 
-    r = run_resume_bench(smollm, Settings(sinks=4, window=60), repeats=2)
+    r = run_resume_bench(smollm, Settings(sinks=4, window=60, kv_dtype="float32"), repeats=2)
     assert r["held_tokens"] == 64 and r["window"] == 60
     assert r["restore_s"] < r["rebuild_s"]
     assert r["mistral_7b_mb_per_1000"] == pytest.approx(131.072)
-    # SmolLM2-135M: 30 layers x 3 KV heads x 64 dims x K+V x 4 bytes (float32 on the CPU)
+    # SmolLM2-135M: 30 layers x 3 KV heads x 64 dims x K+V x 4 bytes (a float32 cache)
     assert r["kv_mb_per_1000"] == pytest.approx(46.08)
+    half = run_resume_bench(smollm, Settings(sinks=4, window=60, kv_dtype="bfloat16"), repeats=1)
+    assert half["kv_mb_per_1000"] == pytest.approx(23.04)  # a bf16 cache (auto on a CPU with native bf16)
     assert r["kv_mb_per_1000"] <= r["state_mb_per_1000"] < r["kv_mb_per_1000"] * 1.2
     assert "restore speed-up" in format_table(r)

@@ -7,10 +7,11 @@ kernels on a 2-core CPU (56.8 vs 37.9 ms, SmolLM2-135M at a 2004-token cache), a
 the family's q/k norms, RoPE (per layer type where the model has several), the new keys and values
 written into the cache's preallocated buffers through its ``write`` (so eviction, sink re-rotation,
 rebase, ``state()`` and resume are the cache's), SDPA (masked to the native window in a sliding
-layer), one fused gate/up projection, the family's activation, the down projection, with the
-family's norms around each (:class:`~.families.Block`); a float32 residual stream. It takes chunks
-of any length (prefill) and single tokens (decode) and returns the same logits as
-:func:`sinkchat.model.forward.forward` on the transformers path.
+layer; one token over a bf16 cache on the CPU: two bf16 matmuls, :func:`matmul_attention`), one fused
+gate/up projection, the family's activation, the down projection, with the family's norms around
+each (:class:`~.families.Block`); a float32 residual stream. It takes chunks of any length (prefill)
+and single tokens (decode) and returns the same logits as :func:`sinkchat.model.forward.forward` on
+the transformers path.
 
 The projections are whatever modules the model holds (``nn.Linear`` in float32,
 :class:`~sinkchat.model.quant.Int4Linear` on the CPU, :class:`~sinkchat.model.quant.NF4Linear` over
@@ -179,17 +180,19 @@ class FastModel:
         device = self.norm.device
         x = self.embed(torch.tensor(ids, device=device)).float()  # [n, hidden], the residual stream
         ropes = [self._rope(positions.reshape(-1).to(device), r) for r in range(len(self.ropes))]
-        slots: dict[int, torch.Tensor] = {}  # one token into a 16-bit cache: the static step's attention
+        masks: dict[tuple, torch.Tensor] = {}  # one token into a 16-bit cache: the static step's attention
         for i, (layer, cl) in enumerate(zip(self.layers, cache.layers)):
             q, k, v = self._project(layer, x, *ropes[layer.rope])
             if recalling:  # this layer's queries choose the blocks it sees (sinkchat.kv.memory)
                 cache.recall_layer(i, q, positions)
             keys, values = cl.write(k.transpose(0, 1)[None], v.transpose(0, 1)[None])  # [1, KV, L, D]
             if len(ids) == 1 and keys.dtype != torch.float32:
-                slot = slots.get(cl.length)
-                if slot is None:
-                    slot = slots[cl.length] = torch.tensor([cl.length - 1], device=device)
-                a = self._attend_slots(q, cl.keys, cl.values, slot, layer.window)
+                key = (cl.keys.shape[2], cl.length, layer.window)
+                mask = masks.get(key)
+                if mask is None:
+                    slot = torch.tensor([cl.length - 1], device=device)
+                    mask = masks[key] = _slot_mask(cl.keys.shape[2], slot, layer.window)
+                a = self._attend_slots(q, cl.keys, cl.values, mask)
             else:
                 a = self._attend(q, keys, values, layer.window)
             x = self._finish(layer, x, a)
@@ -242,29 +245,31 @@ class FastModel:
         KV, D = self.kv_heads, self.head_dim
         x = self.embed(token).float()
         ropes = [self._rope(position, r) for r in range(len(self.ropes))]
+        masks: dict[tuple, torch.Tensor] = {}  # one per kind of layer
         for layer, (keys, values) in zip(self.layers, buffers):
             q, k, v = self._project(layer, x, *ropes[layer.rope])
             j = int(layer.window is not None)
             slot = slots[j : j + 1]
             keys[:, :, slot] = k.view(1, KV, 1, D).to(keys.dtype)  # index_put_: in place, also when compiled
             values[:, :, slot] = v.view(1, KV, 1, D).to(values.dtype)
-            x = self._finish(layer, x, self._attend_slots(q, keys, values, slot, layer.window))
+            key = (keys.shape[2], j, layer.window)
+            if key not in masks:
+                masks[key] = _slot_mask(keys.shape[2], slot, layer.window)
+            x = self._finish(layer, x, self._attend_slots(q, keys, values, masks[key]))
         return self.head(self._norm(x, self.norm)).float()
 
-    def _attend_slots(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, slot: torch.Tensor,
-                      window: int | None) -> torch.Tensor:
+    def _attend_slots(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                      mask: torch.Tensor) -> torch.Tensor:
         """One query ``q`` ``[1, H, D]`` against a layer's whole ``[1, KV, capacity, D]`` buffers, the
-        slots past ``slot`` (a ``[1]`` tensor: where the new token went) masked, and in a sliding
-        layer those ``window`` or more back -> ``[1, H D]``, in the cache's dtype, query heads folded
-        per key/value head. The static step's attention, and the eager step's for one token in a
-        16-bit cache: a bf16 SDPA over the filled slots alone runs another kernel (flash on a GPU,
-        an unmasked CPU path) whose rounding differs, which the two steps' logits showed (1.4e-2 of
-        the largest logit on SmolLM2-135M in bf16 on the CPU; up to 4.3e-2 on a GPU)."""
+        slots ``mask`` (:func:`_slot_mask`) drops left out -> ``[1, H D]``, in the cache's dtype, query
+        heads folded per key/value head: SDPA, or for a bf16 cache on the CPU :func:`matmul_attention`.
+        The static step's attention, and the eager step's for one token in a 16-bit cache: a bf16 SDPA
+        over the filled slots alone runs another kernel (flash on a GPU, an unmasked CPU path) whose
+        rounding differs, which the two steps' logits showed (1.4e-2 of the largest logit on
+        SmolLM2-135M in bf16 on the CPU; up to 4.3e-2 on a GPU)."""
+        if keys.dtype == torch.bfloat16 and keys.is_cpu:
+            return matmul_attention(q, keys, values, mask, self.scale)
         H, KV, D = self.heads, self.kv_heads, self.head_dim
-        at = torch.arange(keys.shape[2], device=slot.device)
-        mask = at <= slot
-        if window is not None:
-            mask = mask & (at > slot - window)
         a = F.scaled_dot_product_attention(q.view(1, KV, H // KV, D).to(keys.dtype), keys, values,
                                            attn_mask=mask.view(1, 1, 1, -1), scale=self.scale)
         return a.reshape(1, H * D).float()
@@ -366,6 +371,30 @@ class CudaGraphStep:
         with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             self.logits = self.step(*self.inputs, buffers)
         self.graph = graph
+
+
+def matmul_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+                     scale: float | None = None) -> torch.Tensor:
+    """One query ``q`` ``[1, H, D]`` against a 16-bit cache's ``[1, KV, capacity, D]`` buffers as two
+    plain matmuls in the cache's dtype, query heads folded per key/value head (``[KV, H/KV, D]``),
+    around a float32 softmax over the slots ``mask`` (``[capacity]`` bools) keeps -> ``[1, H D]``
+    (float32); ``scale`` defaults to ``1 / sqrt(D)``. What a bf16 cache runs on the CPU: 0.63x the time
+    of float32 SDPA over a float32 cache with AVX512-BF16, where bf16 SDPA is no faster than float32
+    (README, "Where a decode step's time goes on this CPU")."""
+    H, KV, D = q.shape[1], keys.shape[1], keys.shape[3]
+    scale = D**-0.5 if scale is None else scale
+    scores = torch.matmul((q.view(KV, H // KV, D) * scale).to(keys.dtype), keys[0].transpose(1, 2))
+    scores = torch.where(mask, scores.float(), float("-inf"))  # [KV, H/KV, capacity]
+    out = torch.matmul(torch.softmax(scores, -1).to(values.dtype), values[0])  # [KV, H/KV, D]
+    return out.reshape(1, H * D).float()
+
+
+def _slot_mask(capacity: int, slot: torch.Tensor, window: int | None) -> torch.Tensor:
+    """The ``[capacity]`` slots one token at ``slot`` (a ``[1]`` tensor) attends: none past it, and in a
+    sliding layer none ``window`` or more back."""
+    at = torch.arange(capacity, device=slot.device)
+    mask = at <= slot
+    return mask & (at > slot - window) if window is not None else mask
 
 
 def _window_slot(cache) -> bool:
