@@ -246,3 +246,30 @@ def test_memory_report_has_a_record_per_task_and_mode():
         ("sinks", False, "evicted"), ("recall", True, "recalled")]
     assert all(isinstance(r["found"], bool) for r in report["results"])
     assert {s["mode"]: s["found"] for s in report["summary"]} == {"sinks": 0, "recall": 1}
+
+
+def memory_tokens(memory: BlockMemory) -> list[int]:
+    """Every conversation token the memory holds, in blocks (damaged ones too) and pending, in its order."""
+    return [t for runs in [*memory.runs, memory.pending] for t0, t1, _ in runs for t in range(t0, t1)]
+
+
+def evicted_tokens(cache: SinkCache) -> list[int]:
+    return [t for a, b in cache.evictions for t in range(a, b)]
+
+
+@pytest.mark.parametrize("window", [40, 96])
+def test_resume_with_another_window_keeps_every_evicted_token_in_the_memory(smollm, window):
+    """A chat saved with --window 64 and resumed with a smaller or larger one: each token the rebuilt
+    cache does not hold is in the memory exactly once (in a block or waiting for one), on disk too."""
+    store = Store()
+    chat_id, chat = recall_chat(smollm, store, TURNS[:3])
+    store.unlock(chat_id)
+    again = Chat(smollm, chat.settings.replace(window=window))
+    Store(store.root).open(chat_id, again)
+    memory = again.cache.memory
+    assert sorted(memory_tokens(memory)) == evicted_tokens(again.cache)
+    assert memory.blocks == len(evicted_tokens(again.cache)) // memory.block >= 1
+    for b in memory.valid():  # each block reads back from the file
+        memory.read(0, b)
+    say(again, TURNS[3])
+    assert sorted(memory_tokens(memory)) == evicted_tokens(again.cache)
