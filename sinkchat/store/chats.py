@@ -377,10 +377,11 @@ class Store:
                 notices.append(f"chat {chat_id}: {why}; restored them from the state file")
             elif why:
                 notices.append(f"chat {chat_id}: {why}; rebuilt the KV cache from the ledger's sink and window tokens")
+            if hasattr(chat, "open_memory"):  # with --recall: the block memory of what left the window, first,
+                # so that a cache rebuilt in another geometry keeps in it every token it evicts
+                notices += on_model(chat.open_memory, self.root / "state", chat_id, snap, tensors, not read_only)
             restored = on_model(chat.restore, snap, tensors)
             notices += restored
-            if hasattr(chat, "open_memory"):  # with --recall: the block memory of what left the window
-                notices += on_model(chat.open_memory, self.root / "state", chat_id, snap, tensors, not read_only)
             if rows_behind and not read_only:
                 try:  # repair the rows from the state file, so the next save starts from them
                     self.db.write(chat_id, snap, {}, 0)
