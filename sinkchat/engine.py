@@ -18,6 +18,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import suppress
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
@@ -299,7 +300,15 @@ class Chat(Steering):
             return
         if chat_id is not None and memory.path is not None and memory.path.name != f"{chat_id}{MEMORY_SUFFIX}":
             target = directory / f"{chat_id}{MEMORY_SUFFIX}"
-            os.replace(memory.path, target)
+            try:  # the store's first save may have given it the chat's name already
+                named = os.path.samestat(os.fstat(memory.fd), os.stat(target, follow_symlinks=False))
+            except FileNotFoundError:
+                named = False
+            if named:
+                with suppress(FileNotFoundError):
+                    os.unlink(memory.path)
+            else:
+                os.replace(memory.path, target)
             memory.adopt(target)
         os.fsync(memory.fd)
 

@@ -8,6 +8,9 @@ and values, a plain reference of which tokens the cache holds)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -17,9 +20,11 @@ from hypothesis import strategies as st
 from hypothesis.stateful import initialize, invariant, precondition, rule
 from test_cache_core import INV_FREQS, RUN, CacheMachine, Reference
 
+from _helpers import stored_chat
 from sinkchat.kv import SinkCache
 from sinkchat.kv.layer import rotate
 from sinkchat.ledger import gaps
+from sinkchat.store import Store
 
 RECALL_BLOCK = 4
 
@@ -145,3 +150,30 @@ class BFloat16RecallMachine(RecallMachine):
 
 TestRecallBookkeepingInBFloat16 = BFloat16RecallMachine.TestCase
 TestRecallBookkeepingInBFloat16.settings = settings(RUN, max_examples=40)
+
+
+def test_orphaned_memory_files_of_dead_processes_are_swept_at_open(tmp_path):
+    """A process killed before its store adopted its memory file leaves ``.memory-<pid>-<random>.tmp``;
+    opening a chat removes it once that process is gone, never a live process's file, never a link
+    (nor what it points to), never another file."""
+    chat_id = stored_chat(tmp_path / "data")
+    state = tmp_path / "data" / "state"
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(gone.stdout)
+    outside = tmp_path / "outside.tmp"
+    outside.write_bytes(b"the user's")
+    orphan, live = state / f".memory-{dead}-0123abcd.tmp", state / f".memory-{os.getpid()}-89abcdef.tmp"
+    link, other = state / f".memory-{dead}-deadbeef.tmp", state / f".memory-{dead}-x.tmp"
+    for path in (orphan, live, other):
+        path.write_bytes(b"SINKMEM1")
+    link.symlink_to(outside)
+    Store(tmp_path / "data").open(chat_id, _Idle())
+    assert not orphan.exists() and live.exists() and other.exists()
+    assert link.is_symlink() and outside.read_bytes() == b"the user's"
+
+
+class _Idle:
+    """A chat with nothing to restore (the sweep is the store's, whatever the chat)."""
+
+    def restore(self, snap, tensors):
+        return []

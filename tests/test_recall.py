@@ -4,7 +4,11 @@ recall and not without, and a damaged memory file."""
 
 from __future__ import annotations
 
+import json
 import os
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -12,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_cache import reference_logits, text_ids, worst
 
-from _helpers import say
+from _helpers import ROOT, say
 from sinkchat.engine import Chat
 from sinkchat.kv import SinkCache, rope_inv_freqs
 from sinkchat.kv.memory import FILE_HEADER, BlockMemory, MemoryFileError
@@ -273,3 +277,62 @@ def test_resume_with_another_window_keeps_every_evicted_token_in_the_memory(smol
         memory.read(0, b)
     say(again, TURNS[3])
     assert sorted(memory_tokens(memory)) == evicted_tokens(again.cache)
+
+
+def test_a_new_chats_memory_has_the_chats_own_name_from_its_first_save(smollm):
+    """No save names a temporary memory file (one a later start may sweep once its process is gone)."""
+    store = Store()
+    chat = Chat(smollm, Settings(**RECALL))
+    for text in TURNS[:3]:
+        say(chat, text)
+    assert chat.cache.memory.blocks
+    chat_id = store.create(chat, chat.settings)
+    assert store.memory_path(chat_id).is_file() and not list((store.root / "state").glob(".memory-*"))
+    store.save(chat_id, chat)
+    assert store.memory_path(chat_id).is_file() and not list((store.root / "state").glob(".memory-*"))
+
+
+KILLED = """
+import json, sys
+sys.path.insert(0, "tests")
+from _helpers import say
+from sinkchat.engine import Chat
+from sinkchat.model import load
+from sinkchat.settings import Settings
+from sinkchat.store import Store
+settings, turns = Settings(**json.loads(sys.argv[2])), json.loads(sys.argv[3])
+chat, store = Chat(load("smollm2-135m", quant="auto", device="cpu"), settings), Store(sys.argv[1])
+say(chat, turns[0])
+chat_id = store.create(chat, settings)
+print(len(chat.tokens), chat.cache.memory.blocks, flush=True)
+for text in turns[1:]:
+    say(chat, text)
+    store.save(chat_id, chat)
+    print(len(chat.tokens), chat.cache.memory.blocks, flush=True)
+"""
+
+
+def test_kill_9_while_a_memory_block_is_written_loses_no_turn(smollm, tmp_path):
+    """A real SIGKILL half-way through a block record (a turn evicting into the memory), then the next
+    start: every saved turn is there, the memory holds the blocks the last save counted, intact, and
+    the chat goes on recalling from them."""
+    settings = {**RECALL, "window": 48}
+    turns = [*TURNS[:3], "Tell me a long story about the grass.", *TURNS[3:]]
+    proc = subprocess.run([sys.executable, "-c", KILLED, str(tmp_path), json.dumps(settings), json.dumps(turns)],
+                          cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), "SINKCHAT_FAULT": "memory-write@3"},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    saves = [tuple(map(int, line.split())) for line in proc.stdout.split("\n") if line]
+    assert saves and saves[-1][1] >= 1, "the kill should come after a save that counts a block"
+    tokens, blocks = saves[-1]
+    chat = Chat(smollm, Settings(**settings))
+    notices = Store(tmp_path).open(1, chat)
+    assert len(notices) <= 1, notices
+    assert len(chat.tokens) == tokens and chat.cache.memory.blocks == blocks
+    memory = chat.cache.memory
+    assert memory.valid() == list(range(blocks))
+    for b in range(blocks):
+        memory.read(0, b)
+    assert sorted(memory_tokens(memory)) == evicted_tokens(chat.cache)
+    say(chat, "What is the pass key?")
+    assert chat.occupancy().recall and not memory.damaged

@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from ..files import fault
+from ..files import MEMORY_TMP, fault
 from ..ledger import Span, clip, covered_by, gaps, merge_spans
 from .layout import Run, run_positions, run_tokens, runs_of
 
@@ -253,7 +253,7 @@ class BlockMemory:
     def _open_new(self) -> None:
         """Create the memory file (named in ``directory``, else anonymous) and write its header."""
         if self.directory is not None:
-            name = f".memory-{os.getpid()}-{secrets.token_hex(4)}.tmp"
+            name = MEMORY_TMP.format(pid=os.getpid(), token=secrets.token_hex(4))
             path = Path(self.directory) / name
             self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
             self.path = path

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from .. import config
 from ..errors import SinkchatError
-from ..files import fault, make_private, private_dir, reason, written_bytes
+from ..files import MEMORY_ORPHAN, fault, make_private, private_dir, reason, sweep_memory_orphans, written_bytes
 from ..ledger import ChatState, state_problem
 from ..settings import Settings
 from ..text import valid
@@ -117,6 +117,7 @@ class Store:
         for tmp in (self.root / "state").glob(f".{chat_id}.*.tmp"):
             with suppress(OSError):
                 tmp.unlink()
+        sweep_memory_orphans(self.root / "state")  # block memories of killed processes, never adopted by a chat
 
     def _prune(self, chat_id: int) -> None:
         """Remove the chat's segment files (after a new base made them garbage, or with the chat)."""
@@ -175,6 +176,22 @@ class Store:
             except OSError as exc:
                 raise SaveError(f"could not keep the memory of forgotten tokens on disk ({reason(exc)})") from None
 
+    def _name_memory(self, chat_id: int, meta: dict) -> list[Path]:
+        """A new chat's block memory, still under its process's temporary name, gets the chat's own name
+        too (a hard link), and ``meta`` names that one, so no save ever names a temporary file (which
+        :func:`~sinkchat.files.sweep_memory_orphans` may remove once its process is gone). Returns the
+        temporary name, to unlink once the chat is committed."""
+        saved = meta.get("memory") or {}
+        name = saved.get("file")
+        if not name or not MEMORY_ORPHAN.fullmatch(name):
+            return []
+        tmp, target = self.root / "state" / name, self.memory_path(chat_id)
+        with suppress(FileNotFoundError):
+            target.unlink()  # (left by a create whose transaction failed)
+        os.link(tmp, target, follow_symlinks=False)
+        saved["file"] = target.name
+        return [tmp]
+
     def create_state(self, state: ChatState, tensors: dict, settings: Settings, title: str | None = None) -> int:
         """:meth:`create` from what :meth:`Chat.state` returned (a copy taken while the chat was idle).
 
@@ -189,10 +206,12 @@ class Store:
             title = " ".join(first.split())[:60]
         snap = Snapshot.of(state, settings.saved(), 1)
         made: list[int] = []
+        linked: list[Path] = []
 
         def first_save(chat_id: int) -> Snapshot:
             made.append(chat_id)
             self.locks.lock(chat_id)
+            linked.extend(self._name_memory(chat_id, snap.meta))
             return snap
 
         try:
@@ -201,7 +220,13 @@ class Store:
             for chat_id in made:  # no row was committed: its lock file goes too
                 with suppress(OSError):
                     self.locks.remove(chat_id)
+                if linked:
+                    with suppress(OSError):
+                        self.memory_path(chat_id).unlink()
             raise SaveError(f"could not save the chat ({reason(exc)}); it goes on in memory only") from None
+        for tmp in linked:  # the memory is the chat's by its own name now (the process keeps it open)
+            with suppress(OSError):
+                tmp.unlink()
         fault("ledger-committed")
         self._write_kv(chat_id, None, snap, tensors, fresh=True)
         return chat_id
