@@ -289,15 +289,16 @@ class Chat(Steering):
         """Whether this chat keeps a block memory of what left the window (``--recall``)."""
         return self.cache.memory is not None
 
-    def keep_memory(self, directory: Path, chat_id: int | None) -> None:
+    def keep_memory(self, directory: Path, chat_id: int | None) -> int | None:
         """With ``--recall``: keep the block memory's file in ``directory`` (a store's state folder), named
-        ``<chat_id>.memory`` once the chat has an id, and flushed to disk, before a save counts its blocks."""
+        ``<chat_id>.memory`` once the chat has an id. Returns a descriptor of the file of its own (None:
+        no file yet), which the caller fsyncs before a save counts the blocks, and closes."""
         memory = self.cache.memory
         if memory is None:
-            return
+            return None
         memory.keep_in(directory)
         if memory.fd is None:
-            return
+            return None
         if chat_id is not None and memory.path is not None and memory.path.name != f"{chat_id}{MEMORY_SUFFIX}":
             target = directory / f"{chat_id}{MEMORY_SUFFIX}"
             try:  # the store's first save may have given it the chat's name already
@@ -310,7 +311,7 @@ class Chat(Steering):
             else:
                 os.replace(memory.path, target)
             memory.adopt(target)
-        os.fsync(memory.fd)
+        return os.dup(memory.fd)
 
     def open_memory(self, directory: Path, chat_id: int, state: ChatState, tensors: dict | None,
                     writable: bool = True) -> list[str]:

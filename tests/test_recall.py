@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -336,3 +337,33 @@ def test_kill_9_while_a_memory_block_is_written_loses_no_turn(smollm, tmp_path):
     assert sorted(memory_tokens(memory)) == evicted_tokens(chat.cache)
     say(chat, "What is the pass key?")
     assert chat.occupancy().recall and not memory.damaged
+
+
+def test_autosave_flushes_the_memory_on_its_writing_thread_before_the_save(smollm, monkeypatch):
+    """The fsync of a turn's blocks (milliseconds) is not on the thread that captures the chat between
+    turns; on the writing thread it comes before the state file that counts the blocks."""
+    import threading
+
+    from sinkchat.store import Autosave
+
+    synced: list[tuple[str, str]] = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(
+        (threading.current_thread().name, os.readlink(f"/proc/self/fd/{fd}"))) or real(fd))
+    store = Store()
+    chat = Chat(smollm, Settings(**RECALL))
+    autosave = Autosave(store, chat, chat.settings, None)
+    for text in TURNS[:3]:
+        say(chat, text)
+        captured = autosave.capture(chat)
+        assert synced == []
+        writer = threading.Thread(target=autosave.write, args=(captured,), name="writer")
+        writer.start()
+        writer.join()
+        names = [Path(path).name for thread, path in synced]
+        assert {thread for thread, _ in synced} == {"writer"}
+        memory = [i for i, name in enumerate(names) if name.endswith(".memory") or name.startswith(".memory-")]
+        state = [i for i, name in enumerate(names) if "safetensors" in name]
+        assert state and (memory[0] < state[0] if chat.cache.memory.blocks else not memory), names
+        synced.clear()
+    assert chat.cache.memory.blocks and store.memory_path(autosave.chat_id).is_file()

@@ -51,6 +51,19 @@ def _disk(what: str):
 READ_ONLY = (errno.EROFS, errno.EACCES, errno.EPERM)
 
 
+def flush_memory(fd: int | None) -> None:
+    """fsync a block memory's file from the descriptor :meth:`Store.keep_memory` gave, and close it;
+    :class:`SaveError` when the disk refuses (the save that would count its blocks must not be made)."""
+    if fd is None:
+        return
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        raise SaveError(f"could not keep the memory of forgotten tokens on disk ({reason(exc)})") from None
+    finally:
+        os.close(fd)
+
+
 class Store:
     """The chats in one data dir. One instance per process, used by one thread at a time."""
 
@@ -168,13 +181,20 @@ class Store:
         self.keep_memory(chat, chat_id)
         self.save_state(chat_id, *chat.state(), chat.settings)
 
-    def keep_memory(self, chat, chat_id: int | None) -> None:
-        """With ``--recall``: the chat's block memory file in the state folder, flushed, before a save counts it."""
-        if getattr(chat, "recalls", False):
-            try:
-                chat.keep_memory(private_dir(self.root / "state"), chat_id)
-            except OSError as exc:
-                raise SaveError(f"could not keep the memory of forgotten tokens on disk ({reason(exc)})") from None
+    def keep_memory(self, chat, chat_id: int | None, flush: bool = True) -> int | None:
+        """With ``--recall``: the chat's block memory file in the state folder, flushed (:func:`flush_memory`)
+        before a save counts it; ``flush=False``: a descriptor of the file for the caller to flush, on
+        its saving thread (the fsync of a turn's blocks takes milliseconds), or None."""
+        if not getattr(chat, "recalls", False):
+            return None
+        try:
+            fd = chat.keep_memory(private_dir(self.root / "state"), chat_id)
+        except OSError as exc:
+            raise SaveError(f"could not keep the memory of forgotten tokens on disk ({reason(exc)})") from None
+        if not flush:
+            return fd
+        flush_memory(fd)
+        return None
 
     def _name_memory(self, chat_id: int, meta: dict) -> list[Path]:
         """A new chat's block memory, still under its process's temporary name, gets the chat's own name
@@ -449,17 +469,25 @@ class Autosave:
         if not chat.messages or mark == self.saved or not self.writable or getattr(chat, "busy", False):
             return None  # (a reply still being written is never copied: it is saved once it stops)
         self.saved = mark
-        try:  # the block memory's file goes next to the state files, flushed
-            self.store.keep_memory(chat, self.chat_id)
-        except SaveError as exc:
+        memory = None
+        try:  # the block memory's file goes next to the state files; the writer flushes it
+            memory = self.store.keep_memory(chat, self.chat_id, flush=False)
+        except SaveError as exc:  # the turns are saved all the same (a block lost to it: one notice at resume)
             self.notify(str(exc))
         state, tensors = chat.state()  # copies (one memory copy of the held K/V)
-        return state, {name: t.cpu() for name, t in tensors.items()}  # off a GPU here, so the writer never touches it
+        tensors = {name: t.cpu() for name, t in tensors.items()}  # off a GPU here, so the writer never touches it
+        return state, tensors, memory
 
     def write(self, captured: tuple | None) -> None:
+        """Save what :meth:`capture` took, on the saving thread: the memory's file flushed first, then the
+        save that counts its blocks."""
         if captured is None:
             return
-        state, tensors = captured
+        state, tensors, memory = captured
+        try:
+            flush_memory(memory)
+        except SaveError as exc:  # as above: the turns are saved all the same
+            self.notify(str(exc))
         try:
             if self.chat_id is None:
                 self.chat_id = self.store.create_state(state, tensors, self.settings)
