@@ -127,11 +127,12 @@ def test_a_damaged_block_is_one_notice_and_never_recalled(tmp_path):
     assert fresh.blocks == 0 and len(notices) == 1
 
 
-def recall_run(model, ids, max_positions, recall_at=(80, 130, 150)):
+def recall_run(model, ids, max_positions, recall_at=(80, 130, 150), pinned=None):
     """Stream ``ids`` through a 4 + 40 cache with 96 recall slots in blocks of 32 (a chunk of 8 that
     recalls at each of ``recall_at``, else token by token); record each step's held tokens in slot
-    order (sinks, recalled blocks, window) and the position of the first."""
-    cache = SinkCache(rope_inv_freqs(model), 4, 40, 8, max_positions=max_positions, recall=96, recall_block=32)
+    order (sinks, parked ``pinned`` tokens, recalled blocks, window) and the position of the first."""
+    cache = SinkCache(rope_inv_freqs(model), 4, 40, 8, max_positions=max_positions, pin_max=16 if pinned else 0,
+                      recall=96, recall_block=32)
     contexts, sizes, starts, out, i = [], [], [], [], 0
     recalled = []
     with torch.no_grad():
@@ -141,11 +142,14 @@ def recall_run(model, ids, max_positions, recall_at=(80, 130, 150)):
             if i in recall_at:  # every layer recalls the whole memory (it holds at most 3 blocks)
                 assert 0 < cache.memory.blocks <= 3
             logits = forward(model, cache, ids[i : i + size], pos, keep=0)
+            if pinned and i + size == pinned[1]:
+                cache.pin(*pinned)
             chosen = cache.recalled[0]
             assert all(r == chosen for r in cache.recalled)
             (s0, s1), (w0, w1) = cache.kept()
             back = [t for b in chosen for a, z in cache.memory.spans(b) for t in range(a, z)]
-            contexts.append([t for t in [*range(s0, s1), *back, *range(w0, i)] if t < i])
+            parked = [t for a, z, _ in cache.parked for t in range(a, z)]
+            contexts.append([t for t in [*range(s0, s1), *parked, *back, *range(w0, i)] if t < i])
             starts.append(pos[0, 0].item() - len(contexts[-1]))
             sizes.append(size)
             out.append(logits)
@@ -154,14 +158,17 @@ def recall_run(model, ids, max_positions, recall_at=(80, 130, 150)):
     return cache, contexts, sizes, starts, out, recalled
 
 
-@pytest.mark.parametrize("max_positions", [None, 140])
-def test_recalled_blocks_equal_the_reference_at_contiguous_positions(smollm_f32, max_positions):
+@pytest.mark.parametrize("max_positions, pinned", [(None, None), (140, None), (140, (20, 30))])
+def test_recalled_blocks_equal_the_reference_at_contiguous_positions(smollm_f32, max_positions, pinned):
     """The reference (tests/test_cache.py) keeps every token's K/V as first computed and attends to the
-    given tokens at contiguous positions: sinks, the recalled blocks, the window. The cache brings the
-    blocks back from the memory file and places them before the window, rebased or not."""
+    given tokens at contiguous positions: sinks, parked pinned tokens, the recalled blocks, the window.
+    The cache brings the blocks back from the memory file and places them before the window, rebased
+    or not, after the pinned tokens an eviction parked."""
     model = smollm_f32.model
     ids = text_ids(smollm_f32.tokenizer, 170)
-    cache, contexts, sizes, starts, got, recalled = recall_run(model, ids, max_positions)
+    cache, contexts, sizes, starts, got, recalled = recall_run(model, ids, max_positions, pinned=pinned)
+    if pinned:
+        assert cache.parked and not any(a < pinned[1] and pinned[0] < b for a, b in cache.evictions)
     assert max(recalled) == 96 and recalled[-1] == 96  # 3 blocks recalled by the end, kept while decoding
     assert cache.occupancy().recalled == 96
     if max_positions:
