@@ -53,8 +53,10 @@ def main() -> None:
         for _ in range(args.turns):
             evict(args.turn)
             times.append(fsync())
-        print(f"fsync after a turn that evicted {args.turn} tokens: median {statistics.median(times):.1f} ms "
-              f"(min {min(times):.1f}, max {max(times):.1f}, {args.turns} turns)")
+        print(
+            f"fsync after a turn that evicted {args.turn} tokens: median {statistics.median(times):.1f} ms "
+            f"(min {min(times):.1f}, max {max(times):.1f}, {args.turns} turns)"
+        )
         memory.close()
 
 

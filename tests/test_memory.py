@@ -37,8 +37,14 @@ def ids(a: int, b: int) -> list[int]:
 class RecallMachine(CacheMachine):
     """The cache core's machine with a block memory (``--recall``) in a folder of its own."""
 
-    @initialize(sinks=st.integers(0, 4), window=st.integers(4, 20), block=st.integers(1, 8),
-                pin_share=st.integers(0, 2), spare=st.integers(0, 40), turns=st.booleans())
+    @initialize(
+        sinks=st.integers(0, 4),
+        window=st.integers(4, 20),
+        block=st.integers(1, 8),
+        pin_share=st.integers(0, 2),
+        spare=st.integers(0, 40),
+        turns=st.booleans(),
+    )
     def setup(self, sinks, window, block, pin_share, spare, turns):
         super().setup(sinks, window, block, pin_share, spare, turns)
         self.folder = tempfile.TemporaryDirectory()
@@ -47,9 +53,18 @@ class RecallMachine(CacheMachine):
         self.lost: set[int] = set()  # evicted tokens the memory may lack (none: its file is never damaged here)
 
     def _cache(self, sinks, window, block, pin_max, max_positions, memory=None) -> SinkCache:
-        cache = SinkCache(INV_FREQS, sinks, window, block, max_positions=max_positions + RECALL_BLOCK,
-                          pin_max=pin_max, dtype=self.dtype, recall=RECALL_BLOCK, recall_block=RECALL_BLOCK,
-                          memory=memory)
+        cache = SinkCache(
+            INV_FREQS,
+            sinks,
+            window,
+            block,
+            max_positions=max_positions + RECALL_BLOCK,
+            pin_max=pin_max,
+            dtype=self.dtype,
+            recall=RECALL_BLOCK,
+            recall_block=RECALL_BLOCK,
+            memory=memory,
+        )
         cache.token_ids = ids
         cache.memory.keep_in(Path(self.folder.name))
         return cache
@@ -84,8 +99,18 @@ class RecallMachine(CacheMachine):
         event("window " + ("smaller" if window < old.window else "larger" if window > old.window else "same"))
         self.cache = cache
         cut = self.cut if self.turns else None
-        cache.refill(self._feed, max(1, window // 4), n_sink, parked, start, ref.seen, gaps(parked, n_sink, start), pins, old.evictions,
-                     cut)
+        cache.refill(
+            self._feed,
+            max(1, window // 4),
+            n_sink,
+            parked,
+            start,
+            ref.seen,
+            gaps(parked, n_sink, start),
+            pins,
+            old.evictions,
+            cut,
+        )
         if cache.seen - cache.n_win > start:
             event("fed again what the memory lacked")
         self.marked = None
@@ -126,8 +151,9 @@ class RecallMachine(CacheMachine):
         assert memory.blocks == len(held) // RECALL_BLOCK and memory.damaged == set()
         for j in range(len(INV_FREQS)):
             for b in range(memory.blocks):
-                want = torch.stack([self.values[j][t] for t, _ in zip(held[b * RECALL_BLOCK :], range(RECALL_BLOCK))],
-                                   dim=-2)
+                want = torch.stack(
+                    [self.values[j][t] for t, _ in zip(held[b * RECALL_BLOCK :], range(RECALL_BLOCK))], dim=-2
+                )
                 assert torch.equal(memory.read(j, b)[1], want.to(self.dtype))
             pending = held[memory.blocks * RECALL_BLOCK :]
             if pending:
