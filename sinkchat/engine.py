@@ -18,6 +18,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import suppress
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
@@ -28,6 +29,7 @@ from .errors import SinkchatError
 from .kv import SinkCache
 from .kv.cache import learned_sinks
 from .kv.memory import SUFFIX as MEMORY_SUFFIX
+from .kv.memory import BlockMemory
 from .ledger import ChatState, Message, Occupancy, Span, partial
 from .model import LoadedModel, check_context, forward
 from .model.kernels import kv_dtype
@@ -135,11 +137,14 @@ class Chat(Steering):
         self._logits: torch.Tensor | None = None
         self.device = next(self.model.parameters()).device
 
-    def _new_cache(self, sinks: int, window: int, block: int | None, pin_max: int, dtype) -> SinkCache:
-        """The chat's cache; with ``--recall`` its block memory records each evicted token's id from the ledger."""
+    def _new_cache(self, sinks: int, window: int, block: int | None, pin_max: int, dtype,
+                   memory: BlockMemory | None = None) -> SinkCache:
+        """The chat's cache; with ``--recall`` its block memory (``memory``: one to keep) records each evicted
+        token's id from the ledger."""
         s = self.settings
         cache = SinkCache.for_model(self.model, sinks, window, block, pin_max=pin_max, dtype=dtype, recall=s.recall,
-                                    recall_block=s.recall_block, memory_key=memory_key(self.loaded.fingerprint, dtype))
+                                    recall_block=s.recall_block, memory=memory,
+                                    memory_key=memory_key(self.loaded.fingerprint, dtype))
         cache.token_ids = lambda a, b: self.tokens[a:b]
         return cache
 
@@ -284,33 +289,40 @@ class Chat(Steering):
         """Whether this chat keeps a block memory of what left the window (``--recall``)."""
         return self.cache.memory is not None
 
-    def keep_memory(self, directory: Path, chat_id: int | None) -> None:
+    def keep_memory(self, directory: Path, chat_id: int | None) -> int | None:
         """With ``--recall``: keep the block memory's file in ``directory`` (a store's state folder), named
-        ``<chat_id>.memory`` once the chat has an id, and flushed to disk, before a save counts its blocks."""
+        ``<chat_id>.memory`` once the chat has an id. Returns a descriptor of the file of its own (None:
+        no file yet), which the caller fsyncs before a save counts the blocks, and closes."""
         memory = self.cache.memory
         if memory is None:
-            return
+            return None
         memory.keep_in(directory)
         if memory.fd is None:
-            return
+            return None
         if chat_id is not None and memory.path is not None and memory.path.name != f"{chat_id}{MEMORY_SUFFIX}":
             target = directory / f"{chat_id}{MEMORY_SUFFIX}"
-            os.replace(memory.path, target)
+            try:  # the store's first save may have given it the chat's name already
+                named = os.path.samestat(os.fstat(memory.fd), os.stat(target, follow_symlinks=False))
+            except FileNotFoundError:
+                named = False
+            if named:
+                with suppress(FileNotFoundError):
+                    os.unlink(memory.path)
+            else:
+                os.replace(memory.path, target)
             memory.adopt(target)
-        os.fsync(memory.fd)
+        return os.dup(memory.fd)
 
     def open_memory(self, directory: Path, chat_id: int, state: ChatState, tensors: dict | None,
                     writable: bool = True) -> list[str]:
-        """Continue the saved chat's block memory from its file in ``directory`` (after :meth:`restore`);
-        notices when part of it cannot be used (the chat itself is never lost)."""
+        """Continue the saved chat's block memory from its file in ``directory``, before :meth:`restore`
+        (a cache rebuilt in another geometry then keeps every token it evicts in the memory); notices
+        when part of it cannot be used (the chat itself is never lost)."""
         saved = state.meta.get("memory") or {}
         name = saved.get("file") or f"{chat_id}{MEMORY_SUFFIX}"
         if "/" in name or name.startswith(".."):
             name = f"{chat_id}{MEMORY_SUFFIX}"
-        notices = self.cache.open_memory(directory / name, state.meta, tensors, self.tokens, writable)
-        if self.cache.memory is not None:  # a rebuilt window may hold again what the memory held
-            self.cache.memory.trim(self.cache.evictions, len(self.tokens))
-        return notices
+        return self.cache.open_memory(directory / name, state.meta, tensors, list(state.tokens), writable)
 
     def restore(self, state: ChatState, tensors: dict[str, torch.Tensor] | None) -> list[str]:
         """Continue a saved chat in this fresh one: transcript, ledger, cache counters and KV.
@@ -350,7 +362,8 @@ class Chat(Steering):
                 self.cache.load_state(tensors, state.meta, device=self.device)
             except (KeyError, ValueError, RuntimeError) as exc:  # tensors that do not fit the counters
                 cache = self.cache
-                self.cache = self._new_cache(cache.sinks, cache.window, cache.block, cache.pin_max, cache.dtype)
+                self.cache = self._new_cache(cache.sinks, cache.window, cache.block, cache.pin_max, cache.dtype,
+                                             cache.memory)
                 self.rebuild(state.meta)
                 return [f"the saved KV cache does not fit its ledger ({exc}); rebuilt it from the ledger"]
             if now["block"] != state.meta["block"]:  # the KV does not depend on it: keep it, say so

@@ -10,11 +10,14 @@ place with a real SIGKILL.
 from __future__ import annotations
 
 import os
+import re
 import stat
 from contextlib import suppress
 from pathlib import Path
 
 _fault_counts: dict[str, int] = {}
+MEMORY_TMP = ".memory-{pid}-{token}.tmp"  # a block memory's file until a chat's save adopts it (kv.memory)
+MEMORY_ORPHAN = re.compile(r"\.memory-(\d+)-[0-9a-f]{8}\.tmp")
 
 
 def fault(point: str) -> None:
@@ -118,3 +121,30 @@ def written_bytes() -> int | None:
             return next(int(line.split()[1]) for line in f if line.startswith("wchar:"))
     except (OSError, StopIteration, ValueError):
         return None
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (one of another user counts: it may be writing)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def sweep_memory_orphans(directory: Path) -> list[str]:
+    """Remove the memory files in ``directory`` that a process killed before its store adopted them
+    left behind: ``.memory-<pid>-<random>.tmp`` regular files (never a link, never anything else)
+    whose process is gone. Returns the names removed."""
+    removed = []
+    with suppress(OSError):
+        for entry in os.scandir(directory):
+            match = MEMORY_ORPHAN.fullmatch(entry.name)
+            if match is None or not entry.is_file(follow_symlinks=False) or _alive(int(match[1])):
+                continue
+            with suppress(OSError):
+                os.unlink(entry.path)
+                removed.append(entry.name)
+    return removed

@@ -75,8 +75,8 @@ class Settings:
     pin_max: int | None = setting(None, "Most tokens pinned messages may keep, out of the window "
                                   "[default: a quarter of the window].", check=_range(0, LIMIT))
     recall: int = setting(0, "Slots for tokens recalled from the memory of what left the window (InfLLM-style "
-                          "block retrieval; each user message brings back the blocks that best answer it); "
-                          "0 = off: what leaves the window is forgotten.", check=_range(0, LIMIT))
+                          "block retrieval; each user message brings back the blocks that best answer it; at most the "
+                          "window); 0 = off: what leaves the window is forgotten.", check=_range(0, LIMIT))
     recall_block: int = setting(64, "Tokens per block of that memory (a block is recalled whole).",
                                 check=_range(1, LIMIT))
     keep_system: bool = setting(False, "Pin the whole system prompt: never evicted (counts against --pin-max).")
@@ -194,6 +194,8 @@ def _combined(values: Mapping[str, object]) -> tuple[str, str] | None:
     recall, block = values.get("recall") or 0, values.get("recall_block") or 64
     if recall and recall < block:
         return "recall", f"must hold at least one block of --recall-block {block} (got {recall})"
+    if recall > window:  # recalled tokens would outnumber the recent ones, and cost more per token than the window
+        return "recall", f"must be at most the window, {window} (got {recall})"
     return None
 
 

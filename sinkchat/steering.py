@@ -183,12 +183,12 @@ class Steering:
         """
         cache, seen = self.cache, len(self.tokens)
         pins = [tuple(s) for s in (meta or {}).get("pins", [])]
+        before = [tuple(s) for s in (meta or {}).get("evictions", [])]  # what the saved memory should hold
         if meta and (meta["sinks"], meta["window"]) == (cache.sinks, cache.window) and meta["seen"] == seen:
             parked = run_spans([tuple(r) for r in meta.get("parked", [])])
-            self._refill(meta["n_sink"], parked, seen - meta["n_win"], seen, [tuple(s) for s in meta["evictions"]],
-                         pins)
+            self._refill(meta["n_sink"], parked, seen - meta["n_win"], seen, before, pins, before)
         else:
-            self._refill(*self._fit(seen, pins), seen, pins=pins)
+            self._refill(*self._fit(seen, pins), seen, pins=pins, before=before)
 
     def _fit(self, end: int, pins: list[Span]) -> tuple[int, list[Span], int]:
         """A layout holding tokens before ``end`` in this geometry: ``(n_sink, parked spans, window start)``."""
@@ -216,18 +216,17 @@ class Steering:
 
     @torch.inference_mode()
     def _refill(self, n_sink: int, parked: list[Span], start: int, end: int,
-                evictions: list[Span] | None = None, pins: list[Span] = ()) -> None:
-        """Clear the cache and feed tokens ``[0, n_sink)``, the ``parked`` spans and ``[start, end)``."""
-        cache, tokens = self.cache, self.tokens
+                evictions: list[Span] | None = None, pins: list[Span] = (), before: list[Span] | None = None) -> None:
+        """Clear the cache and feed tokens ``[0, n_sink)``, the ``parked`` spans and ``[start, end)``
+        (:meth:`SinkCache.refill`: with a block memory, what it lacks is fed from its first token on;
+        ``before``: the spans evicted before, default the cache's ledger now)."""
         if evictions is None:
             evictions = gaps(parked, n_sink, start)
-        cache.clear()
-        ids = tokens[:n_sink] + [t for a, b in parked for t in tokens[a:b]] + tokens[start:end]
-        for i in range(0, len(ids), self.chunk):
-            chunk = ids[i : i + self.chunk]
-            positions, _ = cache.reserve(len(chunk))
-            forward(self.model, cache, chunk, positions)
-        cache.adopt(n_sink, parked, end, evictions, list(pins))
+        turns = self.settings.evict == "turns"
+        cut = (lambda t: c if (c := self._cut(t)) is not None and c < end else None) if turns else None
+        tokens = self.tokens
+        feed = lambda held, positions: forward(self.model, self.cache, [tokens[t] for t in held], positions)  # noqa: E731
+        self.cache.refill(feed, self.chunk, n_sink, parked, start, end, evictions, list(pins), before, cut)
 
     # -- --evict turns ---------------------------------------------------------------------------
 

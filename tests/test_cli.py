@@ -82,6 +82,11 @@ def test_learned_positions_are_refused(monkeypatch, capsys, tiny_models):
     assert code == 2 and "learned absolute position embeddings, not RoPE" in err
 
 
+def test_recall_past_the_window_is_refused(monkeypatch, capsys):
+    code, _, err = sinkchat(monkeypatch, capsys, "--plain", "--window", "256", "--recall", "512")
+    assert code == 2 and err.strip() == "sinkchat: error: --recall must be at most the window, 256 (got 512)"
+
+
 def test_folder_without_config_is_refused(monkeypatch, capsys, tmp_path):
     code, _, err = sinkchat(monkeypatch, capsys, "--plain", "--model", str(tmp_path))
     assert code == 2 and "has no config.json" in err

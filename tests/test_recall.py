@@ -4,7 +4,12 @@ recall and not without, and a damaged memory file."""
 
 from __future__ import annotations
 
+import json
 import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_cache import reference_logits, text_ids, worst
 
-from _helpers import say
+from _helpers import ROOT, say
 from sinkchat.engine import Chat
 from sinkchat.kv import SinkCache, rope_inv_freqs
 from sinkchat.kv.memory import FILE_HEADER, BlockMemory, MemoryFileError
@@ -122,11 +127,12 @@ def test_a_damaged_block_is_one_notice_and_never_recalled(tmp_path):
     assert fresh.blocks == 0 and len(notices) == 1
 
 
-def recall_run(model, ids, max_positions, recall_at=(80, 130, 150)):
+def recall_run(model, ids, max_positions, recall_at=(80, 130, 150), pinned=None):
     """Stream ``ids`` through a 4 + 40 cache with 96 recall slots in blocks of 32 (a chunk of 8 that
     recalls at each of ``recall_at``, else token by token); record each step's held tokens in slot
-    order (sinks, recalled blocks, window) and the position of the first."""
-    cache = SinkCache(rope_inv_freqs(model), 4, 40, 8, max_positions=max_positions, recall=96, recall_block=32)
+    order (sinks, parked ``pinned`` tokens, recalled blocks, window) and the position of the first."""
+    cache = SinkCache(rope_inv_freqs(model), 4, 40, 8, max_positions=max_positions, pin_max=16 if pinned else 0,
+                      recall=96, recall_block=32)
     contexts, sizes, starts, out, i = [], [], [], [], 0
     recalled = []
     with torch.no_grad():
@@ -136,11 +142,14 @@ def recall_run(model, ids, max_positions, recall_at=(80, 130, 150)):
             if i in recall_at:  # every layer recalls the whole memory (it holds at most 3 blocks)
                 assert 0 < cache.memory.blocks <= 3
             logits = forward(model, cache, ids[i : i + size], pos, keep=0)
+            if pinned and i + size == pinned[1]:
+                cache.pin(*pinned)
             chosen = cache.recalled[0]
             assert all(r == chosen for r in cache.recalled)
             (s0, s1), (w0, w1) = cache.kept()
             back = [t for b in chosen for a, z in cache.memory.spans(b) for t in range(a, z)]
-            contexts.append([t for t in [*range(s0, s1), *back, *range(w0, i)] if t < i])
+            parked = [t for a, z, _ in cache.parked for t in range(a, z)]
+            contexts.append([t for t in [*range(s0, s1), *parked, *back, *range(w0, i)] if t < i])
             starts.append(pos[0, 0].item() - len(contexts[-1]))
             sizes.append(size)
             out.append(logits)
@@ -149,14 +158,17 @@ def recall_run(model, ids, max_positions, recall_at=(80, 130, 150)):
     return cache, contexts, sizes, starts, out, recalled
 
 
-@pytest.mark.parametrize("max_positions", [None, 140])
-def test_recalled_blocks_equal_the_reference_at_contiguous_positions(smollm_f32, max_positions):
+@pytest.mark.parametrize("max_positions, pinned", [(None, None), (140, None), (140, (20, 30))])
+def test_recalled_blocks_equal_the_reference_at_contiguous_positions(smollm_f32, max_positions, pinned):
     """The reference (tests/test_cache.py) keeps every token's K/V as first computed and attends to the
-    given tokens at contiguous positions: sinks, the recalled blocks, the window. The cache brings the
-    blocks back from the memory file and places them before the window, rebased or not."""
+    given tokens at contiguous positions: sinks, parked pinned tokens, the recalled blocks, the window.
+    The cache brings the blocks back from the memory file and places them before the window, rebased
+    or not, after the pinned tokens an eviction parked."""
     model = smollm_f32.model
     ids = text_ids(smollm_f32.tokenizer, 170)
-    cache, contexts, sizes, starts, got, recalled = recall_run(model, ids, max_positions)
+    cache, contexts, sizes, starts, got, recalled = recall_run(model, ids, max_positions, pinned=pinned)
+    if pinned:
+        assert cache.parked and not any(a < pinned[1] and pinned[0] < b for a, b in cache.evictions)
     assert max(recalled) == 96 and recalled[-1] == 96  # 3 blocks recalled by the end, kept while decoding
     assert cache.occupancy().recalled == 96
     if max_positions:
@@ -234,3 +246,119 @@ def test_a_damaged_memory_file_loses_recall_not_the_chat(smollm):
     assert len(notices) == 1 and "memory file" in notices[0] and "can no longer be recalled" in notices[0]
     assert again.tokens == chat.tokens and again.cache.memory.blocks == 0
     assert say(again, TURNS[3])  # the chat goes on, and new evictions are remembered again
+
+
+def memory_tokens(memory: BlockMemory) -> list[int]:
+    """Every conversation token the memory holds, in blocks (damaged ones too) and pending, in its order."""
+    return [t for runs in [*memory.runs, memory.pending] for t0, t1, _ in runs for t in range(t0, t1)]
+
+
+def evicted_tokens(cache: SinkCache) -> list[int]:
+    return [t for a, b in cache.evictions for t in range(a, b)]
+
+
+@pytest.mark.parametrize("window", [40, 96])
+def test_resume_with_another_window_keeps_every_evicted_token_in_the_memory(smollm, window):
+    """A chat saved with --window 64 and resumed with a smaller or larger one: each token the rebuilt
+    cache does not hold is in the memory exactly once (in a block or waiting for one), on disk too."""
+    store = Store()
+    chat_id, chat = recall_chat(smollm, store, TURNS[:3])
+    store.unlock(chat_id)
+    again = Chat(smollm, chat.settings.replace(window=window))
+    Store(store.root).open(chat_id, again)
+    memory = again.cache.memory
+    assert sorted(memory_tokens(memory)) == evicted_tokens(again.cache)
+    assert memory.blocks == len(evicted_tokens(again.cache)) // memory.block >= 1
+    for b in memory.valid():  # each block reads back from the file
+        memory.read(0, b)
+    say(again, TURNS[3])
+    assert sorted(memory_tokens(memory)) == evicted_tokens(again.cache)
+
+
+def test_a_new_chats_memory_has_the_chats_own_name_from_its_first_save(smollm):
+    """No save names a temporary memory file (one a later start may sweep once its process is gone)."""
+    store = Store()
+    chat = Chat(smollm, Settings(**RECALL))
+    for text in TURNS[:3]:
+        say(chat, text)
+    assert chat.cache.memory.blocks
+    chat_id = store.create(chat, chat.settings)
+    assert store.memory_path(chat_id).is_file() and not list((store.root / "state").glob(".memory-*"))
+    store.save(chat_id, chat)
+    assert store.memory_path(chat_id).is_file() and not list((store.root / "state").glob(".memory-*"))
+
+
+KILLED = """
+import json, sys
+sys.path.insert(0, "tests")
+from _helpers import say
+from sinkchat.engine import Chat
+from sinkchat.model import load
+from sinkchat.settings import Settings
+from sinkchat.store import Store
+settings, turns = Settings(**json.loads(sys.argv[2])), json.loads(sys.argv[3])
+chat, store = Chat(load("smollm2-135m", quant="auto", device="cpu"), settings), Store(sys.argv[1])
+say(chat, turns[0])
+chat_id = store.create(chat, settings)
+print(len(chat.tokens), chat.cache.memory.blocks, flush=True)
+for text in turns[1:]:
+    say(chat, text)
+    store.save(chat_id, chat)
+    print(len(chat.tokens), chat.cache.memory.blocks, flush=True)
+"""
+
+
+def test_kill_9_while_a_memory_block_is_written_loses_no_turn(smollm, tmp_path):
+    """A real SIGKILL half-way through a block record (a turn evicting into the memory), then the next
+    start: every saved turn is there, the memory holds the blocks the last save counted, intact, and
+    the chat goes on recalling from them."""
+    settings = {**RECALL, "window": 48}
+    turns = [*TURNS[:3], "Tell me a long story about the grass.", *TURNS[3:]]
+    proc = subprocess.run([sys.executable, "-c", KILLED, str(tmp_path), json.dumps(settings), json.dumps(turns)],
+                          cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), "SINKCHAT_FAULT": "memory-write@3"},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    saves = [tuple(map(int, line.split())) for line in proc.stdout.split("\n") if line]
+    assert saves and saves[-1][1] >= 1, "the kill should come after a save that counts a block"
+    tokens, blocks = saves[-1]
+    chat = Chat(smollm, Settings(**settings))
+    notices = Store(tmp_path).open(1, chat)
+    assert len(notices) <= 1, notices
+    assert len(chat.tokens) == tokens and chat.cache.memory.blocks == blocks
+    memory = chat.cache.memory
+    assert memory.valid() == list(range(blocks))
+    for b in range(blocks):
+        memory.read(0, b)
+    assert sorted(memory_tokens(memory)) == evicted_tokens(chat.cache)
+    say(chat, "What is the pass key?")
+    assert chat.occupancy().recall and not memory.damaged
+
+
+def test_autosave_flushes_the_memory_on_its_writing_thread_before_the_save(smollm, monkeypatch):
+    """The fsync of a turn's blocks (milliseconds) is not on the thread that captures the chat between
+    turns; on the writing thread it comes before the state file that counts the blocks."""
+    import threading
+
+    from sinkchat.store import Autosave
+
+    synced: list[tuple[str, str]] = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(
+        (threading.current_thread().name, os.readlink(f"/proc/self/fd/{fd}"))) or real(fd))
+    store = Store()
+    chat = Chat(smollm, Settings(**RECALL))
+    autosave = Autosave(store, chat, chat.settings, None)
+    for text in TURNS[:3]:
+        say(chat, text)
+        captured = autosave.capture(chat)
+        assert synced == []
+        writer = threading.Thread(target=autosave.write, args=(captured,), name="writer")
+        writer.start()
+        writer.join()
+        names = [Path(path).name for thread, path in synced]
+        assert {thread for thread, _ in synced} == {"writer"}
+        memory = [i for i, name in enumerate(names) if name.endswith(".memory") or name.startswith(".memory-")]
+        state = [i for i, name in enumerate(names) if "safetensors" in name]
+        assert state and (memory[0] < state[0] if chat.cache.memory.blocks else not memory), names
+        synced.clear()
+    assert chat.cache.memory.blocks and store.memory_path(autosave.chat_id).is_file()

@@ -52,6 +52,8 @@ def test_unknown_config_key_is_a_warning_naming_it():
         ("flags", "pin_max", -1, "--pin-max must be 0 or more (got -1)"),
         ("flags", "pin_max", 1001, "--pin-max must be at most half the window, 1000 (got 1001)"),
         ("config", "pin_max", 1200, "cfg.toml: pin_max must be at most half the window, 1000 (got 1200)"),
+        ("flags", "recall", 2048, "--recall must be at most the window, 2000 (got 2048)"),
+        ("config", "recall", 4096, "cfg.toml: recall must be at most the window, 2000 (got 4096)"),
     ],
 )
 def test_bad_values_name_their_source(layer, key, value, message):
@@ -90,6 +92,14 @@ def test_pin_budget_is_a_quarter_of_the_window_unless_set():
         Settings.resolve({"window": 32}, saved={"pin_max": 32}, saved_source="chat 1's saved settings")
     assert str(caught.value) == ("chat 1's saved settings: pin_max must be at most half the window, 16 (got 32) "
                                  "for --window; give --pin-max too")
+
+
+def test_recall_larger_than_a_resumed_chats_window_names_both_flags():
+    with pytest.raises(SettingError) as caught:
+        Settings.resolve({"window": 64}, saved={"recall": 128}, saved_source="chat 1's saved settings")
+    assert str(caught.value) == ("chat 1's saved settings: recall must be at most the window, 64 (got 128) "
+                                 "for --window; give --recall too")
+    assert Settings.resolve({"window": 64, "recall": 64}, saved={"recall": 128})[0].recall == 64
 
 
 def test_settings_are_frozen_and_checked_on_replace():

@@ -66,7 +66,7 @@ from contextlib import contextmanager
 import torch
 
 from ..errors import SinkchatError
-from ..ledger import Occupancy, Recalled, Span, add_span, covered_by, merge_spans, subtract
+from ..ledger import Occupancy, Recalled, Span, add_span, clip, covered_by, gaps, merge_spans, subtract
 from .layer import LocalLayer, SinkLayer
 from .layout import Run, plan_eviction, run_positions, run_spans, run_tokens
 from .memory import BlockMemory, MemoryFileError, scoring_query
@@ -555,6 +555,39 @@ class SinkCache:
         self.evictions, self.pins, self.checkpoint = merge_spans(list(evictions)), list(pins), None
         if self.memory is not None:  # the window may hold again what the memory held
             self.memory.trim(self.evictions, seen)
+
+    def refill(self, feed: Callable[[list[int], torch.Tensor], None], chunk: int, n_sink: int, parked: list[Span],
+               start: int, end: int, evictions: list[Span], pins: list[Span], before: list[Span] | None = None,
+               cut: Callable[[int], int | None] | None = None) -> None:
+        """Rebuild from the ledger: clear, feed conversation tokens ``[0, n_sink)``, the ``parked`` spans
+        and ``[start, end)`` in chunks of ``chunk``, and :meth:`adopt` them. ``feed(tokens, positions)``
+        runs the model on those conversation tokens at ``positions`` ``[1, n]`` (room already reserved).
+
+        With a block memory every token the layout evicts must be in it once: what the window holds
+        again leaves it, and when it lacks evicted tokens (those the cache held before and a smaller
+        window now evicts) the window opens at the first of them and the rest of the stream is fed
+        through :meth:`reserve` (with ``cut``), whose eviction gives them to the memory; the window
+        then starts where that eviction leaves it. ``before``: the spans evicted before the rebuild
+        (default: the ledger now); those the memory lacks are lost for good (a damaged or missing
+        file, a read-only one) and are not fed again."""
+        last, memory = end, self.memory
+        if memory is not None:
+            before = self.evictions if before is None else before
+            lost = before if not memory.writable else [g for a, b in before for g in gaps(memory.held(), a, b)]
+            replay = memory.reconcile(merge_spans(sorted(evictions)), end, merge_spans(sorted(lost)))
+            if replay < start:  # the window opens at the first token the memory lacks
+                parked, evictions = clip(parked, 0, replay), clip(evictions, 0, replay)
+                start, end = replay, min(end, replay + self.window - sum(b - a for a, b in parked))
+        self.clear()
+        held = [*range(n_sink), *(t for a, b in parked for t in range(a, b)), *range(start, end)]
+        for i in range(0, len(held), chunk):
+            positions, _ = self.reserve(len(held[i : i + chunk]))
+            feed(held[i : i + chunk], positions)
+        self.adopt(n_sink, parked, end, evictions, pins)
+        for i in range(end, last, chunk):  # the stream on from there, evicting into the memory
+            part = list(range(i, min(last, i + chunk)))
+            positions, _ = self.reserve(len(part), cut)
+            feed(part, positions)
 
     # -- persistence (tensors and a small dict; the store decides where they go) ---------------
 

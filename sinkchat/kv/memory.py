@@ -42,8 +42,8 @@ from pathlib import Path
 
 import torch
 
-from ..files import fault
-from ..ledger import Span, covered_by, merge_spans
+from ..files import MEMORY_TMP, fault
+from ..ledger import Span, clip, covered_by, gaps, merge_spans
 from .layout import Run, run_positions, run_tokens, runs_of
 
 MAGIC = b"SINKMEM1"  # the file header's first bytes
@@ -253,7 +253,7 @@ class BlockMemory:
     def _open_new(self) -> None:
         """Create the memory file (named in ``directory``, else anonymous) and write its header."""
         if self.directory is not None:
-            name = f".memory-{os.getpid()}-{secrets.token_hex(4)}.tmp"
+            name = MEMORY_TMP.format(pid=os.getpid(), token=secrets.token_hex(4))
             path = Path(self.directory) / name
             self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
             self.path = path
@@ -430,24 +430,48 @@ class BlockMemory:
         return (ints[:b].tolist(), ints[b : 2 * b].tolist(), ints[2 * b :].tolist(),
                 reps.reshape(g.layers, g.reps, g.kv_heads, g.head_dim))
 
-    def trim(self, evicted: list[Span], end: int) -> None:
-        """Keep the longest prefix of blocks (and of pending tokens) whose tokens are all evicted
-        (inside the sorted ``evicted`` spans) and before token ``end``: after the cache was rebuilt
-        from the ledger, the window may hold again what the memory held."""
-        def fits(runs: list[Run]) -> bool:
-            return all(t1 <= end and covered_by(evicted, t0, t1) == t1 - t0 for t0, t1, _ in runs)
+    def held(self) -> list[Span]:
+        """Every conversation token the memory holds, in blocks and pending, as sorted spans (a block
+        found damaged when the file was opened holds no token it can name)."""
+        return merge_spans(sorted(s for runs in [*self.runs, self.pending] for s in run_spans_of(runs)))
 
-        keep = next((i for i, runs in enumerate(self.runs) if not fits(runs)), self.blocks)
-        if keep < self.blocks:
-            self.truncate(keep, 0)
-            return
-        n = 0
-        for t0, t1, p0 in self.pending:
-            ok = next((t for t in range(t0, t1) if t >= end or covered_by(evicted, t, t + 1) != 1), t1)
-            n += ok - t0
-            if ok < t1:
-                break
-        self._keep_pending(n)
+    def trim(self, evicted: list[Span], end: int) -> None:
+        """Keep the longest prefix of the memory's tokens, in the order they were added, that are all
+        evicted (inside the sorted ``evicted`` spans) and before token ``end``; a block cut in the
+        middle gives its first tokens back as pending ones (read from the file: lost, with the damaged
+        block's notice, if it fails its checksums). After the cache was rebuilt from the ledger the
+        window may hold again what the memory held."""
+        kept = 0
+        for runs in [*self.runs, self.pending]:
+            for t0, t1, _ in runs:
+                ok = t1 if t1 <= end and covered_by(evicted, t0, t1) == t1 - t0 else next(
+                    t for t in range(t0, t1) if t >= end or covered_by(evicted, t, t + 1) != 1)
+                kept += ok - t0
+                if ok < t1:
+                    break
+            else:
+                continue
+            break
+        if kept >= self.blocks * self.block:
+            self._keep_pending(kept - self.blocks * self.block)
+        else:
+            self.truncate(kept // self.block, kept % self.block)
+
+    def reconcile(self, evicted: list[Span], end: int, lost: list[Span]) -> int:
+        """After a rebuild of the cache that holds tokens before ``end`` and has evicted the sorted
+        ``evicted`` spans: forget what the window holds again, and return the first token from which
+        the rebuild must feed the stream through the cache's own eviction so that the memory holds
+        every evicted token once (``end``: nothing to feed). The memory then holds evicted tokens
+        before it only. ``lost``: evicted tokens whose K/V are gone for good (a damaged or missing
+        file, a read-only one), never fed again."""
+        start = end
+        while True:
+            self.trim(clip(evicted, 0, start), start)
+            known = merge_spans(sorted(self.held() + lost))
+            first = next((g[0] for a, b in evicted for g in gaps(known, a, b)), end)
+            if first >= start:
+                return start
+            start = first
 
     # -- saving and opening ------------------------------------------------------------------------
 
@@ -488,7 +512,7 @@ class BlockMemory:
             runs = self._read_tokens(index, ledger)
             if runs is None:
                 bad.append(index)
-                runs = [(0, self.block, 0)]  # a placeholder: the block is damaged, never recalled
+                runs = []  # its tokens are unknown: the block is damaged, never recalled
                 self.damaged.add(index)
             self.runs.append(runs)
         if bad:

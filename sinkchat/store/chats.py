@@ -22,7 +22,7 @@ from pathlib import Path
 
 from .. import config
 from ..errors import SinkchatError
-from ..files import fault, make_private, private_dir, reason, written_bytes
+from ..files import MEMORY_ORPHAN, fault, make_private, private_dir, reason, sweep_memory_orphans, written_bytes
 from ..ledger import ChatState, state_problem
 from ..settings import Settings
 from ..text import valid
@@ -49,6 +49,19 @@ def _disk(what: str):
 
 
 READ_ONLY = (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def flush_memory(fd: int | None) -> None:
+    """fsync a block memory's file from the descriptor :meth:`Store.keep_memory` gave, and close it;
+    :class:`SaveError` when the disk refuses (the save that would count its blocks must not be made)."""
+    if fd is None:
+        return
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        raise SaveError(f"could not keep the memory of forgotten tokens on disk ({reason(exc)})") from None
+    finally:
+        os.close(fd)
 
 
 class Store:
@@ -117,6 +130,7 @@ class Store:
         for tmp in (self.root / "state").glob(f".{chat_id}.*.tmp"):
             with suppress(OSError):
                 tmp.unlink()
+        sweep_memory_orphans(self.root / "state")  # block memories of killed processes, never adopted by a chat
 
     def _prune(self, chat_id: int) -> None:
         """Remove the chat's segment files (after a new base made them garbage, or with the chat)."""
@@ -167,13 +181,36 @@ class Store:
         self.keep_memory(chat, chat_id)
         self.save_state(chat_id, *chat.state(), chat.settings)
 
-    def keep_memory(self, chat, chat_id: int | None) -> None:
-        """With ``--recall``: the chat's block memory file in the state folder, flushed, before a save counts it."""
-        if getattr(chat, "recalls", False):
-            try:
-                chat.keep_memory(private_dir(self.root / "state"), chat_id)
-            except OSError as exc:
-                raise SaveError(f"could not keep the memory of forgotten tokens on disk ({reason(exc)})") from None
+    def keep_memory(self, chat, chat_id: int | None, flush: bool = True) -> int | None:
+        """With ``--recall``: the chat's block memory file in the state folder, flushed (:func:`flush_memory`)
+        before a save counts it; ``flush=False``: a descriptor of the file for the caller to flush, on
+        its saving thread (the fsync of a turn's blocks takes milliseconds), or None."""
+        if not getattr(chat, "recalls", False):
+            return None
+        try:
+            fd = chat.keep_memory(private_dir(self.root / "state"), chat_id)
+        except OSError as exc:
+            raise SaveError(f"could not keep the memory of forgotten tokens on disk ({reason(exc)})") from None
+        if not flush:
+            return fd
+        flush_memory(fd)
+        return None
+
+    def _name_memory(self, chat_id: int, meta: dict) -> list[Path]:
+        """A new chat's block memory, still under its process's temporary name, gets the chat's own name
+        too (a hard link), and ``meta`` names that one, so no save ever names a temporary file (which
+        :func:`~sinkchat.files.sweep_memory_orphans` may remove once its process is gone). Returns the
+        temporary name, to unlink once the chat is committed."""
+        saved = meta.get("memory") or {}
+        name = saved.get("file")
+        if not name or not MEMORY_ORPHAN.fullmatch(name):
+            return []
+        tmp, target = self.root / "state" / name, self.memory_path(chat_id)
+        with suppress(FileNotFoundError):
+            target.unlink()  # (left by a create whose transaction failed)
+        os.link(tmp, target, follow_symlinks=False)
+        saved["file"] = target.name
+        return [tmp]
 
     def create_state(self, state: ChatState, tensors: dict, settings: Settings, title: str | None = None) -> int:
         """:meth:`create` from what :meth:`Chat.state` returned (a copy taken while the chat was idle).
@@ -189,10 +226,12 @@ class Store:
             title = " ".join(first.split())[:60]
         snap = Snapshot.of(state, settings.saved(), 1)
         made: list[int] = []
+        linked: list[Path] = []
 
         def first_save(chat_id: int) -> Snapshot:
             made.append(chat_id)
             self.locks.lock(chat_id)
+            linked.extend(self._name_memory(chat_id, snap.meta))
             return snap
 
         try:
@@ -201,7 +240,13 @@ class Store:
             for chat_id in made:  # no row was committed: its lock file goes too
                 with suppress(OSError):
                     self.locks.remove(chat_id)
+                if linked:
+                    with suppress(OSError):
+                        self.memory_path(chat_id).unlink()
             raise SaveError(f"could not save the chat ({reason(exc)}); it goes on in memory only") from None
+        for tmp in linked:  # the memory is the chat's by its own name now (the process keeps it open)
+            with suppress(OSError):
+                tmp.unlink()
         fault("ledger-committed")
         self._write_kv(chat_id, None, snap, tensors, fresh=True)
         return chat_id
@@ -377,10 +422,11 @@ class Store:
                 notices.append(f"chat {chat_id}: {why}; restored them from the state file")
             elif why:
                 notices.append(f"chat {chat_id}: {why}; rebuilt the KV cache from the ledger's sink and window tokens")
+            if hasattr(chat, "open_memory"):  # with --recall: the block memory of what left the window, first,
+                # so that a cache rebuilt in another geometry keeps in it every token it evicts
+                notices += on_model(chat.open_memory, self.root / "state", chat_id, snap, tensors, not read_only)
             restored = on_model(chat.restore, snap, tensors)
             notices += restored
-            if hasattr(chat, "open_memory"):  # with --recall: the block memory of what left the window
-                notices += on_model(chat.open_memory, self.root / "state", chat_id, snap, tensors, not read_only)
             if rows_behind and not read_only:
                 try:  # repair the rows from the state file, so the next save starts from them
                     self.db.write(chat_id, snap, {}, 0)
@@ -423,17 +469,25 @@ class Autosave:
         if not chat.messages or mark == self.saved or not self.writable or getattr(chat, "busy", False):
             return None  # (a reply still being written is never copied: it is saved once it stops)
         self.saved = mark
-        try:  # the block memory's file goes next to the state files, flushed
-            self.store.keep_memory(chat, self.chat_id)
-        except SaveError as exc:
+        memory = None
+        try:  # the block memory's file goes next to the state files; the writer flushes it
+            memory = self.store.keep_memory(chat, self.chat_id, flush=False)
+        except SaveError as exc:  # the turns are saved all the same (a block lost to it: one notice at resume)
             self.notify(str(exc))
         state, tensors = chat.state()  # copies (one memory copy of the held K/V)
-        return state, {name: t.cpu() for name, t in tensors.items()}  # off a GPU here, so the writer never touches it
+        tensors = {name: t.cpu() for name, t in tensors.items()}  # off a GPU here, so the writer never touches it
+        return state, tensors, memory
 
     def write(self, captured: tuple | None) -> None:
+        """Save what :meth:`capture` took, on the saving thread: the memory's file flushed first, then the
+        save that counts its blocks."""
         if captured is None:
             return
-        state, tensors = captured
+        state, tensors, memory = captured
+        try:
+            flush_memory(memory)
+        except SaveError as exc:  # as above: the turns are saved all the same
+            self.notify(str(exc))
         try:
             if self.chat_id is None:
                 self.chat_id = self.store.create_state(state, tensors, self.settings)
