@@ -20,13 +20,14 @@ class Stream:
         self.device = next(model.parameters()).device
 
     @torch.inference_mode()
-    def forward(self, ids: list[int], keep: int = 0) -> torch.Tensor:
-        """Logits ``[n or keep, vocab]`` for the new tokens; ``keep=0`` keeps every position."""
+    def forward(self, ids: list[int], keep: int = 0, candidates: int = 0) -> torch.Tensor:
+        """Logits ``[n or keep, vocab]`` for the new tokens; ``keep=0`` keeps every position;
+        ``candidates``: a decode step's, as the chat's sampler asks (:func:`~sinkchat.model.forward`)."""
         if isinstance(self.cache, SinkCache):
             positions, _ = self.cache.reserve(len(ids))
         else:
             positions = torch.arange(self.seen, self.seen + len(ids), device=self.device).unsqueeze(0)
-        logits = forward(self.model, self.cache, ids, positions, keep)
+        logits = forward(self.model, self.cache, ids, positions, keep, candidates)
         self.seen += len(ids)
         return logits
 
