@@ -5,7 +5,7 @@ step's worth of that type), on each candidate kernel: int4 g32 from the file's c
 the int8 planes (5 and 8 bits, :class:`sinkchat.model.blockkernels.Int8Planes`), a float16 and a
 bfloat16 copy of the file's values, and int4 re-quantization (what ``--quant 4bit`` does) for reference;
 for the output head also the decode step's candidate head (:mod:`sinkchat.model.head`: int4 scores,
-the best 64 or 200 computed again in float16, whose logits are the float16 head's).
+the best 64 or 400 computed again in float16, whose logits are the float16 head's).
 Rounds alternate between candidates; the medians are printed with each candidate's weight error
 against the file's values (relative Frobenius norm). The output head (tied embeddings) is its own row.
 
@@ -45,7 +45,7 @@ def candidates(file: GGUFFile, name: str, head: bool = False) -> dict[str, nn.Mo
     out["fp16"] = quant.HalfLinear(weight, torch.float16)
     out["bf16"] = quant.HalfLinear(weight, torch.bfloat16)
     if head and int4_fits(*stored.shape):
-        for count in (64, 200):  # greedy; top_k 50
+        for count in (64, 400):  # greedy; top_k 50
             out[f"int4 + exact {count}"] = functools.partial(CandidateHead(out["fp16"]), candidates=count)
     return out
 

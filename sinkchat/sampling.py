@@ -15,7 +15,7 @@ from .settings import Settings
 
 REPEAT_LAST_N = 256  # generated tokens the repetition penalty looks back over (llama.cpp's repeat_last_n)
 MIN_CANDIDATES = 64  # the fewest most likely tokens a decode step's exact logits cover (sinkchat.model.head)
-CANDIDATES_PER_TOP_K = 4
+CANDIDATES_PER_TOP_K = 8  # the bundled model needed up to 145 int4-ranked tokens to hold the exact top 50 (README)
 
 
 class Sampler:

@@ -25,7 +25,7 @@ for depth in map(int, args["-d"].split(",")):
                      "n_depth": depth, "avg_ts": ts, "stddev_ts": 1.0, "type_k": "f16"}})
 print(json.dumps(rows, indent=2))
 with open(sys.argv[0] + ".runs", "a") as log:  # one line a run, for the tests that count them
-    log.write("run\n")
+    log.write("run\\n")
 '''
 
 
@@ -86,6 +86,6 @@ def test_rounds_alternate_and_the_medians_are_compared(fake_llama_bench):
         assert doc["sinkchat"][key] == pytest.approx((ours[0] + ours[1]) / 2)  # the median of two
         assert doc["ratio"][key] == pytest.approx(doc["sinkchat"][key] / doc["llama.cpp"][key])
     assert len(doc["llama_bench_raw"]) == 2 * 4  # both rounds' rows: pp and tg at depths 0 and 64
-    assert doc["candidates"] == 200  # decoded as the chat samples by default (top_k 50)
+    assert doc["candidates"] == 400  # decoded as the chat samples by default (top_k 50)
     r = run_cli("bench", "peer", "--llama-bench", str(fake_llama_bench), "--rounds", "0")
     assert r.returncode == 2 and r.stderr == "sinkchat: error: --rounds must be 1 or more (got 0)\n"

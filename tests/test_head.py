@@ -42,7 +42,7 @@ def full_head(monkeypatch, loaded) -> None:
 
 def test_greedy_and_sampled_replies_are_the_whole_heads(smollm, monkeypatch):
     """A few hundred decode steps from several prompts: greedy (64 candidates) and seeded sampling at
-    the default top_k 50 (200 candidates) give the same tokens as the whole float16 head."""
+    the default top_k 50 (400 candidates) give the same tokens as the whole float16 head."""
     assert isinstance(smollm.fast.candidate_head, CandidateHead)
     greedy, sampled = replies(smollm, GREEDY), replies(smollm, SAMPLED)
     assert sum(len(c.tokens) - c.messages[-1].start for c in greedy) >= 300
@@ -64,10 +64,10 @@ def decode_both(loaded, ids: list[int], start: int, candidates: int):
 
 
 def test_candidates_hold_the_exact_top_k_at_every_step(smollm):
-    """Over the greedy replies to several prompts: at every decode step the candidates (200 for top_k
+    """Over the greedy replies to several prompts: at every decode step the candidates (400 for top_k
     50) hold the whole head's top 50, and their logits are the whole head's, bit for bit."""
     candidates = Sampler(Settings()).candidates()
-    assert candidates == 200
+    assert candidates == 400
     steps = 0
     for chat in replies(smollm, GREEDY, max_new_tokens=100):
         start = chat.messages[-1].start

@@ -136,12 +136,13 @@ def sinkchat_ppl(loaded, ids: list[int], ctx: int, chunks: int, progress) -> dic
     return {"ppl": run.ppl(), "chunks": running, "bos": bos is not None}
 
 
-def alternate(ours, theirs, rounds: int) -> list[dict]:
+def alternate(ours, theirs, rounds: int, first: dict) -> list[dict]:
     """``rounds`` rounds of ``theirs()`` and ``ours()`` (each a dict of figures), llama.cpp first in even
-    rounds and sinkchat first in odd ones: ``[{"sinkchat": ..., "llama.cpp": ...}, ...]``."""
+    rounds and sinkchat first in odd ones: ``[{"sinkchat": ..., "llama.cpp": ...}, ...]``. ``first``:
+    llama.cpp's figures of round 0, run before the model loaded (so a broken binary fails at once)."""
     out = []
     for r in range(rounds):
-        sides = [("llama.cpp", theirs), ("sinkchat", ours)]
+        sides = [("llama.cpp", theirs if r else lambda: first), ("sinkchat", ours)]
         out.append({name: run() for name, run in (sides if r % 2 == 0 else sides[::-1])})
     return out
 

@@ -108,6 +108,8 @@ def peer(
     from ..sampling import Sampler
 
     depth, threads = s.sinks + s.window, torch.get_num_threads()
+    llama = lambda: measure_peer.run_llama_bench(binary, source.ref, threads, depth, repetitions=repetitions)  # noqa: E731
+    first = llama()
     loaded = load(s, as_json)
     info = machine(loaded)
     ids = bench.text_ids(loaded.tokenizer, bench.default_text(), max(512, depth + steps + 1))
@@ -115,7 +117,7 @@ def peer(
     per_round = measure_peer.alternate(
         lambda: measure_peer.sinkchat_figures(loaded, s.sinks, s.window, ids, steps=steps, repetitions=repetitions,
                                               candidates=candidates),
-        lambda: measure_peer.run_llama_bench(binary, source.ref, threads, depth, repetitions=repetitions), rounds)
+        llama, rounds, first)
     ours, theirs = measure_peer.medians(per_round)
     rows = [{side: {k: v for k, v in figures.items() if k != "raw"} for side, figures in r.items()}
             for r in per_round]
