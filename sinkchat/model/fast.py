@@ -288,6 +288,7 @@ class FastModel:
 
     def _compiled_step(self, token: int, positions: torch.Tensor, cache, candidates: int = 0) -> torch.Tensor:
         device = self.norm.device
+        candidates = candidates if self.candidate_head is not None else 0  # no new graph for a head that ignores it
         slots = [cache.sink_layers[0].length, cache.local_length]
         args = (torch.tensor([token], device=device), positions.reshape(1).to(device),
                 torch.tensor(slots, device=device), [(cl.keys, cl.values) for cl in cache.layers])
