@@ -3,7 +3,9 @@
 For each block type in the file, all its matrices are run one after another with one token (a decode
 step's worth of that type), on each candidate kernel: int4 g32 from the file's codes (4-bit types),
 the int8 planes (5 and 8 bits, :class:`sinkchat.model.blockkernels.Int8Planes`), a float16 and a
-bfloat16 copy of the file's values, and int4 re-quantization (what ``--quant 4bit`` does) for reference.
+bfloat16 copy of the file's values, and int4 re-quantization (what ``--quant 4bit`` does) for reference;
+for the output head also the decode step's candidate head (:mod:`sinkchat.model.head`: int4 scores,
+the best 64 or 400 computed again in float16, whose logits are the float16 head's).
 Rounds alternate between candidates; the medians are printed with each candidate's weight error
 against the file's values (relative Frobenius norm). The output head (tied embeddings) is its own row.
 
@@ -14,6 +16,7 @@ against the file's values (relative Frobenius norm). The output head (tied embed
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 from collections.abc import Callable
@@ -23,9 +26,10 @@ from torch import nn
 
 from sinkchat.model import blockkernels, quant
 from sinkchat.model.gguf import EIGHT, FOUR, GGUFFile, int4_fits
+from sinkchat.model.head import CandidateHead
 
 
-def candidates(file: GGUFFile, name: str) -> dict[str, nn.Module]:
+def candidates(file: GGUFFile, name: str, head: bool = False) -> dict[str, nn.Module]:
     stored = file.tensors[name]
     weight = torch.from_numpy(file.dequantized(name).copy())
     linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
@@ -40,6 +44,9 @@ def candidates(file: GGUFFile, name: str) -> dict[str, nn.Module]:
             out["int4 re-quantized"] = quant.Int4Linear(*quant.quantize_int4(weight), None, weight.shape[1])
     out["fp16"] = quant.HalfLinear(weight, torch.float16)
     out["bf16"] = quant.HalfLinear(weight, torch.bfloat16)
+    if head and int4_fits(*stored.shape):
+        for count in (64, 400):  # greedy; top_k 50
+            out[f"int4 + exact {count}"] = functools.partial(CandidateHead(out["fp16"]), candidates=count)
     return out
 
 
@@ -61,6 +68,8 @@ def alternate(runs: dict[str, Callable[[], object]], rounds: int, clock=time.per
 
 
 def error(module: nn.Module, weight: torch.Tensor) -> float:
+    if isinstance(module, functools.partial):  # the candidate head: its logits are the float16 head's
+        module = module.func.exact
     return ((blockkernels.float_weight(module) - weight).norm() / weight.norm()).item()
 
 
@@ -86,7 +95,7 @@ def main() -> None:
     print(f"{'block type':<12} {'tensors':>7}  {'kernel':<18} {'ms a token':>10} {'x fastest':>9} {'weight error':>12}")
     with torch.inference_mode():
         for group, names in groups.items():
-            mods = [candidates(file, n) for n in names]
+            mods = [candidates(file, n, n == head) for n in names]
             weights = [torch.from_numpy(file.dequantized(n).copy()) for n in names]
             xs = [torch.randn(1, w.shape[1]) for w in weights]
             runs = {k: (lambda k=k: [m[k](x) for m, x in zip(mods, xs)]) for k in mods[0]}

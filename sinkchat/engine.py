@@ -378,14 +378,15 @@ class Chat(Steering):
     # -- internals ------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def _forward(self, ids: list[int]) -> Iterator[Event]:
+    def _forward(self, ids: list[int], candidates: int = 0) -> Iterator[Event]:
         """One step of the last message: reserve cache room, run the model, record the tokens. A failing
         model call gives the room back, so the cache never holds more than the recorded tokens; the
-        evictions are announced only once the step is recorded."""
+        evictions are announced only once the step is recorded. ``candidates``: see
+        :func:`~sinkchat.model.forward` (a decode step's, from the sampler)."""
         positions, spans = self.cache.reserve(len(ids), self._cut if self.settings.evict == "turns" else None,
                                               recall=self._recalling)
         try:
-            logits = forward(self.model, self.cache, ids, positions)
+            logits = forward(self.model, self.cache, ids, positions, candidates=candidates)
         except BaseException:
             self.cache.cancel(len(ids))
             raise
@@ -416,7 +417,7 @@ class Chat(Steering):
                 if tok in self.stop_ids:
                     reason = "end"
                     break
-                yield from self._forward([tok])
+                yield from self._forward([tok], self.sampler.candidates())
                 generated += 1
                 delta = stream.push(tok)
                 self._update(content=stream.emitted)

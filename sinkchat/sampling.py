@@ -14,6 +14,8 @@ from .errors import SinkchatError
 from .settings import Settings
 
 REPEAT_LAST_N = 256  # generated tokens the repetition penalty looks back over (llama.cpp's repeat_last_n)
+MIN_CANDIDATES = 64  # the fewest most likely tokens a decode step's exact logits cover (sinkchat.model.head)
+CANDIDATES_PER_TOP_K = 8  # the bundled model needed up to 145 int4-ranked tokens to hold the exact top 50 (README)
 
 
 class Sampler:
@@ -27,6 +29,18 @@ class Sampler:
             self.generator.manual_seed(settings.seed)
         else:
             self.generator.seed()
+
+    def candidates(self) -> int:
+        """How many of the most likely tokens a decode step must give exact logits for, the rest
+        free to be -inf (:mod:`sinkchat.model.head`): :data:`MIN_CANDIDATES` for greedy, else
+        :data:`CANDIDATES_PER_TOP_K` times ``top_k`` (at least that); 0 (every logit) without top-k,
+        or with a repetition penalty below 1, which can lift a token from anywhere into the top k."""
+        p = self.params
+        if p.temperature <= 0:
+            return MIN_CANDIDATES
+        if p.top_k <= 0 or p.repetition_penalty < 1:
+            return 0
+        return max(MIN_CANDIDATES, CANDIDATES_PER_TOP_K * p.top_k)
 
     def __call__(self, logits: torch.Tensor, recent: list[int]) -> int:
         """One token id from ``logits`` ``[vocab]``: the argmax at temperature 0, else a draw in which

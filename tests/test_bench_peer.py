@@ -24,6 +24,8 @@ for depth in map(int, args["-d"].split(",")):
         rows.append({{"model_filename": args["-m"], "n_threads": threads, "n_prompt": n_prompt, "n_gen": n_gen,
                      "n_depth": depth, "avg_ts": ts, "stddev_ts": 1.0, "type_k": "f16"}})
 print(json.dumps(rows, indent=2))
+with open(sys.argv[0] + ".runs", "a") as log:  # one line a run, for the tests that count them
+    log.write("run\\n")
 '''
 
 
@@ -68,3 +70,22 @@ def test_a_failing_llama_bench_is_one_line(tmp_path, fake_llama_bench):
     r = run_cli("bench", "peer", "--llama-bench", str(fake_llama_bench), "--model", "./some.gguf")
     assert r.returncode == 2 and "no such GGUF file" in r.stderr
     assert os.access(fake_llama_bench, os.X_OK)
+
+
+@pytest.mark.model
+def test_rounds_alternate_and_the_medians_are_compared(fake_llama_bench):
+    r = run_cli("bench", "peer", "--llama-bench", str(fake_llama_bench), "--window", "60", "--steps", "4",
+                "--repetitions", "1", "--rounds", "2", "--json")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert (fake_llama_bench.parent / "llama-bench.runs").read_text().count("run") == 2
+    rounds = doc["rounds"]
+    assert len(rounds) == 2 and all(set(r) == {"sinkchat", "llama.cpp"} for r in rounds)
+    for key in ("pp", "tg"):
+        ours = sorted(r["sinkchat"][key] for r in rounds)
+        assert doc["sinkchat"][key] == pytest.approx((ours[0] + ours[1]) / 2)  # the median of two
+        assert doc["ratio"][key] == pytest.approx(doc["sinkchat"][key] / doc["llama.cpp"][key])
+    assert len(doc["llama_bench_raw"]) == 2 * 4  # both rounds' rows: pp and tg at depths 0 and 64
+    assert doc["candidates"] == 400  # decoded as the chat samples by default (top_k 50)
+    r = run_cli("bench", "peer", "--llama-bench", str(fake_llama_bench), "--rounds", "0")
+    assert r.returncode == 2 and r.stderr == "sinkchat: error: --rounds must be 1 or more (got 0)\n"

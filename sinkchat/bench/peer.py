@@ -7,7 +7,10 @@ llama.cpp is what a user of a local chat would otherwise run; its ``llama-bench`
 processing (``pp``: tokens/s for a prompt of ``-p`` tokens) and text generation (``tg``: tokens/s for
 ``-n`` tokens generated after ``-d`` tokens already in the KV cache). sinkchat is measured the same
 way through its own cache and engine: a 512-token message prefilled in the chat's chunks, and single
-tokens decoded at the position where the sink cache is full (``sinks + window``).
+tokens decoded at the position where the sink cache is full (``sinks + window``), with the output head
+the chat's sampler settings ask for (:mod:`sinkchat.model.head`). Each side runs ``rounds`` times,
+alternating (llama.cpp first in even rounds, sinkchat first in odd ones), and the medians are compared,
+so that a slow minute of a shared machine does not decide the ratio.
 """
 
 from __future__ import annotations
@@ -69,8 +72,9 @@ def run_llama_bench(binary: Path, gguf: str, threads: int, depth: int, prompt: i
 
 
 def sinkchat_figures(loaded, sinks: int, window: int, ids: list[int], prompt: int = 512, steps: int = 64,
-                     repetitions: int = 3) -> dict:
-    """sinkchat's figures on the same terms: ``{"pp": tokens/s, "tg": tokens/s at sinks + window}``."""
+                     repetitions: int = 3, candidates: int = 0) -> dict:
+    """sinkchat's figures on the same terms: ``{"pp": tokens/s, "tg": tokens/s at sinks + window}``;
+    ``candidates``: the decode steps' (:meth:`~sinkchat.sampling.Sampler.candidates`)."""
     from ..engine import prefill_chunk
     from ..kv import SinkCache
     from .stream import Stream
@@ -90,7 +94,7 @@ def sinkchat_figures(loaded, sinks: int, window: int, ids: list[int], prompt: in
     steps_ms = []
     for k in range(steps):
         t0 = time.perf_counter()
-        stream.forward([ids[depth + k]], keep=1)
+        stream.forward([ids[depth + k]], keep=1, candidates=candidates)
         steps_ms.append(1000 * (time.perf_counter() - t0))
     return {"pp": prompt / statistics.median(times), "tg": 1000 / statistics.median(steps_ms)}
 
@@ -130,6 +134,30 @@ def sinkchat_ppl(loaded, ids: list[int], ctx: int, chunks: int, progress) -> dic
     ppl_chunks(run, loaded.model, cut, progress("ppl dense (llama.cpp chunks)", chunks * (ctx - 1 - ctx // 2)))
     running = [run.ppl({p for p, _ in run.scored if p < (i + 1) * ctx}) for i in range(chunks)]
     return {"ppl": run.ppl(), "chunks": running, "bos": bos is not None}
+
+
+def alternate(ours, theirs, rounds: int, first: dict) -> list[dict]:
+    """``rounds`` rounds of ``theirs()`` and ``ours()`` (each a dict of figures), llama.cpp first in even
+    rounds and sinkchat first in odd ones: ``[{"sinkchat": ..., "llama.cpp": ...}, ...]``. ``first``:
+    llama.cpp's figures of round 0, run before the model loaded (so a broken binary fails at once)."""
+    out = []
+    for r in range(rounds):
+        sides = [("llama.cpp", theirs if r else lambda: first), ("sinkchat", ours)]
+        out.append({name: run() for name, run in (sides if r % 2 == 0 else sides[::-1])})
+    return out
+
+
+def medians(rounds: list[dict]) -> tuple[dict, dict]:
+    """Each side's median of each figure over ``rounds`` (:func:`alternate`); llama.cpp's ``raw`` rows
+    of every round, end to end."""
+    def median(side: str) -> dict:
+        keys = [k for k in rounds[0][side] if k != "raw"]
+        return {k: statistics.median(r[side][k] for r in rounds) for k in keys}
+
+    theirs = median("llama.cpp")
+    if "raw" in rounds[0]["llama.cpp"]:
+        theirs["raw"] = [row for r in rounds for row in r["llama.cpp"]["raw"]]
+    return median("sinkchat"), theirs
 
 
 def report(ours: dict, theirs: dict, extra: dict) -> dict:

@@ -23,15 +23,16 @@ class Stream:
             cache.token_ids = lambda a, b: self.ids[a:b]
 
     @torch.inference_mode()
-    def forward(self, ids: list[int], keep: int = 0, recall: bool = False) -> torch.Tensor:
+    def forward(self, ids: list[int], keep: int = 0, recall: bool = False, candidates: int = 0) -> torch.Tensor:
         """Logits ``[n or keep, vocab]`` for the new tokens; ``keep=0`` keeps every position; ``recall``:
-        this forward recalls blocks from a SinkCache's memory, as a chunk of a user message does."""
+        this forward recalls blocks from a SinkCache's memory, as a chunk of a user message does;
+        ``candidates``: a decode step's, as the chat's sampler asks (:func:`~sinkchat.model.forward`)."""
         self.ids.extend(ids)
         if isinstance(self.cache, SinkCache):
             positions, _ = self.cache.reserve(len(ids), recall=recall)
         else:
             positions = torch.arange(self.seen, self.seen + len(ids), device=self.device).unsqueeze(0)
-        logits = forward(self.model, self.cache, ids, positions, keep)
+        logits = forward(self.model, self.cache, ids, positions, keep, candidates)
         self.seen += len(ids)
         return logits
 

@@ -74,6 +74,7 @@ def peer(
     window: int = typer.Option(None, "--window", "-w", help=help_for("window"), show_default=False),
     steps: int = typer.Option(64, help="Decode steps timed where the cache is full."),
     repetitions: int = typer.Option(3, help="Repetitions of each llama-bench test and of sinkchat's prefill."),
+    rounds: int = typer.Option(3, "--rounds", help="Alternating runs of each side; the medians are compared."),
     ppl: bool = typer.Option(False, "--ppl", help="Compare perplexity instead of speed: sinkchat's dense "
                              "perplexity and llama.cpp's llama-perplexity on the same file, text and chunks."),
     llama_perplexity: str = typer.Option(None, "--llama-perplexity",
@@ -85,7 +86,8 @@ def peer(
     kv_dtype: str = KV_DTYPE, as_json: bool = JSON,
 ) -> None:
     """sinkchat against llama.cpp's llama-bench on the same GGUF file, threads and depth: prompt
-    tokens/s for a 512-token message, and decode tokens/s where the sink cache is full. With --ppl,
+    tokens/s for a 512-token message, and decode tokens/s where the sink cache is full (decoded as the
+    chat samples with these settings), medians of --rounds alternating runs of each. With --ppl,
     perplexity against llama-perplexity instead: the same file, text, context and BOS, both numbers and
     their ratio.
 
@@ -97,7 +99,7 @@ def peer(
     from ..bench import peer as measure_peer
     from ..model import resolve
 
-    check_positive(steps=steps, repetitions=repetitions, ctx=ctx, chunks=chunks)
+    check_positive(steps=steps, repetitions=repetitions, rounds=rounds, ctx=ctx, chunks=chunks)
     if ppl:
         return peer_ppl(llama_perplexity, ctx, chunks, text, as_json, model=model, quant=quant, device=device,
                         dtype=dtype, kv_dtype=kv_dtype)
@@ -108,14 +110,25 @@ def peer(
         raise SinkchatError(f"bench peer compares on one GGUF file; {s.model} is a {source.describe()}")
     import torch
 
+    from ..sampling import Sampler
+
     depth, threads = s.sinks + s.window, torch.get_num_threads()
-    theirs = measure_peer.run_llama_bench(binary, source.ref, threads, depth, repetitions=repetitions)
+    llama = lambda: measure_peer.run_llama_bench(binary, source.ref, threads, depth, repetitions=repetitions)  # noqa: E731
+    first = llama()
     loaded = load(s, as_json)
     info = machine(loaded)
     ids = bench.text_ids(loaded.tokenizer, bench.default_text(), max(512, depth + steps + 1))
-    ours = measure_peer.sinkchat_figures(loaded, s.sinks, s.window, ids, steps=steps, repetitions=repetitions)
+    candidates = Sampler(s).candidates()
+    per_round = measure_peer.alternate(
+        lambda: measure_peer.sinkchat_figures(loaded, s.sinks, s.window, ids, steps=steps, repetitions=repetitions,
+                                              candidates=candidates),
+        llama, rounds, first)
+    ours, theirs = measure_peer.medians(per_round)
+    rows = [{side: {k: v for k, v in figures.items() if k != "raw"} for side, figures in r.items()}
+            for r in per_round]
     report = measure_peer.report(ours, theirs, {"gguf": source.ref, "depth": depth, "threads": threads,
-                                                "llama_bench": str(binary), "machine": info})
+                                                "llama_bench": str(binary), "rounds": rows,
+                                                "candidates": candidates, "machine": info})
     finish(report, as_json, print_peer, None, False)
 
 

@@ -218,7 +218,8 @@ def print_peer(report: dict) -> None:
     console = tables_console()
     ours, theirs, ratio = report["sinkchat"], report["llama.cpp"], report["ratio"]
     table = Table("tokens/s", "sinkchat", "llama.cpp", "sinkchat / llama.cpp",
-                  title=f"against llama-bench: {report['threads']} threads, depth {report['depth']}")
+                  title=f"against llama-bench: {report['threads']} threads, depth {report['depth']}, medians of "
+                  f"{len(report['rounds'])} alternating rounds")
     table.add_row("prompt, 512 tokens (pp512)", fmt(ours["pp"], ".1f"), fmt(theirs.get("pp"), ".1f"),
                   fmt(ratio.get("pp"), ".2f") + "x")
     table.add_row(f"decode at depth {report['depth']} (tg)", fmt(ours["tg"], ".1f"), fmt(theirs.get("tg"), ".1f"),

@@ -32,6 +32,7 @@ from torch import nn
 from ..kv.cache import local_windows
 from . import blockkernels
 from .families import Family, family_of
+from .head import CandidateHead
 from .quant import HalfLinear, Int4Linear, NF4Linear, cat_bias, int4_fits
 
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # inv_freq and attention_scaling fixed at load
@@ -106,12 +107,14 @@ class FastModel:
     the cache holds ``[1, KV, capacity, D]`` keys and values per layer in its own dtype.
     """
 
-    def __init__(self, model, family: Family, layers: list[Layer]):
+    def __init__(self, model, family: Family, layers: list[Layer], packs=None):
         config = model.config
         self.layers = layers
         self.embed = model.get_input_embeddings()  # applies the family's embedding scale itself
         self.norm = model.model.norm.weight.float() + family.block.norm_offset
         self.head = model.get_output_embeddings()
+        # a decode step whose sampler needs only the best tokens: int4 picks them, float16 scores them
+        self.candidate_head = CandidateHead(self.head, packs) if CandidateHead.fits(self.head) else None
         self.eps = config.rms_norm_eps
         self.act = ACTIVATIONS[family.block.act]
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
@@ -136,7 +139,8 @@ class FastModel:
     def build(cls, model, int4: bool = False, packs=None, make=None) -> "FastModel":
         """Fuse each layer's q/k/v and gate/up (quantizing to 4 bits with ``int4``), point the model's
         own modules at row slices of the fused ones, and return the fast forward over them. With
-        ``int4`` the output head becomes a float16 copy and every projection an
+        ``int4`` the output head becomes a float16 copy (with an int4 one for decode steps, see
+        :mod:`.head`) and every projection an
         :class:`~sinkchat.model.quant.Int4Linear`, on both paths; bitsandbytes 4-bit projections (a GPU)
         become :class:`~sinkchat.model.quant.NF4Linear` on the same packed bytes, and a 16-bit head is
         called in its own dtype. ``make(weight, bias, key)``: the module for each (fused) dense weight
@@ -167,16 +171,18 @@ class FastModel:
         head = model.get_output_embeddings()
         if type(head) is nn.Linear and head.bias is None and (int4 or head.weight.dtype != torch.float32):
             model.set_output_embeddings(HalfLinear(head.weight, torch.float16 if int4 else head.weight.dtype))
-        return cls(model, family, layers)
+        return cls(model, family, layers, packs)
 
     # -- the forward ----------------------------------------------------------------------------------
 
-    def __call__(self, ids: list[int], positions: torch.Tensor, cache, keep: int = 1) -> torch.Tensor:
+    def __call__(self, ids: list[int], positions: torch.Tensor, cache, keep: int = 1,
+                 candidates: int = 0) -> torch.Tensor:
         """Logits ``[keep or n, vocab]`` (float32) for ``n`` new tokens at RoPE ``positions`` ``[1, n]``,
-        written into ``cache`` (whose ``reserve(n)`` made room for them)."""
+        written into ``cache`` (whose ``reserve(n)`` made room for them). ``candidates``: for one token,
+        only the logits of that many most likely tokens are needed, the rest may be -inf (:meth:`logits`)."""
         recalling = getattr(cache, "recalling", False)  # a user message's chunk: recall from the block memory
         if self.compiled is not None and len(ids) == 1 and _window_slot(cache) and not recalling:
-            return self._compiled_step(ids[0], positions, cache)
+            return self._compiled_step(ids[0], positions, cache, candidates)
         device = self.norm.device
         x = self.embed(torch.tensor(ids, device=device)).float()  # [n, hidden], the residual stream
         ropes = [self._rope(positions.reshape(-1).to(device), r) for r in range(len(self.ropes))]
@@ -198,7 +204,17 @@ class FastModel:
             x = self._finish(layer, x, a)
         if keep:
             x = x[-keep:]
-        return self.head(self._norm(x, self.norm)).float()
+        return self.logits(x, candidates if len(ids) == 1 else 0)
+
+    def logits(self, x: torch.Tensor, candidates: int = 0) -> torch.Tensor:
+        """The final norm and output head: float32 logits ``[n, vocab]`` for the residual stream ``x``
+        ``[n, hidden]``. With ``candidates`` (one row, a :class:`~.head.CandidateHead` here, and fewer
+        than an eighth of the vocabulary) only those best tokens get their exact logits, the others -inf."""
+        x = self._norm(x, self.norm)
+        if candidates and self.candidate_head is not None and x.shape[0] == 1 \
+                and 8 * candidates <= self.head.out_features:
+            return self.candidate_head(x, candidates)
+        return self.head(x).float()
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x, x.shape[-1:], weight, self.eps)
@@ -237,11 +253,12 @@ class FastModel:
         self.compiled = CudaGraphStep(step) if cuda_graph else step
 
     def static_step(self, token: torch.Tensor, position: torch.Tensor, slots: torch.Tensor,
-                    buffers: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+                    buffers: list[tuple[torch.Tensor, torch.Tensor]], candidates: int = 0) -> torch.Tensor:
         """One token with static shapes: ``token`` and ``position`` are ``[1]`` tensors, ``slots`` ``[2]``
         the slot the new key/value takes in the sink layers' and in the sliding layers' whole
         ``[1, KV, capacity, D]`` buffers; attention runs over every slot with the ones past it (and, in
-        a sliding layer, those ``window`` or more back) masked. Logits ``[1, vocab]``."""
+        a sliding layer, those ``window`` or more back) masked. Logits ``[1, vocab]`` (``candidates``:
+        :meth:`logits`; a constant, so a compiled step is specialized on it)."""
         KV, D = self.kv_heads, self.head_dim
         x = self.embed(token).float()
         ropes = [self._rope(position, r) for r in range(len(self.ropes))]
@@ -256,7 +273,7 @@ class FastModel:
             if key not in masks:
                 masks[key] = _slot_mask(keys.shape[2], slot, layer.window)
             x = self._finish(layer, x, self._attend_slots(q, keys, values, masks[key]))
-        return self.head(self._norm(x, self.norm)).float()
+        return self.logits(x, candidates)
 
     def _attend_slots(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                       mask: torch.Tensor) -> torch.Tensor:
@@ -274,22 +291,23 @@ class FastModel:
                                            attn_mask=mask.view(1, 1, 1, -1), scale=self.scale)
         return a.reshape(1, H * D).float()
 
-    def _compiled_step(self, token: int, positions: torch.Tensor, cache) -> torch.Tensor:
+    def _compiled_step(self, token: int, positions: torch.Tensor, cache, candidates: int = 0) -> torch.Tensor:
         device = self.norm.device
+        candidates = candidates if self.candidate_head is not None else 0  # no new graph for a head that ignores it
         slots = [cache.sink_layers[0].length, cache.local_length]
         args = (torch.tensor([token], device=device), positions.reshape(1).to(device),
                 torch.tensor(slots, device=device), [(cl.keys, cl.values) for cl in cache.layers])
         first = self.compiled_s is None
         t0 = time.perf_counter()
         try:
-            logits = self.compiled(*args)
+            logits = self.compiled(*args, candidates)
             if first:
                 self.compiled_s = time.perf_counter() - t0
                 self.notice = f"compiled the decode step in {self.compiled_s:.1f} s (kept on disk for the next start)"
         except Exception as exc:  # inductor, a missing compiler, CUDA graphs: all fall back the same way
             self.compiled = None
             self.notice = f"compiling the decode step failed ({type(exc).__name__}); decoding eagerly"
-            logits = self.static_step(*args)
+            logits = self.static_step(*args, candidates)
         for cl in cache.layers:
             cl.length += 1
         return logits
@@ -346,11 +364,11 @@ class CudaGraphStep:
         self.step, self.graph, self.key = step, None, None
 
     def __call__(self, token: torch.Tensor, position: torch.Tensor, slot: torch.Tensor,
-                 buffers: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        key = tuple((t.data_ptr(), t.shape, t.dtype) for pair in buffers for t in pair)  # capacity is baked in
+                 buffers: list[tuple[torch.Tensor, torch.Tensor]], candidates: int = 0) -> torch.Tensor:
+        key = (tuple((t.data_ptr(), t.shape, t.dtype) for pair in buffers for t in pair), candidates)  # baked in
         with torch.cuda.device(token.device):
             if key != self.key:
-                self._record(token, position, slot, buffers)
+                self._record(token, position, slot, buffers, candidates)
                 self.key = key
             self.inputs[0].copy_(token)
             self.inputs[1].copy_(position)
@@ -358,18 +376,18 @@ class CudaGraphStep:
             self.graph.replay()
             return self.logits.clone()
 
-    def _record(self, token, position, slot, buffers) -> None:
+    def _record(self, token, position, slot, buffers, candidates) -> None:
         self.graph = self.key = None
         self.inputs = (token.clone(), position.clone(), slot.clone())
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm up off the main stream (compiles, allocates workspaces)
             for _ in range(2):
-                self.step(*self.inputs, buffers)
+                self.step(*self.inputs, buffers, candidates)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            self.logits = self.step(*self.inputs, buffers)
+            self.logits = self.step(*self.inputs, buffers, candidates)
         self.graph = graph
 
 

@@ -16,13 +16,15 @@ def _cache_kwarg(forward_type: type) -> str:
     return "cache" if "cache" in inspect.signature(forward_type.forward).parameters else "past_key_values"
 
 
-def forward(model, cache, ids: list[int], positions: torch.Tensor, keep: int = 1):
+def forward(model, cache, ids: list[int], positions: torch.Tensor, keep: int = 1, candidates: int = 0):
     """One forward pass of ``ids`` at RoPE ``positions`` through ``cache``; logits of the last ``keep``
     positions (0: all). The one place that calls the model, for the engine, the store and the bench:
-    the fast path where the loader attached one and the cache is a sink cache, else transformers."""
+    the fast path where the loader attached one and the cache is a sink cache, else transformers.
+    ``candidates``: a decode step (one token) whose sampler picks only among that many most likely
+    tokens; the fast path may then give -inf for all others (:mod:`.head`). 0: every logit exact."""
     fast = getattr(model, "sinkchat_fast", None)
     if fast is not None and hasattr(cache, "reserve"):
-        return fast(ids, positions, cache, keep)
+        return fast(ids, positions, cache, keep, candidates)
     if getattr(cache, "recalling", False):  # only the fast path recalls from the block memory
         cache.cancel_recall()
     return forward_outputs(model, cache, ids, positions, keep).logits[0]
