@@ -30,6 +30,11 @@ def test_a_decode_step_reads_the_packed_weights_once_the_head_and_the_held_kv(sm
     assert parts["head"] == 49152 * 576 * 2  # the float16 output head
     # 12 tokens held, K and V in the cache's dtype (bfloat16 where auto picks it, else float32)
     assert parts["kv_cache"] == 30 * 3 * 64 * 2 * cache.dtype.itemsize * 12
+    if fast.candidate_head is not None:  # a decode step with 64 candidates: the int4 copy and 64 float16 rows
+        scores = fast.candidate_head.scores
+        assert bytes_per_token(smollm.model, cache, 64)["head"] == (
+            scores.packed.nbytes + scores.scales.nbytes + 64 * 576 * 2)
+    assert bytes_per_token(smollm.model, cache, 64)["weights"] == parts["weights"]
     bandwidth = copy_bandwidth(torch.device("cpu"), mib=32, reps=2)
     roof = ceiling(parts, bandwidth, 20.0)
     assert bandwidth > 0 and roof["ceiling_share"] == 20.0 / roof["ceiling_tokens_per_s"]

@@ -31,11 +31,12 @@ def _extent(t: torch.Tensor) -> int:
     return (sum((n - 1) * s for n, s in zip(t.shape, t.stride())) + 1) * t.element_size()
 
 
-def bytes_per_token(model, cache) -> dict[str, int]:
+def bytes_per_token(model, cache, candidates: int = 0) -> dict[str, int]:
     """What one decode step at ``cache``'s fill reads, by part: ``weights`` (every decoder weight the
     step calls, as stored: packed 4-bit codes with their scales, or 16/32-bit; on the fast path its
-    fused modules and norms), ``head`` (the output projection) and ``kv_cache`` (keys and values held
-    in every layer)."""
+    fused modules and norms), ``head`` (the output projection: with ``candidates``, where a candidate
+    head takes them, its int4 copy and the candidates' float16 rows) and ``kv_cache`` (keys and values
+    held in every layer)."""
     fast = getattr(model, "sinkchat_fast", None)
     if fast is not None:
         modules = [m for layer in fast.layers for m in (layer.qkv, layer.o, layer.gate_up, layer.down)]
@@ -44,9 +45,15 @@ def bytes_per_token(model, cache) -> dict[str, int]:
         modules, norms = list(model.model.layers), []
     weights = union_bytes([t for m in modules for t in (*m.parameters(), *m.buffers())] + norms)
     head = model.get_output_embeddings()
+    shortlist = getattr(fast, "candidate_head", None) if candidates else None
+    if shortlist is not None:
+        rows = candidates * shortlist.exact.weight[0].numel() * shortlist.exact.weight.element_size()
+        head_bytes = union_bytes([*shortlist.scores.parameters(), *shortlist.scores.buffers()]) + rows
+    else:
+        head_bytes = union_bytes([*head.parameters(), *head.buffers()])
     kv = sum(2 * layer.keys[:, :, : layer.length].numel() * layer.keys.element_size()
              for layer in cache.layers if layer.is_initialized)
-    return {"weights": weights, "head": union_bytes([*head.parameters(), *head.buffers()]), "kv_cache": kv}
+    return {"weights": weights, "head": head_bytes, "kv_cache": kv}
 
 
 def copy_bandwidth(device: torch.device, mib: int | None = None, reps: int = 10) -> float:

@@ -83,9 +83,11 @@ def time_steps(run: SpeedRun, meter: Meter, position: int, steps: int, step: Cal
 
 
 def speed_stream(
-    run: SpeedRun, model, cache, ids: list[int], positions: list[int], steps: int, chunk: int, progress
+    run: SpeedRun, model, cache, ids: list[int], positions: list[int], steps: int, chunk: int, progress,
+    candidates: int = 0,
 ) -> None:
-    """Stream the text to each position in chunks (fast prefill, as the chat does), then time decode there."""
+    """Stream the text to each position in chunks (fast prefill, as the chat does), then time decode there,
+    each step asking for the logits of ``candidates`` tokens as the chat's sampler does (0: all)."""
     stream, meter = Stream(model, cache), Meter(next(model.parameters()).device)
     upkeep = getattr(cache, "upkeep_s", None)
     recall = getattr(cache, "recall", 0) > 0  # each prefill chunk recalls, as a user message's chunks do
@@ -101,7 +103,7 @@ def speed_stream(
             run.prefill_tokens += n
             tick(n)
         before = getattr(cache, "upkeep_s", 0.0)
-        step = lambda t: stream.forward([ids[t]], keep=1)  # noqa: E731
+        step = lambda t: stream.forward([ids[t]], keep=1, candidates=candidates)  # noqa: E731
         time_steps(run, meter, p, steps, step, progress(f"{run.mode}: decode at {p}", steps))
         if upkeep is not None:
             run.upkeep_s += cache.upkeep_s - before
@@ -121,10 +123,10 @@ def speed_recompute(run: SpeedRun, model, ids, sinks, window, positions, steps, 
 
 def speed_runs(
     loaded, ids, modes, sinks, window, block, positions, steps, recompute_steps, progress, runs: list[SpeedRun],
-    recall: int = 0, recall_block: int = 64,
+    recall: int = 0, recall_block: int = 64, candidates: int = 0,
 ) -> None:
     """Each mode in turn, appended to ``runs`` as it is measured; ``recall``/``recall_block``: the recall
-    mode's slots and block size."""
+    mode's slots and block size; ``candidates``: what the chat's sampler asks of a decode step."""
     model = loaded.model
     chunk = prefill_chunk(window)  # the chat's own
     limit = max_positions(model.config)
@@ -133,11 +135,11 @@ def speed_runs(
         runs.append(run)
         if mode == "sinks":
             cache = SinkCache.for_model(model, sinks, window, block)
-            speed_stream(run, model, cache, ids, positions, steps, chunk, progress)
-            run.bytes = bytes_per_token(model, cache)
+            speed_stream(run, model, cache, ids, positions, steps, chunk, progress, candidates)
+            run.bytes = bytes_per_token(model, cache, candidates)
         elif mode == "recall":
             cache = SinkCache.for_model(model, sinks, window, block, recall=recall, recall_block=recall_block)
-            speed_stream(run, model, cache, ids, positions, steps, chunk, progress)
+            speed_stream(run, model, cache, ids, positions, steps, chunk, progress, candidates)
             run.note = f"{cache.n_rec} of {recall} recall slots filled, {cache.memory.blocks} blocks in memory"
             cache.memory.close()
         elif mode == "dense":

@@ -383,15 +383,19 @@ def speed(
         first = int(bench.bos_first(loaded.tokenizer))
         ids = ids[:first] + (ids[first:] * (need // len(ids) + 1))[: need - first]
     from ..bench.ceiling import copy_bandwidth
+    from ..sampling import Sampler
 
     bandwidth = copy_bandwidth(next(loaded.model.parameters()).device)
+    candidates = Sampler(s).candidates()  # the chat's decode steps: the candidate head where there is one
     runs: list[measure_speed.SpeedRun] = []
     interrupted = measure(
         lambda bars: measure_speed.speed_runs(loaded, ids, wanted, sinks, window, block, positions, steps,
-                                              recompute_steps, bars, runs, slots, s.recall_block), as_json
+                                              recompute_steps, bars, runs, slots, s.recall_block, candidates),
+        as_json,
     )
     extra = {"text": source, "sinks": sinks, "window": window, "positions": positions, "steps": steps,
              "recompute_steps": recompute_steps, "recall": slots, "recall_block": s.recall_block,
+             "candidates": candidates,
              "memory": "CUDA max allocated" if str(loaded.device).startswith("cuda") else "process RSS",
              "interrupted": interrupted, "machine": machine(loaded)}
     report = measure_speed.speed_report(runs, extra, bandwidth)
