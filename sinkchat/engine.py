@@ -408,6 +408,9 @@ class Chat(Steering):
         self.messages.append(Message("assistant", "", start, start, note="stopped"))
         stream = _Detokenizer(self.tokenizer)
         t0, reason, generated = time.perf_counter(), "length", 0
+        # the decode steps' exact logits: those the sampler says it picks among; a sampler that does not
+        # say (a scorer that reads every logit, a wrapped one) gets them all
+        candidates = getattr(self.sampler, "candidates", lambda: 0)()
         try:
             while generated < self.settings.max_new_tokens:
                 if self._stop.is_set():
@@ -417,7 +420,7 @@ class Chat(Steering):
                 if tok in self.stop_ids:
                     reason = "end"
                     break
-                yield from self._forward([tok], self.sampler.candidates())
+                yield from self._forward([tok], candidates)
                 generated += 1
                 delta = stream.push(tok)
                 self._update(content=stream.emitted)

@@ -25,9 +25,10 @@ QUESTIONS = ["Name a colour.", "Say a number.", "Name a fruit.", "Name an animal
 HEADER = 128 * 1024  # what a save may write beyond the new tokens' K/V: headers, sums, database pages and journal
 
 
-def per_token(tensors: dict) -> int:
-    """Bytes of K/V one held token takes, over every layer."""
-    return sum(t[:, :, :1].numel() * t.element_size() for k, t in tensors.items() if k.endswith((".k", ".v")))
+def per_token(tensors: dict, parts: tuple[str, str] = (".k", ".v")) -> int:
+    """Bytes of K/V one held token takes, over every layer (``parts``: ``(".stash_k", ".stash_v")`` for
+    one evicted token kept to regenerate a turn: its pristine float32 key beside a 16-bit value)."""
+    return sum(t[:, :, :1].numel() * t.element_size() for k, t in tensors.items() if k.endswith(parts))
 
 
 def same_cache(a: Chat, b: Chat) -> bool:
@@ -64,26 +65,27 @@ def fifty(smollm, tmp_path_factory):
                       "copies": copies,
                       "exact": same_cache(chat, reopened) and not notices and reopened.tokens == chat.tokens,
                       "segments": len(statefile.segment_paths(root / "state", chat_id))})
-    yield root, chat_id, chat, saves, per_token(tensors)
+    sizes = (per_token(tensors), per_token(tensors, (".stash_k", ".stash_v")), per_token(tensors, (".sink",)))
+    yield root, chat_id, chat, saves, sizes
     store.close()
 
 
 def test_each_save_writes_the_new_tokens_and_a_bounded_header(fifty):
-    root, chat_id, chat, saves, token_bytes = fifty
+    root, chat_id, chat, saves, (token_bytes, copy_bytes, sink_key_bytes) = fifty
     kinds = [s["kind"] for s in saves]
     assert kinds.count("segment") >= 40, kinds
     assert chat.cache.evictions and kinds.count("base") >= 2  # the window slid past the base: compacted
     for s in saves:
         if s["kind"] == "segment":
             held_new = s["seen"] - max(s["seen"] - s["n_win"], s["seen"] - s["tokens"])
-            sinks = 4 * token_bytes * 3 // 2  # the sinks' K/V and pristine keys, when an eviction re-placed them
-            top = (held_new + s["copies"]) * token_bytes + sinks + HEADER
+            sinks = 4 * (token_bytes + sink_key_bytes)  # the sinks' K/V and pristine keys, when an eviction re-placed them
+            top = held_new * token_bytes + s["copies"] * copy_bytes + sinks + HEADER
             assert held_new * token_bytes <= s["bytes"] <= top, s
         else:  # a new base: the sinks (and their pristine keys), the window and the copies, not the chat
-            assert s["bytes"] <= (6 + SETTINGS.window + s["copies"]) * token_bytes + HEADER, s
+            assert s["bytes"] <= (6 + SETTINGS.window) * token_bytes + s["copies"] * copy_bytes + HEADER, s
     assert all(s["segments"] <= 2 * SETTINGS.window for s in saves)
     # on average a save writes about its own tokens and copies, at most about twice over with compactions
-    new = sum(s["tokens"] + s["copies"] for s in saves) * token_bytes
+    new = sum(s["tokens"] * token_bytes + s["copies"] * copy_bytes for s in saves)
     assert sum(s["bytes"] for s in saves) <= 2.5 * new
 
 
@@ -117,7 +119,7 @@ def test_compaction_gives_the_same_cache(fifty, smollm, tmp_path, monkeypatch):
 
 def test_database_rows_grow_with_the_turn_not_the_chat(fifty):
     """The database part of a save: the new ledger rows and messages, not every message again."""
-    root, chat_id, chat, saves, token_bytes = fifty
+    root, chat_id, chat, _, _ = fifty
     store = Store(root)  # (the fixture's store holds the chat's lock; rows are written directly here)
     try:
         row = store.db.row(chat_id)
