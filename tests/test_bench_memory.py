@@ -78,6 +78,9 @@ def test_own_task_is_found_with_dense_and_recall_not_sinks(smollm_hf, tmp_path):
         ('{"context": "a", "question": "b", "answer": "c", "chat": "yes"}', "bad.jsonl:1: chat must be true or false"),
         ('["context", "question", "answer"]', "bad.jsonl:1: not a JSON object"),
         (b"\x89PNG\r\n\x1a\n\x00\xff", "bad.jsonl: not UTF-8 text"),
+        ('{"context": "a", "question": "b", "answer": "\\ud800"}', "bad.jsonl:1: answer holds a lone surrogate"),
+        ('{"context": "a", "question": "b", "answer": "c", "candidates": ["c", "\\udfff"]}',
+         "bad.jsonl:1: candidates holds a lone surrogate"),
         (None, "bad.jsonl: no such file"),
         ("dir", "bad.jsonl: not a regular file"),
     ],
@@ -95,6 +98,16 @@ def test_a_bad_task_file_is_one_line_naming_file_and_line(tmp_path, content, mes
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
+def test_a_line_ends_at_newline_alone(tmp_path):
+    """JSON keeps U+2028, U+0085 and a form feed raw inside a string (``ensure_ascii=False``): each is text of
+    its task, not the end of a line."""
+    task = {"context": "Line\u2028separator, next\x85line, form\x0cfeed.", "question": "Which?", "answer": "this"}
+    path = tmp_path / "mine.jsonl"
+    path.write_text(json.dumps(task, ensure_ascii=False) + "\r\n" + json.dumps(task) + "\n", encoding="utf-8")
+    got = read_tasks(str(path))
+    assert [t.context for t in got] == [task["context"]] * 2 and got[1].source == f"{path}:2"
+
+
 def test_the_cli_says_it_in_one_line_and_exits_non_zero(tmp_path):
     """Before the model loads: one line on stderr, nothing on stdout, no traceback."""
     bad = write_tasks(tmp_path / "bad.jsonl", json.dumps(KEY_TASK), "{not json")
@@ -103,8 +116,20 @@ def test_the_cli_says_it_in_one_line_and_exits_non_zero(tmp_path):
     assert r.stderr == f"sinkchat: error: {bad}:2: not JSON (Expecting property name enclosed in double quotes)\n"
     r = run_cli("bench", "memory", "--tasks", "passkey,haystack", "--tokens", "4y")
     assert r.returncode != 0 and "--tasks takes a comma list of passkey, needle, lines, chat" in r.stderr
-    r = run_cli("bench", "memory", "--tokens", "4y")
-    assert r.returncode != 0 and "--tokens takes a comma list" in r.stderr and "Traceback" not in r.stderr
+    for tokens in ("4y", "infx"):
+        r = run_cli("bench", "memory", "--tokens", tokens)
+        assert r.returncode == 2 and "--tokens takes a comma list" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.model  # a subprocess loads the bundled model
+def test_a_window_too_small_for_recall_runs_the_other_modes():
+    """The recall mode's default slots (half the window) are checked only where the recall mode runs."""
+    args = ("bench", "memory", "--window", "64", "--tokens", "1x", "--depths", "0.5", "--keys", "1")
+    r = run_cli(*args, "--modes", "dense,sinks", "--json")
+    assert r.returncode == 0, r.stderr
+    assert {x["mode"] for x in json.loads(r.stdout)["results"]} == {"dense", "sinks"}
+    r = run_cli(*args, "--modes", "recall")
+    assert r.returncode == 2 and "--recall 32 holds no block of --recall-block 64" in r.stderr
 
 
 @pytest.mark.model  # a subprocess loads the bundled model

@@ -423,7 +423,7 @@ def parse_lengths(text: str, window: int) -> list[int]:
     """``--tokens``: a comma list of lengths, each in tokens (``1024``) or in windows (``4x``)."""
     try:
         lengths = [int(float(t[:-1]) * window) if t.strip().endswith("x") else int(t) for t in text.split(",")]
-    except ValueError:
+    except (ValueError, OverflowError):  # OverflowError: "infx"
         raise SinkchatError(f"--tokens takes a comma list of lengths in tokens (1024) or windows (4x) "
                             f"(got {text!r})") from None
     if any(n < 64 for n in lengths):
@@ -476,7 +476,7 @@ def memory(
     user = [task for path in files for task in read_tasks(path)]
     s = settings(model=model, sinks=sinks, window=window, quant=quant, device=device, dtype=dtype,
                  recall_block=recall_block)
-    slots = recall_slots(s, recall)
+    slots = recall_slots(s, recall) if "recall" in wanted else 0
     from ..bench import memory as bench_memory
 
     loaded = load(s, as_json, context=False)
