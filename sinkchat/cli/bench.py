@@ -49,6 +49,8 @@ def _plot_path(plot: str | None) -> str | None:
     folder = path.parent
     if path.is_dir() or path.is_symlink() or (path.exists() and not path.is_file()):
         raise typer.BadParameter(f"{plot} is not a regular file", param_hint="--plot")
+    if path.suffix.lower() not in ("", ".png"):  # matplotlib would pick the format by it, after the run
+        raise typer.BadParameter(f"{plot}: the plot is a PNG; name a .png file", param_hint="--plot")
     if not folder.is_dir():
         raise typer.BadParameter(f"{plot}: the folder {folder} does not exist", param_hint="--plot")
     if not os.access(folder, os.W_OK):
