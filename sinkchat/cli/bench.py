@@ -376,7 +376,7 @@ def speed(
     from ..bench import speed as measure_speed
 
     loaded = load(s, as_json)
-    positions = measure_speed.speed_positions(sinks, window, tokens, points)
+    positions = measure_speed.speed_positions(sinks, window, tokens, points, steps)
     need = positions[-1] + max(steps, recompute_steps) + 1
     ids = bench.text_ids(loaded.tokenizer, body, need)
     if len(ids) < 2:
