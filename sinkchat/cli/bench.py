@@ -166,7 +166,8 @@ def recall_slots(s: Settings, recall: int | None) -> int:
     error when they hold no block of ``s.recall_block`` tokens."""
     slots = recall if recall is not None else (s.recall or s.window // 2)
     if slots < s.recall_block:
-        raise SinkchatError(f"--recall {slots} holds no block of --recall-block {s.recall_block}")
+        whence = "" if recall is not None or s.recall else f" (by default half --window {s.window})"
+        raise SinkchatError(f"--recall {slots}{whence} holds no block of --recall-block {s.recall_block}")
     return slots
 
 
