@@ -71,6 +71,7 @@ def test_own_task_is_found_with_dense_and_recall_not_sinks(smollm_hf, tmp_path):
         ('{"context": "a", "answer": "c"}', "bad.jsonl:1: missing question"),
         ('{"context": "a", "question": "b", "answer": 5}', "bad.jsonl:1: answer must be a string"),
         ('\n\n{"context": "a", "question": "b", "answer": " "}', "bad.jsonl:3: answer is empty"),
+        ('{"context": "", "question": "b", "answer": "c"}', "bad.jsonl:1: context is empty"),
         (
             '{"context": "a", "question": "b", "answer": "c", "candidates": ["d", "e"]}',
             "bad.jsonl:1: the answer is not",

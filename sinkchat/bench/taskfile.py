@@ -78,6 +78,8 @@ def _task(where: str, line: str) -> UserTask:
     for key, value in [(k, obj[k]) for k in ("context", "question", "answer")] + [("candidates", c) for c in listed]:
         if isinstance(value, str) and not _is_text(value):
             raise SinkchatError(f"{where}: {key} holds a lone surrogate (\\ud800-\\udfff), not text")
+    if not obj["context"].strip():  # nothing to remember (and, without a BOS, nothing to read before the question)
+        raise SinkchatError(f"{where}: context is empty")
     if not obj["answer"].strip():
         raise SinkchatError(f"{where}: answer is empty")
     if not obj["question"].strip():
