@@ -11,7 +11,7 @@ import pytest
 
 from _helpers import run_cli
 from sinkchat.bench import memory
-from sinkchat.bench.taskfile import read_tasks
+from sinkchat.bench.taskfile import UserTask, read_tasks
 from sinkchat.cli.bench_output import print_memory
 from sinkchat.errors import SinkchatError
 
@@ -62,6 +62,16 @@ def test_own_task_is_found_with_dense_and_recall_not_sinks(smollm_hf, tmp_path):
     }, got
     assert got["recall"].got == "52871" and got["sinks"].got != "52871"
     assert got["dense"].depth_tokens == built.span[0] and built.span[0] > 40
+
+
+def test_an_evicted_one_token_answer_is_evicted_not_recalled_without_recall(smollm_hf):
+    """A one-digit answer (one token) that left the window: sinks mode has no recall, so it is "evicted"."""
+    task = {"context": FILLER * 2 + "The door code is 7. " + FILLER * 6, "question": "The door code is",
+            "answer": "7", "candidates": ("7", "3")}
+    built = memory.user_task(smollm_hf.tokenizer, UserTask("mine.jsonl:1", **task))
+    assert built.span[1] - built.span[0] == 1
+    got = memory.run_task(smollm_hf.model, smollm_hf.tokenizer, built, "sinks", 4, 32)
+    assert got.where == "evicted", got
 
 
 @pytest.mark.parametrize(
