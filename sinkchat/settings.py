@@ -149,21 +149,22 @@ class Settings:
         warnings = [f"{config_source}: unknown setting {k!r} (ignored)" for k in (config or {}) if k not in names]
         merged: dict[str, object] = {}
         source: dict[str, str] = {}
+        layer_of: dict[str, int] = {}  # which of the layers below gave each value
         layers = [(config, lambda n: f"{config_source}: {n}"), (saved, lambda n: f"{saved_source}: {n}"),
                   (flags, lambda n: names[n].metadata["flag"] or "--" + n.replace("_", "-"))]
-        for values, name_of in layers:
+        for layer, (values, name_of) in enumerate(layers):
             for key, value in (values or {}).items():
                 if key not in names or value is None:  # None: not given (a flag left out, an old save's null)
                     continue
                 problem = _problem(names[key], value)
                 if problem:
                     raise SettingError(f"{name_of(key)} {problem}")
-                merged[key], source[key] = value, name_of(key)
+                merged[key], source[key], layer_of[key] = value, name_of(key), layer
         problem = _combined({"window": Settings.window, **merged})
         if problem:
             name, text = problem
             flag = names[name].metadata["flag"] or "--" + name.replace("_", "-")
-            if source[name] != flag and source.get("window", source[name]) != source[name]:
+            if source[name] != flag and layer_of.get("window", layer_of[name]) != layer_of[name]:
                 text += f" for {source['window']}; give {flag} too"  # e.g. --window on a resumed chat
             raise SettingError(f"{source[name]} {text}")
         return cls(**merged), warnings

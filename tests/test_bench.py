@@ -93,6 +93,20 @@ def test_speed_cli_json_and_png(tmp_path):
     assert plot.read_bytes()[:8] == PNG
 
 
+@pytest.mark.model  # a subprocess loads the bundled model
+def test_speed_positions_closer_than_the_steps_are_fewer_points():
+    """Each position's decode steps move the stream on: 6 points between 36 and 120 cannot each take 30
+    steps where they are asked, so the run measures at positions at least --steps apart (it ran out of
+    text before, an IndexError)."""
+    r = run_cli("bench", "speed", "--modes", "sinks,recall", "--tokens", "120", "--window", "32", "--recall", "16",
+                "--recall-block", "8", "--steps", "30", "--json")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["positions"] == [36, 78, 120]
+    for res in doc["results"]:
+        assert [p for p, _ in res["ms_per_token"]] == [36, 78, 120]
+
+
 def test_recall_mode_scores_as_sinks_until_a_block_is_recalled(smollm_hf, ids):
     """bench ppl's recall mode: the same stream as sinks while nothing left the window, then recalled
     blocks change what the model predicts (recall really ran), and the memory holds every evicted token."""

@@ -11,7 +11,7 @@ import pytest
 
 from _helpers import run_cli
 from sinkchat.bench import memory
-from sinkchat.bench.taskfile import read_tasks
+from sinkchat.bench.taskfile import UserTask, read_tasks
 from sinkchat.cli.bench_output import print_memory
 from sinkchat.errors import SinkchatError
 
@@ -64,6 +64,16 @@ def test_own_task_is_found_with_dense_and_recall_not_sinks(smollm_hf, tmp_path):
     assert got["dense"].depth_tokens == built.span[0] and built.span[0] > 40
 
 
+def test_an_evicted_one_token_answer_is_evicted_not_recalled_without_recall(smollm_hf):
+    """A one-digit answer (one token) that left the window: sinks mode has no recall, so it is "evicted"."""
+    task = {"context": FILLER * 2 + "The door code is 7. " + FILLER * 6, "question": "The door code is",
+            "answer": "7", "candidates": ("7", "3")}
+    built = memory.user_task(smollm_hf.tokenizer, UserTask("mine.jsonl:1", **task))
+    assert built.span[1] - built.span[0] == 1
+    got = memory.run_task(smollm_hf.model, smollm_hf.tokenizer, built, "sinks", 4, 32)
+    assert got.where == "evicted", got
+
+
 @pytest.mark.parametrize(
     "content, message",
     [
@@ -71,6 +81,7 @@ def test_own_task_is_found_with_dense_and_recall_not_sinks(smollm_hf, tmp_path):
         ('{"context": "a", "answer": "c"}', "bad.jsonl:1: missing question"),
         ('{"context": "a", "question": "b", "answer": 5}', "bad.jsonl:1: answer must be a string"),
         ('\n\n{"context": "a", "question": "b", "answer": " "}', "bad.jsonl:3: answer is empty"),
+        ('{"context": "", "question": "b", "answer": "c"}', "bad.jsonl:1: context is empty"),
         (
             '{"context": "a", "question": "b", "answer": "c", "candidates": ["d", "e"]}',
             "bad.jsonl:1: the answer is not",
@@ -78,6 +89,9 @@ def test_own_task_is_found_with_dense_and_recall_not_sinks(smollm_hf, tmp_path):
         ('{"context": "a", "question": "b", "answer": "c", "chat": "yes"}', "bad.jsonl:1: chat must be true or false"),
         ('["context", "question", "answer"]', "bad.jsonl:1: not a JSON object"),
         (b"\x89PNG\r\n\x1a\n\x00\xff", "bad.jsonl: not UTF-8 text"),
+        ('{"context": "a", "question": "b", "answer": "\\ud800"}', "bad.jsonl:1: answer holds a lone surrogate"),
+        ('{"context": "a", "question": "b", "answer": "c", "candidates": ["c", "\\udfff"]}',
+         "bad.jsonl:1: candidates holds a lone surrogate"),
         (None, "bad.jsonl: no such file"),
         ("dir", "bad.jsonl: not a regular file"),
     ],
@@ -95,6 +109,16 @@ def test_a_bad_task_file_is_one_line_naming_file_and_line(tmp_path, content, mes
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
+def test_a_line_ends_at_newline_alone(tmp_path):
+    """JSON keeps U+2028, U+0085 and a form feed raw inside a string (``ensure_ascii=False``): each is text of
+    its task, not the end of a line."""
+    task = {"context": "Line\u2028separator, next\x85line, form\x0cfeed.", "question": "Which?", "answer": "this"}
+    path = tmp_path / "mine.jsonl"
+    path.write_text(json.dumps(task, ensure_ascii=False) + "\r\n" + json.dumps(task) + "\n", encoding="utf-8")
+    got = read_tasks(str(path))
+    assert [t.context for t in got] == [task["context"]] * 2 and got[1].source == f"{path}:2"
+
+
 def test_the_cli_says_it_in_one_line_and_exits_non_zero(tmp_path):
     """Before the model loads: one line on stderr, nothing on stdout, no traceback."""
     bad = write_tasks(tmp_path / "bad.jsonl", json.dumps(KEY_TASK), "{not json")
@@ -103,8 +127,21 @@ def test_the_cli_says_it_in_one_line_and_exits_non_zero(tmp_path):
     assert r.stderr == f"sinkchat: error: {bad}:2: not JSON (Expecting property name enclosed in double quotes)\n"
     r = run_cli("bench", "memory", "--tasks", "passkey,haystack", "--tokens", "4y")
     assert r.returncode != 0 and "--tasks takes a comma list of passkey, needle, lines, chat" in r.stderr
-    r = run_cli("bench", "memory", "--tokens", "4y")
-    assert r.returncode != 0 and "--tokens takes a comma list" in r.stderr and "Traceback" not in r.stderr
+    for tokens in ("4y", "infx"):
+        r = run_cli("bench", "memory", "--tokens", tokens)
+        assert r.returncode == 2 and "--tokens takes a comma list" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.model  # a subprocess loads the bundled model
+def test_a_window_too_small_for_recall_runs_the_other_modes():
+    """The recall mode's default slots (half the window) are checked only where the recall mode runs."""
+    args = ("bench", "memory", "--window", "64", "--tokens", "1x", "--depths", "0.5", "--keys", "1")
+    r = run_cli(*args, "--modes", "dense,sinks", "--json")
+    assert r.returncode == 0, r.stderr
+    assert {x["mode"] for x in json.loads(r.stdout)["results"]} == {"dense", "sinks"}
+    r = run_cli(*args, "--modes", "recall")
+    assert r.returncode == 2  # the user gave no --recall: the error says where the 32 comes from
+    assert "--recall 32 (by default half --window 64) holds no block of --recall-block 64" in r.stderr
 
 
 @pytest.mark.model  # a subprocess loads the bundled model

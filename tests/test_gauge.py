@@ -86,3 +86,17 @@ async def test_recalled_blocks_are_named_with_their_messages_at_80_columns():
     assert occupancy.text().endswith("| recalled 2 blocks [4, 68) [324, 388)")
     # the transcript's label of the message the key came from says it is back for this turn
     assert "↺ 41 recalled for this turn" in label(1, "user", "", memory(messages[1], [(4, 664)]), recalled=41)
+
+
+async def test_recalled_blocks_past_the_listed_ones_are_counted():
+    """The counter counts every recalled block; the details list the first few and say how many more."""
+    from sinkchat.ledger import Recalled
+
+    messages = [Message("system", "", 0, 19), Message("user", "a long paste", 19, 3000)]
+    recall = tuple(Recalled(b, ((4 + 16 * b, 20 + 16 * b),), 30 - b) for b in range(15))
+    occupancy = Occupancy(4, 60, 64, 4, 3000, 2936, spans=((4, 2940),), window_start=2940, recalled=64,
+                          recall_capacity=64, recall=recall, memory_blocks=19, recall_layers=30)
+    lines = await shown(occupancy, messages, size=(100, 40))
+    text = " ".join(line.strip() for line in lines)
+    assert "recalled 15 of 19 blocks" in text and text.count("↺ recalled #") == CacheGauge.MAX_SPANS, text
+    assert "… 9 more recalled span(s), chosen by fewer layers" in text, text

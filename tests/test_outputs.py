@@ -53,7 +53,7 @@ def test_chat_ids_out_of_range_are_usage_errors(tmp_path, args):
     one_line_error(run_cli(*args))
 
 
-@pytest.mark.parametrize("where", ["missing/x.png", "dir"])
+@pytest.mark.parametrize("where", ["missing/x.png", "dir", "plot.txt", "plot.svg"])
 def test_an_unwritable_plot_path_is_refused_before_the_run(tmp_path, where):
     (tmp_path / "dir").mkdir()
     out = run_cli("bench", "ppl", "--tokens", "20", "--plot", str(tmp_path / where), timeout=60)

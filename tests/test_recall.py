@@ -99,6 +99,8 @@ def test_memory_reopens_from_its_file_and_pending_state(tmp_path):
     other = BlockMemory(8, 2, INV, key="another model")
     notices = other.open(memory.path, meta, tensors, [0, 1], ledger)
     assert other.blocks == 0 and len(notices) == 1 and "cannot be used" in notices[0]
+    # the key covers the model, its quantization and the KV dtype (--kv-dtype): the notice says so, with the file's
+    assert f"another model, quantization or KV dtype (its K/V are {keys[0].dtype})".replace("torch.", "") in notices[0]
 
 
 def test_a_damaged_block_is_one_notice_and_never_recalled(tmp_path):

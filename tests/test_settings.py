@@ -102,6 +102,18 @@ def test_recall_larger_than_a_resumed_chats_window_names_both_flags():
     assert Settings.resolve({"window": 64, "recall": 64}, saved={"recall": 128})[0].recall == 64
 
 
+def test_recall_and_window_from_one_config_file_is_one_plain_error():
+    """Both values from the same file: no "for <the file>: window; give --recall too" (it read as if the window
+    came from somewhere else)."""
+    with pytest.raises(SettingError) as caught:
+        Settings.resolve(config={"window": 32, "recall": 64}, config_source="/home/u/config.toml")
+    assert str(caught.value) == "/home/u/config.toml: recall must be at most the window, 32 (got 64)"
+    with pytest.raises(SettingError) as caught:  # the window from a flag, recall from the file: say both
+        Settings.resolve({"window": 32}, config={"recall": 64}, config_source="/home/u/config.toml")
+    assert str(caught.value) == ("/home/u/config.toml: recall must be at most the window, 32 (got 64) "
+                                 "for --window; give --recall too")
+
+
 def test_settings_are_frozen_and_checked_on_replace():
     s = Settings()
     with pytest.raises(dataclasses.FrozenInstanceError):

@@ -135,7 +135,7 @@ def attention_plot(report: dict, path: str, title: str) -> None:
 def save(fig, path: str, tight: bool = True) -> None:
     if tight:
         fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
     _pyplot().close(fig)
 
 

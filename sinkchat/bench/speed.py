@@ -195,9 +195,14 @@ def _ratios(run: SpeedRun, base: SpeedRun) -> dict:
     return {"decode": decode, "prefill": prefill}
 
 
-def speed_positions(sinks: int, window: int, tokens: int, points: int) -> list[int]:
-    """``points`` positions from just after the window first fills to ``tokens``, evenly spaced."""
+def speed_positions(sinks: int, window: int, tokens: int, points: int, steps: int = 1) -> list[int]:
+    """``points`` positions from just after the window first fills to ``tokens``, evenly spaced, and at
+    least ``steps`` apart: each position's decode steps move the stream ``steps`` tokens on, so fewer
+    points where they would not fit (a closer position could only be measured later than asked)."""
     first = sinks + window
     if tokens <= first or points < 2:
         return [max(first, tokens)]
+    points = min(points, (tokens - first) // max(steps, 1) + 1)
+    if points < 2:
+        return [tokens]
     return [round(first + k * (tokens - first) / (points - 1)) for k in range(points)]

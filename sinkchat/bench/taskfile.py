@@ -49,7 +49,10 @@ def read_tasks(path: str) -> list[UserTask]:
         raise SinkchatError(f"--tasks {path}: not UTF-8 text (a binary file?)") from None
     if "\x00" in text:
         raise SinkchatError(f"--tasks {path}: not UTF-8 text (a binary file?)")
-    tasks = [_task(f"{path}:{n}", line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    # Lines end at "\n" alone (JSONL): str.splitlines() would also cut at U+2028, U+0085 or a form feed,
+    # which JSON keeps as they are inside a string.
+    lines = text.split("\n")
+    tasks = [_task(f"{path}:{n}", line) for n, line in enumerate(lines, 1) if line.strip()]
     if not tasks:
         raise SinkchatError(f"--tasks {path}: no tasks (one JSON object a line: context, question, answer)")
     return tasks
@@ -71,6 +74,12 @@ def _task(where: str, line: str) -> UserTask:
     for key in ("context", "question", "answer"):
         if not isinstance(obj[key], str):
             raise SinkchatError(f"{where}: {key} must be a string (got {type(obj[key]).__name__})")
+    listed = obj.get("candidates") if isinstance(obj.get("candidates"), list) else []
+    for key, value in [(k, obj[k]) for k in ("context", "question", "answer")] + [("candidates", c) for c in listed]:
+        if isinstance(value, str) and not _is_text(value):
+            raise SinkchatError(f"{where}: {key} holds a lone surrogate (\\ud800-\\udfff), not text")
+    if not obj["context"].strip():  # nothing to remember (and, without a BOS, nothing to read before the question)
+        raise SinkchatError(f"{where}: context is empty")
     if not obj["answer"].strip():
         raise SinkchatError(f"{where}: answer is empty")
     if not obj["question"].strip():
@@ -88,3 +97,12 @@ def _task(where: str, line: str) -> UserTask:
     if not isinstance(chat, bool):
         raise SinkchatError(f"{where}: chat must be true or false (got {json.dumps(chat)})")
     return UserTask(where, obj["context"], obj["question"], obj["answer"], candidates, chat)
+
+
+def _is_text(value: str) -> bool:
+    """False for a string holding a lone surrogate (JSON's ``"\\ud800"``), which no tokenizer can encode."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -120,6 +120,11 @@ class Forced:
     def __init__(self, reply: list[int], end: int):
         self.ids, self.nll = [*reply, end], 0.0
 
+    def candidates(self) -> int:
+        """0: every decode step gets the whole head's logits (a forced token's log-likelihood needs them all;
+        the candidate head would leave most of them -inf)."""
+        return 0
+
     def __call__(self, logits: torch.Tensor, recent: list[int]) -> int:
         tok = self.ids.pop(0)
         self.nll -= torch.log_softmax(logits.double(), -1)[tok].item()

@@ -49,6 +49,8 @@ def _plot_path(plot: str | None) -> str | None:
     folder = path.parent
     if path.is_dir() or path.is_symlink() or (path.exists() and not path.is_file()):
         raise typer.BadParameter(f"{plot} is not a regular file", param_hint="--plot")
+    if path.suffix.lower() not in ("", ".png"):  # matplotlib would pick the format by it, after the run
+        raise typer.BadParameter(f"{plot}: the plot is a PNG; name a .png file", param_hint="--plot")
     if not folder.is_dir():
         raise typer.BadParameter(f"{plot}: the folder {folder} does not exist", param_hint="--plot")
     if not os.access(folder, os.W_OK):
@@ -164,7 +166,8 @@ def recall_slots(s: Settings, recall: int | None) -> int:
     error when they hold no block of ``s.recall_block`` tokens."""
     slots = recall if recall is not None else (s.recall or s.window // 2)
     if slots < s.recall_block:
-        raise SinkchatError(f"--recall {slots} holds no block of --recall-block {s.recall_block}")
+        whence = "" if recall is not None or s.recall else f" (by default half --window {s.window})"
+        raise SinkchatError(f"--recall {slots}{whence} holds no block of --recall-block {s.recall_block}")
     return slots
 
 
@@ -374,7 +377,7 @@ def speed(
     from ..bench import speed as measure_speed
 
     loaded = load(s, as_json)
-    positions = measure_speed.speed_positions(sinks, window, tokens, points)
+    positions = measure_speed.speed_positions(sinks, window, tokens, points, steps)
     need = positions[-1] + max(steps, recompute_steps) + 1
     ids = bench.text_ids(loaded.tokenizer, body, need)
     if len(ids) < 2:
@@ -423,7 +426,7 @@ def parse_lengths(text: str, window: int) -> list[int]:
     """``--tokens``: a comma list of lengths, each in tokens (``1024``) or in windows (``4x``)."""
     try:
         lengths = [int(float(t[:-1]) * window) if t.strip().endswith("x") else int(t) for t in text.split(",")]
-    except ValueError:
+    except (ValueError, OverflowError):  # OverflowError: "infx"
         raise SinkchatError(f"--tokens takes a comma list of lengths in tokens (1024) or windows (4x) "
                             f"(got {text!r})") from None
     if any(n < 64 for n in lengths):
@@ -476,7 +479,7 @@ def memory(
     user = [task for path in files for task in read_tasks(path)]
     s = settings(model=model, sinks=sinks, window=window, quant=quant, device=device, dtype=dtype,
                  recall_block=recall_block)
-    slots = recall_slots(s, recall)
+    slots = recall_slots(s, recall) if "recall" in wanted else 0
     from ..bench import memory as bench_memory
 
     loaded = load(s, as_json, context=False)

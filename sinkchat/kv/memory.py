@@ -558,7 +558,8 @@ class BlockMemory:
         except (ValueError, TypeError) as exc:
             raise MemoryFileError(f"damaged header ({exc})") from None
         if g.key != self.key or g.block != self.block or g.reps != self.reps or g.layers != len(self.inv_freqs):
-            raise MemoryFileError("it was made by another model or geometry")
+            raise MemoryFileError(f"it was made by another model, quantization or KV dtype (its K/V are {g.dtype})"
+                                  if g.key != self.key else "it was made for another cache geometry")
         self.geometry = g
 
     def _read_tokens(self, index: int, ledger: list[int]) -> list[Run] | None:

@@ -122,8 +122,12 @@ class CacheGauge(Widget):
                 lines.append(Text(f"… {len(spans) - self.MAX_SPANS} older forgotten span(s)", label))
             for span in spans[-self.MAX_SPANS:]:
                 lines += flow(words(Text.assemble(("✂ forgot ", gone), span)), Text(" "), width)
-            for line in self.recall_lines()[: self.MAX_SPANS]:
+            recalled = self.recall_lines()
+            for line in recalled[: self.MAX_SPANS]:
                 lines += flow(words(Text.assemble(("↺ recalled ", label), line)), Text(" "), width)
+            if len(recalled) > self.MAX_SPANS:  # the counter above counts them all: say where the rest went
+                lines.append(Text(f"… {len(recalled) - self.MAX_SPANS} more recalled span(s), chosen by fewer layers",
+                                  label))
         return lines
 
 
