@@ -227,6 +227,17 @@ def test_resume_with_a_memory_is_token_identical(smollm):
     assert "recalled" in again.occupancy().text()
 
 
+def test_resuming_with_recall_off_says_the_memory_is_dropped(smollm):
+    """--resume N --recall 0 on a chat with a memory: one notice says what happens to it (it was silent)."""
+    store = Store()
+    chat_id, chat = recall_chat(smollm, store, TURNS[:3])
+    blocks = chat.cache.memory.blocks
+    store.unlock(chat_id)
+    notices = Store(store.root).open(chat_id, Chat(smollm, chat.settings.replace(recall=0)))
+    assert notices == [f"this chat's memory of {blocks} blocks is not used with --recall 0 and is dropped at its "
+                       "next save; resume with --recall N to keep recalling from it"]
+
+
 def test_rollback_takes_the_turns_blocks_back_out_of_the_memory(smollm):
     store = Store()
     _, chat = recall_chat(smollm, store, TURNS[:2])

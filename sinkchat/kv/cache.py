@@ -683,10 +683,14 @@ class SinkCache:
                     writable: bool = True) -> list[str]:
         """Continue the saved memory (``meta["memory"]``) from its file at ``path`` and the waiting
         tokens in ``tensors``; notices for the user when part of it cannot be used. Nothing without
-        recall; a chat saved before the memory existed starts an empty one."""
-        if self.memory is None:
-            return []
+        recall (a memory the chat had is then said to be dropped); a chat saved before the memory existed
+        starts an empty one."""
         saved = meta.get("memory") or {}
+        if self.memory is None:
+            if not saved.get("blocks"):
+                return []
+            return [f"this chat's memory of {saved['blocks']} blocks is not used with --recall 0 and is dropped "
+                    "at its next save; resume with --recall N to keep recalling from it"]
         if saved.get("block", self.memory.block) != self.memory.block:
             note = (f"--recall-block {self.memory.block} differs from the memory's blocks of {saved['block']}; "
                     "recall starts an empty memory")
