@@ -2,10 +2,12 @@
 
 import os
 
-# OpenMP threads that busy-wait after each parallel region starve the thread that runs the model
-# when the TUI loads it in one thread and generates in another (measured on 2 CPU cores: 1-5 tok/s
-# instead of 18). Set before torch loads libgomp; a user's own setting wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# OpenMP's wait policy is left at its default (GNU OpenMP: each worker spins for a short while after a
+# parallel region, then sleeps): one decode thread makes every model call (sinkchat/decoder.py), so
+# one team of workers runs and its brief spin bridges the many small parallel regions of a decode
+# step. Sleeping at once (OMP_WAIT_POLICY=PASSIVE, once set here for a model loaded on one thread and
+# run on another) made decode 1.5x slower on 2 cores (README, "Against llama.cpp").
+
 # tqdm reads TQDM_DISABLE when it is imported, so this must come before transformers loads: library
 # progress bars (GGUF conversion) would otherwise spill onto the TUI or a script's stderr.
 os.environ.setdefault("TQDM_DISABLE", "1")
