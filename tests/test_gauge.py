@@ -100,3 +100,20 @@ async def test_recalled_blocks_past_the_listed_ones_are_counted():
     text = " ".join(line.strip() for line in lines)
     assert "recalled 15 of 19 blocks" in text and text.count("↺ recalled #") == CacheGauge.MAX_SPANS, text
     assert "… 9 more recalled span(s), chosen by fewer layers" in text, text
+
+
+async def test_on_a_short_terminal_the_details_give_way_to_the_transcript():
+    """At 80x24 the gauge takes at most half the height (it took the whole screen with many recalled
+    blocks); the last line says how many lines gave way and how to see or hide them."""
+    from sinkchat.ledger import Recalled
+
+    messages = [Message("system", "", 0, 19), Message("user", "a long paste", 19, 3000)]
+    recall = tuple(Recalled(b, ((4 + 16 * b, 20 + 16 * b),), 30 - b) for b in range(15))
+    occupancy = Occupancy(4, 60, 64, 4, 3000, 2936, spans=((4, 2940),), window_start=2940, recalled=64,
+                          recall_capacity=64, recall=recall, memory_blocks=19, recall_layers=30)
+    lines = await shown(occupancy, messages, size=(80, 24))
+    assert len(lines) == 24 // 2, lines
+    assert lines[-1].startswith("… ") and "more line(s): a taller terminal shows them, Ctrl+G hides the details" \
+        in lines[-1], lines
+    tall = await shown(occupancy, messages, size=(80, 60))  # room for all of them: nothing gives way
+    assert not any("more line(s)" in line for line in tall) and len(tall) > len(lines)

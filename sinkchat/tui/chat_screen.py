@@ -176,6 +176,9 @@ class ChatScreen(Say, SteerKeys, Screen):
     def on_screen_resume(self) -> None:
         self.query_one(ChatInput).focus()  # back from help, the chat list or a dialog: type on
 
+    def on_resize(self, event: events.Resize) -> None:
+        self.query_one(CacheGauge).refresh(layout=True)  # its details take at most half the height
+
     # -- the model ------------------------------------------------------------------------------
 
     def load_model(self) -> None:

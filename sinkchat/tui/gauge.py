@@ -42,7 +42,7 @@ class CacheGauge(Widget):
 
     def line_count(self, width: int | None = None) -> int:
         """Lines the gauge draws at ``width`` (its own by default): each line of it is flowed to the width."""
-        return len(self._lines(self._width() if width is None else width))
+        return len(self._shown(self._width() if width is None else width))
 
     def get_content_height(self, container, viewport, width: int) -> int:
         return self.line_count(width)
@@ -84,7 +84,17 @@ class CacheGauge(Widget):
         return [describe_span(s, self.messages) for s in spans(self.occupancy)]
 
     def render(self) -> Text:
-        return Text("\n", no_wrap=True, overflow="ellipsis").join(self._lines(self._width()))
+        return Text("\n", no_wrap=True, overflow="ellipsis").join(self._shown(self._width()))
+
+    def _shown(self, width: int) -> list[Text]:
+        """:meth:`_lines`, at most half the screen's height: the transcript keeps the screen, and
+        the details' tail gives way with a line that says so."""
+        lines = self._lines(width)
+        budget = max(4, self.screen.size.height // 2) if self.is_attached else len(lines)
+        if len(lines) <= budget:
+            return lines
+        return lines[: budget - 1] + [Text(f"… {len(lines) - budget + 1} more line(s): a taller terminal shows them, "
+                                           "Ctrl+G hides the details", self.get_component_rich_style("gauge--label"))]
 
     def _lines(self, width: int) -> list[Text]:
         """The bar, the counters and (with ``details``) what the model read and forgot, each flowed
