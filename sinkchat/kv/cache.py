@@ -652,8 +652,10 @@ class SinkCache:
         self.n_rec, self._recall_k = 0, None
         self.recalled, self.rec_pos = [[] for _ in self.sink_layers], [None] * len(self.sink_layers)
         for i, layer in enumerate(self.layers):
-            k, v = (moved(tensors[f"{i}.{name}"]) for name in ("k", "v"))
             want = local["held"] if isinstance(layer, LocalLayer) else held
+            if not want and f"{i}.k" not in tensors:  # a layer that held nothing (a rebuild to an empty window)
+                continue
+            k, v = (moved(tensors[f"{i}.{name}"]) for name in ("k", "v"))
             if k.shape[-2] != want or v.shape[-2] != want:
                 raise ValueError(f"layer {i} holds {k.shape[-2]} tokens, expected {want}")
             if isinstance(layer, LocalLayer) and want > layer.capacity:
