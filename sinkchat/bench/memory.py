@@ -274,8 +274,7 @@ def run_task(
         cache = SinkCache.for_model(
             model, sinks, window, recall=recall if mode == "recall" else 0, recall_block=recall_block
         )
-        cache.token_ids = lambda a, b: task.ids[a:b]
-    stream = Stream(model, cache)
+    stream = Stream(model, cache)  # which also names the ids it fed to the memory's records
     recalling = mode == "recall"
     chunk = chunk if mode == "dense" else min(chunk, window)  # a chunk must fit the window
 

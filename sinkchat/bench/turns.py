@@ -115,15 +115,11 @@ class TurnsRun:
 
 class Forced:
     """A sampler that answers with a fixed reply and the end of the turn, adding up each token's
-    negative log-likelihood under the logits it is given (teacher forcing through the engine)."""
+    negative log-likelihood under the logits it is given (teacher forcing through the engine). It says no
+    ``candidates()``, so the engine gives its decode steps every logit, as a log-likelihood needs."""
 
     def __init__(self, reply: list[int], end: int):
         self.ids, self.nll = [*reply, end], 0.0
-
-    def candidates(self) -> int:
-        """0: every decode step gets the whole head's logits (a forced token's log-likelihood needs them all;
-        the candidate head would leave most of them -inf)."""
-        return 0
 
     def __call__(self, logits: torch.Tensor, recent: list[int]) -> int:
         tok = self.ids.pop(0)
