@@ -38,6 +38,15 @@ def int4_fits(out_features: int, in_features: int) -> bool:
     return out_features % 16 == 0 and in_features % GROUP == 0
 
 
+def int4_is_fast() -> bool:
+    """Whether PyTorch's packed int4 kernel runs with AVX-512 on this CPU (``ATEN_CPU_CAPABILITY`` can
+    force another); elsewhere it is twice as slow, as slow as float16 (README, "Which kernel runs
+    where"). Imports torch."""
+    import torch
+
+    return torch.backends.cpu.get_cpu_capability() == "AVX512"
+
+
 def eight_bit_kernel() -> str:
     """The kernel for 5- and 8-bit blocks on this CPU: the int8 planes where PyTorch's int4 kernel runs
     with AVX-512, float16 elsewhere, where that kernel is twice as slow and float16 as fast as before
@@ -46,12 +55,10 @@ def eight_bit_kernel() -> str:
     ``ATEN_CPU_CAPABILITY`` sets."""
     import os
 
-    import torch
-
     forced = os.environ.get("SINKCHAT_EIGHT_BIT")
     if forced in ("int8", "fp16"):
         return forced
-    return "int8" if torch.backends.cpu.get_cpu_capability() == "AVX512" else "fp16"
+    return "int8" if int4_is_fast() else "fp16"
 
 
 def kernel_for(block_type: str, shape: tuple[int, int], quant: str = "auto", head: bool = False,

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .gguf import int4_fits
+from .gguf import int4_fits, int4_is_fast
 from .quant import HalfLinear, Int4Linear, Packs
 
 
@@ -43,7 +43,7 @@ class CandidateHead(nn.Module):
             and head.weight.dtype == torch.float16
             and head.weight.device.type == "cpu"
             and int4_fits(*head.weight.shape)
-            and torch.backends.cpu.get_cpu_capability() == "AVX512"
+            and int4_is_fast()
         )
 
     def forward(self, x: torch.Tensor, candidates: int) -> torch.Tensor:
