@@ -346,7 +346,7 @@ class SinkCache:
         """Give the memory what ``plan`` evicts (before the slots change; ``first``: the slot of the
         window's first token): the parked tokens that leave, then the window's oldest."""
         start = self.seen - self.n_win
-        window = [(a, b, a - self.base) for a, b in plan.evicted if start <= a and b <= plan.window_start]
+        window = [(a, b, a - self.base) for a, b in plan.window_evicted]
         for runs, slots, parked in ((plan.dropped, plan.dropped_slots, True),
                                     (window, [first + t - start for a, b, _ in window for t in range(a, b)], False)):
             if not slots:

@@ -70,6 +70,7 @@ class Eviction:
     dropped_slots: list[int]
     moved: list[Span]  # window tokens that join the parked region (pinned)
     window_start: int
+    window_evicted: list[Span]  # the window's oldest tokens that leave (not merged with ``dropped``)
     evicted: list[Span]  # conversation spans that leave the cache, in order
 
 
@@ -107,4 +108,5 @@ def plan_eviction(parked: list[Run], pins: list[Span], start: int, seen: int, ba
         raise ValueError("pinned tokens leave no room in the window")
     moved = clip(pins, start, end)
     evicted = merge_spans(sorted(run_spans(dropped) + window_evicted))
-    return Eviction(kept + [(a, b, a - base) for a, b in moved], keep, dropped, dropped_slots, moved, end, evicted)
+    parked_after = kept + [(a, b, a - base) for a, b in moved]
+    return Eviction(parked_after, keep, dropped, dropped_slots, moved, end, window_evicted, evicted)

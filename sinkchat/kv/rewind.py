@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..ledger import Span, clip, subtract
+from ..ledger import Span, subtract
 from .layer import LocalLayer, rotate
 from .layout import Eviction, Run, run_positions, run_tokens
 
@@ -70,7 +70,7 @@ class Checkpoint:
             leaving.append((t0, t1, p0, plan.dropped_slots[at], True))
             at += t1 - t0
         leaving += [(a, b, a - cache.base, first + a - start, False)
-                    for a, b in clip(plan.evicted, start, plan.window_start)]
+                    for a, b in plan.window_evicted]
         for t0, t1, p0, slot, parked in leaving:
             t1 = min(t1, self.seen)  # tokens of the turn itself are rolled back, not restored
             if t1 <= t0:
