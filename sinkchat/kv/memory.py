@@ -50,6 +50,7 @@ MAGIC = b"SINKMEM1"  # the file header's first bytes
 RECORD = b"SKMBLOCK"  # each record's first bytes
 FILE_HEADER = 4096  # bytes before the first record: MAGIC and the geometry as JSON
 SUFFIX = ".memory"
+REPS_CHUNK = 64  # blocks whose representatives are allocated together (never copied to grow)
 
 
 class MemoryFileError(ValueError):
@@ -163,7 +164,7 @@ class BlockMemory:
         self.runs: list[list[Run]] = []  # per block: its tokens (conversation index, stored key position)
         self.damaged: set[int] = set()  # blocks that failed their checksums: never recalled
         self.notices: list[str] = []  # for the user, taken by the engine after each step
-        self._reps: list[torch.Tensor] = []  # per layer [capacity, reps, KV, D] float16
+        self._reps: list[torch.Tensor] = []  # chunks of blocks: [L, REPS_CHUNK, reps, KV, D] float16
         self.pending: list[Run] = []  # evicted tokens waiting for their block to fill
         self.pending_ids: list[int] = []
         self.pending_k: list[torch.Tensor | None] = [None] * len(inv_freqs)  # per layer [1, KV, n, D]
@@ -238,15 +239,13 @@ class BlockMemory:
         self._keep_reps(index, reps)
 
     def _keep_reps(self, index: int, reps: torch.Tensor) -> None:
-        """Store block ``index``'s representatives ``[L, reps, KV, D]`` (grown by doubling)."""
-        for j in range(reps.shape[0]):
-            if j >= len(self._reps):
-                self._reps.append(reps.new_zeros((8, *reps.shape[1:])))
-            if index >= self._reps[j].shape[0]:
-                grown = reps.new_zeros((max(index + 1, 2 * self._reps[j].shape[0]), *reps.shape[1:]))
-                grown[: self._reps[j].shape[0]] = self._reps[j]
-                self._reps[j] = grown
-            self._reps[j][index] = reps[j]
+        """Store block ``index``'s representatives ``[L, reps, KV, D]``. They live in chunks of
+        ``REPS_CHUNK`` blocks, each allocated once: an array grown by doubling left its old copies in
+        the allocator's heap and overshot by up to 2x (RSS 1.11x over 2000 turns of ``bench endless``)."""
+        chunk, at = divmod(index, REPS_CHUNK)
+        while len(self._reps) <= chunk:
+            self._reps.append(reps.new_zeros((reps.shape[0], REPS_CHUNK, *reps.shape[1:])))
+        self._reps[chunk][:, at] = reps
 
     # -- the file --------------------------------------------------------------------------------
 
@@ -327,7 +326,7 @@ class BlockMemory:
         scoring distance from position 0) in global layer ``layer``: the best of its representatives'
         dot products summed over the query heads that share each key head; damaged blocks score -inf."""
         n = self.blocks
-        reps = self._reps[layer][:n].float()  # [n, reps, KV, D]
+        reps = torch.cat([c[layer] for c in self._reps])[:n].float()  # [n, reps, KV, D]
         kv = reps.shape[2]
         q = query.reshape(kv, -1, query.shape[-1]).sum(dim=1).to(reps.device)  # [KV, D]
         s = torch.einsum("nrkd,kd->nr", reps, q).amax(dim=-1)
