@@ -21,6 +21,10 @@ settings.load_profile("sinkchat")
 # depend on how work is split over threads (greedy replies in snapshots would change with the core
 # count), and pytest-xdist workers that share the cores never make each other's parallel regions wait.
 os.environ["OMP_NUM_THREADS"] = "1"
+# Decode steps eager (PyTorch's own switch, honoured by ``--compile auto``): compiling each process's
+# and each tiny model's layer costs seconds, and the tests compare paths by their own logits. The
+# compiled step has its own tests (``compiling`` below), against the eager one.
+os.environ["TORCH_COMPILE_DISABLE"] = "1"
 
 MODEL_FIXTURES = {"smollm", "smollm_hf", "smollm_f32", "tiny_models", "tiny_families", "tiny_loaded", "tiny_gguf"}
 
@@ -37,6 +41,14 @@ def private_dirs(tmp_path, monkeypatch):
     monkeypatch.setenv("SINKCHAT_CONFIG_DIR", str(tmp_path / "config"))
     monkeypatch.setenv("SINKCHAT_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture
+def compiling(monkeypatch):
+    """torch.compile back on for one test (the suite runs eager, see above)."""
+    import torch
+
+    monkeypatch.setattr(torch._dynamo.config, "disable", False)
 
 
 @pytest.fixture(scope="session")

@@ -23,6 +23,7 @@ transformers modules at row slices of it, so both paths share one copy of the we
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -85,19 +86,106 @@ def _rope_parameters(config) -> list[dict]:
     return [rope]
 
 
-@dataclass
-class Layer:
-    """One decoder layer's weights as the fast path uses them (modules shared with the model)."""
+@dataclass(frozen=True)
+class Dims:
+    """What every layer of a model shares: ``H`` query heads and ``KV`` key/value heads of ``D`` dims,
+    the RMSNorm epsilon, the attention scale (None: SDPA's ``1 / sqrt(D)``), the activation and the
+    MLP's intermediate width."""
 
-    norms: list[torch.Tensor | None]  # RMSNorm weights (float32, any offset folded in), see Block.norms
-    qkv: nn.Module  # hidden -> (H + 2 KV) D
-    o: nn.Module  # H D -> hidden
-    gate_up: nn.Module  # hidden -> 2 intermediate
-    down: nn.Module  # intermediate -> hidden
-    q_norm: torch.Tensor | None = None  # [D] RMSNorm weights over each head's query and key
-    k_norm: torch.Tensor | None = None
-    rope: int = 0  # which of the model's RoPE tables (one per layer type)
-    window: int | None = None  # a sliding layer's native window (its cache is a LocalLayer)
+    heads: int
+    kv_heads: int
+    head_dim: int
+    eps: float
+    scale: float | None
+    act: Callable[[torch.Tensor], torch.Tensor]
+    inter: int
+
+    @property
+    def q_size(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.kv_heads * self.head_dim
+
+
+class Layer(nn.Module):
+    """One decoder layer as the fast path runs it (its projections are modules shared with the model;
+    its norms float32, any offset folded in, see :class:`~.families.Block`).
+
+    Its :meth:`forward` is the static-shape decode step of this layer, the unit ``torch.compile``
+    compiles: every layer of a model has the same code and shapes, so one graph serves them all
+    (PyTorch's "regional compilation": compiling a whole step took 112 s on 2 cores, a layer 8 s)."""
+
+    def __init__(self, dims: Dims, norms: list[torch.Tensor | None], qkv: nn.Module, o: nn.Module,
+                 gate_up: nn.Module, down: nn.Module, q_norm: torch.Tensor | None = None,
+                 k_norm: torch.Tensor | None = None, rope: int = 0, window: int | None = None):
+        super().__init__()
+        self.dims = dims
+        self.qkv, self.o, self.gate_up, self.down = qkv, o, gate_up, down  # hidden -> (H + 2 KV) D, ...
+        for i, norm in enumerate(norms):  # pre-attention, post-attention, pre-MLP, post-MLP
+            self.register_buffer(f"norm{i}", norm, persistent=False)
+        self.register_buffer("q_norm", q_norm, persistent=False)  # [D] over each head's query and key
+        self.register_buffer("k_norm", k_norm, persistent=False)
+        self.rope = rope  # which of the model's RoPE tables (one per layer type)
+        self.window = window  # a sliding layer's native window (its cache is a LocalLayer)
+
+    @property
+    def norms(self) -> list[torch.Tensor | None]:
+        return [self.norm0, self.norm1, self.norm2, self.norm3]
+
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, x.shape[-1:], weight, self.dims.eps)
+
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """The layer's queries ``[n, H, D]`` and keys ``[n, KV, D]`` (normed where the family norms them,
+        rotated) and values ``[n, KV, D]`` for the residual stream ``x`` ``[n, hidden]``."""
+        d = self.dims
+        n, H, KV, D = x.shape[0], d.heads, d.kv_heads, d.head_dim
+        qkv = self.qkv(self._norm(x, self.norm0))  # [n, (H + 2 KV) D]
+        q = qkv[:, : d.q_size].view(n, H, D)
+        k = qkv[:, d.q_size : d.q_size + d.kv_size].view(n, KV, D)
+        v = qkv[:, d.q_size + d.kv_size :].view(n, KV, D)
+        if self.q_norm is not None:
+            q, k = F.rms_norm(q, (D,), self.q_norm, d.eps), F.rms_norm(k, (D,), self.k_norm, d.eps)
+        return _rotate(q, cos, sin), _rotate(k, cos, sin), v
+
+    def finish(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """The rest of the layer after attention's output ``a`` ``[n, H D]``: output projection and MLP,
+        each joining the residual stream ``x`` (normed first where the family norms it)."""
+        y = self.o(a)
+        x = x + (self._norm(y, self.norm1) if self.norm1 is not None else y)
+        gu = self.gate_up(self._norm(x, self.norm2))
+        inter = self.dims.inter
+        y = self.down(self.dims.act(gu[:, :inter]) * gu[:, inter:])
+        return x + (self._norm(y, self.norm3) if self.norm3 is not None else y)
+
+    def attend_slots(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                     mask: torch.Tensor) -> torch.Tensor:
+        """One query ``q`` ``[1, H, D]`` against the layer's whole ``[1, KV, capacity, D]`` buffers, the
+        slots ``mask`` (:func:`_slot_mask`) drops left out -> ``[1, H D]``, in the cache's dtype, query
+        heads folded per key/value head: SDPA, or for a bf16 cache on the CPU :func:`matmul_attention`.
+        The static step's attention, and the eager step's for one token in a 16-bit cache: a bf16 SDPA
+        over the filled slots alone runs another kernel (flash on a GPU, an unmasked CPU path) whose
+        rounding differs, which the two steps' logits showed (1.4e-2 of the largest logit on
+        SmolLM2-135M in bf16 on the CPU; up to 4.3e-2 on a GPU)."""
+        if keys.dtype == torch.bfloat16 and keys.is_cpu:
+            return matmul_attention(q, keys, values, mask, self.dims.scale)
+        H, KV, D = self.dims.heads, self.dims.kv_heads, self.dims.head_dim
+        a = F.scaled_dot_product_attention(q.view(1, KV, H // KV, D).to(keys.dtype), keys, values,
+                                           attn_mask=mask.view(1, 1, 1, -1), scale=self.dims.scale)
+        return a.reshape(1, H * D).float()
+
+    def forward(self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, slot: torch.Tensor,
+                mask: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """One token's residual stream ``x`` ``[1, hidden]`` through this layer with static shapes: its key
+        and value go into ``slot`` (a ``[1]`` tensor) of the whole ``[1, KV, capacity, D]`` buffers, and
+        attention runs over the slots ``mask`` keeps. ``cos``/``sin``: ``[1, 1, D]``."""
+        KV, D = self.dims.kv_heads, self.dims.head_dim
+        q, k, v = self.project(x, cos, sin)
+        keys[:, :, slot] = k.view(1, KV, 1, D).to(keys.dtype)  # index_put_: in place, also when compiled
+        values[:, :, slot] = v.view(1, KV, 1, D).to(values.dtype)
+        return self.finish(x, self.attend_slots(q, keys, values, mask))
 
 
 class FastModel:
@@ -107,33 +195,34 @@ class FastModel:
     the cache holds ``[1, KV, capacity, D]`` keys and values per layer in its own dtype.
     """
 
-    def __init__(self, model, family: Family, layers: list[Layer], packs=None):
-        config = model.config
+    def __init__(self, model, layers: list[Layer], packs=None):
         self.layers = layers
+        self.dims = layers[0].dims
         self.embed = model.get_input_embeddings()  # applies the family's embedding scale itself
-        self.norm = model.model.norm.weight.float() + family.block.norm_offset
+        self.norm = model.model.norm.weight.float() + family_of(model.config.model_type).block.norm_offset
         self.head = model.get_output_embeddings()
         # a decode step whose sampler needs only the best tokens: int4 picks them, float16 scores them
         self.candidate_head = CandidateHead(self.head, packs) if CandidateHead.fits(self.head) else None
-        self.eps = config.rms_norm_eps
-        self.act = ACTIVATIONS[family.block.act]
-        self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
-        key = family.block.query_scale_key
-        self.scale = getattr(config, key) ** -0.5 if key else None  # None: SDPA's own 1 / sqrt(D)
         rotary = model.model.rotary_emb
         self.ropes = []  # (inv_freq, attention_scaling) per layer type
-        for t in sorted(set(_layer_types(config))):
+        for t in sorted(set(_layer_types(model.config))):
             inv = getattr(rotary, f"{t}_inv_freq", None)
             scaling = getattr(rotary, f"{t}_attention_scaling", None) if inv is not None else None
             inv = rotary.inv_freq if inv is None else inv
             scaling = getattr(rotary, "attention_scaling", 1.0) if scaling is None else scaling
             self.ropes.append((inv.detach().float(), float(scaling)))
-        self.q_size, self.kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        self.inter = layers[0].down.in_features
-        self.compiled = None  # the compiled static_step, once compile() was asked for
+        self.layer_step = Layer.forward  # one layer of the static step; compile() compiles it once for all
+        self.compiled = None  # the static step, once compile() was asked for
         self.notice: str | None = None  # how long compiling took, or why it failed, for the user
         self.compiled_s: float | None = None  # seconds the first compiled step took (compiling, recording)
+
+    @staticmethod
+    def _dims(config, family: Family, inter: int) -> Dims:
+        heads = config.num_attention_heads
+        key = family.block.query_scale_key
+        return Dims(heads, config.num_key_value_heads, getattr(config, "head_dim", None) or config.hidden_size // heads,
+                    config.rms_norm_eps, getattr(config, key) ** -0.5 if key else None,
+                    ACTIVATIONS[family.block.act], inter)
 
     @classmethod
     def build(cls, model, int4: bool = False, packs=None, make=None) -> "FastModel":
@@ -153,6 +242,7 @@ class FastModel:
         windows = local_windows(config) or [None] * len(types)
         weight = lambda module: module.weight.float() + offset  # noqa: E731
         layers = []
+        dims = cls._dims(config, family, model.model.layers[0].mlp.down_proj.in_features)
         for i, block in enumerate(model.model.layers):
             attn, mlp = block.self_attn, block.mlp
             qkv = _fuse(attn, ("q_proj", "k_proj", "v_proj"), int4, packs, f"{i}.qkv", make)
@@ -167,11 +257,11 @@ class FastModel:
             attn.o_proj, mlp.down_proj = o, down
             norms = [weight(getattr(block, name)) if name else None for name in block_spec.norms]
             q_norm, k_norm = (weight(attn.q_norm), weight(attn.k_norm)) if block_spec.qk_norm else (None, None)
-            layers.append(Layer(norms, qkv, o, gate_up, down, q_norm, k_norm, rope_index[types[i]], windows[i]))
+            layers.append(Layer(dims, norms, qkv, o, gate_up, down, q_norm, k_norm, rope_index[types[i]], windows[i]))
         head = model.get_output_embeddings()
         if type(head) is nn.Linear and head.bias is None and (int4 or head.weight.dtype != torch.float32):
             model.set_output_embeddings(HalfLinear(head.weight, torch.float16 if int4 else head.weight.dtype))
-        return cls(model, family, layers, packs)
+        return cls(model, layers, packs)
 
     # -- the forward ----------------------------------------------------------------------------------
 
@@ -188,7 +278,7 @@ class FastModel:
         ropes = [self._rope(positions.reshape(-1).to(device), r) for r in range(len(self.ropes))]
         masks: dict[tuple, torch.Tensor] = {}  # one token into a 16-bit cache: the static step's attention
         for i, (layer, cl) in enumerate(zip(self.layers, cache.layers)):
-            q, k, v = self._project(layer, x, *ropes[layer.rope])
+            q, k, v = layer.project(x, *ropes[layer.rope])
             if recalling:  # this layer's queries choose the blocks it sees (sinkchat.kv.memory)
                 cache.recall_layer(i, q, positions)
             keys, values = cl.write(k.transpose(0, 1)[None], v.transpose(0, 1)[None])  # [1, KV, L, D]
@@ -198,10 +288,10 @@ class FastModel:
                 if mask is None:
                     slot = torch.tensor([cl.length - 1], device=device)
                     mask = masks[key] = _slot_mask(cl.keys.shape[2], slot, layer.window)
-                a = self._attend_slots(q, cl.keys, cl.values, mask)
+                a = layer.attend_slots(q, cl.keys, cl.values, mask)
             else:
                 a = self._attend(q, keys, values, layer.window)
-            x = self._finish(layer, x, a)
+            x = layer.finish(x, a)
         if keep:
             x = x[-keep:]
         return self.logits(x, candidates if len(ids) == 1 else 0)
@@ -217,39 +307,21 @@ class FastModel:
         return self.head(x).float()
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, x.shape[-1:], weight, self.eps)
-
-    def _project(self, layer: Layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """The layer's queries ``[n, H, D]`` and keys ``[n, KV, D]`` (normed where the family norms them,
-        rotated) and values ``[n, KV, D]`` for the residual stream ``x`` ``[n, hidden]``."""
-        n, H, KV, D = x.shape[0], self.heads, self.kv_heads, self.head_dim
-        qkv = layer.qkv(self._norm(x, layer.norms[0]))  # [n, (H + 2 KV) D]
-        q = qkv[:, : self.q_size].view(n, H, D)
-        k = qkv[:, self.q_size : self.q_size + self.kv_size].view(n, KV, D)
-        v = qkv[:, self.q_size + self.kv_size :].view(n, KV, D)
-        if layer.q_norm is not None:
-            q, k = F.rms_norm(q, (D,), layer.q_norm, self.eps), F.rms_norm(k, (D,), layer.k_norm, self.eps)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin), v
-
-    def _finish(self, layer: Layer, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-        """The rest of the layer after attention's output ``a`` ``[n, H D]``: output projection and MLP,
-        each joining the residual stream ``x`` (normed first where the family norms it)."""
-        pre_attn, post_attn, pre_mlp, post_mlp = layer.norms
-        y = layer.o(a)
-        x = x + (self._norm(y, post_attn) if post_attn is not None else y)
-        gu = layer.gate_up(self._norm(x, pre_mlp))
-        y = layer.down(self.act(gu[:, : self.inter]) * gu[:, self.inter :])
-        return x + (self._norm(y, post_mlp) if post_mlp is not None else y)
+        return F.rms_norm(x, x.shape[-1:], weight, self.dims.eps)
 
     # -- the static-shape decode step (torch.compile, CUDA graphs) ----------------------------------
 
     def compile(self, inductor: bool = True, cuda_graph: bool = False) -> None:
         """Decode single tokens through :meth:`static_step`, compiled by ``torch.compile`` (inductor)
-        and/or recorded as a CUDA graph (:class:`CudaGraphStep`). Both happen on the first step; if
-        either fails, the step stays eager and :attr:`notice` says why (once)."""
+        and/or recorded as a CUDA graph (:class:`CudaGraphStep`). Without a graph (the CPU) inductor
+        compiles one layer (:class:`Layer`), whose graph every layer reuses: seconds, where the whole
+        step took minutes on 2 cores; with one it compiles the whole step, as measured on a GPU. Both
+        happen on the first step; if either fails, the step stays eager and :attr:`notice` says why (once)."""
         step, self.compiled_s = self.static_step, None
-        if inductor:
+        if inductor and cuda_graph:
             step = torch.compile(step, dynamic=False)
+        elif inductor:
+            self.layer_step = torch.compile(Layer.forward)
         self.compiled = CudaGraphStep(step) if cuda_graph else step
 
     def static_step(self, token: torch.Tensor, position: torch.Tensor, slots: torch.Tensor,
@@ -259,37 +331,17 @@ class FastModel:
         ``[1, KV, capacity, D]`` buffers; attention runs over every slot with the ones past it (and, in
         a sliding layer, those ``window`` or more back) masked. Logits ``[1, vocab]`` (``candidates``:
         :meth:`logits`; a constant, so a compiled step is specialized on it)."""
-        KV, D = self.kv_heads, self.head_dim
         x = self.embed(token).float()
         ropes = [self._rope(position, r) for r in range(len(self.ropes))]
         masks: dict[tuple, torch.Tensor] = {}  # one per kind of layer
         for layer, (keys, values) in zip(self.layers, buffers):
-            q, k, v = self._project(layer, x, *ropes[layer.rope])
             j = int(layer.window is not None)
             slot = slots[j : j + 1]
-            keys[:, :, slot] = k.view(1, KV, 1, D).to(keys.dtype)  # index_put_: in place, also when compiled
-            values[:, :, slot] = v.view(1, KV, 1, D).to(values.dtype)
             key = (keys.shape[2], j, layer.window)
             if key not in masks:
                 masks[key] = _slot_mask(keys.shape[2], slot, layer.window)
-            x = self._finish(layer, x, self._attend_slots(q, keys, values, masks[key]))
+            x = self.layer_step(layer, x, keys, values, slot, masks[key], *ropes[layer.rope])
         return self.logits(x, candidates)
-
-    def _attend_slots(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                      mask: torch.Tensor) -> torch.Tensor:
-        """One query ``q`` ``[1, H, D]`` against a layer's whole ``[1, KV, capacity, D]`` buffers, the
-        slots ``mask`` (:func:`_slot_mask`) drops left out -> ``[1, H D]``, in the cache's dtype, query
-        heads folded per key/value head: SDPA, or for a bf16 cache on the CPU :func:`matmul_attention`.
-        The static step's attention, and the eager step's for one token in a 16-bit cache: a bf16 SDPA
-        over the filled slots alone runs another kernel (flash on a GPU, an unmasked CPU path) whose
-        rounding differs, which the two steps' logits showed (1.4e-2 of the largest logit on
-        SmolLM2-135M in bf16 on the CPU; up to 4.3e-2 on a GPU)."""
-        if keys.dtype == torch.bfloat16 and keys.is_cpu:
-            return matmul_attention(q, keys, values, mask, self.scale)
-        H, KV, D = self.heads, self.kv_heads, self.head_dim
-        a = F.scaled_dot_product_attention(q.view(1, KV, H // KV, D).to(keys.dtype), keys, values,
-                                           attn_mask=mask.view(1, 1, 1, -1), scale=self.scale)
-        return a.reshape(1, H * D).float()
 
     def _compiled_step(self, token: int, positions: torch.Tensor, cache, candidates: int = 0) -> torch.Tensor:
         device = self.norm.device
@@ -305,7 +357,7 @@ class FastModel:
                 self.compiled_s = time.perf_counter() - t0
                 self.notice = f"compiled the decode step in {self.compiled_s:.1f} s (kept on disk for the next start)"
         except Exception as exc:  # inductor, a missing compiler, CUDA graphs: all fall back the same way
-            self.compiled = None
+            self.compiled, self.layer_step = None, Layer.forward
             self.notice = f"compiling the decode step failed ({type(exc).__name__}); decoding eagerly"
             logits = self.static_step(*args, candidates)
         for cl in cache.layers:
@@ -333,10 +385,10 @@ class FastModel:
                 keys, values = keys[:, :, L - window :], values[:, :, L - window :]
             if keys.dtype == torch.float32:
                 out = F.scaled_dot_product_attention(q.view(1, H, 1, D), keys, values, enable_gqa=True,
-                                                     scale=self.scale)
+                                                     scale=self.dims.scale)
             else:
                 out = F.scaled_dot_product_attention(q.view(1, KV, H // KV, D).to(keys.dtype), keys, values,
-                                                     scale=self.scale)
+                                                     scale=self.dims.scale)
             return out.reshape(1, H * D).float()
         qpos = torch.arange(L - n, L, device=q.device)[:, None]
         kpos = torch.arange(L, device=q.device)[None, :]
@@ -344,7 +396,7 @@ class FastModel:
         if window is not None:
             mask = mask & (kpos > qpos - window)
         out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys.float(), values.float(), attn_mask=mask,
-                                             enable_gqa=True, scale=self.scale)  # [1, H, n, D]
+                                             enable_gqa=True, scale=self.dims.scale)  # [1, H, n, D]
         return out[0].transpose(0, 1).reshape(n, H * D)
 
 

@@ -27,7 +27,8 @@ def prepare(loaded: LoadedModel, kv_dtype: str = "auto", compile: str = "auto", 
     that runs there (a model loaded in 16 bits on the CPU and quantized onto the GPU), or bitsandbytes
     NF4 for a model transformers quantized; a GGUF's ``auto`` is its values in the compute dtype. A
     fast-path model (:mod:`.fast`) runs in float32 or on those kernels on the CPU and in 4 bits on one
-    GPU, where ``compile`` ``auto`` also compiles its decode step and records it as one CUDA graph.
+    GPU; ``compile`` ``auto`` compiles its decode step (on a GPU recorded as one CUDA graph; on the CPU
+    layer by layer, where inductor finds a C++ compiler).
     Everything else runs through transformers. Re-quantizing a GGUF below its own precision is said
     once (:attr:`~.loaded.LoadedModel.notices`).
     """
@@ -83,11 +84,17 @@ def prepare(loaded: LoadedModel, kv_dtype: str = "auto", compile: str = "auto", 
         if fast.supported(model) and (dense_cpu or loaded.weights == "bnb-nf4" and one_device
                                        and fast.nf4_fits(model)):
             loaded.fast = fast.FastModel.build(model, int4=False)
-    if compile == "on" or (compile == "auto" and loaded.device == "cuda"):
+    if compile != "off" and torch._dynamo.config.disable:  # TORCH_COMPILE_DISABLE=1: PyTorch's own switch
+        if compile == "on":
+            loaded.notices.append("--compile on: TORCH_COMPILE_DISABLE=1 is set, the decode step runs eagerly")
+        compile = "off"
+    if compile == "on" or (compile == "auto" and (loaded.device == "cuda" or _cpp_compiler())):
         if loaded.fast is not None:
             _inductor_cache()
-            loaded.fast.compile(inductor=True, cuda_graph=loaded.device == "cuda")
-            loaded.notices.append("the first reply compiles the decode step (a minute or more the first time)")
+            gpu = loaded.device == "cuda"
+            loaded.fast.compile(inductor=True, cuda_graph=gpu)
+            loaded.notices.append("the first reply compiles the decode step (" + ("a minute or more" if gpu else
+                                  "seconds") + " the first time)")
         elif compile == "on":
             loaded.notices.append("--compile on: only the fast path (Llama-family models: 4-bit, or float32 "
                                   "on the CPU) is compiled; this model runs eagerly")
@@ -125,6 +132,18 @@ def _lower(file, quant: str, runs: str) -> str | None:
     return (f"--quant {quant} re-quantizes {sum(more.values())} {'/'.join(more)} tensors of this {file.file_type} "
             f"file to {runs.rpartition(' -> ')[2]} (they move, and so do the logits); --quant auto runs them at "
             "the file's own precision")
+
+
+def _cpp_compiler() -> bool:
+    """Whether inductor finds the C++ compiler its CPU kernels need (``CXX``, else g++ or clang++)."""
+    import shutil
+
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        return shutil.which(get_cpp_compiler()) is not None
+    except Exception:  # no compiler found, or inductor's helper moved
+        return False
 
 
 def _inductor_cache() -> None:
