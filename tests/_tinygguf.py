@@ -67,7 +67,7 @@ def _finish(writer) -> None:
 
 # The tiny model: 2 layers, hidden 256 (K-quants need inputs in whole 256-weight super-blocks), MLP 512,
 # 4 query heads and 2 key/value heads of 64. Every block type sinkchat maps appears, q/k/v mixed.
-HIDDEN, INTER, HEADS, KV_HEADS, LAYERS = 256, 512, 4, 2, 2
+HIDDEN, INTER, HEADS, KV_HEADS = 256, 512, 4, 2
 TYPES = [
     {"attn_q": "Q4_K", "attn_k": "Q5_0", "attn_v": "Q8_0", "attn_output": "Q4_0",
      "ffn_gate": "Q5_K", "ffn_up": "Q4_1", "ffn_down": "Q6_K"},
@@ -91,20 +91,25 @@ TEMPLATE = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ 
 
 
 def tiny_llama(path: Path, types: list[dict[str, str]] = TYPES, embeddings: str = EMBEDDINGS,
-               file_type: int = 15) -> Path:
-    """The tiny mixed-type Llama as a GGUF file (``file_type`` 15: "Q4_K_M", as llama.cpp labels a mix)."""
+               file_type: int = 15, hidden: int = HIDDEN, inter: int = INTER, heads: int = HEADS,
+               kv_heads: int = KV_HEADS, vocab_size: int = 0, rope_theta: float = 10000.0,
+               context: int = 2048) -> Path:
+    """The tiny mixed-type Llama as a GGUF file (``file_type`` 15: "Q4_K_M", as llama.cpp labels a mix),
+    one layer per entry of ``types``; the other arguments give a model of another shape (heads of 64
+    dims; ``vocab_size``: the byte vocabulary padded to that many tokens)."""
     import gguf
 
     vocab = byte_vocab()
+    vocab += [f"<pad{i}>" for i in range(len(vocab), vocab_size)]
     w = gguf.GGUFWriter(str(path), "llama")
-    w.add_block_count(LAYERS)
-    w.add_context_length(2048)
-    w.add_embedding_length(HIDDEN)
-    w.add_feed_forward_length(INTER)
-    w.add_head_count(HEADS)
-    w.add_head_count_kv(KV_HEADS)
-    w.add_rope_freq_base(10000.0)
-    w.add_rope_dimension_count(HIDDEN // HEADS)
+    w.add_block_count(len(types))
+    w.add_context_length(context)
+    w.add_embedding_length(hidden)
+    w.add_feed_forward_length(inter)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_rope_freq_base(rope_theta)
+    w.add_rope_dimension_count(64)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_vocab_size(len(vocab))
     w.add_file_type(file_type)
@@ -120,16 +125,16 @@ def tiny_llama(path: Path, types: list[dict[str, str]] = TYPES, embeddings: str 
     w.add_chat_template(TEMPLATE)
     seed = 0
     rng = np.random.default_rng(99)
-    add(w, "token_embd.weight", embeddings, blocks(embeddings, len(vocab), HIDDEN, seed, scale=0.5))
+    add(w, "token_embd.weight", embeddings, blocks(embeddings, len(vocab), hidden, seed, scale=0.5))
     for i, kinds in enumerate(types):
-        shapes = {"attn_q": (HEADS * 64, HIDDEN), "attn_k": (KV_HEADS * 64, HIDDEN), "attn_v": (KV_HEADS * 64, HIDDEN),
-                  "attn_output": (HIDDEN, HEADS * 64), "ffn_gate": (INTER, HIDDEN), "ffn_up": (INTER, HIDDEN),
-                  "ffn_down": (HIDDEN, INTER)}
+        shapes = {"attn_q": (heads * 64, hidden), "attn_k": (kv_heads * 64, hidden), "attn_v": (kv_heads * 64, hidden),
+                  "attn_output": (hidden, heads * 64), "ffn_gate": (inter, hidden), "ffn_up": (inter, hidden),
+                  "ffn_down": (hidden, inter)}
         for name, (rows, cols) in shapes.items():
             seed += 1
             add(w, f"blk.{i}.{name}.weight", kinds[name], blocks(kinds[name], rows, cols, seed))
         for norm in ("attn_norm", "ffn_norm"):
-            add(w, f"blk.{i}.{norm}.weight", "F32", (1 + 0.1 * rng.standard_normal(HIDDEN)).astype(np.float32))
-    add(w, "output_norm.weight", "F32", np.ones(HIDDEN, dtype=np.float32))
+            add(w, f"blk.{i}.{norm}.weight", "F32", (1 + 0.1 * rng.standard_normal(hidden)).astype(np.float32))
+    add(w, "output_norm.weight", "F32", np.ones(hidden, dtype=np.float32))
     _finish(w)
     return path
