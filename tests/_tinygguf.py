@@ -100,7 +100,8 @@ def tiny_llama(path: Path, types: list[dict[str, str]] = TYPES, embeddings: str 
     import gguf
 
     vocab = byte_vocab()
-    vocab += [f"<pad{i}>" for i in range(len(vocab), vocab_size)]
+    merges = ["a b"] if vocab_size else []  # llama.cpp refuses a byte-level vocabulary without any merge
+    vocab += ["ab"] * bool(merges) + [f"<pad{i}>" for i in range(len(vocab) + len(merges), vocab_size)]
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_block_count(len(types))
     w.add_context_length(context)
@@ -118,7 +119,7 @@ def tiny_llama(path: Path, types: list[dict[str, str]] = TYPES, embeddings: str 
     w.add_token_list(vocab)
     w.add_token_types([3, 3, 3] + [1] * (len(vocab) - 3))
     w.add_token_scores([0.0] * len(vocab))
-    w.add_token_merges([])
+    w.add_token_merges(merges)
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
     w.add_add_bos_token(False)
