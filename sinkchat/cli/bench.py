@@ -149,6 +149,7 @@ def machine(loaded) -> dict:
         "runs": loaded.runs,  # what runs (a GGUF: its file type -> the kernels), and per block type:
         "kernels": loaded.kernels,  # {"Q5_0": {"int8": 81}, ...}
         "fast_path": loaded.fast is not None,
+        "decode_step": loaded.fast.step_kind if loaded.fast is not None else "transformers",
         "kv_dtype": str(loaded.kv_dtype).replace("torch.", ""),
         "device": str(loaded.device),
         "dtype": str(loaded.dtype).replace("torch.", ""),

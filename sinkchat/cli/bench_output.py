@@ -205,13 +205,15 @@ def print_peer_ppl(report: dict) -> None:
 
 
 def print_kernels(machine: dict) -> None:
-    """What sinkchat ran: ``runs`` and, for a GGUF, which kernel each block type ran on."""
+    """What sinkchat ran: ``runs``, for a GGUF which kernel each block type ran on, and how its decode
+    step ran (compiled or eager)."""
     from ..model.gguf import LABEL  # numpy: not for every command line
 
     per = [f"{t} -> " + ", ".join(f"{LABEL.get(k, k)} ({n})" for k, n in kinds.items())
            for t, kinds in (machine.get("kernels") or {}).items()]
+    step = f"; decode step {machine['decode_step']}" if machine.get("decode_step") else ""
     tables_console().print(f"sinkchat ran {machine.get('runs') or machine.get('weights')}"
-                           + (f": {'; '.join(per)} tensors" if per else ""))
+                           + (f": {'; '.join(per)} tensors" if per else "") + step)
 
 
 def print_peer(report: dict) -> None:

@@ -324,6 +324,17 @@ class FastModel:
             self.layer_step = torch.compile(Layer.forward)
         self.compiled = CudaGraphStep(step) if cuda_graph else step
 
+    @property
+    def step_kind(self) -> str:
+        """How single tokens decode now, for the benchmarks: ``eager``, ``compiled layers`` (the CPU),
+        ``compiled + CUDA graph`` or ``CUDA graph``; a compile that failed reads ``eager``."""
+        if self.compiled is None:
+            return "eager"
+        graph = isinstance(self.compiled, CudaGraphStep)
+        compiled = self.layer_step is not Layer.forward or graph and self.compiled.step is not self.static_step
+        return {(True, True): "compiled + CUDA graph", (False, True): "CUDA graph",
+                (True, False): "compiled layers", (False, False): "static (eager)"}[compiled, graph]
+
     def static_step(self, token: torch.Tensor, position: torch.Tensor, slots: torch.Tensor,
                     buffers: list[tuple[torch.Tensor, torch.Tensor]], candidates: int = 0) -> torch.Tensor:
         """One token with static shapes: ``token`` and ``position`` are ``[1]`` tensors, ``slots`` ``[2]``
