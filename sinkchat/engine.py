@@ -364,16 +364,17 @@ class Chat(Steering):
                 cache = self.cache
                 self.cache = self._new_cache(cache.sinks, cache.window, cache.block, cache.pin_max, cache.dtype,
                                              cache.memory)
-                self.rebuild(state.meta)
-                return [f"the saved KV cache does not fit its ledger ({exc}); rebuilt it from the ledger"]
+                return [f"the saved KV cache does not fit its ledger ({exc}); rebuilt it from the ledger",
+                        *self.rebuild(state.meta)]
             if now["block"] != state.meta["block"]:  # the KV does not depend on it: keep it, say so
                 self.cache.block = now["block"]
                 return [f"eviction block changed from {state.meta['block']} to {now['block']}; it applies from now on"]
             return []
-        self.rebuild(state.meta)
+        unpinned = self.rebuild(state.meta)
         if tensors is not None:
-            return [f"the saved KV cache was made with another {', '.join(differs)}; rebuilt it from the ledger"]
-        return []
+            return [f"the saved KV cache was made with another {', '.join(differs)}; rebuilt it from the ledger",
+                    *unpinned]
+        return unpinned
 
     # -- internals ------------------------------------------------------------------------------
 

@@ -171,7 +171,7 @@ class Steering:
 
     # -- rebuilding the cache from the ledger ---------------------------------------------------
 
-    def rebuild(self, meta: dict | None = None) -> None:
+    def rebuild(self, meta: dict | None = None) -> list[str]:
         """Re-prefill the ledger's sink, parked and window tokens through a cleared cache.
 
         They go in at contiguous positions: sinks at ``0..S-1``, parked tokens after them, the
@@ -179,7 +179,8 @@ class Steering:
         layout (the cache keeps it contiguous anyway). With the saved geometry (``meta``) the
         held ranges are the saved ones; otherwise the first ``sinks`` tokens, the saved pins that
         fit ``--pin-max``, and the most recent tokens (the window less a block, if anything is
-        evicted) are held.
+        evicted) are held. Returns a one-line notice for each pinned message that does not fit
+        ``--pin-max`` here and so is no longer pinned, or ``[]``.
         """
         cache, seen = self.cache, len(self.tokens)
         pins = [tuple(s) for s in (meta or {}).get("pins", [])]
@@ -187,8 +188,13 @@ class Steering:
         if meta and (meta["sinks"], meta["window"]) == (cache.sinks, cache.window) and meta["seen"] == seen:
             parked = run_spans([tuple(r) for r in meta.get("parked", [])])
             self._refill(meta["n_sink"], parked, seen - meta["n_win"], seen, before, pins, before)
-        else:
-            self._refill(*self._fit(seen, pins), seen, pins=pins, before=before)
+            return []
+        asked = clip(pins, cache.sinks, seen)
+        self._refill(*self._fit(seen, pins), seen, pins=pins, before=before)
+        dropped = [span for span in asked if span not in pins]  # whole spans: _fit keeps or drops each
+        gone = sorted({i for span in dropped for i in covered(span, self.messages)})
+        return [f"unpinned {name(self.messages, i)}: the pins held more than --pin-max {cache.pin_max} tokens; "
+                "the model may forget it from the next eviction on" for i in gone]
 
     def _fit(self, end: int, pins: list[Span]) -> tuple[int, list[Span], int]:
         """A layout holding tokens before ``end`` in this geometry: ``(n_sink, parked spans, window start)``."""

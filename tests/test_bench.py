@@ -225,3 +225,21 @@ def test_endless_with_recall_reports_the_memory_on_disk(tmp_path):
     assert doc["recall"] == 16 and doc["recall_block"] == 8
     memory = sum(f.stat().st_size for f in (tmp_path / "state").glob("*.memory")) / 2**20
     assert memory > 0 and doc["turns"][-1]["memory_mb"] == pytest.approx(memory)
+
+
+def test_bench_speed_times_no_compile(tiny_models, compiling):
+    """A compiled decode step compiles on its first call: that call is not one of the timed steps
+    (it took seconds, against milliseconds for a step, and moved the first position's figure, the
+    median with few --steps, the flatness ratio and the upkeep share)."""
+    from sinkchat.bench.speed import speed_runs
+    from sinkchat.model import load
+
+    loaded = load(str(tiny_models["mistral"]), quant="none", device="cpu", compile="on")
+    ids = list(range(10, 110))
+    runs = []
+    speed_runs(loaded, ids, ["sinks", "recall"], 4, 16, 4, [20, 60], 1, 1, lambda label, n: lambda k: None, runs,
+               recall=8, recall_block=8)
+    fast = loaded.fast
+    assert fast.compiled is not None and fast.compiled_s is not None, fast.notice
+    for run in runs:
+        assert sum(run.step_ms) < 1000 * fast.compiled_s / 2, (run.mode, run.step_ms, fast.compiled_s)

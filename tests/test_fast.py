@@ -523,3 +523,20 @@ def test_compile_auto_on_the_cpu_compiles_where_inductor_can(tiny_models, compil
     loaded = load(path, quant="none", device="cpu", compile="on")
     assert loaded.fast.compiled is None
     assert loaded.take_notices() == ["--compile on: TORCH_COMPILE_DISABLE=1 is set, the decode step runs eagerly"]
+
+
+def test_compile_with_an_unusable_inductor_cache_dir_still_compiles(tiny_models, compiling, monkeypatch, tmp_path):
+    """A cache dir where inductor's kernels cannot be kept (here a file named like their folder; a
+    read-only cache of converted models alike) leaves them in torch's default place: the chat starts
+    and compiles, where inductor's setup used to raise out of the load and end the chat."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    (tmp_path / "inductor").write_text("")
+    monkeypatch.setenv("SINKCHAT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())  # as importing transformers leaves it
+    loaded = load(str(tiny_models["mistral"]), quant="none", device="cpu", compile="on")
+    assert loaded.fast.compiled is not None
+    assert loaded.take_notices() == ["the first reply compiles the decode step (seconds the first time)"]
+    stream_decode(loaded)
+    notices = loaded.take_notices()
+    assert len(notices) == 1 and notices[0].startswith("compiled the decode step in"), notices

@@ -402,3 +402,22 @@ def test_resume_bench_figures(smollm):
     assert half["kv_mb_per_1000"] == pytest.approx(23.04)  # a bf16 cache (auto on a CPU with native bf16)
     assert r["kv_mb_per_1000"] <= r["state_mb_per_1000"] < r["kv_mb_per_1000"] * 1.2
     assert "restore speed-up" in format_table(r)
+
+
+def test_a_pin_over_the_new_windows_budget_is_dropped_with_a_notice(smollm):
+    """A chat resumed in a window whose --pin-max its pins exceed is rebuilt without the pins that do
+    not fit, and the user is told which message is no longer pinned."""
+    store = Store()
+    settings = SMALL.replace(window=96, pin_max=48)
+    chat = Chat(smollm, settings)
+    say(chat, "Remember this: the pass key is 71432, and the door code is 5521.")
+    user = next(i for i, m in enumerate(chat.messages) if m.role == "user")
+    chat.pin(user)
+    pinned = chat.messages[user].end - chat.messages[user].start
+    chat_id = store.create(chat, settings)
+    narrower = SMALL.replace(window=40)  # --pin-max 10
+    assert pinned > narrower.pin_budget
+    chat2, notices = reopen(store, chat_id, smollm, narrower)
+    assert chat2.pinned_messages() == []
+    assert len(notices) == 2 and "another window" in notices[0], notices
+    assert notices[1].startswith(f"unpinned #{user + 1} you: the pins held more than --pin-max 10 tokens"), notices

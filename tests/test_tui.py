@@ -304,3 +304,17 @@ async def test_the_gauge_counts_the_set_sinks_from_a_chats_start(smollm, monkeyp
         await pilot.pause()
         assert gauge.summary().startswith("sinks 4 · window 0 of 64")
         assert "▓ sinks 4 · █ window 0 of 64" in str(gauge.render())
+
+
+async def test_load_notices_show_before_the_first_reply(tiny_models, compiling):
+    """What the load has to say (here: that the first reply compiles the decode step) is on screen as
+    soon as the chat is, not only once the first reply, which it is about, has finished."""
+    from sinkchat.model import load
+
+    loaded = load(str(tiny_models["mistral"]), quant="none", device="cpu", compile="on")
+    app = SinkchatApp(make_settings(), loaded=loaded, save=False)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.chat is not None)
+        await pilot.pause()
+        notes = [n.message for n in app._notifications]
+        assert any(n.startswith("the first reply compiles the decode step") for n in notes), notes

@@ -77,6 +77,7 @@ def sinkchat_figures(loaded, sinks: int, window: int, ids: list[int], prompt: in
     ``candidates``: the decode steps' (:meth:`~sinkchat.sampling.Sampler.candidates`)."""
     from ..engine import prefill_chunk
     from ..kv import SinkCache
+    from .speed import compile_untimed
     from .stream import Stream
 
     model, chunk = loaded.model, prefill_chunk(window)
@@ -87,6 +88,7 @@ def sinkchat_figures(loaded, sinks: int, window: int, ids: list[int], prompt: in
         for a in range(0, prompt, chunk):
             stream.forward(ids[a : min(a + chunk, prompt)], keep=1)
         times.append(time.perf_counter() - t0)
+    compile_untimed(model, lambda: SinkCache.for_model(model, sinks, window), ids, candidates)
     stream = Stream(model, SinkCache.for_model(model, sinks, window))
     depth = sinks + window
     while stream.seen < depth:  # fill the cache, then time decode steps where it is full

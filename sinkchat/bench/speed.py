@@ -109,6 +109,23 @@ def speed_stream(
             run.upkeep_s += cache.upkeep_s - before
 
 
+def compile_untimed(model, make_cache: Callable[[], object], ids: list[int], candidates: int = 0) -> None:
+    """A compiled decode step compiles on its first call (seconds), and again for a cache of another
+    capacity: take that call on a throwaway cache from ``make_cache``, the geometry about to be timed,
+    so no timed step holds it. Nothing to do for an eager step."""
+    fast = getattr(model, "sinkchat_fast", None)
+    if fast is None or fast.compiled is None:
+        return
+    cache = make_cache()
+    try:
+        stream, n = Stream(model, cache), cache.sinks + 1  # the compiled step serves window tokens only
+        stream.forward(ids[:n], keep=1)
+        stream.forward([ids[n]], keep=1, candidates=candidates)
+    finally:
+        if getattr(cache, "memory", None) is not None:
+            cache.memory.close()
+
+
 def speed_recompute(run: SpeedRun, model, ids, sinks, window, positions, steps, progress) -> None:
     """Each new token recomputes its whole context (first ``sinks`` + last ``window`` tokens) from scratch.
 
@@ -134,11 +151,16 @@ def speed_runs(
         run = SpeedRun(mode)
         runs.append(run)
         if mode == "sinks":
+            compile_untimed(model, lambda: SinkCache.for_model(model, sinks, window, block), ids, candidates)
             cache = SinkCache.for_model(model, sinks, window, block)
             speed_stream(run, model, cache, ids, positions, steps, chunk, progress, candidates)
             run.bytes = bytes_per_token(model, cache, candidates)
         elif mode == "recall":
-            cache = SinkCache.for_model(model, sinks, window, block, recall=recall, recall_block=recall_block)
+            def make() -> SinkCache:
+                return SinkCache.for_model(model, sinks, window, block, recall=recall, recall_block=recall_block)
+
+            compile_untimed(model, make, ids, candidates)
+            cache = make()
             speed_stream(run, model, cache, ids, positions, steps, chunk, progress, candidates)
             run.note = f"{cache.n_rec} of {recall} recall slots filled, {cache.memory.blocks} blocks in memory"
             cache.memory.close()

@@ -318,10 +318,15 @@ class FastModel:
         step took minutes on 2 cores; with one it compiles the whole step, as measured on a GPU. Both
         happen on the first step; if either fails, the step stays eager and :attr:`notice` says why (once)."""
         step, self.compiled_s = self.static_step, None
-        if inductor and cuda_graph:
-            step = torch.compile(step, dynamic=False)
-        elif inductor:
-            self.layer_step = torch.compile(Layer.forward)
+        try:
+            if inductor and cuda_graph:
+                step = torch.compile(step, dynamic=False)
+            elif inductor:
+                self.layer_step = torch.compile(Layer.forward)
+        except Exception as exc:  # inductor's own setup (its cache dir, say): eager, as a failed first step
+            self.compiled, self.layer_step = None, Layer.forward
+            self.notice = f"compiling the decode step failed ({type(exc).__name__}); decoding eagerly"
+            return
         self.compiled = CudaGraphStep(step) if cuda_graph else step
 
     @property

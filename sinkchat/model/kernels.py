@@ -93,8 +93,9 @@ def prepare(loaded: LoadedModel, kv_dtype: str = "auto", compile: str = "auto", 
             _inductor_cache()
             gpu = loaded.device == "cuda"
             loaded.fast.compile(inductor=True, cuda_graph=gpu)
-            loaded.notices.append("the first reply compiles the decode step (" + ("a minute or more" if gpu else
-                                  "seconds") + " the first time)")
+            if loaded.fast.compiled is not None:
+                loaded.notices.append("the first reply compiles the decode step (" + ("a minute or more" if gpu else
+                                      "seconds") + " the first time)")
         elif compile == "on":
             loaded.notices.append("--compile on: only the fast path (Llama-family models: 4-bit, or float32 "
                                   "on the CPU) is compiled; this model runs eagerly")
@@ -148,14 +149,22 @@ def _cpp_compiler() -> bool:
 
 def _inductor_cache() -> None:
     """Keep inductor's compiled kernels in sinkchat's cache dir (they outlive a reboot there), unless
-    the user chose a place. Importing transformers already wrote torch's default (under /tmp) into
-    ``TORCHINDUCTOR_CACHE_DIR``, so that default counts as not chosen."""
+    the user chose a place or that dir cannot be written (a read-only cache of converted models: torch's
+    default then, as an error there would end the chat). Importing transformers already wrote torch's
+    default (under /tmp) into ``TORCHINDUCTOR_CACHE_DIR``, so that default counts as not chosen."""
     import os
 
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
     if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, default_cache_dir()):
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(_config.cache_dir() / "inductor")
+        folder = _config.cache_dir() / "inductor"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            if not os.access(folder, os.W_OK | os.X_OK):
+                return
+        except OSError:  # a read-only cache dir, a file in the way: torch's own default, kept till a reboot
+            return
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
 
 
 def _packs_path(folder: str | None) -> Path | None:

@@ -218,6 +218,8 @@ class ChatScreen(Say, SteerKeys, Screen):
     def _model_loaded(self, msg: ModelLoaded) -> None:
         self.loaded = msg.loaded
         self.query_one(ChatHeader).describe(msg.loaded)  # the app then shows a chat (show())
+        for notice in msg.loaded.take_notices():  # before the first reply: e.g. that it compiles the decode step
+            self.say(notice, severity="warning", timeout=10)
 
     # -- showing a chat -------------------------------------------------------------------------
 
