@@ -311,23 +311,31 @@ class FastModel:
 
     # -- the static-shape decode step (torch.compile, CUDA graphs) ----------------------------------
 
-    def compile(self, inductor: bool = True, cuda_graph: bool = False) -> None:
+    def compile(self, inductor: bool = True, cuda_graph: bool = False, setup=None) -> None:
         """Decode single tokens through :meth:`static_step`, compiled by ``torch.compile`` (inductor)
         and/or recorded as a CUDA graph (:class:`CudaGraphStep`). Without a graph (the CPU) inductor
         compiles one layer (:class:`Layer`), whose graph every layer reuses: seconds, where the whole
         step took minutes on 2 cores; with one it compiles the whole step, as measured on a GPU. Both
-        happen on the first step; if either fails, the step stays eager and :attr:`notice` says why (once)."""
-        step, self.compiled_s = self.static_step, None
-        try:
-            if inductor and cuda_graph:
-                step = torch.compile(step, dynamic=False)
-            elif inductor:
-                self.layer_step = torch.compile(Layer.forward)
-        except Exception as exc:  # inductor's own setup (its cache dir, say): eager, as a failed first step
-            self.compiled, self.layer_step = None, Layer.forward
-            self.notice = f"compiling the decode step failed ({type(exc).__name__}); decoding eagerly"
+        happen on the first step, which also imports dynamo (1.6 s, not a quick start's) after
+        ``setup()``; if either fails, the step stays eager and :attr:`notice` says why (once)."""
+        self.compiled_s = None
+        if not inductor:
+            self.compiled = CudaGraphStep(self.static_step) if cuda_graph else self.static_step
             return
-        self.compiled = CudaGraphStep(step) if cuda_graph else step
+
+        def first(*args):
+            if setup is not None:
+                setup()
+            step = self.static_step
+            if cuda_graph:
+                step = torch.compile(step, dynamic=False)
+            else:
+                self.layer_step = torch.compile(Layer.forward)
+            self.compiled = CudaGraphStep(step) if cuda_graph else step
+            return self.compiled(*args)
+
+        first.pending = True
+        self.compiled = first
 
     @property
     def step_kind(self) -> str:
@@ -335,6 +343,8 @@ class FastModel:
         ``compiled + CUDA graph`` or ``CUDA graph``; a compile that failed reads ``eager``."""
         if self.compiled is None:
             return "eager"
+        if getattr(self.compiled, "pending", False):
+            return "compiled on its first step"
         graph = isinstance(self.compiled, CudaGraphStep)
         compiled = self.layer_step is not Layer.forward or graph and self.compiled.step is not self.static_step
         return {(True, True): "compiled + CUDA graph", (False, True): "CUDA graph",
