@@ -412,6 +412,8 @@ class Chat(Steering):
         # the decode steps' exact logits: those the sampler says it picks among; a sampler that does not
         # say (a scorer that reads every logit, a wrapped one) gets them all
         candidates = getattr(self.sampler, "candidates", lambda: 0)()
+        fast = getattr(self.model, "sinkchat_fast", None)  # a decode step compiled at its first call:
+        compiling = fast is not None and fast.compiled is not None and fast.compiled_s is None  # not speed
         try:
             while generated < self.settings.max_new_tokens:
                 if self._stop.is_set():
@@ -422,6 +424,8 @@ class Chat(Steering):
                     reason = "end"
                     break
                 yield from self._forward([tok], candidates)
+                if compiling and fast.compiled_s is not None:  # this step compiled: its seconds are not decoding
+                    t0, compiling = t0 + fast.compiled_s, False
                 generated += 1
                 delta = stream.push(tok)
                 self._update(content=stream.emitted)
