@@ -32,7 +32,7 @@ def main() -> None:
 
     def measured(x: torch.Tensor, candidates: int = 0) -> torch.Tensor:
         if candidates:  # a decode step: where the int4 scores rank the exact head's best tokens
-            normed = fast._norm(x, fast.norm)
+            normed = fast.dims.norm(x, fast.norm)
             exact, order = fast.head(normed).float()[0], fast.candidate_head.scores(normed).float()[0].argsort(
                 descending=True, stable=True)
             rank = torch.empty_like(order)

@@ -108,6 +108,11 @@ class Dims:
     def kv_size(self) -> int:
         return self.kv_heads * self.head_dim
 
+    def norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """RMSNorm of ``x`` over its last dimension with this model's epsilon (the residual stream, and
+        each head's query and key where the family norms them)."""
+        return F.rms_norm(x, x.shape[-1:], weight, self.eps)
+
 
 class Layer(nn.Module):
     """One decoder layer as the fast path runs it (its projections are modules shared with the model;
@@ -134,31 +139,28 @@ class Layer(nn.Module):
     def norms(self) -> list[torch.Tensor | None]:
         return [self.norm0, self.norm1, self.norm2, self.norm3]
 
-    def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, x.shape[-1:], weight, self.dims.eps)
-
     def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """The layer's queries ``[n, H, D]`` and keys ``[n, KV, D]`` (normed where the family norms them,
         rotated) and values ``[n, KV, D]`` for the residual stream ``x`` ``[n, hidden]``."""
         d = self.dims
         n, H, KV, D = x.shape[0], d.heads, d.kv_heads, d.head_dim
-        qkv = self.qkv(self._norm(x, self.norm0))  # [n, (H + 2 KV) D]
+        qkv = self.qkv(d.norm(x, self.norm0))  # [n, (H + 2 KV) D]
         q = qkv[:, : d.q_size].view(n, H, D)
         k = qkv[:, d.q_size : d.q_size + d.kv_size].view(n, KV, D)
         v = qkv[:, d.q_size + d.kv_size :].view(n, KV, D)
         if self.q_norm is not None:
-            q, k = F.rms_norm(q, (D,), self.q_norm, d.eps), F.rms_norm(k, (D,), self.k_norm, d.eps)
+            q, k = d.norm(q, self.q_norm), d.norm(k, self.k_norm)
         return _rotate(q, cos, sin), _rotate(k, cos, sin), v
 
     def finish(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         """The rest of the layer after attention's output ``a`` ``[n, H D]``: output projection and MLP,
         each joining the residual stream ``x`` (normed first where the family norms it)."""
+        d = self.dims
         y = self.o(a)
-        x = x + (self._norm(y, self.norm1) if self.norm1 is not None else y)
-        gu = self.gate_up(self._norm(x, self.norm2))
-        inter = self.dims.inter
-        y = self.down(self.dims.act(gu[:, :inter]) * gu[:, inter:])
-        return x + (self._norm(y, self.norm3) if self.norm3 is not None else y)
+        x = x + (d.norm(y, self.norm1) if self.norm1 is not None else y)
+        gu = self.gate_up(d.norm(x, self.norm2))
+        y = self.down(d.act(gu[:, : d.inter]) * gu[:, d.inter :])
+        return x + (d.norm(y, self.norm3) if self.norm3 is not None else y)
 
     def attend_slots(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                      mask: torch.Tensor) -> torch.Tensor:
@@ -300,14 +302,11 @@ class FastModel:
         """The final norm and output head: float32 logits ``[n, vocab]`` for the residual stream ``x``
         ``[n, hidden]``. With ``candidates`` (one row, a :class:`~.head.CandidateHead` here, and fewer
         than an eighth of the vocabulary) only those best tokens get their exact logits, the others -inf."""
-        x = self._norm(x, self.norm)
+        x = self.dims.norm(x, self.norm)
         if candidates and self.candidate_head is not None and x.shape[0] == 1 \
                 and 8 * candidates <= self.head.out_features:
             return self.candidate_head(x, candidates)
         return self.head(x).float()
-
-    def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, x.shape[-1:], weight, self.dims.eps)
 
     # -- the static-shape decode step (torch.compile, CUDA graphs) ----------------------------------
 
