@@ -87,13 +87,17 @@ class Steering:
                 break
             m = self.messages[index]
             cache.unpin(m.start, m.end)
-            notices.append(f"unpinned {name(self.messages, index)}: the pins held more than --pin-max "
-                           f"{cache.pin_max} tokens; the model may forget it from the next eviction on")
+            notices.append(self._over_budget(index))
         if cache.pinned_count() > cache.pin_max:  # a pin on part of a message only (not made by sinkchat)
             cache.pins = []
             notices.append(f"unpinned everything: the pins held more than --pin-max {cache.pin_max} tokens")
         self.revision += 1
         return notices
+
+    def _over_budget(self, index: int) -> str:
+        """The notice for message ``index``, unpinned because the pins held more than ``--pin-max``."""
+        return (f"unpinned {name(self.messages, index)}: the pins held more than --pin-max {self.cache.pin_max} "
+                "tokens; the model may forget it from the next eviction on")
 
     def pinned_messages(self) -> list[int]:
         """Indices of the pinned messages, oldest first (O(log n) per pinned span)."""
@@ -193,8 +197,7 @@ class Steering:
         self._refill(*self._fit(seen, pins), seen, pins=pins, before=before)
         dropped = [span for span in asked if span not in pins]  # whole spans: _fit keeps or drops each
         gone = sorted({i for span in dropped for i in covered(span, self.messages)})
-        return [f"unpinned {name(self.messages, i)}: the pins held more than --pin-max {cache.pin_max} tokens; "
-                "the model may forget it from the next eviction on" for i in gone]
+        return [self._over_budget(i) for i in gone]
 
     def _fit(self, end: int, pins: list[Span]) -> tuple[int, list[Span], int]:
         """A layout holding tokens before ``end`` in this geometry: ``(n_sink, parked spans, window start)``."""
