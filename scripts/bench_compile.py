@@ -19,7 +19,7 @@ from sinkchat.bench import default_text, text_ids
 from sinkchat.bench.stream import Stream
 from sinkchat.kv import SinkCache
 from sinkchat.model import load
-from sinkchat.model.fast import Layer
+from sinkchat.model.fast import CPU_COMPILE, Layer
 
 WINDOW, CANDIDATES, ROUNDS, STEPS = 2000, 400, 7, 20
 
@@ -33,7 +33,7 @@ def main() -> None:
     stream = Stream(loaded.model, SinkCache.for_model(loaded.model, 4, WINDOW))
     while stream.seen < WINDOW + 4:
         stream.forward(ids[stream.seen : min(stream.seen + 500, WINDOW + 4)], keep=1)
-    compiled = torch.compile(Layer.forward)
+    compiled = torch.compile(Layer.forward, options=CPU_COMPILE)
     variants = {"eager step": (None, Layer.forward), "static step, eager layers": (fm.static_step, Layer.forward),
                 "static step, compiled layers": (fm.static_step, compiled)}
     fm.compiled, fm.layer_step = fm.static_step, compiled
