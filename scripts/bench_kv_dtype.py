@@ -18,7 +18,7 @@ from bench_kernels import alternate
 from sinkchat.bench import default_text, text_ids
 from sinkchat.kv import SinkCache
 from sinkchat.model import load
-from sinkchat.model.kernels import native_bf16
+from sinkchat.model.gguf import native_bf16
 
 
 def main() -> None:

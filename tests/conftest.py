@@ -43,6 +43,18 @@ def private_dirs(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
+@pytest.fixture(autouse=True)
+def float32_prefill(monkeypatch):
+    """Prefill GEMMs in float32 on every CPU (``auto`` runs them in bf16 where the CPU has native bf16:
+    :func:`sinkchat.model.quant.prefill_dtype`), so that no test's logits depend on which CPU runs it;
+    the bf16 route has its own tests, which force it (``tests/test_quant.py``)."""
+    import torch
+
+    from sinkchat.model import quant
+
+    monkeypatch.setattr(quant, "prefill_dtype", lambda: torch.float32)
+
+
 @pytest.fixture
 def compiling(monkeypatch):
     """torch.compile back on for one test (the suite runs eager, see above)."""

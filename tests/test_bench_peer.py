@@ -10,6 +10,7 @@ import os
 import pytest
 
 from _helpers import run_cli, stand_in
+from sinkchat.model.gguf import native_bf16
 
 FAKE = '''#!{python}
 # A stand-in for llama.cpp's llama-bench: prints its JSON for the tests asked for on the command line.
@@ -54,6 +55,7 @@ def test_both_run_on_the_same_file_threads_and_depth_in_one_table(fake_llama_ben
     raw = doc["llama_bench_raw"]
     assert {row["model_filename"] for row in raw} == {doc["gguf"]}
     assert {row["n_threads"] for row in raw} == {doc["threads"]} == {doc["machine"]["threads"]}
+    assert doc["machine"]["prefill_gemm"] == ("bfloat16" if native_bf16() else "float32")  # this CPU's choice
     for key in ("pp", "tg"):
         assert doc["sinkchat"][key] > 0
         assert doc["ratio"][key] == pytest.approx(doc["sinkchat"][key] / theirs[key])

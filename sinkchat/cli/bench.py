@@ -150,6 +150,7 @@ def machine(loaded) -> dict:
         "kernels": loaded.kernels,  # {"Q5_0": {"int8": 81}, ...}
         "fast_path": loaded.fast is not None,
         "decode_step": loaded.fast.step_kind if loaded.fast is not None else "transformers",
+        "prefill_gemm": prefill_gemm(loaded),
         "kv_dtype": str(loaded.kv_dtype).replace("torch.", ""),
         "device": str(loaded.device),
         "dtype": str(loaded.dtype).replace("torch.", ""),
@@ -160,6 +161,15 @@ def machine(loaded) -> dict:
     if str(loaded.device).startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name()
     return info
+
+
+def prefill_gemm(loaded) -> str | None:
+    """The dtype of a prefill chunk's GEMMs on the CPU's dequantized 4-bit weights (None: no such weights)."""
+    from ..model.quant import Int4Linear, prefill_dtype
+
+    if not any(isinstance(m, Int4Linear) for m in loaded.model.modules()):
+        return None
+    return str(prefill_dtype()).replace("torch.", "")
 
 
 def recall_slots(s: Settings, recall: int | None) -> int:

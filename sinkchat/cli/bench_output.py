@@ -212,6 +212,7 @@ def print_kernels(machine: dict) -> None:
     per = [f"{t} -> " + ", ".join(f"{LABEL.get(k, k)} ({n})" for k, n in kinds.items())
            for t, kinds in (machine.get("kernels") or {}).items()]
     step = f"; decode step {machine['decode_step']}" if machine.get("decode_step") else ""
+    step += f"; prefill GEMMs in {machine['prefill_gemm']}" if machine.get("prefill_gemm") else ""
     tables_console().print(f"sinkchat ran {machine.get('runs') or machine.get('weights')}"
                            + (f": {'; '.join(per)} tensors" if per else "") + step)
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .gguf import AFFINE, FOUR, GGUFFile, kernel_for, label
@@ -34,11 +33,14 @@ from .quant import (
     HalfLinear,
     Int4Linear,
     Packs,
+    _scratch,
     affine_int4,
     cat_bias,
+    dense_linear,
     dequantize,
     pack_codes,
     pack_scales,
+    prefill_dtype,
 )
 
 
@@ -73,11 +75,12 @@ class Int8Planes(nn.Module):
         scales = pack_scales(torch.cat([scale, 16 * scale], 1), torch.cat([zero, torch.zeros_like(zero)], 1))
         return pack_codes(torch.cat([low, high], 1)), scales
 
-    def dequantized(self) -> torch.Tensor:
-        """The float32 ``[N, K]`` weight this computes with (the two planes added)."""
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The ``[N, K]`` weight this computes with (the two planes added in float32), in ``dtype``."""
         p = self.planes
         both = dequantize(p.packed, p.scales, p.in_features, p.layout)
-        return both[:, : self.in_features] + both[:, self.in_features :]
+        out = _scratch("planes", (both.shape[0], self.in_features), dtype)
+        return torch.add(both[:, : self.in_features], both[:, self.in_features :], out=out)
 
     def rows(self, start: int, end: int) -> "Int8Planes":
         return Int8Planes(self.planes.rows(start, end))
@@ -85,7 +88,7 @@ class Int8Planes(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.planes
         if x.numel() // self.in_features >= DENSE_ROWS and p._whole_blocks():
-            return F.linear(x.float(), self.dequantized(), p.bias).to(x.dtype)
+            return dense_linear(x, self.dequantized(prefill_dtype()), p.bias).to(x.dtype)
         return p(torch.cat([x, x], -1))
 
     def extra_repr(self) -> str:

@@ -22,12 +22,15 @@ def forward(model, cache, ids: list[int], positions: torch.Tensor, keep: int = 1
     the fast path where the loader attached one and the cache is a sink cache, else transformers.
     ``candidates``: a decode step (one token) whose sampler picks only among that many most likely
     tokens; the fast path may then give -inf for all others (:mod:`.head`). 0: every logit exact."""
+    from .quant import prefill_scratch
+
     fast = getattr(model, "sinkchat_fast", None)
-    if fast is not None and hasattr(cache, "reserve"):
-        return fast(ids, positions, cache, keep, candidates)
-    if getattr(cache, "recalling", False):  # only the fast path recalls from the block memory
-        cache.cancel_recall()
-    return forward_outputs(model, cache, ids, positions, keep).logits[0]
+    with prefill_scratch():  # a prefill chunk's dequantized weights reuse buffers
+        if fast is not None and hasattr(cache, "reserve"):
+            return fast(ids, positions, cache, keep, candidates)
+        if getattr(cache, "recalling", False):  # only the fast path recalls from the block memory
+            cache.cancel_recall()
+        return forward_outputs(model, cache, ids, positions, keep).logits[0]
 
 
 def forward_outputs(model, cache, ids: list[int], positions: torch.Tensor, keep: int = 1, **extra):

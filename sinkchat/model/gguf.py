@@ -47,6 +47,18 @@ def int4_is_fast() -> bool:
     return torch.backends.cpu.get_cpu_capability() == "AVX512"
 
 
+def native_bf16() -> bool:
+    """Whether this CPU computes in bf16 in hardware (AVX512-BF16 or AMX-BF16), as torch reports it
+    (``torch.cpu.get_capabilities()``, from cpuinfo); False where this torch cannot say."""
+    import torch
+
+    capabilities = getattr(torch.cpu, "get_capabilities", None)
+    if capabilities is None:
+        return False
+    found = capabilities()
+    return bool(found.get("avx512_bf16") or found.get("amx_bf16"))
+
+
 def eight_bit_kernel() -> str:
     """The kernel for 5- and 8-bit blocks on this CPU: the int8 planes where PyTorch's int4 kernel runs
     with AVX-512, float16 elsewhere, where that kernel is twice as slow and float16 as fast as before

@@ -186,28 +186,18 @@ def _packs_path(folder: str | None) -> Path | None:
 
 def pick_kv_dtype(loaded: LoadedModel) -> torch.dtype:
     """What ``--kv-dtype auto`` means for this model: bfloat16 for a quantized fast-path model on a CPU
-    with native bf16 (:func:`native_bf16`), whose attention then reads half the bytes as two bf16
+    with native bf16 (:func:`.gguf.native_bf16`), whose attention then reads half the bytes as two bf16
     matmuls (:func:`.fast.matmul_attention`; its 4-bit kernels already take bf16 activations); else the
     compute dtype (so transformers' attention reads the cache without a copy, and ``--quant none``
     stays float32 throughout)."""
     import torch
 
+    from .gguf import native_bf16
+
     quantized = loaded.weights != "dense"
     if loaded.device == "cpu" and loaded.fast is not None and quantized and native_bf16():
         return torch.bfloat16
     return loaded.dtype
-
-
-def native_bf16() -> bool:
-    """Whether this CPU computes in bf16 in hardware (AVX512-BF16 or AMX-BF16), as torch reports it
-    (``torch.cpu.get_capabilities()``, from cpuinfo); False where this torch cannot say."""
-    import torch
-
-    capabilities = getattr(torch.cpu, "get_capabilities", None)
-    if capabilities is None:
-        return False
-    found = capabilities()
-    return bool(found.get("avx512_bf16") or found.get("amx_bf16"))
 
 
 def kv_dtype(name: str, loaded: LoadedModel) -> torch.dtype:
