@@ -127,3 +127,45 @@ def test_int4_linear_on_each_cpu_flavour(flavour):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
     assert out.returncode == 0, out.stdout + out.stderr[-2000:]
     assert out.stdout.split()[0].lower() in {flavour, "avx2", "default"}  # capped at what the CPU has
+
+
+FAULTS = """
+import resource, sys
+from sinkchat.bench import default_text, text_ids
+from sinkchat.bench.stream import Stream
+from sinkchat.kv import SinkCache
+from sinkchat.model import load
+
+loaded = load("smollm2-135m", quant="auto", device="cpu", compile="off")
+ids = text_ids(loaded.tokenizer, default_text(), 500)
+for _ in range(2):
+    stream = Stream(loaded.model, SinkCache.for_model(loaded.model, 4, 508))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    stream.forward(ids, keep=1)
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.model
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc, Linux's page-fault counter")
+def test_a_prefill_reuses_memory_rather_than_paging_in_fresh(tmp_path):
+    """A chat's second 500-token prefill (a fresh process, the bundled model) touches few new pages: its
+    dequantized weights go into kept buffers and its activations come from malloc's heap. Measured
+    6,300 page faults; 51,000 with glibc's default thresholds, 230,000 with a fresh tensor per
+    dequantized weight (a third of the prefill's time)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {k: v for k, v in env.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    out = subprocess.run([sys.executable, "-c", FAULTS], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    first, second = map(int, out.stdout.split())
+    assert second < 25_000, (first, second)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_malloc_settings_of_the_users_own_win(monkeypatch):
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "2")
+    assert quant.keep_heap_pages() is False
+    monkeypatch.delenv("MALLOC_ARENA_MAX")
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=0")
+    assert quant.keep_heap_pages() is False
+

@@ -98,6 +98,8 @@ def prepare(loaded: LoadedModel, kv_dtype: str = "auto", compile: str = "auto", 
             loaded.notices.append("--compile on: only the fast path (Llama-family models: 4-bit, or float32 "
                                   "on the CPU) is compiled; this model runs eagerly")
     loaded.kv_dtype = pick_kv_dtype(loaded) if kv_dtype == "auto" else getattr(torch, kv_dtype)
+    if loaded.device == "cpu":
+        quant.keep_heap_pages()
     model.sinkchat_kv_dtype = loaded.kv_dtype
     model.sinkchat_fast = loaded.fast
 
