@@ -1,7 +1,7 @@
 """One prefill chunk's matmul on a packed int4 weight, by route: the int4 kernel itself (bf16
-activations), the weight dequantized to float32 and a float32 matmul (what a prefill chunk runs
-today), or dequantized and cast to bf16 for a bf16 matmul; and the dequantization alone. Random
-weights of Llama-3.2-1B's MLP shapes and the bundled model's gate/up, 512 rows, medians of 5.
+activations), the weight dequantized to float32 and a float32 matmul (a prefill chunk's route on CPUs
+without native bf16), or dequantized to bf16 for a bf16 matmul (the route with native bf16); and the
+dequantization alone. Random weights of Llama-3.2-1B's MLP shapes and the bundled model's gate/up, 512 rows, medians of 5.
 
     PYTHONPATH=. python scripts/bench_prefill_kernels.py [THREADS]
 """
@@ -38,8 +38,9 @@ def main() -> None:
         routes = {
             "int4 kernel": lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), packed, GROUP,
                                                                               scales),
-            "float32 (today)": lambda: F.linear(x, dequantize(packed, scales, k, layout)),
-            "bf16": lambda: F.linear(x.to(torch.bfloat16), dequantize(packed, scales, k, layout).to(torch.bfloat16)),
+            "float32 (CPUs without native bf16)": lambda: F.linear(x, dequantize(packed, scales, k, layout)),
+            "bf16 (with native bf16)": lambda: F.linear(x.to(torch.bfloat16),
+                                                        dequantize(packed, scales, k, layout, torch.bfloat16)),
             "dequantize alone": lambda: dequantize(packed, scales, k, layout),
         }
         print(f"{n} x {k}: " + ", ".join(f"{name} {median_ms(fn):.1f} ms" for name, fn in routes.items()))
