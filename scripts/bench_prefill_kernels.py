@@ -1,7 +1,8 @@
 """One prefill chunk's matmul on a packed int4 weight, by route: the int4 kernel itself (bf16
 activations), the weight dequantized to float32 and a float32 matmul (a prefill chunk's route on CPUs
 without native bf16), or dequantized to bf16 for a bf16 matmul (the route with native bf16); and the
-dequantization alone. Random weights of Llama-3.2-1B's MLP shapes and the bundled model's gate/up, 512 rows, medians of 5.
+dequantization alone. Random weights of Llama-3.2-1B's MLP shapes and the bundled model's gate/up,
+512 rows, medians of 5.
 
     PYTHONPATH=. python scripts/bench_prefill_kernels.py [THREADS]
 """

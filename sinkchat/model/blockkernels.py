@@ -33,7 +33,6 @@ from .quant import (
     HalfLinear,
     Int4Linear,
     Packs,
-    _scratch,
     affine_int4,
     cat_bias,
     dense_linear,
@@ -41,6 +40,7 @@ from .quant import (
     pack_codes,
     pack_scales,
     prefill_dtype,
+    scratch_tensor,
 )
 
 
@@ -79,7 +79,7 @@ class Int8Planes(nn.Module):
         """The ``[N, K]`` weight this computes with (the two planes added in float32), in ``dtype``."""
         p = self.planes
         both = dequantize(p.packed, p.scales, p.in_features, p.layout)
-        out = _scratch("planes", (both.shape[0], self.in_features), dtype)
+        out = scratch_tensor("planes", (both.shape[0], self.in_features), dtype)
         return torch.add(both[:, : self.in_features], both[:, self.in_features :], out=out)
 
     def rows(self, start: int, end: int) -> "Int8Planes":

@@ -134,13 +134,13 @@ def dequantize(packed: torch.Tensor, scales: torch.Tensor, in_features: int, lay
     block, paired = layout
     n, k = packed.shape[0], in_features
     p = packed.view(n // block, k, block // 2)  # [row block, input, byte]: a byte holds two rows' codes
-    q = _scratch("codes", (n // block, block, k), torch.float32)
+    q = scratch_tensor("codes", (n // block, block, k), torch.float32)
     rows = q.view(n // block, block // 2, 2, k).unbind(2) if paired else q.split(block // 2, 1)
-    rows[0].copy_(torch.bitwise_and(p, 15, out=_scratch("low", p.shape, torch.uint8)).transpose(1, 2))
-    rows[1].copy_(torch.bitwise_right_shift(p, 4, out=_scratch("high", p.shape, torch.uint8)).transpose(1, 2))
+    rows[0].copy_(torch.bitwise_and(p, 15, out=scratch_tensor("low", p.shape, torch.uint8)).transpose(1, 2))
+    rows[1].copy_(torch.bitwise_right_shift(p, 4, out=scratch_tensor("high", p.shape, torch.uint8)).transpose(1, 2))
     s = scales.float().permute(1, 0, 2)  # [N, K/32, 2]
     q = q.view(n, k // GROUP, GROUP).sub_(8).mul_(s[..., :1])
-    out = q if dtype == torch.float32 else _scratch("weight", q.shape, dtype)
+    out = q if dtype == torch.float32 else scratch_tensor("weight", q.shape, dtype)
     return torch.add(q, s[..., 1:], out=out).view(n, k)
 
 
@@ -187,7 +187,7 @@ def keep_heap_pages() -> bool:
     return bool(mallopt(m_mmap_threshold, MMAP_THRESHOLD)) and bool(mallopt(m_trim_threshold, TRIM_THRESHOLD))
 
 
-def _scratch(role: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+def scratch_tensor(role: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """An uninitialized ``shape`` tensor: a view of ``role``'s kept buffer inside :func:`prefill_scratch`, else new."""
     kept = getattr(_scratch_buffers, "kept", None)
     if kept is None:
