@@ -217,3 +217,30 @@ def test_a_model_path_that_is_neither_gguf_nor_folder_says_what_it_is(tmp_path):
     os.mkfifo(fifo)
     one_line_error(run_cli("--plain", "--model", str(text)), f"{text} exists but is not a .gguf file or a model folder")
     one_line_error(run_cli("--plain", "--model", str(fifo)), f"{fifo} exists but is not a GGUF file")
+
+
+@pytest.mark.model  # subprocesses load the bundled model
+def test_without_python_headers_the_decode_step_stays_eager_without_warnings(tmp_path):
+    """Inductor's CPU kernels include ``Python.h``: where Python's headers are not installed, ``--compile
+    auto`` leaves the decode step eager (as without a C++ compiler: nothing to say), and ``--compile on``
+    fails with one notice, no warning of inductor's on the terminal. The headers are hidden by mounting
+    an empty folder over them in a mount namespace of the subprocess's own (root and unshare only)."""
+    import shutil
+    import sysconfig
+
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        pytest.skip("hiding Python's headers needs root and unshare")
+    include = sysconfig.get_path("include")
+    if not Path(include, "Python.h").exists():
+        pytest.skip("no Python headers here to hide")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    hide = ["unshare", "-m", "sh", "-c", f'mount --bind "{empty}" "{include}" && exec "$@"', "sh"]
+    env = {"TORCH_COMPILE_DISABLE": "0", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    args = ("--plain", "-t", "0", "--window", "64", "--max-new-tokens", "2", "--no-save")
+    auto = run_cli(*args, input="Hi\n", env=env, prefix=hide)
+    assert auto.returncode == 0 and auto.stderr == "", auto.stderr
+    on = run_cli(*args, "--compile", "on", input="Hi\n", env=env, prefix=hide)
+    assert on.returncode == 0, on.stderr
+    assert on.stderr.splitlines() == ["sinkchat: the first reply compiles the decode step (seconds the first time)",
+                                      "sinkchat: compiling the decode step failed (InductorError); decoding eagerly"]

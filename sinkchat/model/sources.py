@@ -99,6 +99,8 @@ def quiet() -> None:
     warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
     warnings.filterwarnings("ignore", category=UserWarning, module="bitsandbytes")
     warnings.filterwarnings("ignore", message="bf16 and fp16 are mixed")  # inductor, compiling the int4 step
+    warnings.filterwarnings("ignore", message="Can't find Python.h")  # inductor, once per kernel: the failed
+    # compile (--compile on without Python's headers) is one notice, decoding eagerly
 
 
 def gguf_target(path: Path) -> Path:
