@@ -116,7 +116,6 @@ def peer(
     llama = lambda: measure_peer.run_llama_bench(binary, source.ref, threads, depth, repetitions=repetitions)  # noqa: E731
     first = llama()
     loaded = load(s, as_json)
-    info = machine(loaded)
     ids = bench.text_ids(loaded.tokenizer, bench.default_text(), max(512, depth + steps + 1))
     candidates = Sampler(s).candidates()
     per_round = measure_peer.alternate(
@@ -124,6 +123,7 @@ def peer(
                                               candidates=candidates),
         llama, rounds, first)
     ours, theirs = measure_peer.medians(per_round)
+    info = machine(loaded)  # after the run: how its decode steps ran (compiled at the first, or not)
     rows = [{side: {k: v for k, v in figures.items() if k != "raw"} for side, figures in r.items()}
             for r in per_round]
     report = measure_peer.report(ours, theirs, {"gguf": source.ref, "depth": depth, "threads": threads,
