@@ -115,14 +115,18 @@ def packed_layout() -> Layout | None:
     return None
 
 
-def _nibbles(packed: torch.Tensor, layout: Layout, in_features: int) -> torch.Tensor:
-    """The packed ``uint8 [N, K/2]`` as 4-bit codes ``uint8 [N, K]`` in row order."""
+def _nibbles(packed: torch.Tensor, layout: Layout, in_features: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The packed ``uint8 [N, K/2]`` as 4-bit codes ``[N, K]`` in row order: written into ``out`` (any
+    dtype) where given, else a new uint8 tensor."""
     block, paired = layout
     n = packed.shape[0]
-    p = packed.view(n // block, in_features, block // 2)
-    lo, hi = p & 0xF, p >> 4
-    rows = torch.stack([lo, hi], -1).flatten(-2) if paired else torch.cat([lo, hi], -1)
-    return rows.transpose(1, 2).reshape(n, in_features)
+    p = packed.view(n // block, in_features, block // 2)  # [row block, input, byte]: a byte holds two rows
+    out = torch.empty(n, in_features, dtype=torch.uint8) if out is None else out
+    rows = (out.view(n // block, block // 2, 2, in_features).unbind(2) if paired
+            else out.view(n // block, block, in_features).split(block // 2, 1))
+    rows[0].copy_(torch.bitwise_and(p, 15, out=scratch_tensor("low", p.shape, torch.uint8)).transpose(1, 2))
+    rows[1].copy_(torch.bitwise_right_shift(p, 4, out=scratch_tensor("high", p.shape, torch.uint8)).transpose(1, 2))
+    return out
 
 
 def dequantize(packed: torch.Tensor, scales: torch.Tensor, in_features: int, layout: Layout,
@@ -131,13 +135,8 @@ def dequantize(packed: torch.Tensor, scales: torch.Tensor, in_features: int, lay
     float32 as exactly the kernel's ``(q - 8) * scale + zero`` (before its bf16 arithmetic), the last
     step writing ``dtype`` (one rounding, no extra pass for a bf16 copy). Inside :func:`prefill_scratch`
     the result lives in a reused buffer, valid until the next call."""
-    block, paired = layout
     n, k = packed.shape[0], in_features
-    p = packed.view(n // block, k, block // 2)  # [row block, input, byte]: a byte holds two rows' codes
-    q = scratch_tensor("codes", (n // block, block, k), torch.float32)
-    rows = q.view(n // block, block // 2, 2, k).unbind(2) if paired else q.split(block // 2, 1)
-    rows[0].copy_(torch.bitwise_and(p, 15, out=scratch_tensor("low", p.shape, torch.uint8)).transpose(1, 2))
-    rows[1].copy_(torch.bitwise_right_shift(p, 4, out=scratch_tensor("high", p.shape, torch.uint8)).transpose(1, 2))
+    q = _nibbles(packed, layout, k, scratch_tensor("codes", (n, k), torch.float32))
     s = scales.float().permute(1, 0, 2)  # [N, K/32, 2]
     q = q.view(n, k // GROUP, GROUP).sub_(8).mul_(s[..., :1])
     out = q if dtype == torch.float32 else scratch_tensor("weight", q.shape, dtype)
