@@ -22,6 +22,21 @@ from sinkchat.tui import themes
 ROOT = Path(__file__).resolve().parents[1]
 GREEDY = Settings(temperature=0, repetition_penalty=1.1)
 SIZE = (110, 40)  # the TUI tests' terminal
+# What ``torch.cpu.get_capabilities()`` may report, and whether that is native bf16 math (None: a torch
+# without the function); the bf16 KV cache and bf16 prefill are chosen from it (``native_bf16``)
+CPU_REPORTS = [({"avx512_bf16": True}, True), ({"amx_bf16": True}, True),
+               ({"avx512_bf16": False, "avx2": True}, False), ({"avx512_bf16": False, "avx512f": True}, False),
+               (None, False)]
+
+
+def report_cpu(monkeypatch, found: dict | None) -> None:
+    """Make torch report ``found`` as this CPU's capabilities (None: as a torch without the function)."""
+    import torch
+
+    if found is None:
+        monkeypatch.delattr(torch.cpu, "get_capabilities", raising=False)
+    else:
+        monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: found, raising=False)
 
 
 def run_cli(*args: str, input: str | bytes | None = None, env: dict | None = None, timeout: float = 300,

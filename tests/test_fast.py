@@ -11,7 +11,7 @@ import pytest
 import torch
 from test_cache import text_ids
 
-from _helpers import GREEDY, say
+from _helpers import CPU_REPORTS, GREEDY, report_cpu, say
 from sinkchat.engine import Chat
 from sinkchat.kv import SinkCache, rope_inv_freqs
 from sinkchat.kv.cache import local_windows
@@ -293,17 +293,14 @@ def test_auto_picks_a_bf16_cache_on_a_cpu_with_native_bf16_only(tiny_models, mon
     AVX512-BF16 or AMX-BF16 gives a 4-bit fast-path model a bf16 cache, anything else float32. A
     ``--quant none`` model stays float32, and a model off the fast path keeps its compute dtype."""
     folder = str(tiny_models["mistral"])
-    for found, want in [({"avx512_bf16": True}, torch.bfloat16), ({"amx_bf16": True}, torch.bfloat16),
-                        ({"avx512_bf16": False, "avx2": True}, torch.float32), (None, torch.float32)]:
-        if found is None:
-            monkeypatch.delattr(torch.cpu, "get_capabilities")
-        else:
-            monkeypatch.setattr(torch.cpu, "get_capabilities", lambda found=found: found)
+    for found, native in CPU_REPORTS:
+        report_cpu(monkeypatch, found)
+        want = torch.bfloat16 if native else torch.float32
         loaded = load(folder, quant="4bit", device="cpu")
         assert loaded.fast is not None and loaded.kv_dtype == want, found
         assert Chat(loaded, GREEDY).cache.dtype == want
         assert load(folder, quant="4bit", device="cpu", kv_dtype="float32").kv_dtype == torch.float32
-    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_bf16": True}, raising=False)
+    report_cpu(monkeypatch, {"avx512_bf16": True})
     assert load(folder, quant="none", device="cpu").kv_dtype == torch.float32
     monkeypatch.setattr(fast, "supported", lambda model: False)
     assert load(folder, quant="4bit", device="cpu").kv_dtype == torch.float32

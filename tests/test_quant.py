@@ -16,7 +16,7 @@ import sys
 import pytest
 import torch
 
-from _helpers import ROOT
+from _helpers import CPU_REPORTS, ROOT, report_cpu
 from sinkchat.model import quant
 from sinkchat.model.quant import GROUP, Int4Linear
 
@@ -87,14 +87,10 @@ def test_prefill_runs_in_bf16_where_the_cpu_has_native_bf16(monkeypatch, request
     """bf16 GEMMs for a prefill chunk where torch reports AVX512-BF16 or AMX-BF16 (1.4-2.2x the float32
     GEMM there); float32 where bf16 would be emulated, and where this torch cannot say."""
     request.addfinalizer(CHOSEN_PREFILL_DTYPE.cache_clear)  # recomputed for this CPU after the test
-    for found, want in [({"avx512_bf16": True}, torch.bfloat16), ({"amx_bf16": True}, torch.bfloat16),
-                        ({"avx512_bf16": False, "avx512f": True}, torch.float32), (None, torch.float32)]:
-        if found is None:
-            monkeypatch.delattr(torch.cpu, "get_capabilities")
-        else:
-            monkeypatch.setattr(torch.cpu, "get_capabilities", lambda found=found: found)
+    for found, native in CPU_REPORTS:
+        report_cpu(monkeypatch, found)
         CHOSEN_PREFILL_DTYPE.cache_clear()
-        assert CHOSEN_PREFILL_DTYPE() == want, found
+        assert CHOSEN_PREFILL_DTYPE() == (torch.bfloat16 if native else torch.float32), found
 
 
 def test_bf16_prefill_keeps_the_perplexity_of_float32(smollm, monkeypatch):
