@@ -1,10 +1,13 @@
-"""The bundled model's decode step eager against compiled layer by layer (``--compile auto`` on the CPU),
-rounds alternating in one process, 4 sinks + 2000 window full, the candidate head as a chat's default
-sampler uses it; medians of 20 steps per round, then of 7 rounds.
+"""The bundled model's decode step eager against compiled (``--compile auto`` on the CPU), rounds
+alternating in one process, 4 sinks + 2000 window full, the candidate head as a chat's default sampler
+uses it; medians of 20 steps per round, then of 7 rounds.
 
     PYTHONPATH=. python scripts/bench_compile.py [THREADS] [--profile]
 
-``--profile`` then prints ``torch.profiler``'s table of 20 more compiled steps (where their time goes).
+Variants: the eager step; the static step (whole buffers, masked) with eager layers; with each layer
+through ``torch.compile`` (inductor's C++ wrapper: how the CPU's step was compiled before AOTInductor);
+with the AOTInductor package of :mod:`sinkchat.model.aot` (what ``--compile auto`` runs). ``--profile``
+then prints ``torch.profiler``'s table of 20 more steps of the last (where their time goes).
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ from sinkchat.bench import default_text, text_ids
 from sinkchat.bench.stream import Stream
 from sinkchat.kv import SinkCache
 from sinkchat.model import load
-from sinkchat.model.fast import CPU_COMPILE, Layer
+from sinkchat.model.aot import CompiledLayers
+from sinkchat.model.fast import Layer
 
 WINDOW, CANDIDATES, ROUNDS, STEPS = 2000, 400, 7, 20
 
@@ -29,15 +33,19 @@ def main() -> None:
     torch.set_num_threads(int(args[0]) if args else 2)
     loaded = load("smollm2-135m", quant="auto", device="cpu", compile="off")
     fm = loaded.fast
-    ids = text_ids(loaded.tokenizer, default_text(), WINDOW + 4 + (3 * ROUNDS + 1) * STEPS + 10)
-    stream = Stream(loaded.model, SinkCache.for_model(loaded.model, 4, WINDOW))
+    ids = text_ids(loaded.tokenizer, default_text(), WINDOW + 4 + (4 * ROUNDS + 3) * STEPS + 10)
+    stream = Stream(loaded.model, SinkCache.for_model(loaded.model, 4, WINDOW, dtype=loaded.kv_dtype))
     while stream.seen < WINDOW + 4:
         stream.forward(ids[stream.seen : min(stream.seen + 500, WINDOW + 4)], keep=1)
-    compiled = torch.compile(Layer.forward, options=CPU_COMPILE)
     variants = {"eager step": (None, Layer.forward), "static step, eager layers": (fm.static_step, Layer.forward),
-                "static step, compiled layers": (fm.static_step, compiled)}
-    fm.compiled, fm.layer_step = fm.static_step, compiled
-    stream.forward([ids[stream.seen]], keep=1, candidates=CANDIDATES)  # compiles, untimed
+                "static step, torch.compile layers": (fm.static_step, torch.compile(Layer.forward,
+                                                                                    options={"cpp_wrapper": True})),
+                "static step, AOTInductor layers": (fm.static_step, CompiledLayers())}
+    for name, (step, layer) in variants.items():  # compile (or read from disk), untimed
+        fm.compiled, fm.layer_step = step, layer
+        t0 = time.perf_counter()
+        stream.forward([ids[stream.seen]], keep=1, candidates=CANDIDATES)
+        print(f"{name}: first step {time.perf_counter() - t0:.1f} s", flush=True)
     times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(ROUNDS):
         for name, (step, layer) in variants.items():
@@ -53,7 +61,6 @@ def main() -> None:
     if "--profile" in sys.argv:
         from torch.profiler import ProfilerActivity, profile
 
-        fm.compiled, fm.layer_step = fm.static_step, compiled
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(STEPS):
                 stream.forward([ids[stream.seen]], keep=1, candidates=CANDIDATES)

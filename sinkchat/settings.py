@@ -91,9 +91,10 @@ class Settings:
     kv_dtype: str = setting("auto", "KV cache dtype: auto (bfloat16 for a 4-bit fast-path model on a CPU with "
                             "AVX512-BF16 or AMX, else the compute dtype), float32, bfloat16 or float16.",
                             choices=KV_DTYPES)
-    compile: str = setting("auto", "torch.compile the decode step (and record it as a CUDA graph on a GPU): "
-                           "auto (on a GPU; on the CPU where a C++ compiler and Python.h are found, layer by layer; "
-                           "not under TORCH_COMPILE_DISABLE=1), on or off; a failed compile falls back to eager.",
+    compile: str = setting("auto", "Compile the decode step with inductor (recorded as a CUDA graph on a GPU; on "
+                           "the CPU one layer ahead of time, kept on disk): auto (on a GPU; on the CPU where a C++ "
+                           "compiler is found; not under TORCH_COMPILE_DISABLE=1), on or off; a failed compile "
+                           "falls back to eager.",
                            choices=COMPILE, saved=False)
     temperature: float = setting(0.7, "Sampling temperature; 0 = greedy.", check=_range(0, 100))
     top_p: float = setting(0.9, "Nucleus sampling: smallest set of tokens with this much probability.",

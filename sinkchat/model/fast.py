@@ -38,10 +38,6 @@ from .quant import HalfLinear, Int4Linear, NF4Linear, cat_bias, int4_fits
 
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # inv_freq and attention_scaling fixed at load
 LAYER_TYPES = ("full_attention", "sliding_attention")
-# Inductor writes a layer's wrapper (the code around its kernels: size asserts, buffers, the calls) in
-# C++ rather than Python: 0.92x the step on the bundled model, 2 threads, same compile time
-# (README, "Against llama.cpp").
-CPU_COMPILE = {"cpp_wrapper": True}
 ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
 
 
@@ -315,25 +311,28 @@ class FastModel:
     # -- the static-shape decode step (torch.compile, CUDA graphs) ----------------------------------
 
     def compile(self, inductor: bool = True, cuda_graph: bool = False, setup=None) -> None:
-        """Decode single tokens through :meth:`static_step`, compiled by ``torch.compile`` (inductor)
-        and/or recorded as a CUDA graph (:class:`CudaGraphStep`). Without a graph (the CPU) inductor
-        compiles one layer (:class:`Layer`), whose graph every layer reuses: seconds, where the whole
-        step took minutes on 2 cores; with one it compiles the whole step, as measured on a GPU. Both
-        happen on the first step, which also imports dynamo (1.6 s, not a quick start's) after
-        ``setup()``; if either fails, the step stays eager and :attr:`notice` says why (once)."""
+        """Decode single tokens through :meth:`static_step`, compiled by inductor and/or recorded as a
+        CUDA graph (:class:`CudaGraphStep`). Without a graph (the CPU) AOTInductor compiles one layer
+        (:class:`Layer`) into a package every layer of its kind runs and the next start reads from disk
+        (:class:`~.aot.CompiledLayers`): seconds, where compiling the whole step took minutes on 2 cores;
+        with one ``torch.compile`` compiles the whole step, as measured on a GPU. Both happen on the
+        first step (``setup()`` first, where anything compiles); if either fails, the step stays eager
+        and :attr:`notice` says why (once)."""
         self.compiled_s = None
         if not inductor:
             self.compiled = CudaGraphStep(self.static_step) if cuda_graph else self.static_step
             return
 
         def first(*args):
-            if setup is not None:
-                setup()
             step = self.static_step
             if cuda_graph:
+                if setup is not None:
+                    setup()
                 step = torch.compile(step, dynamic=False)
             else:
-                self.layer_step = torch.compile(Layer.forward, options=CPU_COMPILE)
+                from .aot import CompiledLayers
+
+                self.layer_step = CompiledLayers(setup=setup)
             self.compiled = CudaGraphStep(step) if cuda_graph else step
             return self.compiled(*args)
 
@@ -384,7 +383,9 @@ class FastModel:
             logits = self.compiled(*args, candidates)
             if first:
                 self.compiled_s = time.perf_counter() - t0
-                self.notice = f"compiled the decode step in {self.compiled_s:.1f} s (kept on disk for the next start)"
+                if getattr(self.layer_step, "compiled", 1):  # not when the CPU's layer was read from disk
+                    self.notice = (f"compiled the decode step in {self.compiled_s:.1f} s "
+                                   "(kept on disk for the next start)")
         except Exception as exc:  # inductor, a missing compiler, CUDA graphs: all fall back the same way
             self.compiled, self.layer_step = None, Layer.forward
             self.notice = f"compiling the decode step failed ({type(exc).__name__}); decoding eagerly"

@@ -28,7 +28,7 @@ def prepare(loaded: LoadedModel, kv_dtype: str = "auto", compile: str = "auto", 
     NF4 for a model transformers quantized; a GGUF's ``auto`` is its values in the compute dtype. A
     fast-path model (:mod:`.fast`) runs in float32 or on those kernels on the CPU and in 4 bits on one
     GPU; ``compile`` ``auto`` compiles its decode step (on a GPU recorded as one CUDA graph; on the CPU
-    layer by layer, where inductor finds a C++ compiler and Python.h).
+    one layer ahead of time, :mod:`.aot`, where inductor finds a C++ compiler).
     Everything else runs through transformers. Re-quantizing a GGUF below its own precision is said
     once (:attr:`~.loaded.LoadedModel.notices`).
     """
@@ -136,17 +136,15 @@ def _lower(file, quant: str, runs: str) -> str | None:
 
 
 def _cpp_compiler() -> bool:
-    """Whether inductor can build the CPU's kernels here: the C++ compiler they need is on the PATH
-    (``CXX``, else g++ or clang++) and Python's headers are installed (every kernel and wrapper it
-    writes includes ``Python.h``; without them each compile fails, after seconds of trying), both
-    looked up without importing inductor (that imports dynamo: 1.6 s of a quick start)."""
+    """Whether inductor can build the CPU's compiled layer here: the C++ compiler it needs is on the
+    PATH (``CXX``, else g++ or clang++), looked up without importing inductor (that imports dynamo:
+    1.6 s of a quick start). AOTInductor's code does not include ``Python.h``, so Python's headers
+    are not needed (the regional ``torch.compile`` before it failed without them, after seconds)."""
     import os
     import shutil
-    import sysconfig
 
     wanted = [os.environ["CXX"]] if os.environ.get("CXX") else ["g++", "clang++"]
-    headers = Path(sysconfig.get_path("include")) / "Python.h"
-    return any(shutil.which(c) for c in wanted) and headers.exists()
+    return any(shutil.which(c) for c in wanted)
 
 
 def _compile_disabled() -> bool:
