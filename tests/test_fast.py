@@ -528,6 +528,24 @@ def test_a_damaged_or_linked_compiled_layer_is_compiled_again(tiny_models, fresh
     assert start()[0] == 0  # kept, read
 
 
+def test_a_folder_in_the_compiled_layers_place_still_runs_compiled(tiny_models, fresh_compile):
+    """Something that cannot be replaced by a file where the package goes (here a folder of its name)
+    costs the next start the compile, not the compiled step: the chat decodes through the package just
+    compiled, where it used to fall back to eager after compiling (IsADirectoryError)."""
+    def start():
+        loaded = load(str(tiny_models["mistral"]), quant="none", device="cpu", compile="on")
+        return loaded.fast, stream_decode(loaded)
+
+    fm, first = start()
+    (package,) = fresh_compile.glob("*.pt2")
+    package.unlink()
+    package.mkdir()
+    fm, steps = start()
+    assert fm.step_kind == "compiled layers" and fm.layer_step.compiled == 1, fm.notice
+    assert fm.notice.startswith("compiled the decode step in") and all(map(torch.equal, first, steps))
+    assert package.is_dir() and list(fresh_compile.iterdir()) == [package]  # no temporary file left
+
+
 def test_compile_auto_on_the_cpu_compiles_where_inductor_can(tiny_models, compiling, monkeypatch):
     """``--compile auto`` compiles the CPU's decode step where inductor finds a C++ compiler, leaves it
     eager without one (nothing to say: eager is the default there) and under PyTorch's own

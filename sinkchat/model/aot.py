@@ -92,7 +92,8 @@ class CompiledLayers:
                 torch._inductor.aoti_compile_and_package(program, package_path=tmp)
                 run = _open(Path(tmp))
                 if keep:
-                    os.replace(tmp, path)
+                    with contextlib.suppress(OSError):  # a folder or such in its place: compiled again next start
+                        os.replace(tmp, path)
             finally:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp)
