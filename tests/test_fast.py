@@ -581,6 +581,7 @@ def test_compile_with_an_unusable_inductor_cache_dir_still_compiles(tiny_models,
     stream_decode(loaded)
     notices = loaded.take_notices()
     assert len(notices) == 1 and notices[0].startswith("compiled the decode step in"), notices
+    assert notices[0].endswith("(not kept: the cache dir cannot be written; the next start compiles again)")
     assert (tmp_path / "aoti").is_file() and not list(tmp_path.glob("*.pt2"))
 
 

@@ -42,14 +42,15 @@ class CompiledLayers:
     compiled or read from ``folder`` on first use (``None``: the cache dir's ``aoti``); ``setup()`` runs
     before the first compile (where inductor keeps its kernels).
 
-    :attr:`compiled` counts the packages compiled in this process (not read from disk)."""
+    :attr:`compiled` counts the packages compiled in this process (not read from disk), :attr:`kept`
+    those of them saved in ``folder`` for the next start."""
 
     def __init__(self, folder: Path | None = None, setup=None):
         self.folder = folder if folder is not None else _config.cache_dir() / "aoti"
         self.setup = setup
         self.layers: dict[int, tuple[str, list[torch.Tensor]]] = {}  # id(layer) -> (kind, its tensors)
         self.runs: dict[tuple, object] = {}  # (kind, cache shape, dtype) -> the package's boxed_run
-        self.compiled = 0
+        self.compiled = self.kept = 0
 
     def __call__(self, layer, x, keys, values, slot, mask, cos, sin) -> torch.Tensor:
         entry = self.layers.get(id(layer))
@@ -94,6 +95,7 @@ class CompiledLayers:
                 if keep:
                     with contextlib.suppress(OSError):  # a folder or such in its place: compiled again next start
                         os.replace(tmp, path)
+                        self.kept += 1
             finally:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp)
