@@ -82,7 +82,8 @@ class CompiledLayers:
             program = _export(layer, args)
             try:
                 self.folder.mkdir(parents=True, exist_ok=True)
-                fd, tmp = tempfile.mkstemp(suffix=".pt2", dir=self.folder)
+                _sweep(self.folder)
+                fd, tmp = tempfile.mkstemp(prefix=f"{os.getpid()}.part.", suffix=".pt2", dir=self.folder)
                 os.close(fd)
                 keep = True
             except OSError:  # read-only or full: a private temporary file, compiled again next start
@@ -101,6 +102,19 @@ class CompiledLayers:
                     os.unlink(tmp)
         self.compiled += 1
         return run
+
+
+def _sweep(folder: Path) -> None:
+    """Remove the part-written packages (``PID.part.*.pt2``) of compiles whose process is gone (killed
+    while compiling); another process's compile in progress keeps its own."""
+    for part in folder.glob("*.part.*.pt2"):
+        try:
+            os.kill(int(part.name.split(".", 1)[0]), 0)
+        except ProcessLookupError:
+            with contextlib.suppress(OSError):
+                part.unlink()
+        except (ValueError, OSError):  # not ours, or another user's process: left alone
+            pass
 
 
 def _open(path: Path):
