@@ -528,6 +528,56 @@ def test_a_damaged_or_linked_compiled_layer_is_compiled_again(tiny_models, fresh
     assert start()[0] == 0  # kept, read
 
 
+def test_a_folder_in_the_compiled_layers_place_still_runs_compiled(tiny_models, fresh_compile):
+    """Something that cannot be replaced by a file where the package goes (here a folder of its name)
+    costs the next start the compile, not the compiled step: the chat decodes through the package just
+    compiled, where it used to fall back to eager after compiling (IsADirectoryError)."""
+    def start():
+        loaded = load(str(tiny_models["mistral"]), quant="none", device="cpu", compile="on")
+        return loaded.fast, stream_decode(loaded)
+
+    fm, first = start()
+    (package,) = fresh_compile.glob("*.pt2")
+    package.unlink()
+    package.mkdir()
+    fm, steps = start()
+    assert fm.step_kind == "compiled layers" and fm.layer_step.compiled == 1, fm.notice
+    assert fm.notice.startswith("compiled the decode step in") and all(map(torch.equal, first, steps))
+    assert package.is_dir() and list(fresh_compile.iterdir()) == [package]  # no temporary file left
+
+
+def test_a_compile_killed_midway_leaves_nothing_behind_at_the_next_compile(tiny_models, fresh_compile):
+    """A sinkchat killed (kill -9) while compiling leaves its part-written package in the cache dir; the
+    next compile there removes it (its process is gone) and keeps only whole packages."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    code = ("from sinkchat.model.load import load; from test_fast import stream_decode; "
+            f"loaded = load({str(tiny_models['mistral'])!r}, quant='none', device='cpu', compile='on'); "
+            "print('loaded', flush=True); stream_decode(loaded)")
+    env = {**os.environ, "TORCH_COMPILE_DISABLE": "0", "PYTHONPATH": str(Path(__file__).parent)}
+    child = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "loaded"
+        for _ in range(600):
+            if fresh_compile.is_dir() and list(fresh_compile.iterdir()):
+                break
+            time.sleep(0.05)
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    assert len(list(fresh_compile.iterdir())) == 1  # what the killed compile left
+    loaded = load(str(tiny_models["mistral"]), quant="none", device="cpu", compile="on")
+    stream_decode(loaded)
+    assert loaded.fast.step_kind == "compiled layers", loaded.fast.notice
+    (package,) = fresh_compile.iterdir()
+    assert package.stat().st_size > 0
+
+
 def test_compile_auto_on_the_cpu_compiles_where_inductor_can(tiny_models, compiling, monkeypatch):
     """``--compile auto`` compiles the CPU's decode step where inductor finds a C++ compiler, leaves it
     eager without one (nothing to say: eager is the default there) and under PyTorch's own
@@ -563,6 +613,7 @@ def test_compile_with_an_unusable_inductor_cache_dir_still_compiles(tiny_models,
     stream_decode(loaded)
     notices = loaded.take_notices()
     assert len(notices) == 1 and notices[0].startswith("compiled the decode step in"), notices
+    assert notices[0].endswith("(not kept: the cache dir cannot be written; the next start compiles again)")
     assert (tmp_path / "aoti").is_file() and not list(tmp_path.glob("*.pt2"))
 
 

@@ -42,14 +42,15 @@ class CompiledLayers:
     compiled or read from ``folder`` on first use (``None``: the cache dir's ``aoti``); ``setup()`` runs
     before the first compile (where inductor keeps its kernels).
 
-    :attr:`compiled` counts the packages compiled in this process (not read from disk)."""
+    :attr:`compiled` counts the packages compiled in this process (not read from disk), :attr:`kept`
+    those of them saved in ``folder`` for the next start."""
 
     def __init__(self, folder: Path | None = None, setup=None):
         self.folder = folder if folder is not None else _config.cache_dir() / "aoti"
         self.setup = setup
         self.layers: dict[int, tuple[str, list[torch.Tensor]]] = {}  # id(layer) -> (kind, its tensors)
         self.runs: dict[tuple, object] = {}  # (kind, cache shape, dtype) -> the package's boxed_run
-        self.compiled = 0
+        self.compiled = self.kept = 0
 
     def __call__(self, layer, x, keys, values, slot, mask, cos, sin) -> torch.Tensor:
         entry = self.layers.get(id(layer))
@@ -81,7 +82,8 @@ class CompiledLayers:
             program = _export(layer, args)
             try:
                 self.folder.mkdir(parents=True, exist_ok=True)
-                fd, tmp = tempfile.mkstemp(suffix=".pt2", dir=self.folder)
+                _sweep(self.folder)
+                fd, tmp = tempfile.mkstemp(prefix=f"{os.getpid()}.part.", suffix=".pt2", dir=self.folder)
                 os.close(fd)
                 keep = True
             except OSError:  # read-only or full: a private temporary file, compiled again next start
@@ -92,12 +94,27 @@ class CompiledLayers:
                 torch._inductor.aoti_compile_and_package(program, package_path=tmp)
                 run = _open(Path(tmp))
                 if keep:
-                    os.replace(tmp, path)
+                    with contextlib.suppress(OSError):  # a folder or such in its place: compiled again next start
+                        os.replace(tmp, path)
+                        self.kept += 1
             finally:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp)
         self.compiled += 1
         return run
+
+
+def _sweep(folder: Path) -> None:
+    """Remove the part-written packages (``PID.part.*.pt2``) of compiles whose process is gone (killed
+    while compiling); another process's compile in progress keeps its own."""
+    for part in folder.glob("*.part.*.pt2"):
+        try:
+            os.kill(int(part.name.split(".", 1)[0]), 0)
+        except ProcessLookupError:
+            with contextlib.suppress(OSError):
+                part.unlink()
+        except (ValueError, OSError):  # not ours, or another user's process: left alone
+            pass
 
 
 def _open(path: Path):

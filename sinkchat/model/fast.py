@@ -383,9 +383,12 @@ class FastModel:
             logits = self.compiled(*args, candidates)
             if first:
                 self.compiled_s = time.perf_counter() - t0
-                if getattr(self.layer_step, "compiled", 1):  # not when the CPU's layer was read from disk
-                    self.notice = (f"compiled the decode step in {self.compiled_s:.1f} s "
-                                   "(kept on disk for the next start)")
+                built = getattr(self.layer_step, "compiled", 1)
+                if built:  # not when the CPU's layer was read from disk
+                    kept = getattr(self.layer_step, "kept", built) == built
+                    self.notice = (f"compiled the decode step in {self.compiled_s:.1f} s " + (
+                        "(kept on disk for the next start)" if kept else
+                        "(not kept: the cache dir cannot be written; the next start compiles again)"))
         except Exception as exc:  # inductor, a missing compiler, CUDA graphs: all fall back the same way
             self.compiled, self.layer_step = None, Layer.forward
             self.notice = f"compiling the decode step failed ({type(exc).__name__}); decoding eagerly"
