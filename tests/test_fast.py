@@ -631,3 +631,28 @@ def test_a_replys_speed_leaves_out_the_compile_its_first_step_took(tiny_models, 
     wall = time.perf_counter() - t0
     assert loaded.fast.compiled_s is not None and done.generated > 1
     assert done.seconds <= wall - loaded.fast.compiled_s  # the compile is in the wall time, not in the reply's
+
+
+def test_a_compiled_layer_is_named_by_the_cpu_it_was_built_for(monkeypatch):
+    """Inductor builds a package for this CPU's instruction set (``-march=native``): a CPU that reports
+    other features (a cache dir shared over NFS, a copied home) gets a name of its own and compiles,
+    rather than loading code that stops it with an illegal instruction; so do another thread count
+    and another cache shape."""
+    from sinkchat.model.aot import _digest
+
+    args = [torch.zeros(1, 3, 64, 8, dtype=torch.bfloat16)]
+    names = set()
+    for found, _ in CPU_REPORTS:
+        report_cpu(monkeypatch, found)
+        names.add(_digest("a layer", args))
+    assert len(names) == len(CPU_REPORTS)
+    report_cpu(monkeypatch, {"avx512_bf16": True})
+    same = _digest("a layer", args)
+    assert _digest("a layer", args) == same
+    assert _digest("a layer", [torch.zeros(1, 3, 65, 8, dtype=torch.bfloat16)]) != same
+    with_threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(with_threads + 1)
+        assert _digest("a layer", args) != same
+    finally:
+        torch.set_num_threads(with_threads)

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import inspect
 import os
+import platform
 import tempfile
 import warnings
 from pathlib import Path
@@ -33,6 +33,7 @@ from .. import __version__
 from .. import config as _config
 
 INPUTS = ("x", "keys", "values", "slot", "mask", "cos", "sin")  # Layer.forward's arguments, in order
+SOURCES = ("fast.py", "quant.py", "blockkernels.py")  # what a layer's forward runs (read, not imported)
 
 
 class CompiledLayers:
@@ -142,16 +143,25 @@ def _kind(layer: nn.Module) -> str:
 
 
 def _digest(kind: str, args: list[torch.Tensor]) -> str:
-    """The package's name: :func:`_kind`, the shapes of ``args``, and what else decides the code."""
-    from . import blockkernels, fast, quant
-
+    """The package's name: :func:`_kind`, the shapes of ``args``, and what else decides the code: the
+    versions, the CPU (inductor builds for this one's instruction set, ``-march=native``: another CPU
+    sharing the cache dir compiles its own rather than meeting an illegal instruction), the thread
+    count, and the source of the modules a layer's forward runs."""
     h = hashlib.sha256()
     for part in (kind, [(tuple(a.shape), str(a.dtype), a.stride()) for a in args], torch.__version__, __version__,
-                 torch.backends.cpu.get_cpu_capability(), torch.get_num_threads()):
+                 _cpu(), torch.get_num_threads()):
         h.update(repr(part).encode())
-    for module in (fast, quant, blockkernels):
-        h.update(inspect.getsource(module).encode())
+    for name in SOURCES:
+        h.update((Path(__file__).parent / name).read_bytes())
     return h.hexdigest()[:24]
+
+
+def _cpu() -> tuple:
+    """This CPU as inductor compiles for it: its architecture, torch's kernel flavour and every
+    instruction-set feature torch reports (``torch.cpu.get_capabilities``, where torch has it)."""
+    features = getattr(torch.cpu, "get_capabilities", lambda: {})()
+    return (platform.machine(), torch.backends.cpu.get_cpu_capability(),
+            sorted(k for k, v in features.items() if v is True))
 
 
 class _Call(nn.Module):
