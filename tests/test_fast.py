@@ -506,9 +506,18 @@ def test_the_compiled_step_is_one_layer_package_that_matches_the_eager_step(kv, 
     assert all(torch.equal(a, b) for a, b in zip(steps, again))
 
 
-def test_a_damaged_or_linked_compiled_layer_is_compiled_again(tiny_models, fresh_compile):
+def test_a_damaged_or_linked_compiled_layer_is_compiled_again(tiny_models, fresh_compile, monkeypatch, tmp_path):
     """A package on disk that cannot be loaded (damaged, foreign) or that is a symlink is never trusted:
-    the layer is compiled again and a real file replaces it; the logits stay those of the first start."""
+    the layer is compiled again and a real file replaces it; the logits stay those of the first start.
+    No unpacked package is left in the temporary dir, where AOTInductor's loader used to leave one
+    (1.8 MB) at each start for good (inductor's precompiled headers are a cache of its own there)."""
+    import tempfile
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+
     def start() -> tuple[int, list[torch.Tensor]]:
         loaded = load(str(tiny_models["mistral"]), quant="none", device="cpu", compile="on")
         steps = stream_decode(loaded)
@@ -526,6 +535,7 @@ def test_a_damaged_or_linked_compiled_layer_is_compiled_again(tiny_models, fresh
     built, steps = start()
     assert built == 1 and not package.is_symlink() and all(map(torch.equal, first, steps))
     assert start()[0] == 0  # kept, read
+    assert not [p.name for p in scratch.iterdir() if p.name.startswith(("aotinductor_", "sinkchat-aoti-"))]
 
 
 def test_a_folder_in_the_compiled_layers_place_still_runs_compiled(tiny_models, fresh_compile):

@@ -33,7 +33,7 @@ from .. import __version__
 from .. import config as _config
 
 INPUTS = ("x", "keys", "values", "slot", "mask", "cos", "sin")  # Layer.forward's arguments, in order
-SOURCES = ("fast.py", "quant.py", "blockkernels.py")  # what a layer's forward runs (read, not imported)
+SOURCES = ("aot.py", "fast.py", "quant.py", "blockkernels.py")  # what exports and runs a layer (read, not imported)
 
 
 class CompiledLayers:
@@ -121,8 +121,21 @@ def _sweep(folder: Path) -> None:
 def _open(path: Path):
     """The ``boxed_run`` of the package at ``path``: AOTInductor's C++ loader, as
     ``torch._inductor.aoti_load_package`` calls it, without importing inductor (1.1 s of a start that
-    finds its package on disk). Each call takes a list of tensors, the layer's output in a list."""
-    loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
+    finds its package on disk). Each call takes a list of tensors, the layer's output in a list.
+
+    The loader unpacks the package into a folder of ``TMPDIR`` that it removes only when it is
+    destroyed, which a process's exit does not do: every start left 1.8 MB in /tmp. It unpacks into a
+    folder of ours instead, removed as soon as the library is loaded (mapped, it outlives its file)."""
+    with tempfile.TemporaryDirectory(prefix="sinkchat-aoti-") as scratch:
+        before = os.environ.get("TMPDIR")
+        os.environ["TMPDIR"] = scratch
+        try:
+            loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
+        finally:
+            if before is None:
+                del os.environ["TMPDIR"]
+            else:
+                os.environ["TMPDIR"] = before
     return loader.boxed_run
 
 
@@ -146,7 +159,7 @@ def _digest(kind: str, args: list[torch.Tensor]) -> str:
     """The package's name: :func:`_kind`, the shapes of ``args``, and what else decides the code: the
     versions, the CPU (inductor builds for this one's instruction set, ``-march=native``: another CPU
     sharing the cache dir compiles its own rather than meeting an illegal instruction), the thread
-    count, and the source of the modules a layer's forward runs."""
+    count, and the source of the modules that export and run a layer."""
     h = hashlib.sha256()
     for part in (kind, [(tuple(a.shape), str(a.dtype), a.stride()) for a in args], torch.__version__, __version__,
                  _cpu(), torch.get_num_threads()):
