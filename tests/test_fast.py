@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -15,7 +17,7 @@ from _helpers import CPU_REPORTS, GREEDY, report_cpu, say
 from sinkchat.engine import Chat
 from sinkchat.kv import SinkCache, rope_inv_freqs
 from sinkchat.kv.cache import local_windows
-from sinkchat.model import fast, forward, forward_outputs, load
+from sinkchat.model import aot, fast, forward, forward_outputs, load
 from sinkchat.model.fast import FastModel
 from sinkchat.model.quant import HalfLinear, Int4Linear, NF4Linear
 from sinkchat.store import Store
@@ -499,11 +501,14 @@ def test_the_compiled_step_is_one_layer_package_that_matches_the_eager_step(kv, 
     worst = max(((a - b).abs().max() / a.abs().max()).item() for a, b in zip(eager, steps))
     same = sum(int(a.argmax() == b.argmax()) for a, b in zip(eager, steps))
     assert worst < SAME_BF16_KV and same >= 0.95 * len(steps), (worst, same)
+    (package,) = fresh_compile.glob("*.pt2")
+    os.utime(package, (0, 0))
     fm.notice = None
     fm.compile()  # as at the next start
     again = stream_decode(smollm, kv=kv)
     assert fm.layer_step.compiled == 0 and fm.notice is None and fm.step_kind == "compiled layers"
     assert all(torch.equal(a, b) for a, b in zip(steps, again))
+    assert package.stat().st_mtime > time.time() - 3600  # marked as used: not swept as stale
 
 
 def test_a_damaged_or_linked_compiled_layer_is_compiled_again(tiny_models, fresh_compile, monkeypatch, tmp_path):
@@ -558,12 +563,11 @@ def test_a_folder_in_the_compiled_layers_place_still_runs_compiled(tiny_models, 
 
 def test_a_compile_killed_midway_leaves_nothing_behind_at_the_next_compile(tiny_models, fresh_compile):
     """A sinkchat killed (kill -9) while compiling leaves its part-written package in the cache dir; the
-    next compile there removes it (its process is gone) and keeps only whole packages."""
-    import os
+    next compile there removes it (its process is gone) and keeps only whole packages, those a start
+    has used within ``STALE_DAYS``."""
     import signal
     import subprocess
     import sys
-    import time
     from pathlib import Path
 
     code = ("from sinkchat.model.load import load; from test_fast import stream_decode; "
@@ -581,9 +585,14 @@ def test_a_compile_killed_midway_leaves_nothing_behind_at_the_next_compile(tiny_
         child.send_signal(signal.SIGKILL)
         child.wait()
     assert len(list(fresh_compile.iterdir())) == 1  # what the killed compile left
+    stale, recent = fresh_compile / "0stale.pt2", fresh_compile / "1recent.pt2"  # an older torch's, a sibling's
+    for path, days in ((stale, aot.STALE_DAYS + 1), (recent, aot.STALE_DAYS - 1)):
+        path.write_bytes(b"package")
+        os.utime(path, (time.time() - days * 86400,) * 2)
     loaded = load(str(tiny_models["mistral"]), quant="none", device="cpu", compile="on")
     stream_decode(loaded)
     assert loaded.fast.step_kind == "compiled layers", loaded.fast.notice
+    recent.unlink()
     (package,) = fresh_compile.iterdir()
     assert package.stat().st_size > 0
 
@@ -630,8 +639,6 @@ def test_compile_with_an_unusable_inductor_cache_dir_still_compiles(tiny_models,
 def test_a_replys_speed_leaves_out_the_compile_its_first_step_took(tiny_models, fresh_compile):
     """The header's tok/s of the first reply: the step that compiled the decode step (seconds) is not
     decoding, so the reply's seconds leave it out (before, a chat's first reply read 1.5 tok/s)."""
-    import time
-
     from sinkchat.engine import Done
 
     loaded = load(str(tiny_models["mistral"]), quant="none", device="cpu", compile="on")

@@ -13,7 +13,8 @@ A package is named by everything that decides its code (:func:`_digest`): the la
 tensor shapes, the cache's shape and dtype, PyTorch's version, the CPU's kernel flavour, the thread
 count inductor writes into its parallel loops, and the source of the modules traced. A damaged or
 foreign file, or a symlink in its place, is compiled again and replaced; a cache dir that cannot be
-written only costs the next start the compile.
+written only costs the next start the compile. A package no start has read for :data:`STALE_DAYS`
+(left by an older PyTorch or sinkchat, another window size) is removed at the next compile.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import hashlib
 import os
 import platform
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
@@ -33,6 +35,7 @@ from .. import __version__
 from .. import config as _config
 
 INPUTS = ("x", "keys", "values", "slot", "mask", "cos", "sin")  # Layer.forward's arguments, in order
+STALE_DAYS = 30  # a package unused this long is removed at the next compile
 SOURCES = ("aot.py", "fast.py", "quant.py", "blockkernels.py")  # what exports and runs a layer (read, not imported)
 
 
@@ -70,9 +73,13 @@ class CompiledLayers:
         path = self.folder / f"{_digest(kind, args)}.pt2"
         if path.is_file() and not path.is_symlink():
             try:
-                return _open(path)
+                run = _open(path)
             except Exception:  # damaged or foreign: compiled again below
                 pass
+            else:
+                with contextlib.suppress(OSError):  # its modification time says when a start last used it
+                    os.utime(path)
+                return run
         import torch._inductor  # compiling: inductor and dynamo are imported now, not at every start
 
         if self.setup is not None:
@@ -107,7 +114,13 @@ class CompiledLayers:
 
 def _sweep(folder: Path) -> None:
     """Remove the part-written packages (``PID.part.*.pt2``) of compiles whose process is gone (killed
-    while compiling); another process's compile in progress keeps its own."""
+    while compiling; another process's compile in progress keeps its own), and the packages no start
+    has used for :data:`STALE_DAYS`."""
+    stale = time.time() - STALE_DAYS * 86400
+    for package in folder.glob("*.pt2"):
+        with contextlib.suppress(OSError):
+            if ".part." not in package.name and package.lstat().st_mtime < stale:
+                package.unlink()
     for part in folder.glob("*.part.*.pt2"):
         try:
             os.kill(int(part.name.split(".", 1)[0]), 0)
