@@ -318,3 +318,21 @@ async def test_load_notices_show_before_the_first_reply(tiny_models, compiling):
         await pilot.pause()
         notes = [n.message for n in app._notifications]
         assert any(n.startswith("the first reply compiles the decode step") for n in notes), notes
+
+
+async def test_the_header_keeps_the_speed_in_view_at_80_columns(smollm):
+    """At 80x24 the header's description (model, device, kernels, dtype) does not fit: it is cut short
+    with an ellipsis, and the speed, the part that changes, stays at the end of the line (it was cut)."""
+    app = SinkchatApp(make_settings(), loaded=smollm)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.pause()  # the chat shown (its speed cleared)
+        header = app.query_one(ChatHeader)
+        header.model = "/home/me/[bold]models[/]/" + "very-long-model-name-" * 4 + " │ cpu │ gguf Q4_K_M │ bfloat16"
+        header.tokens_per_s = 1234.5
+        await pilot.pause()
+        line = header.render()
+        assert line.plain.endswith("… │ 1234.5 tok/s") and line.plain.startswith("sinkchat │ /home/me/[bold]")
+        assert line.cell_len == header.content_size.width
+        header.model = "tiny"
+        await pilot.pause()
+        assert header.render().plain == "sinkchat │ tiny │ 1234.5 tok/s"

@@ -1,4 +1,5 @@
-"""One line at the top: what is running (model, device, quantization, dtype) and how fast."""
+"""One line at the top: what is running (model, device, quantization, dtype) and how fast. The speed
+always shows: where the line is too long for the terminal, the description is cut short (…) instead."""
 
 from __future__ import annotations
 
@@ -15,7 +16,11 @@ class ChatHeader(Static):
 
     def render(self) -> Text:
         speed = f"{self.tokens_per_s:.1f} tok/s" if self.tokens_per_s is not None else "– tok/s"
-        return Text(clean(f"sinkchat │ {self.model} │ {speed}", one_line=True))  # a model path is not markup
+        line = Text(clean(f"sinkchat │ {self.model}", one_line=True))  # a model path is not markup
+        tail = Text(f" │ {speed}")
+        if self.content_size.width:
+            line.truncate(max(1, self.content_size.width - tail.cell_len), overflow="ellipsis")
+        return line + tail
 
     def describe(self, loaded) -> None:
         dtype = str(loaded.dtype).removeprefix("torch.")
