@@ -123,7 +123,7 @@ def written_bytes() -> int | None:
         return None
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     """Whether process ``pid`` exists (one of another user counts: it may be writing)."""
     try:
         os.kill(pid, 0)
@@ -142,7 +142,7 @@ def sweep_memory_orphans(directory: Path) -> list[str]:
     with suppress(OSError):
         for entry in os.scandir(directory):
             match = MEMORY_ORPHAN.fullmatch(entry.name)
-            if match is None or not entry.is_file(follow_symlinks=False) or _alive(int(match[1])):
+            if match is None or not entry.is_file(follow_symlinks=False) or alive(int(match[1])):
                 continue
             with suppress(OSError):
                 os.unlink(entry.path)

@@ -115,6 +115,7 @@ async def test_escape_stops_and_keeps_partial_reply(smollm):
         await pilot.press("enter")  # refused while the model answers: the words stay in the box
         assert box.text == "And then?" and len(chat.messages) == 3
         box.clear()
+        ended = app.turns_ended
         await pilot.press("escape")
         held.set()
         await wait_for(pilot, lambda: not app.chat_screen.generating, 10)
@@ -127,6 +128,7 @@ async def test_escape_stops_and_keeps_partial_reply(smollm):
         words, paragraph = chat.kept_from(reply, max(b for _, b in chat.cache.evictions))
         assert words and words.split()[0] in reply.content  # the reply's own words, never template text
         assert f"kept from “{words}…”" in label, label
+        await wait_for(pilot, lambda: app.turns_ended > ended)  # the turn's end reached the app: its save queued
         await app.store.idle()  # the stopped reply was saved, with its note
         saved = Store().transcript(app.chat_id).messages[-1]
         assert (saved.content, saved.note) == (reply.content, "stopped")
@@ -167,6 +169,7 @@ async def test_escape_while_a_long_paste_is_read_says_what_was_read(smollm):
         box = app.query_one(ChatInput)
         box.insert(paste)
         await pilot.press("enter")  # longer than the window: the screen asks first
+        ended = app.turns_ended
         await pilot.press("enter", "escape")
         await wait_for(pilot, lambda: not app.chat_screen.generating)
         chat = app.chat
@@ -181,6 +184,7 @@ async def test_escape_while_a_long_paste_is_read_says_what_was_read(smollm):
         assert app.query_one(ChatHeader).tokens_per_s is None  # no reply token: no speed (it said 0.0 tok/s)
         if not chat.cache.evictions:
             assert f"nothing forgotten yet, but the model read only {read} of the {total} tokens of #4 you" in gauge
+        await wait_for(pilot, lambda: app.turns_ended > ended)  # the stopped turn's save queued
         await app.store.idle()
         assert Store().transcript(app.chat_id).messages[-2].note == f"partial:{total}"
 

@@ -33,6 +33,7 @@ from torch import nn
 
 from .. import __version__
 from .. import config as _config
+from ..files import alive
 
 INPUTS = ("x", "keys", "values", "slot", "mask", "cos", "sin")  # Layer.forward's arguments, in order
 STALE_DAYS = 30  # a package unused this long is removed at the next compile
@@ -122,13 +123,10 @@ def _sweep(folder: Path) -> None:
             if ".part." not in package.name and package.lstat().st_mtime < stale:
                 package.unlink()
     for part in folder.glob("*.part.*.pt2"):
-        try:
-            os.kill(int(part.name.split(".", 1)[0]), 0)
-        except ProcessLookupError:
+        pid = part.name.split(".", 1)[0]
+        if pid.isascii() and pid.isdigit() and not alive(int(pid)):  # not ours, or alive: left alone
             with contextlib.suppress(OSError):
                 part.unlink()
-        except (ValueError, OSError):  # not ours, or another user's process: left alone
-            pass
 
 
 def _open(path: Path):

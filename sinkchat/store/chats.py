@@ -22,7 +22,17 @@ from pathlib import Path
 
 from .. import config
 from ..errors import SinkchatError
-from ..files import MEMORY_ORPHAN, fault, make_private, private_dir, reason, sweep_memory_orphans, written_bytes
+from ..files import (
+    MEMORY_ORPHAN,
+    alive,
+    fault,
+    make_private,
+    private_dir,
+    reason,
+    sweep_memory_orphans,
+    write_atomic,
+    written_bytes,
+)
 from ..ledger import ChatState, state_problem
 from ..settings import Settings
 from ..text import valid
@@ -315,9 +325,62 @@ class Store:
             self.state_path(chat_id).unlink()
         with suppress(FileNotFoundError):
             self.memory_path(chat_id).unlink()
+        self.drop_draft(chat_id)
         self._prune(chat_id)
         self._chains.pop(chat_id, None)
         self.locks.remove(chat_id)
+
+    # -- the message in flight ------------------------------------------------------------------
+
+    def draft_path(self, chat_id: int | None) -> Path:
+        """Where the message just sent to chat ``chat_id`` waits for its turn's save (None: a new
+        chat's, named by this process)."""
+        return self.root / "state" / (f"{chat_id}.draft" if chat_id is not None else f"new-{os.getpid()}.draft")
+
+    def keep_draft(self, chat_id: int | None, text: str) -> None:
+        """Keep ``text``, the message just sent to chat ``chat_id``, until its turn is saved (the save
+        calls :meth:`drop_draft`): a sinkchat killed mid-reply (kill -9, a crash, power) lost it with
+        the turn; the next start gives it back (:meth:`take_draft`). It is kept with the chat's save
+        generation, so a message whose turn was saved after all is known. Best effort: a disk that
+        says no costs only this."""
+        with suppress(OSError, sqlite3.Error):
+            row = self.db.row(chat_id) if chat_id is not None else None
+            private_dir(self.root / "state", links=False)
+            write_atomic(self.draft_path(chat_id), f"{row['gen'] if row else '-'}\n{text}".encode("utf-8", "replace"))
+
+    def drop_draft(self, chat_id: int | None, new_too: bool = False) -> None:
+        """Forget chat ``chat_id``'s message in flight (its turn is saved); ``new_too``: this process's
+        new chat's as well (the chat was created by this save)."""
+        for path in [self.draft_path(chat_id)] + ([self.draft_path(None)] if new_too else []):
+            with suppress(OSError):
+                path.unlink()
+
+    def take_draft(self, chat_id: int | None) -> str | None:
+        """The message a sinkchat sent to chat ``chat_id`` and was stopped before saving its turn, removed
+        from the disk (None: the newest a killed process left for a new chat), or None: none, a
+        symbolic link in its place (never read), or a message the chat has saved since (killed
+        between the save and forgetting it)."""
+        path = self.draft_path(chat_id)
+        if chat_id is None:
+            dead = []
+            with suppress(OSError):
+                dead = [p for p in (self.root / "state").glob("new-*.draft")
+                        if p.name[4:-6].isdigit() and not alive(int(p.name[4:-6]))]
+            path = max(dead, key=lambda p: p.lstat().st_mtime, default=None)
+        if path is None:
+            return None
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:  # none, or a link
+            return None
+        try:
+            with os.fdopen(fd, "rb") as f:
+                gen, _, text = f.read().decode("utf-8", "replace").partition("\n")
+            path.unlink()
+            row = self.db.row(chat_id) if chat_id is not None else None
+        except (OSError, sqlite3.Error):
+            return None
+        return text if text and (row is None or str(row["gen"]) == gen) else None
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -488,8 +551,9 @@ class Autosave:
             flush_memory(memory)
         except SaveError as exc:  # as above: the turns are saved all the same
             self.notify(str(exc))
+        created = self.chat_id is None
         try:
-            if self.chat_id is None:
+            if created:
                 self.chat_id = self.store.create_state(state, tensors, self.settings)
             else:
                 self.store.save_state(self.chat_id, state, tensors, self.settings)
@@ -501,6 +565,7 @@ class Autosave:
                 self.notify(self.failure)
         else:
             self.failure = None
+            self.store.drop_draft(self.chat_id, new_too=created)  # the message in flight is saved with its turn
 
     @property
     def writable(self) -> bool:

@@ -148,6 +148,22 @@ class SinkchatApp(Say, App):
             captured = self.decoder.submit(autosave.capture, chat)  # after the turn, before the next one
             self.store.submit(lambda store: autosave.write(captured.result()))
 
+    @on(ChatScreen.Sent)
+    def _sent(self, msg: ChatScreen.Sent) -> None:
+        """Keep the message in flight on disk until the save of its turn (after any save queued before)."""
+        autosave = self.autosave
+        if self.store is not None and autosave is not None and autosave.writable:
+            self.store.submit(lambda store: store.keep_draft(autosave.chat_id, msg.text))
+
+    async def _unanswered(self, chat_id: int | None) -> None:
+        """Give back the message a killed sinkchat sent to this chat (None: to a new chat) but never
+        saved the turn of."""
+        if self.store is None or self.autosave is None or not self.autosave.writable:
+            return  # not saving, or opened read-only: another sinkchat has the chat (and its message) open
+        with suppress(SinkchatError, OSError):
+            if text := await self.store.call(lambda store: store.take_draft(chat_id)):
+                self.chat_screen.give_back_unanswered(text)
+
     @on(SaveFailed)
     def _save_failed(self, msg: SaveFailed) -> None:
         if self.is_running:
@@ -194,6 +210,7 @@ class SinkchatApp(Say, App):
             return
         self._follow(chat, None)
         await self.chat_screen.show(chat)
+        await self._unanswered(None)
 
     async def open_chat(self, chat_id: int, settings: Settings | None = None) -> bool:
         """Replace the open chat with saved chat ``chat_id``; False (and a notification) if it cannot be.
@@ -225,6 +242,7 @@ class SinkchatApp(Say, App):
         await self.chat_screen.show(chat)
         for notice in notices:
             self.say(notice, title="Resumed", timeout=10)
+        await self._unanswered(chat_id)
         return True
 
     @on(ChatsScreen.Open)

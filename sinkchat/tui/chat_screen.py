@@ -123,6 +123,12 @@ class ChatScreen(Say, SteerKeys, Screen):
 
         chat: Chat
 
+    @dataclass
+    class Sent(Message):
+        """A message went to the model: kept on disk until its turn is saved."""
+
+        text: str
+
     class NewChat(Message):
         """The user asked for a new chat (Ctrl+N)."""
 
@@ -332,6 +338,13 @@ class ChatScreen(Say, SteerKeys, Screen):
         transcript.streaming = self.generating = True
         events = self.chat.submit(text, pin)  # here, not on the decode thread: an Esc from now on stops the turn
         self._turn = self.app.decoder.submit(self.pump, self.chat, events, rollback)
+        self.post_message(self.Sent(text))
+
+    def give_back_unanswered(self, text: str) -> None:
+        """Put back in the box a message whose turn a stopped sinkchat never saved (killed mid-reply)."""
+        self.query_one(ChatInput).give_back(text)
+        self.say("Your last message got no reply before sinkchat stopped; it is back in the box (Enter sends it).",
+                 title="Not answered", severity="warning", timeout=15)
 
     def on_text_area_changed(self, event: ChatInput.Changed) -> None:
         if self.pin_next and not self.query_one(ChatInput).text.strip():  # the mark goes with the text
