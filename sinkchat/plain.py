@@ -78,17 +78,18 @@ def run(
     after_turn: Callable[[Chat], None] = lambda chat: None,
     notify: Callable[[str], None] = lambda message: print(f"sinkchat: {message}", file=sys.stderr),
     decoder: Decoder | None = None,
+    on_send: Callable[[str], None] = lambda text: None,
 ) -> int | None:
     """Chat until end of input; ``after_turn`` runs after every reply (the store saves there), on the
     decode thread like every model call (``decoder``: the one the model was loaded on; else one is
-    started for this session).
+    started for this session); ``on_send(text)`` before each message goes to the model.
 
     Returns the signal that ended the session (SIGTERM, SIGHUP), or None.
     """
     if decoder is None:
         decoder = Decoder()
         try:
-            return run(chat, stdin, stdout, after_turn, notify, decoder)
+            return run(chat, stdin, stdout, after_turn, notify, decoder, on_send)
         finally:
             decoder.close()
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
@@ -119,6 +120,7 @@ def run(
             if todo.quit:
                 break
             if todo.send is not None and todo.send.strip():  # None: a command that sends nothing
+                on_send(todo.send)
                 _reply(chat, todo.send, out, interactive, notify, todo.pin, decoder)
                 tell_notices()
                 decoder.call(after_turn, chat)

@@ -124,3 +124,34 @@ def test_a_link_in_the_messages_place_is_never_read(tmp_path):
     assert store.take_draft(7) is None and store.draft_path(7).is_symlink()
     store.keep_draft(7, "typed")  # never written through the link
     assert secret.read_text() == "not the user's message"
+
+
+@pytest.mark.model
+def test_plain_mode_on_a_terminal_prints_the_message_whose_reply_was_killed(tmp_path):
+    """Plain mode keeps what a person types at the prompt the same way; the next start on a terminal
+    prints it back (as text: its markup and a control character shown, never run)."""
+    data = tmp_path / "data"
+    typed = STORY + " \x07bell"
+
+    def spawn() -> pexpect.spawn:
+        return pexpect.spawn(sys.executable, ["-m", "sinkchat", "--plain", "-t", "0", "--max-new-tokens", "400",
+                                              "--data-dir", str(data)],
+                             cwd=str(ROOT), env={**os.environ, "PYTHONPATH": str(ROOT)}, encoding="utf-8",
+                             timeout=180, dimensions=(40, 400))
+
+    child = spawn()
+    child.expect_exact("you> ")
+    child.sendline(typed)
+    child.expect_exact("bot> ")
+    child.expect(r"\S+\s+\S+\s+\S+")  # the reply streams
+    child.kill(signal.SIGKILL)
+    child.wait()
+    assert len(unanswered_drafts(data)) == 1
+
+    child = spawn()
+    child.expect_exact("here it is to send again:")
+    child.expect_exact("you> ")
+    assert STORY + " ␇bell" in child.before and "\x07" not in child.before
+    assert unanswered_drafts(data) == []
+    child.sendeof()
+    assert child.wait() == 0

@@ -154,6 +154,7 @@ def _run_plain(settings: Settings, store, chat_id: int | None, save: bool = True
     from ..engine import Chat
     from ..model import load_for
     from ..store import Autosave
+    from ..text import clean
 
     for stream, errors in ((sys.stdin, "surrogateescape"), (sys.stdout, "replace")):
         if hasattr(stream, "reconfigure"):  # undecodable input is replaced (and said so) by plain mode
@@ -175,8 +176,13 @@ def _run_plain(settings: Settings, store, chat_id: int | None, save: bool = True
         raise
     autosave = Autosave(store, chat, settings, chat_id, note) if store is not None and save else None
     after_turn = autosave or (lambda chat: None)
+    keep = autosave is not None and autosave.writable and sys.stdin.isatty()  # what a person typed, not a script
+    if keep and (unanswered := store.take_draft(chat_id)):
+        note("your last message got no reply before sinkchat stopped; here it is to send again:")
+        print(clean(unanswered), flush=True)
+    on_send = (lambda text: store.keep_draft(autosave.chat_id, text)) if keep else (lambda text: None)
     try:
-        ended_by = plain.run(chat, after_turn=after_turn, notify=note, decoder=decoder)
+        ended_by = plain.run(chat, after_turn=after_turn, notify=note, decoder=decoder, on_send=on_send)
     finally:
         decoder.call(after_turn, chat)
         decoder.close()
