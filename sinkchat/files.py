@@ -124,10 +124,11 @@ def written_bytes() -> int | None:
 
 
 def alive(pid: int) -> bool:
-    """Whether process ``pid`` exists (one of another user counts: it may be writing)."""
+    """Whether process ``pid`` exists (one of another user counts: it may be writing); a number no
+    process can have (from a file name someone else made) is none."""
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError, ValueError):
         return False
     except OSError:
         return True

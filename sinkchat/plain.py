@@ -120,7 +120,7 @@ def run(
             if todo.quit:
                 break
             if todo.send is not None and todo.send.strip():  # None: a command that sends nothing
-                on_send(todo.send)
+                on_send(text)  # as typed (a slash command too)
                 _reply(chat, todo.send, out, interactive, notify, todo.pin, decoder)
                 tell_notices()
                 decoder.call(after_turn, chat)

@@ -14,7 +14,7 @@ import pytest
 
 from _helpers import ROOT, SIZE, say, send, tui_settings, wait_for
 from sinkchat.engine import Chat
-from sinkchat.store import Store
+from sinkchat.store import Store, Unanswered
 from sinkchat.tui.app import SinkchatApp
 from sinkchat.tui.chat_input import ChatInput
 
@@ -56,14 +56,17 @@ def unanswered_drafts(data) -> list:
 async def test_a_message_whose_reply_was_killed_comes_back_in_the_box(smollm, tmp_path):
     data = tmp_path / "data"
     killed_mid_reply(data)  # a new chat's first turn: no chat saved yet
-    assert Store(data).list() == [] and len(unanswered_drafts(data)) == 1
+    [left] = unanswered_drafts(data)
+    assert Store(data).list() == []
 
     app = SinkchatApp(tui_settings(), loaded=smollm)
     async with app.run_test(size=SIZE, notifications=True) as pilot:
         box = app.query_one(ChatInput)
         await wait_for(pilot, lambda: box.text == STORY)  # as typed: no markup, nothing lost
         assert any("no reply before sinkchat stopped" in n.message for n in app._notifications)
-        assert unanswered_drafts(data) == []  # given back once
+        await app.store.idle()
+        [kept] = unanswered_drafts(data)
+        assert kept != left  # this process's now, while it sits in the box: given back once
         box.clear()
         await send(pilot, STORY)  # sent again, answered and saved
         await app.store.idle()
@@ -88,7 +91,7 @@ async def test_a_message_whose_reply_was_killed_comes_back_in_the_box(smollm, tm
 async def test_a_message_saved_with_its_turn_is_not_given_back(smollm, tmp_path):
     """Each save forgets the message it kept; a message whose turn was saved anyway (a kill between
     the save and forgetting it) is known by the chat's save generation and not given back; another
-    sinkchat's new chat, still running, keeps its own."""
+    sinkchat's new chat, still running (its key's lock held), keeps its own."""
     app = SinkchatApp(tui_settings(), loaded=smollm)
     async with app.run_test(size=SIZE) as pilot:
         await send(pilot, "Hello!")
@@ -98,11 +101,12 @@ async def test_a_message_saved_with_its_turn_is_not_given_back(smollm, tmp_path)
     store = Store()
     chat = Chat(smollm, tui_settings())
     store.open(info.id, chat)
-    store.keep_draft(info.id, "And you?")  # sent, its turn saved, killed before the message was forgotten
+    store.keep_draft(info.id, Unanswered("And you?"))  # sent, its turn saved, killed before it was forgotten
     say(chat, "And you?")
     store.save(info.id, chat)
-    store.keep_draft(None, "another sinkchat's message")  # this process (alive): never taken
     store.close()
+    other = Store()
+    other.keep_draft(None, Unanswered("another sinkchat's message"))  # a live process's: never taken
     app = SinkchatApp(tui_settings(), loaded=smollm, resume_id=info.id)
     async with app.run_test(size=SIZE) as pilot:
         await wait_for(pilot, lambda: not store.draft_path(info.id).exists())  # taken, and found answered
@@ -112,18 +116,103 @@ async def test_a_message_saved_with_its_turn_is_not_given_back(smollm, tmp_path)
         await app.new_chat()
         await app.store.idle()
         assert app.query_one(ChatInput).text == ""
-    assert unanswered_drafts(tmp_path / "data") == [f"new-{os.getpid()}.draft"]
+    assert unanswered_drafts(tmp_path / "data") == [other.draft_path(None).name]
+    other.close()
 
 
-def test_a_link_in_the_messages_place_is_never_read(tmp_path):
+@pytest.mark.anyio
+@pytest.mark.model
+async def test_what_comes_back_is_what_was_typed_an_edit_again_an_edit(smollm, tmp_path, monkeypatch):
+    """What a kill leaves on disk is the box as typed (``//`` text stays text, a pinned mark stays), an
+    edit (F2) records the message it replaces, and a regenerate (F5) keeps nothing (its message is
+    saved). Given back, an edit is again an edit; it stays on disk while it sits in the box unsent, and
+    is forgotten when the box is cleared before quitting."""
+    kept = []
+    keep = Store.keep_draft
+    monkeypatch.setattr(Store, "keep_draft", lambda self, chat_id, draft: (kept.append(draft), keep(self, chat_id, draft)))
+    app = SinkchatApp(tui_settings(), loaded=smollm)
+    async with app.run_test(size=SIZE) as pilot:
+        await send(pilot, "//not a command")
+        app.query_one(ChatInput).insert("Pinned words.")
+        await pilot.press("ctrl+l")  # the box's mark: sent pinned
+        assert app.chat_screen.pin_next
+        await send(pilot, "")
+        for keys in (["f5"], ["f2", *" Edited.", "enter"]):
+            ended = app.turns_ended
+            await pilot.press(*keys)
+            await wait_for(pilot, lambda: not app.chat_screen.generating and app.turns_ended > ended)
+        chat_id, index = app.chat_id, app.chat.last_user()
+    assert kept == [Unanswered("//not a command"), Unanswered("Pinned words.", pin=True),
+                    Unanswered("Pinned words. Edited.", replace=index)]  # (F5 kept nothing)
+
     store = Store()
+    store.keep_draft(chat_id, Unanswered("Pinned words. Edited again.", replace=index))  # as a kill leaves it
+    store.close()
+    app = SinkchatApp(tui_settings(), loaded=smollm, resume_id=chat_id)
+    async with app.run_test(size=SIZE) as pilot:
+        box = app.query_one(ChatInput)
+        await wait_for(pilot, lambda: box.text == "Pinned words. Edited again.")
+        assert app.chat_screen.editing == index and f"editing #{index + 1}" in box.border_title
+        await app.store.idle()
+        assert unanswered_drafts(tmp_path / "data") == [f"{chat_id}.draft"]  # still there while in the box
+    assert unanswered_drafts(tmp_path / "data") == [f"{chat_id}.draft"]  # quit with it in the box: kept
+    app = SinkchatApp(tui_settings(), loaded=smollm, resume_id=chat_id)
+    async with app.run_test(size=SIZE) as pilot:
+        box = app.query_one(ChatInput)
+        await wait_for(pilot, lambda: box.text == "Pinned words. Edited again.")
+        box.clear()
+    assert unanswered_drafts(tmp_path / "data") == []  # taken out of the box, then quit: forgotten
+
+
+def test_a_new_chats_message_is_taken_once_its_process_is_gone_whatever_its_pid(tmp_path):
+    """A new chat's message is named by a random key whose lock its process holds: a later process
+    with the same pid (a container's every start, a reboot) still takes it back once the first is gone."""
+    first = Store()
+    first.keep_draft(None, Unanswered("lost words"))
+    second = Store()  # same pid, first still running
+    assert second.take_draft(None) is None
+    first.locks.close()  # killed: the kernel lets its locks go
+    assert second.take_draft(None) == Unanswered("lost words")
+    assert second.take_draft(None) is None and unanswered_drafts(second.root) == []
+
+
+def test_what_is_not_a_message_in_the_state_folder_is_never_read_and_never_stops_a_start(tmp_path):
+    """A link, a FIFO (reading one would wait forever), a folder, names no process can have, and
+    a damaged file: nothing raises, nothing waits, and nothing is read through a link."""
+    store = Store()
+    state = store.root / "state"
+    state.mkdir(exist_ok=True)
     secret = tmp_path / "secret.txt"
     secret.write_text("not the user's message")
-    (store.root / "state").mkdir(exist_ok=True)
     store.draft_path(7).symlink_to(secret)
-    assert store.take_draft(7) is None and store.draft_path(7).is_symlink()
-    store.keep_draft(7, "typed")  # never written through the link
+    os.mkfifo(store.draft_path(8))
+    store.draft_path(9).mkdir()
+    for name in ("new-99999999999999999999.draft", "new-²³.draft", "new-.draft"):
+        os.mkfifo(state / name)
+    (state / "new-abcd.draft").write_bytes(b"\xff\xfeplain words")  # not JSON: its text all the same
+    assert [store.take_draft(n) for n in (7, 8, 9)] == [None, None, None]
+    assert store.take_draft(None) == Unanswered("\ufffd\ufffdplain words")
+    assert store.take_draft(None) is None
+    store.keep_draft(7, Unanswered("typed"))  # never written through the link
     assert secret.read_text() == "not the user's message"
+
+
+@pytest.mark.model
+def test_a_save_that_kept_the_messages_but_not_the_cache_forgets_the_message(smollm, tmp_path):
+    """A full disk: the turn's messages are saved, its K/V is not (the chat says so); the message in
+    flight is forgotten all the same, never given back later as unanswered."""
+    from _helpers import file_size_limit
+    from sinkchat.store import Autosave
+
+    store = Store()
+    chat = Chat(smollm, tui_settings())
+    autosave = Autosave(store, chat, tui_settings(), None)
+    store.keep_draft(None, Unanswered("Tell me about cats."))
+    say(chat, "Tell me about cats.")
+    with file_size_limit(64 * 1024):
+        autosave(chat)
+    assert autosave.failure and "messages but not its KV cache" in autosave.failure
+    assert unanswered_drafts(store.root) == []
 
 
 @pytest.mark.model

@@ -153,7 +153,7 @@ def _run_plain(settings: Settings, store, chat_id: int | None, save: bool = True
     from ..decoder import Decoder
     from ..engine import Chat
     from ..model import load_for
-    from ..store import Autosave
+    from ..store import Autosave, Unanswered
     from ..text import clean
 
     for stream, errors in ((sys.stdin, "surrogateescape"), (sys.stdout, "replace")):
@@ -179,8 +179,8 @@ def _run_plain(settings: Settings, store, chat_id: int | None, save: bool = True
     keep = autosave is not None and autosave.writable and sys.stdin.isatty()  # what a person typed, not a script
     if keep and (unanswered := store.take_draft(chat_id)):
         note("your last message got no reply before sinkchat stopped; here it is to send again:")
-        print(clean(unanswered), flush=True)
-    on_send = (lambda text: store.keep_draft(autosave.chat_id, text)) if keep else (lambda text: None)
+        print(clean(unanswered.typed), flush=True)
+    on_send = (lambda text: store.keep_draft(autosave.chat_id, Unanswered(text))) if keep else (lambda text: None)
     try:
         ended_by = plain.run(chat, after_turn=after_turn, notify=note, decoder=decoder, on_send=on_send)
     finally:

@@ -7,6 +7,8 @@ every file 0600)::
     state/<id>.safetensors    base: the held K/V at one save, plus a copy of the ledger     statefile.py
     state/<id>.<g>.safetensors  segment: what save g changed (new tokens' K/V, ledger, messages)
     locks/<id>.lock           held (flock) by the one process that has the chat open       locks.py
+    state/<id>.draft          the message in flight until its turn is saved (new-<key>.draft for a
+                              new chat, locks/new-<key>.lock held while its process lives)
 
 Why two copies: the ledger is the truth and the KV is derived from it. The state files also carry
 the transcript and ledger of their saves, so either copy can repair the other. A save writes only
@@ -35,10 +37,11 @@ API (the CLI and the TUI use only this)::
     store.transcript(chat_id) -> Transcript       # for show/export, no model needed
     store.rename(chat_id, title); store.delete(chat_id); store.close()
     Autosave(store, chat, settings, chat_id)      # call after each turn
+    store.keep_draft(chat_id, Unanswered(typed)); store.take_draft(chat_id)   # the message in flight
 """
 
 from .chats import Autosave, Store
-from .records import ChatInfo, ChatLocked, NoChats, ReadOnly, Refused, SaveError, Snapshot, Transcript
+from .records import ChatInfo, ChatLocked, NoChats, ReadOnly, Refused, SaveError, Snapshot, Transcript, Unanswered
 
 __all__ = ["Autosave", "ChatInfo", "ChatLocked", "NoChats", "ReadOnly", "Refused", "SaveError", "Snapshot", "Store",
-           "Transcript"]
+           "Transcript", "Unanswered"]

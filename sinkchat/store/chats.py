@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import errno
 import functools
+import json
 import os
+import secrets
 import sqlite3
+import stat
 import time
 from collections.abc import Callable
 from contextlib import suppress
@@ -24,7 +27,6 @@ from .. import config
 from ..errors import SinkchatError
 from ..files import (
     MEMORY_ORPHAN,
-    alive,
     fault,
     make_private,
     private_dir,
@@ -38,7 +40,7 @@ from ..settings import Settings
 from ..text import valid
 from .db import Database, loads, text_of, time_of
 from .locks import Locks
-from .records import ChatInfo, ChatLocked, NoChats, ReadOnly, Refused, SaveError, Snapshot, Transcript
+from .records import ChatInfo, ChatLocked, NoChats, ReadOnly, Refused, SaveError, Snapshot, Transcript, Unanswered
 from .statefile import Chain, base_path, read_chain, segment_path, segment_paths, unchanged, write_segment, write_state
 
 
@@ -99,6 +101,7 @@ class Store:
                            (self.root / "state", 0o700), (self.root / "locks", 0o700)):
             make_private(path, mode)  # what the README promises, whoever left them open
         self.locks = Locks(self.root)
+        self._new = f"new-{secrets.token_hex(8)}"  # the key of this process's new chat's message in flight
         self.last_save: dict | None = None  # the last save's time, bytes, kind and new tokens, for `bench endless`
         self._chains: dict[int, Chain] = {}  # what each chat's state files hold, as this process wrote or read them
 
@@ -332,55 +335,98 @@ class Store:
 
     # -- the message in flight ------------------------------------------------------------------
 
-    def draft_path(self, chat_id: int | None) -> Path:
-        """Where the message just sent to chat ``chat_id`` waits for its turn's save (None: a new
-        chat's, named by this process)."""
-        return self.root / "state" / (f"{chat_id}.draft" if chat_id is not None else f"new-{os.getpid()}.draft")
+    def draft_path(self, chat_id: int | str | None) -> Path:
+        """Where the message just sent to chat ``chat_id`` waits for its turn's save (None: this
+        process's new chat's; a ``new-<key>`` string: another process's)."""
+        return self.root / "state" / f"{self._new if chat_id is None else chat_id}.draft"
 
-    def keep_draft(self, chat_id: int | None, text: str) -> None:
-        """Keep ``text``, the message just sent to chat ``chat_id``, until its turn is saved (the save
+    def keep_draft(self, chat_id: int | None, draft: Unanswered) -> None:
+        """Keep ``draft``, the message just sent to chat ``chat_id``, until its turn is saved (the save
         calls :meth:`drop_draft`): a sinkchat killed mid-reply (kill -9, a crash, power) lost it with
-        the turn; the next start gives it back (:meth:`take_draft`). It is kept with the chat's save
-        generation, so a message whose turn was saved after all is known. Best effort: a disk that
-        says no costs only this."""
-        with suppress(OSError, sqlite3.Error):
+        the turn; the next start gives it back (:meth:`take_draft`). Kept with the chat's save
+        generation, so a message whose turn was saved after all is known; a new chat's is named by a
+        random key whose lock this process holds while it lives (a pid is reused: by a container's
+        every start, by a reboot). Best effort: a disk that says no costs only this."""
+        with suppress(OSError, sqlite3.Error, SinkchatError):
             row = self.db.row(chat_id) if chat_id is not None else None
+            if chat_id is None:
+                self.locks.lock(self._new)
             private_dir(self.root / "state", links=False)
-            write_atomic(self.draft_path(chat_id), f"{row['gen'] if row else '-'}\n{text}".encode("utf-8", "replace"))
+            record = {"gen": row["gen"] if row else None, "typed": draft.typed, "replace": draft.replace,
+                      "pin": draft.pin}
+            write_atomic(self.draft_path(chat_id), json.dumps(record).encode())
 
     def drop_draft(self, chat_id: int | None, new_too: bool = False) -> None:
-        """Forget chat ``chat_id``'s message in flight (its turn is saved); ``new_too``: this process's
-        new chat's as well (the chat was created by this save)."""
-        for path in [self.draft_path(chat_id)] + ([self.draft_path(None)] if new_too else []):
+        """Forget chat ``chat_id``'s message in flight (its turn is saved); ``new_too`` or None: this
+        process's new chat's (the chat was created by this save)."""
+        paths = [self.draft_path(chat_id)] if chat_id is not None else []
+        if new_too or chat_id is None:
+            paths.append(self.draft_path(None))
+        for path in paths:
             with suppress(OSError):
                 path.unlink()
+        if new_too or chat_id is None:
+            with suppress(OSError):
+                self.locks.remove(self._new)
 
-    def take_draft(self, chat_id: int | None) -> str | None:
+    def take_draft(self, chat_id: int | None) -> Unanswered | None:
         """The message a sinkchat sent to chat ``chat_id`` and was stopped before saving its turn, removed
-        from the disk (None: the newest a killed process left for a new chat), or None: none, a
-        symbolic link in its place (never read), or a message the chat has saved since (killed
-        between the save and forgetting it)."""
+        from the disk (None: the newest one a process that is gone left for a new chat), or None:
+        none, one the chat has saved since (a kill between the save and forgetting it), or anything
+        but a regular file in its place (a link, a FIFO: never read)."""
+        key: str | None = None
         path = self.draft_path(chat_id)
         if chat_id is None:
-            dead = []
-            with suppress(OSError):
-                dead = [p for p in (self.root / "state").glob("new-*.draft")
-                        if p.name[4:-6].isdigit() and not alive(int(p.name[4:-6]))]
-            path = max(dead, key=lambda p: p.lstat().st_mtime, default=None)
-        if path is None:
-            return None
+            key = self._orphan()
+            if key is None:
+                return None
+            path = self.draft_path(key)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except OSError:  # none, or a link
             return None
         try:
             with os.fdopen(fd, "rb") as f:
-                gen, _, text = f.read().decode("utf-8", "replace").partition("\n")
+                if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                    return None
+                raw = f.read().decode("utf-8", "replace")
             path.unlink()
+            if key is not None:
+                self.locks.remove(key)
             row = self.db.row(chat_id) if chat_id is not None else None
         except (OSError, sqlite3.Error):
             return None
-        return text if text and (row is None or str(row["gen"]) == gen) else None
+        finally:
+            if key is not None:
+                self.locks.unlock(key)
+        record = loads(raw)
+        typed = record.get("typed") if record else raw  # not ours as written: its text all the same
+        if not isinstance(typed, str) or not typed.strip():
+            return None
+        if record and row is not None and record.get("gen") not in (None, row["gen"]):
+            return None  # saved since
+        replace = record.get("replace") if record else None
+        return Unanswered(typed, replace if type(replace) is int and replace >= 0 else None,
+                          record.get("pin") is True if record else False)
+
+    def _orphan(self) -> str | None:
+        """The key of the newest new chat's message whose process is gone (its lock free), now held
+        by this process; the others' locks are let go."""
+        found: list[tuple[float, str]] = []
+        with suppress(OSError):
+            for path in (self.root / "state").glob("new-*.draft"):
+                key = path.name.removesuffix(".draft")
+                if key == self._new or not (key[4:].isascii() and key[4:].isalnum()):
+                    continue
+                try:
+                    self.locks.lock(key)
+                    found.append((path.lstat().st_mtime, key))
+                except (ChatLocked, OSError):  # its process lives (or the file went)
+                    self.locks.unlock(key)
+        found.sort()
+        for _, key in found[:-1]:
+            self.locks.unlock(key)
+        return found[-1][1] if found else None
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -559,6 +605,8 @@ class Autosave:
                 self.store.save_state(self.chat_id, state, tensors, self.settings)
         except SaveError as exc:
             self.chat_id = self.chat_id or exc.chat_id  # made, though its K/V was not written
+            if exc.chat_id is not None:  # the messages are saved, only the K/V is not
+                self.store.drop_draft(exc.chat_id, new_too=created)
             self.saved = None  # try again at the next turn
             if str(exc) != self.failure:
                 self.failure = str(exc)

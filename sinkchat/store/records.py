@@ -22,6 +22,17 @@ class SaveError(SinkchatError):
         self.chat_id = chat_id
 
 
+@dataclass(frozen=True)
+class Unanswered:
+    """A message sent to the model whose turn was never saved (sinkchat was killed mid-reply): what the
+    message box held (a slash command as typed), the index of the message it replaced (an edit), and
+    whether it was marked to be sent pinned (Ctrl+L)."""
+
+    typed: str
+    replace: int | None = None
+    pin: bool = False
+
+
 class ChatLocked(SinkchatError):
     """Another process has this chat open for writing."""
 

@@ -147,22 +147,35 @@ class SinkchatApp(Say, App):
         if self.store is not None and autosave is not None and chat is not None:
             captured = self.decoder.submit(autosave.capture, chat)  # after the turn, before the next one
             self.store.submit(lambda store: autosave.write(captured.result()))
+            if self.chat_screen.unanswered and not self.chat_screen.holds_unanswered():
+                self.chat_screen.unanswered = None  # given back, then taken out of the box unsent: forgotten
+                self.store.submit(lambda store: store.drop_draft(autosave.chat_id, new_too=True))
 
     @on(ChatScreen.Sent)
     def _sent(self, msg: ChatScreen.Sent) -> None:
         """Keep the message in flight on disk until the save of its turn (after any save queued before)."""
         autosave = self.autosave
         if self.store is not None and autosave is not None and autosave.writable:
-            self.store.submit(lambda store: store.keep_draft(autosave.chat_id, msg.text))
+            self.store.submit(lambda store: store.keep_draft(autosave.chat_id, msg.draft))
 
     async def _unanswered(self, chat_id: int | None) -> None:
         """Give back the message a killed sinkchat sent to this chat (None: to a new chat) but never
-        saved the turn of."""
+        saved the turn of; it stays on disk, this process's now, while it sits in the box."""
         if self.store is None or self.autosave is None or not self.autosave.writable:
             return  # not saving, or opened read-only: another sinkchat has the chat (and its message) open
-        with suppress(SinkchatError, OSError):
-            if text := await self.store.call(lambda store: store.take_draft(chat_id)):
-                self.chat_screen.give_back_unanswered(text)
+
+        def take(store: Store):
+            draft = store.take_draft(chat_id)
+            if draft is not None:
+                store.keep_draft(chat_id, draft)
+            return draft
+
+        try:
+            draft = await self.store.call(take)
+        except Exception:  # best effort: a message that cannot be read back never stops the chat
+            return
+        if draft is not None:
+            self.chat_screen.give_back_unanswered(draft)
 
     @on(SaveFailed)
     def _save_failed(self, msg: SaveFailed) -> None:

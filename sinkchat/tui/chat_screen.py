@@ -34,6 +34,7 @@ from ..errors import SinkchatError
 from ..ledger import Occupancy, covered_by, spans
 from ..model import LoadedModel, load_for
 from ..settings import Settings
+from ..store.records import Unanswered
 from ..text import clean
 from .chat_input import ChatInput
 from .footer import Footer
@@ -125,9 +126,9 @@ class ChatScreen(Say, SteerKeys, Screen):
 
     @dataclass
     class Sent(Message):
-        """A message went to the model: kept on disk until its turn is saved."""
+        """A message the user typed went to the model: kept on disk until its turn is saved."""
 
-        text: str
+        draft: Unanswered
 
     class NewChat(Message):
         """The user asked for a new chat (Ctrl+N)."""
@@ -138,6 +139,8 @@ class ChatScreen(Say, SteerKeys, Screen):
         self.reply_view: MessageView | None = None
         self.last_reply = ""
         self.queued: str | None = None  # a message sent before the chat was ready; sent once it is
+        self.unanswered: Unanswered | None = None  # a message a killed sinkchat sent, given back in the box
+        self._box_holds_text = False
         self._confirmed = ""  # a message over the window the user was warned about (Enter again sends)
         self._turn: Future | None = None  # the running turn's job on the decode thread
         self.editing: int | None = None  # the index of the user message the box is replacing (F2)
@@ -235,7 +238,7 @@ class ChatScreen(Say, SteerKeys, Screen):
         Entry ``i`` shows ``chat.messages[i]``, so a new chat's system turn gets one before it exists.
         """
         self.reply_view = None
-        self.editing = None
+        self.editing = self.unanswered = None
         self.last_reply = next((m.content for m in reversed(chat.messages) if m.role == "assistant"), "")
         entries = [Entry(m.role, chat.system_text() if m.role == "system" else m.content, m.note)
                    for m in chat.messages]
@@ -256,6 +259,7 @@ class ChatScreen(Say, SteerKeys, Screen):
         if self.queued is not None:
             (text, self.queued), (pin, self.pin_next) = (self.queued, None), (self.pin_next, False)
             self.title_box()
+            self.post_message(self.Sent(Unanswered(text, pin=pin)))
             await self._send(text, pin=pin)
 
     def replying(self) -> bool:
@@ -323,6 +327,8 @@ class ChatScreen(Say, SteerKeys, Screen):
                 self.say(str(exc), title="Not sent", severity="warning", timeout=10)
                 return
         replace = self.editing if replace is None else replace
+        self.unanswered = None
+        self.post_message(self.Sent(Unanswered(typed or text, replace, marked and pin)))
         if replace is not None:
             await self.resend(replace, text, pin)
             return
@@ -338,15 +344,29 @@ class ChatScreen(Say, SteerKeys, Screen):
         transcript.streaming = self.generating = True
         events = self.chat.submit(text, pin)  # here, not on the decode thread: an Esc from now on stops the turn
         self._turn = self.app.decoder.submit(self.pump, self.chat, events, rollback)
-        self.post_message(self.Sent(text))
 
-    def give_back_unanswered(self, text: str) -> None:
-        """Put back in the box a message whose turn a stopped sinkchat never saved (killed mid-reply)."""
-        self.query_one(ChatInput).give_back(text)
+    def give_back_unanswered(self, draft: Unanswered) -> None:
+        """Put back in the box a message whose turn a stopped sinkchat never saved (killed mid-reply),
+        as it was typed: an edit of the last message again an edit, a pinned mark again marked."""
+        if self.chat is None:
+            return
+        self.query_one(ChatInput).give_back(draft.typed)
+        self.unanswered = draft
+        with suppress(SinkchatError):
+            if draft.replace is not None and not draft.typed.startswith("/") and draft.replace == self.chat.last_user():
+                self.editing = draft.replace
+        self.pin_next = self.pin_next or draft.pin
+        self.title_box()
         self.say("Your last message got no reply before sinkchat stopped; it is back in the box (Enter sends it).",
                  title="Not answered", severity="warning", timeout=15)
 
+    def holds_unanswered(self) -> bool:
+        """Whether a message given back by :meth:`give_back_unanswered` may still be in the box, unsent
+        (the box is not empty; read as it last changed: at quit the box may be gone)."""
+        return self.unanswered is not None and self._box_holds_text
+
     def on_text_area_changed(self, event: ChatInput.Changed) -> None:
+        self._box_holds_text = bool(event.text_area.text.strip())
         if self.pin_next and not self.query_one(ChatInput).text.strip():  # the mark goes with the text
             self.pin_next = False
             self.title_box()
