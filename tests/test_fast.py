@@ -589,6 +589,7 @@ def test_a_compile_killed_midway_leaves_nothing_behind_at_the_next_compile(tiny_
     for path, days in ((stale, aot.STALE_DAYS + 1), (recent, aot.STALE_DAYS - 1)):
         path.write_bytes(b"package")
         os.utime(path, (time.time() - days * 86400,) * 2)
+    (fresh_compile / "99999999999999999999.part.x.pt2").touch()  # no process has that pid (it stopped compiles)
     loaded = load(str(tiny_models["mistral"]), quant="none", device="cpu", compile="on")
     stream_decode(loaded)
     assert loaded.fast.step_kind == "compiled layers", loaded.fast.notice
