@@ -178,3 +178,20 @@ async def test_a_queued_message_comes_back_before_what_was_typed_since_when_the_
         await wait_for(pilot, lambda: app.load_error is not None, 10)
         await pilot.pause()
         assert box.text == "First message\nsecond draft"
+
+
+async def test_ctrl_j_in_a_burst_of_keys_lands_where_it_was_typed(smollm):
+    """Keys arriving in one burst (tmux send-keys, a text expander): Ctrl+J's new line lands between
+    the keys around it (through its binding it landed after the whole burst: "ghijkl\\n")."""
+    app = SinkchatApp(tui_settings(), loaded=smollm, save=False)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.chat is not None)
+        box = app.query_one(ChatInput)
+        box.focus()
+        for ch in "ghi":
+            app.post_message(events.Key(ch, ch))
+        app.post_message(events.Key("ctrl+j", "\n"))
+        for ch in "jkl":
+            app.post_message(events.Key(ch, ch))
+        await wait_for(pilot, lambda: len(box.text) == 7)
+        assert box.text == "ghi\njkl"

@@ -1,7 +1,7 @@
 """The message box: multi-line; Enter sends, Ctrl+J (or Shift/Alt+Enter where the terminal reports
 them) adds a line. It shows how many tokens a long message takes against the window.
 
-Enter is handled in the box's own key handler, not by a priority binding: a priority binding
+Enter and Ctrl+J are handled in the box's own key handler, not by bindings: a priority binding
 fires when the key arrives, before the keys typed just ahead of it have been inserted, so text
 and Enter arriving in one burst (a paste without bracketed paste, tmux send-keys, a text
 expander) would send nothing or half a message. For the same reason the box gives up the message
@@ -22,7 +22,8 @@ from textual.widgets import TextArea
 class ChatInput(TextArea):
     BINDINGS = [
         Binding("enter", "send", "Send"),  # shown in the footer; the key itself is handled in _on_key
-        # Not in the footer (the placeholder says it; F1 lists it), so the essential keys fit in 80 columns.
+        # Not in the footer (the placeholder says it; F1 lists it), so the essential keys fit in 80 columns;
+        # handled in _on_key too, as Enter is (a binding ran after the keys typed just behind it).
         Binding("ctrl+j,shift+enter,alt+enter", "newline", "New line", key_display="ctrl+j", show=False),
     ]
 
@@ -35,11 +36,13 @@ class ChatInput(TextArea):
         super().__init__(soft_wrap=True, show_line_numbers=False, tab_behavior="focus", **kwargs)
         self.placeholder = "Message the model (Enter sends, Ctrl+J new line, F1 help)"
 
+    NEWLINE_KEYS = ("ctrl+j", "shift+enter", "alt+enter")
+
     async def _on_key(self, event: events.Key) -> None:
-        if event.key == "enter":
+        if event.key == "enter" or event.key in self.NEWLINE_KEYS:  # in order with the keys around them
             event.stop()
             event.prevent_default()
-            self.action_send()
+            self.action_send() if event.key == "enter" else self.action_newline()
             return
         await super()._on_key(event)
 
