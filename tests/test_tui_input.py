@@ -9,6 +9,7 @@ from textual import events
 from textual.widgets import Footer
 
 from _helpers import SIZE, send, tui_settings, wait_for
+from sinkchat.store import Unanswered
 from sinkchat.tui.app import SinkchatApp
 from sinkchat.tui.chat_input import ChatInput
 from sinkchat.tui.chats import ChatsScreen
@@ -36,13 +37,14 @@ async def test_a_message_typed_while_the_model_loads_is_queued_then_sent():
     async with app.run_test(size=SIZE) as pilot:
         box = app.query_one(ChatInput)
         assert app.focused is box and not box.disabled  # typing starts at once
-        burst(app, "Hello there")
-        await wait_for(pilot, lambda: app.chat_screen.queued == "Hello there", 10)
+        burst(app, "//Hello there")  # a leading slash, doubled: text, not a command
+        await wait_for(pilot, lambda: app.chat_screen.queued is not None, 10)
+        assert app.chat_screen.queued == ("/Hello there", Unanswered("//Hello there"))  # kept as typed
         queued = app.query_one(Transcript).views[-1]
-        assert (queued.content, queued.note) == ("Hello there", "queued") and box.text == ""
+        assert (queued.content, queued.note) == ("/Hello there", "queued") and box.text == ""
         await wait_for(pilot, lambda: app.chat is not None, 120)
         await wait_for(pilot, lambda: len(app.chat.messages) >= 3 and not app.chat_screen.generating, 60)
-        assert [m.content for m in app.chat.messages if m.role == "user"] == ["Hello there"]
+        assert [m.content for m in app.chat.messages if m.role == "user"] == ["/Hello there"]
         assert app.chat.messages[-1].role == "assistant" and app.chat.messages[-1].content
 
 
@@ -173,7 +175,7 @@ async def test_a_queued_message_comes_back_before_what_was_typed_since_when_the_
     async with app.run_test(size=SIZE) as pilot:
         box = app.query_one(ChatInput)
         keys(app, "First message\nsecond draft")
-        await wait_for(pilot, lambda: app.chat_screen.queued == "First message" and box.text == "second draft", 10)
+        await wait_for(pilot, lambda: app.chat_screen.queued is not None and app.chat_screen.queued[0] == "First message" and box.text == "second draft", 10)
         release.set()
         await wait_for(pilot, lambda: app.load_error is not None, 10)
         await pilot.pause()

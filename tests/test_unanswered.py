@@ -4,6 +4,7 @@ puts it back in the box. The kill is real (a TUI in a pseudo-terminal), the stor
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -161,6 +162,9 @@ async def test_what_comes_back_is_what_was_typed_an_edit_again_an_edit(smollm, t
         box = app.query_one(ChatInput)
         await wait_for(pilot, lambda: box.text == "Pinned words. Edited again.")
         box.clear()
+        await pilot.pause()
+        await app.store.idle()
+        assert unanswered_drafts(tmp_path / "data") == []  # taken out of the box: forgotten at once
     assert unanswered_drafts(tmp_path / "data") == []  # taken out of the box, then quit: forgotten
 
 
@@ -190,9 +194,13 @@ def test_what_is_not_a_message_in_the_state_folder_is_never_read_and_never_stops
     for name in ("new-99999999999999999999.draft", "new-²³.draft", "new-.draft"):
         os.mkfifo(state / name)
     (state / "new-abcd.draft").write_bytes(b"\xff\xfeplain words")  # not JSON: its text all the same
+    os.utime(state / "new-99999999999999999999.draft", (time.time() + 60,) * 2)  # newer: never chosen
+    store.locks.dir.mkdir(exist_ok=True)
+    (store.locks.dir / "new-gone.lock").touch()  # a lock its message left without
     assert [store.take_draft(n) for n in (7, 8, 9)] == [None, None, None]
     assert store.take_draft(None) == Unanswered("\ufffd\ufffdplain words")
     assert store.take_draft(None) is None
+    assert sorted(p.name for p in store.locks.dir.iterdir()) == []  # neither lock stays
     store.keep_draft(7, Unanswered("typed"))  # never written through the link
     assert secret.read_text() == "not the user's message"
 
@@ -244,3 +252,49 @@ def test_plain_mode_on_a_terminal_prints_the_message_whose_reply_was_killed(tmp_
     assert unanswered_drafts(data) == []
     child.sendeof()
     assert child.wait() == 0
+
+
+@pytest.mark.anyio
+@pytest.mark.model
+async def test_a_message_given_back_stays_kept_through_saves_and_goes_with_the_box_to_a_new_chat(smollm, tmp_path):
+    """While a message given back sits in the box unsent, a save of its chat (a regenerate) keeps it
+    on disk as that chat's; Ctrl+N carries it, with the box, to the new chat (no longer an edit), so it
+    is given back there after a kill, never again in the chat it left."""
+    data = tmp_path / "data"
+    app = SinkchatApp(tui_settings(), loaded=smollm)
+    async with app.run_test(size=SIZE) as pilot:
+        await send(pilot, "Hello!")
+        chat_id, index = app.chat_id, app.chat.last_user()
+    store = Store()
+    store.keep_draft(chat_id, Unanswered("Hello again, edited.", replace=index))  # as a kill leaves it
+    store.close()
+    app = SinkchatApp(tui_settings(), loaded=smollm, resume_id=chat_id)
+    async with app.run_test(size=SIZE) as pilot:
+        box = app.query_one(ChatInput)
+        await wait_for(pilot, lambda: box.text == "Hello again, edited." and app.chat_screen.editing == index)
+        await pilot.press("escape")  # the edit is cancelled: the box empties, the message is forgotten
+        await pilot.pause()
+        await app.store.idle()
+        assert unanswered_drafts(data) == []
+    store = Store()
+    store.keep_draft(chat_id, Unanswered("Still here?"))
+    store.close()
+    app = SinkchatApp(tui_settings(), loaded=smollm, resume_id=chat_id)
+    async with app.run_test(size=SIZE) as pilot:
+        box = app.query_one(ChatInput)
+        await wait_for(pilot, lambda: box.text == "Still here?")
+        ended = app.turns_ended
+        await pilot.press("f5")  # a save of the chat while the message waits in the box
+        await wait_for(pilot, lambda: not app.chat_screen.generating and app.turns_ended > ended)
+        await app.store.idle()
+        gen = Store().db.row(chat_id)["gen"]
+        assert json.loads(Store().draft_path(chat_id).read_text())["gen"] == gen  # kept past the save
+        await pilot.press("ctrl+n")
+        await wait_for(pilot, lambda: app.chat_id is None and app.chat is not None and not app.chat.messages)
+        await app.store.idle()
+        assert box.text == "Still here?" and app.chat_screen.editing is None and "editing" not in box.border_title
+        [kept] = unanswered_drafts(data)
+        assert kept.startswith("new-")  # the new chat's now
+        await send(pilot, "")
+        await app.store.idle()
+        assert unanswered_drafts(data) == []

@@ -411,18 +411,29 @@ class Store:
 
     def _orphan(self) -> str | None:
         """The key of the newest new chat's message whose process is gone (its lock free), now held
-        by this process; the others' locks are let go."""
+        by this process; the others' locks are let go, and a lock left with no message is removed."""
         found: list[tuple[float, str]] = []
         with suppress(OSError):
-            for path in (self.root / "state").glob("new-*.draft"):
-                key = path.name.removesuffix(".draft")
-                if key == self._new or not (key[4:].isascii() and key[4:].isalnum()):
+            keys = {p.name.removesuffix(".draft") for p in (self.root / "state").glob("new-*.draft")}
+            keys |= {p.name.removesuffix(".lock") for p in self.locks.dir.glob("new-*.lock")}
+            for key in sorted(keys - {self._new}):
+                if not (key[4:].isascii() and key[4:].isalnum()):
                     continue
                 try:
                     self.locks.lock(key)
-                    found.append((path.lstat().st_mtime, key))
-                except (ChatLocked, OSError):  # its process lives (or the file went)
+                    st = self.draft_path(key).lstat()
+                except FileNotFoundError:  # a lock with no message (taken by another start meanwhile)
+                    with suppress(OSError):
+                        self.locks.remove(key)
+                    continue
+                except (ChatLocked, OSError):  # its process lives
                     self.locks.unlock(key)
+                    continue
+                if stat.S_ISREG(st.st_mode):
+                    found.append((st.st_mtime, key))
+                else:  # a FIFO, a link, a folder: never read, never chosen
+                    with suppress(OSError):
+                        self.locks.remove(key)
         found.sort()
         for _, key in found[:-1]:
             self.locks.unlock(key)

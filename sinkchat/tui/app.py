@@ -29,7 +29,7 @@ from ..decoder import Decoder
 from ..errors import LoadFailed, SinkchatError
 from ..model import LoadedModel
 from ..settings import Settings
-from ..store import Autosave, Store
+from ..store import Autosave, Store, Unanswered
 from . import themes
 from .chat_input import ChatInput
 from .chat_screen import ChatScreen, one_line
@@ -147,28 +147,37 @@ class SinkchatApp(Say, App):
         if self.store is not None and autosave is not None and chat is not None:
             captured = self.decoder.submit(autosave.capture, chat)  # after the turn, before the next one
             self.store.submit(lambda store: autosave.write(captured.result()))
-            if self.chat_screen.unanswered and not self.chat_screen.holds_unanswered():
-                self.chat_screen.unanswered = None  # given back, then taken out of the box unsent: forgotten
-                self.store.submit(lambda store: store.drop_draft(autosave.chat_id, new_too=True))
+            if self.chat_screen.holds_unanswered():  # a message given back, still unsent: kept past the save
+                draft = self.chat_screen.unanswered
+                self.store.submit(lambda store: store.keep_draft(autosave.chat_id, draft))
 
     @on(ChatScreen.Sent)
     def _sent(self, msg: ChatScreen.Sent) -> None:
-        """Keep the message in flight on disk until the save of its turn (after any save queued before)."""
-        autosave = self.autosave
+        """Keep the message in flight on disk until the save of its turn (after any save queued before);
+        forget a message given back that left the box unsent."""
+        autosave, draft = self.autosave, msg.draft
         if self.store is not None and autosave is not None and autosave.writable:
-            self.store.submit(lambda store: store.keep_draft(autosave.chat_id, msg.draft))
+            self.store.submit(lambda store: store.keep_draft(autosave.chat_id, draft) if draft is not None
+                              else store.drop_draft(autosave.chat_id, new_too=True))
 
-    async def _unanswered(self, chat_id: int | None) -> None:
+    async def _unanswered(self, chat_id: int | None, carried: tuple | None = None) -> None:
         """Give back the message a killed sinkchat sent to this chat (None: to a new chat) but never
-        saved the turn of; it stays on disk, this process's now, while it sits in the box."""
+        saved the turn of; it stays on disk, this process's now, while it sits in the box. ``carried``:
+        (the chat left, a message given back there that the box still holds): this chat's now."""
         if self.store is None or self.autosave is None or not self.autosave.writable:
             return  # not saving, or opened read-only: another sinkchat has the chat (and its message) open
 
         def take(store: Store):
+            if carried is not None:
+                store.drop_draft(carried[0], new_too=True)
+                store.keep_draft(chat_id, carried[1])
             draft = store.take_draft(chat_id)
             if draft is not None:
                 store.keep_draft(chat_id, draft)
             return draft
+
+        if carried is not None:
+            self.chat_screen.unanswered = carried[1]
 
         try:
             draft = await self.store.call(take)
@@ -196,6 +205,14 @@ class SinkchatApp(Say, App):
             self.autosave = Autosave(self.store.store, chat, chat.settings, chat_id,
                                      lambda text: self.post_message(SaveFailed(text)))
 
+    def _carried(self) -> tuple | None:
+        """Before leaving a chat for another: (its id, the message given back there that the box still
+        holds, no longer an edit), which goes with the box to the next chat."""
+        screen = self.chat_screen
+        if not screen.holds_unanswered():
+            return None
+        return self.chat_id, Unanswered(screen.unanswered.typed, pin=screen.unanswered.pin)
+
     async def _leave_chat(self) -> None:
         """Stop the reply, save the open chat and release its lock, so another process may open it."""
         await self.chat_screen.stop_reply()
@@ -215,6 +232,7 @@ class SinkchatApp(Say, App):
             return
         from ..engine import Chat
 
+        carried = self._carried()
         await self._leave_chat()
         try:
             chat = await asyncio.wrap_future(self.decoder.submit(Chat, self.loaded, self.settings))
@@ -223,7 +241,7 @@ class SinkchatApp(Say, App):
             return
         self._follow(chat, None)
         await self.chat_screen.show(chat)
-        await self._unanswered(None)
+        await self._unanswered(None, carried)
 
     async def open_chat(self, chat_id: int, settings: Settings | None = None) -> bool:
         """Replace the open chat with saved chat ``chat_id``; False (and a notification) if it cannot be.
@@ -235,6 +253,7 @@ class SinkchatApp(Say, App):
             return True
         if self.store is None or self.loaded is None:
             return False
+        carried = self._carried()
         await self._leave_chat()
         loaded, base, decoder = self.loaded, self.settings, self.decoder
 
@@ -255,7 +274,7 @@ class SinkchatApp(Say, App):
         await self.chat_screen.show(chat)
         for notice in notices:
             self.say(notice, title="Resumed", timeout=10)
-        await self._unanswered(chat_id)
+        await self._unanswered(chat_id, carried)
         return True
 
     @on(ChatsScreen.Open)

@@ -126,9 +126,10 @@ class ChatScreen(Say, SteerKeys, Screen):
 
     @dataclass
     class Sent(Message):
-        """A message the user typed went to the model: kept on disk until its turn is saved."""
+        """A message the user typed went to the model: kept on disk until its turn is saved (None: the
+        message given back was taken out of the box unsent: forgotten)."""
 
-        draft: Unanswered
+        draft: Unanswered | None
 
     class NewChat(Message):
         """The user asked for a new chat (Ctrl+N)."""
@@ -138,7 +139,8 @@ class ChatScreen(Say, SteerKeys, Screen):
         self.settings, self.loaded = settings, loaded
         self.reply_view: MessageView | None = None
         self.last_reply = ""
-        self.queued: str | None = None  # a message sent before the chat was ready; sent once it is
+        self.queued: tuple[str, Unanswered] | None = None  # a message sent before the chat was ready (its
+        # text, and as typed with its pin); sent once it is
         self.unanswered: Unanswered | None = None  # a message a killed sinkchat sent, given back in the box
         self._box_holds_text = False
         self._confirmed = ""  # a message over the window the user was warned about (Enter again sends)
@@ -220,7 +222,7 @@ class ChatScreen(Say, SteerKeys, Screen):
         box.add_class("-failed")
         if self.queued is not None:  # give the queued message back, so it is not lost
             await self.query_one(Transcript).reset([])
-            self.query_one(ChatInput).give_back(self.queued)  # before anything typed since
+            self.query_one(ChatInput).give_back(self.queued[1].typed)  # before anything typed since
             self.queued = None
 
     @on(ModelLoaded)
@@ -238,7 +240,7 @@ class ChatScreen(Say, SteerKeys, Screen):
         Entry ``i`` shows ``chat.messages[i]``, so a new chat's system turn gets one before it exists.
         """
         self.reply_view = None
-        self.editing = self.unanswered = None
+        self.editing = None
         self.last_reply = next((m.content for m in reversed(chat.messages) if m.role == "assistant"), "")
         entries = [Entry(m.role, chat.system_text() if m.role == "system" else m.content, m.note)
                    for m in chat.messages]
@@ -255,12 +257,12 @@ class ChatScreen(Say, SteerKeys, Screen):
         except NoMatches:  # the app closed while the chat was being shown
             return
         box.focus()
+        self.title_box()  # no edit of the chat before
         self._count_tokens()
         if self.queued is not None:
-            (text, self.queued), (pin, self.pin_next) = (self.queued, None), (self.pin_next, False)
-            self.title_box()
-            self.post_message(self.Sent(Unanswered(text, pin=pin)))
-            await self._send(text, pin=pin)
+            (text, draft), self.queued = self.queued, None
+            self.post_message(self.Sent(draft))
+            await self._send(text, pin=draft.pin)
 
     def replying(self) -> bool:
         """Whether a turn is running on the decode thread (the chat is then mid-step, not to be saved)."""
@@ -304,7 +306,10 @@ class ChatScreen(Say, SteerKeys, Screen):
                 self.say("a message is already waiting for the model; this one stays in the box",
                          severity="warning")
                 return
-            self.queued = text  # shown as queued; sent when the chat is ready
+            pin = self.pin_next if pin is None else pin  # the box's mark goes with the text
+            self.pin_next = False
+            self.title_box()
+            self.queued = text, Unanswered(typed or text, pin=pin)  # shown as queued; sent when the chat is ready
             await self.query_one(Transcript).add("user", text, note="queued")
             return
         tokens = len(self.chat.encode(text))
@@ -362,11 +367,16 @@ class ChatScreen(Say, SteerKeys, Screen):
 
     def holds_unanswered(self) -> bool:
         """Whether a message given back by :meth:`give_back_unanswered` may still be in the box, unsent
-        (the box is not empty; read as it last changed: at quit the box may be gone)."""
+        (the box is not empty; at quit, when the box may be gone, as it last changed)."""
+        with suppress(NoMatches):
+            self._box_holds_text = bool(self.query_one(ChatInput).text.strip())
         return self.unanswered is not None and self._box_holds_text
 
     def on_text_area_changed(self, event: ChatInput.Changed) -> None:
         self._box_holds_text = bool(event.text_area.text.strip())
+        if self.unanswered is not None and not self._box_holds_text:
+            self.unanswered = None
+            self.post_message(self.Sent(None))
         if self.pin_next and not self.query_one(ChatInput).text.strip():  # the mark goes with the text
             self.pin_next = False
             self.title_box()
