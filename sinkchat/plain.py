@@ -94,6 +94,9 @@ def run(
             decoder.close()
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     interactive = stdin.isatty()
+    if interactive and stdin is sys.stdin:
+        with suppress(ImportError):  # line editing and history at the prompt (input() uses it once imported)
+            import readline  # noqa: F401
     out = _Output(stdout, chat)
     replaced = False
 

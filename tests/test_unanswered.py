@@ -225,10 +225,10 @@ def test_a_save_that_kept_the_messages_but_not_the_cache_forgets_the_message(smo
 
 @pytest.mark.model
 def test_plain_mode_on_a_terminal_prints_the_message_whose_reply_was_killed(tmp_path):
-    """Plain mode keeps what a person types at the prompt the same way; the next start on a terminal
-    prints it back (as text: its markup and a control character shown, never run)."""
+    """Plain mode keeps what a person types at the prompt (with line editing: the cursor moved back
+    and a word inserted) the same way; the next start on a terminal prints it back, as text (a
+    control character from a message kept by the TUI shown, never sent to the terminal)."""
     data = tmp_path / "data"
-    typed = STORY + " \x07bell"
 
     def spawn() -> pexpect.spawn:
         return pexpect.spawn(sys.executable, ["-m", "sinkchat", "--plain", "-t", "0", "--max-new-tokens", "400",
@@ -238,7 +238,8 @@ def test_plain_mode_on_a_terminal_prints_the_message_whose_reply_was_killed(tmp_
 
     child = spawn()
     child.expect_exact("you> ")
-    child.sendline(typed)
+    child.send(STORY.replace(" and a knight", ""))
+    child.send("\x1b[D" * len(", with [bold]brackets[/] kept as typed.") + " and a knight\r")  # Left arrows
     child.expect_exact("bot> ")
     child.expect(r"\S+\s+\S+\s+\S+")  # the reply streams
     child.kill(signal.SIGKILL)
@@ -248,8 +249,18 @@ def test_plain_mode_on_a_terminal_prints_the_message_whose_reply_was_killed(tmp_
     child = spawn()
     child.expect_exact("here it is to send again:")
     child.expect_exact("you> ")
-    assert STORY + " ␇bell" in child.before and "\x07" not in child.before
+    assert STORY in child.before
     assert unanswered_drafts(data) == []
+    child.sendeof()
+    assert child.wait() == 0
+
+    store = Store(data)
+    store.keep_draft(None, Unanswered("ring \x07 the bell"))  # as the TUI keeps a pasted control character
+    store.close()
+    child = spawn()
+    child.expect_exact("here it is to send again:")
+    child.expect_exact("you> ")
+    assert "ring ␇ the bell" in child.before and "\x07" not in child.before
     child.sendeof()
     assert child.wait() == 0
 
