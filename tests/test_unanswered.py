@@ -309,3 +309,33 @@ async def test_a_message_given_back_stays_kept_through_saves_and_goes_with_the_b
         await send(pilot, "")
         await app.store.idle()
         assert unanswered_drafts(data) == []
+
+
+@pytest.mark.anyio
+@pytest.mark.model
+async def test_a_message_carried_into_a_chat_with_its_own_unanswered_message_keeps_both(smollm, tmp_path):
+    """Ctrl+O from a chat whose given-back message is still in the box to a chat a kill left a
+    message of its own: the box holds both (that chat's first), both are kept on disk as the opened
+    chat's, none is given back twice, and the chat left keeps nothing."""
+    data = tmp_path / "data"
+    app = SinkchatApp(tui_settings(), loaded=smollm)
+    async with app.run_test(size=SIZE) as pilot:
+        await send(pilot, "First chat.")
+        first = app.chat_id
+        await app.new_chat()
+        await send(pilot, "Second chat.")
+        second = app.chat_id
+    store = Store()
+    store.keep_draft(first, Unanswered("carried words"))
+    store.keep_draft(second, Unanswered("its own words"))
+    store.close()
+    app = SinkchatApp(tui_settings(), loaded=smollm, resume_id=first)
+    async with app.run_test(size=SIZE) as pilot:
+        box = app.query_one(ChatInput)
+        await wait_for(pilot, lambda: box.text == "carried words")
+        assert await app.open_chat(second)
+        await app.store.idle()
+        assert box.text == "its own words\ncarried words"
+        assert unanswered_drafts(data) == [f"{second}.draft"]
+        kept = Store().take_draft(second)
+        assert kept == Unanswered("its own words\ncarried words")

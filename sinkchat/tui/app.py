@@ -167,24 +167,26 @@ class SinkchatApp(Say, App):
         if self.store is None or self.autosave is None or not self.autosave.writable:
             return  # not saving, or opened read-only: another sinkchat has the chat (and its message) open
 
-        def take(store: Store):
-            if carried is not None:
-                store.drop_draft(carried[0], new_too=True)
-                store.keep_draft(chat_id, carried[1])
+        def take(store: Store) -> tuple[Unanswered | None, Unanswered | None]:
+            """(this chat's message given back, what the box holds of both, kept on disk as this chat's)."""
             draft = store.take_draft(chat_id)
-            if draft is not None:
-                store.keep_draft(chat_id, draft)
-            return draft
-
-        if carried is not None:
-            self.chat_screen.unanswered = carried[1]
+            if carried is None:
+                kept = draft
+            else:
+                store.drop_draft(carried[0], new_too=True)
+                kept = carried[1] if draft is None else Unanswered(  # the box: the draft before the carried text
+                    f"{draft.typed}\n{carried[1].typed}", pin=draft.pin or carried[1].pin)
+            if kept is not None:
+                store.keep_draft(chat_id, kept)
+            return draft, kept
 
         try:
-            draft = await self.store.call(take)
+            draft, kept = await self.store.call(take)
         except Exception:  # best effort: a message that cannot be read back never stops the chat
             return
         if draft is not None:
             self.chat_screen.give_back_unanswered(draft)
+        self.chat_screen.unanswered = kept
 
     @on(SaveFailed)
     def _save_failed(self, msg: SaveFailed) -> None:

@@ -355,10 +355,13 @@ class ChatScreen(Say, SteerKeys, Screen):
         as it was typed: an edit of the last message again an edit, a pinned mark again marked."""
         if self.chat is None:
             return
-        self.query_one(ChatInput).give_back(draft.typed)
+        box = self.query_one(ChatInput)
+        alone = not box.text.strip()  # (text carried from the chat before stays after it: no edit then)
+        box.give_back(draft.typed)
         self.unanswered = draft
         with suppress(SinkchatError):
-            if draft.replace is not None and not draft.typed.startswith("/") and draft.replace == self.chat.last_user():
+            if alone and draft.replace is not None and not draft.typed.startswith("/") and (
+                    draft.replace == self.chat.last_user()):
                 self.editing = draft.replace
         self.pin_next = self.pin_next or draft.pin
         self.title_box()
