@@ -78,11 +78,19 @@ def test_the_tokenizer_knows_the_same_tokens(smollm, smollm_hf):
     assert added(quick) == added(hf)
 
 
-def test_a_chat_starts_without_importing_transformers():
+def test_a_chat_starts_without_importing_transformers(tmp_path):
     """What makes the start quick: loading the model and opening a chat import neither transformers
     nor torch._dynamo (1.6 s on its own), with the decode step to be compiled (``--compile auto``, as
     users run it, not the suite's eager default); the first reply imports dynamo to compile, and
-    still not transformers."""
+    still not transformers. (A private cache dir: a compiled layer a chat on this machine kept would
+    be read instead of compiled; the converted model and its packed weights are the shared ones.)"""
+    from sinkchat import config
+
+    shared, private = config.cache_dir(), tmp_path / "cache"
+    for name in ("models", "packed"):
+        (shared / name).mkdir(parents=True, exist_ok=True)
+        (private / name).parent.mkdir(exist_ok=True)
+        (private / name).symlink_to(shared / name, target_is_directory=True)
     code = ("import sys; from sinkchat.model import bundled_gguf, forward, gguf_target, load; from sinkchat.engine import Chat; "
             "from sinkchat.settings import Settings; chat = Chat(load('smollm2-135m', device='cpu'), "
             "Settings(temperature=0, max_new_tokens=4)); "
@@ -90,6 +98,7 @@ def test_a_chat_starts_without_importing_transformers():
             "assert chat.loaded.fast.step_kind == 'compiled on its first step', chat.loaded.fast.step_kind; "
             "list(chat.submit('Hi')); print(sorted(m for m in ('transformers', 'torch._dynamo') if m in sys.modules))")
     env = {k: v for k, v in os.environ.items() if k != "TORCH_COMPILE_DISABLE"}
+    env |= {"SINKCHAT_CACHE_DIR": str(private), "TORCHINDUCTOR_CACHE_DIR": str(shared / "inductor")}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True, env=env)
     assert out.stdout.split("\n")[:2] == ["[]", "['torch._dynamo']"], out.stdout + out.stderr[-2000:]
 
