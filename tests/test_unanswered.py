@@ -52,6 +52,13 @@ def unanswered_drafts(data) -> list:
     return sorted(p.name for p in (data / "state").glob("*.draft"))
 
 
+def left_by_a_kill(chat_id: int | None, draft: Unanswered) -> None:
+    """``draft`` kept for chat ``chat_id`` as a sinkchat killed mid-reply leaves it (its process gone)."""
+    store = Store()
+    store.keep_draft(chat_id, draft)
+    store.close()
+
+
 @pytest.mark.anyio
 @pytest.mark.model
 async def test_a_message_whose_reply_was_killed_comes_back_in_the_box(smollm, tmp_path):
@@ -146,9 +153,7 @@ async def test_what_comes_back_is_what_was_typed_an_edit_again_an_edit(smollm, t
     assert kept == [Unanswered("//not a command"), Unanswered("Pinned words.", pin=True),
                     Unanswered("Pinned words. Edited.", replace=index)]  # (F5 kept nothing)
 
-    store = Store()
-    store.keep_draft(chat_id, Unanswered("Pinned words. Edited again.", replace=index))  # as a kill leaves it
-    store.close()
+    left_by_a_kill(chat_id, Unanswered("Pinned words. Edited again.", replace=index))
     app = SinkchatApp(tui_settings(), loaded=smollm, resume_id=chat_id)
     async with app.run_test(size=SIZE) as pilot:
         box = app.query_one(ChatInput)
@@ -276,9 +281,7 @@ async def test_a_message_given_back_stays_kept_through_saves_and_goes_with_the_b
     async with app.run_test(size=SIZE) as pilot:
         await send(pilot, "Hello!")
         chat_id, index = app.chat_id, app.chat.last_user()
-    store = Store()
-    store.keep_draft(chat_id, Unanswered("Hello again, edited.", replace=index))  # as a kill leaves it
-    store.close()
+    left_by_a_kill(chat_id, Unanswered("Hello again, edited.", replace=index))
     app = SinkchatApp(tui_settings(), loaded=smollm, resume_id=chat_id)
     async with app.run_test(size=SIZE) as pilot:
         box = app.query_one(ChatInput)
@@ -287,9 +290,7 @@ async def test_a_message_given_back_stays_kept_through_saves_and_goes_with_the_b
         await pilot.pause()
         await app.store.idle()
         assert unanswered_drafts(data) == []
-    store = Store()
-    store.keep_draft(chat_id, Unanswered("Still here?"))
-    store.close()
+    left_by_a_kill(chat_id, Unanswered("Still here?"))
     app = SinkchatApp(tui_settings(), loaded=smollm, resume_id=chat_id)
     async with app.run_test(size=SIZE) as pilot:
         box = app.query_one(ChatInput)
